@@ -1,0 +1,132 @@
+"""`deltactl compress / apply / inspect`: the codec from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from codec.apply import apply_delta
+from codec.compress import CompressOptions, compress
+from codec.summary import summarize
+
+from .console import emit_json, err, human_bytes, out, tensor_progress
+from .errors import handle_errors
+
+
+@handle_errors
+def compress_cmd(
+    base: Annotated[Path, typer.Argument(help="Base model: HF directory or .safetensors file.")],
+    finetuned: Annotated[Path, typer.Argument(help="Fine-tuned model: HF directory or .safetensors file.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Delta file to write (.bdelta).")],
+    base_name: Annotated[Optional[str], typer.Option("--base-name", help="Registry name of the base (default: its directory name).")] = None,
+    bits: Annotated[int, typer.Option("--bits", min=1, max=8, help="Sign planes per weight (residual binarization).")] = 1,
+    scale: Annotated[str, typer.Option("--scale", help="per-matrix or per-row scales.")] = "per-matrix",
+    include: Annotated[list[str], typer.Option("--include", help="Glob of tensors to binarize too (e.g. '*embed_tokens*'); repeatable.")] = [],
+    exclude: Annotated[list[str], typer.Option("--exclude", help="Glob of tensors to keep dense; repeatable.")] = [],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Compress FINETUNED against BASE into a 1-bit delta.
+
+    Example: deltactl compress ./llama-base ./llama-math -o math.bdelta --base-name org/llama
+    """
+    options = CompressOptions(planes=bits, scale_mode=scale, include=tuple(include), exclude=tuple(exclude), base_name=base_name)  # type: ignore[arg-type]
+    with tensor_progress("compressing") as progress:
+        report = compress(base, finetuned, output, options, progress=progress)
+    result = {
+        "path": str(report.path), "base_fingerprint": report.base_fingerprint,
+        "binarized": len(report.binarized), "dense": len(report.dense), "unchanged": len(report.unchanged),
+        "finetuned_bytes": report.finetuned_bytes, "delta_bytes": report.delta_bytes, "ratio": report.ratio,
+    }
+    if as_json:
+        emit_json(result)
+        return
+    out.print(
+        f"wrote {report.path}: {human_bytes(report.delta_bytes)} "
+        f"({report.ratio:.2f}x smaller than the {human_bytes(report.finetuned_bytes)} fine-tune); "
+        f"{len(report.binarized)} binarized, {len(report.dense)} dense, {len(report.unchanged)} unchanged tensors"
+    )
+
+
+@handle_errors
+def apply_cmd(
+    base: Annotated[Path, typer.Argument(help="Base model the delta was made against.")],
+    delta: Annotated[Path, typer.Argument(help="Delta file (.bdelta).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the reconstructed model.")],
+    force: Annotated[bool, typer.Option("--force", help="Apply even if the base fingerprint differs.")] = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = "5GB",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Reconstruct the fine-tuned model from BASE + DELTA into a HF model directory.
+
+    Example: deltactl apply ./llama-base math.bdelta -o ./llama-math-restored
+    """
+    with tensor_progress("applying") as progress:
+        report = apply_delta(base, delta, output, force=force, max_shard_bytes=parse_size(max_shard_size), progress=progress)
+    if as_json:
+        emit_json({"out_dir": str(report.out_dir), "shards": report.shards, "tensors": report.tensors,
+                   "bytes": report.bytes_written, "base_fingerprint": report.base_fingerprint})
+        return
+    out.print(f"wrote {report.out_dir}: {report.tensors} tensors, {human_bytes(report.bytes_written)} in {report.shards} shard(s)")
+
+
+@handle_errors
+def inspect_cmd(
+    delta: Annotated[Path, typer.Argument(help="Delta file (.bdelta).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print everything as JSON.")] = False,
+    tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
+) -> None:
+    """Validate DELTA and show its metadata, tensors, sizes and ratio.
+
+    Example: deltactl inspect math.bdelta --json
+    """
+    info = summarize(delta)
+    if as_json:
+        emit_json(info)
+        return
+    grid = Table.grid(padding=(0, 2))
+    for key, value in (
+        ("file", info["path"]), ("codec", info["codec"]), ("base model", info["base_model"]),
+        ("base fingerprint", info["base_fingerprint"]), ("dtype", info["dtype"]),
+        ("tensors", f"{info['counts']['bitdelta']} binarized, {info['counts']['full']} dense"),
+        ("size", human_bytes(info["file_bytes"])),
+        ("fine-tune size", human_bytes(info["finetuned_bytes"])),
+        ("ratio", f"{info['ratio']:.2f}x" if info["ratio"] else "-"),
+        ("bits/weight (binarized)", f"{info['bits_per_binarized_weight']:.3f}" if info["bits_per_binarized_weight"] else "-"),
+    ):
+        grid.add_row(f"[bold]{key}", str(value))
+    for key, value in sorted(info["metadata"].items()):
+        if key not in ("format", "codec", "base_model", "base_fingerprint", "dtype"):
+            grid.add_row(f"[dim]{key}", str(value))
+    out.print(grid)
+    if tensors:
+        table = Table("tensor", "kind", "shape / planes", "scale", "bytes")
+        for t in info["tensors"]:
+            if t["kind"] == "full":
+                table.add_row(t["name"], "full", f"{t['dtype']}{t['shape']}", "", human_bytes(t["bytes"]))
+            else:
+                table.add_row(t["name"], "bitdelta", f"P={t['planes']} rows={t['rows']}", t["scale"], human_bytes(t["bytes"]))
+        out.print(table)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '8GiB' -> 8·2^30, '1024' -> 1024."""
+    s = text.strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        raise typer.BadParameter(f"not a size: {text!r} (e.g. 512MB, 5GB, 8GiB)") from None
+    if unit not in _UNITS or value <= 0:
+        raise typer.BadParameter(f"not a size: {text!r} (e.g. 512MB, 5GB, 8GiB)")
+    return int(value * _UNITS[unit])
+
+
+__all__ = ["compress_cmd", "apply_cmd", "inspect_cmd", "parse_size", "err"]

@@ -1,0 +1,143 @@
+"""Apply a delta to its base: reconstruct the fine-tuned weights and write a loadable HF model
+directory (sharded safetensors + index + config), tensor by tensor, atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .bitdelta import reconstruct_cpu
+from .checkpoint import FINGERPRINT_PREFIX, ST_TO_TORCH, Checkpoint, _fingerprint_record, tensor_bytes
+from .container import SafetensorsWriter, TensorSpec
+from .errors import BaseMismatchError, CodecError
+from .format import DTYPE_CODE, DeltaFile
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+@dataclass
+class ApplyReport:
+    out_dir: Path
+    shards: int
+    tensors: int
+    bytes_written: int
+    base_fingerprint: str
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def apply_delta(
+    base_path: str | os.PathLike[str],
+    delta_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ApplyReport:
+    """Reconstruct `W_ft = (W_base.float() + Δ̂).to(dtype)` for every tensor and write `out_dir`.
+
+    Structural mismatches are refused before anything is written; the base fingerprint is
+    hashed during the single pass over the base, and on a mismatch (without `force`) the
+    half-built output is deleted, so no partial result is ever left at `out_dir`.
+    """
+    delta = DeltaFile.open(delta_path)
+    base = Checkpoint.open(base_path)
+    base_specs = {n: (base.entry(n).dtype, base.entry(n).shape) for n in base.names}
+    delta.check_base(base_specs, None)
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise CodecError(f"{out_dir}: output exists and is not an empty directory")
+    model_dtype = ST_TO_TORCH[DTYPE_CODE[delta.dtype_name]]
+
+    specs: list[TensorSpec] = []
+    for name in sorted(base.names):
+        e = delta.entries.get(name)
+        if e is None:
+            specs.append(TensorSpec(name, *base_specs[name]))
+        elif e.full is not None:
+            specs.append(TensorSpec(name, e.full.dtype, e.full.shape))
+        else:
+            specs.append(TensorSpec(name, DTYPE_CODE[delta.dtype_name], base_specs[name][1]))
+    shards = plan_shards(specs, max_shard_bytes)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+
+    tmp = out_dir.parent / f".{out_dir.name}.incomplete-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fp = hashlib.sha256(FINGERPRINT_PREFIX)
+    written = 0
+    try:
+        done = 0
+        for shard_name, shard in zip(names, shards):
+            with SafetensorsWriter(tmp / shard_name, shard, {"format": "pt"}) as writer:
+                for spec in shard:
+                    if progress:
+                        progress(spec.name, done, len(specs))
+                    done += 1
+                    b = base.get(spec.name)
+                    fp.update(_fingerprint_record(spec.name, *base_specs[spec.name]))
+                    fp.update(tensor_bytes(b))
+                    e = delta.entries.get(spec.name)
+                    if e is None:
+                        t = b
+                    elif e.full is not None:
+                        t = delta.full(spec.name)
+                    else:
+                        t = reconstruct_cpu(b, delta.sign(spec.name), delta.scale(spec.name), model_dtype)
+                    writer.write(spec.name, tensor_bytes(t))
+                    written += spec.nbytes
+        fingerprint = "sha256:" + fp.hexdigest()
+        if fingerprint != delta.base_fingerprint and not force:
+            raise BaseMismatchError(
+                f"delta was made for base {delta.base_model!r} with fingerprint {delta.base_fingerprint}, "
+                f"but {base_path} has fingerprint {fingerprint} (use --force to apply anyway)",
+                expected=delta.base_fingerprint,
+                actual=fingerprint,
+            )
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": written},
+                "weight_map": {s.name: n for n, shard in zip(names, shards) for s in shard},
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+        _write_config(base, delta, tmp)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ApplyReport(out_dir, len(shards), len(specs), written, fingerprint)
+
+
+def _write_config(base: Checkpoint, delta: DeltaFile, dest: Path) -> None:
+    """config.json from the fine-tune (stored in the delta) or the base; other files (tokenizer,
+    generation config) copied from the base directory."""
+    config = delta.metadata.get("x-hf-config")
+    if config is not None:
+        (dest / "config.json").write_text(json.dumps(json.loads(config), indent=2, sort_keys=True))
+    skip = {"model.safetensors.index.json"} | ({"config.json"} if config is not None else set())
+    if base.root.is_dir():
+        for f in base.root.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in skip:
+                shutil.copy2(f, dest / f.name)

@@ -1,0 +1,185 @@
+"""Compress a fine-tuned checkpoint against its base into a format-v1 BitDelta file.
+
+Streams tensor by tensor (memory-mapped inputs), so peak memory is a few tensors, not a model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from . import __version__
+from .bitdelta import binarize
+from .checkpoint import FINGERPRINT_PREFIX, TORCH_TO_ST, Checkpoint, _fingerprint_record, tensor_bytes
+from .container import SpooledSafetensorsWriter, TensorSpec
+from .errors import CodecError, IncompatibleDeltaError
+from .format import DTYPE_CODE, FLOAT_CODES, FORMAT, FORMAT_VERSION
+
+ScaleMode = Literal["per-matrix", "per-row"]
+Progress = Callable[[str, int, int], None]
+
+#: Tensors kept dense by default, as in BitDelta: embeddings and the LM head (and any 1-D tensor).
+DEFAULT_DENSE_PATTERNS = (
+    "*embed_tokens*", "*lm_head*", "*wte*", "*wpe*", "*embed_in*", "*embed_out*",
+    "*word_embeddings*", "*position_embeddings*", "*output.weight",
+)
+MAX_PLANES = 8
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """How to compress. `include` patterns force binarization (e.g. `*embed_tokens*`), `exclude`
+    patterns keep tensors dense; both are fnmatch globs over tensor names."""
+
+    planes: int = 1
+    scale_mode: ScaleMode = "per-matrix"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    base_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.planes <= MAX_PLANES:
+            raise CodecError(f"bits/planes must be between 1 and {MAX_PLANES}, got {self.planes}")
+        if self.scale_mode not in ("per-matrix", "per-row"):
+            raise CodecError(f"scale mode must be 'per-matrix' or 'per-row', got {self.scale_mode!r}")
+
+    def binarizes(self, name: str, shape: Sequence[int], dtype: str) -> bool:
+        """Whether tensor `name` is stored as sign planes (vs. dense) when it changed."""
+        if len(shape) != 2 or dtype not in FLOAT_CODES or 0 in shape:
+            return False
+        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+            return False
+        if any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return True
+        return name.endswith(".weight") and not any(fnmatch.fnmatchcase(name, p) for p in DEFAULT_DENSE_PATTERNS)
+
+
+@dataclass
+class CompressReport:
+    path: Path
+    base_fingerprint: str
+    binarized: list[str] = field(default_factory=list)
+    dense: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    finetuned_bytes: int = 0
+    delta_bytes: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.finetuned_bytes / self.delta_bytes if self.delta_bytes else float("inf")
+
+
+def _model_dtype(ft: Checkpoint, options: CompressOptions) -> str:
+    """The dtype of the fine-tune's binarizable weights (by bytes); binarized tensors decode to it."""
+    counts: Counter[str] = Counter()
+    for name in ft.names:
+        e = ft.entry(name)
+        if options.binarizes(name, e.shape, e.dtype):
+            counts[e.dtype] += e.nbytes
+    if not counts:
+        counts.update({ft.entry(n).dtype: ft.entry(n).nbytes for n in ft.names if ft.entry(n).dtype in FLOAT_CODES})
+    if not counts:
+        raise CodecError("the fine-tuned checkpoint has no floating-point tensors")
+    code = counts.most_common(1)[0][0]
+    return {v: k for k, v in DTYPE_CODE.items()}[code]
+
+
+def _check_names(base: Checkpoint, ft: Checkpoint) -> None:
+    extra = [n for n in ft.names if n not in base]
+    if extra:
+        raise IncompatibleDeltaError(
+            f"the fine-tune has {len(extra)} tensor(s) the base lacks (e.g. {extra[0]!r}); "
+            "a delta can only change tensors of its base"
+        )
+    missing = [n for n in base.names if n not in ft and not (n.endswith("lm_head.weight") and ft.tied_embeddings)]
+    if missing:
+        raise IncompatibleDeltaError(
+            f"the fine-tune lacks {len(missing)} tensor(s) of the base (e.g. {missing[0]!r})"
+        )
+
+
+def compress(
+    base_path: str | os.PathLike[str],
+    finetuned_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    options: CompressOptions = CompressOptions(),
+    *,
+    progress: Progress | None = None,
+    extra_metadata: dict[str, str] | None = None,
+) -> CompressReport:
+    """Write the BitDelta of `finetuned_path` against `base_path` to `out_path` (atomically)."""
+    base = Checkpoint.open(base_path)
+    ft = Checkpoint.open(finetuned_path)
+    _check_names(base, ft)
+    dtype_name = _model_dtype(ft, options)
+    model_code = DTYPE_CODE[dtype_name]
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    fp = hashlib.sha256(FINGERPRINT_PREFIX)
+    writer = SpooledSafetensorsWriter(out_path)
+    report = CompressReport(path=out_path, base_fingerprint="", finetuned_bytes=ft.total_bytes)
+    names = sorted(base.names)  # sorted order lets the base fingerprint be hashed in the same pass
+    try:
+        for i, name in enumerate(names):
+            if progress:
+                progress(name, i, len(names))
+            b = base.get(name)
+            be = base.entry(name)
+            fp.update(_fingerprint_record(name, be.dtype, be.shape))
+            fp.update(tensor_bytes(b))
+            if name not in ft:  # tied alias of the embeddings: follows them
+                report.unchanged.append(name)
+                continue
+            f = ft.get(name)
+            fe = ft.entry(name)
+            same_layout = fe.shape == be.shape and fe.dtype == be.dtype
+            if fe.shape == be.shape and fe.dtype == model_code and options.binarizes(name, fe.shape, fe.dtype):
+                sign, scale = binarize(f, b, options.planes, options.scale_mode)
+                if same_layout and not bool(scale.any()):
+                    report.unchanged.append(name)  # every plane's scale is 0: the delta is all zeros
+                    continue
+                writer.add(TensorSpec(name + ".sign", "U8", tuple(sign.shape)), tensor_bytes(sign))
+                writer.add(TensorSpec(name + ".scale", "F32", tuple(scale.shape)), tensor_bytes(scale))
+                report.binarized.append(name)
+            elif same_layout and torch.equal(f, b):
+                report.unchanged.append(name)
+            else:
+                writer.add(TensorSpec(name + ".full", TORCH_TO_ST[f.dtype], tuple(f.shape)), tensor_bytes(f))
+                report.dense.append(name)
+        report.base_fingerprint = "sha256:" + fp.hexdigest()
+        metadata = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "codec": "bitdelta",
+            "base_model": options.base_name or _default_base_name(base),
+            "base_fingerprint": report.base_fingerprint,
+            "dtype": dtype_name,
+            "created_with": f"deltastore {__version__}",
+            "x-planes": str(options.planes),
+            "x-scale": options.scale_mode,
+            "x-finetuned-bytes": str(ft.total_bytes),
+        }
+        if ft.config is not None:
+            metadata["x-hf-config"] = json.dumps(ft.config, sort_keys=True)
+        metadata.update(extra_metadata or {})
+        writer.close(metadata)
+    except BaseException:
+        writer.abort()
+        raise
+    report.delta_bytes = out_path.stat().st_size
+    return report
+
+
+def _default_base_name(base: Checkpoint) -> str:
+    cfg = base.config or {}
+    name = cfg.get("_name_or_path") or ""
+    return name if name and not os.path.isabs(name) else base.root.name.removesuffix(".safetensors")

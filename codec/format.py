@@ -1,0 +1,279 @@
+"""The delta file format, version 1 (docs/format.md): metadata keys, tensor naming, and the
+reader that validates a `.bdelta` file completely before anything uses it.
+
+This module needs no torch (the registry validates uploads with it); tensor accessors import
+torch lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+
+from .container import Header, TensorEntry, parse_header_bytes, read_header
+from .errors import BaseMismatchError, IncompatibleDeltaError, InvalidDeltaError, UnsupportedFormatError
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT = "deltastore.delta"
+FORMAT_VERSION = "1"
+KNOWN_CODECS = frozenset({"bitdelta"})
+FILE_SUFFIX = ".bdelta"
+REQUIRED_KEYS = ("format", "format_version", "codec", "base_model", "base_fingerprint", "dtype")
+DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+DTYPE_CODE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}
+FLOAT_CODES = frozenset(DTYPE_CODE.values())
+KINDS = ("sign", "scale", "full")
+FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_MAX_SCALE_BYTES = 1 << 30  # scales are F32 [P, out]: a GiB of them is a forged file
+
+
+@dataclass(frozen=True)
+class DeltaEntry:
+    """What the delta stores for one base tensor: packed signs + scales, or the full tensor."""
+
+    name: str
+    sign: TensorEntry | None = None
+    scale: TensorEntry | None = None
+    full: TensorEntry | None = None
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.full is not None else "bitdelta"
+
+    @property
+    def planes(self) -> int:
+        return self.sign.shape[0] if self.sign is not None else 0
+
+    @property
+    def per_row(self) -> bool:
+        return self.scale is not None and self.scale.shape[1] != 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in (self.sign, self.scale, self.full) if e is not None)
+
+
+def split_name(tensor_name: str) -> tuple[str, str]:
+    """`model.x.weight.sign` -> (`model.x.weight`, `sign`)."""
+    base, dot, kind = tensor_name.rpartition(".")
+    if not dot or kind not in KINDS or not base:
+        raise InvalidDeltaError(
+            f"tensor {tensor_name!r}: name must end in .sign, .scale or .full (format version {FORMAT_VERSION})"
+        )
+    return base, kind
+
+
+def validate_metadata(metadata: Mapping[str, str]) -> None:
+    """Check the required `__metadata__` keys of a format-v1 delta."""
+    missing = [k for k in REQUIRED_KEYS if k not in metadata]
+    if missing:
+        if "format" in missing:
+            raise UnsupportedFormatError("not a deltastore delta: metadata has no 'format' key")
+        raise InvalidDeltaError(f"metadata is missing required key(s): {', '.join(missing)}")
+    if metadata["format"] != FORMAT:
+        raise UnsupportedFormatError(f"format is {metadata['format']!r}, expected {FORMAT!r}")
+    if metadata["format_version"] != FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"format_version {metadata['format_version']!r} is not supported (this reader knows {FORMAT_VERSION!r}); "
+            "upgrade deltastore"
+        )
+    if metadata["codec"] not in KNOWN_CODECS:
+        raise UnsupportedFormatError(
+            f"unknown codec {metadata['codec']!r} (known: {', '.join(sorted(KNOWN_CODECS))})"
+        )
+    if not metadata["base_model"].strip():
+        raise InvalidDeltaError("metadata 'base_model' is empty")
+    if not FINGERPRINT_RE.match(metadata["base_fingerprint"]):
+        raise InvalidDeltaError(f"metadata 'base_fingerprint' {metadata['base_fingerprint']!r} is not sha256:<64 hex>")
+    if metadata["dtype"] not in DTYPE_NAMES:
+        raise InvalidDeltaError(f"metadata 'dtype' {metadata['dtype']!r} is not one of {', '.join(DTYPE_NAMES)}")
+    for key in ("calibration", "fidelity"):
+        if key in metadata:
+            try:
+                json.loads(metadata[key])
+            except ValueError:
+                raise InvalidDeltaError(f"metadata {key!r} is not valid JSON") from None
+
+
+def group_entries(header: Header) -> dict[str, DeltaEntry]:
+    """Group tensors by base name and check each group's kinds, dtypes and ranks."""
+    parts: dict[str, dict[str, TensorEntry]] = {}
+    for tname, entry in header.tensors.items():
+        base, kind = split_name(tname)
+        parts.setdefault(base, {})[kind] = entry
+    out: dict[str, DeltaEntry] = {}
+    for name, p in parts.items():
+        sign, scale, full = p.get("sign"), p.get("scale"), p.get("full")
+        if full is not None:
+            if sign is not None or scale is not None:
+                raise InvalidDeltaError(f"{name}: has both .full and .sign/.scale")
+            out[name] = DeltaEntry(name, full=full)
+            continue
+        if sign is None:
+            raise InvalidDeltaError(f"{name}: .scale without .sign")
+        if scale is None:
+            raise InvalidDeltaError(f"{name}: .sign has no matching .scale")
+        if sign.dtype != "U8" or len(sign.shape) != 3 or sign.shape[0] < 1:
+            raise InvalidDeltaError(f"{name}.sign must be U8 [P>=1, out, ceil(in/8)], got {sign.dtype}{list(sign.shape)}")
+        if scale.dtype != "F32" or len(scale.shape) != 2:
+            raise InvalidDeltaError(f"{name}.scale must be F32 [P, 1] or [P, out], got {scale.dtype}{list(scale.shape)}")
+        planes, rows = sign.shape[0], sign.shape[1]
+        if scale.shape[0] != planes or scale.shape[1] not in (1, rows):
+            raise InvalidDeltaError(
+                f"{name}.scale shape {list(scale.shape)} does not fit .sign {list(sign.shape)} "
+                f"(expected [{planes}, 1] or [{planes}, {rows}])"
+            )
+        out[name] = DeltaEntry(name, sign=sign, scale=scale)
+    return out
+
+
+def _check_scales_finite(fh, entries: Mapping[str, DeltaEntry]) -> None:
+    total = 0
+    for e in entries.values():
+        if e.scale is None:
+            continue
+        total += e.scale.nbytes
+        if total > _MAX_SCALE_BYTES:
+            raise InvalidDeltaError("scale tensors are implausibly large")
+        fh.seek(e.scale.start)
+        values = np.frombuffer(fh.read(e.scale.nbytes), dtype="<f4")
+        if not np.isfinite(values).all():
+            raise InvalidDeltaError(f"{e.name}.scale contains NaN or Inf")
+
+
+class DeltaFile:
+    """A validated format-v1 delta on disk.
+
+        delta = DeltaFile.open("math.bdelta")     # raises InvalidDeltaError subclasses
+        delta.check_base(base_specs, fingerprint)  # raises BaseMismatchError / IncompatibleDeltaError
+        sign, scale = delta.sign(name), delta.scale(name)
+    """
+
+    def __init__(self, path: Path, header: Header, entries: dict[str, DeltaEntry]):
+        self.path = path
+        self.header = header
+        self.entries = entries
+        self._handle = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> "DeltaFile":
+        path = Path(path)
+        try:
+            fh = open(path, "rb")
+        except OSError as exc:
+            raise InvalidDeltaError(f"{path}: cannot open: {exc.strerror or exc}") from None
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            header = read_header_from_delta(fh, size)
+            entries = group_entries(header)
+            _check_scales_finite(fh, entries)
+        return cls(path, header, entries)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.metadata
+
+    @property
+    def base_model(self) -> str:
+        return self.metadata["base_model"]
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self.metadata["base_fingerprint"]
+
+    @property
+    def dtype_name(self) -> str:
+        return self.metadata["dtype"]
+
+    @property
+    def codec(self) -> str:
+        return self.metadata["codec"]
+
+    # --- compatibility with a base ---------------------------------------------------------
+    def check_base(
+        self,
+        base_specs: Mapping[str, tuple[str, tuple[int, ...]]],
+        fingerprint: str | None,
+        *,
+        force: bool = False,
+    ) -> None:
+        """Refuse, before anything is written, a delta that does not fit this base.
+
+        `base_specs` maps base tensor names to (safetensors dtype, shape); `fingerprint` is the
+        base's fingerprint (None skips that check, as `force` does).
+        """
+        if fingerprint is not None and fingerprint != self.base_fingerprint and not force:
+            raise BaseMismatchError(
+                f"delta was made for base {self.base_model!r} with fingerprint {self.base_fingerprint}, "
+                f"but the given base has fingerprint {fingerprint} (use --force to apply anyway)",
+                expected=self.base_fingerprint,
+                actual=fingerprint,
+            )
+        for name, e in self.entries.items():
+            if name not in base_specs:
+                raise IncompatibleDeltaError(f"delta has tensor {name!r} that the base does not have")
+            base_dtype, shape = base_specs[name]
+            if e.full is not None:
+                both_float = e.full.dtype in FLOAT_CODES and base_dtype in FLOAT_CODES
+                if e.full.dtype != base_dtype and not both_float:
+                    raise IncompatibleDeltaError(
+                        f"{name}.full has dtype {e.full.dtype} but the base tensor is {base_dtype}"
+                    )
+                continue
+            if base_dtype not in FLOAT_CODES:
+                raise IncompatibleDeltaError(f"{name}: cannot add a sign delta to a {base_dtype} tensor")
+            if len(shape) != 2:
+                raise IncompatibleDeltaError(f"{name}: .sign needs a 2-D base tensor, base has shape {list(shape)}")
+            out, inn = shape
+            expected = [e.planes, out, (inn + 7) // 8]
+            if list(e.sign.shape) != expected:
+                raise IncompatibleDeltaError(
+                    f"{name}.sign has shape {list(e.sign.shape)} but base shape {list(shape)} needs {expected}"
+                )
+
+    # --- tensors ---------------------------------------------------------------------------
+    def _tensor(self, key: str) -> "torch.Tensor":
+        if self._handle is None:
+            from safetensors import safe_open
+
+            self._handle = safe_open(str(self.path), framework="pt")
+        return self._handle.get_tensor(key)
+
+    def sign(self, name: str) -> "torch.Tensor":
+        return self._tensor(name + ".sign")
+
+    def scale(self, name: str) -> "torch.Tensor":
+        return self._tensor(name + ".scale")
+
+    def full(self, name: str) -> "torch.Tensor":
+        return self._tensor(name + ".full")
+
+
+def read_header_from_delta(fh, size: int) -> Header:
+    """Parse the container header and the format-v1 metadata; raises InvalidDeltaError subclasses."""
+    from .container import read_header_from
+
+    header = read_header_from(fh, size)
+    validate_metadata(header.metadata)
+    return header
+
+
+def validate_delta_header(prefix: bytes, file_size: int) -> tuple[Header, dict[str, DeltaEntry]]:
+    """Validate a delta from its first bytes alone (header-only check for servers)."""
+    header = parse_header_bytes(prefix, file_size)
+    validate_metadata(header.metadata)
+    return header, group_entries(header)
+
+
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "KNOWN_CODECS", "FILE_SUFFIX", "DeltaEntry", "DeltaFile",
+    "validate_metadata", "validate_delta_header", "group_entries", "read_header",
+]

@@ -1,0 +1,166 @@
+"""The registry's storage form of a delta: one zstd frame (content size in the frame header),
+addressed by the sha256 of the stored bytes. Streaming both ways; decompression has a hard cap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import zstandard
+
+from .errors import InvalidDeltaError
+
+CHUNK = 1 << 20
+DEFAULT_LEVEL = 3
+
+
+class BlobTooLargeError(InvalidDeltaError):
+    """Decompressing would produce more bytes than the record allows (zip-bomb guard)."""
+
+
+class BlobCorruptError(InvalidDeltaError):
+    """The stored bytes are not one valid zstd frame, or their digest is not the expected one."""
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    digest: str  # sha256:<hex> of the stored (compressed) bytes
+    size: int
+    raw_digest: str  # sha256:<hex> of the decompressed .bdelta
+    raw_size: int
+
+
+class _HashingReader:
+    def __init__(self, fh: IO[bytes]):
+        self.fh, self.sha, self.n = fh, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        buf = self.fh.read(n)
+        self.sha.update(buf)
+        self.n += len(buf)
+        return buf
+
+
+class _HashingWriter:
+    def __init__(self, fh: IO[bytes]):
+        self.fh, self.sha, self.n = fh, hashlib.sha256(), 0
+
+    def write(self, buf) -> int:
+        self.sha.update(buf)
+        self.n += len(buf)
+        return self.fh.write(buf)
+
+
+def compress_blob(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, level: int = DEFAULT_LEVEL, threads: int = 0) -> BlobInfo:
+    """zstd-compress the file `src` into `dst` (written to `dst.incomplete`, then renamed)."""
+    src, dst = Path(src), Path(dst)
+    raw_size = src.stat().st_size
+    tmp = dst.with_name(dst.name + ".incomplete")
+    cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, threads=threads)
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            reader, writer = _HashingReader(fin), _HashingWriter(fout)
+            cctx.copy_stream(reader, writer, size=raw_size, read_size=CHUNK, write_size=CHUNK)
+            fout.flush()
+            os.fsync(fout.fileno())
+        if reader.n != raw_size:
+            raise OSError(f"{src} changed size while being compressed")
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return BlobInfo("sha256:" + writer.sha.hexdigest(), writer.n, "sha256:" + reader.sha.hexdigest(), reader.n)
+
+
+def declared_content_size(prefix: bytes) -> int | None:
+    """The decompressed size a zstd frame header declares, or None when it declares none."""
+    try:
+        size = zstandard.frame_content_size(prefix)
+    except zstandard.ZstdError as exc:
+        raise BlobCorruptError(f"not a zstd frame: {exc}") from None
+    return None if size < 0 else size
+
+
+def decompress_stream(
+    src: IO[bytes],
+    dst: IO[bytes],
+    *,
+    max_output_size: int,
+    expected_raw_digest: str | None = None,
+) -> tuple[int, str]:
+    """Decompress one zstd frame from `src` into `dst`, never writing more than `max_output_size`
+    bytes; the frame must declare its content size and nothing may follow it. Returns (bytes written, sha256 of them)."""
+    head = src.read(18)  # the largest possible frame header
+    declared = declared_content_size(head)
+    if declared is None:
+        raise BlobCorruptError("zstd frame header does not declare the content size")
+    if declared > max_output_size:
+        raise BlobTooLargeError(f"blob declares {declared} decompressed bytes, above the allowed {max_output_size}")
+    dctx = zstandard.ZstdDecompressor()
+    sha = hashlib.sha256()
+    written = 0
+
+    class _Prefixed:
+        def __init__(self):
+            self.head = head
+
+        def read(self, n: int = -1) -> bytes:
+            if self.head:
+                out, self.head = self.head, b""
+                return out
+            return src.read(n)
+
+    try:
+        with dctx.stream_reader(_Prefixed(), read_size=CHUNK, read_across_frames=False) as reader:
+            while True:
+                buf = reader.read(CHUNK)
+                if not buf:
+                    break
+                written += len(buf)
+                if written > max_output_size:
+                    raise BlobTooLargeError(f"blob decompresses to more than the allowed {max_output_size} bytes")
+                sha.update(buf)
+                dst.write(buf)
+    except zstandard.ZstdError as exc:
+        raise BlobCorruptError(f"corrupt zstd stream: {exc}") from None
+    if written != declared or src.read(1):
+        # More output than declared means a second frame; leftover input means trailing junk.
+        raise BlobCorruptError(f"blob is not exactly one zstd frame of {declared} bytes")
+    digest = "sha256:" + sha.hexdigest()
+    if expected_raw_digest is not None and digest != expected_raw_digest:
+        raise BlobCorruptError(f"decompressed digest {digest} does not match the expected {expected_raw_digest}")
+    return written, digest
+
+
+def decompress_blob(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    max_output_size: int,
+    expected_raw_digest: str | None = None,
+) -> tuple[int, str]:
+    """File-to-file `decompress_stream`, written to `dst.incomplete` then renamed."""
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".incomplete")
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            result = decompress_stream(fin, fout, max_output_size=max_output_size, expected_raw_digest=expected_raw_digest)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return result
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while buf := fh.read(CHUNK * 8):
+            h.update(buf)
+    return "sha256:" + h.hexdigest()
