@@ -85,6 +85,35 @@ def declared_content_size(prefix: bytes) -> int | None:
     return None if size < 0 else size
 
 
+def frame_compressed_size(fh: IO[bytes]) -> int:
+    """Length in bytes of the zstd frame starting at the current position of a seekable file,
+    found by walking the block headers (cheap: one small read per 128 KiB block). The file
+    position is restored."""
+    start = fh.tell()
+    try:
+        head = fh.read(18)
+        try:
+            params = zstandard.get_frame_parameters(head)
+            pos = start + zstandard.frame_header_size(head)
+        except zstandard.ZstdError as exc:
+            raise BlobCorruptError(f"not a zstd frame: {exc}") from None
+        while True:
+            fh.seek(pos)
+            block = fh.read(3)
+            if len(block) < 3:
+                raise BlobCorruptError("zstd frame is truncated")
+            value = int.from_bytes(block, "little")
+            last, kind, size = value & 1, (value >> 1) & 3, value >> 3
+            if kind == 3:
+                raise BlobCorruptError("zstd frame has a reserved block type")
+            pos += 3 + (1 if kind == 1 else size)
+            if last:
+                break
+        return pos - start + (4 if params.has_checksum else 0)
+    finally:
+        fh.seek(start)
+
+
 def decompress_stream(
     src: IO[bytes],
     dst: IO[bytes],
@@ -94,6 +123,12 @@ def decompress_stream(
 ) -> tuple[int, str]:
     """Decompress one zstd frame from `src` into `dst`, never writing more than `max_output_size`
     bytes; the frame must declare its content size and nothing may follow it. Returns (bytes written, sha256 of them)."""
+    if src.seekable():
+        here = src.tell()
+        total = src.seek(0, os.SEEK_END) - here
+        src.seek(here)
+        if frame_compressed_size(src) != total:
+            raise BlobCorruptError("blob is not exactly one zstd frame (data follows the frame, or it is cut short)")
     head = src.read(18)  # the largest possible frame header
     declared = declared_content_size(head)
     if declared is None:
@@ -121,6 +156,8 @@ def decompress_stream(
                 if not buf:
                     break
                 written += len(buf)
+                if written > declared:
+                    raise BlobCorruptError(f"blob decompresses to more than the {declared} bytes it declares")
                 if written > max_output_size:
                     raise BlobTooLargeError(f"blob decompresses to more than the allowed {max_output_size} bytes")
                 sha.update(buf)

@@ -1,0 +1,95 @@
+"""`deltactl compress / apply / inspect` through the real Typer app."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import errors as exit_codes
+from cli.main import app
+from codec.checkpoint import Checkpoint
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_compress_inspect_apply(llama_pair, tmp_path):
+    base_dir, ft_dir = llama_pair
+    delta = tmp_path / "d.bdelta"
+    res = run("compress", base_dir, ft_dir, "-o", delta, "--base-name", "org/tiny", "--bits", "2",
+              "--scale", "per-row", "--include", "*embed_tokens*", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["delta_bytes"] == delta.stat().st_size and out["ratio"] > 1
+
+    res = run("inspect", delta, "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["base_model"] == "org/tiny"
+    assert info["base_fingerprint"] == Checkpoint.open(base_dir).fingerprint()
+    embed = next(t for t in info["tensors"] if t["name"] == "model.embed_tokens.weight")
+    assert embed["kind"] == "bitdelta" and embed["planes"] == 2 and embed["scale"] == "per-row"
+
+    res = run("inspect", delta, "--tensors")
+    assert res.exit_code == 0 and "org/tiny" in res.stdout and "model.embed_tokens.weight" in res.stdout
+
+    res = run("apply", base_dir, delta, "-o", tmp_path / "out", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["tensors"] == len(Checkpoint.open(base_dir).names)
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_human_output(llama_pair, tmp_path):
+    base_dir, ft_dir = llama_pair
+    res = run("compress", base_dir, ft_dir, "-o", tmp_path / "d.bdelta")
+    assert res.exit_code == 0 and "smaller than" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["inspect", "{tmp}/missing.bdelta"], exit_codes.EXIT_INVALID, "invalid delta file: "),
+        (["inspect", "{tmp}/garbage.bdelta"], exit_codes.EXIT_INVALID, "header length"),
+        (["compress", "{tmp}/nope", "{ft}", "-o", "{tmp}/x.bdelta"], exit_codes.EXIT_INVALID, "no such file"),
+        (["compress", "{base}", "{ft}", "-o", "{tmp}/x.bdelta", "--scale", "diagonal"], exit_codes.EXIT_INVALID, "scale mode"),
+        (["apply", "{other}", "{tmp}/good.bdelta", "-o", "{tmp}/o"], exit_codes.EXIT_BASE_MISMATCH, "base mismatch: .*--force"),
+        (["apply", "{base}", "{tmp}/good.bdelta", "-o", "{tmp}/o", "--max-shard-size", "lots"], exit_codes.EXIT_USAGE, "not a size"),
+    ],
+)
+def test_errors_are_one_line_with_distinct_exit_codes(llama_pair, tmp_path, args, code, message):
+    import re
+
+    from codec.compress import compress
+    from tests.model_pairs import make_llama_pair
+
+    base_dir, ft_dir = llama_pair
+    (tmp_path / "garbage.bdelta").write_bytes(b"this is not a delta file at all")
+    compress(base_dir, ft_dir, tmp_path / "good.bdelta")
+    other = tmp_path / "other"
+    if "{other}" in args:
+        other, _ = make_llama_pair(tmp_path / "otherpair", seed=9)
+    args = [a.format(tmp=tmp_path, base=base_dir, ft=ft_dir, other=other) for a in args]
+    res = run(*args)
+    assert res.exit_code == code, res.output
+    assert "Traceback" not in res.output
+    assert re.search(message, res.output), res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "bad.bdelta").write_bytes(b"nope")
+    res = runner.invoke(app, ["--debug", "inspect", str(tmp_path / "bad.bdelta")])
+    assert res.exit_code != 0 and res.exception is not None
+
+
+def test_version_and_help():
+    res = run("--version")
+    assert res.exit_code == 0 and res.stdout.startswith("deltactl ")
+    res = run("compress", "--help")
+    assert res.exit_code == 0 and "Example" in res.stdout
