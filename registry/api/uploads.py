@@ -1,0 +1,101 @@
+"""Uploads: the two-phase push. Declare the blob, send its bytes (through the server for the local
+store, to presigned S3 URLs otherwise), then complete to publish the version."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Request, status
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from .. import crud
+from ..deps import PrincipalDep, RepoPath, StateDep
+from ..errors import ConflictError, DigestMismatchError, InvalidRequestError, UploadTooLargeError
+from ..models import Version
+from ..push import UploadRequest
+from ..schemas import UploadCreate, UploadOut, UploadPartOut, UploadReceived, VersionOut
+from .views import versions_out
+
+router = APIRouter(tags=["uploads"])
+UploadId = Annotated[str, Path(pattern="^[0-9a-f]{32}$")]
+_WRITE_BATCH = 1 << 20
+
+
+@router.post("/v1/repos/{namespace}/{name}/uploads", response_model=UploadOut, status_code=status.HTTP_201_CREATED)
+def create_upload(repo_name: RepoPath, body: UploadCreate, state: StateDep, principal: PrincipalDep, request: Request):
+    """Declare a push. Over-limit sizes are refused here (413), before any byte is sent; bytes the
+    registry already holds come back as `exists` (skip sending them)."""
+    upload, target = state.pushes.create(
+        namespace=repo_name.namespace, name=repo_name.name, principal=principal,
+        request=UploadRequest(digest=body.digest, size=body.size, raw_digest=body.raw_digest, raw_size=body.raw_size,
+                              description=body.description, fidelity=body.fidelity),
+    )
+    return UploadOut(
+        id=upload.id, repository=repo_name.full, method=target.method, exists=target.method == "exists",
+        upload_url=f"/v1/uploads/{upload.id}" if target.method == "stream" else target.url,
+        parts=[UploadPartOut(number=p.number, url=p.url, offset=p.offset, size=p.size) for p in target.parts],
+        part_size=target.part_size, complete_url=f"/v1/uploads/{upload.id}/complete", expires_at=upload.expires_at,
+    )
+
+
+@router.put("/v1/uploads/{upload_id}", response_model=UploadReceived)
+async def send_upload_bytes(
+    upload_id: UploadId, request: Request, state: StateDep, principal: PrincipalDep,
+    content_length: Annotated[int | None, Header()] = None,
+):
+    """Stream the blob's bytes (local store). Written to a temporary file while hashed, never held
+    in memory; more bytes than declared are refused as they arrive."""
+    upload = await run_in_threadpool(state.pushes.get, upload_id=upload_id, principal=principal)
+    if upload.method != "stream":
+        raise ConflictError(f"upload {upload_id} takes no bytes here (method {upload.method})")
+    if content_length is not None:
+        if content_length > state.settings.max_upload_bytes:
+            raise UploadTooLargeError(f"{content_length} bytes exceed this registry's limit of {state.settings.max_upload_bytes}")
+        if content_length != upload.size:
+            raise DigestMismatchError(f"request has {content_length} bytes but the upload declared {upload.size}")
+    sha = hashlib.sha256()
+    received = 0
+
+    def write(fh, data: bytes) -> None:
+        sha.update(data)
+        fh.write(data)
+
+    try:
+        with state.store.staging_writer(upload_id) as fh:
+            pending = bytearray()
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > upload.size:
+                    raise DigestMismatchError(f"received more than the {upload.size} bytes the upload declared")
+                pending += chunk
+                if len(pending) >= _WRITE_BATCH:  # file writes and hashing run off the event loop
+                    await run_in_threadpool(write, fh, bytes(pending))
+                    pending.clear()
+            if pending:
+                await run_in_threadpool(write, fh, bytes(pending))
+            if received != upload.size:
+                raise DigestMismatchError(f"received {received} bytes but the upload declared {upload.size}")
+    except ClientDisconnect:
+        raise InvalidRequestError(f"upload {upload_id} was interrupted after {received} bytes") from None
+    digest = "sha256:" + sha.hexdigest()
+    with state.db.write() as session:
+        crud.record_received(session, upload_id=upload_id, size=received, digest=digest)
+    if digest != upload.digest:
+        raise DigestMismatchError(f"received bytes have digest {digest}, but the upload declared {upload.digest}")
+    return UploadReceived(id=upload_id, received=received, digest=digest)
+
+
+@router.post("/v1/uploads/{upload_id}/complete", response_model=VersionOut, status_code=status.HTTP_201_CREATED)
+def complete_upload(upload_id: UploadId, state: StateDep, principal: PrincipalDep):
+    """Verify the stored bytes (size, sha256, one zstd frame, format-v1 header of the repository's
+    base) and publish the version: it gets the next number and `latest` moves to it."""
+    version = state.pushes.complete(upload_id=upload_id, principal=principal)
+    with state.db.read() as session:
+        return versions_out(session, [session.get(Version, version.id)])[0]
+
+
+@router.delete("/v1/uploads/{upload_id}", status_code=status.HTTP_204_NO_CONTENT)
+def abort_upload(upload_id: UploadId, state: StateDep, principal: PrincipalDep) -> None:
+    state.pushes.abort(upload_id=upload_id, principal=principal)

@@ -1,0 +1,43 @@
+"""Blob stores behind one small interface: the local filesystem (embedded default) and S3.
+
+    store = open_blob_store(settings)     # file:///srv/blobs or s3://bucket/prefix
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlparse
+
+from ..errors import InvalidRequestError
+from ..settings import Settings
+from .base import BlobStore, Download, StagedBlob, StoredObject, UploadPart, UploadTarget
+from .local import LocalBlobStore
+
+
+def open_blob_store(settings: Settings) -> BlobStore:
+    url = settings.resolved_blob_url
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return LocalBlobStore(unquote(parsed.path))
+    if parsed.scheme == "s3":
+        from .s3 import S3BlobStore  # boto3 is only imported when S3 is configured
+
+        if not parsed.netloc:
+            raise InvalidRequestError(f"blob URL {url!r} has no bucket (expected s3://bucket/prefix)")
+        return S3BlobStore(
+            bucket=parsed.netloc,
+            prefix=parsed.path.strip("/"),
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            addressing_style=settings.s3_addressing_style,
+            max_pool_connections=settings.s3_max_pool_connections,
+            presign_ttl=settings.presign_ttl_seconds,
+            multipart_threshold=settings.multipart_threshold,
+            part_size=settings.multipart_part_size,
+        )
+    raise InvalidRequestError(f"blob URL {url!r}: scheme must be file:// or s3://")
+
+
+__all__ = [
+    "BlobStore", "Download", "StagedBlob", "StoredObject", "UploadPart", "UploadTarget",
+    "LocalBlobStore", "open_blob_store",
+]

@@ -1,0 +1,86 @@
+"""Garbage collection: stale pending uploads, staging leftovers, blobs no version references,
+and store objects no blob row knows. Anything younger than the grace period is left alone, so a
+push in flight never loses its bytes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass
+
+from . import crud
+from .blobstores import BlobStore
+from .db import Database
+from .metrics import RegistryMetrics
+from .models import utcnow
+from .settings import Settings
+
+
+@dataclass
+class GcReport:
+    stale_uploads: int = 0
+    staged_objects: int = 0
+    blobs: int = 0
+    orphan_objects: int = 0
+    dry_run: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def collect_garbage(
+    *, db: Database, store: BlobStore, settings: Settings, actor: str = "gc", now: dt.datetime | None = None,
+    dry_run: bool = False, metrics: RegistryMetrics | None = None,
+) -> GcReport:
+    now = now or utcnow()
+    upload_cutoff = now - dt.timedelta(seconds=settings.upload_ttl_seconds)
+    grace_cutoff = now - dt.timedelta(seconds=settings.gc_grace_seconds)
+    report = GcReport(dry_run=dry_run)
+
+    with db.read() as session:
+        stale = crud.stale_uploads(session, older_than=upload_cutoff)
+    for upload in stale:
+        report.stale_uploads += 1
+        if not dry_run:
+            store.discard(upload.id, upload.store_upload_id)
+            with db.write() as session:
+                crud.delete_upload(session, upload=upload)
+
+    staged = {obj.name: obj for obj in store.list_staged() if obj.modified < grace_cutoff}
+    with db.read() as session:
+        live = crud.live_upload_ids(session)
+    for upload_id in sorted(set(staged) - live):
+        report.staged_objects += 1
+        if not dry_run:
+            store.discard(upload_id)
+
+    with db.read() as session:
+        candidates = crud.unreferenced_blobs(session, older_than=grace_cutoff)
+    for digest in candidates:
+        if dry_run:
+            report.blobs += 1
+            continue
+        with db.write() as session:
+            # Row and object go together: the row is deleted only if still unreferenced, and the
+            # object is removed before that deletion commits.
+            if crud.delete_blob_if_unreferenced(session, digest=digest):
+                store.delete(digest)
+                report.blobs += 1
+
+    old_objects = [obj.name for obj in store.list_blobs() if obj.modified < grace_cutoff]
+    for i in range(0, len(old_objects), 500):
+        batch = old_objects[i : i + 500]
+        with db.read() as session:
+            known = crud.known_blob_digests(session, digests=batch)
+        for digest in batch:
+            if digest not in known:
+                report.orphan_objects += 1
+                if not dry_run:
+                    store.delete(digest)
+
+    if not dry_run:
+        with db.write() as session:
+            crud.record_event(session, actor=actor, action="gc", target="registry", detail=report.as_dict())
+        if metrics is not None:
+            for kind in ("stale_uploads", "staged_objects", "blobs", "orphan_objects"):
+                metrics.gc_removed.labels(kind).inc(getattr(report, kind))
+    return report
