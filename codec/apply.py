@@ -4,6 +4,7 @@ directory (sharded safetensors + index + config), tensor by tensor, atomically.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .bitdelta import reconstruct_cpu
+from .background import OrderedWorker
+from .bitdelta import reconstruct_blocks
 from .checkpoint import FINGERPRINT_PREFIX, ST_TO_TORCH, Checkpoint, _fingerprint_record, tensor_bytes
 from .container import SafetensorsWriter, TensorSpec
 from .errors import BaseMismatchError, CodecError
@@ -89,22 +91,22 @@ def apply_delta(
     try:
         done = 0
         for shard_name, shard in zip(names, shards):
-            with SafetensorsWriter(tmp / shard_name, shard, {"format": "pt"}) as writer:
+            with SafetensorsWriter(tmp / shard_name, shard, {"format": "pt"}) as writer, OrderedWorker() as io:
                 for spec in shard:
                     if progress:
                         progress(spec.name, done, len(specs))
                     done += 1
                     b = base.get(spec.name)
-                    fp.update(_fingerprint_record(spec.name, *base_specs[spec.name]))
-                    fp.update(tensor_bytes(b))
+                    # The base fingerprint is hashed on the I/O thread while this tensor is built.
+                    io.submit(functools.partial(_hash_tensor, fp, spec.name, base_specs[spec.name], b))
                     e = delta.entries.get(spec.name)
                     if e is None:
-                        t = b
+                        writer.write(spec.name, tensor_bytes(b))
                     elif e.full is not None:
-                        t = delta.full(spec.name)
+                        writer.write(spec.name, tensor_bytes(delta.full(spec.name)))
                     else:
-                        t = reconstruct_cpu(b, delta.sign(spec.name), delta.scale(spec.name), model_dtype)
-                    writer.write(spec.name, tensor_bytes(t))
+                        blocks = reconstruct_blocks(b, delta.sign(spec.name), delta.scale(spec.name), model_dtype)
+                        writer.write_parts(spec.name, (tensor_bytes(block) for block in blocks))
                     written += spec.nbytes
         fingerprint = "sha256:" + fp.hexdigest()
         if fingerprint != delta.base_fingerprint and not force:
@@ -128,6 +130,11 @@ def apply_delta(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ApplyReport(out_dir, len(shards), len(specs), written, fingerprint)
+
+
+def _hash_tensor(fp, name, base_spec, base_tensor) -> None:
+    fp.update(_fingerprint_record(name, *base_spec))
+    fp.update(tensor_bytes(base_tensor))
 
 
 def _write_config(base: Checkpoint, delta: DeltaFile, dest: Path) -> None:

@@ -6,7 +6,7 @@ Everything here is plain torch and runs on any device.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -136,26 +136,45 @@ def reconstruct(base: torch.Tensor, sign: torch.Tensor, scale: torch.Tensor, dty
     return (base.to(torch.float32) + decode(sign, scale, base.shape[-1])).to(dtype)
 
 
-def reconstruct_cpu(base: torch.Tensor, sign: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`reconstruct` for CPU tensors, in row blocks so the fp32 working set stays in cache.
+def reconstruct_blocks(
+    base: torch.Tensor,
+    sign: torch.Tensor,
+    scale: torch.Tensor,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> Iterator[torch.Tensor]:
+    """`reconstruct` for CPU tensors, yielded in blocks of rows while they are hot in cache.
 
-    Bit-identical to `reconstruct`: Δ̂ is summed over planes first, then added to the base.
+    Each block is written into `out[r:e]` when `out` is given, else into one reused buffer
+    (consume it before advancing). Bit-identical to `reconstruct`: Δ̂ is summed over planes
+    first (fp32), then added to the base in fp32 and rounded once to `dtype`.
     """
-    out, inn = base.shape
+    rows_total, inn = base.shape
     planes = sign.shape[0]
-    result = torch.empty(out, inn, dtype=dtype)
     sign_np = sign.numpy()
     scale = scale.to(torch.float32)
+    per_row = scale.shape[1] != 1
     rows = _ROW_CHUNK
-    delta = torch.empty(min(rows, max(out, 1)), inn, dtype=torch.float32)
-    for r in range(0, out, rows):
-        e = min(out, r + rows)
+    delta = torch.empty(min(rows, max(rows_total, 1)), inn, dtype=torch.float32)
+    block = None if out is not None else torch.empty(delta.shape, dtype=dtype)
+    for r in range(0, rows_total, rows):
+        e = min(rows_total, r + rows)
         d = delta[: e - r]
-        d.zero_()
         for p in range(planes):
-            bits = torch.from_numpy(np.unpackbits(sign_np[p, r:e], axis=-1, count=inn, bitorder="little"))
-            s = scale[p, r:e].reshape(-1, 1) if scale.shape[1] != 1 else scale[p].reshape(1, 1)
-            d.add_(torch.where(bits.bool(), s, -s))
-        d.add_(base[r:e])  # fp32 + base (promoted): the same elementwise sum as base.float() + Δ̂
-        result[r:e].copy_(d)
+            bits = torch.from_numpy(np.unpackbits(sign_np[p, r:e], axis=-1, count=inn, bitorder="little")).bool()
+            s = scale[p, r:e].reshape(-1, 1) if per_row else scale[p].reshape(1, 1)
+            if p == 0:
+                torch.where(bits, s, -s, out=d)
+            else:
+                d.add_(torch.where(bits, s, -s))
+        target = out[r:e] if out is not None else block[: e - r]
+        torch.add(d, base[r:e], out=target)  # computed in fp32, rounded once to dtype
+        yield target
+
+
+def reconstruct_cpu(base: torch.Tensor, sign: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`reconstruct` for CPU tensors, computed in cache-sized row blocks (bit-identical)."""
+    result = torch.empty(base.shape, dtype=dtype)
+    for _ in reconstruct_blocks(base, sign, scale, dtype, out=result):
+        pass
     return result

@@ -6,6 +6,7 @@ Streams tensor by tensor (memory-mapped inputs), so peak memory is a few tensors
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from . import __version__
+from .background import OrderedWorker
 from .bitdelta import binarize
 from .checkpoint import FINGERPRINT_PREFIX, TORCH_TO_ST, Checkpoint, _fingerprint_record, tensor_bytes
 from .container import SpooledSafetensorsWriter, TensorSpec
@@ -128,14 +130,14 @@ def compress(
     writer = SpooledSafetensorsWriter(out_path)
     report = CompressReport(path=out_path, base_fingerprint="", finetuned_bytes=ft.total_bytes)
     names = sorted(base.names)  # sorted order lets the base fingerprint be hashed in the same pass
+    io = OrderedWorker()  # hashes the base fingerprint while the next tensor is binarized
     try:
         for i, name in enumerate(names):
             if progress:
                 progress(name, i, len(names))
             b = base.get(name)
             be = base.entry(name)
-            fp.update(_fingerprint_record(name, be.dtype, be.shape))
-            fp.update(tensor_bytes(b))
+            io.submit(functools.partial(_hash_tensor, fp, name, be.dtype, be.shape, b))
             if name not in ft:  # tied alias of the embeddings: follows them
                 report.unchanged.append(name)
                 continue
@@ -147,14 +149,15 @@ def compress(
                 if same_layout and not bool(scale.any()):
                     report.unchanged.append(name)  # every plane's scale is 0: the delta is all zeros
                     continue
-                writer.add(TensorSpec(name + ".sign", "U8", tuple(sign.shape)), tensor_bytes(sign))
-                writer.add(TensorSpec(name + ".scale", "F32", tuple(scale.shape)), tensor_bytes(scale))
+                io.submit(functools.partial(writer.add, TensorSpec(name + ".sign", "U8", tuple(sign.shape)), tensor_bytes(sign)))
+                io.submit(functools.partial(writer.add, TensorSpec(name + ".scale", "F32", tuple(scale.shape)), tensor_bytes(scale)))
                 report.binarized.append(name)
             elif same_layout and torch.equal(f, b):
                 report.unchanged.append(name)
             else:
-                writer.add(TensorSpec(name + ".full", TORCH_TO_ST[f.dtype], tuple(f.shape)), tensor_bytes(f))
+                io.submit(functools.partial(writer.add, TensorSpec(name + ".full", TORCH_TO_ST[f.dtype], tuple(f.shape)), tensor_bytes(f)))
                 report.dense.append(name)
+        io.join()
         report.base_fingerprint = "sha256:" + fp.hexdigest()
         metadata = {
             "format": FORMAT,
@@ -173,10 +176,16 @@ def compress(
         metadata.update(extra_metadata or {})
         writer.close(metadata)
     except BaseException:
+        io.abandon()
         writer.abort()
         raise
     report.delta_bytes = out_path.stat().st_size
     return report
+
+
+def _hash_tensor(fp, name: str, dtype: str, shape, tensor: torch.Tensor) -> None:
+    fp.update(_fingerprint_record(name, dtype, shape))
+    fp.update(tensor_bytes(tensor))
 
 
 def _default_base_name(base: Checkpoint) -> str:

@@ -233,16 +233,25 @@ class SafetensorsWriter:
         self._fh: IO[bytes] | None = open(self._tmp, "wb")
         self._fh.write(encode_header(self._specs, metadata))
 
-    def write(self, name: str, data: "memoryview | bytes") -> None:
+    def write_parts(self, name: str, parts: Iterable["memoryview | bytes"]) -> None:
+        """Write one tensor given as consecutive pieces (e.g. row blocks as they are computed)."""
         assert self._fh is not None, "writer is closed"
         if self._next >= len(self._specs) or self._specs[self._next].name != name:
             expected = self._specs[self._next].name if self._next < len(self._specs) else None
             raise ValueError(f"tensor {name!r} written out of order (expected {expected!r})")
-        mv = memoryview(data).cast("B")
-        if mv.nbytes != self._specs[self._next].nbytes:
-            raise ValueError(f"tensor {name!r}: got {mv.nbytes} bytes, header says {self._specs[self._next].nbytes}")
-        self._fh.write(mv)
+        total = 0
+        for part in parts:
+            mv = memoryview(part).cast("B")
+            total += mv.nbytes
+            if total > self._specs[self._next].nbytes:
+                raise ValueError(f"tensor {name!r}: more bytes than the header's {self._specs[self._next].nbytes}")
+            self._fh.write(mv)
+        if total != self._specs[self._next].nbytes:
+            raise ValueError(f"tensor {name!r}: got {total} bytes, header says {self._specs[self._next].nbytes}")
         self._next += 1
+
+    def write(self, name: str, data: "memoryview | bytes") -> None:
+        self.write_parts(name, (data,))
 
     def write_rest_from(self, src: IO[bytes], chunk: int = 16 << 20) -> None:
         """Copy the data of all not-yet-written tensors, in spec order, from a file object."""
