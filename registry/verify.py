@@ -45,6 +45,9 @@ class _HashingReader:
         self.sha.update(buf)
         return buf
 
+    def seekable(self) -> bool:
+        return False
+
     def drain(self) -> None:
         while self.read(CHUNK):
             pass

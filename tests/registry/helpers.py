@@ -1,0 +1,121 @@
+"""Test helpers: real delta blobs, a push over the HTTP protocol, uvicorn on loopback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from codec.compress import CompressOptions, compress
+from codec.storage import compress_blob
+
+BASE_NAME = "org/base"
+
+
+@dataclass(frozen=True)
+class DeltaBlob:
+    path: Path  # the zstd storage form
+    raw_path: Path  # the .bdelta
+    digest: str
+    size: int
+    raw_digest: str
+    raw_size: int
+    base_fingerprint: str
+
+    @property
+    def data(self) -> bytes:
+        return self.path.read_bytes()
+
+    def declaration(self, **overrides) -> dict:
+        return {"digest": self.digest, "size": self.size, "raw_digest": self.raw_digest, "raw_size": self.raw_size, **overrides}
+
+
+def make_delta_blobs(base_dir: Path, ft_dir: Path, out: Path, *, count: int) -> list[DeltaBlob]:
+    blobs = []
+    for i in range(count):
+        raw = out / f"delta{i}.bdelta"
+        report = compress(base_dir, ft_dir, raw, CompressOptions(base_name=BASE_NAME), extra_metadata={"x-variant": str(i)})
+        info = compress_blob(raw, out / f"delta{i}.bdelta.zst")
+        blobs.append(DeltaBlob(out / f"delta{i}.bdelta.zst", raw, info.digest, info.size, info.raw_digest, info.raw_size,
+                               report.base_fingerprint))
+    return blobs
+
+
+def error_of(response: httpx.Response) -> dict:
+    """The API's error body, checked for its shape."""
+    body = response.json()
+    assert set(body) >= {"error"}, body
+    assert set(body["error"]) == {"code", "message"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+def setup_repo(client, fingerprint: str, repo: str = "acme/math", *, base: str = BASE_NAME, headers=None, **extra) -> None:
+    r = client.post("/v1/bases", json={"name": base, "fingerprint": fingerprint}, headers=headers)
+    assert r.status_code in (200, 201), r.text
+    ns, name = repo.split("/")
+    r = client.post("/v1/repos", json={"namespace": ns, "name": name, "base": base, **extra}, headers=headers)
+    assert r.status_code == 201, r.text
+
+
+def send_bytes(client, upload: dict, data: bytes, *, headers=None) -> None:
+    """Send an upload's bytes wherever the registry said: through it, one presigned PUT, or parts."""
+    method = upload["method"]
+    if method == "exists":
+        return
+    if method == "stream":
+        r = client.put(upload["upload_url"], content=data, headers=headers)
+        assert r.status_code == 200, r.text
+    elif method == "s3-put":
+        r = httpx.put(upload["upload_url"], content=data)
+        assert r.status_code == 200, r.text
+    else:
+        for part in upload["parts"]:
+            r = httpx.put(part["url"], content=data[part["offset"] : part["offset"] + part["size"]])
+            assert r.status_code == 200, r.text
+
+
+def push(client, blob: DeltaBlob, repo: str = "acme/math", *, headers=None, data: bytes | None = None, **declared) -> httpx.Response:
+    """The whole two-phase push; returns the response of `complete` (or of the failing step)."""
+    r = client.post(f"/v1/repos/{repo}/uploads", json=blob.declaration(**declared), headers=headers)
+    if r.status_code != 201:
+        return r
+    upload = r.json()
+    send_bytes(client, upload, blob.data if data is None else data, headers=headers)
+    return client.post(upload["complete_url"], headers=headers)
+
+
+class LiveServer:
+    """uvicorn serving an app on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
