@@ -12,7 +12,7 @@ from codec.apply import apply_delta
 from codec.compress import CompressOptions, compress
 from codec.summary import summarize
 
-from .console import emit_json, err, human_bytes, out, tensor_progress
+from .console import emit_json, err, human_bytes, loss_progress, out, tensor_progress
 from .errors import handle_errors
 
 
@@ -26,28 +26,65 @@ def compress_cmd(
     scale: Annotated[str, typer.Option("--scale", help="per-matrix or per-row scales.")] = "per-matrix",
     include: Annotated[list[str], typer.Option("--include", help="Glob of tensors to binarize too (e.g. '*embed_tokens*'); repeatable.")] = [],
     exclude: Annotated[list[str], typer.Option("--exclude", help="Glob of tensors to keep dense; repeatable.")] = [],
+    calibrate: Annotated[Optional[Path], typer.Option("--calibrate", help="Distill the scales on this text: a file, a directory of text files, or JSONL with a 'text' field.", rich_help_panel="Scale distillation")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Distillation steps.", rich_help_panel="Scale distillation")] = 200,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Sequences per step.", rich_help_panel="Scale distillation")] = 4,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="Tokens per sequence.", rich_help_panel="Scale distillation")] = 128,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration sequences drawn from DATA.", rich_help_panel="Scale distillation")] = 800,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (cosine decay).", rich_help_panel="Scale distillation")] = 1e-4,
+    loss: Annotated[str, typer.Option("--loss", help="mse or kl between teacher and student logits.", rich_help_panel="Scale distillation")] = "mse",
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling and order.", rich_help_panel="Scale distillation")] = 0,
+    offload_teacher: Annotated[bool, typer.Option("--offload-teacher", help="Precompute teacher logits to disk and free the teacher.", rich_help_panel="Scale distillation")] = False,
+    device: Annotated[str, typer.Option("--device", help="Device for distillation (cpu, cuda).", rich_help_panel="Scale distillation")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Compress FINETUNED against BASE into a 1-bit delta.
+    """Compress FINETUNED against BASE into a 1-bit delta, optionally distilling its scales.
 
     Example: deltactl compress ./llama-base ./llama-math -o math.bdelta --base-name org/llama
+
+    Example: deltactl compress ./base ./math -o math.bdelta --calibrate data.jsonl --steps 200
     """
     options = CompressOptions(planes=bits, scale_mode=scale, include=tuple(include), exclude=tuple(exclude), base_name=base_name)  # type: ignore[arg-type]
-    with tensor_progress("compressing") as progress:
-        report = compress(base, finetuned, output, options, progress=progress)
+    distill_options = None
+    if calibrate is not None:
+        from codec.distill import DistillOptions
+
+        distill_options = DistillOptions(steps=steps, batch=batch, seq_len=seq_len, samples=samples, lr=lr,
+                                         loss=loss, seed=seed, offload_teacher=offload_teacher)  # type: ignore[arg-type]
+    target = output if calibrate is None else output.with_name(output.name + ".init")
+    try:
+        with tensor_progress("compressing") as progress:
+            report = compress(base, finetuned, target, options, progress=progress)
+        calibration = None
+        if calibrate is not None:
+            from codec.distill import distill_scales
+
+            with loss_progress("distilling scales", distill_options.steps) as progress:
+                distilled = distill_scales(base, finetuned, target, output, calibrate, distill_options,
+                                           device=device, progress=progress)
+            report.delta_bytes = output.stat().st_size
+            calibration = {"initial_loss": distilled.initial_loss, "final_loss": distilled.final_loss,
+                           "steps": distill_options.steps, "seconds": round(distilled.seconds, 1)}
+    finally:
+        if calibrate is not None:
+            target.unlink(missing_ok=True)
     result = {
-        "path": str(report.path), "base_fingerprint": report.base_fingerprint,
+        "path": str(output), "base_fingerprint": report.base_fingerprint,
         "binarized": len(report.binarized), "dense": len(report.dense), "unchanged": len(report.unchanged),
         "finetuned_bytes": report.finetuned_bytes, "delta_bytes": report.delta_bytes, "ratio": report.ratio,
+        "calibration": calibration,
     }
     if as_json:
         emit_json(result)
         return
     out.print(
-        f"wrote {report.path}: {human_bytes(report.delta_bytes)} "
+        f"wrote {output}: {human_bytes(report.delta_bytes)} "
         f"({report.ratio:.2f}x smaller than the {human_bytes(report.finetuned_bytes)} fine-tune); "
         f"{len(report.binarized)} binarized, {len(report.dense)} dense, {len(report.unchanged)} unchanged tensors"
     )
+    if calibration:
+        out.print(f"distilled scales: calibration loss {calibration['initial_loss']:.4g} -> "
+                  f"{calibration['final_loss']:.4g} in {calibration['steps']} steps ({calibration['seconds']}s)")
 
 
 @handle_errors

@@ -37,6 +37,25 @@ def tensor_progress(description: str, quiet: bool = False) -> Iterator:
         yield update
 
 
+@contextlib.contextmanager
+def loss_progress(description: str, total: int, quiet: bool = False) -> Iterator:
+    """A training-step progress bar on stderr; yields a callback `(step, total, loss)`."""
+    if quiet or not err.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("loss {task.fields[loss]}"),
+        console=err, transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=total, loss="-")
+
+        def update(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, loss=f"{loss:.4g}")
+
+        yield update
+
+
 def human_bytes(n: float | int | None) -> str:
     if n is None:
         return "-"

@@ -240,7 +240,8 @@ class DeltaFile:
                 )
 
     # --- tensors ---------------------------------------------------------------------------
-    def _tensor(self, key: str) -> "torch.Tensor":
+    def tensor(self, key: str) -> "torch.Tensor":
+        """A stored tensor by its full name (e.g. `N.sign`), memory-mapped."""
         if self._handle is None:
             from safetensors import safe_open
 
@@ -248,13 +249,13 @@ class DeltaFile:
         return self._handle.get_tensor(key)
 
     def sign(self, name: str) -> "torch.Tensor":
-        return self._tensor(name + ".sign")
+        return self.tensor(name + ".sign")
 
     def scale(self, name: str) -> "torch.Tensor":
-        return self._tensor(name + ".scale")
+        return self.tensor(name + ".scale")
 
     def full(self, name: str) -> "torch.Tensor":
-        return self._tensor(name + ".full")
+        return self.tensor(name + ".full")
 
 
 def read_header_from_delta(fh, size: int) -> Header:

@@ -45,3 +45,17 @@ def make_llama_pair(
             p.add_(noise.to(p.dtype) + (0.01 if p.dim() == 1 else 0.0))
     model.save_pretrained(ft_dir)
     return base_dir, ft_dir
+
+
+def save_byte_tokenizer(model_dir: Path) -> None:
+    """A byte-level tokenizer (ids 0..255, EOS 256) so tiny models can read real text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["</s>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(model_dir)
