@@ -35,8 +35,11 @@ def show_version(repo_name: RepoPath, ref: VersionRef, session: ReadSessionDep, 
     return versions_out(session, [crud.get_version(session, repo=repo, ref=ref)])[0]
 
 
-@router.api_route("/{ref}/download", methods=["GET", "HEAD"], response_class=Response,
-                  responses={200: {"content": {"application/zstd": {}}}, 206: {}, 304: {}, 307: {}, 416: {}})
+_DOWNLOAD_RESPONSES = {200: {"content": {"application/zstd": {}}}, 206: {}, 304: {}, 307: {}, 416: {}}
+
+
+@router.head("/{ref}/download", response_class=Response, operation_id="head_version_download", include_in_schema=False)
+@router.get("/{ref}/download", response_class=Response, operation_id="download_version", responses=_DOWNLOAD_RESPONSES)
 def download_version(
     repo_name: RepoPath, ref: VersionRef, session: ReadSessionDep, principal: PrincipalDep, state: StateDep,
     if_none_match: Annotated[str | None, Header()] = None,
