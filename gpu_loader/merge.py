@@ -1,0 +1,79 @@
+"""Merge mode: add a sign delta into a base weight in place, `W ← (W.float() + Δ̂).to(dtype)`
+(exactly the format's reconstruction), and restore the original bits exactly afterwards.
+
+Restoring keeps no copy of the weight: `(W_merged.float() − Δ̂).to(dtype)` gives back the base
+except where rounding lost information; those few positions (found at merge time by doing the
+restore and comparing bit patterns) are recorded with their original values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from codec.bitdelta import decode
+
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+_CHUNK_BYTES = 64 << 20  # fp32 temporaries per step
+
+
+@dataclass
+class MergeRecord:
+    """What `unmerge_sign_` needs: the delta, and the positions the float round trip loses."""
+
+    sign: torch.Tensor  # uint8 [P, out, ceil(in/8)] on the weight's device
+    scale: torch.Tensor  # f32 [P, 1 | out]
+    index: torch.Tensor  # int64 flat positions whose bits the round trip does not restore
+    values: torch.Tensor  # the original values there
+
+    @property
+    def corrections(self) -> int:
+        return int(self.index.numel())
+
+
+def _chunks(rows: int, cols: int):
+    step = max(1, _CHUNK_BYTES // max(cols * 4, 1))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+def _scale_rows(scale: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    return scale if scale.shape[1] == 1 else scale[:, r0:r1]
+
+
+def _undo(merged: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return (merged.float() - delta).to(merged.dtype)
+
+
+@torch.no_grad()
+def merge_sign_(weight: torch.Tensor, sign: torch.Tensor, scale: torch.Tensor) -> MergeRecord:
+    """`weight ← (weight.float() + Δ̂).to(weight.dtype)` in place, row block by row block."""
+    if weight.dtype not in _BITS or weight.dim() != 2:
+        raise TypeError(f"merge needs a 2-D float weight, got {weight.dtype}{list(weight.shape)}")
+    if not weight.is_contiguous():
+        raise ValueError("merge needs a contiguous weight")
+    out, inn = weight.shape
+    sign, scale = sign.to(weight.device), scale.to(weight.device, torch.float32)
+    ints = _BITS[weight.dtype]
+    index, values = [], []
+    for r0, r1 in _chunks(out, inn):
+        w = weight[r0:r1]
+        delta = decode(sign[:, r0:r1], _scale_rows(scale, r0, r1), inn)
+        merged = (w.float() + delta).to(w.dtype)
+        lost = (_undo(merged, delta).view(ints) != w.view(ints)).reshape(-1).nonzero().squeeze(1)
+        index.append(lost + r0 * inn)
+        values.append(w.reshape(-1)[lost].clone())
+        w.copy_(merged)
+    return MergeRecord(sign, scale, torch.cat(index), torch.cat(values))
+
+
+@torch.no_grad()
+def unmerge_sign_(weight: torch.Tensor, record: MergeRecord) -> None:
+    """Undo `merge_sign_`: the weight's bits are the original ones again."""
+    out, inn = weight.shape
+    for r0, r1 in _chunks(out, inn):
+        w = weight[r0:r1]
+        delta = decode(record.sign[:, r0:r1], _scale_rows(record.scale, r0, r1), inn)
+        w.copy_(_undo(w, delta))
+    weight.view(-1)[record.index] = record.values

@@ -1,0 +1,689 @@
+"""The delta slot pool: fixed device buffers (packed sign words + scales per layer, small dense
+tables per slot) allocated once, LRU eviction of unpinned slots, pinning, pinned host staging
+and loading on a side CUDA stream with events, so a forward never reads a half-written slot.
+
+Thread-safe: `load` may run on any thread while forwards lease slots on another.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from codec.checkpoint import TORCH_TO_ST
+from codec.format import DeltaFile
+
+from .errors import BudgetError, DeltaDoesNotFitError, NotLoadedError, SlotPoolFullError, StaleSlotError
+from .segments import SlotView
+from .sgmv import words_per_row
+from .sizes import format_size, parse_size
+
+_ALIGN = 64  # staging views start on cache-line boundaries (and on any element size)
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    """What every slot holds, by base tensor name.
+
+    sign:  2-D float weights that may carry a sign delta -> (out, in); per slot int32 words
+           [planes, out, ceil(in/32)] and f32 scales [planes, out].
+    table: small tensors copied per slot (norm weights, biases) -> (shape, dtype).
+    dense: 2-D weights whose `.full` replacement (kept-dense embeddings, lm_head) is allocated
+           on demand from the budget left over by the fixed slots -> (shape, dtype).
+    """
+
+    sign: Mapping[str, tuple[int, int]]
+    table: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+    dense: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+    planes: int = 1
+
+    def __post_init__(self) -> None:
+        if self.planes < 1:
+            raise ValueError("planes must be >= 1")
+
+    def sign_bytes(self, name: str) -> int:
+        out, inn = self.sign[name]
+        return self.planes * out * (words_per_row(inn) * 4 + 4)
+
+    @property
+    def slot_bytes(self) -> int:
+        """Device bytes of one slot's fixed part (words, scales, tables, active flags)."""
+        total = sum(self.sign_bytes(n) for n in self.sign) + 4 * len(self.sign)
+        for shape, dtype in self.table.values():
+            total += _numel(shape) * _itemsize(dtype)
+        return total
+
+    def base_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """(safetensors dtype, shape) per name, for layouts built without a model (benchmarks)."""
+        specs = {n: ("F16", (o, i)) for n, (o, i) in self.sign.items()}
+        specs.update({n: (TORCH_TO_ST[d], tuple(s)) for n, (s, d) in {**self.dense, **self.table}.items()})
+        return specs
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class SlotHandle(int):
+    """The slot index `load()` returned; remembers which load it came from, so a forward given
+    a handle whose delta was evicted since raises `StaleSlotError` instead of using another delta."""
+
+    generation: int
+    key: str
+
+    def __new__(cls, index: int, generation: int, key: str) -> "SlotHandle":
+        obj = super().__new__(cls, index)
+        obj.generation = generation
+        obj.key = key
+        return obj
+
+    def __repr__(self) -> str:
+        return f"SlotHandle({int(self)}, {self.key!r})"
+
+    def __reduce__(self):
+        return (SlotHandle, (int(self), self.generation, self.key))
+
+
+@dataclass
+class StagedDelta:
+    """A delta read into (pinned, on CUDA) host memory in the pool's slot layout, ready to copy."""
+
+    key: str
+    info: dict
+    words: dict[str, torch.Tensor]
+    scales: dict[str, torch.Tensor]
+    tables: dict[str, torch.Tensor]
+    dense: dict[str, torch.Tensor]
+    nbytes: int
+    _arena: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.dense.values())
+
+
+class _HostArena:
+    """One host buffer (pinned when CUDA is used) carved into aligned tensor views."""
+
+    def __init__(self, specs: list[tuple[tuple[int, ...], torch.dtype]], pin: bool):
+        self.offsets, total = [], 0
+        for shape, dtype in specs:
+            total = -(-total // _ALIGN) * _ALIGN
+            self.offsets.append(total)
+            total += _numel(shape) * _itemsize(dtype)
+        self.buffer = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin)
+        self.specs = specs
+
+    def views(self) -> list[torch.Tensor]:
+        out = []
+        for off, (shape, dtype) in zip(self.offsets, self.specs):
+            n = _numel(shape) * _itemsize(dtype)
+            out.append(self.buffer[off:off + n].view(dtype).view(shape))
+        return out
+
+
+_FREE, _LOADING, _READY = "free", "loading", "ready"
+
+
+@dataclass
+class _Slot:
+    index: int
+    state: str = _FREE
+    key: str | None = None
+    refs: set[str] = field(default_factory=set)
+    generation: int = 0
+    pinned: bool = False
+    leases: int = 0
+    last_used: int = 0
+    unload_on_release: bool = False
+    sign: frozenset[str] = frozenset()
+    tables: frozenset[str] = frozenset()
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    dense_bytes: int = 0
+    info: dict = field(default_factory=dict)
+    loaded_at: float = 0.0
+    hits: int = 0
+    ready_event: object = None  # torch.cuda.Event: the slot's copies are complete
+    last_use_event: object = None  # torch.cuda.Event: the last forward that read the slot is complete
+    streams_seen: set = field(default_factory=set)
+
+    def view(self) -> SlotView:
+        return SlotView(self.index, self.sign, self.tables, dict(self.dense))
+
+
+class SlotPool:
+    """Fixed-size device buffers for up to `max_slots` deltas within `memory_budget`.
+
+        pool = SlotPool(layout, device="cuda", max_slots=64, memory_budget="8GiB",
+                        base_fingerprint=fp, base_specs=specs, base_tables=small_base_tensors)
+        handle = pool.load("math.bdelta")          # validate, stage, evict LRU if full, copy
+        slots = pool.acquire([handle, -1])          # lease for one forward (waits for the copy)
+        ... forward ...
+        pool.release(slots)
+
+    The number of slots is `min(max_slots, budget // layout.slot_bytes)`; the budget left over
+    holds the dense replacements (embeddings / lm_head kept dense by a delta), allocated per load.
+    A load that finds every slot in use (leased by forwards or being loaded) waits up to
+    `wait_timeout` seconds for one; when every slot is pinned it fails at once.
+    """
+
+    def __init__(
+        self,
+        layout: PoolLayout,
+        *,
+        device: torch.device | str,
+        max_slots: int = 64,
+        memory_budget: int | str = "8GiB",
+        base_fingerprint: str | None = None,
+        base_specs: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
+        base_tables: Mapping[str, torch.Tensor] | None = None,
+        wait_timeout: float = 30.0,
+    ) -> None:
+        if max_slots < 1:
+            raise BudgetError(f"max_slots must be >= 1, got {max_slots}")
+        self.layout = layout
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.budget = parse_size(memory_budget)
+        self.base_fingerprint = base_fingerprint
+        self.base_specs = dict(base_specs) if base_specs is not None else layout.base_specs()
+        self._base_tables = dict(base_tables or {})
+        missing = set(layout.table) - set(self._base_tables)
+        if missing:
+            raise ValueError(f"base_tables lacks {sorted(missing)[:3]}")
+
+        slot_bytes = layout.slot_bytes
+        n = min(max_slots, self.budget // max(slot_bytes, 1))
+        if n < 1:
+            raise BudgetError(
+                f"memory budget {format_size(self.budget)} holds no delta slot: one slot needs "
+                f"{format_size(slot_bytes)} ({layout.planes} plane(s)); raise memory_budget"
+            )
+        self.num_slots = n
+        self.fixed_bytes = n * slot_bytes
+        self.dense_budget = self.budget - self.fixed_bytes
+        self._allocate(n)
+
+        self.wait_timeout = wait_timeout
+        self._lock = threading.RLock()
+        self._freed = threading.Condition(self._lock)  # notified when a lease ends or a load finishes
+        self._slots = [_Slot(i) for i in range(n)]
+        self._by_key: dict[str, _Slot] = {}
+        self._inflight: dict[str, Future] = {}
+        self._tick = itertools.count(1)
+        self._generation = itertools.count(1)
+        self._dense_used = 0
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.counters = {"loads": 0, "hits": 0, "evictions": 0, "stage_seconds": 0.0, "install_seconds": 0.0}
+
+    # ---------------------------------------------------------------------------------------
+    # allocation
+    # ---------------------------------------------------------------------------------------
+    def _allocate(self, n: int) -> None:
+        lay, dev = self.layout, self.device
+        try:
+            self.words = {
+                name: torch.zeros(n, lay.planes, out, words_per_row(inn), dtype=torch.int32, device=dev)
+                for name, (out, inn) in lay.sign.items()
+            }
+            self.scales = {
+                name: torch.zeros(n, lay.planes, out, dtype=torch.float32, device=dev)
+                for name, (out, _) in lay.sign.items()
+            }
+            self._active = torch.zeros(n, max(len(lay.sign), 1), dtype=torch.int32, device=dev)
+            self.tables = {
+                name: torch.zeros(n, *shape, dtype=dtype, device=dev) for name, (shape, dtype) in lay.table.items()
+            }
+        except torch.OutOfMemoryError as exc:
+            raise BudgetError(
+                f"allocating {n} slots x {format_size(lay.slot_bytes)} on {dev} failed ({exc}); lower memory_budget"
+            ) from None
+        self._sign_index = {name: i for i, name in enumerate(lay.sign)}
+        self.active = {name: self._active[:, i] for name, i in self._sign_index.items()}
+
+    # ---------------------------------------------------------------------------------------
+    # validation and staging (no lock: the slow part, done by the loading thread)
+    # ---------------------------------------------------------------------------------------
+    def check_fits(self, delta: DeltaFile) -> None:
+        """Refuse (before any copy) a delta for another base or one the slots cannot hold."""
+        delta.check_base(self.base_specs, self.base_fingerprint)
+        lay = self.layout
+        for name, e in delta.entries.items():
+            if e.kind == "bitdelta":
+                if name not in lay.sign:
+                    raise DeltaDoesNotFitError(
+                        f"{name}: a sign delta on a tensor of a module the loader does not patch "
+                        "(only nn.Linear and nn.Embedding weights carry sign deltas)"
+                    )
+                if e.planes > lay.planes:
+                    raise DeltaDoesNotFitError(
+                        f"{delta.path.name}: {name} has {e.planes} bit-planes but the slot pool holds "
+                        f"{lay.planes}; create the DeltaModel with max_planes={e.planes}"
+                    )
+                continue
+            spec = lay.table.get(name) or lay.dense.get(name)
+            if spec is None:
+                raise DeltaDoesNotFitError(
+                    f"{name}: the delta replaces it, but it belongs to a module the loader cannot "
+                    "switch per slot (supported: linear/embedding weights, linear biases, norm weights)"
+                )
+            if tuple(e.full.shape) != tuple(spec[0]):
+                raise DeltaDoesNotFitError(
+                    f"{name}.full has shape {list(e.full.shape)} but the resident base has {list(spec[0])}: "
+                    "a resized tensor (e.g. a grown vocabulary) cannot share a batch with the base"
+                )
+
+    def stage(self, path: str | Path, *, key: str | None = None) -> StagedDelta:
+        """Open, validate and read a delta into host memory in slot layout."""
+        t0 = time.perf_counter()
+        delta = DeltaFile.open(path)
+        self.check_fits(delta)
+        signs = {n: e for n, e in delta.entries.items() if e.kind == "bitdelta"}
+        fulls = {n: e for n, e in delta.entries.items() if e.kind == "full"}
+        info = {
+            "path": str(path), "base_model": delta.base_model, "dtype": delta.dtype_name,
+            "planes": max((e.planes for e in signs.values()), default=0),
+            "per_row": any(e.per_row for e in signs.values()),
+            "file_bytes": Path(path).stat().st_size,
+        }
+        staged = self.stage_tensors(
+            key or str(Path(path).resolve()),
+            sign=_Lazy(delta.sign, signs), scale=_Lazy(delta.scale, signs), full=_Lazy(delta.full, fulls),
+            info=info,
+        )
+        self.counters["stage_seconds"] += time.perf_counter() - t0
+        return staged
+
+    def stage_tensors(
+        self,
+        key: str,
+        *,
+        sign: Mapping[str, torch.Tensor],
+        scale: Mapping[str, torch.Tensor],
+        full: Mapping[str, torch.Tensor] = {},
+        info: dict | None = None,
+    ) -> StagedDelta:
+        """Stage in-memory tensors in the file's layout (sign uint8 [P, out, ceil(in/8)], scale
+        f32 [P, 1|out], full tensors) — the path `stage()` takes after reading a file."""
+        lay = self.layout
+        specs: list[tuple[tuple[int, ...], torch.dtype]] = []
+        for name in sign:
+            out, inn = lay.sign[name]
+            specs += [((lay.planes, out, words_per_row(inn)), torch.int32), ((lay.planes, out), torch.float32)]
+        tables = [n for n in full if n in lay.table]
+        denses = [n for n in full if n not in lay.table]
+        specs += [lay.table[n] for n in tables] + [lay.dense[n] for n in denses]
+        arena = _HostArena(specs, pin=self.device.type == "cuda")
+        views = iter(arena.views())
+        words, scales, tabs, dense = {}, {}, {}, {}
+        for name in sign:
+            w, s = next(views), next(views)
+            sg, sc = sign[name], scale[name]
+            planes, _, nb = sg.shape
+            wb = w.view(torch.uint8)  # [P_pool, out, 4W], little-endian words
+            wb[:planes, :, :nb].copy_(sg)
+            wb[:planes, :, nb:].zero_()
+            wb[planes:].zero_()
+            s[:planes].copy_(sc.to(torch.float32).expand(planes, s.shape[1]))
+            s[planes:].zero_()
+            words[name], scales[name] = w, s
+        for name in tables:
+            tabs[name] = next(views).copy_(full[name])
+        for name in denses:
+            dense[name] = next(views).copy_(full[name])
+        return StagedDelta(
+            key=key, info=dict(info or {}), words=words, scales=scales, tables=tabs, dense=dense,
+            nbytes=int(arena.buffer.numel()), _arena=arena.buffer,
+        )
+
+    # ---------------------------------------------------------------------------------------
+    # loading
+    # ---------------------------------------------------------------------------------------
+    def load(self, path: str | Path, *, ref: str | None = None, lease: bool = False) -> SlotHandle:
+        """Make the delta at `path` resident (a no-op if it is) and return its slot handle.
+
+        Concurrent loads of one file share the work. With `lease=True` the slot is leased
+        atomically with the lookup (release it with `release`)."""
+        key = str(Path(path).resolve())
+        while True:
+            with self._lock:
+                slot = self._by_key.get(key)
+                if slot is not None and slot.state == _READY:
+                    self.counters["hits"] += 1
+                    slot.hits += 1
+                    return self._handle(slot, ref, lease)
+                fut = self._inflight.get(key)
+                if fut is None:
+                    fut = self._inflight[key] = Future()
+                    owner = True
+                else:
+                    owner = False
+            if not owner:
+                fut.result()  # re-raises the loader's error; on success look the slot up again
+                continue
+            try:
+                staged = self.stage(path, key=key)
+                handle = self.install(staged, ref=ref)
+                fut.set_result(True)
+                return handle
+            except BaseException as exc:
+                fut.set_exception(exc)
+                raise
+            finally:
+                with self._lock:
+                    self._inflight.pop(key, None)
+
+    def install(self, staged: StagedDelta, *, ref: str | None = None) -> SlotHandle:
+        """Copy a staged delta into a slot (evicting the least recently used unpinned one when
+        full) on the side stream; the slot becomes visible once its copies are enqueued, and
+        forwards wait on its ready event."""
+        t0 = time.perf_counter()
+        need_dense = staged.dense_bytes
+        with self._lock:
+            if need_dense > self.dense_budget:
+                raise SlotPoolFullError(
+                    f"the delta's dense tensors need {format_size(need_dense)} but the budget leaves "
+                    f"{format_size(self.dense_budget)} beside the fixed slots; raise memory_budget or "
+                    "lower max_slots"
+                )
+            slot = self._take_slot(time.monotonic() + self.wait_timeout)
+            while self._dense_used + need_dense > self.dense_budget:
+                victim = self._lru(lambda s: s.dense_bytes > 0)
+                if victim is None:
+                    self._release_slot_to_free(slot)
+                    raise SlotPoolFullError(
+                        f"no room for {format_size(need_dense)} of dense tensors: the deltas holding "
+                        "the rest of the budget are pinned or in use"
+                    )
+                self._evict(victim)
+                victim.state = _FREE
+            self._dense_used += need_dense
+            slot.state = _LOADING
+            slot.dense_bytes = need_dense
+        try:
+            self._copy_into(slot, staged)
+        except BaseException:
+            with self._lock:
+                self._dense_used -= need_dense
+                slot.dense, slot.dense_bytes = {}, 0
+                self._release_slot_to_free(slot)
+                self._freed.notify_all()
+            raise
+        with self._lock:
+            old = self._by_key.get(staged.key)
+            if old is not None and old is not slot:  # the same delta staged twice: keep the new copy
+                if old.leases:
+                    old.unload_on_release = True
+                    del self._by_key[staged.key]
+                else:
+                    self._evict(old)
+                    old.state = _FREE
+            slot.state = _READY
+            slot.key = staged.key
+            slot.generation = next(self._generation)
+            slot.sign = frozenset(staged.words)
+            slot.tables = frozenset(staged.tables)
+            slot.info = dict(staged.info, bytes=staged.nbytes)
+            slot.loaded_at = time.time()
+            slot.last_used = next(self._tick)
+            slot.hits = 0
+            self._by_key[staged.key] = slot
+            self.counters["loads"] += 1
+            self.counters["install_seconds"] += time.perf_counter() - t0
+            self._freed.notify_all()
+            return self._handle(slot, ref, False)
+
+    def _copy_into(self, slot: _Slot, staged: StagedDelta) -> None:
+        i = slot.index
+        stream = self._copy_stream
+        ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
+        with ctx:
+            if stream is not None and slot.last_use_event is not None:
+                stream.wait_event(slot.last_use_event)  # forwards still reading the old delta
+            nb = stream is not None
+            for name, w in staged.words.items():
+                self.words[name][i].copy_(w, non_blocking=nb)
+                self.scales[name][i].copy_(staged.scales[name], non_blocking=nb)
+            flags = torch.zeros(self._active.shape[1], dtype=torch.int32, pin_memory=nb)
+            for name in staged.words:
+                flags[self._sign_index[name]] = 1
+            self._active[i].copy_(flags, non_blocking=nb)
+            for name, table in self.tables.items():
+                src = staged.tables.get(name)
+                table[i].copy_(src if src is not None else self._base_tables[name], non_blocking=nb)
+            slot.dense = {}
+            for name, t in staged.dense.items():
+                d = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+                d.copy_(t, non_blocking=nb)
+                slot.dense[name] = d
+            if stream is not None:
+                ev = torch.cuda.Event()
+                ev.record(stream)
+                slot.ready_event = ev
+                slot.streams_seen = set()
+
+    def _take_slot(self, deadline: float) -> _Slot:
+        """A free slot, else the least recently used evictable one; waits (lock released) while
+        the only candidates are leased or loading. Called with the lock held."""
+        while True:
+            for s in self._slots:
+                if s.state == _FREE:
+                    s.state = _LOADING
+                    return s
+            victim = self._lru(lambda s: True)
+            if victim is not None:
+                self._evict(victim)
+                victim.state = _LOADING
+                return victim
+            pinned = sum(s.pinned for s in self._slots)
+            remaining = deadline - time.monotonic()
+            if pinned == self.num_slots or remaining <= 0:
+                raise SlotPoolFullError(
+                    f"all {self.num_slots} slots are busy ({pinned} pinned, the rest in use by forwards "
+                    "or loading); unpin or unload a delta, or raise max_slots / memory_budget"
+                )
+            self._freed.wait(remaining)
+
+    def _lru(self, pred) -> _Slot | None:
+        cands = [s for s in self._slots if s.state == _READY and not s.pinned and s.leases == 0 and pred(s)]
+        return min(cands, key=lambda s: s.last_used) if cands else None
+
+    def _evict(self, slot: _Slot) -> None:
+        """Forget the slot's delta (the buffers are overwritten by the next install)."""
+        if slot.key is not None and self._by_key.get(slot.key) is slot:
+            del self._by_key[slot.key]
+        self._dense_used -= slot.dense_bytes
+        slot.dense, slot.dense_bytes = {}, 0  # freed after in-flight reads (record_stream in acquire)
+        slot.key, slot.refs, slot.pinned, slot.unload_on_release = None, set(), False, False
+        slot.sign, slot.tables, slot.info = frozenset(), frozenset(), {}
+        slot.generation = next(self._generation)
+        self.counters["evictions"] += 1
+
+    def _release_slot_to_free(self, slot: _Slot) -> None:
+        slot.state = _FREE
+
+    def _handle(self, slot: _Slot, ref: str | None, lease: bool) -> SlotHandle:
+        if ref is not None:
+            slot.refs.add(ref)
+        slot.last_used = next(self._tick)
+        if lease:
+            slot.leases += 1
+        return SlotHandle(slot.index, slot.generation, slot.key)
+
+    # ---------------------------------------------------------------------------------------
+    # forwards
+    # ---------------------------------------------------------------------------------------
+    def acquire(self, ids: Iterable[int | SlotHandle | None], *, leased: Iterable[int] = ()) -> tuple[list[int], dict[int, SlotView]]:
+        """Lease the slots a batch uses: returns the row -> slot list (-1 = base) and a frozen view
+        of each distinct slot. Slots named in `leased` are already leased by `load(lease=True)`.
+        On CUDA the current stream waits for each slot's copies."""
+        rows: list[int] = []
+        already = set(leased)
+        with self._lock:
+            for d in ids:
+                if d is None or (isinstance(d, int) and not isinstance(d, SlotHandle) and d == -1):
+                    rows.append(-1)
+                    continue
+                if isinstance(d, bool) or not isinstance(d, int):
+                    raise TypeError(f"delta id must be a slot (int), -1 or None, got {d!r}")
+                if not 0 <= d < self.num_slots:
+                    raise NotLoadedError(f"slot {int(d)} does not exist (the pool has {self.num_slots} slots)")
+                slot = self._slots[d]
+                if isinstance(d, SlotHandle) and (slot.generation != d.generation or slot.state != _READY):
+                    raise StaleSlotError(
+                        f"slot {int(d)} no longer holds {d.key!r} (evicted since it was loaded); "
+                        "load it again, or pin it to keep it resident"
+                    )
+                if slot.state != _READY:
+                    raise NotLoadedError(f"slot {int(d)} holds no delta")
+                rows.append(int(d))
+            distinct = sorted({r for r in rows if r >= 0})
+            tick = next(self._tick)
+            views = {}
+            for i in distinct:
+                s = self._slots[i]
+                if i not in already:
+                    s.leases += 1
+                s.last_used = tick
+                views[i] = s.view()
+            for i in already - set(distinct):  # leased by load() but no row uses it
+                self._unlease(self._slots[i])
+            events = [self._slots[i] for i in distinct]
+        if self.device.type == "cuda":
+            cur = torch.cuda.current_stream(self.device)
+            for s in events:
+                if s.ready_event is not None:
+                    cur.wait_event(s.ready_event)
+                if s.dense and cur not in s.streams_seen:
+                    for t in s.dense.values():  # keep the memory until this stream is done with it
+                        t.record_stream(cur)
+                    s.streams_seen.add(cur)
+        return rows, views
+
+    def release(self, slots: Iterable[int]) -> None:
+        """End the leases of one forward (records the stream point evictions must wait for)."""
+        slots = list(slots)
+        ev = None
+        if self.device.type == "cuda" and slots:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+        with self._lock:
+            for i in slots:
+                s = self._slots[i]
+                if ev is not None:
+                    s.last_use_event = ev
+                self._unlease(s)
+
+    def _unlease(self, s: _Slot) -> None:
+        s.leases -= 1
+        if s.leases == 0:
+            if s.unload_on_release:
+                self._evict(s)
+                s.state = _FREE
+            self._freed.notify_all()
+
+    # ---------------------------------------------------------------------------------------
+    # management
+    # ---------------------------------------------------------------------------------------
+    def find(self, key_or_ref: str | int) -> _Slot:
+        with self._lock:
+            if isinstance(key_or_ref, int):
+                if 0 <= key_or_ref < self.num_slots and self._slots[key_or_ref].state == _READY:
+                    return self._slots[key_or_ref]
+            else:
+                slot = self._by_key.get(key_or_ref)
+                if slot is None:
+                    slot = next((s for s in self._slots if s.state == _READY and key_or_ref in s.refs), None)
+                if slot is not None:
+                    return slot
+        raise NotLoadedError(f"{key_or_ref!r} is not resident in the slot pool")
+
+    def pin(self, key_or_ref: str | int, pinned: bool = True) -> None:
+        with self._lock:
+            self.find(key_or_ref).pinned = pinned
+            self._freed.notify_all()
+
+    def unload(self, key_or_ref: str | int) -> None:
+        """Free the delta's slot now, or when the forwards using it finish."""
+        with self._lock:
+            slot = self.find(key_or_ref)
+            if slot.leases:
+                if slot.key is not None:
+                    self._by_key.pop(slot.key, None)
+                slot.unload_on_release = True
+                slot.refs = set()
+                return
+            self._evict(slot)
+            slot.state = _FREE
+            self._freed.notify_all()
+
+    def resident(self) -> list[dict]:
+        with self._lock:
+            return [
+                {
+                    "slot": s.index, "key": s.key, "refs": sorted(s.refs), "pinned": s.pinned,
+                    "in_use": s.leases > 0, "last_used": s.last_used, "hits": s.hits,
+                    "dense_bytes": s.dense_bytes, **s.info,
+                }
+                for s in sorted(self._slots, key=lambda s: -s.last_used)
+                if s.state == _READY
+            ]
+
+    def stats(self) -> dict:
+        with self._lock:
+            used = sum(s.state != _FREE for s in self._slots)
+            return {
+                "device": str(self.device),
+                "slots": self.num_slots,
+                "slots_used": used,
+                "slots_pinned": sum(s.pinned for s in self._slots),
+                "planes": self.layout.planes,
+                "slot_bytes": self.layout.slot_bytes,
+                "fixed_bytes": self.fixed_bytes,
+                "dense_bytes_used": self._dense_used,
+                "dense_budget": self.dense_budget,
+                "budget_bytes": self.budget,
+                **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.counters.items()},
+                "resident": self.resident(),
+            }
+
+
+class _Lazy(Mapping):
+    """Name -> tensor, read from the delta file only when the stager asks for it."""
+
+    def __init__(self, getter, names: Mapping[str, object]):
+        self._getter, self._names = getter, list(names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._getter(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
