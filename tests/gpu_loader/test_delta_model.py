@@ -1,0 +1,242 @@
+"""End to end on CPU with small real Llama/Qwen2 models: a mixed batch through DeltaModel gives,
+row by row, the logits of the models `codec.apply.apply_delta` reconstructs (and of the base for
+-1 rows); merge mode gives exactly the reconstructed model and restores the base bit for bit.
+
+Tolerance (stated): fp32 1e-4 absolute on logits, fp16 1e-2 absolute (LOGIT_ATOL in conftest);
+the only difference is where Δ̂ is added (to the GEMM output instead of to the weight).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from codec.checkpoint import Checkpoint
+from codec.errors import BaseMismatchError
+from gpu_loader import DeltaModel, MergedModeError
+from gpu_loader.modules import DeltaEmbedding, DeltaLinear, DeltaNorm
+from gpu_loader.sgmv import triton_available
+
+from .conftest import LOGIT_ATOL, VOCAB
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+def make_dm(family, **kw) -> DeltaModel:
+    if kw.get("backend") == "triton" and not triton_available(torch.device("cpu")):
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    kw.setdefault("max_slots", 4)
+    kw.setdefault("memory_budget", "64MiB")
+    kw.setdefault("max_planes", 2)
+    kw.setdefault("backend", "torch")
+    return DeltaModel.from_pretrained(family.base, device="cpu", **kw)
+
+
+def assert_rows_match(logits, refs, dtype, mask=None):
+    for row, ref in enumerate(refs):
+        got = logits[row] if mask is None else logits[row][mask[row].bool()]
+        want = ref if mask is None else ref[mask[row].bool()]
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=LOGIT_ATOL[dtype],
+                                   msg=lambda m: f"row {row}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_batch_matches_reconstructed_models_row_by_row(family, ids, backend):
+    dm = make_dm(family, backend=backend)
+    a, b = dm.load(family.deltas["a"]), dm.load(family.deltas["b"])
+    logits = dm(ids, delta_ids=[a, b, -1])
+    assert logits.shape == (3, 7, VOCAB) and logits.dtype == torch.float32
+    assert_rows_match(logits, family.reference_logits(["a", "b", "base"], ids), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_binarized_lm_head_and_repeated_slots(family, backend):
+    """Delta c binarizes lm_head too (it goes through the kernel); a slot may serve many rows."""
+    dm = make_dm(family, backend=backend)
+    c, d = dm.load(family.deltas["c"]), dm.load(family.deltas["d"])
+    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(9))
+    logits = dm(ids, delta_ids=[c, d, c, -1])
+    assert_rows_match(logits, family.reference_logits(["c", "d", "c", "base"], ids), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tied_fp16_model(tied_family, ids, backend):
+    """fp16 activations; the embedding is shared with lm_head, so a's binarized embedding delta
+    must reach the logits through lm_head as well."""
+    dm = make_dm(tied_family, backend=backend)
+    a, b = dm.load(tied_family.deltas["a"]), dm.load(tied_family.deltas["b"])
+    logits = dm(ids, delta_ids=[b, -1, a])
+    assert logits.dtype == torch.float16
+    assert_rows_match(logits, tied_family.reference_logits(["b", "base", "a"], ids), torch.float16)
+
+
+def test_qwen2_biases_switch_per_slot(qwen_family, ids):
+    dm = make_dm(qwen_family)
+    a = dm.load(qwen_family.deltas["a"])
+    assert any(isinstance(m, DeltaLinear) and m.bias is not None for m in dm.model.modules())
+    logits = dm(ids, delta_ids=[-1, a, a])
+    assert_rows_match(logits, qwen_family.reference_logits(["base", "a", "a"], ids), torch.float32)
+
+
+def test_norms_without_the_fused_path_run_per_slot_group(family, ids, monkeypatch):
+    import gpu_loader.modules as modules
+
+    monkeypatch.setattr(modules, "_rms_eps_if_llama_style", lambda m: None)
+    dm = make_dm(family)
+    assert all(m.rms_eps is None for m in dm.model.modules() if isinstance(m, DeltaNorm))
+    a, b = dm.load(family.deltas["a"]), dm.load(family.deltas["b"])
+    logits = dm(ids, delta_ids=[a, -1, b])
+    assert_rows_match(logits, family.reference_logits(["a", "base", "b"], ids), torch.float32)
+
+
+def test_llama_norms_take_the_fused_path(family):
+    dm = make_dm(family)
+    norms = [m for m in dm.model.modules() if isinstance(m, DeltaNorm)]
+    assert len(norms) == 2 * 2 + 1 and all(m.rms_eps is not None for m in norms)
+
+
+def test_binarized_embedding_rows_are_bit_exact(family, ids):
+    dm = make_dm(family)
+    a = dm.load(family.deltas["a"])
+    captured = []
+    emb = dm.model.get_input_embeddings()
+    assert isinstance(emb, DeltaEmbedding)
+    emb.register_forward_hook(lambda mod, inp, out: captured.append(out.clone()))
+    dm(ids, delta_ids=[a, -1, a])
+    want = family.model("a").get_input_embeddings().weight[ids]
+    base = family.model("base").get_input_embeddings().weight[ids]
+    assert torch.equal(captured[0][0], want[0]) and torch.equal(captured[0][2], want[2])
+    assert torch.equal(captured[0][1], base[1])
+
+
+def test_attention_mask_with_left_padding(family, ids):
+    dm = make_dm(family)
+    a, b = dm.load(family.deltas["a"]), dm.load(family.deltas["b"])
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    logits = dm(ids, attention_mask=mask, delta_ids=[a, b, -1])
+    refs = family.reference_logits(["a", "b", "base"], ids, attention_mask=mask)
+    assert_rows_match(logits, refs, torch.float32, mask=mask)
+
+
+def test_incremental_decoding_with_kv_cache(family, ids):
+    dm = make_dm(family)
+    a, b = dm.load(family.deltas["a"]), dm.load(family.deltas["b"])
+    rows = [b, -1, a]
+    out = dm.forward(ids, delta_ids=rows, use_cache=True)
+    step = out.logits[:, -1].argmax(-1, keepdim=True)
+    out2 = dm.forward(step, delta_ids=rows, cache=out.cache, use_cache=True)
+    for i, name in enumerate(["b", "base", "a"]):
+        model = family.model(name)
+        with torch.no_grad():
+            first = model(ids[i:i + 1], use_cache=True)
+            second = model(step[i:i + 1], cache=first.cache, use_cache=True)
+        torch.testing.assert_close(out2.logits[i], second.logits[0], rtol=0, atol=LOGIT_ATOL[torch.float32])
+
+
+def test_delta_ids_may_be_a_tensor_and_all_base(family, ids):
+    dm = make_dm(family)
+    base = family.reference_logits(["base"] * 3, ids)
+    assert_rows_match(dm(ids), base, torch.float32)
+    assert_rows_match(dm(ids, delta_ids=torch.tensor([-1, -1, -1])), base, torch.float32)
+    with pytest.raises(ValueError, match="2 entries for a batch of 3"):
+        dm(ids, delta_ids=[-1, -1])
+
+
+def test_patching_keeps_the_base_state_dict(family):
+    reference = AutoModelForCausalLM.from_pretrained(family.base).state_dict()
+    dm = make_dm(family)
+    state = dm.model.state_dict()
+    assert list(state) == list(reference)
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+    kinds = {type(m) for m in dm.model.modules()}
+    assert {DeltaLinear, DeltaEmbedding, DeltaNorm} <= kinds and torch.nn.Linear not in kinds
+
+
+@pytest.mark.parametrize("which", ["family", "tied_family"])
+def test_in_memory_model_is_fingerprinted_like_its_checkpoint(which, request):
+    fam = request.getfixturevalue(which)
+    model = AutoModelForCausalLM.from_pretrained(fam.base, dtype="auto")
+    dm = DeltaModel.from_pretrained(model, device="cpu", max_planes=2, memory_budget="64MiB", backend="torch")
+    assert dm.base_fingerprint == Checkpoint.open(fam.base).fingerprint()
+    dm.load(fam.deltas["a"])  # accepted: same base
+
+
+def bits(state: dict) -> dict:
+    return {k: v.detach().clone().contiguous().view(torch.uint8) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("which", ["family", "tied_family"])
+def test_merged_mode_is_the_reconstructed_model_and_restores_the_base_bit_for_bit(which, request, ids):
+    fam = request.getfixturevalue(which)
+    dm = make_dm(fam)
+    before = bits(dm.model.state_dict())
+    with dm.merged(fam.deltas["a"]) as merged:
+        assert dm.stats()["merged"] == str(fam.deltas["a"])
+        logits = merged(ids)
+    with torch.no_grad():
+        want = fam.model("a")(ids).logits
+    assert torch.equal(logits, want)  # the merged weights are exactly the reconstructed ones
+    after = bits(dm.model.state_dict())
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert dm.stats()["merged"] is None
+
+
+def test_merged_mode_takes_no_slot_deltas_and_does_not_nest(family, ids):
+    dm = make_dm(family)
+    b = dm.load(family.deltas["b"])
+    with dm.merged(family.deltas["a"]):
+        with pytest.raises(MergedModeError, match="no slot deltas"):
+            dm(ids, delta_ids=[b, -1, -1])
+        with pytest.raises(MergedModeError, match="do not nest"):
+            with dm.merged(family.deltas["b"]):
+                pass
+        dm.load(family.deltas["c"])  # loading slots stays allowed
+    dm(ids, delta_ids=[b, -1, -1])
+
+
+def test_merged_mode_restores_on_error_and_refuses_a_foreign_delta(family, foreign_delta, ids):
+    dm = make_dm(family)
+    before = bits(dm.model.state_dict())
+    with pytest.raises(RuntimeError, match="boom"):
+        with dm.merged(family.deltas["b"]):
+            raise RuntimeError("boom")
+    with pytest.raises(BaseMismatchError):
+        with dm.merged(foreign_delta):
+            pass
+    after = bits(dm.model.state_dict())
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert dm.stats()["merged"] is None
+
+
+def test_stats_report_the_pool(family):
+    dm = make_dm(family)
+    dm.pin(family.deltas["a"])
+    s = dm.stats()
+    assert s["backend"] == "torch" and s["slots"] == 4 and s["slots_used"] == 1 and s["slots_pinned"] == 1
+    assert s["fixed_bytes"] == 4 * s["slot_bytes"] and s["budget_bytes"] == 64 << 20
+    (entry,) = s["resident"]
+    assert entry["pinned"] and entry["planes"] == 2 and entry["per_row"] and entry["base_model"]
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(family, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        DeltaModel.from_pretrained(family.base, device="cpu", backend="triton", memory_budget="64MiB")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp16_mixed_batch_with_prefetch(tied_family, ids):
+    dm = DeltaModel.from_pretrained(tied_family.base, device="cuda", dtype=torch.float16, max_planes=2,
+                                    memory_budget="256MiB")
+    assert dm.backend == "triton"
+    try:
+        a = dm.prefetch(tied_family.deltas["a"]).result(timeout=60)
+        b = dm.load(tied_family.deltas["b"])
+        logits = dm(ids.cuda(), delta_ids=[b, -1, a])
+        assert_rows_match(logits.cpu(), tied_family.reference_logits(["b", "base", "a"], ids), torch.float16)
+    finally:
+        dm.close()
