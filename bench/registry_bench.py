@@ -248,7 +248,7 @@ def populate(database_url: str, *, bases: int, repos_per_base: int, versions_per
                 for n in range(1, versions_per_repo + 1):
                     vid += 1
                     digest = "sha256:" + hashlib.sha256(str(vid).encode()).hexdigest()
-                    blob_rows.append({"digest": digest, "size": 10_000_000, "raw_digest": digest, "raw_size": 20_000_000, "created_at": now})
+                    blob_rows.append({"digest": digest, "store_key": "sha256/" + digest[7:9] + "/" + digest[7:], "size": 10_000_000, "raw_digest": digest, "raw_size": 20_000_000, "created_at": now})
                     version_rows.append({"id": vid, "repository_id": rid, "number": n, "state": "ready", "blob_digest": digest,
                                          "codec": "bitdelta", "dtype": "bfloat16", "bits": 1, "size_ratio": 15.9,
                                          "fidelity": {"kl": 0.01}, "header_metadata": {"codec": "bitdelta"}, "description": "",

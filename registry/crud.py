@@ -260,12 +260,12 @@ def get_blob(session: Session, *, digest: str) -> Blob | None:
 
 def create_upload(
     session: Session, *, upload_id: str, repo: Repository, digest: str, size: int, raw_digest: str, raw_size: int,
-    method: str, store_upload_id: str | None, part_size: int | None, description: str, fidelity: dict | None,
+    method: str, multipart_id: str | None, part_size: int | None, description: str, fidelity: dict | None,
     actor: str, expires_at: dt.datetime,
 ) -> Upload:
     version = Version(repository_id=repo.id, state=PENDING, created_by=actor, description=description, fidelity=fidelity)
     upload = Upload(id=upload_id, version=version, digest=digest, size=size, raw_digest=raw_digest, raw_size=raw_size,
-                    method=method, store_upload_id=store_upload_id, part_size=part_size, created_by=actor,
+                    method=method, multipart_id=multipart_id, part_size=part_size, created_by=actor,
                     expires_at=expires_at)
     session.add_all([version, upload])
     session.flush()
@@ -292,18 +292,22 @@ def delete_upload(session: Session, *, upload: Upload) -> None:
 
 
 def publish_version(
-    session: Session, *, upload: Upload, codec: str, dtype: str, bits: int | None, size_ratio: float | None,
+    session: Session, *, upload: Upload, store_key: str | None, codec: str, dtype: str, bits: int | None, size_ratio: float | None,
     fidelity: dict | None, header_metadata: dict, actor: str,
 ) -> Version:
-    """The commit point of a push: record the blob, number the version, mark it ready, move `latest`."""
+    """The commit point of a push: record the blob (unless deduplicated: `store_key` None), number
+    the version, mark it ready, move `latest`."""
     repo_id = upload.version.repository_id
     dialect = session.get_bind().dialect.name
     insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
-    session.execute(
-        insert(Blob).values(digest=upload.digest, size=upload.size, raw_digest=upload.raw_digest,
-                            raw_size=upload.raw_size, created_at=utcnow())
-        .on_conflict_do_nothing(index_elements=[Blob.digest])
-    )
+    if store_key is not None:
+        # A concurrent push of the same bytes may have recorded them first; its copy wins and
+        # ours becomes an orphan object that GC removes.
+        session.execute(
+            insert(Blob).values(digest=upload.digest, store_key=store_key, size=upload.size,
+                                raw_digest=upload.raw_digest, raw_size=upload.raw_size, created_at=utcnow())
+            .on_conflict_do_nothing(index_elements=[Blob.digest])
+        )
     # The counter row is the allocation lock: concurrent pushes queue here and get consecutive numbers.
     number = session.execute(
         update(Repository).where(Repository.id == repo_id)
@@ -333,9 +337,9 @@ def live_upload_ids(session: Session) -> set[str]:
     return set(session.scalars(select(Upload.id)))
 
 
-def unreferenced_blobs(session: Session, *, older_than: dt.datetime) -> list[str]:
+def unreferenced_blobs(session: Session, *, older_than: dt.datetime) -> list[Blob]:
     return list(session.scalars(
-        select(Blob.digest).where(
+        select(Blob).where(
             Blob.created_at < older_than,
             ~exists().where(Version.blob_digest == Blob.digest),
             ~exists().where(Upload.digest == Blob.digest),
@@ -354,8 +358,8 @@ def delete_blob_if_unreferenced(session: Session, *, digest: str) -> bool:
     return result.rowcount == 1
 
 
-def known_blob_digests(session: Session, *, digests: Sequence[str]) -> set[str]:
-    return set(session.scalars(select(Blob.digest).where(Blob.digest.in_(list(digests))))) if digests else set()
+def known_blob_keys(session: Session, *, keys: Sequence[str]) -> set[str]:
+    return set(session.scalars(select(Blob.store_key).where(Blob.store_key.in_(list(keys))))) if keys else set()
 
 
 # --- tokens ----------------------------------------------------------------------------------

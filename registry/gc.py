@@ -8,7 +8,7 @@ import datetime as dt
 from dataclasses import asdict, dataclass
 
 from . import crud
-from .blobstores import BlobStore
+from .blobstores import BlobStore, UploadRef
 from .db import Database
 from .metrics import RegistryMetrics
 from .models import utcnow
@@ -36,26 +36,27 @@ def collect_garbage(
     grace_cutoff = now - dt.timedelta(seconds=settings.gc_grace_seconds)
     report = GcReport(dry_run=dry_run)
 
+    # 1. pending uploads nobody completed in time: their bytes and their invisible versions
     with db.read() as session:
         stale = crud.stale_uploads(session, older_than=upload_cutoff)
     for upload in stale:
         report.stale_uploads += 1
         if not dry_run:
-            store.discard(upload.id, upload.store_upload_id)
+            if upload.method != "exists":
+                store.discard(UploadRef(upload.id, upload.digest, upload.multipart_id))
             with db.write() as session:
                 crud.delete_upload(session, upload=upload)
 
-    staged = {obj.name: obj for obj in store.list_staged() if obj.modified < grace_cutoff}
-    with db.read() as session:
-        live = crud.live_upload_ids(session)
-    for upload_id in sorted(set(staged) - live):
-        report.staged_objects += 1
-        if not dry_run:
-            store.discard(upload_id)
+    # 2. staging leftovers of uploads that no longer exist (a crash between steps)
+    if not dry_run:
+        with db.read() as session:
+            live = crud.live_upload_ids(session)
+        report.staged_objects = store.sweep_staging(live_upload_ids=live, older_than=grace_cutoff)
 
+    # 3. blobs no version references
     with db.read() as session:
-        candidates = crud.unreferenced_blobs(session, older_than=grace_cutoff)
-    for digest in candidates:
+        candidates = [(b.digest, b.store_key) for b in crud.unreferenced_blobs(session, older_than=grace_cutoff)]
+    for digest, key in candidates:
         if dry_run:
             report.blobs += 1
             continue
@@ -63,19 +64,20 @@ def collect_garbage(
             # Row and object go together: the row is deleted only if still unreferenced, and the
             # object is removed before that deletion commits.
             if crud.delete_blob_if_unreferenced(session, digest=digest):
-                store.delete(digest)
+                store.delete(key)
                 report.blobs += 1
 
-    old_objects = [obj.name for obj in store.list_blobs() if obj.modified < grace_cutoff]
-    for i in range(0, len(old_objects), 500):
-        batch = old_objects[i : i + 500]
+    # 4. store objects no blob row knows (a push whose commit failed, or lost a dedup race)
+    old_keys = [obj.key for obj in store.list_blobs() if obj.modified < grace_cutoff]
+    for i in range(0, len(old_keys), 500):
+        batch = old_keys[i : i + 500]
         with db.read() as session:
-            known = crud.known_blob_digests(session, digests=batch)
-        for digest in batch:
-            if digest not in known:
+            known = crud.known_blob_keys(session, keys=batch)
+        for key in batch:
+            if key not in known:
                 report.orphan_objects += 1
                 if not dry_run:
-                    store.delete(digest)
+                    store.delete(key)
 
     if not dry_run:
         with db.write() as session:

@@ -107,6 +107,8 @@ class Blob(Base):
     __table_args__ = (CheckConstraint("size >= 0 AND raw_size >= 0", name="sizes_non_negative"),)
 
     digest: Mapped[str] = mapped_column(String(DIGEST_LEN), primary_key=True)
+    #: Where the bytes are in the blob store; derived from the digest (and upload id), never from names.
+    store_key: Mapped[str] = mapped_column(String(512))
     size: Mapped[int] = mapped_column(BigInteger)
     raw_digest: Mapped[str] = mapped_column(String(DIGEST_LEN))
     raw_size: Mapped[int] = mapped_column(BigInteger)
@@ -179,7 +181,7 @@ class Upload(Base):
     raw_digest: Mapped[str] = mapped_column(String(DIGEST_LEN))
     raw_size: Mapped[int] = mapped_column(BigInteger)
     method: Mapped[str] = mapped_column(String(16))
-    store_upload_id: Mapped[str | None] = mapped_column(String(1024))
+    multipart_id: Mapped[str | None] = mapped_column(String(1024))
     part_size: Mapped[int | None] = mapped_column(BigInteger)
     received_size: Mapped[int | None] = mapped_column(BigInteger)
     received_digest: Mapped[str | None] = mapped_column(String(DIGEST_LEN))

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 from sqlalchemy.exc import IntegrityError
 
+from codec.container import Header
+
 from . import crud
 from .auth import Principal
-from .blobstores import BlobStore, UploadTarget
+from .blobstores import BlobStore, UploadRef, UploadTarget
 from .db import Database
 from .errors import (
     BaseMismatchUploadError, ConflictError, DigestMismatchError, InvalidUploadError, RegistryError,
@@ -67,20 +69,20 @@ class PushService:
                 )
             target = UploadTarget(method="exists")  # dedup: the client skips sending the bytes
         else:
-            target = self.store.begin_upload(upload_id, request.size)
+            target = self.store.begin_upload(upload_id, request.size, request.digest)
         try:
             with self.db.write() as session:
                 repo = crud.get_repo(session, namespace=namespace, name=name)
                 upload = crud.create_upload(
                     session, upload_id=upload_id, repo=repo, digest=request.digest, size=request.size,
                     raw_digest=request.raw_digest, raw_size=request.raw_size, method=target.method,
-                    store_upload_id=target.store_upload_id, part_size=target.part_size,
+                    multipart_id=target.multipart_id, part_size=target.part_size,
                     description=request.description, fidelity=request.fidelity, actor=principal.name,
                     expires_at=utcnow() + dt.timedelta(seconds=self.settings.upload_ttl_seconds),
                 )
         except BaseException:
             if target.method != "exists":
-                self.store.discard(upload_id, target.store_upload_id)
+                self.store.discard(UploadRef(upload_id, request.digest, target.multipart_id))
             raise
         return upload, target
 
@@ -95,7 +97,7 @@ class PushService:
         upload = self.get(upload_id=upload_id, principal=principal)
         repo = upload.version.repository
         try:
-            header = self._verify(upload)
+            header, store_key = self._verify(upload)
             meta = header.metadata
             base = repo.base_model
             if meta["base_fingerprint"] != base.fingerprint:
@@ -111,7 +113,7 @@ class PushService:
             with self.db.write() as session:
                 locked = crud.get_upload(session, upload_id=upload_id, for_update=True)
                 version = crud.publish_version(
-                    session, upload=locked, codec=meta["codec"], dtype=meta["dtype"], bits=_int(meta.get("x-planes")),
+                    session, upload=locked, store_key=store_key, codec=meta["codec"], dtype=meta["dtype"], bits=_int(meta.get("x-planes")),
                     size_ratio=_ratio(meta.get("x-finetuned-bytes"), upload.raw_size),
                     fidelity=_json(meta.get("fidelity")) or upload.version.fidelity, header_metadata=dict(meta),
                     actor=principal.name,
@@ -124,7 +126,8 @@ class PushService:
         self.metrics.upload_bytes.inc(upload.size)
         return version
 
-    def _verify(self, upload: Upload):
+    def _verify(self, upload: Upload) -> tuple[Header, str | None]:
+        """Check the upload's bytes; returns their header and, for new bytes, their blob key."""
         declared = Declared(upload.digest, upload.size, upload.raw_digest, upload.raw_size)
         if upload.method == "exists":
             with self.db.read() as session:
@@ -132,17 +135,17 @@ class PushService:
             if blob is None:
                 self._abandon(upload)
                 raise ConflictError(f"blob {upload.digest} was garbage-collected during the push; push again")
-            with self.store.open_blob(upload.digest) as fh:
+            with self.store.open_blob(blob.store_key) as fh:
                 header, _ = read_header(fh, blob.raw_size)
-            return header
+            return header, None
+        ref = _ref(upload)
         if upload.method == "s3-multipart":
-            self.store.finish_parts(upload.id, upload.store_upload_id, expected_parts=math.ceil(upload.size / upload.part_size) if upload.size else 1)
-        with self.store.open_staged(upload.id) as staged:
+            self.store.finish_parts(ref, expected_parts=max(1, math.ceil(upload.size / upload.part_size)))
+        with self.store.open_staged(ref) as staged:
             if staged.size != upload.size:
                 raise DigestMismatchError(f"received {staged.size} bytes but the upload declared {upload.size}")
             header, _ = verify_stream(staged.stream, declared)
-        self.store.promote(upload.id, upload.digest, staged.token)
-        return header
+        return header, self.store.promote(ref, staged.token)
 
     def abort(self, *, upload_id: str, principal: Principal) -> None:
         self._abandon(self.get(upload_id=upload_id, principal=principal))
@@ -151,11 +154,15 @@ class PushService:
         """Forget a failed upload: its staged bytes and its invisible pending version."""
         if upload.method != "exists":
             try:
-                self.store.discard(upload.id, upload.store_upload_id)
+                self.store.discard(_ref(upload))
             except RegistryError:
                 pass  # whatever stays behind has no row any more: GC removes it after the grace period
         with self.db.write() as session:
             crud.delete_upload(session, upload=upload)
+
+
+def _ref(upload: Upload) -> UploadRef:
+    return UploadRef(upload_id=upload.id, digest=upload.digest, multipart_id=upload.multipart_id)
 
 
 def _int(value: str | None) -> int | None:

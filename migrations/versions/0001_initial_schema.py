@@ -54,6 +54,7 @@ def upgrade() -> None:
     op.create_index(op.f('ix_base_models_fingerprint'), 'base_models', ['fingerprint'])
     op.create_table('blobs',
     sa.Column('digest', sa.String(length=71), nullable=False),
+    sa.Column('store_key', sa.String(length=512), nullable=False),
     sa.Column('size', sa.BigInteger(), nullable=False),
     sa.Column('raw_digest', sa.String(length=71), nullable=False),
     sa.Column('raw_size', sa.BigInteger(), nullable=False),
@@ -134,7 +135,7 @@ def upgrade() -> None:
     sa.Column('raw_digest', sa.String(length=71), nullable=False),
     sa.Column('raw_size', sa.BigInteger(), nullable=False),
     sa.Column('method', sa.String(length=16), nullable=False),
-    sa.Column('store_upload_id', sa.String(length=1024), nullable=True),
+    sa.Column('multipart_id', sa.String(length=1024), nullable=True),
     sa.Column('part_size', sa.BigInteger(), nullable=True),
     sa.Column('received_size', sa.BigInteger(), nullable=True),
     sa.Column('received_digest', sa.String(length=71), nullable=True),

@@ -59,7 +59,7 @@ def download_version(
     if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     filename = f"{repo.namespace}-{repo.name}-v{version.number}.bdelta.zst"
-    target = state.store.download(blob.digest, filename=filename)
+    target = state.store.download(blob.store_key, filename=filename)
     if target.url is not None:
         return RedirectResponse(target.url, status_code=status.HTTP_307_TEMPORARY_REDIRECT, headers=headers)
     return FileResponse(target.path, media_type="application/zstd", filename=filename, headers=headers)

@@ -9,7 +9,7 @@ from urllib.parse import unquote, urlparse
 
 from ..errors import InvalidRequestError
 from ..settings import Settings
-from .base import BlobStore, Download, StagedBlob, StoredObject, UploadPart, UploadTarget
+from .base import BlobStore, Download, StagedBlob, StoredObject, UploadPart, UploadRef, UploadTarget
 from .local import LocalBlobStore
 
 
@@ -38,6 +38,6 @@ def open_blob_store(settings: Settings) -> BlobStore:
 
 
 __all__ = [
-    "BlobStore", "Download", "StagedBlob", "StoredObject", "UploadPart", "UploadTarget",
+    "BlobStore", "Download", "StagedBlob", "StoredObject", "UploadPart", "UploadRef", "UploadTarget",
     "LocalBlobStore", "open_blob_store",
 ]

@@ -1,5 +1,6 @@
-"""The blob store interface. Bytes of an upload land in a staging object named by the upload id;
-once verified they are promoted to the blob's key, which is derived from its digest alone."""
+"""The blob store interface. A blob lives at a key derived from its digest (and, for S3 multipart
+uploads, from the server-chosen upload id), never from a user-supplied name; the key is recorded
+on the blob's row. Upload bytes arrive at a staging location and become a blob once verified."""
 
 from __future__ import annotations
 
@@ -20,6 +21,22 @@ def digest_hex(digest: str) -> str:
     return digest.removeprefix("sha256:")
 
 
+def check_upload_id(upload_id: str) -> str:
+    if not (upload_id.isascii() and upload_id.isalnum()):
+        raise ValueError(f"bad upload id {upload_id!r}")
+    return upload_id
+
+
+@dataclass(frozen=True)
+class UploadRef:
+    """What a store needs to find an upload's bytes: its id, declared digest and, for S3
+    multipart uploads, the store's own upload id."""
+
+    upload_id: str
+    digest: str
+    multipart_id: str | None = None
+
+
 @dataclass(frozen=True)
 class UploadPart:
     number: int
@@ -37,7 +54,7 @@ class UploadTarget:
     url: str | None = None
     parts: list[UploadPart] = field(default_factory=list)
     part_size: int | None = None
-    store_upload_id: str | None = None
+    multipart_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,7 +68,7 @@ class Download:
 @dataclass(frozen=True)
 class StagedBlob:
     """The received bytes of one upload, claimed for verification. `token` pins the exact
-    object read (S3 ETag) so promotion copies those bytes and no later overwrite."""
+    object read (S3 ETag), so what gets promoted is what was verified."""
 
     stream: IO[bytes]
     size: int
@@ -60,7 +77,7 @@ class StagedBlob:
 
 @dataclass(frozen=True)
 class StoredObject:
-    name: str  # a digest (blobs) or an upload id (staging)
+    key: str
     modified: dt.datetime
 
 
@@ -69,45 +86,43 @@ class BlobStore(ABC):
 
     # --- uploads ---------------------------------------------------------------------------
     @abstractmethod
-    def begin_upload(self, upload_id: str, size: int) -> UploadTarget: ...
+    def begin_upload(self, upload_id: str, size: int, digest: str) -> UploadTarget: ...
 
     def staging_writer(self, upload_id: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         """A file to stream the upload's bytes into (stores whose bytes pass through the server)."""
-        raise NotImplementedError(f"{self.kind} store takes uploads directly, not through the server")
+        raise NotImplementedError(f"the {self.kind} store takes uploads directly, not through the server")
 
-    def finish_parts(self, upload_id: str, store_upload_id: str, *, expected_parts: int) -> None:
+    def finish_parts(self, ref: UploadRef, *, expected_parts: int) -> None:
         """Assemble the parts of a multipart upload (stores that have them)."""
 
     @abstractmethod
-    def open_staged(self, upload_id: str) -> contextlib.AbstractContextManager[StagedBlob]:
+    def open_staged(self, ref: UploadRef) -> contextlib.AbstractContextManager[StagedBlob]:
         """Claim and open the upload's received bytes; ConflictError if none arrived."""
 
     @abstractmethod
-    def promote(self, upload_id: str, digest: str, token: str) -> None:
-        """Make the verified staged bytes the blob `digest` and drop the staging object."""
+    def promote(self, ref: UploadRef, token: str) -> str:
+        """Make the verified staged bytes a blob; returns the blob's key."""
 
     @abstractmethod
-    def discard(self, upload_id: str, store_upload_id: str | None = None) -> None:
-        """Remove whatever an upload left behind (staging object, unfinished multipart upload)."""
+    def discard(self, ref: UploadRef) -> None:
+        """Remove whatever an upload left behind (staged bytes, unfinished multipart upload)."""
+
+    @abstractmethod
+    def sweep_staging(self, *, live_upload_ids: set[str], older_than: dt.datetime) -> int:
+        """Remove staging leftovers older than `older_than` of uploads not in `live_upload_ids`."""
 
     # --- blobs -----------------------------------------------------------------------------
     @abstractmethod
-    def exists(self, digest: str) -> bool: ...
+    def open_blob(self, key: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
 
     @abstractmethod
-    def open_blob(self, digest: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
+    def download(self, key: str, *, filename: str) -> Download: ...
 
     @abstractmethod
-    def download(self, digest: str, *, filename: str) -> Download: ...
-
-    @abstractmethod
-    def delete(self, digest: str) -> None: ...
+    def delete(self, key: str) -> None: ...
 
     @abstractmethod
     def list_blobs(self) -> Iterator[StoredObject]: ...
-
-    @abstractmethod
-    def list_staged(self) -> Iterator[StoredObject]: ...
 
     @abstractmethod
     def check(self) -> None:

@@ -1,19 +1,22 @@
-"""Local filesystem blob store: `blobs/sha256/ab/<hex>` and `staging/<upload id>` under a root.
-Every file is written to a temporary name, fsynced and renamed, so readers never see a partial blob."""
+"""Local filesystem blob store: blobs at `sha256/ab/<hex>` and uploads at `staging/<upload id>`
+under a root. Every file is written to a temporary name, fsynced and renamed, so readers never
+see a partial blob."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import IO, Iterator
 
 from ..errors import BlobStoreError, ConflictError
-from .base import BlobStore, Download, StagedBlob, StoredObject, UploadTarget, digest_hex
+from .base import BlobStore, Download, StagedBlob, StoredObject, UploadRef, UploadTarget, check_upload_id, digest_hex
 
 _CLAIMED = ".claimed"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def _no_bytes(upload_id: str) -> ConflictError:
@@ -42,17 +45,22 @@ class LocalBlobStore(BlobStore):
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.staging_dir.mkdir(parents=True, exist_ok=True)
 
-    def blob_path(self, digest: str) -> Path:
+    @staticmethod
+    def blob_key(digest: str) -> str:
         hexd = digest_hex(digest)
-        return self.blob_dir / hexd[:2] / hexd
+        return f"sha256/{hexd[:2]}/{hexd}"
+
+    def _path(self, key: str) -> Path:
+        parts = key.split("/")
+        if len(parts) != 3 or parts[0] != "sha256" or self.blob_key("sha256:" + parts[2]) != key:
+            raise ValueError(f"not a blob key of this store: {key!r}")
+        return self.root / key
 
     def _staged_path(self, upload_id: str) -> Path:
-        if not upload_id.isalnum():
-            raise ValueError(f"bad upload id {upload_id!r}")
-        return self.staging_dir / upload_id
+        return self.staging_dir / check_upload_id(upload_id)
 
     # --- uploads ---------------------------------------------------------------------------
-    def begin_upload(self, upload_id: str, size: int) -> UploadTarget:
+    def begin_upload(self, upload_id: str, size: int, digest: str) -> UploadTarget:
         return UploadTarget(method="stream")
 
     @contextlib.contextmanager
@@ -70,66 +78,73 @@ class LocalBlobStore(BlobStore):
             raise
 
     @contextlib.contextmanager
-    def open_staged(self, upload_id: str) -> Iterator[StagedBlob]:
-        path = self._staged_path(upload_id)
-        claimed = path.with_name(upload_id + _CLAIMED)
+    def open_staged(self, ref: UploadRef) -> Iterator[StagedBlob]:
+        path = self._staged_path(ref.upload_id)
+        claimed = path.with_name(ref.upload_id + _CLAIMED)
         try:
             # Claiming by rename means a concurrent PUT can no longer change what is verified.
             os.replace(path, claimed)
         except FileNotFoundError:
             if not claimed.exists():
-                raise _no_bytes(upload_id) from None
+                raise _no_bytes(ref.upload_id) from None
         with open(claimed, "rb") as fh:
-            yield StagedBlob(stream=fh, size=os.fstat(fh.fileno()).st_size, token=str(claimed))
+            yield StagedBlob(stream=fh, size=os.fstat(fh.fileno()).st_size, token=claimed.name)
 
-    def promote(self, upload_id: str, digest: str, token: str) -> None:
-        claimed = Path(token)
-        if claimed.parent != self.staging_dir:
-            raise ValueError("staging token does not belong to this store")
-        dst = self.blob_path(digest)
+    def promote(self, ref: UploadRef, token: str) -> str:
+        claimed = self._staged_path(ref.upload_id).with_name(ref.upload_id + _CLAIMED)
+        if token != claimed.name:
+            raise ValueError("staging token does not belong to this upload")
+        key = self.blob_key(ref.digest)
+        dst = self.root / key
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(claimed, dst)  # fsynced when written; identical bytes if dst already exists
         except FileNotFoundError:
-            raise ConflictError(f"upload {upload_id} was completed or aborted concurrently") from None
+            raise ConflictError(f"upload {ref.upload_id} was completed or aborted concurrently") from None
         os.utime(dst)  # GC's grace period counts from promotion, not from when the bytes arrived
         _fsync_dir(dst.parent)
+        return key
 
-    def discard(self, upload_id: str, store_upload_id: str | None = None) -> None:
-        for path in self.staging_dir.glob(f"{upload_id}*"):
+    def discard(self, ref: UploadRef) -> None:
+        for path in self.staging_dir.glob(f"{check_upload_id(ref.upload_id)}.*"):
             path.unlink(missing_ok=True)
+        self._staged_path(ref.upload_id).unlink(missing_ok=True)
+
+    def sweep_staging(self, *, live_upload_ids: set[str], older_than: dt.datetime) -> int:
+        removed = set()
+        for path in list(self.staging_dir.iterdir()):
+            upload_id = path.name.split(".", 1)[0]
+            with contextlib.suppress(FileNotFoundError):
+                if upload_id not in live_upload_ids and _mtime(path) < older_than:
+                    path.unlink()
+                    removed.add(upload_id)
+        return len(removed)
 
     # --- blobs -----------------------------------------------------------------------------
-    def exists(self, digest: str) -> bool:
-        return self.blob_path(digest).is_file()
-
     @contextlib.contextmanager
-    def open_blob(self, digest: str) -> Iterator[IO[bytes]]:
+    def open_blob(self, key: str) -> Iterator[IO[bytes]]:
         try:
-            fh = open(self.blob_path(digest), "rb")
+            fh = open(self._path(key), "rb")
         except FileNotFoundError:
-            raise BlobStoreError(f"blob {digest} is missing from the store") from None
+            raise BlobStoreError(f"blob {key} is missing from the store") from None
         with fh:
             yield fh
 
-    def download(self, digest: str, *, filename: str) -> Download:
-        path = self.blob_path(digest)
+    def download(self, key: str, *, filename: str) -> Download:
+        path = self._path(key)
         if not path.is_file():
-            raise BlobStoreError(f"blob {digest} is missing from the store")
+            raise BlobStoreError(f"blob {key} is missing from the store")
         return Download(path=path)
 
-    def delete(self, digest: str) -> None:
-        self.blob_path(digest).unlink(missing_ok=True)
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
     def list_blobs(self) -> Iterator[StoredObject]:
         for path in self.blob_dir.glob("??/*"):
-            if len(path.name) == 64:
-                yield StoredObject(name="sha256:" + path.name, modified=_mtime(path))
-
-    def list_staged(self) -> Iterator[StoredObject]:
-        for path in self.staging_dir.iterdir():
+            if not _HEX64.fullmatch(path.name) or path.parent.name != path.name[:2]:
+                continue  # temporary or foreign files are not blobs
             with contextlib.suppress(FileNotFoundError):
-                yield StoredObject(name=path.name.split(".", 1)[0], modified=_mtime(path))
+                yield StoredObject(key=f"sha256/{path.parent.name}/{path.name}", modified=_mtime(path))
 
     def check(self) -> None:
         probe = self.staging_dir / f".probe-{uuid.uuid4().hex}"

@@ -1,6 +1,13 @@
-"""S3 blob store (any S3-compatible endpoint): clients move bytes through presigned URLs, one PUT
-for small blobs and part PUTs of a multipart upload for large ones; the server only verifies and
-promotes. Keys: `<prefix>/blobs/sha256/<hex>` and `<prefix>/uploads/<upload id>`.
+"""S3 blob store (any S3-compatible endpoint): clients move bytes through presigned URLs, the
+server only verifies them.
+
+Keys under the store's prefix, all derived from digests and server-chosen upload ids:
+- `uploads/<upload id>`: target of a single presigned PUT; once verified it is copied to
+  `blobs/sha256/<hex>` (a PUT URL stays valid until it expires, so the verified bytes must not
+  stay where it points).
+- `blobs/sha256/<hex>.<upload id>`: target of a multipart upload, which becomes the blob itself
+  when verified. Once the multipart upload is completed no URL can write to that key again, so
+  large blobs are never copied.
 
 Request checksums are computed only when an operation requires them, because several
 S3-compatible services reject the newer default checksum headers.
@@ -9,20 +16,23 @@ S3-compatible services reject the newer default checksum headers.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import math
+import re
 from typing import IO, Iterator
 
 import boto3
-from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ..errors import BlobStoreError, ConflictError
-from .base import BlobStore, Download, StagedBlob, StoredObject, UploadPart, UploadTarget, digest_hex
+from .base import (
+    BlobStore, Download, StagedBlob, StoredObject, UploadPart, UploadRef, UploadTarget, check_upload_id, digest_hex,
+)
 
 MAX_PARTS = 10_000
-MAX_SINGLE_COPY = 5 * 1024**3  # CopyObject's limit; larger blobs are copied part by part
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
+_BLOB_NAME = re.compile(r"[0-9a-f]{64}(\.[0-9a-zA-Z]+)?")
 
 
 def _code(exc: ClientError) -> str:
@@ -34,7 +44,8 @@ def _store_errors(what: str) -> Iterator[None]:
     try:
         yield
     except ClientError as exc:
-        raise BlobStoreError(f"S3 {what} failed: {_code(exc)} {exc.response.get('Error', {}).get('Message', '')}".strip()) from None
+        message = exc.response.get("Error", {}).get("Message", "")
+        raise BlobStoreError(f"S3 {what} failed: {_code(exc)} {message}".strip()) from None
     except BotoCoreError as exc:
         raise BlobStoreError(f"S3 {what} failed: {exc}") from None
 
@@ -70,57 +81,69 @@ class S3BlobStore(BlobStore):
         )
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
-    def blob_key(self, digest: str) -> str:
-        return f"{self.prefix}blobs/sha256/{digest_hex(digest)}"
+    # keys are relative to the prefix; the blob rows record them
+    @staticmethod
+    def blob_key(digest: str) -> str:
+        return f"blobs/sha256/{digest_hex(digest)}"
 
-    def staging_key(self, upload_id: str) -> str:
-        if not upload_id.isalnum():
-            raise ValueError(f"bad upload id {upload_id!r}")
-        return f"{self.prefix}uploads/{upload_id}"
+    @staticmethod
+    def staging_key(upload_id: str) -> str:
+        return f"uploads/{check_upload_id(upload_id)}"
 
-    def _presign(self, method: str, params: dict) -> str:
-        return self.client.generate_presigned_url(method, Params={"Bucket": self.bucket, **params}, ExpiresIn=self.presign_ttl)
+    def _upload_key(self, ref: UploadRef) -> str:
+        if ref.multipart_id:
+            return f"{self.blob_key(ref.digest)}.{check_upload_id(ref.upload_id)}"
+        return self.staging_key(ref.upload_id)
+
+    def _object(self, key: str) -> dict:
+        return {"Bucket": self.bucket, "Key": self.prefix + key}
+
+    def _presign(self, method: str, key: str, **params) -> str:
+        return self.client.generate_presigned_url(method, Params={**self._object(key), **params}, ExpiresIn=self.presign_ttl)
 
     # --- uploads ---------------------------------------------------------------------------
-    def begin_upload(self, upload_id: str, size: int) -> UploadTarget:
-        key = self.staging_key(upload_id)
+    def begin_upload(self, upload_id: str, size: int, digest: str) -> UploadTarget:
         if size <= self.multipart_threshold:
-            return UploadTarget(method="s3-put", url=self._presign("put_object", {"Key": key}))
+            return UploadTarget(method="s3-put", url=self._presign("put_object", self.staging_key(upload_id)))
         part_size = max(self.part_size, math.ceil(size / MAX_PARTS))
+        key = f"{self.blob_key(digest)}.{check_upload_id(upload_id)}"
         with _store_errors("CreateMultipartUpload"):
-            mpu_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+            mpu_id = self.client.create_multipart_upload(**self._object(key))["UploadId"]
         parts = []
         for i, offset in enumerate(range(0, size, part_size)):
-            url = self._presign("upload_part", {"Key": key, "UploadId": mpu_id, "PartNumber": i + 1})
+            url = self._presign("upload_part", key, UploadId=mpu_id, PartNumber=i + 1)
             parts.append(UploadPart(number=i + 1, url=url, offset=offset, size=min(part_size, size - offset)))
-        return UploadTarget(method="s3-multipart", parts=parts, part_size=part_size, store_upload_id=mpu_id)
+        return UploadTarget(method="s3-multipart", parts=parts, part_size=part_size, multipart_id=mpu_id)
 
-    def finish_parts(self, upload_id: str, store_upload_id: str, *, expected_parts: int) -> None:
-        key = self.staging_key(upload_id)
+    def finish_parts(self, ref: UploadRef, *, expected_parts: int) -> None:
+        obj = self._object(self._upload_key(ref))
         parts: list[dict] = []
-        with _store_errors("ListParts"):
-            paginator = self.client.get_paginator("list_parts")
-            for page in paginator.paginate(Bucket=self.bucket, Key=key, UploadId=store_upload_id):
+        try:
+            for page in self.client.get_paginator("list_parts").paginate(**obj, UploadId=ref.multipart_id):
                 parts.extend({"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in page.get("Parts", []))
+        except ClientError as exc:
+            if _code(exc) in _NOT_FOUND:
+                return  # completed by an earlier call whose verification is being retried
+            raise BlobStoreError(f"S3 ListParts failed: {_code(exc)}") from None
         numbers = sorted(p["PartNumber"] for p in parts)
         if numbers != list(range(1, expected_parts + 1)):
+            missing = sorted(set(range(1, expected_parts + 1)) - set(numbers))
             raise ConflictError(
-                f"upload {upload_id} has parts {numbers[:5]}{'...' if len(numbers) > 5 else ''} of {expected_parts}; "
+                f"upload {ref.upload_id} is missing part(s) {', '.join(map(str, missing[:10]))} of {expected_parts}; "
                 "upload every part before completing"
             )
         with _store_errors("CompleteMultipartUpload"):
             self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=store_upload_id,
-                MultipartUpload={"Parts": sorted(parts, key=lambda p: p["PartNumber"])},
+                **obj, UploadId=ref.multipart_id, MultipartUpload={"Parts": sorted(parts, key=lambda p: p["PartNumber"])}
             )
 
     @contextlib.contextmanager
-    def open_staged(self, upload_id: str) -> Iterator[StagedBlob]:
+    def open_staged(self, ref: UploadRef) -> Iterator[StagedBlob]:
         try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=self.staging_key(upload_id))
+            obj = self.client.get_object(**self._object(self._upload_key(ref)))
         except ClientError as exc:
             if _code(exc) in _NOT_FOUND:
-                raise ConflictError(f"no bytes were received for upload {upload_id}; send them before completing") from None
+                raise ConflictError(f"no bytes were received for upload {ref.upload_id}; send them before completing") from None
             raise BlobStoreError(f"S3 GetObject failed: {_code(exc)}") from None
         body = obj["Body"]
         try:
@@ -128,80 +151,72 @@ class S3BlobStore(BlobStore):
         finally:
             body.close()
 
-    def promote(self, upload_id: str, digest: str, token: str) -> None:
-        source = {"Bucket": self.bucket, "Key": self.staging_key(upload_id)}
+    def promote(self, ref: UploadRef, token: str) -> str:
+        if ref.multipart_id:
+            return self._upload_key(ref)  # already at its final key, and immutable
+        source = self._object(self.staging_key(ref.upload_id))
+        key = self.blob_key(ref.digest)
         # CopySourceIfMatch: copy exactly the object that was verified, not a later re-PUT.
         with _store_errors("CopyObject"):
-            head = self.client.head_object(**source, IfMatch=token)
-            if head["ContentLength"] <= MAX_SINGLE_COPY:
-                self.client.copy_object(CopySource=source, Bucket=self.bucket, Key=self.blob_key(digest), CopySourceIfMatch=token)
-            else:
-                self.client.copy(
-                    source, self.bucket, self.blob_key(digest), ExtraArgs={"CopySourceIfMatch": token},
-                    Config=TransferConfig(multipart_chunksize=1 << 30, max_concurrency=8),
-                )
+            self.client.copy_object(CopySource=source, **self._object(key), CopySourceIfMatch=token)
             self.client.delete_object(**source)
+        return key
 
-    def discard(self, upload_id: str, store_upload_id: str | None = None) -> None:
-        key = self.staging_key(upload_id)
+    def discard(self, ref: UploadRef) -> None:
+        obj = self._object(self._upload_key(ref))
         with _store_errors("cleanup of an upload"):
-            mpu_ids = [store_upload_id] if store_upload_id else [
-                up["UploadId"]
-                for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=key)
-                for up in page.get("Uploads", []) if up["Key"] == key
-            ]
-            for mpu_id in mpu_ids:
+            if ref.multipart_id:
                 try:
-                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=mpu_id)
+                    self.client.abort_multipart_upload(**obj, UploadId=ref.multipart_id)
                 except ClientError as exc:
                     if _code(exc) not in _NOT_FOUND:
                         raise
-            self.client.delete_object(Bucket=self.bucket, Key=key)
+            self.client.delete_object(**obj)
+
+    def sweep_staging(self, *, live_upload_ids: set[str], older_than: dt.datetime) -> int:
+        removed = 0
+        for key, modified in self._list("uploads/"):
+            if key.rsplit("/", 1)[-1] not in live_upload_ids and modified < older_than:
+                self.delete(key)
+                removed += 1
+        # multipart uploads never completed hold parts that no object listing shows
+        with _store_errors("ListMultipartUploads"):
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.prefix + "blobs/")
+            for page in pages:
+                for up in page.get("Uploads", []):
+                    upload_id = up["Key"].rsplit(".", 1)[-1]
+                    if upload_id not in live_upload_ids and up["Initiated"] < older_than:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                        removed += 1
+        return removed
 
     # --- blobs -----------------------------------------------------------------------------
-    def exists(self, digest: str) -> bool:
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self.blob_key(digest))
-        except ClientError as exc:
-            if _code(exc) in _NOT_FOUND:
-                return False
-            raise BlobStoreError(f"S3 HeadObject failed: {_code(exc)}") from None
-        return True
-
     @contextlib.contextmanager
-    def open_blob(self, digest: str) -> Iterator[IO[bytes]]:
+    def open_blob(self, key: str) -> Iterator[IO[bytes]]:
         with _store_errors("GetObject"):
-            body = self.client.get_object(Bucket=self.bucket, Key=self.blob_key(digest))["Body"]
+            body = self.client.get_object(**self._object(key))["Body"]
         try:
             yield body
         finally:
             body.close()
 
-    def download(self, digest: str, *, filename: str) -> Download:
-        return Download(url=self._presign("get_object", {"Key": self.blob_key(digest)}))
+    def download(self, key: str, *, filename: str) -> Download:
+        return Download(url=self._presign("get_object", key))
 
-    def delete(self, digest: str) -> None:
+    def delete(self, key: str) -> None:
         with _store_errors("DeleteObject"):
-            self.client.delete_object(Bucket=self.bucket, Key=self.blob_key(digest))
+            self.client.delete_object(**self._object(key))
 
-    def _list(self, prefix: str) -> Iterator[tuple[str, object]]:
+    def _list(self, sub: str) -> Iterator[tuple[str, dt.datetime]]:
         with _store_errors("ListObjectsV2"):
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + sub):
                 for obj in page.get("Contents", []):
-                    yield obj["Key"][len(prefix):], obj["LastModified"]
+                    yield obj["Key"][len(self.prefix):], obj["LastModified"]
 
     def list_blobs(self) -> Iterator[StoredObject]:
-        for name, modified in self._list(f"{self.prefix}blobs/sha256/"):
-            if len(name) == 64:
-                yield StoredObject(name="sha256:" + name, modified=modified)
-
-    def list_staged(self) -> Iterator[StoredObject]:
-        yield from (StoredObject(name=name, modified=modified) for name, modified in self._list(f"{self.prefix}uploads/"))
-        # Multipart uploads never completed hold parts that no object listing shows.
-        with _store_errors("ListMultipartUploads"):
-            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}uploads/"):
-                for up in page.get("Uploads", []):
-                    yield StoredObject(name=up["Key"].rsplit("/", 1)[-1], modified=up["Initiated"])
+        for key, modified in self._list("blobs/sha256/"):
+            if _BLOB_NAME.fullmatch(key.rsplit("/", 1)[-1]):
+                yield StoredObject(key=key, modified=modified)
 
     def check(self) -> None:
         with _store_errors(f"HeadBucket {self.bucket}"):

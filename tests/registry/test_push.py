@@ -81,7 +81,7 @@ def test_identical_bytes_share_one_blob(client, delta_blobs, base_fingerprint, m
     settings = make_settings()
     assert _rows(settings, Blob) == 1
     store = LocalBlobStore(settings.resolved_blob_url.removeprefix("file://"))
-    assert [o.name for o in store.list_blobs()] == [a.digest]
+    assert [o.key for o in store.list_blobs()] == [LocalBlobStore.blob_key(a.digest)]
 
 
 def test_dedup_declaration_must_match_the_stored_blob(client, delta_blobs, base_fingerprint):
@@ -200,7 +200,7 @@ def test_gc_removes_unreferenced_blobs_and_stale_uploads(client, delta_blobs, ba
     later = utcnow() + dt.timedelta(seconds=settings.upload_ttl_seconds + settings.gc_grace_seconds + 60)
     report = collect_garbage(db=db, store=store, settings=settings, now=later)
     assert (report.blobs, report.stale_uploads) == (1, 1)
-    assert [o.name for o in store.list_blobs()] == [b.digest]
+    assert [o.key for o in store.list_blobs()] == [LocalBlobStore.blob_key(b.digest)]
     assert _staging_files(settings) == []
     db.dispose()
     assert client.get("/v1/repos/acme/math/versions/2/download").status_code == 200

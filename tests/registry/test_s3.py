@@ -69,6 +69,8 @@ def test_multipart_upload_with_tiny_parts(make_client, s3_settings, s3_client, s
     assert httpx.put(p["url"], content=a.data[p["offset"] : p["offset"] + p["size"]]).status_code == 200
     r = client.post(upload["complete_url"])
     assert r.status_code == 201, r.text
+    # the multipart object is the blob itself (no copy); its key derives from digest and upload id
+    assert _keys(s3_client, s3_bucket) == [f"registry/blobs/sha256/{a.digest.removeprefix('sha256:')}.{upload['id']}"]
     body = httpx.get(client.get("/v1/repos/acme/math/versions/latest/download", follow_redirects=False).headers["location"]).content
     assert "sha256:" + hashlib.sha256(body).hexdigest() == a.digest
     assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
