@@ -17,7 +17,11 @@ from torch import nn
 from torch.func import functional_call
 
 from .segments import SlotBatch, active_batch
-from .sgmv import sgmv_sign, unpack_words_pm1
+from .sgmv import decode_words, sgmv_sign, sign_matmul_lut, unpack_words_pm1
+
+#: Torch path: a slot with at most this many tokens in a layer adds `x·Δ̂ᵀ` by table look-up onto
+#: the base GEMM; above it, the slot's weight is rebuilt and its tokens run their own GEMM.
+LUT_MAX_TOKENS = 8
 from .slot_pool import PoolLayout, SlotPool
 
 
@@ -30,8 +34,15 @@ def _check_rows(batch: SlotBatch, x: torch.Tensor, who: str) -> None:
 
 
 class DeltaLinear(nn.Module):
-    """`y = x·W_baseᵀ (+ b)` for the whole batch in one GEMM, plus each row's slot delta:
-    sign deltas through the SGMV kernel, dense replacements (`.full`) and per-slot biases row-wise."""
+    """A linear layer whose rows each use their slot's version of the weight and bias.
+
+    Triton backend: `y = x·W_baseᵀ` for the whole batch in one GEMM, then the SGMV kernel adds
+    every row's sign delta; dense replacements (`.full`) and per-slot biases are applied row-wise.
+    Torch backend (CPU): a slot with few tokens (decode) gets `x·Δ̂ᵀ` added onto the base GEMM by
+    byte-table look-up (`sign_matmul_lut`); a slot with many tokens (prefill) has its weight
+    rebuilt exactly as the format defines it, `(W_base.float() + Δ̂).to(dtype)`, and its tokens
+    run one GEMM with it, so the GEMM work equals that of separate models.
+    """
 
     def __init__(self, linear: nn.Linear, weight_key: str, bias_key: str | None):
         super().__init__()
@@ -56,6 +67,8 @@ class DeltaLinear(nn.Module):
         _check_rows(batch, x, f"DeltaLinear({self.weight_key})")
         x2 = x.reshape(-1, self.in_features)
         seg = batch.segments(x2.shape[0] // batch.rows)
+        if self.backend == "torch":
+            return self._grouped(x2, batch, seg).view(*x.shape[:-1], self.out_features)
         bias_slots = batch.with_table(self.bias_key) if self.bias_key is not None else []
         if bias_slots:
             y = F.linear(x2, self.weight)
@@ -72,6 +85,48 @@ class DeltaLinear(nn.Module):
             bias = self.slot_bias[s] if self.bias_key is not None else None
             y[tok] = F.linear(x2[tok], batch.views[s].dense[self.weight_key], bias)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _grouped(self, x2: torch.Tensor, batch: SlotBatch, seg) -> torch.Tensor:
+        sign = set(batch.with_sign(self.weight_key))
+        dense = set(batch.with_dense(self.weight_key))
+        bias = set(batch.with_table(self.bias_key)) if self.bias_key is not None else set()
+        lut = sorted(s for s in sign - bias if seg.slot_tokens[s].numel() <= LUT_MAX_TOKENS)
+        own = sorted((sign | dense | bias) - set(lut))  # slots that run a GEMM of their own
+        y = None
+        in_base = ~torch.isin(seg.token_slots, torch.tensor(own, dtype=torch.int64, device=x2.device))
+        if bool(in_base.all()):
+            y = F.linear(x2, self.weight, self.bias)
+        elif bool(in_base.any()):
+            rows = in_base.nonzero().squeeze(1)
+            y = x2.new_empty(x2.shape[0], self.out_features)
+            y[rows] = F.linear(x2[rows], self.weight, self.bias)
+        for s in own:
+            if s in sign:
+                weight = self.slot_weight(s, batch.views[s].planes)
+            elif s in dense:
+                weight = batch.views[s].dense[self.weight_key]
+            else:
+                weight = self.weight
+            b = self.slot_bias[s] if self.bias_key is not None else None
+            tok = seg.slot_tokens[s]
+            if y is None and tok.numel() == x2.shape[0]:  # one version of the layer for every token
+                return F.linear(x2, weight, b)
+            if y is None:
+                y = x2.new_empty(x2.shape[0], self.out_features)
+            y[tok] = F.linear(x2[tok], weight, b)
+        for s in lut:
+            tok = seg.slot_tokens[s]
+            planes = batch.views[s].planes
+            delta = sign_matmul_lut(x2[tok], self.sign_words[s, :planes], self.sign_scales[s, :planes])
+            y[tok] = (y[tok].float() + delta).to(y.dtype)
+        return y
+
+    def slot_weight(self, slot: int, planes: int | None = None) -> torch.Tensor:
+        """Slot `slot`'s weight, `(W_base.float() + Δ̂).to(dtype)`: bit-identical to what
+        `codec.apply.apply_delta` writes (Δ̂ decoded through a byte -> ±1 lookup table)."""
+        p = slice(None, planes)
+        delta = decode_words(self.sign_words[slot, p], self.sign_scales[slot, p], self.in_features)
+        return (self.weight.float() + delta).to(self.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

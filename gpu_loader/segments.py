@@ -93,6 +93,7 @@ class SlotView:
     sign: frozenset[str]  # tensors with a sign delta
     tables: frozenset[str]  # small dense tensors this delta replaces (norm weights, biases)
     dense: Mapping[str, torch.Tensor]  # large dense replacements (embeddings, lm_head), on device
+    planes: int = 1  # bit-planes of this delta (pool planes beyond it hold zeros)
 
 
 @dataclass

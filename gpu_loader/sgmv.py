@@ -95,8 +95,30 @@ def decode_words(words: torch.Tensor, scales: torch.Tensor, in_features: int) ->
     return delta
 
 
+def sign_matmul_lut(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`x·Δ̂ᵀ` in fp32 for one slot (words [P, out, W], scales [P, out | 1]) without decoding Δ̂.
+
+    For every group of 8 input columns the 256 possible ±1 dot products of each token are
+    tabulated once (`T[b·256 + v, n]`); each packed sign byte then selects its entry, so an output
+    costs in/8 table look-ups instead of `in` multiply-adds, and no ±1 matrix is ever built.
+    The CPU path for decode-sized token groups (the table grows with the tokens).
+    """
+    n, inn = x.shape
+    planes, out, _ = words.shape
+    nb = (inn + 7) // 8
+    xp = torch.nn.functional.pad(x.float(), (0, nb * 8 - inn)).view(n, nb, 8)
+    table = (xp @ _pm1_lut(x.device).T).reshape(n, nb * 256).T.contiguous()  # [nb*256, n]
+    offsets = torch.arange(nb, dtype=torch.int32, device=x.device) * 256
+    y = torch.zeros(out, n, dtype=torch.float32, device=x.device)
+    for p in range(planes):
+        index = words[p].view(torch.uint8)[:, :nb].to(torch.int32) + offsets  # [out, nb]
+        picked = torch.nn.functional.embedding(index, table)  # [out, nb, n]
+        y += picked.sum(1) * scales[p].to(torch.float32).reshape(-1, 1)
+    return y.T
+
+
 # --------------------------------------------------------------------------------------------
-# Pure-torch reference (CPU path and test oracle)
+# Pure-torch reference (test oracle)
 # --------------------------------------------------------------------------------------------
 def sgmv_sign_reference(
     x: torch.Tensor,

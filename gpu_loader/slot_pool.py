@@ -162,7 +162,7 @@ class _Slot:
     streams_seen: set = field(default_factory=set)
 
     def view(self) -> SlotView:
-        return SlotView(self.index, self.sign, self.tables, dict(self.dense))
+        return SlotView(self.index, self.sign, self.tables, dict(self.dense), max(self.info.get("planes", 1), 1))
 
 
 class SlotPool:

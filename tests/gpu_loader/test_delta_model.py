@@ -110,6 +110,28 @@ def test_binarized_embedding_rows_are_bit_exact(family, ids):
     assert torch.equal(captured[0][1], base[1])
 
 
+def test_torch_path_rebuilds_slot_weights_exactly_like_apply(family):
+    dm = make_dm(family)
+    a = dm.load(family.deltas["a"])
+    lin = dm.model.get_submodule("model.layers.1.mlp.down_proj")
+    applied = family.model("a").get_submodule("model.layers.1.mlp.down_proj").weight
+    assert torch.equal(lin.slot_weight(a), applied)
+    assert torch.equal(lin.slot_weight(a, planes=2), applied)
+
+
+def test_prefill_and_decode_sized_groups_agree(family, monkeypatch):
+    """A slot with few tokens takes the table look-up path, with many the rebuilt-weight path."""
+    import gpu_loader.modules as modules
+
+    dm = make_dm(family)
+    a = dm.load(family.deltas["a"])
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    lookup = dm(ids, delta_ids=[a, -1])
+    monkeypatch.setattr(modules, "LUT_MAX_TOKENS", 0)
+    rebuilt = dm(ids, delta_ids=[a, -1])
+    torch.testing.assert_close(lookup, rebuilt, rtol=0, atol=LOGIT_ATOL[torch.float32])
+
+
 def test_attention_mask_with_left_padding(family, ids):
     dm = make_dm(family)
     a, b = dm.load(family.deltas["a"]), dm.load(family.deltas["b"])

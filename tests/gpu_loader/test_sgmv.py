@@ -9,8 +9,8 @@ import torch
 from codec.bitdelta import binarize, decode, pack_signs
 from gpu_loader.segments import build_segments
 from gpu_loader.sgmv import (
-    decode_words, pack_words, sgmv_sign, sgmv_sign_reference, sgmv_sign_triton, triton_available,
-    words_per_row,
+    decode_words, pack_words, sgmv_sign, sgmv_sign_reference, sgmv_sign_triton, sign_matmul_lut,
+    triton_available, words_per_row,
 )
 
 #: Kernel vs reference, per activation dtype: both accumulate in fp32 and round once, so they
@@ -77,6 +77,15 @@ def test_reference_equals_per_token_dense_oracle():
         slot = rows[t // 2]
         want = y0[t] if slot < 0 else y0[t] + x[t] @ decode(signs[slot], file_scales[slot], inn).T
         torch.testing.assert_close(y[t], want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("inn", [1, 7, 31, 33, 70])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_lut_matmul_equals_decoded_matmul(inn, tokens):
+    words, scales, signs, file_scales = make_slots(1, 11, inn, planes=2, per_row=inn % 2 == 1, seed=inn)
+    x = torch.randn(tokens, inn)
+    want = x @ decode(signs[0], file_scales[0], inn).T
+    torch.testing.assert_close(sign_matmul_lut(x, words[0], scales[0]), want, rtol=1e-5, atol=1e-5)
 
 
 def test_segments_group_tokens_by_slot_and_leave_out_base_rows():
