@@ -43,8 +43,8 @@ class Settings(BaseSettings):
     presign_ttl_seconds: int = Field(900, gt=0)
     upload_ttl_seconds: int = Field(24 * 3600, ge=0, description="Pending uploads older than this are stale (GC removes them).")
     gc_grace_seconds: int = Field(3600, ge=0, description="Store objects younger than this are never collected (in-flight pushes).")
-    multipart_threshold: int = Field(64 * MiB, gt=0, description="S3 uploads above this size use multipart part URLs.")
-    multipart_part_size: int = Field(64 * MiB, gt=0, description="S3 multipart part size (S3 itself needs >= 5 MiB).")
+    multipart_threshold: int = Field(16 * MiB, gt=0, description="S3 uploads above this size use multipart part URLs.")
+    multipart_part_size: int = Field(8 * MiB, gt=0, description="S3 multipart part size (S3 needs >= 5 MiB; raised to stay within 10,000 parts).")
     page_size: int = Field(50, gt=0)
     max_page_size: int = Field(500, gt=0)
 

@@ -63,8 +63,8 @@ class S3BlobStore(BlobStore):
         addressing_style: str = "path",
         max_pool_connections: int = 32,
         presign_ttl: int = 900,
-        multipart_threshold: int = 64 << 20,
-        part_size: int = 64 << 20,
+        multipart_threshold: int = 16 << 20,
+        part_size: int = 8 << 20,
     ):
         self.bucket = bucket
         self.prefix = f"{prefix}/" if prefix else ""
