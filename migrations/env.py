@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine
 
+from registry.db import create_db_engine
 from registry.models import Base
 
 config = context.config
@@ -23,13 +23,9 @@ def _run(connection) -> None:
 
 
 def run_migrations_online() -> None:
-    engine = config.attributes.get("engine")
-    connection = config.attributes.get("connection")
-    if connection is not None:
-        _run(connection)
-        return
+    engine = config.attributes.get("engine")  # set by registry.schema
     if engine is None:
-        engine = create_engine(config.get_main_option("sqlalchemy.url"))
+        engine = create_db_engine(config.get_main_option("sqlalchemy.url"))
     with engine.connect() as conn:
         _run(conn)
         conn.commit()

@@ -18,24 +18,19 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 FIX_COMMAND = "deltactl db upgrade"
 
 
-def alembic_config(engine: Engine) -> Config:
+def alembic_config(engine: Engine | None = None) -> Config:
     """An Alembic config for `migrations/` that runs on `engine` (no alembic.ini needed)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if engine is None:
+        return cfg
     cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
     cfg.attributes["engine"] = engine
     return cfg
 
 
 def head_revision() -> str:
-    script = ScriptDirectory.from_config(alembic_config_for_scripts())
-    return script.get_current_head() or ""
-
-
-def alembic_config_for_scripts() -> Config:
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    return cfg
+    return ScriptDirectory.from_config(alembic_config()).get_current_head() or ""
 
 
 def current_revision(engine: Engine) -> str | None:

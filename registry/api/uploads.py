@@ -24,7 +24,7 @@ _WRITE_BATCH = 1 << 20
 
 
 @router.post("/v1/repos/{namespace}/{name}/uploads", response_model=UploadOut, status_code=status.HTTP_201_CREATED)
-def create_upload(repo_name: RepoPath, body: UploadCreate, state: StateDep, principal: PrincipalDep, request: Request):
+def create_upload(repo_name: RepoPath, body: UploadCreate, state: StateDep, principal: PrincipalDep):
     """Declare a push. Over-limit sizes are refused here (413), before any byte is sent; bytes the
     registry already holds come back as `exists` (skip sending them)."""
     upload, target = state.pushes.create(
