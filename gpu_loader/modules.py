@@ -17,11 +17,12 @@ from torch import nn
 from torch.func import functional_call
 
 from .segments import SlotBatch, active_batch
-from .sgmv import decode_words, sgmv_sign, sign_matmul_lut, unpack_words_pm1
+from .sgmv import reconstruct_words, sgmv_sign, sign_matmul_lut, unpack_words_pm1
 
 #: Torch path: a slot with at most this many tokens in a layer adds `x·Δ̂ᵀ` by table look-up onto
 #: the base GEMM; above it, the slot's weight is rebuilt and its tokens run their own GEMM.
 LUT_MAX_TOKENS = 8
+REBUILD_BLOCK = 1 << 18  # elements per row block when rebuilding a slot's weight
 from .slot_pool import PoolLayout, SlotPool
 
 
@@ -123,10 +124,17 @@ class DeltaLinear(nn.Module):
 
     def slot_weight(self, slot: int, planes: int | None = None) -> torch.Tensor:
         """Slot `slot`'s weight, `(W_base.float() + Δ̂).to(dtype)`: bit-identical to what
-        `codec.apply.apply_delta` writes (Δ̂ decoded through a byte -> ±1 lookup table)."""
+        `codec.apply.apply_delta` writes (Δ̂ decoded through a byte -> ±1 lookup table, in row
+        blocks so the fp32 temporaries stay in cache)."""
         p = slice(None, planes)
-        delta = decode_words(self.sign_words[slot, p], self.sign_scales[slot, p], self.in_features)
-        return (self.weight.float() + delta).to(self.weight.dtype)
+        words, scales = self.sign_words[slot, p], self.sign_scales[slot, p]
+        weight = torch.empty_like(self.weight)
+        step = max(1, REBUILD_BLOCK // max(self.in_features, 1))
+        with torch.no_grad():
+            for r0 in range(0, self.out_features, step):
+                r1 = min(self.out_features, r0 + step)
+                reconstruct_words(self.weight[r0:r1], words[:, r0:r1], scales[:, r0:r1], weight[r0:r1])
+        return weight
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -95,6 +95,31 @@ def decode_words(words: torch.Tensor, scales: torch.Tensor, in_features: int) ->
     return delta
 
 
+def reconstruct_words(base: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out ← (base.float() + Δ̂).to(out.dtype)` for a block of rows (words [P, rows, W], scales
+    [P, rows | 1]), bit-identical to `codec.bitdelta.reconstruct`, in three passes over the block.
+
+    `reconstruct` sums the planes onto +0.0; a first plane with scale 0 would give −0.0 here
+    instead, which differs only for base values of −0.0, so those rows are set to +0.0 explicitly.
+    """
+    planes, rows, _ = words.shape
+    inn = base.shape[1]
+    lut = _pm1_lut(words.device)
+    delta = None
+    for p in range(planes):
+        by = words[p].contiguous().view(torch.uint8)
+        pm1 = torch.nn.functional.embedding(by.to(torch.int32), lut).reshape(rows, -1)[:, :inn]
+        s = scales[p].to(torch.float32).reshape(-1, 1)
+        if delta is None:
+            delta = pm1.mul(s)
+            zero = s.reshape(-1) == 0
+            if bool(zero.any()):
+                delta[zero.expand(rows) if zero.numel() == 1 else zero] = 0.0
+        else:
+            delta.add_(pm1.mul_(s))
+    return torch.add(delta, base, out=out)
+
+
 def sign_matmul_lut(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """`x·Δ̂ᵀ` in fp32 for one slot (words [P, out, W], scales [P, out | 1]) without decoding Δ̂.
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codec.bitdelta import binarize, decode, pack_signs
+from codec.bitdelta import binarize, decode, pack_signs, reconstruct
 from gpu_loader.segments import build_segments
 from gpu_loader.sgmv import (
-    decode_words, pack_words, sgmv_sign, sgmv_sign_reference, sgmv_sign_triton, sign_matmul_lut,
-    triton_available, words_per_row,
+    decode_words, pack_words, reconstruct_words, sgmv_sign, sgmv_sign_reference, sgmv_sign_triton,
+    sign_matmul_lut, triton_available, words_per_row,
 )
 
 #: Kernel vs reference, per activation dtype: both accumulate in fp32 and round once, so they
@@ -77,6 +77,21 @@ def test_reference_equals_per_token_dense_oracle():
         slot = rows[t // 2]
         want = y0[t] if slot < 0 else y0[t] + x[t] @ decode(signs[slot], file_scales[slot], inn).T
         torch.testing.assert_close(y[t], want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("planes,mode", [(1, "per-row"), (2, "per-row"), (1, "per-matrix")])
+def test_reconstruct_words_is_bit_identical_to_codec_reconstruct(dtype, planes, mode):
+    gen = torch.Generator().manual_seed(planes)
+    base = torch.randn(12, 45, generator=gen).to(dtype)
+    ft = base.float() + 0.05 * torch.randn(12, 45, generator=gen)
+    ft[3] = base[3].float()  # an unchanged row: scale 0 on every plane
+    base[3, ::2] = -0.0  # where a -0.0 base meets a zero scale, only +0.0 is right
+    sign, scale = binarize(ft, base, planes=planes, scale_mode=mode)
+    out = torch.empty_like(base)
+    reconstruct_words(base, pack_words(sign), scale, out)
+    bits = torch.int16 if dtype == torch.float16 else torch.int32
+    assert torch.equal(out.view(bits), reconstruct(base, sign, scale, dtype).view(bits))
 
 
 @pytest.mark.parametrize("inn", [1, 7, 31, 33, 70])
