@@ -81,8 +81,10 @@ def migrated_url(database_url) -> str:
 # --- S3 --------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
+    import moto.s3.models
     from moto.server import ThreadedMotoServer
 
+    moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = 1024  # in case moto was imported before the env var was set
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
