@@ -27,7 +27,7 @@ from .errors import (
     UploadTooLargeError,
 )
 from .metrics import RegistryMetrics
-from .models import Upload, Version, utcnow
+from .models import Repository, Upload, Version, utcnow
 from .settings import Settings
 from .verify import Declared, read_header, verify_stream
 
@@ -97,18 +97,12 @@ class PushService:
         upload = self.get(upload_id=upload_id, principal=principal)
         repo = upload.version.repository
         try:
-            header, store_key = self._verify(upload)
-            meta = header.metadata
-            base = repo.base_model
-            if meta["base_fingerprint"] != base.fingerprint:
-                raise BaseMismatchUploadError(
-                    f"{repo.full_name} holds deltas of base {base.name!r} (fingerprint {base.fingerprint}); "
-                    f"this upload was made for base {meta['base_model']!r} (fingerprint {meta['base_fingerprint']})"
-                )
+            header, store_key = self._verify(upload, repo)
         except (DigestMismatchError, InvalidUploadError, BaseMismatchUploadError) as exc:
             self._abandon(upload)
             self.metrics.pushes.labels(exc.code).inc()
             raise
+        meta = header.metadata
         try:
             with self.db.write() as session:
                 locked = crud.get_upload(session, upload_id=upload_id, for_update=True)
@@ -126,8 +120,9 @@ class PushService:
         self.metrics.upload_bytes.inc(upload.size)
         return version
 
-    def _verify(self, upload: Upload) -> tuple[Header, str | None]:
-        """Check the upload's bytes; returns their header and, for new bytes, their blob key."""
+    def _verify(self, upload: Upload, repo: Repository) -> tuple[Header, str | None]:
+        """Check the upload's bytes and their base; returns their header and, for new bytes
+        (promoted to a blob only once they passed), their blob key."""
         declared = Declared(upload.digest, upload.size, upload.raw_digest, upload.raw_size)
         if upload.method == "exists":
             with self.db.read() as session:
@@ -137,6 +132,7 @@ class PushService:
                 raise ConflictError(f"blob {upload.digest} was garbage-collected during the push; push again")
             with self.store.open_blob(blob.store_key) as fh:
                 header, _ = read_header(fh, blob.raw_size)
+            _check_base(header, repo)
             return header, None
         ref = _ref(upload)
         if upload.method == "s3-multipart":
@@ -145,6 +141,7 @@ class PushService:
             if staged.size != upload.size:
                 raise DigestMismatchError(f"received {staged.size} bytes but the upload declared {upload.size}")
             header, _ = verify_stream(staged.stream, declared)
+        _check_base(header, repo)
         return header, self.store.promote(ref, staged.token)
 
     def abort(self, *, upload_id: str, principal: Principal) -> None:
@@ -159,6 +156,15 @@ class PushService:
                 pass  # whatever stays behind has no row any more: GC removes it after the grace period
         with self.db.write() as session:
             crud.delete_upload(session, upload=upload)
+
+
+def _check_base(header: Header, repo: Repository) -> None:
+    meta, base = header.metadata, repo.base_model
+    if meta["base_fingerprint"] != base.fingerprint:
+        raise BaseMismatchUploadError(
+            f"{repo.full_name} holds deltas of base {base.name!r} (fingerprint {base.fingerprint}); "
+            f"this upload was made for base {meta['base_model']!r} (fingerprint {meta['base_fingerprint']})"
+        )
 
 
 def _ref(upload: Upload) -> UploadRef:

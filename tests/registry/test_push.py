@@ -103,6 +103,7 @@ def test_wrong_base_is_refused_naming_the_expected_base(client, delta_blobs, mak
     settings = make_settings()
     assert _rows(settings, Upload) == 0 and _rows(settings, Version) == 0
     assert _staging_files(settings) == []
+    assert list(LocalBlobStore(settings.data_dir / "blobs").list_blobs()) == []  # refused before promotion
 
 
 @pytest.mark.parametrize("lie", ["digest", "size"])
