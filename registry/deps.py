@@ -45,8 +45,9 @@ def get_db(state: StateDep) -> Database:
 
 
 def get_read_session(state: StateDep) -> Iterator[Session]:
-    """A read-only session; writes open their own `db.write()` transaction inside the handler, so
-    the commit happens before the response is sent."""
+    """A read-only session, closed as soon as the handler returns (scope "function"), so a long
+    download holds no connection. Writes open their own `db.write()` transaction inside the
+    handler, so the commit happens before the response is sent."""
     with state.db.read() as session:
         yield session
 
@@ -62,7 +63,7 @@ def get_principal(
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DatabaseDep = Annotated[Database, Depends(get_db)]
-ReadSessionDep = Annotated[Session, Depends(get_read_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
