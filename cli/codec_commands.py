@@ -26,6 +26,13 @@ def compress_cmd(
     scale: Annotated[str, typer.Option("--scale", help="per-matrix or per-row scales.")] = "per-matrix",
     include: Annotated[list[str], typer.Option("--include", help="Glob of tensors to binarize too (e.g. '*embed_tokens*'); repeatable.")] = [],
     exclude: Annotated[list[str], typer.Option("--exclude", help="Glob of tensors to keep dense; repeatable.")] = [],
+    codec: Annotated[str, typer.Option("--codec", help="bitdelta (1-bit signs) or deltadq (group-wise dropout + quantization).")] = "bitdelta",
+    ratio: Annotated[Optional[float], typer.Option("--ratio", help="deltadq: target ratio vs fp16 for the compressed tensors (16-16384).", rich_help_panel="DeltaDQ")] = None,
+    dq_bits: Annotated[Optional[int], typer.Option("--dq-bits", help="deltadq: bits per surviving value (with --keep).", rich_help_panel="DeltaDQ")] = None,
+    keep: Annotated[Optional[float], typer.Option("--keep", help="deltadq: fraction of delta weights kept per group (with --dq-bits).", rich_help_panel="DeltaDQ")] = None,
+    group_size: Annotated[str, typer.Option("--group-size", help="deltadq: dropout group size, or 'auto' to search per tensor.", rich_help_panel="DeltaDQ")] = "auto",
+    parts: Annotated[int, typer.Option("--parts", min=1, help="deltadq: separate parts the codes are split into.", rich_help_panel="DeltaDQ")] = 1,
+    dq_seed: Annotated[int, typer.Option("--dq-seed", min=0, help="deltadq: seed of the dropout mask.", rich_help_panel="DeltaDQ")] = 0,
     calibrate: Annotated[Optional[Path], typer.Option("--calibrate", help="Distill the scales on this text: a file, a directory of text files, or JSONL with a 'text' field.", rich_help_panel="Scale distillation")] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Distillation steps.", rich_help_panel="Scale distillation")] = 200,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Sequences per step.", rich_help_panel="Scale distillation")] = 4,
@@ -43,8 +50,16 @@ def compress_cmd(
     Example: deltactl compress ./llama-base ./llama-math -o math.bdelta --base-name org/llama
 
     Example: deltactl compress ./base ./math -o math.bdelta --calibrate data.jsonl --steps 200
+
+    Example: deltactl compress ./base ./math -o math.bdelta --codec deltadq --ratio 64
     """
-    options = CompressOptions(planes=bits, scale_mode=scale, include=tuple(include), exclude=tuple(exclude), base_name=base_name)  # type: ignore[arg-type]
+    if group_size != "auto" and not group_size.isdigit():
+        raise typer.BadParameter(f"--group-size must be a positive integer or 'auto', got {group_size!r}")
+    options = CompressOptions(
+        planes=bits, scale_mode=scale, include=tuple(include), exclude=tuple(exclude), base_name=base_name,  # type: ignore[arg-type]
+        codec=codec, dq_ratio=ratio, dq_bits=dq_bits, dq_keep=keep,  # type: ignore[arg-type]
+        dq_group_size=None if group_size == "auto" else int(group_size), dq_parts=parts, dq_seed=dq_seed,
+    )
     distill_options = None
     if calibrate is not None:
         from codec.distill import DistillOptions
@@ -127,11 +142,11 @@ def inspect_cmd(
     for key, value in (
         ("file", info["path"]), ("codec", info["codec"]), ("base model", info["base_model"]),
         ("base fingerprint", info["base_fingerprint"]), ("dtype", info["dtype"]),
-        ("tensors", f"{info['counts']['bitdelta']} binarized, {info['counts']['full']} dense"),
+        ("tensors", f"{info['counts']['bitdelta'] + info['counts']['deltadq']} compressed, {info['counts']['full']} dense"),
         ("size", human_bytes(info["file_bytes"])),
         ("fine-tune size", human_bytes(info["finetuned_bytes"])),
         ("ratio", f"{info['ratio']:.2f}x" if info["ratio"] else "-"),
-        ("bits/weight (binarized)", f"{info['bits_per_binarized_weight']:.3f}" if info["bits_per_binarized_weight"] else "-"),
+        ("bits/weight (compressed)", f"{info['bits_per_binarized_weight']:.3f}" if info["bits_per_binarized_weight"] else "-"),
     ):
         grid.add_row(f"[bold]{key}", str(value))
     for key, value in sorted(info["metadata"].items()):
@@ -143,6 +158,9 @@ def inspect_cmd(
         for t in info["tensors"]:
             if t["kind"] == "full":
                 table.add_row(t["name"], "full", f"{t['dtype']}{t['shape']}", "", human_bytes(t["bytes"]))
+            elif t["kind"] == "deltadq":
+                table.add_row(t["name"], "deltadq", f"g={t['group_size']} keep={t['keep']} bits={t['bits']}×{t['parts']}",
+                              "per-row", human_bytes(t["bytes"]))
             else:
                 table.add_row(t["name"], "bitdelta", f"P={t['planes']} rows={t['rows']}", t["scale"], human_bytes(t["bytes"]))
         out.print(table)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import deltadq
 from .background import OrderedWorker
 from .bitdelta import reconstruct_blocks
 from .checkpoint import FINGERPRINT_PREFIX, ST_TO_TORCH, Checkpoint, _fingerprint_record, tensor_bytes
@@ -105,7 +106,11 @@ def apply_delta(
                     elif e.full is not None:
                         writer.write(spec.name, tensor_bytes(delta.full(spec.name)))
                     else:
-                        blocks = reconstruct_blocks(b, delta.sign(spec.name), delta.scale(spec.name), model_dtype)
+                        if e.dq_codes is not None:
+                            blocks = deltadq.reconstruct_blocks(b, delta.dq_codes(spec.name), delta.dq_step(spec.name), spec.name,
+                                                                delta.dq_seed, delta.dq_params(spec.name), model_dtype)
+                        else:
+                            blocks = reconstruct_blocks(b, delta.sign(spec.name), delta.scale(spec.name), model_dtype)
                         writer.write_parts(spec.name, (tensor_bytes(block) for block in blocks))
                     written += spec.nbytes
         fingerprint = "sha256:" + fp.hexdigest()

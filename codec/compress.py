@@ -23,7 +23,8 @@ from .bitdelta import binarize
 from .checkpoint import FINGERPRINT_PREFIX, TORCH_TO_ST, Checkpoint, _fingerprint_record, tensor_bytes
 from .container import SpooledSafetensorsWriter, TensorSpec
 from .errors import CodecError, IncompatibleDeltaError
-from .format import DTYPE_CODE, FLOAT_CODES, FORMAT, FORMAT_VERSION
+from . import deltadq
+from .format import DQ_MASK, DTYPE_CODE, FLOAT_CODES, FORMAT, FORMAT_VERSION
 
 ScaleMode = Literal["per-matrix", "per-row"]
 Progress = Callable[[str, int, int], None]
@@ -46,12 +47,45 @@ class CompressOptions:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     base_name: str | None = None
+    codec: Literal["bitdelta", "deltadq"] = "bitdelta"
+    # deltadq only (docs/deltadq.md): a target ratio vs fp16, or explicit bits + keep ratio;
+    # group_size None = "auto" (searched per tensor).
+    dq_ratio: float | None = None
+    dq_bits: int | None = None
+    dq_keep: float | None = None
+    dq_group_size: int | None = None
+    dq_parts: int = 1
+    dq_seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.codec not in ("bitdelta", "deltadq"):
+            raise CodecError(f"codec must be 'bitdelta' or 'deltadq', got {self.codec!r}")
+        if self.codec == "deltadq":
+            self._check_deltadq()
         if not 1 <= self.planes <= MAX_PLANES:
             raise CodecError(f"bits/planes must be between 1 and {MAX_PLANES}, got {self.planes}")
         if self.scale_mode not in ("per-matrix", "per-row"):
             raise CodecError(f"scale mode must be 'per-matrix' or 'per-row', got {self.scale_mode!r}")
+
+    def _check_deltadq(self) -> None:
+        if self.dq_ratio is None and (self.dq_bits is None or self.dq_keep is None):
+            raise CodecError("deltadq needs --ratio, or both --dq-bits and --keep")
+        if self.dq_ratio is not None and (self.dq_bits is not None or self.dq_keep is not None):
+            raise CodecError("give either --ratio or --dq-bits/--keep, not both")
+        if self.dq_ratio is not None and not 16 <= self.dq_ratio <= 16384:
+            raise CodecError(f"ratio must be between 16 and 16384, got {self.dq_ratio}")
+        if self.dq_keep is not None and not 0 < self.dq_keep <= 1:
+            raise CodecError(f"keep ratio must be in (0, 1], got {self.dq_keep}")
+        if self.dq_bits is not None and not 1 <= self.dq_bits <= 8:
+            raise CodecError(f"deltadq bits must be between 1 and 8, got {self.dq_bits}")
+        if self.dq_group_size is not None and self.dq_group_size < 1:
+            raise CodecError(f"group size must be >= 1 (or auto), got {self.dq_group_size}")
+        if self.dq_group_size is not None and self.dq_keep is not None and self.dq_group_size * self.dq_keep < 1:
+            raise CodecError(f"group size {self.dq_group_size} × keep {self.dq_keep} keeps nothing: use a larger group")
+        if self.dq_parts < 1 or (self.dq_bits is not None and self.dq_bits % self.dq_parts):
+            raise CodecError(f"parts must be >= 1 and divide the bits, got {self.dq_parts}")
+        if not 0 <= self.dq_seed < 2**64:
+            raise CodecError("seed must be in [0, 2^64)")
 
     def binarizes(self, name: str, shape: Sequence[int], dtype: str) -> bool:
         """Whether tensor `name` is stored as sign planes (vs. dense) when it changed."""
@@ -145,12 +179,23 @@ def compress(
             fe = ft.entry(name)
             same_layout = fe.shape == be.shape and fe.dtype == be.dtype
             if fe.shape == be.shape and fe.dtype == model_code and options.binarizes(name, fe.shape, fe.dtype):
-                sign, scale = binarize(f, b, options.planes, options.scale_mode)
-                if same_layout and not bool(scale.any()):
-                    report.unchanged.append(name)  # every plane's scale is 0: the delta is all zeros
+                if options.codec == "deltadq":
+                    params = deltadq.choose(f, b, name, options.dq_seed, ratio=options.dq_ratio, bits=options.dq_bits,
+                                            keep_ratio=options.dq_keep, group_size=options.dq_group_size,
+                                            parts=options.dq_parts)
+                    codes, step = deltadq.encode(f, b, name, options.dq_seed, params)
+                    pieces = [(".dq_codes", "U8", codes), (".dq_step", "F32", step),
+                              (".dq_params", "I32", torch.tensor([params.group_size, params.keep, params.bits], dtype=torch.int32))]
+                    zero = not bool(step.any())
+                else:
+                    sign, scale = binarize(f, b, options.planes, options.scale_mode)
+                    pieces = [(".sign", "U8", sign), (".scale", "F32", scale)]
+                    zero = not bool(scale.any())  # every plane's scale is 0: the delta is all zeros
+                if same_layout and zero:
+                    report.unchanged.append(name)
                     continue
-                io.submit(functools.partial(writer.add, TensorSpec(name + ".sign", "U8", tuple(sign.shape)), tensor_bytes(sign)))
-                io.submit(functools.partial(writer.add, TensorSpec(name + ".scale", "F32", tuple(scale.shape)), tensor_bytes(scale)))
+                for suffix, code, tensor in pieces:
+                    io.submit(functools.partial(writer.add, TensorSpec(name + suffix, code, tuple(tensor.shape)), tensor_bytes(tensor)))
                 report.binarized.append(name)
             elif same_layout and torch.equal(f, b):
                 report.unchanged.append(name)
@@ -162,15 +207,20 @@ def compress(
         metadata = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "codec": "bitdelta",
+            "codec": options.codec,
             "base_model": options.base_name or _default_base_name(base),
             "base_fingerprint": report.base_fingerprint,
             "dtype": dtype_name,
             "created_with": f"deltastore {__version__}",
-            "x-planes": str(options.planes),
-            "x-scale": options.scale_mode,
             "x-finetuned-bytes": str(ft.total_bytes),
         }
+        if options.codec == "bitdelta":
+            metadata.update({"x-planes": str(options.planes), "x-scale": options.scale_mode})
+        else:
+            metadata["deltadq"] = json.dumps({
+                "seed": options.dq_seed, "mask": DQ_MASK, "ratio": options.dq_ratio, "bits": options.dq_bits,
+                "keep": options.dq_keep, "group_size": options.dq_group_size or "auto", "parts": options.dq_parts,
+            }, sort_keys=True)
         if ft.config is not None:
             metadata["x-hf-config"] = json.dumps(ft.config, sort_keys=True)
         metadata.update(extra_metadata or {})

@@ -24,13 +24,14 @@ if TYPE_CHECKING:
 
 FORMAT = "deltastore.delta"
 FORMAT_VERSION = "1"
-KNOWN_CODECS = frozenset({"bitdelta"})
+KNOWN_CODECS = frozenset({"bitdelta", "deltadq"})
 FILE_SUFFIX = ".bdelta"
 REQUIRED_KEYS = ("format", "format_version", "codec", "base_model", "base_fingerprint", "dtype")
 DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 DTYPE_CODE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}
 FLOAT_CODES = frozenset(DTYPE_CODE.values())
-KINDS = ("sign", "scale", "full")
+KINDS = ("sign", "scale", "full", "dq_codes", "dq_step", "dq_params")
+DQ_MASK = "splitmix64-v1"
 FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _MAX_SCALE_BYTES = 1 << 30  # scales are F32 [P, out]: a GiB of them is a forged file
 
@@ -43,10 +44,15 @@ class DeltaEntry:
     sign: TensorEntry | None = None
     scale: TensorEntry | None = None
     full: TensorEntry | None = None
+    dq_codes: TensorEntry | None = None  # deltadq: U8 [parts, out, packed]
+    dq_step: TensorEntry | None = None  # deltadq: F32 [out]
+    dq_params: TensorEntry | None = None  # deltadq: I32 [3] = group_size, keep, bits
 
     @property
     def kind(self) -> str:
-        return "full" if self.full is not None else "bitdelta"
+        if self.full is not None:
+            return "full"
+        return "deltadq" if self.dq_codes is not None else "bitdelta"
 
     @property
     def planes(self) -> int:
@@ -58,7 +64,7 @@ class DeltaEntry:
 
     @property
     def nbytes(self) -> int:
-        return sum(e.nbytes for e in (self.sign, self.scale, self.full) if e is not None)
+        return sum(e.nbytes for e in (self.sign, self.scale, self.full, self.dq_codes, self.dq_step, self.dq_params) if e is not None)
 
 
 def split_name(tensor_name: str) -> tuple[str, str]:
@@ -66,7 +72,7 @@ def split_name(tensor_name: str) -> tuple[str, str]:
     base, dot, kind = tensor_name.rpartition(".")
     if not dot or kind not in KINDS or not base:
         raise InvalidDeltaError(
-            f"tensor {tensor_name!r}: name must end in .sign, .scale or .full (format version {FORMAT_VERSION})"
+            f"tensor {tensor_name!r}: name must end in one of .{', .'.join(KINDS)} (format version {FORMAT_VERSION})"
         )
     return base, kind
 
@@ -95,6 +101,16 @@ def validate_metadata(metadata: Mapping[str, str]) -> None:
         raise InvalidDeltaError(f"metadata 'base_fingerprint' {metadata['base_fingerprint']!r} is not sha256:<64 hex>")
     if metadata["dtype"] not in DTYPE_NAMES:
         raise InvalidDeltaError(f"metadata 'dtype' {metadata['dtype']!r} is not one of {', '.join(DTYPE_NAMES)}")
+    if metadata["codec"] == "deltadq":
+        try:
+            dq = json.loads(metadata.get("deltadq", ""))
+        except ValueError:
+            raise InvalidDeltaError("codec 'deltadq' needs a 'deltadq' metadata key holding JSON") from None
+        seed = dq.get("seed") if isinstance(dq, dict) else None
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+            raise InvalidDeltaError("deltadq metadata needs an integer 'seed' in [0, 2^64)")
+        if dq.get("mask") != DQ_MASK:
+            raise UnsupportedFormatError(f"deltadq mask algorithm {dq.get('mask')!r} is not supported (known: {DQ_MASK!r})")
     for key in ("calibration", "fidelity"):
         if key in metadata:
             try:
@@ -105,48 +121,96 @@ def validate_metadata(metadata: Mapping[str, str]) -> None:
 
 def group_entries(header: Header) -> dict[str, DeltaEntry]:
     """Group tensors by base name and check each group's kinds, dtypes and ranks."""
+    codec = header.metadata.get("codec", "bitdelta")
     parts: dict[str, dict[str, TensorEntry]] = {}
     for tname, entry in header.tensors.items():
         base, kind = split_name(tname)
         parts.setdefault(base, {})[kind] = entry
     out: dict[str, DeltaEntry] = {}
     for name, p in parts.items():
-        sign, scale, full = p.get("sign"), p.get("scale"), p.get("full")
+        full = p.get("full")
         if full is not None:
-            if sign is not None or scale is not None:
-                raise InvalidDeltaError(f"{name}: has both .full and .sign/.scale")
+            if len(p) > 1:
+                raise InvalidDeltaError(f"{name}: has both .full and other parts ({', '.join(sorted(set(p) - {'full'}))})")
             out[name] = DeltaEntry(name, full=full)
-            continue
-        if sign is None:
-            raise InvalidDeltaError(f"{name}: .scale without .sign")
-        if scale is None:
-            raise InvalidDeltaError(f"{name}: .sign has no matching .scale")
-        if sign.dtype != "U8" or len(sign.shape) != 3 or sign.shape[0] < 1:
-            raise InvalidDeltaError(f"{name}.sign must be U8 [P>=1, out, ceil(in/8)], got {sign.dtype}{list(sign.shape)}")
-        if scale.dtype != "F32" or len(scale.shape) != 2:
-            raise InvalidDeltaError(f"{name}.scale must be F32 [P, 1] or [P, out], got {scale.dtype}{list(scale.shape)}")
-        planes, rows = sign.shape[0], sign.shape[1]
-        if scale.shape[0] != planes or scale.shape[1] not in (1, rows):
-            raise InvalidDeltaError(
-                f"{name}.scale shape {list(scale.shape)} does not fit .sign {list(sign.shape)} "
-                f"(expected [{planes}, 1] or [{planes}, {rows}])"
-            )
-        out[name] = DeltaEntry(name, sign=sign, scale=scale)
+        elif any(k.startswith("dq_") for k in p):
+            out[name] = _dq_entry(name, p, codec)
+        else:
+            out[name] = _sign_entry(name, p, codec)
     return out
 
 
-def _check_scales_finite(fh, entries: Mapping[str, DeltaEntry]) -> None:
+def _sign_entry(name: str, p: dict[str, TensorEntry], codec: str) -> DeltaEntry:
+    sign, scale = p.get("sign"), p.get("scale")
+    if codec != "bitdelta":
+        raise InvalidDeltaError(f"{name}: .sign/.scale tensors in a {codec!r} delta")
+    if sign is None:
+        raise InvalidDeltaError(f"{name}: .scale without .sign")
+    if scale is None:
+        raise InvalidDeltaError(f"{name}: .sign has no matching .scale")
+    if sign.dtype != "U8" or len(sign.shape) != 3 or sign.shape[0] < 1:
+        raise InvalidDeltaError(f"{name}.sign must be U8 [P>=1, out, ceil(in/8)], got {sign.dtype}{list(sign.shape)}")
+    if scale.dtype != "F32" or len(scale.shape) != 2:
+        raise InvalidDeltaError(f"{name}.scale must be F32 [P, 1] or [P, out], got {scale.dtype}{list(scale.shape)}")
+    planes, rows = sign.shape[0], sign.shape[1]
+    if scale.shape[0] != planes or scale.shape[1] not in (1, rows):
+        raise InvalidDeltaError(
+            f"{name}.scale shape {list(scale.shape)} does not fit .sign {list(sign.shape)} "
+            f"(expected [{planes}, 1] or [{planes}, {rows}])"
+        )
+    return DeltaEntry(name, sign=sign, scale=scale)
+
+
+def _dq_entry(name: str, p: dict[str, TensorEntry], codec: str) -> DeltaEntry:
+    if codec != "deltadq":
+        raise InvalidDeltaError(f"{name}: .dq_* tensors in a {codec!r} delta")
+    required = {"dq_codes", "dq_step", "dq_params"}
+    if set(p) - required:
+        raise InvalidDeltaError(f"{name}: deltadq tensor has unexpected part(s) .{', .'.join(sorted(set(p) - required))}")
+    if required - set(p):
+        raise InvalidDeltaError(f"{name}: deltadq tensor needs .dq_codes, .dq_step and .dq_params (missing {', '.join(sorted(required - set(p)))})")
+    codes, step, params = p["dq_codes"], p["dq_step"], p["dq_params"]
+    if codes.dtype != "U8" or len(codes.shape) != 3 or codes.shape[0] < 1:
+        raise InvalidDeltaError(f"{name}.dq_codes must be U8 [parts>=1, out, packed], got {codes.dtype}{list(codes.shape)}")
+    if step.dtype != "F32" or list(step.shape) != [codes.shape[1]]:
+        raise InvalidDeltaError(f"{name}.dq_step must be F32 [{codes.shape[1]}], got {step.dtype}{list(step.shape)}")
+    if params.dtype != "I32" or list(params.shape) != [3]:
+        raise InvalidDeltaError(f"{name}.dq_params must be I32 [3] (group_size, keep, bits), got {params.dtype}{list(params.shape)}")
+    return DeltaEntry(name, dq_codes=codes, dq_step=step, dq_params=params)
+
+
+def _read_f32(fh, entry: TensorEntry) -> np.ndarray:
+    fh.seek(entry.start)
+    return np.frombuffer(fh.read(entry.nbytes), dtype="<f4")
+
+
+def _check_tensor_values(fh, entries: Mapping[str, DeltaEntry]) -> dict[str, tuple[int, int, int, int]]:
+    """Scales and steps must be finite; deltadq parameters must be valid. Returns the deltadq
+    parameters (group_size, keep, bits, parts) per tensor."""
+    from .deltadq import DQParams
+    from .errors import CodecError
+
     total = 0
+    dq: dict[str, tuple[int, int, int, int]] = {}
     for e in entries.values():
-        if e.scale is None:
-            continue
-        total += e.scale.nbytes
-        if total > _MAX_SCALE_BYTES:
-            raise InvalidDeltaError("scale tensors are implausibly large")
-        fh.seek(e.scale.start)
-        values = np.frombuffer(fh.read(e.scale.nbytes), dtype="<f4")
-        if not np.isfinite(values).all():
-            raise InvalidDeltaError(f"{e.name}.scale contains NaN or Inf")
+        for part, label in ((e.scale, "scale"), (e.dq_step, "dq_step")):
+            if part is None:
+                continue
+            total += part.nbytes
+            if total > _MAX_SCALE_BYTES:
+                raise InvalidDeltaError("scale tensors are implausibly large")
+            if not np.isfinite(_read_f32(fh, part)).all():
+                raise InvalidDeltaError(f"{e.name}.{label} contains NaN or Inf")
+        if e.dq_params is not None:
+            fh.seek(e.dq_params.start)
+            group_size, keep, bits = (int(v) for v in np.frombuffer(fh.read(12), dtype="<i4"))
+            parts = e.dq_codes.shape[0]
+            try:
+                DQParams(group_size, keep, bits, parts)
+            except CodecError as exc:
+                raise InvalidDeltaError(f"{e.name}.dq_params: {exc}") from None
+            dq[e.name] = (group_size, keep, bits, parts)
+    return dq
 
 
 class DeltaFile:
@@ -157,10 +221,11 @@ class DeltaFile:
         sign, scale = delta.sign(name), delta.scale(name)
     """
 
-    def __init__(self, path: Path, header: Header, entries: dict[str, DeltaEntry]):
+    def __init__(self, path: Path, header: Header, entries: dict[str, DeltaEntry], dq: dict | None = None):
         self.path = path
         self.header = header
         self.entries = entries
+        self._dq = dq or {}
         self._handle = None
 
     @classmethod
@@ -174,8 +239,8 @@ class DeltaFile:
             size = os.fstat(fh.fileno()).st_size
             header = read_header_from_delta(fh, size)
             entries = group_entries(header)
-            _check_scales_finite(fh, entries)
-        return cls(path, header, entries)
+            dq = _check_tensor_values(fh, entries)
+        return cls(path, header, entries, dq)
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -196,6 +261,16 @@ class DeltaFile:
     @property
     def codec(self) -> str:
         return self.metadata["codec"]
+
+    @property
+    def dq_seed(self) -> int:
+        return int(json.loads(self.metadata["deltadq"])["seed"])
+
+    def dq_params(self, name: str):
+        """The `codec.deltadq.DQParams` of a deltadq tensor."""
+        from .deltadq import DQParams
+
+        return DQParams(*self._dq[name])
 
     # --- compatibility with a base ---------------------------------------------------------
     def check_base(
@@ -228,15 +303,20 @@ class DeltaFile:
                         f"{name}.full has dtype {e.full.dtype} but the base tensor is {base_dtype}"
                     )
                 continue
+            part = "sign" if e.sign is not None else "dq_codes"
             if base_dtype not in FLOAT_CODES:
-                raise IncompatibleDeltaError(f"{name}: cannot add a sign delta to a {base_dtype} tensor")
+                raise IncompatibleDeltaError(f"{name}: cannot add a {e.kind} delta to a {base_dtype} tensor")
             if len(shape) != 2:
-                raise IncompatibleDeltaError(f"{name}: .sign needs a 2-D base tensor, base has shape {list(shape)}")
+                raise IncompatibleDeltaError(f"{name}: .{part} needs a 2-D base tensor, base has shape {list(shape)}")
             out, inn = shape
-            expected = [e.planes, out, (inn + 7) // 8]
-            if list(e.sign.shape) != expected:
+            if e.sign is not None:
+                got, expected = list(e.sign.shape), [e.planes, out, (inn + 7) // 8]
+            else:
+                params = self.dq_params(name)
+                got, expected = list(e.dq_codes.shape), [params.parts, out, params.packed_width(inn)]
+            if got != expected:
                 raise IncompatibleDeltaError(
-                    f"{name}.sign has shape {list(e.sign.shape)} but base shape {list(shape)} needs {expected}"
+                    f"{name}.{part} has shape {got} but base shape {list(shape)} needs {expected}"
                 )
 
     # --- tensors ---------------------------------------------------------------------------
@@ -256,6 +336,12 @@ class DeltaFile:
 
     def full(self, name: str) -> "torch.Tensor":
         return self.tensor(name + ".full")
+
+    def dq_codes(self, name: str) -> "torch.Tensor":
+        return self.tensor(name + ".dq_codes")
+
+    def dq_step(self, name: str) -> "torch.Tensor":
+        return self.tensor(name + ".dq_step")
 
 
 def read_header_from_delta(fh, size: int) -> Header:

@@ -20,6 +20,18 @@ def summarize(path: str | os.PathLike[str]) -> dict:
         if e.full is not None:
             full_bytes += e.full.nbytes
             tensors.append({"name": name, "kind": "full", "dtype": e.full.dtype, "shape": list(e.full.shape), "bytes": e.nbytes})
+        elif e.dq_codes is not None:
+            p = delta.dq_params(name)
+            sign_bytes += e.dq_codes.nbytes
+            scale_bytes += e.dq_step.nbytes + e.dq_params.nbytes
+            rows = e.dq_codes.shape[1]
+            # Columns follow from the kept count: in ≈ kept / keep ratio (exact for whole groups).
+            kept = e.dq_codes.shape[2] * 8 // p.part_bits
+            binarized_weights += rows * round(kept / p.keep_ratio)
+            tensors.append({
+                "name": name, "kind": "deltadq", "rows": rows, "group_size": p.group_size, "keep": p.keep,
+                "keep_ratio": p.keep_ratio, "bits": p.bits, "parts": p.parts, "bytes": e.nbytes,
+            })
         else:
             planes, out, packed = e.sign.shape
             sign_bytes += e.sign.nbytes
@@ -31,7 +43,7 @@ def summarize(path: str | os.PathLike[str]) -> dict:
             })
     meta = dict(delta.metadata)
     hf_config = meta.pop("x-hf-config", None)
-    for key in ("calibration", "fidelity"):
+    for key in ("calibration", "fidelity", "deltadq"):
         if key in meta:
             meta[key] = json.loads(meta[key])
     ft_bytes = int(meta["x-finetuned-bytes"]) if meta.get("x-finetuned-bytes", "").isdigit() else None
@@ -48,6 +60,7 @@ def summarize(path: str | os.PathLike[str]) -> dict:
         "ratio": (ft_bytes / file_bytes) if ft_bytes else None,
         "counts": {
             "bitdelta": sum(1 for t in tensors if t["kind"] == "bitdelta"),
+            "deltadq": sum(1 for t in tensors if t["kind"] == "deltadq"),
             "full": sum(1 for t in tensors if t["kind"] == "full"),
         },
         "bytes": {"sign": sign_bytes, "scale": scale_bytes, "full": full_bytes},

@@ -122,8 +122,8 @@ def test_non_finite_scale(valid, tmp_path, value):
         (W + ".scale", torch.zeros(1, 1, dtype=torch.float16), "must be F32"),
         (W + ".scale", torch.zeros(1, 5), "does not fit .sign"),
         (W + ".scale", torch.zeros(2, 1), "does not fit .sign"),
-        (W + ".bias", torch.zeros(3), "must end in .sign, .scale or .full"),
-        (W + ".full", torch.zeros(184, 64), "both .full and .sign"),
+        (W + ".bias", torch.zeros(3), "must end in one of .sign, .scale, .full"),
+        (W + ".full", torch.zeros(184, 64), "both .full and other parts"),
     ],
 )
 def test_bad_tensor_kinds_and_dtypes(valid, tmp_path, key, tensor, message):
