@@ -37,7 +37,14 @@ class Row:
     bytes: int
     loss: float
     agreement: float | None = None
-    note: str = ""
+    linear_ratio: float | None = None  # fine-tune bytes / delta bytes over the compressed tensors only
+
+
+def linear_ratio(delta_path: Path, ft: Checkpoint) -> float | None:
+    delta = DeltaFile.open(delta_path)
+    names = [n for n, e in delta.entries.items() if e.kind != "full"]
+    stored = sum(delta.entries[n].nbytes for n in names)
+    return sum(ft.entry(n).nbytes for n in names) / stored if stored else None
 
 
 def _load(model_dir: Path):
@@ -119,6 +126,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--quick", action="store_true", help="tiny recipe for a smoke run")
+    ap.add_argument("--only", choices=("all", "bitdelta", "deltadq"), default="all",
+                    help="which variant family to evaluate (the pair and reference rows always)")
     args = ap.parse_args()
 
     root = args.data_dir / "pair"
@@ -165,6 +174,11 @@ def main() -> None:
         ("2 planes, per-matrix, distilled", CompressOptions(planes=2), True),
         ("1-bit, embeddings binarized too", CompressOptions(include=("*embed_tokens*",)), False),
     ]
+    dq_variants = [
+        (f"DeltaDQ {r}x (auto)", CompressOptions(codec="deltadq", dq_ratio=r), False) for r in (16, 32, 64, 128)
+    ]
+    variants = {"all": variants + dq_variants, "bitdelta": variants, "deltadq": [variants[0]] + dq_variants}[args.only]
+    ft_ckpt = Checkpoint.open(ft_dir)
     distill_figures = {}
     binarized_names: list[str] = []
     for label, options, distilled in variants:
@@ -181,7 +195,8 @@ def main() -> None:
                                       d.initial_loss, d.final_loss)
             path = out
         model = model_with_delta(base_dir, path)
-        row = Row(label, path.stat().st_size, loss_of(model), greedy_agreement(model, ref_tokens, prompts, args.new_tokens))
+        row = Row(label, path.stat().st_size, loss_of(model), greedy_agreement(model, ref_tokens, prompts, args.new_tokens),
+                  linear_ratio(path, ft_ckpt))
         rows.append(row)
         write_fidelity(path, {
             "eval": "python stdlib held-out split, next-token loss", "loss_base": loss_base, "loss_finetuned": loss_ft,
@@ -189,21 +204,23 @@ def main() -> None:
             "greedy_agreement": row.agreement,
         })
         del model
-    model, lr_bytes = model_with_lowrank(base_dir, ft_dir, binarized_names)
-    rows.append(Row("SVD low-rank delta, same bytes as 1-bit", lr_bytes, loss_of(model),
-                    greedy_agreement(model, ref_tokens, prompts, args.new_tokens)))
+    if args.only in ("all", "bitdelta"):
+        model, lr_bytes = model_with_lowrank(base_dir, ft_dir, binarized_names)
+        rows.append(Row("SVD low-rank delta, same bytes as 1-bit", lr_bytes, loss_of(model),
+                        greedy_agreement(model, ref_tokens, prompts, args.new_tokens)))
 
     print()
     print(f"Held-out: {len(heldout)} blocks × 256 tokens of stdlib sources never trained on; "
           f"greedy agreement over {args.prompts} prompts × {args.new_tokens} tokens.")
     print()
-    print("| variant | size | ratio vs fp16 fine-tune | held-out loss | perplexity | gain recovered | greedy agreement |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | size | ratio vs fp16 fine-tune | ratio on compressed tensors | held-out loss | perplexity | gain recovered | greedy agreement |")
+    print("|---|---|---|---|---|---|---|---|")
     gain = loss_base - loss_ft
     for r in rows:
         ratio = f"{ft_bytes / r.bytes:.2f}x" if r.bytes else "-"
         rec = f"{100 * (loss_base - r.loss) / gain:.1f}%" if gain > 0 else "-"
-        print(f"| {r.variant} | {r.bytes / 2**20:.1f} MiB | {ratio} | {r.loss:.4f} | {math.exp(r.loss):.3f} | {rec} | "
+        lin = f"{r.linear_ratio:.1f}x" if r.linear_ratio else "-"
+        print(f"| {r.variant} | {r.bytes / 2**20:.1f} MiB | {ratio} | {lin} | {r.loss:.4f} | {math.exp(r.loss):.3f} | {rec} | "
               f"{100 * r.agreement:.1f}% |")
     print()
     for label, (seconds, rss, before, after) in distill_figures.items():
