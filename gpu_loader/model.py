@@ -222,12 +222,7 @@ class DeltaModel:
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 delta_ids: Sequence[DeltaId] | torch.Tensor | None = None, **model_kwargs):
         """Like `__call__`, returning the model's whole output (logits, past_key_values, ...)."""
-        rows = input_ids.shape[0]
-        ids = [-1] * rows if delta_ids is None else (
-            delta_ids.tolist() if isinstance(delta_ids, torch.Tensor) else list(delta_ids)
-        )
-        if len(ids) != rows:
-            raise ValueError(f"delta_ids has {len(ids)} entries for a batch of {rows} rows")
+        ids = self._delta_list(delta_ids, input_ids.shape[0])
         row_slots, views = self._acquire(ids)
         try:
             batch = SlotBatch(tuple(row_slots), self.device, views) if views else None
@@ -237,6 +232,35 @@ class DeltaModel:
                 return self.model(input_ids=input_ids.to(self.device), **model_kwargs)
         finally:
             self.pool.release(views)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 delta_ids: Sequence[DeltaId] | torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
+        """`model.generate` (greedy or sampling, one sequence per row) with row i using
+        `delta_ids[i]` at every step. Beam search and several sequences per row change the
+        rows between steps and are refused."""
+        for key in ("num_beams", "num_return_sequences"):
+            if generate_kwargs.get(key, 1) != 1:
+                raise ValueError(f"{key} > 1 regroups rows between steps; not supported with per-row deltas")
+        rows = input_ids.shape[0]
+        ids = self._delta_list(delta_ids, rows)
+        row_slots, views = self._acquire(ids)
+        try:
+            batch = SlotBatch(tuple(row_slots), self.device, views) if views else None
+            with use_batch(batch), torch.inference_mode():
+                if attention_mask is not None:
+                    generate_kwargs["attention_mask"] = attention_mask.to(self.device)
+                return self.model.generate(input_ids=input_ids.to(self.device), **generate_kwargs)
+        finally:
+            self.pool.release(views)
+
+    @staticmethod
+    def _delta_list(delta_ids, rows: int) -> list:
+        ids = [-1] * rows if delta_ids is None else (
+            delta_ids.tolist() if isinstance(delta_ids, torch.Tensor) else list(delta_ids)
+        )
+        if len(ids) != rows:
+            raise ValueError(f"delta_ids has {len(ids)} entries for a batch of {rows} rows")
+        return ids
 
     def _acquire(self, ids: list) -> tuple[list[int], dict]:
         uses_delta = any(d is not None and not (isinstance(d, int) and not isinstance(d, SlotHandle) and d == -1)

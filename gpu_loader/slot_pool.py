@@ -7,6 +7,7 @@ Thread-safe: `load` may run on any thread while forwards lease slots on another.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -306,7 +307,8 @@ class SlotPool:
             sign=_Lazy(delta.sign, signs), scale=_Lazy(delta.scale, signs), full=_Lazy(delta.full, fulls),
             info=info,
         )
-        self.counters["stage_seconds"] += time.perf_counter() - t0
+        with self._lock:
+            self.counters["stage_seconds"] += time.perf_counter() - t0
         return staged
 
     def stage_tensors(
@@ -315,12 +317,13 @@ class SlotPool:
         *,
         sign: Mapping[str, torch.Tensor],
         scale: Mapping[str, torch.Tensor],
-        full: Mapping[str, torch.Tensor] = {},
+        full: Mapping[str, torch.Tensor] | None = None,
         info: dict | None = None,
     ) -> StagedDelta:
         """Stage in-memory tensors in the file's layout (sign uint8 [P, out, ceil(in/8)], scale
         f32 [P, 1|out], full tensors) — the path `stage()` takes after reading a file."""
         lay = self.layout
+        full = full if full is not None else {}
         specs: list[tuple[tuple[int, ...], torch.dtype]] = []
         for name in sign:
             out, inn = lay.sign[name]
@@ -451,7 +454,7 @@ class SlotPool:
     def _copy_into(self, slot: _Slot, staged: StagedDelta) -> None:
         i = slot.index
         stream = self._copy_stream
-        ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
             if stream is not None and slot.last_use_event is not None:
                 stream.wait_event(slot.last_use_event)  # forwards still reading the old delta
@@ -679,11 +682,3 @@ class _Lazy(Mapping):
 
     def __len__(self) -> int:
         return len(self._names)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

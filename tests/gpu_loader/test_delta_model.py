@@ -158,6 +158,18 @@ def test_incremental_decoding_with_kv_cache(family, ids):
         torch.testing.assert_close(out2.logits[i], second.logits[0], rtol=0, atol=LOGIT_ATOL[torch.float32])
 
 
+def test_greedy_generation_per_row(family, ids):
+    dm = make_dm(family)
+    a, b = dm.load(family.deltas["a"]), dm.load(family.deltas["b"])
+    out = dm.generate(ids, delta_ids=[a, -1, b], max_new_tokens=4, do_sample=False)
+    for i, name in enumerate(["a", "base", "b"]):
+        with torch.no_grad():
+            want = family.model(name).generate(ids[i:i + 1], max_new_tokens=4, do_sample=False)
+        assert torch.equal(out[i], want[0])
+    with pytest.raises(ValueError, match="num_beams"):
+        dm.generate(ids, delta_ids=[a, -1, b], num_beams=2)
+
+
 def test_delta_ids_may_be_a_tensor_and_all_base(family, ids):
     dm = make_dm(family)
     base = family.reference_logits(["base"] * 3, ids)

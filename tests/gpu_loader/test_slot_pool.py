@@ -3,7 +3,6 @@ that do not belong or do not fit, ref resolution, prefetch and loads racing with
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 
@@ -79,7 +78,7 @@ def test_unchanged_planes_are_zero_for_a_one_plane_delta(family):
     assert (dm.pool.scales[name][slot, 0] == DeltaFile.open(family.deltas["b"]).scale(name)[0, 0]).all()
 
 
-def test_loading_twice_reuses_the_slot(family, tmp_path):
+def test_loading_twice_reuses_the_slot(family):
     dm = make_dm(family)
     first = dm.load(family.deltas["a"])
     again = dm.load(str(family.deltas["a"]))
