@@ -376,14 +376,15 @@ def write_report(out_dir: Path, results: dict) -> None:
         lines += [f"Tests: `{t['command']}` → {t['summary']} (rc {t['returncode']})", ""]
     lines += [f"## Decode step: the 7 projections of a decoder layer, ms per layer (step = x{sh['model_layers']} layers)", "",
               "| batch | distinct deltas | base alone | base + delta slots | naive dense per tenant | "
-              "slots, whole step | effective GB/s | of HBM peak |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "slots, whole step | effective GB/s | of HBM peak | base alone, of HBM peak |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results.get("decode", []):
         naive = f"{r['naive_ms_per_layer']:.3f}" if r["naive_ms_per_layer"] is not None else "OOM"
         frac = f"{r['fraction_of_peak']:.0%}" if r["fraction_of_peak"] is not None else "n/a"
+        base_frac = f"{r['base_fraction_of_peak']:.0%}" if r["base_fraction_of_peak"] is not None else "n/a"
         lines.append(f"| {r['batch']} | {r['distinct_deltas']} | {r['base_ms_per_layer']:.3f} | "
                      f"{r['deltas_ms_per_layer']:.3f} | {naive} | {r['projected_step_ms']:.2f} ms | "
-                     f"{r['effective_GBps']:.0f} | {frac} |")
+                     f"{r['effective_GBps']:.0f} | {frac} | {base_frac} |")
     h = results.get("hot_swap")
     if h:
         lines += ["", "## Hot-swap of one whole-model delta (pinned host → slot)", "",
