@@ -242,6 +242,16 @@ class DeltaFile:
             dq = _check_tensor_values(fh, entries)
         return cls(path, header, entries, dq)
 
+    def close(self) -> None:
+        """Release the memory map (tensors already returned stay valid)."""
+        self._handle = None
+
+    def __enter__(self) -> "DeltaFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def metadata(self) -> dict[str, str]:
         return self.header.metadata
