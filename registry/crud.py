@@ -149,14 +149,15 @@ def list_repos(
     return rows[:limit], encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
 
 
-def latest_numbers(session: Session, *, repo_ids: Sequence[int]) -> dict[int, int]:
+def latest_versions(session: Session, *, repo_ids: Sequence[int]) -> dict[int, Version]:
+    """The version `latest` points at, per repository id (one query, blobs joined)."""
     if not repo_ids:
         return {}
-    rows = session.execute(
-        select(Tag.repository_id, Version.number).join(Version, Tag.version_id == Version.id)
+    rows = session.scalars(
+        select(Version).join(Tag, Tag.version_id == Version.id)
         .where(Tag.repository_id.in_(list(repo_ids)), Tag.name == LATEST)
     )
-    return {repo_id: number for repo_id, number in rows}
+    return {version.repository_id: version for version in rows}
 
 
 def delete_repo(session: Session, *, repo: Repository, actor: str) -> None:

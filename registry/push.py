@@ -86,6 +86,13 @@ class PushService:
             raise
         return upload, target
 
+    def resume(self, *, upload_id: str, principal: Principal) -> tuple[Upload, UploadTarget]:
+        """A pending upload with fresh URLs for its bytes and the parts the store already holds."""
+        upload = self.get(upload_id=upload_id, principal=principal)
+        if upload.method == "exists":
+            return upload, UploadTarget(method="exists")
+        return upload, self.store.resume_upload(_ref(upload), method=upload.method, size=upload.size, part_size=upload.part_size)
+
     def get(self, *, upload_id: str, principal: Principal) -> Upload:
         with self.db.read() as session:
             upload = crud.get_upload(session, upload_id=upload_id)

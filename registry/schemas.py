@@ -58,6 +58,18 @@ class RepoCreate(Schema):
     visibility: Literal["public", "private"] = "public"
 
 
+class LatestVersionOut(Schema):
+    """What a listing shows of a repository's newest version."""
+
+    number: int
+    digest: str
+    size: int
+    raw_size: int
+    codec: str | None
+    size_ratio: float | None
+    ready_at: dt.datetime | None
+
+
 class RepoOut(Schema):
     namespace: str
     name: str
@@ -67,6 +79,7 @@ class RepoOut(Schema):
     description: str
     visibility: str
     latest_version: int | None
+    latest: LatestVersionOut | None = Field(None, description="The version `latest` points at; null before the first push.")
     created_by: str
     created_at: dt.datetime
 
@@ -120,6 +133,7 @@ class UploadPartOut(Schema):
     url: str
     offset: int
     size: int
+    received: bool = Field(False, description="The store already holds this part (GET of a pending upload): skip it.")
 
 
 class UploadOut(Schema):

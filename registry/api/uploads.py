@@ -32,10 +32,22 @@ def create_upload(repo_name: RepoPath, body: UploadCreate, state: StateDep, prin
         request=UploadRequest(digest=body.digest, size=body.size, raw_digest=body.raw_digest, raw_size=body.raw_size,
                               description=body.description, fidelity=body.fidelity),
     )
+    return _upload_out(upload, target, repo_name.full)
+
+
+@router.get("/v1/uploads/{upload_id}", response_model=UploadOut)
+def resume_upload(upload_id: UploadId, state: StateDep, principal: PrincipalDep):
+    """A pending upload again, to resume an interrupted push: fresh presigned URLs and, for
+    `s3-multipart`, which parts the store already holds (`received`), so only the others are sent."""
+    upload, target = state.pushes.resume(upload_id=upload_id, principal=principal)
+    return _upload_out(upload, target, upload.version.repository.full_name)
+
+
+def _upload_out(upload, target, repository: str) -> UploadOut:
     return UploadOut(
-        id=upload.id, repository=repo_name.full, method=target.method, exists=target.method == "exists",
+        id=upload.id, repository=repository, method=target.method, exists=target.method == "exists",
         upload_url=f"/v1/uploads/{upload.id}" if target.method == "stream" else target.url,
-        parts=[UploadPartOut(number=p.number, url=p.url, offset=p.offset, size=p.size) for p in target.parts],
+        parts=[UploadPartOut(number=p.number, url=p.url, offset=p.offset, size=p.size, received=p.received) for p in target.parts],
         part_size=target.part_size, complete_url=f"/v1/uploads/{upload.id}/complete", expires_at=upload.expires_at,
     )
 

@@ -8,7 +8,7 @@ from .. import crud
 from ..auth import ALL_NAMESPACES, Principal
 from ..errors import AuthenticationError
 from ..models import Repository, Version
-from ..schemas import RepoOut, VersionOut
+from ..schemas import LatestVersionOut, RepoOut, VersionOut
 from ..settings import Settings
 
 
@@ -28,16 +28,22 @@ def visible_namespaces(principal: Principal, settings: Settings) -> list[str] | 
     return list(principal.scopes)
 
 
-def repo_out(repo: Repository, latest: int | None) -> RepoOut:
+def repo_out(repo: Repository, latest: Version | None) -> RepoOut:
+    summary = None
+    if latest is not None:
+        summary = LatestVersionOut(number=latest.number, digest=latest.blob.digest, size=latest.blob.size,
+                                   raw_size=latest.blob.raw_size, codec=latest.codec, size_ratio=latest.size_ratio,
+                                   ready_at=latest.ready_at)
     return RepoOut(
         namespace=repo.namespace, name=repo.name, full_name=repo.full_name, base=repo.base_model.name,
         base_fingerprint=repo.base_model.fingerprint, description=repo.description, visibility=repo.visibility,
-        latest_version=latest, created_by=repo.created_by, created_at=repo.created_at,
+        latest_version=latest.number if latest is not None else None, latest=summary,
+        created_by=repo.created_by, created_at=repo.created_at,
     )
 
 
 def repos_out(session: Session, repos: list[Repository]) -> list[RepoOut]:
-    latest = crud.latest_numbers(session, repo_ids=[r.id for r in repos])
+    latest = crud.latest_versions(session, repo_ids=[r.id for r in repos])
     return [repo_out(r, latest.get(r.id)) for r in repos]
 
 

@@ -43,6 +43,7 @@ class UploadPart:
     url: str
     offset: int
     size: int
+    received: bool = False  # the store already holds this part (a resumed upload)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,11 @@ class BlobStore(ABC):
     def staging_writer(self, upload_id: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         """A file to stream the upload's bytes into (stores whose bytes pass through the server)."""
         raise NotImplementedError(f"the {self.kind} store takes uploads directly, not through the server")
+
+    def resume_upload(self, ref: UploadRef, *, method: str, size: int, part_size: int | None) -> UploadTarget:
+        """Where to send the bytes of a pending upload again: fresh presigned URLs and, for
+        multipart uploads, which parts already arrived. Bytes through the server start over."""
+        return UploadTarget(method=method)
 
     def finish_parts(self, ref: UploadRef, *, expected_parts: int) -> None:
         """Assemble the parts of a multipart upload (stores that have them)."""

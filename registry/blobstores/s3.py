@@ -109,11 +109,31 @@ class S3BlobStore(BlobStore):
         key = f"{self.blob_key(digest)}.{check_upload_id(upload_id)}"
         with _store_errors("CreateMultipartUpload"):
             mpu_id = self.client.create_multipart_upload(**self._object(key))["UploadId"]
+        return self._multipart_target(key, mpu_id, size, part_size, received={})
+
+    def _multipart_target(self, key: str, mpu_id: str, size: int, part_size: int, *, received: dict[int, int]) -> UploadTarget:
         parts = []
         for i, offset in enumerate(range(0, size, part_size)):
             url = self._presign("upload_part", key, UploadId=mpu_id, PartNumber=i + 1)
-            parts.append(UploadPart(number=i + 1, url=url, offset=offset, size=min(part_size, size - offset)))
+            n = min(part_size, size - offset)
+            parts.append(UploadPart(number=i + 1, url=url, offset=offset, size=n, received=received.get(i + 1) == n))
         return UploadTarget(method="s3-multipart", parts=parts, part_size=part_size, multipart_id=mpu_id)
+
+    def resume_upload(self, ref: UploadRef, *, method: str, size: int, part_size: int | None) -> UploadTarget:
+        if method == "s3-put":
+            return UploadTarget(method=method, url=self._presign("put_object", self.staging_key(ref.upload_id)))
+        key = self._upload_key(ref)
+        received: dict[int, int] = {}
+        try:
+            for page in self.client.get_paginator("list_parts").paginate(**self._object(key), UploadId=ref.multipart_id):
+                received.update((p["PartNumber"], p["Size"]) for p in page.get("Parts", []))
+        except ClientError as exc:
+            if _code(exc) in _NOT_FOUND:
+                raise ConflictError(f"upload {ref.upload_id} can no longer take parts (its multipart upload was completed or aborted)") from None
+            raise BlobStoreError(f"S3 ListParts failed: {_code(exc)}") from None
+        except BotoCoreError as exc:
+            raise BlobStoreError(f"S3 ListParts failed: {exc}") from None
+        return self._multipart_target(key, ref.multipart_id, size, part_size, received=received)
 
     def finish_parts(self, ref: UploadRef, *, expected_parts: int) -> None:
         obj = self._object(self._upload_key(ref))
