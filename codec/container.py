@@ -69,8 +69,50 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
+#: Sizes and offsets are unsigned 64-bit in the stock library; anything larger cannot be loaded by it.
+U64_LIMIT = 2**64
+
+
 def _is_uint(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < U64_LIMIT
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json_loads(text: str | bytes):
+    """`json.loads` for untrusted headers: duplicate keys, NaN/Infinity, integers too long to
+    convert and nesting too deep to parse are all a ValueError (never another exception)."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _has_surrogate(value: str) -> bool:
+    """A lone UTF-16 surrogate (from an unpaired `\\ud800`-style escape) is not Unicode; the stock
+    library refuses it, so we do too."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _short(shape: list[int]) -> str:
+    return str(shape) if len(shape) <= 8 else str(shape[:8])[:-1] + ", ...]"
+
+
+def _numel_fits(shape: list[int], itemsize: int) -> bool:
+    """The element count and bit size, multiplied left to right as the stock library does, stay
+    below 2**64 (a zero dimension after an overflowing product is still refused there)."""
+    n = 1
+    for d in shape:
+        n *= d
+        if n >= U64_LIMIT:
+            return False
+    return n * itemsize * 8 < U64_LIMIT
 
 
 def parse_header_bytes(prefix: bytes, file_size: int) -> Header:
@@ -92,9 +134,11 @@ def parse_header_bytes(prefix: bytes, file_size: int) -> Header:
         raise TruncatedFileError("header is cut short")
     raw = prefix[8 : 8 + header_len]
     try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HeaderError(f"header is not valid UTF-8 JSON: {exc}") from None
+        doc = strict_json_loads(raw.decode("utf-8"))
+    except HeaderError:
+        raise
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
+        raise HeaderError(f"header is not valid UTF-8 JSON: {str(exc)[:200]}") from None
     if not isinstance(doc, dict):
         raise HeaderError("header must be a JSON object")
 
@@ -103,30 +147,37 @@ def parse_header_bytes(prefix: bytes, file_size: int) -> Header:
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise HeaderError("__metadata__ must map strings to strings")
+    if any(_has_surrogate(k) or _has_surrogate(v) for k, v in metadata.items()):
+        raise HeaderError("__metadata__ holds a lone UTF-16 surrogate (not valid Unicode)")
 
     data_start = 8 + header_len
     data_size = file_size - data_start
     tensors: dict[str, TensorEntry] = {}
     for name, info in doc.items():
+        if _has_surrogate(name):
+            raise HeaderError(f"tensor name {name!r} holds a lone UTF-16 surrogate (not valid Unicode)")
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise HeaderError(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPE_SIZES:
-            raise HeaderError(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise HeaderError(f"tensor {name!r}: unknown dtype {str(dtype)[:40]!r}")
         if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-            raise HeaderError(f"tensor {name!r}: shape must be a list of non-negative integers")
+            raise HeaderError(f"tensor {name!r}: shape must be a list of non-negative integers below 2**64")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(_is_uint(o) for o in offsets)
             or offsets[0] > offsets[1]
         ):
-            raise HeaderError(f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
-        # Python integers cannot overflow; the product is compared exactly.
+            raise HeaderError(f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end < 2**64")
+        # Multiplied left to right as the stock library does, stopping at 2**64 (so a forged
+        # shape of millions of huge dimensions costs nothing); Python integers cannot overflow.
+        if not _numel_fits(shape, DTYPE_SIZES[dtype]):
+            raise HeaderError(f"tensor {name!r}: {dtype} shape needs more elements than a 64-bit size can count")
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
         if offsets[1] - offsets[0] != expected:
             raise HeaderError(
-                f"tensor {name!r}: {dtype}{shape} needs {expected} bytes but offsets span "
+                f"tensor {name!r}: {dtype}{_short(shape)} needs {expected} bytes but offsets span "
                 f"{offsets[1] - offsets[0]}"
             )
         tensors[name] = TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])

@@ -26,6 +26,10 @@ class HeaderError(InvalidDeltaError):
     """The safetensors header is malformed, too large, or its offsets are inconsistent."""
 
 
+class CorruptFileError(InvalidDeltaError):
+    """The bytes do not have the sha256 recorded for them (a corrupted or replaced copy)."""
+
+
 class UnsupportedFormatError(InvalidDeltaError):
     """Wrong `format`, unknown `format_version` or unknown `codec`."""
 

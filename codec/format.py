@@ -7,6 +7,7 @@ torch lazily.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -16,8 +17,8 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from .container import Header, TensorEntry, parse_header_bytes, read_header
-from .errors import BaseMismatchError, IncompatibleDeltaError, InvalidDeltaError, UnsupportedFormatError
+from .container import Header, TensorEntry, parse_header_bytes, read_header, strict_json_loads
+from .errors import BaseMismatchError, CorruptFileError, IncompatibleDeltaError, InvalidDeltaError, UnsupportedFormatError
 
 if TYPE_CHECKING:
     import torch
@@ -77,6 +78,12 @@ def split_name(tensor_name: str) -> tuple[str, str]:
     return base, kind
 
 
+def _show(value: object) -> str:
+    """A value from an untrusted header, quoted and cut short for an error message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def validate_metadata(metadata: Mapping[str, str]) -> None:
     """Check the required `__metadata__` keys of a format-v1 delta."""
     missing = [k for k in REQUIRED_KEYS if k not in metadata]
@@ -85,36 +92,36 @@ def validate_metadata(metadata: Mapping[str, str]) -> None:
             raise UnsupportedFormatError("not a deltastore delta: metadata has no 'format' key")
         raise InvalidDeltaError(f"metadata is missing required key(s): {', '.join(missing)}")
     if metadata["format"] != FORMAT:
-        raise UnsupportedFormatError(f"format is {metadata['format']!r}, expected {FORMAT!r}")
+        raise UnsupportedFormatError(f"format is {_show(metadata['format'])}, expected {FORMAT!r}")
     if metadata["format_version"] != FORMAT_VERSION:
         raise UnsupportedFormatError(
-            f"format_version {metadata['format_version']!r} is not supported (this reader knows {FORMAT_VERSION!r}); "
+            f"format_version {_show(metadata['format_version'])} is not supported (this reader knows {FORMAT_VERSION!r}); "
             "upgrade deltastore"
         )
     if metadata["codec"] not in KNOWN_CODECS:
         raise UnsupportedFormatError(
-            f"unknown codec {metadata['codec']!r} (known: {', '.join(sorted(KNOWN_CODECS))})"
+            f"unknown codec {_show(metadata['codec'])} (known: {', '.join(sorted(KNOWN_CODECS))})"
         )
     if not metadata["base_model"].strip():
         raise InvalidDeltaError("metadata 'base_model' is empty")
     if not FINGERPRINT_RE.match(metadata["base_fingerprint"]):
-        raise InvalidDeltaError(f"metadata 'base_fingerprint' {metadata['base_fingerprint']!r} is not sha256:<64 hex>")
+        raise InvalidDeltaError(f"metadata 'base_fingerprint' {_show(metadata['base_fingerprint'])} is not sha256:<64 hex>")
     if metadata["dtype"] not in DTYPE_NAMES:
-        raise InvalidDeltaError(f"metadata 'dtype' {metadata['dtype']!r} is not one of {', '.join(DTYPE_NAMES)}")
+        raise InvalidDeltaError(f"metadata 'dtype' {_show(metadata['dtype'])} is not one of {', '.join(DTYPE_NAMES)}")
     if metadata["codec"] == "deltadq":
         try:
-            dq = json.loads(metadata.get("deltadq", ""))
+            dq = strict_json_loads(metadata.get("deltadq", ""))
         except ValueError:
             raise InvalidDeltaError("codec 'deltadq' needs a 'deltadq' metadata key holding JSON") from None
         seed = dq.get("seed") if isinstance(dq, dict) else None
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
             raise InvalidDeltaError("deltadq metadata needs an integer 'seed' in [0, 2^64)")
         if dq.get("mask") != DQ_MASK:
-            raise UnsupportedFormatError(f"deltadq mask algorithm {dq.get('mask')!r} is not supported (known: {DQ_MASK!r})")
-    for key in ("calibration", "fidelity"):
+            raise UnsupportedFormatError(f"deltadq mask algorithm {_show(dq.get('mask'))} is not supported (known: {DQ_MASK!r})")
+    for key in ("calibration", "fidelity", "x-hf-config"):
         if key in metadata:
             try:
-                json.loads(metadata[key])
+                strict_json_loads(metadata[key])
             except ValueError:
                 raise InvalidDeltaError(f"metadata {key!r} is not valid JSON") from None
 
@@ -213,6 +220,18 @@ def _check_tensor_values(fh, entries: Mapping[str, DeltaEntry]) -> dict[str, tup
     return dq
 
 
+def _check_digest(fh, path: Path, expected: str) -> None:
+    sha = hashlib.sha256()
+    while buf := fh.read(8 << 20):
+        sha.update(buf)
+    fh.seek(0)
+    actual = "sha256:" + sha.hexdigest()
+    if actual != expected:
+        raise CorruptFileError(
+            f"{path}: content has sha256 {actual}, but {expected} was recorded for it (corrupted or replaced; fetch it again)"
+        )
+
+
 class DeltaFile:
     """A validated format-v1 delta on disk.
 
@@ -229,13 +248,18 @@ class DeltaFile:
         self._handle = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> "DeltaFile":
+    def open(cls, path: str | os.PathLike[str], *, expected_digest: str | None = None) -> "DeltaFile":
+        """Validate and open a delta. With `expected_digest` (`sha256:<hex>` of the file, as the
+        registry records it), the whole file is hashed first and a mismatch (a cached copy
+        corrupted or replaced) raises CorruptFileError before any byte of it is interpreted."""
         path = Path(path)
         try:
             fh = open(path, "rb")
         except OSError as exc:
             raise InvalidDeltaError(f"{path}: cannot open: {exc.strerror or exc}") from None
         with fh:
+            if expected_digest is not None:
+                _check_digest(fh, path, expected_digest)
             size = os.fstat(fh.fileno()).st_size
             header = read_header_from_delta(fh, size)
             entries = group_entries(header)

@@ -114,6 +114,59 @@ def frame_compressed_size(fh: IO[bytes]) -> int:
         fh.seek(start)
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class _FrameTracker:
+    """Follows the block structure of one zstd frame as its compressed bytes stream past, so a
+    frame cut short (even only in its checksum) or followed by anything is caught without seeking:
+    the decompressor alone returns all content of a frame whose checksum is missing."""
+
+    def __init__(self, header_size: int, has_checksum: bool):
+        self.need = header_size  # bytes left in the current segment (frame header, block body, checksum)
+        self.last = False  # the current block is the frame's last
+        self.has_checksum = has_checksum
+        self.in_checksum = False
+        self.done = False
+        self.extra = 0  # bytes after the end of the frame
+        self._block_header = b""
+
+    def feed(self, buf: bytes) -> None:
+        i, n = 0, len(buf)
+        while i < n:
+            if self.done:
+                self.extra += n - i
+                return
+            if self.need:
+                take = min(self.need, n - i)
+                self.need -= take
+                i += take
+                self._segment_end()
+                continue
+            take = min(3 - len(self._block_header), n - i)
+            self._block_header += buf[i : i + take]
+            i += take
+            if len(self._block_header) == 3:
+                value = int.from_bytes(self._block_header, "little")
+                self._block_header = b""
+                self.last, kind, size = bool(value & 1), (value >> 1) & 3, value >> 3
+                if kind == 3:
+                    raise BlobCorruptError("zstd frame has a reserved block type")
+                self.need = 1 if kind == 1 else size
+                self._segment_end()
+
+    def _segment_end(self) -> None:
+        if self.need or self._block_header:
+            return
+        if self.in_checksum:
+            self.done = True
+        elif self.last:
+            if self.has_checksum:
+                self.in_checksum, self.need = True, 4
+            else:
+                self.done = True
+
+
 def decompress_stream(
     src: IO[bytes],
     dst: IO[bytes],
@@ -130,11 +183,17 @@ def decompress_stream(
         if frame_compressed_size(src) != total:
             raise BlobCorruptError("blob is not exactly one zstd frame (data follows the frame, or it is cut short)")
     head = src.read(18)  # the largest possible frame header
+    if not head.startswith(ZSTD_MAGIC):
+        raise BlobCorruptError("not a zstd frame (bad magic number)")
     declared = declared_content_size(head)
     if declared is None:
         raise BlobCorruptError("zstd frame header does not declare the content size")
     if declared > max_output_size:
         raise BlobTooLargeError(f"blob declares {declared} decompressed bytes, above the allowed {max_output_size}")
+    try:
+        tracker = _FrameTracker(zstandard.frame_header_size(head), zstandard.get_frame_parameters(head).has_checksum)
+    except zstandard.ZstdError as exc:
+        raise BlobCorruptError(f"not a zstd frame: {exc}") from None
     dctx = zstandard.ZstdDecompressor()
     sha = hashlib.sha256()
     written = 0
@@ -146,8 +205,10 @@ def decompress_stream(
         def read(self, n: int = -1) -> bytes:
             if self.head:
                 out, self.head = self.head, b""
-                return out
-            return src.read(n)
+            else:
+                out = src.read(n)
+            tracker.feed(out)
+            return out
 
     try:
         with dctx.stream_reader(_Prefixed(), read_size=CHUNK, read_across_frames=False) as reader:
@@ -164,8 +225,10 @@ def decompress_stream(
                 dst.write(buf)
     except zstandard.ZstdError as exc:
         raise BlobCorruptError(f"corrupt zstd stream: {exc}") from None
-    if written != declared or src.read(1):
-        # More output than declared means a second frame; leftover input means trailing junk.
+    tracker.feed(src.read(1))
+    if written != declared or not tracker.done or tracker.extra:
+        # Less output or an unfinished frame means it was cut short; more output than declared
+        # means a second frame; leftover input means trailing junk.
         raise BlobCorruptError(f"blob is not exactly one zstd frame of {declared} bytes")
     digest = "sha256:" + sha.hexdigest()
     if expected_raw_digest is not None and digest != expected_raw_digest:
