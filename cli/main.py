@@ -8,7 +8,7 @@ import typer
 
 from codec import __version__
 
-from . import codec_commands, demo, server_commands
+from . import cache_commands, codec_commands, demo, registry_commands, server_commands
 from .errors import state
 
 app = typer.Typer(
@@ -38,6 +38,8 @@ app.command("compress")(codec_commands.compress_cmd)
 app.command("apply")(codec_commands.apply_cmd)
 app.command("inspect")(codec_commands.inspect_cmd)
 server_commands.register(app)
+registry_commands.register(app)
+cache_commands.register(app)
 app.command("demo")(demo.demo_cmd)
 
 

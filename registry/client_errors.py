@@ -1,0 +1,28 @@
+"""Errors only the client raises: the network, interrupted transfers, corrupt downloads, the
+local cache. Errors the registry answers with arrive as its own classes (`registry.errors`:
+NotFoundError, AuthenticationError, ConflictError...), rebuilt from the response's error code.
+"""
+
+from __future__ import annotations
+
+from codec.errors import DeltaStoreError
+
+
+class NetworkError(DeltaStoreError, ConnectionError):
+    """The registry or the blob store could not be reached or stopped answering."""
+
+
+class RegistryUnreachableError(NetworkError):
+    """No connection to the registry at all (not running, wrong URL, firewall)."""
+
+
+class TransferInterruptedError(NetworkError):
+    """A push or pull stopped part-way; running the same command again resumes it."""
+
+
+class CorruptDownloadError(DeltaStoreError, ValueError):
+    """Downloaded bytes do not have the digest or size the registry recorded."""
+
+
+class CacheError(DeltaStoreError, OSError):
+    """The local cache holds something unusable."""

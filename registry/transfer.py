@@ -1,0 +1,228 @@
+"""Moving blob bytes: parallel part uploads straight to their (presigned) URLs, streamed single
+uploads, and downloads that hash, keep the compressed bytes for a Range resume and decompress
+into the cache in the same pass.
+
+    upload_parts(http, staged, parts, progress=bar)          # only the parts given
+    receive_blob(chunks, partial=..., offset=n, dest=..., expected=info, progress=bar)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import httpx
+
+from codec.storage import BlobCorruptError, BlobInfo, BlobTooLargeError, decompress_stream
+
+from . import constants
+from .client_errors import CorruptDownloadError, NetworkError, TransferInterruptedError
+
+#: Called with a number of bytes just moved (negative when a failed attempt is taken back).
+Advance = Callable[[int], None]
+
+_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def _no_progress(n: int) -> None:
+    pass
+
+
+def _file_chunks(path: Path, offset: int, size: int, advance: Advance, sent: list[int]) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        left = size
+        while left:
+            buf = fh.read(min(constants.CHUNK, left))
+            if not buf:
+                raise OSError(f"{path} is shorter than expected (it changed during the push)")
+            left -= len(buf)
+            sent[0] += len(buf)
+            advance(len(buf))
+            yield buf
+
+
+def put_range(
+    http: httpx.Client, url: str, path: Path, offset: int, size: int, *, headers: dict | None = None,
+    advance: Advance = _no_progress, attempts: int | None = None,
+) -> httpx.Response:
+    """PUT bytes [offset, offset+size) of `path` to `url`, streamed with a fixed Content-Length;
+    transient failures (connection errors, 5xx, 429) are retried with backoff."""
+    attempts = attempts or constants.TRANSFER_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        sent = [0]
+        try:
+            response = http.put(url, content=_file_chunks(path, offset, size, advance, sent),
+                                headers={**(headers or {}), "Content-Length": str(size)})
+        except httpx.TransportError as exc:
+            advance(-sent[0])
+            if attempt == attempts:
+                raise NetworkError(f"sending bytes to {_where(url)} failed: {exc}") from None
+        else:
+            if response.status_code not in _RETRY_STATUS or attempt == attempts:
+                return response
+            advance(-sent[0])
+        time.sleep(0.2 * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def upload_parts(
+    http: httpx.Client, path: Path, parts: Iterable[dict], *, concurrency: int, advance: Advance = _no_progress,
+    on_part: Callable[[dict], None] = lambda part: None,
+) -> None:
+    """PUT each part (`{number, url, offset, size}`) of the file at `path` to its URL, `concurrency`
+    at a time. The first part that fails for good stops the rest and is raised."""
+    lock = threading.Lock()
+
+    def locked(n: int) -> None:
+        with lock:
+            advance(n)
+
+    def send(part: dict) -> None:
+        r = put_range(http, part["url"], path, part["offset"], part["size"], advance=locked)
+        if r.status_code != 200:
+            raise NetworkError(f"the blob store refused part {part['number']}: HTTP {r.status_code} {_s3_error(r)}")
+        on_part(part)
+
+    parts = list(parts)
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(parts) or 1)), thread_name_prefix="part") as pool:
+        futures = [pool.submit(send, part) for part in parts]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()
+        for future in futures:
+            if future.done() and not future.cancelled() and future.exception() is not None:
+                raise future.exception()
+
+
+def _where(url: str) -> str:
+    return httpx.URL(url).copy_with(query=None).host or url
+
+
+def _s3_error(response: httpx.Response) -> str:
+    text = response.text[:400]
+    start, end = text.find("<Message>"), text.find("</Message>")
+    return text[start + 9 : end] if 0 <= start < end else text[:120]
+
+
+class _Received:
+    """The compressed bytes of a download as a readable stream, filled by a background thread
+    that first re-reads what an earlier attempt left in the partial file, then appends what the
+    network delivers to it. Hashing, disk writes and the network overlap the decompression,
+    which reads from `read` in the calling thread."""
+
+    _DEPTH = 8
+
+    def __init__(self, chunks: Iterable[bytes], partial: Path, offset: int, advance: Advance):
+        self.sha = hashlib.sha256()
+        self.n = 0
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=self._DEPTH)
+        self._stop = threading.Event()
+        self._buf = memoryview(b"")
+        self._eof = False
+        self._thread = threading.Thread(target=self._fill, args=(chunks, partial, offset, advance), daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _take(self, buf: bytes) -> bool:
+        self.sha.update(buf)
+        self.n += len(buf)
+        return self._put(buf)
+
+    def _fill(self, chunks: Iterable[bytes], partial: Path, offset: int, advance: Advance) -> None:
+        try:
+            with open(partial, "r+b" if offset else "wb") as fh:
+                while fh.tell() < offset and (buf := fh.read(min(constants.CHUNK, offset - fh.tell()))):
+                    if not self._take(buf):
+                        return
+                fh.seek(offset)
+                fh.truncate()
+                for buf in chunks:
+                    fh.write(buf)
+                    advance(len(buf))
+                    if not self._take(buf):
+                        return
+                fh.flush()
+            self._put(b"")
+        except BaseException as exc:  # handed over to the reading thread
+            self.error = exc
+            self._put(exc)
+
+    def read(self, n: int = -1) -> bytes:
+        want = constants.CHUNK if n is None or n < 0 else n
+        while not self._buf and not self._eof:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._eof = True
+                raise item
+            if not item:
+                self._eof = True
+            self._buf = memoryview(item)
+        out = bytes(self._buf[:want])
+        self._buf = self._buf[want:]
+        return out
+
+    def seekable(self) -> bool:
+        return False
+
+    def finish(self) -> None:
+        """Wait for the filler (after reading everything, or to abandon it)."""
+        self._stop.set()
+        self._thread.join()
+
+
+def receive_blob(
+    chunks: Iterable[bytes], *, partial: Path, offset: int, dest: Path, expected: BlobInfo,
+    advance: Advance = _no_progress,
+) -> None:
+    """Take a blob's compressed bytes from `chunks` (those after `offset`; the first `offset` are
+    in `partial` already), keep them in `partial` for a resume, check their size and sha256,
+    and decompress them, capped at the recorded raw size and checked against the raw sha256,
+    into `dest` (written to `dest.incomplete`, then renamed). `partial` is removed on success
+    and on corruption, kept when the transfer was cut."""
+    tmp = dest.with_name(dest.name + ".incomplete")
+    stream = _Received(chunks, partial, offset, advance)
+    failure: BaseException | None = None
+    try:
+        with open(tmp, "wb") as out:
+            decompress_stream(stream, out, max_output_size=expected.raw_size, expected_raw_digest=expected.raw_digest)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException as exc:
+        failure = exc
+    stream.finish()
+    if stream.error is not None or (failure is not None and not isinstance(failure, (BlobCorruptError, BlobTooLargeError))):
+        tmp.unlink(missing_ok=True)
+        cause = stream.error or failure
+        if isinstance(cause, (httpx.TransportError, NetworkError)):
+            raise TransferInterruptedError(
+                f"download stopped after {stream.n} of {expected.size} bytes ({cause}); pull again to resume"
+            ) from None
+        raise cause  # type: ignore[misc]
+    digest = "sha256:" + stream.sha.hexdigest()
+    if stream.n != expected.size or digest != expected.digest or failure is not None:
+        tmp.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+        if stream.n != expected.size or digest != expected.digest:
+            raise CorruptDownloadError(
+                f"downloaded {stream.n} bytes with digest {digest}, but the registry recorded {expected.size} bytes "
+                f"with digest {expected.digest}"
+            )
+        raise CorruptDownloadError(f"the downloaded blob does not decompress to the recorded delta: {failure}")
+    os.replace(tmp, dest)
+    partial.unlink(missing_ok=True)

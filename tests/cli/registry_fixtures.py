@@ -1,0 +1,137 @@
+"""Fixtures of the registry CLI tests: real deltas of the tiny Llama pair, the real registry app
+under uvicorn on 127.0.0.1 (SQLite, local blobs or moto's S3 server), and `deltactl` through
+Typer's CliRunner. Test modules import what they use from here."""
+
+from __future__ import annotations
+
+import os
+
+# moto reads its minimum multipart part size at import: tiny parts give many parts.
+os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", "1024")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+import json  # noqa: E402
+import uuid  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable, Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from cli.main import app  # noqa: E402
+from codec.compress import CompressOptions, compress  # noqa: E402
+from registry.app import create_app  # noqa: E402
+from registry.db import Database  # noqa: E402
+from registry.schema import upgrade  # noqa: E402
+from registry.settings import Settings  # noqa: E402
+from tests.registry.helpers import LiveServer  # noqa: E402
+
+BASE = "org/tiny-llama"
+FIDELITY = {"gain_recovered": 0.91, "greedy_agreement": 0.75, "loss": 2.25}
+CALIBRATION = {"dataset": "stdlib", "steps": 20, "final_loss": 0.125}
+
+runner = CliRunner()
+
+
+def deltactl(*args, input: str | None = None, env: dict | None = None):
+    """Run `deltactl ARGS` in-process; stdout and stderr are kept apart."""
+    return runner.invoke(app, [str(a) for a in args], input=input, env=env)
+
+
+def deltactl_json(*args):
+    result = deltactl(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@dataclass(frozen=True)
+class Deltas:
+    base_dir: Path
+    plain: Path  # bitdelta
+    other: Path  # bitdelta, other bytes
+    with_fidelity: Path  # carries fidelity and calibration metadata
+    deltadq: Path
+    foreign: Path  # made against another base
+
+
+@pytest.fixture(scope="session")
+def deltas(llama_pair, llama_pair_fp16_tied, tmp_path_factory) -> Deltas:
+    base_dir, ft_dir = llama_pair
+    out = tmp_path_factory.mktemp("cli-deltas")
+    opts = CompressOptions(base_name=BASE)
+    compress(base_dir, ft_dir, out / "plain.bdelta", opts)
+    compress(base_dir, ft_dir, out / "other.bdelta", CompressOptions(base_name=BASE, scale_mode="per-row"))
+    compress(base_dir, ft_dir, out / "fid.bdelta", opts,
+             extra_metadata={"fidelity": json.dumps(FIDELITY), "calibration": json.dumps(CALIBRATION)})
+    compress(base_dir, ft_dir, out / "dq.bdelta", CompressOptions(base_name=BASE, codec="deltadq", dq_ratio=32))
+    compress(*llama_pair_fp16_tied, out / "foreign.bdelta", CompressOptions(base_name=BASE))
+    return Deltas(base_dir, out / "plain.bdelta", out / "other.bdelta", out / "fid.bdelta", out / "dq.bdelta",
+                  out / "foreign.bdelta")
+
+
+@pytest.fixture
+def start_registry(tmp_path, monkeypatch) -> Iterator[Callable[..., LiveServer]]:
+    """Start the real registry app under uvicorn on loopback with settings overrides (SQLite
+    database under tmp_path); DELTACTL_REGISTRY points at the last one started."""
+    servers: list[LiveServer] = []
+
+    def start(**overrides) -> LiveServer:
+        data_dir = tmp_path / f"registry-{len(servers)}"
+        settings = Settings(data_dir=data_dir, database_url=f"sqlite:///{data_dir}/registry.db", **overrides)
+        data_dir.mkdir(parents=True)
+        db = Database.from_url(settings.resolved_database_url)
+        upgrade(db.engine)
+        db.dispose()
+        server = LiveServer(create_app(settings))
+        server.start()
+        servers.append(server)
+        monkeypatch.setenv("DELTACTL_REGISTRY", server.url)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def registry(start_registry) -> LiveServer:
+    """The embedded default: SQLite + local blob store, auth off."""
+    return start_registry()
+
+
+@pytest.fixture
+def with_base(registry, deltas) -> str:
+    result = deltactl("base", "add", BASE, deltas.base_dir)
+    assert result.exit_code == 0, result.output
+    return BASE
+
+
+# --- S3 --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    import moto.s3.models
+    from moto.server import ThreadedMotoServer
+
+    moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = 1024  # in case moto was imported before the variable was set
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_client(s3_endpoint):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+
+
+@pytest.fixture
+def s3_bucket(s3_client) -> str:
+    name = f"cli-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-{uuid.uuid4().hex[:10]}"
+    s3_client.create_bucket(Bucket=name)
+    return name
