@@ -1,19 +1,26 @@
-"""Merge mode: add a sign delta into a base weight in place, `W ← (W.float() + Δ̂).to(dtype)`
-(exactly the format's reconstruction), and restore the original bits exactly afterwards.
+"""Merge mode: add a delta into a base weight in place, `W ← (W.float() + Δ̂).to(dtype)` (exactly
+the format's reconstruction, for every codec), and restore the original bits exactly afterwards.
 
 Restoring keeps no copy of the weight: `(W_merged.float() − Δ̂).to(dtype)` gives back the base
 except where rounding lost information (mostly where `W + Δ̂` crossed into a coarser binade: about
 2% of fp16/bf16 weights for typical fine-tunes); those positions, found at merge time by doing the
 restore and comparing bit patterns, are recorded with their original values (6 bytes each).
+Δ̂ comes from a `DeltaRows` callable, so sign planes and DeltaDQ payloads merge alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from codec.bitdelta import decode
+
+from .deltadq import DQWeight
+
+#: `(r0, r1) -> Δ̂[r0:r1]` in fp32 on the weight's device; called once at merge, once at restore.
+DeltaRows = Callable[[int, int], torch.Tensor]
 
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
 _CHUNK_BYTES = 64 << 20  # fp32 temporaries per step
@@ -21,10 +28,9 @@ _CHUNK_BYTES = 64 << 20  # fp32 temporaries per step
 
 @dataclass
 class MergeRecord:
-    """What `unmerge_sign_` needs: the delta, and the positions the float round trip loses."""
+    """What `unmerge_` needs: the delta's rows, and the positions the float round trip loses."""
 
-    sign: torch.Tensor  # uint8 [P, out, ceil(in/8)] on the weight's device
-    scale: torch.Tensor  # f32 [P, 1 | out]
+    delta_rows: DeltaRows
     index: torch.Tensor  # int32 (int64 for huge tensors) flat positions the round trip does not restore
     values: torch.Tensor  # the original values there
 
@@ -47,35 +53,54 @@ def _undo(merged: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (merged.float() - delta).to(merged.dtype)
 
 
+def sign_rows(sign: torch.Tensor, scale: torch.Tensor, in_features: int, device: torch.device) -> DeltaRows:
+    """Δ̂ rows of a sign delta (uint8 [P, out, ceil(in/8)], f32 scales [P, 1 | out])."""
+    sign, scale = sign.to(device), scale.to(device, torch.float32)
+    return lambda r0, r1: decode(sign[:, r0:r1], _scale_rows(scale, r0, r1), in_features)
+
+
+def dq_rows(weight: DQWeight) -> DeltaRows:
+    """Δ̂ rows of a resident DeltaDQ tensor (on the device it lives on)."""
+    return lambda r0, r1: weight.decode(slice(r0, r1))
+
+
 @torch.no_grad()
-def merge_sign_(weight: torch.Tensor, sign: torch.Tensor, scale: torch.Tensor) -> MergeRecord:
+def merge_(weight: torch.Tensor, delta_rows: DeltaRows) -> MergeRecord:
     """`weight ← (weight.float() + Δ̂).to(weight.dtype)` in place, row block by row block."""
     if weight.dtype not in _BITS or weight.dim() != 2:
         raise TypeError(f"merge needs a 2-D float weight, got {weight.dtype}{list(weight.shape)}")
     if not weight.is_contiguous():
         raise ValueError("merge needs a contiguous weight")
     out, inn = weight.shape
-    sign, scale = sign.to(weight.device), scale.to(weight.device, torch.float32)
     ints = _BITS[weight.dtype]
     index_dtype = torch.int32 if weight.numel() < 2**31 else torch.int64
     index, values = [], []
     for r0, r1 in _chunks(out, inn):
         w = weight[r0:r1]
-        delta = decode(sign[:, r0:r1], _scale_rows(scale, r0, r1), inn)
+        delta = delta_rows(r0, r1)
         merged = (w.float() + delta).to(w.dtype)
         lost = (_undo(merged, delta).view(ints) != w.view(ints)).reshape(-1).nonzero().squeeze(1)
         index.append((lost + r0 * inn).to(index_dtype))
         values.append(w.reshape(-1)[lost].clone())
         w.copy_(merged)
-    return MergeRecord(sign, scale, torch.cat(index), torch.cat(values))
+    return MergeRecord(delta_rows, torch.cat(index), torch.cat(values))
 
 
 @torch.no_grad()
-def unmerge_sign_(weight: torch.Tensor, record: MergeRecord) -> None:
-    """Undo `merge_sign_`: the weight's bits are the original ones again."""
+def unmerge_(weight: torch.Tensor, record: MergeRecord) -> None:
+    """Undo `merge_`: the weight's bits are the original ones again."""
     out, inn = weight.shape
     for r0, r1 in _chunks(out, inn):
         w = weight[r0:r1]
-        delta = decode(record.sign[:, r0:r1], _scale_rows(record.scale, r0, r1), inn)
-        w.copy_(_undo(w, delta))
+        w.copy_(_undo(w, record.delta_rows(r0, r1)))
     weight.view(-1)[record.index.long()] = record.values
+
+
+def merge_sign_(weight: torch.Tensor, sign: torch.Tensor, scale: torch.Tensor) -> MergeRecord:
+    """`merge_` of a sign delta."""
+    if weight.dtype not in _BITS or weight.dim() != 2:
+        raise TypeError(f"merge needs a 2-D float weight, got {weight.dtype}{list(weight.shape)}")
+    return merge_(weight, sign_rows(sign, scale, weight.shape[1], weight.device))
+
+
+unmerge_sign_ = unmerge_

@@ -16,8 +16,9 @@ from torch import nn
 from codec.checkpoint import TORCH_TO_ST, Checkpoint, fingerprint_tensors
 from codec.format import DeltaFile
 
+from .deltadq import DQSource
 from .errors import DeltaDoesNotFitError, MergedModeError, StaleSlotError
-from .merge import MergeRecord, merge_sign_, unmerge_sign_
+from .merge import MergeRecord, dq_rows, merge_, sign_rows, unmerge_
 from .modules import PatchPlan, patch_model
 from .resolver import DeltaRef, RefResolver, resolve_ref
 from .segments import SlotBatch, use_batch
@@ -45,7 +46,8 @@ def _default_device() -> torch.device:
 
 
 class DeltaModel:
-    """A causal LM serving many 1-bit deltas of its weights at once.
+    """A causal LM serving many compressed deltas of its weights at once (BitDelta sign planes,
+    DeltaDQ).
 
         dm = DeltaModel.from_pretrained("llama-base/", device="cuda", dtype=torch.float16,
                                         max_slots=64, memory_budget="8GiB")
@@ -68,6 +70,7 @@ class DeltaModel:
         backend: str = "auto",
         target_modules: Sequence[str] | None = None,
         wait_timeout: float = 30.0,
+        sign_slots: int | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -90,7 +93,7 @@ class DeltaModel:
         self.pool = SlotPool(
             self.plan.layout(max_planes), device=self.device, max_slots=max_slots, memory_budget=memory_budget,
             base_fingerprint=base_fingerprint, base_specs=base_specs, base_tables=self.plan.base_tables(),
-            wait_timeout=wait_timeout,
+            wait_timeout=wait_timeout, sign_slots=sign_slots,
         )
         self.plan.attach(self.pool, backend)
         self._resolver = resolver
@@ -115,6 +118,7 @@ class DeltaModel:
         base_fingerprint: str | None = None,
         target_modules: Sequence[str] | None = None,
         wait_timeout: float = 30.0,
+        sign_slots: int | None = None,
         **hf_kwargs,
     ) -> "DeltaModel":
         """Load (or adopt) the base model, patch it in place and allocate the slot pool.
@@ -125,6 +129,9 @@ class DeltaModel:
         most bit-planes a delta may have (each plane costs one bit per weight per slot).
         `target_modules` (fnmatch patterns over module names) limits which linears are patched;
         `wait_timeout` is how long a load waits for a slot that forwards are still using.
+        `sign_slots` (default: every slot) is how many of the `max_slots` slots reserve sign space;
+        the others are table-only and hold DeltaDQ deltas, whose payload comes from the budget left
+        beside the fixed slots.
         """
         device = torch.device(device) if device is not None else _default_device()
         if isinstance(base, nn.Module):
@@ -145,7 +152,7 @@ class DeltaModel:
         return cls(
             model, base_fingerprint=fingerprint, base_specs=specs, max_slots=max_slots,
             memory_budget=memory_budget, max_planes=max_planes, resolver=resolver, backend=backend,
-            target_modules=target_modules, wait_timeout=wait_timeout,
+            target_modules=target_modules, wait_timeout=wait_timeout, sign_slots=sign_slots,
         )
 
     # ---------------------------------------------------------------------------------------
@@ -313,7 +320,11 @@ class DeltaModel:
                     for name, e in delta.entries.items():
                         p = params[name]
                         if e.kind == "bitdelta":
-                            undo.append((p, merge_sign_(p.data, delta.sign(name), delta.scale(name))))
+                            rows = sign_rows(delta.sign(name), delta.scale(name), p.shape[1], p.device)
+                            undo.append((p, merge_(p.data, rows)))
+                        elif e.kind == "deltadq":
+                            weight = DQSource(delta, name, tuple(p.shape)).build().to(p.device)
+                            undo.append((p, merge_(p.data, dq_rows(weight))))
                         else:
                             undo.append((p, p.data.clone()))
                             p.data.copy_(delta.full(name))
@@ -322,7 +333,7 @@ class DeltaModel:
                 with torch.no_grad():
                     for p, rec in reversed(undo):
                         if isinstance(rec, MergeRecord):
-                            unmerge_sign_(p.data, rec)
+                            unmerge_(p.data, rec)
                         else:
                             p.data.copy_(rec)
         finally:

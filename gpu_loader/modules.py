@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .deltadq import DQWeight
 from .segments import SlotBatch, active_batch
 from .sgmv import reconstruct_words, sgmv_sign, sign_matmul_lut, unpack_words_pm1
 
@@ -24,6 +25,19 @@ from .sgmv import reconstruct_words, sgmv_sign, sign_matmul_lut, unpack_words_pm
 LUT_MAX_TOKENS = 8
 REBUILD_BLOCK = 1 << 18  # elements per row block when rebuilding a slot's weight
 from .slot_pool import PoolLayout, SlotPool
+
+
+def add_dq_matmul_(y: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor, weight: DQWeight) -> None:
+    """Decode-then-GEMM for one DeltaDQ slot: `y[tokens] += x[tokens]·Δ̂ᵀ`, with Δ̂ decoded densely
+    for this call only. On CPU, or with fp32 activations, Δ̂ stays fp32 and the product is added
+    in fp32 before one rounding to y's dtype; on CUDA with fp16/bf16 activations Δ̂ is decoded in
+    that dtype so the GEMM runs on the tensor cores, and the product is added in fp32."""
+    xs = x[tokens]
+    if x.device.type == "cpu" or x.dtype == torch.float32:
+        prod = xs.float() @ weight.decode().T
+    else:
+        prod = F.linear(xs, weight.decode(dtype=x.dtype)).float()
+    y[tokens] = (y[tokens].float() + prod).to(y.dtype)
 
 
 def _check_rows(batch: SlotBatch, x: torch.Tensor, who: str) -> None:
@@ -43,6 +57,7 @@ class DeltaLinear(nn.Module):
     byte-table look-up (`sign_matmul_lut`); a slot with many tokens (prefill) has its weight
     rebuilt exactly as the format defines it, `(W_base.float() + Δ̂).to(dtype)`, and its tokens
     run one GEMM with it, so the GEMM work equals that of separate models.
+    DeltaDQ slots, either backend: decode-then-GEMM on top of the base GEMM (`add_dq_matmul_`).
     """
 
     def __init__(self, linear: nn.Linear, weight_key: str, bias_key: str | None):
@@ -85,6 +100,8 @@ class DeltaLinear(nn.Module):
             tok = seg.slot_tokens[s]
             bias = self.slot_bias[s] if self.bias_key is not None else None
             y[tok] = F.linear(x2[tok], batch.views[s].dense[self.weight_key], bias)
+        for s in batch.with_dq(self.weight_key):
+            add_dq_matmul_(y, x2, seg.slot_tokens[s], batch.views[s].dq[self.weight_key])
         return y.view(*x.shape[:-1], self.out_features)
 
     def _grouped(self, x2: torch.Tensor, batch: SlotBatch, seg) -> torch.Tensor:
@@ -101,7 +118,7 @@ class DeltaLinear(nn.Module):
             rows = in_base.nonzero().squeeze(1)
             y = x2.new_empty(x2.shape[0], self.out_features)
             y[rows] = F.linear(x2[rows], self.weight, self.bias)
-        for s in own:
+        for s in own:  # DeltaDQ slots with their own bias are here too, with the base weight
             if s in sign:
                 weight = self.slot_weight(s, batch.views[s].planes)
             elif s in dense:
@@ -111,7 +128,8 @@ class DeltaLinear(nn.Module):
             b = self.slot_bias[s] if self.bias_key is not None else None
             tok = seg.slot_tokens[s]
             if y is None and tok.numel() == x2.shape[0]:  # one version of the layer for every token
-                return F.linear(x2, weight, b)
+                y = F.linear(x2, weight, b)
+                continue
             if y is None:
                 y = x2.new_empty(x2.shape[0], self.out_features)
             y[tok] = F.linear(x2[tok], weight, b)
@@ -120,6 +138,8 @@ class DeltaLinear(nn.Module):
             planes = batch.views[s].planes
             delta = sign_matmul_lut(x2[tok], self.sign_words[s, :planes], self.sign_scales[s, :planes])
             y[tok] = (y[tok].float() + delta).to(y.dtype)
+        for s in batch.with_dq(self.weight_key):
+            add_dq_matmul_(y, x2, seg.slot_tokens[s], batch.views[s].dq[self.weight_key])
         return y
 
     def slot_weight(self, slot: int, planes: int | None = None) -> torch.Tensor:
@@ -141,9 +161,10 @@ class DeltaLinear(nn.Module):
 
 
 class DeltaEmbedding(nn.Module):
-    """Embedding lookup from the base table; rows of a slot whose delta binarized the table get
-    `(base_row.float() + Δ̂_row).to(dtype)` decoded on the fly for the looked-up ids only (bit-exact
-    with the reconstructed model), rows of a slot that keeps it dense read the slot's own table."""
+    """Embedding lookup from the base table; rows of a slot whose delta compressed the table (sign
+    planes or DeltaDQ) get `(base_row.float() + Δ̂_row).to(dtype)` decoded on the fly for the
+    looked-up ids only (bit-exact with the reconstructed model), rows of a slot that keeps it dense
+    read the slot's own table."""
 
     def __init__(self, emb: nn.Embedding, weight_key: str):
         super().__init__()
@@ -168,7 +189,8 @@ class DeltaEmbedding(nn.Module):
             return out
         sign_slots = batch.with_sign(self.weight_key)
         dense_slots = batch.with_dense(self.weight_key)
-        if not sign_slots and not dense_slots:
+        dq_slots = batch.with_dq(self.weight_key)
+        if not sign_slots and not dense_slots and not dq_slots:
             return out
         _check_rows(batch, ids, f"DeltaEmbedding({self.weight_key})")
         flat_ids = ids.reshape(-1)
@@ -186,6 +208,10 @@ class DeltaEmbedding(nn.Module):
         for s in dense_slots:
             tok = seg.slot_tokens[s]
             flat[tok] = self._lookup(flat_ids[tok], batch.views[s].dense[self.weight_key])
+        for s in dq_slots:
+            tok = seg.slot_tokens[s]
+            delta = batch.views[s].dq[self.weight_key].decode(rows=flat_ids[tok])
+            flat[tok] = (flat[tok].float() + delta).to(flat.dtype)
         return out
 
     def extra_repr(self) -> str:

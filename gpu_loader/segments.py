@@ -10,10 +10,13 @@ from __future__ import annotations
 import contextlib
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .deltadq import DQWeight
 
 _ACTIVE: ContextVar["SlotBatch | None"] = ContextVar("deltastore_slot_batch", default=None)
 
@@ -94,6 +97,7 @@ class SlotView:
     tables: frozenset[str]  # small dense tensors this delta replaces (norm weights, biases)
     dense: Mapping[str, torch.Tensor]  # large dense replacements (embeddings, lm_head), on device
     planes: int = 1  # bit-planes of this delta (pool planes beyond it hold zeros)
+    dq: Mapping[str, "DQWeight"] = field(default_factory=dict)  # DeltaDQ tensors, on device
 
 
 @dataclass
@@ -127,6 +131,9 @@ class SlotBatch:
 
     def with_dense(self, name: str) -> list[int]:
         return [s for s, v in sorted(self.views.items()) if name in v.dense]
+
+    def with_dq(self, name: str) -> list[int]:
+        return [s for s, v in sorted(self.views.items()) if name in v.dq]
 
 
 def active_batch() -> SlotBatch | None:

@@ -10,7 +10,8 @@ and writes `y` back in the activation dtype.
 
 Layout (slot pool): words int32 [S, P, out, ceil(in/32)], bit j of word w = input column 32w+j
 (the file's LSB-first uint8 rows padded to 4 bytes and read little-endian); scales f32
-[S, P, out] (per row) or [S, P, 1] (per matrix); active int32 [S] (0 = slot has no delta here).
+[S, P, out] (per row) or [S, P, 1] (per matrix); active int32 [≥ S] (0 = slot has no sign delta
+here; slots ≥ S, table-only, are always 0).
 
 `sgmv_sign_reference` is the pure-torch path (CPU and test oracle); `sgmv_sign` picks one.
 """
@@ -267,8 +268,10 @@ def _check_args(x, y, words, scales, active):
     S, P = words.shape[:2]
     if scales.dtype != torch.float32 or scales.dim() != 3 or tuple(scales.shape[:2]) != (S, P) or scales.shape[2] not in (1, N):
         raise ValueError(f"scales must be float32 [{S}, {P}, {N} or 1], got {scales.dtype}{list(scales.shape)}")
-    if active.dim() != 1 or active.shape[0] != S or active.dtype != torch.int32:
-        raise ValueError(f"active must be int32 [{S}], got {active.dtype}{list(active.shape)}")
+    # Table-only slots (indices >= S) have flags but no words; their flags are 0, so the kernel
+    # returns before it would read words of theirs.
+    if active.dim() != 1 or active.shape[0] < S or active.dtype != torch.int32:
+        raise ValueError(f"active must be int32 [>= {S}], got {active.dtype}{list(active.shape)}")
     devices = {t.device for t in (x, y, words, scales, active)}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")

@@ -1,5 +1,6 @@
 """The delta slot pool: fixed device buffers (packed sign words + scales per layer, small dense
-tables per slot) allocated once, LRU eviction of unpinned slots, pinning, pinned host staging
+tables per slot) allocated once, room beside them for what a delta brings beyond that (dense
+`.full` tensors, DeltaDQ payloads), LRU eviction of unpinned slots, pinning, pinned host staging
 and loading on a side CUDA stream with events, so a forward never reads a half-written slot.
 
 Thread-safe: `load` may run on any thread while forwards lease slots on another.
@@ -21,6 +22,7 @@ import torch
 from codec.checkpoint import TORCH_TO_ST
 from codec.format import DeltaFile
 
+from .deltadq import DQSource, DQWeight
 from .errors import BudgetError, DeltaDoesNotFitError, NotLoadedError, SlotPoolFullError, StaleSlotError
 from .segments import SlotView
 from .sgmv import words_per_row
@@ -56,7 +58,13 @@ class PoolLayout:
     @property
     def slot_bytes(self) -> int:
         """Device bytes of one slot's fixed part (words, scales, tables, active flags)."""
-        total = sum(self.sign_bytes(n) for n in self.sign) + 4 * len(self.sign)
+        return sum(self.sign_bytes(n) for n in self.sign) + self.table_slot_bytes
+
+    @property
+    def table_slot_bytes(self) -> int:
+        """Device bytes of a table-only slot (tables and active flags, no sign space): what a
+        slot holding a DeltaDQ delta needs beside its payload."""
+        total = 4 * len(self.sign)
         for shape, dtype in self.table.values():
             total += _numel(shape) * _itemsize(dtype)
         return total
@@ -111,10 +119,20 @@ class StagedDelta:
     dense: dict[str, torch.Tensor]
     nbytes: int
     _arena: torch.Tensor | None = field(default=None, repr=False)
+    dq: dict[str, DQWeight] = field(default_factory=dict)
 
     @property
     def dense_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.dense.values())
+
+    @property
+    def dq_bytes(self) -> int:
+        return sum(w.nbytes for w in self.dq.values())
+
+    @property
+    def room_bytes(self) -> int:
+        """Device bytes this delta needs beside the fixed slots (allocated per load)."""
+        return self.dense_bytes + self.dq_bytes
 
 
 class _HostArena:
@@ -155,6 +173,8 @@ class _Slot:
     tables: frozenset[str] = frozenset()
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
     dense_bytes: int = 0
+    dq: dict[str, DQWeight] = field(default_factory=dict)
+    dq_bytes: int = 0
     info: dict = field(default_factory=dict)
     loaded_at: float = 0.0
     hits: int = 0
@@ -162,8 +182,13 @@ class _Slot:
     last_use_event: object = None  # torch.cuda.Event: the last forward that read the slot is complete
     streams_seen: set = field(default_factory=set)
 
+    @property
+    def room_bytes(self) -> int:
+        return self.dense_bytes + self.dq_bytes
+
     def view(self) -> SlotView:
-        return SlotView(self.index, self.sign, self.tables, dict(self.dense), max(self.info.get("planes", 1), 1))
+        return SlotView(self.index, self.sign, self.tables, dict(self.dense), max(self.info.get("planes", 1), 1),
+                        dict(self.dq))
 
 
 class SlotPool:
@@ -176,8 +201,12 @@ class SlotPool:
         ... forward ...
         pool.release(slots)
 
-    The number of slots is `min(max_slots, budget // layout.slot_bytes)`; the budget left over
-    holds the dense replacements (embeddings / lm_head kept dense by a delta), allocated per load.
+    By default every slot reserves sign space and the number of slots is
+    `min(max_slots, budget // layout.slot_bytes)`. With `sign_slots=s` there are exactly
+    `max_slots` slots of which only the first `s` reserve sign space; the others are table-only
+    (`layout.table_slot_bytes`) and hold deltas without sign tensors (DeltaDQ). The budget left
+    over is the room for what deltas bring beyond the fixed part, allocated per load: dense
+    replacements (embeddings / lm_head kept dense) and DeltaDQ payloads.
     A load that finds every slot in use (leased by forwards or being loaded) waits up to
     `wait_timeout` seconds for one; when every slot is pinned it fails at once.
     """
@@ -193,9 +222,12 @@ class SlotPool:
         base_specs: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
         base_tables: Mapping[str, torch.Tensor] | None = None,
         wait_timeout: float = 30.0,
+        sign_slots: int | None = None,
     ) -> None:
         if max_slots < 1:
             raise BudgetError(f"max_slots must be >= 1, got {max_slots}")
+        if sign_slots is not None and not 0 <= sign_slots <= max_slots:
+            raise BudgetError(f"sign_slots must be between 0 and max_slots ({max_slots}), got {sign_slots}")
         self.layout = layout
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -208,17 +240,29 @@ class SlotPool:
         if missing:
             raise ValueError(f"base_tables lacks {sorted(missing)[:3]}")
 
-        slot_bytes = layout.slot_bytes
-        n = min(max_slots, self.budget // max(slot_bytes, 1))
-        if n < 1:
-            raise BudgetError(
-                f"memory budget {format_size(self.budget)} holds no delta slot: one slot needs "
-                f"{format_size(slot_bytes)} ({layout.planes} plane(s)); raise memory_budget"
-            )
+        slot_bytes, table_bytes = layout.slot_bytes, layout.table_slot_bytes
+        if sign_slots is None:
+            n = n_sign = min(max_slots, self.budget // max(slot_bytes, 1))
+            if n < 1:
+                raise BudgetError(
+                    f"memory budget {format_size(self.budget)} holds no delta slot: one slot needs "
+                    f"{format_size(slot_bytes)} ({layout.planes} plane(s)); raise memory_budget"
+                )
+        else:
+            n, n_sign = max_slots, sign_slots
+            fixed = n_sign * slot_bytes + (n - n_sign) * table_bytes
+            if fixed > self.budget:
+                raise BudgetError(
+                    f"memory budget {format_size(self.budget)} does not hold {n_sign} slot(s) with sign space "
+                    f"({format_size(slot_bytes)} each) and {n - n_sign} table-only slot(s) "
+                    f"({format_size(table_bytes)} each): {format_size(fixed)} needed; raise memory_budget "
+                    "or lower sign_slots / max_slots"
+                )
         self.num_slots = n
-        self.fixed_bytes = n * slot_bytes
-        self.dense_budget = self.budget - self.fixed_bytes
-        self._allocate(n)
+        self.num_sign_slots = n_sign
+        self.fixed_bytes = n_sign * slot_bytes + (n - n_sign) * table_bytes
+        self.dense_budget = self.budget - self.fixed_bytes  # the room: dense tensors and DeltaDQ payloads
+        self._allocate(n, n_sign)
 
         self.wait_timeout = wait_timeout
         self._lock = threading.RLock()
@@ -229,21 +273,23 @@ class SlotPool:
         self._tick = itertools.count(1)
         self._generation = itertools.count(1)
         self._dense_used = 0
+        self._dq_used = 0
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.counters = {"loads": 0, "hits": 0, "evictions": 0, "stage_seconds": 0.0, "install_seconds": 0.0}
 
     # ---------------------------------------------------------------------------------------
     # allocation
     # ---------------------------------------------------------------------------------------
-    def _allocate(self, n: int) -> None:
+    def _allocate(self, n: int, n_sign: int) -> None:
+        """Sign space for slots [0, n_sign), tables and active flags for all n slots."""
         lay, dev = self.layout, self.device
         try:
             self.words = {
-                name: torch.zeros(n, lay.planes, out, words_per_row(inn), dtype=torch.int32, device=dev)
+                name: torch.zeros(n_sign, lay.planes, out, words_per_row(inn), dtype=torch.int32, device=dev)
                 for name, (out, inn) in lay.sign.items()
             }
             self.scales = {
-                name: torch.zeros(n, lay.planes, out, dtype=torch.float32, device=dev)
+                name: torch.zeros(n_sign, lay.planes, out, dtype=torch.float32, device=dev)
                 for name, (out, _) in lay.sign.items()
             }
             self._active = torch.zeros(n, max(len(lay.sign), 1), dtype=torch.int32, device=dev)
@@ -252,7 +298,8 @@ class SlotPool:
             }
         except torch.OutOfMemoryError as exc:
             raise BudgetError(
-                f"allocating {n} slots x {format_size(lay.slot_bytes)} on {dev} failed ({exc}); lower memory_budget"
+                f"allocating {n} slots ({n_sign} with sign space of {format_size(lay.slot_bytes)}) on {dev} "
+                f"failed ({exc}); lower memory_budget"
             ) from None
         self._sign_index = {name: i for i, name in enumerate(lay.sign)}
         self.active = {name: self._active[:, i] for name, i in self._sign_index.items()}
@@ -265,11 +312,18 @@ class SlotPool:
         delta.check_base(self.base_specs, self.base_fingerprint)
         lay = self.layout
         for name, e in delta.entries.items():
-            if e.kind == "bitdelta":
+            if e.kind in ("bitdelta", "deltadq"):
                 if name not in lay.sign:
                     raise DeltaDoesNotFitError(
-                        f"{name}: a sign delta on a tensor of a module the loader does not patch "
-                        "(only nn.Linear and nn.Embedding weights carry sign deltas)"
+                        f"{name}: a {'sign' if e.kind == 'bitdelta' else 'DeltaDQ'} delta on a tensor of a module "
+                        "the loader does not patch (only nn.Linear and nn.Embedding weights carry compressed deltas)"
+                    )
+                if e.kind == "deltadq":
+                    continue
+                if self.num_sign_slots == 0:
+                    raise DeltaDoesNotFitError(
+                        f"{delta.path.name}: {name} is a sign delta but no slot of this pool has sign space "
+                        "(sign_slots=0); create the DeltaModel with sign_slots >= 1"
                     )
                 if e.planes > lay.planes:
                     raise DeltaDoesNotFitError(
@@ -296,8 +350,9 @@ class SlotPool:
         self.check_fits(delta)
         signs = {n: e for n, e in delta.entries.items() if e.kind == "bitdelta"}
         fulls = {n: e for n, e in delta.entries.items() if e.kind == "full"}
+        dqs = {n: DQSource(delta, n, self.layout.sign[n]) for n, e in delta.entries.items() if e.kind == "deltadq"}
         info = {
-            "path": str(path), "base_model": delta.base_model, "dtype": delta.dtype_name,
+            "path": str(path), "base_model": delta.base_model, "dtype": delta.dtype_name, "codec": delta.codec,
             "planes": max((e.planes for e in signs.values()), default=0),
             "per_row": any(e.per_row for e in signs.values()),
             "file_bytes": Path(path).stat().st_size,
@@ -305,8 +360,9 @@ class SlotPool:
         staged = self.stage_tensors(
             key or str(Path(path).resolve()),
             sign=_Lazy(delta.sign, signs), scale=_Lazy(delta.scale, signs), full=_Lazy(delta.full, fulls),
-            info=info,
+            dq=dqs, info=info,
         )
+        delta.close()
         with self._lock:
             self.counters["stage_seconds"] += time.perf_counter() - t0
         return staged
@@ -318,12 +374,15 @@ class SlotPool:
         sign: Mapping[str, torch.Tensor],
         scale: Mapping[str, torch.Tensor],
         full: Mapping[str, torch.Tensor] | None = None,
+        dq: Mapping[str, DQSource | DQWeight] | None = None,
         info: dict | None = None,
     ) -> StagedDelta:
         """Stage in-memory tensors in the file's layout (sign uint8 [P, out, ceil(in/8)], scale
-        f32 [P, 1|out], full tensors) — the path `stage()` takes after reading a file."""
+        f32 [P, 1|out], full tensors) and DeltaDQ tensors (sources whose mask is decoded into the
+        staging buffer, or ready `DQWeight`s) — the path `stage()` takes after reading a file."""
         lay = self.layout
         full = full if full is not None else {}
+        dq = dq if dq is not None else {}
         specs: list[tuple[tuple[int, ...], torch.dtype]] = []
         for name in sign:
             out, inn = lay.sign[name]
@@ -331,6 +390,10 @@ class SlotPool:
         tables = [n for n in full if n in lay.table]
         denses = [n for n in full if n not in lay.table]
         specs += [lay.table[n] for n in tables] + [lay.dense[n] for n in denses]
+        for name in dq:
+            w = dq[name]
+            shapes = w.payload_shapes() if isinstance(w, DQSource) else [t.shape for t in w.tensors()]
+            specs += list(zip(shapes, (torch.int32, torch.uint8, torch.float32)))
         arena = _HostArena(specs, pin=self.device.type == "cuda")
         views = iter(arena.views())
         words, scales, tabs, dense = {}, {}, {}, {}
@@ -349,9 +412,18 @@ class SlotPool:
             tabs[name] = next(views).copy_(full[name])
         for name in denses:
             dense[name] = next(views).copy_(full[name])
+        dqs = {}
+        for name, src in dq.items():
+            mask, codes, step = next(views), next(views), next(views)
+            if isinstance(src, DQSource):
+                p = src.params
+                dqs[name] = DQWeight(mask, codes, step, p.bits, p.kept_per_row(src.shape[1]), src.shape[1])
+                src.fill(dqs[name])
+            else:
+                dqs[name] = src.replace(mask.copy_(src.mask), codes.copy_(src.codes), step.copy_(src.step))
         return StagedDelta(
             key=key, info=dict(info or {}), words=words, scales=scales, tables=tabs, dense=dense,
-            nbytes=int(arena.buffer.numel()), _arena=arena.buffer,
+            nbytes=int(arena.buffer.numel()), _arena=arena.buffer, dq=dqs,
         )
 
     # ---------------------------------------------------------------------------------------
@@ -396,34 +468,38 @@ class SlotPool:
         full) on the side stream; the slot becomes visible once its copies are enqueued, and
         forwards wait on its ready event."""
         t0 = time.perf_counter()
-        need_dense = staged.dense_bytes
+        need_dense, need_dq = staged.dense_bytes, staged.dq_bytes
+        need = need_dense + need_dq
+        what = " and ".join(w for w, b in (("dense tensors", need_dense), ("DeltaDQ payload", need_dq)) if b)
         with self._lock:
-            if need_dense > self.dense_budget:
+            if need > self.dense_budget:
                 raise SlotPoolFullError(
-                    f"the delta's dense tensors need {format_size(need_dense)} but the budget leaves "
-                    f"{format_size(self.dense_budget)} beside the fixed slots; raise memory_budget or "
-                    "lower max_slots"
+                    f"the delta's {what} need {format_size(need)} but the budget leaves "
+                    f"{format_size(self.dense_budget)} beside the fixed slots; raise memory_budget, or lower "
+                    "max_slots (or sign_slots)"
                 )
-            slot = self._take_slot(time.monotonic() + self.wait_timeout)
-            while self._dense_used + need_dense > self.dense_budget:
-                victim = self._lru(lambda s: s.dense_bytes > 0)
+            slot = self._take_slot(time.monotonic() + self.wait_timeout, needs_sign=bool(staged.words))
+            while self._dense_used + self._dq_used + need > self.dense_budget:
+                victim = self._lru(lambda s: s.room_bytes > 0)
                 if victim is None:
                     self._release_slot_to_free(slot)
                     raise SlotPoolFullError(
-                        f"no room for {format_size(need_dense)} of dense tensors: the deltas holding "
+                        f"no room for {format_size(need)} of {what}: the deltas holding "
                         "the rest of the budget are pinned or in use"
                     )
                 self._evict(victim)
                 victim.state = _FREE
             self._dense_used += need_dense
+            self._dq_used += need_dq
             slot.state = _LOADING
-            slot.dense_bytes = need_dense
+            slot.dense_bytes, slot.dq_bytes = need_dense, need_dq
         try:
             self._copy_into(slot, staged)
         except BaseException:
             with self._lock:
                 self._dense_used -= need_dense
-                slot.dense, slot.dense_bytes = {}, 0
+                self._dq_used -= need_dq
+                slot.dense, slot.dense_bytes, slot.dq, slot.dq_bytes = {}, 0, {}, 0
                 self._release_slot_to_free(slot)
                 self._freed.notify_all()
             raise
@@ -474,30 +550,35 @@ class SlotPool:
                 d = torch.empty(t.shape, dtype=t.dtype, device=self.device)
                 d.copy_(t, non_blocking=nb)
                 slot.dense[name] = d
+            slot.dq = {name: w.to(self.device, non_blocking=nb) for name, w in staged.dq.items()}
             if stream is not None:
                 ev = torch.cuda.Event()
                 ev.record(stream)
                 slot.ready_event = ev
                 slot.streams_seen = set()
 
-    def _take_slot(self, deadline: float) -> _Slot:
+    def _take_slot(self, deadline: float, needs_sign: bool = True) -> _Slot:
         """A free slot, else the least recently used evictable one; waits (lock released) while
-        the only candidates are leased or loading. Called with the lock held."""
+        the only candidates are leased or loading. A delta with sign tensors needs a slot with
+        sign space; one without prefers a free table-only slot. Called with the lock held."""
+        n_sign = self.num_sign_slots
+        cands = self._slots[:n_sign] if needs_sign else self._slots[n_sign:] + self._slots[:n_sign]
         while True:
-            for s in self._slots:
+            for s in cands:
                 if s.state == _FREE:
                     s.state = _LOADING
                     return s
-            victim = self._lru(lambda s: True)
+            victim = self._lru(lambda s: s.index < n_sign or not needs_sign)
             if victim is not None:
                 self._evict(victim)
                 victim.state = _LOADING
                 return victim
-            pinned = sum(s.pinned for s in self._slots)
+            pinned = sum(s.pinned for s in cands)
             remaining = deadline - time.monotonic()
-            if pinned == self.num_slots or remaining <= 0:
+            if pinned == len(cands) or remaining <= 0:
+                kind = "slots with sign space" if needs_sign and n_sign < self.num_slots else "slots"
                 raise SlotPoolFullError(
-                    f"all {self.num_slots} slots are busy ({pinned} pinned, the rest in use by forwards "
+                    f"all {len(cands)} {kind} are busy ({pinned} pinned, the rest in use by forwards "
                     "or loading); unpin or unload a delta, or raise max_slots / memory_budget"
                 )
             self._freed.wait(remaining)
@@ -511,7 +592,9 @@ class SlotPool:
         if slot.key is not None and self._by_key.get(slot.key) is slot:
             del self._by_key[slot.key]
         self._dense_used -= slot.dense_bytes
-        slot.dense, slot.dense_bytes = {}, 0  # freed after in-flight reads (record_stream in acquire)
+        self._dq_used -= slot.dq_bytes
+        # freed after in-flight reads (record_stream in acquire)
+        slot.dense, slot.dense_bytes, slot.dq, slot.dq_bytes = {}, 0, {}, 0
         slot.key, slot.refs, slot.pinned, slot.unload_on_release = None, set(), False, False
         slot.sign, slot.tables, slot.info = frozenset(), frozenset(), {}
         slot.generation = next(self._generation)
@@ -572,8 +655,9 @@ class SlotPool:
             for s in events:
                 if s.ready_event is not None:
                     cur.wait_event(s.ready_event)
-                if s.dense and cur not in s.streams_seen:
-                    for t in s.dense.values():  # keep the memory until this stream is done with it
+                if (s.dense or s.dq) and cur not in s.streams_seen:
+                    held = [*s.dense.values(), *(t for w in s.dq.values() for t in w.tensors())]
+                    for t in held:  # keep the memory until this stream is done with it
                         t.record_stream(cur)
                     s.streams_seen.add(cur)
         return rows, views
@@ -641,7 +725,8 @@ class SlotPool:
                 {
                     "slot": s.index, "key": s.key, "refs": sorted(s.refs), "pinned": s.pinned,
                     "in_use": s.leases > 0, "last_used": s.last_used, "hits": s.hits,
-                    "dense_bytes": s.dense_bytes, **s.info,
+                    "dense_bytes": s.dense_bytes, "dq_bytes": s.dq_bytes, "sign_space": s.index < self.num_sign_slots,
+                    **s.info,
                 }
                 for s in sorted(self._slots, key=lambda s: -s.last_used)
                 if s.state == _READY
@@ -653,12 +738,15 @@ class SlotPool:
             return {
                 "device": str(self.device),
                 "slots": self.num_slots,
+                "sign_slots": self.num_sign_slots,
                 "slots_used": used,
                 "slots_pinned": sum(s.pinned for s in self._slots),
                 "planes": self.layout.planes,
                 "slot_bytes": self.layout.slot_bytes,
+                "table_slot_bytes": self.layout.table_slot_bytes,
                 "fixed_bytes": self.fixed_bytes,
                 "dense_bytes_used": self._dense_used,
+                "dq_bytes_used": self._dq_used,
                 "dense_budget": self.dense_budget,
                 "budget_bytes": self.budget,
                 **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.counters.items()},

@@ -85,6 +85,26 @@ def family(tmp_path_factory) -> Family:
     })
 
 
+#: DeltaDQ at a 32x size budget, parameters searched per tensor (1 bit, half kept, on these deltas).
+DQ_RATIO_32 = CompressOptions(codec="deltadq", dq_ratio=32)
+#: DeltaDQ with 3-bit codes in 3 parts (codes straddle bytes), groups of 32 (a partial last group
+#: in the 184-wide down_proj), embeddings and lm_head compressed too.
+DQ_3BIT = CompressOptions(codec="deltadq", dq_bits=3, dq_keep=0.25, dq_group_size=32, dq_parts=3,
+                          dq_seed=2**63 + 12345, include=("*embed_tokens*", "*lm_head*"))
+
+
+@pytest.fixture(scope="session")
+def dq_family(family) -> Family:
+    """`family` plus DeltaDQ deltas of its fine-tunes, so one batch can mix both codecs:
+    q: fine-tune 3 at ratio 32 (embeddings and lm_head kept dense);
+    r: fine-tune 1 with 3-bit codes, embeddings and lm_head compressed too."""
+    root = family.root
+    fam = _family(root, family.base, {"q": (root / "ft3", DQ_RATIO_32), "r": (root / "finetuned", DQ_3BIT)})
+    fam.deltas = {**family.deltas, **fam.deltas}
+    fam.applied = {**family.applied, **fam.applied}
+    return fam
+
+
 @pytest.fixture(scope="session")
 def tied_family(llama_pair_fp16_tied, tmp_path_factory) -> Family:
     """fp16 Llama with tied embeddings: a binarizes the (shared) embedding, b keeps it dense."""
@@ -95,6 +115,18 @@ def tied_family(llama_pair_fp16_tied, tmp_path_factory) -> Family:
         "a": (ft, CompressOptions(planes=2, scale_mode="per-row", include=("*embed_tokens*",))),
         "b": (ft2, CompressOptions()),
     })
+
+
+@pytest.fixture(scope="session")
+def tied_dq_family(tied_family, llama_pair_fp16_tied) -> Family:
+    """`tied_family` (fp16, tied embeddings) plus q: fine-tune 1 as DeltaDQ with the shared
+    embedding compressed, so the DeltaDQ embedding delta reaches the logits through lm_head."""
+    root = tied_family.root
+    opts = CompressOptions(codec="deltadq", dq_bits=2, dq_keep=0.25, dq_group_size=16, include=("*embed_tokens*",))
+    fam = _family(root, tied_family.base, {"q": (llama_pair_fp16_tied[1], opts)})
+    fam.deltas = {**tied_family.deltas, **fam.deltas}
+    fam.applied = {**tied_family.applied, **fam.applied}
+    return fam
 
 
 @pytest.fixture(scope="session")
