@@ -134,7 +134,52 @@ def gc_cmd(
     )
 
 
+@handle_errors
+def fsck_cmd(
+    digests: Annotated[bool, typer.Option("--digests/--no-digests", help="Re-read every blob and verify its digests (slow on large stores).")] = True,
+    data_dir: DataDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check that the registry database and the blob store agree (run on the server host).
+
+    Reports blob rows whose object is missing, stored bytes that no longer match their digests,
+    version/tag invariants, and leftovers that `deltactl gc` removes. Exit code 1 on any problem.
+
+    Example: deltactl fsck --json
+    """
+    from registry import schema
+    from registry.blobstores import open_blob_store
+    from registry.db import Database
+    from registry.fsck import check_consistency
+
+    settings = _settings(data_dir)
+    db = Database.from_url(settings.resolved_database_url)
+    try:
+        schema.check_schema(db.engine)
+        report = check_consistency(db=db, store=open_blob_store(settings), settings=settings, digests=digests)
+    finally:
+        db.dispose()
+    if as_json:
+        emit_json(report.as_dict())
+    else:
+        for line in report.details:
+            typer.echo(line, err=True)
+        verified = f", {report.bytes_verified} bytes re-verified" if digests else " (digests not checked)"
+        typer.echo(
+            f"{report.versions} version(s), {report.blobs} blob(s), {report.objects} stored object(s){verified}: "
+            + ("consistent" if report.ok else "INCONSISTENT")
+            + f"; problems: {report.missing_objects} missing object(s), {report.digest_mismatches} digest mismatch(es), "
+            f"{report.dangling_versions} dangling version(s), {report.number_errors} numbering error(s), {report.tag_errors} tag error(s)"
+            f"; leftovers for gc: {report.orphan_objects} orphan object(s), {report.staging_leftovers} staging leftover(s), "
+            f"{report.unreferenced_blobs} unreferenced blob(s), {report.stale_uploads} stale upload(s)"
+            f"; {report.pending_uploads} upload(s) pending"
+        )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_cmd)
     app.command("gc")(gc_cmd)
+    app.command("fsck")(fsck_cmd)
     app.add_typer(db_app, name="db")

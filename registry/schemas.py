@@ -196,6 +196,27 @@ class GcOut(Schema):
     dry_run: bool
 
 
+class FsckOut(Schema):
+    ok: bool = Field(description="The index and the blob store agree: no problem below is non-zero.")
+    clean: bool = Field(description="ok, and no leftovers (orphan objects, staging leftovers, unreferenced blobs, stale uploads).")
+    versions: int
+    blobs: int
+    objects: int
+    bytes_verified: int
+    missing_objects: int
+    digest_mismatches: int
+    dangling_versions: int
+    number_errors: int
+    tag_errors: int
+    orphan_objects: int
+    staging_leftovers: int
+    unreferenced_blobs: int
+    pending_uploads: int
+    stale_uploads: int
+    digests_checked: bool
+    details: list[str] = Field(description="The first 100 problems and leftovers, one line each.")
+
+
 class AuditEventOut(Schema):
     model_config = ConfigDict(from_attributes=True)
 

@@ -1,4 +1,4 @@
-"""Administration: garbage collection and the audit log (global admin only)."""
+"""Administration: garbage collection, the consistency check and the audit log (global admin only)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import crud
 from ..deps import Cursor, PageLimit, PrincipalDep, ReadSessionDep, StateDep
+from ..fsck import check_consistency
 from ..gc import collect_garbage
-from ..schemas import AuditEventOut, GcOut, Page
+from ..schemas import AuditEventOut, FsckOut, GcOut, Page
 
 router = APIRouter(prefix="/v1", tags=["admin"])
 
@@ -24,6 +25,17 @@ async def run_gc(state: StateDep, principal: PrincipalDep, dry_run: Annotated[bo
                                 dry_run=dry_run, metrics=state.metrics)
     )
     return GcOut(**report.as_dict())
+
+
+@router.get("/admin/fsck", response_model=FsckOut)
+async def run_fsck(state: StateDep, principal: PrincipalDep, digests: Annotated[bool, Query()] = True):
+    """Check that the index and the blob store agree (every blob row has its object and, with
+    `digests`, its bytes still verify) and the index's own invariants; read-only."""
+    principal.require_admin()
+    report = await run_in_threadpool(
+        lambda: check_consistency(db=state.db, store=state.store, settings=state.settings, digests=digests)
+    )
+    return FsckOut(**report.as_dict())
 
 
 @router.get("/audit", response_model=Page[AuditEventOut])

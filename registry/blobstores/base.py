@@ -114,6 +114,11 @@ class BlobStore(ABC):
         """Remove whatever an upload left behind (staged bytes, unfinished multipart upload)."""
 
     @abstractmethod
+    def list_staging(self) -> Iterator[StoredObject]:
+        """What uploads left in staging (received bytes, unfinished multipart uploads); `key` is
+        the upload id."""
+
+    @abstractmethod
     def sweep_staging(self, *, live_upload_ids: set[str], older_than: dt.datetime) -> int:
         """Remove staging leftovers older than `older_than` of uploads not in `live_upload_ids`."""
 

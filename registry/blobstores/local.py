@@ -110,6 +110,13 @@ class LocalBlobStore(BlobStore):
             path.unlink(missing_ok=True)
         self._staged_path(ref.upload_id).unlink(missing_ok=True)
 
+    def list_staging(self) -> Iterator[StoredObject]:
+        for path in list(self.staging_dir.iterdir()):
+            upload_id = path.name.split(".", 1)[0]
+            if upload_id:  # not a readiness probe
+                with contextlib.suppress(FileNotFoundError):
+                    yield StoredObject(key=upload_id, modified=_mtime(path))
+
     def sweep_staging(self, *, live_upload_ids: set[str], older_than: dt.datetime) -> int:
         removed = set()
         for path in list(self.staging_dir.iterdir()):

@@ -22,6 +22,7 @@ import re
 from typing import IO, Iterator
 
 import boto3
+import urllib3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -46,8 +47,31 @@ def _store_errors(what: str) -> Iterator[None]:
     except ClientError as exc:
         message = exc.response.get("Error", {}).get("Message", "")
         raise BlobStoreError(f"S3 {what} failed: {_code(exc)} {message}".strip()) from None
-    except BotoCoreError as exc:
+    except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+        # the endpoint unreachable, or gone in the middle of a response
         raise BlobStoreError(f"S3 {what} failed: {exc}") from None
+
+
+class _GuardedBody:
+    """A GetObject body whose read errors (the endpoint going away mid-stream) are BlobStoreErrors,
+    so a caller sees a clear 502 instead of a transport exception."""
+
+    def __init__(self, body, what: str):
+        self._body, self._what = body, what
+
+    def read(self, n: int = -1) -> bytes:
+        with _store_errors(self._what):
+            return self._body.read(n)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._body.close()
 
 
 class S3BlobStore(BlobStore):
@@ -145,6 +169,8 @@ class S3BlobStore(BlobStore):
             if _code(exc) in _NOT_FOUND:
                 return  # completed by an earlier call whose verification is being retried
             raise BlobStoreError(f"S3 ListParts failed: {_code(exc)}") from None
+        except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BlobStoreError(f"S3 ListParts failed: {exc}") from None
         numbers = sorted(p["PartNumber"] for p in parts)
         if numbers != list(range(1, expected_parts + 1)):
             missing = sorted(set(range(1, expected_parts + 1)) - set(numbers))
@@ -165,7 +191,9 @@ class S3BlobStore(BlobStore):
             if _code(exc) in _NOT_FOUND:
                 raise ConflictError(f"no bytes were received for upload {ref.upload_id}; send them before completing") from None
             raise BlobStoreError(f"S3 GetObject failed: {_code(exc)}") from None
-        body = obj["Body"]
+        except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BlobStoreError(f"S3 GetObject failed: {exc}") from None
+        body = _GuardedBody(obj["Body"], "GetObject")
         try:
             yield StagedBlob(stream=body, size=int(obj["ContentLength"]), token=obj["ETag"])
         finally:
@@ -193,6 +221,15 @@ class S3BlobStore(BlobStore):
                         raise
             self.client.delete_object(**obj)
 
+    def list_staging(self) -> Iterator[StoredObject]:
+        for key, modified in self._list("uploads/"):
+            yield StoredObject(key=key.rsplit("/", 1)[-1], modified=modified)
+        with _store_errors("ListMultipartUploads"):
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.prefix + "blobs/")
+            for page in pages:
+                for up in page.get("Uploads", []):
+                    yield StoredObject(key=up["Key"].rsplit(".", 1)[-1], modified=up["Initiated"])
+
     def sweep_staging(self, *, live_upload_ids: set[str], older_than: dt.datetime) -> int:
         removed = 0
         for key, modified in self._list("uploads/"):
@@ -214,7 +251,7 @@ class S3BlobStore(BlobStore):
     @contextlib.contextmanager
     def open_blob(self, key: str) -> Iterator[IO[bytes]]:
         with _store_errors("GetObject"):
-            body = self.client.get_object(**self._object(key))["Body"]
+            body = _GuardedBody(self.client.get_object(**self._object(key))["Body"], "GetObject")
         try:
             yield body
         finally:

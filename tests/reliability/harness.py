@@ -1,0 +1,222 @@
+"""Processes the reliability tests and benchmarks drive: the registry under uvicorn in its own
+process (so it can be SIGKILLed), a private PostgreSQL cluster (so it can be restarted), and the
+push protocol spoken with plain httpx (no client library).
+
+    with RegistryProcess(env) as server:            # uvicorn --factory registry.app:create_app
+        r = http_push(server.client(), "acme/math", storage_form(delta_bytes(1)))
+        server.kill()                                # SIGKILL, then server.start() again
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+from .corpus import BASE_NAME, FINGERPRINT, StoredDelta
+
+ROOT = Path(__file__).resolve().parents[2]
+PG_BIN = Path(os.environ.get("DELTASTORE_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def migrate(env: dict[str, str]) -> None:
+    """Bring the database named by a DELTASTORE_* environment to the schema head."""
+    from registry.db import create_db_engine
+    from registry.schema import upgrade
+    from registry.settings import Settings
+
+    engine = create_db_engine(settings_from_env(env).resolved_database_url)
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
+
+
+def settings_from_env(env: dict[str, str]):
+    from registry.settings import Settings
+
+    return Settings(**{k.removeprefix("DELTASTORE_").lower(): v for k, v in env.items() if k.startswith("DELTASTORE_")})
+
+
+class RegistryProcess:
+    """The registry app under uvicorn in a child process on a fixed loopback port; its output
+    goes to `log_path` (scanned for secrets by the security tests)."""
+
+    def __init__(self, env: dict[str, str], *, log_path: Path | None = None, port: int | None = None):
+        self.env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+        self.port = port or free_port()
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="registry-", suffix=".log")[1])
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> "RegistryProcess":
+        args = [sys.executable, "-m", "uvicorn", "--factory", "registry.app:create_app", "--host", "127.0.0.1",
+                "--port", str(self.port), "--log-level", "info"]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        log.close()
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"registry exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout, "the registry to start")
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60), **kwargs)
+
+    def __enter__(self) -> "RegistryProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --- a private PostgreSQL cluster ------------------------------------------------------------
+def postgres_available() -> str | None:
+    """None when a private cluster can be started here, else why not."""
+    if not (PG_BIN / "initdb").exists():
+        return f"PostgreSQL binaries not found in {PG_BIN}"
+    if os.geteuid() == 0:
+        try:
+            import pwd
+
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return "running as root without a postgres user"
+    return None
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster on a free loopback port that a test may stop and restart."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="ds-pg-"))
+        self.port = free_port()
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            shutil.chown(self.dir, "postgres")
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = ["runuser", "-u", "postgres", "--", *args] if self._as_postgres else list(args)
+        return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=120)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def init(self) -> "PostgresCluster":
+        self._run(str(PG_BIN / "initdb"), "-D", str(self.dir / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        return self.start()
+
+    def start(self) -> "PostgresCluster":
+        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off -c synchronous_commit=off "
+                "-c full_page_writes=off -c max_connections=200")
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "-o", opts, "start")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.dir / "data"), "-m", mode, "-w", "stop", check=False)
+
+    def destroy(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster().init()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+# --- the push protocol over plain HTTP -------------------------------------------------------
+def setup_repo(client: httpx.Client, repo: str, *, headers: dict | None = None, base: str = BASE_NAME,
+               fingerprint: str = FINGERPRINT, **extra) -> None:
+    r = client.post("/v1/bases", json={"name": base, "fingerprint": fingerprint}, headers=headers)
+    assert r.status_code in (200, 201), r.text
+    ns, name = repo.split("/")
+    r = client.post("/v1/repos", json={"namespace": ns, "name": name, "base": base, **extra}, headers=headers)
+    assert r.status_code in (201, 409), r.text
+
+
+def send_bytes(client: httpx.Client, upload: dict, data: bytes, *, headers: dict | None = None) -> httpx.Response | None:
+    """Send an upload's bytes where the registry said; returns the failing response, if any."""
+    method = upload["method"]
+    if method == "exists":
+        return None
+    if method == "stream":
+        r = client.put(upload["upload_url"], content=data, headers=headers)
+        return None if r.status_code == 200 else r
+    targets = [(upload["upload_url"], 0, len(data))] if method == "s3-put" else [
+        (p["url"], p["offset"], p["size"]) for p in upload["parts"]
+    ]
+    with httpx.Client(timeout=60) as s3:
+        for url, offset, size in targets:
+            r = s3.put(url, content=data[offset : offset + size])
+            if r.status_code != 200:
+                return r
+    return None
+
+
+def http_push(client: httpx.Client, repo: str, blob: StoredDelta, *, headers: dict | None = None) -> httpx.Response:
+    """The whole two-phase push; returns the response of `complete` or of the step that failed."""
+    r = client.post(f"/v1/repos/{repo}/uploads", json=blob.declaration(), headers=headers)
+    if r.status_code != 201:
+        return r
+    upload = r.json()
+    failed = send_bytes(client, upload, blob.data, headers=headers)
+    if failed is not None:
+        return failed
+    return client.post(upload["complete_url"], headers=headers)
