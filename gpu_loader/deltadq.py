@@ -9,6 +9,9 @@ that form with torch ops on the delta's device, bit-identical to `codec.deltadq.
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +24,19 @@ from codec.format import DeltaFile
 from .sgmv import words_per_row
 
 _ROW_CHUNK = 256  # rows per step of the host-side mask decode (numpy temporaries stay small)
+_EXECUTOR: ThreadPoolExecutor | None = None
+_EXECUTOR_LOCK = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    """Threads for the host-side mask decode: numpy releases the GIL in its loops, so row blocks
+    decode in parallel (a 7B delta is minutes of single-threaded work)."""
+    global _EXECUTOR
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None:
+            workers = max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+            _EXECUTOR = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltastore-dq-mask")
+        return _EXECUTOR
 
 
 def payload_shapes(out: int, inn: int, params: DQParams) -> tuple[tuple[int, int], tuple[int, int], tuple[int]]:
@@ -143,28 +159,36 @@ class DQSource:
         return w
 
     def fill(self, into: DQWeight) -> None:
-        """Decode the mask positions (the codec's splitmix64 draw, on the host, in row blocks) and
-        write mask words, column-ordered codes and steps into `into`'s host tensors."""
-        out, inn = self.shape
-        p, seed = self.params, self.delta.dq_seed
-        kept, g = p.kept_per_row(inn), p.group_size
-        full = inn // g
+        """Decode the mask positions (the codec's splitmix64 draw, on the host, row blocks spread
+        over threads) and write mask words, column-ordered codes and steps into `into`."""
+        out = self.shape[0]
         parts = self.delta.dq_codes(self.name).numpy()  # [parts, out, packed], survivors in draw order
-        mask_bytes = into.mask.numpy().view(np.uint8)  # [out, 4·W], little-endian words
-        codes = into.codes.numpy()
-        group_cols = (np.arange(full, dtype=np.int64) * g)[None, :, None]
-        for r0 in range(0, out, _ROW_CHUNK):
-            r1 = min(out, r0 + _ROW_CHUNK)
-            full_pos, last_pos = codec_dq.kept_positions(seed, self.name, (out, inn), p, slice(r0, r1))
-            cols = (group_cols + full_pos).reshape(r1 - r0, -1)
-            if last_pos is not None:
-                cols = np.concatenate([cols, full * g + last_pos.astype(np.int64)], axis=1)
-            q = np.zeros((r1 - r0, kept), dtype=np.uint8)
-            for j in range(p.parts):
-                q |= codec_dq.unpack_codes(parts[j, r0:r1], p.part_bits, kept) << np.uint8(j * p.part_bits)
-            keep = np.zeros((r1 - r0, mask_bytes.shape[1] * 8), dtype=bool)
-            np.put_along_axis(keep, cols, True, axis=1)
-            mask_bytes[r0:r1] = np.packbits(keep, axis=1, bitorder="little")
-            order = np.argsort(cols, axis=1, kind="stable")
-            codes[r0:r1] = codec_dq.pack_codes(np.take_along_axis(q, order, axis=1), p.bits)
+        blocks = [(r0, min(out, r0 + _ROW_CHUNK)) for r0 in range(0, out, _ROW_CHUNK)]
+        if len(blocks) == 1:
+            self._fill_rows(into, parts, *blocks[0])
+        else:
+            for f in [_executor().submit(self._fill_rows, into, parts, r0, r1) for r0, r1 in blocks]:
+                f.result()
         into.step.copy_(self.delta.dq_step(self.name))
+
+    def _fill_rows(self, into: DQWeight, parts: np.ndarray, r0: int, r1: int) -> None:
+        out, inn = self.shape
+        p = self.params
+        kept, g, n = p.kept_per_row(inn), p.group_size, r1 - r0
+        full = inn // g
+        full_pos, last_pos = codec_dq.kept_positions(self.delta.dq_seed, self.name, (out, inn), p, slice(r0, r1))
+        cols = ((np.arange(full, dtype=np.int64) * g)[None, :, None] + full_pos).reshape(n, -1)
+        if last_pos is not None:
+            cols = np.concatenate([cols, full * g + last_pos.astype(np.int64)], axis=1)
+        q = np.zeros((n, kept), dtype=np.uint8)
+        for j in range(p.parts):
+            q |= codec_dq.unpack_codes(parts[j, r0:r1], p.part_bits, kept) << np.uint8(j * p.part_bits)
+        mask_bytes = into.mask.numpy().view(np.uint8)[r0:r1]  # [n, 4·W], little-endian words
+        keep = np.zeros((n, mask_bytes.shape[1] * 8), dtype=bool)
+        np.put_along_axis(keep, cols, True, axis=1)
+        mask_bytes[:] = np.packbits(keep, axis=1, bitorder="little")
+        # Column order: a survivor's rank in its row is the number of survivors left of it.
+        rank = np.take_along_axis(np.cumsum(keep, axis=1, dtype=np.int32), cols, axis=1) - 1
+        ordered = np.empty_like(q)
+        np.put_along_axis(ordered, rank, q, axis=1)
+        into.codes.numpy()[r0:r1] = codec_dq.pack_codes(ordered, p.bits)
