@@ -4,10 +4,12 @@
 2. multi-tenant decode step of Llama-2-7B-shaped decoder layers (hidden 4096, intermediate
    11008, random fp16 weights): batch 1/8/32 rows over 1/8/32 distinct deltas, against the
    base alone and against naive per-tenant dense weights; effective bandwidth (bytes of base +
-   distinct deltas read per step / time) as a fraction of HBM peak;
+   distinct deltas read per step / time) as a fraction of HBM peak; the same step with DeltaDQ
+   deltas (ratio 32: 1-bit codes, half the weights kept) served by decode-then-GEMM;
 3. hot-swap of one 7B delta from pinned host memory into a slot vs a plain pinned copy_ of the
    same bytes;
-4. how many 7B deltas fit beside the base: computed from the slot size, verified by allocation.
+4. how many 7B deltas fit beside the base: computed from the slot size, verified by allocation;
+   DeltaDQ deltas in table-only slots, computed from the payload size.
 
     python bench/gpu_bench.py --out results/           # CUDA
     python bench/gpu_bench.py --smoke --out /tmp/gb     # tiny shapes on CPU: tests the script
@@ -34,6 +36,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from codec.deltadq import params_for  # noqa: E402
+from gpu_loader.deltadq import DQWeight, payload_bytes  # noqa: E402
+from gpu_loader.modules import add_dq_matmul_  # noqa: E402
 from gpu_loader.segments import build_segments  # noqa: E402
 from gpu_loader.sgmv import sgmv_sign, triton_available, words_per_row  # noqa: E402
 from gpu_loader.sizes import format_size  # noqa: E402
@@ -164,10 +169,29 @@ def build_layers(cfg: Config, slots: int, gen: torch.Generator) -> list[list[Mat
     return layers
 
 
+def synthetic_dq(out: int, inn: int, gen: torch.Generator, device: torch.device) -> DQWeight:
+    """A DeltaDQ tensor shaped like a ratio-32 one (1-bit codes, one survivor in every pair of
+    columns): mask bytes 0x55 / 0xAA at random, random codes and steps. `inn` must be even."""
+    words = words_per_row(inn)
+    pick = torch.randint(0, 2, (out, 4 * words), generator=gen, device=device, dtype=torch.uint8)
+    mask = (0x55 + pick * (0xAA - 0x55)).to(torch.uint8).view(torch.int32)
+    kept = inn // 2
+    codes = torch.randint(0, 256, (out, (kept + 7) // 8), generator=gen, device=device, dtype=torch.uint8)
+    step = torch.rand(out, generator=gen, device=device) * 1e-3
+    return DQWeight(mask, codes, step, bits=1, kept=kept, in_features=inn)
+
+
+def build_dq_layers(cfg: Config, deltas: int, gen: torch.Generator) -> list[list[list[DQWeight]]]:
+    """[layer][matrix][delta]"""
+    return [[[synthetic_dq(out, inn, gen, cfg.device) for _ in range(deltas)] for _, out, inn in cfg.shapes()]
+            for _ in range(cfg.timed_layers)]
+
+
 def bench_decode(cfg: Config, backend: str) -> list[dict]:
     gen = torch.Generator(device=cfg.device).manual_seed(0)
     max_d = max(cfg.distinct)
     layers = build_layers(cfg, max_d, gen)
+    dq_layers = build_dq_layers(cfg, max_d, gen)
     itemsize = torch.empty((), dtype=cfg.dtype).element_size()
     shapes = cfg.shapes()
     base_bytes = sum(o * i * itemsize for _, o, i in shapes)
@@ -202,7 +226,18 @@ def bench_decode(cfg: Config, backend: str) -> list[dict]:
                         y = F.linear(x, m.weight)
                         sgmv_sign(x, y, m.words, m.scales, m.active, seg, backend=backend)
 
+            tenant_rows = [torch.arange(t, batch, d, device=cfg.device) for t in range(d)]
+
+            def dq_step():
+                for mats, dq_mats in zip(layers, dq_layers):
+                    for m, dqs in zip(mats, dq_mats):
+                        x = xs[m.weight.shape[1]]
+                        y = F.linear(x, m.weight)
+                        for t in range(d):  # decode-then-GEMM, one distinct delta at a time
+                            add_dq_matmul_(y, x, tenant_rows[t], dqs[t])
+
             t_delta = time_step(delta_step, cfg)
+            t_dq = time_step(dq_step, cfg)
             t_naive = bench_naive(cfg, batch, d, xs, gen)
             per_layer = lambda t: t / cfg.timed_layers  # noqa: E731
             read = base_bytes + d * delta_bytes + act_bytes
@@ -211,6 +246,7 @@ def bench_decode(cfg: Config, backend: str) -> list[dict]:
                 "batch": batch, "distinct_deltas": d,
                 "base_ms_per_layer": per_layer(t_base) * 1e3,
                 "deltas_ms_per_layer": per_layer(t_delta) * 1e3,
+                "deltadq_ms_per_layer": per_layer(t_dq) * 1e3,
                 "naive_ms_per_layer": per_layer(t_naive) * 1e3 if t_naive else None,
                 "projected_step_ms": per_layer(t_delta) * cfg.model_layers * 1e3,
                 "bytes_per_layer": read,
@@ -221,10 +257,10 @@ def bench_decode(cfg: Config, backend: str) -> list[dict]:
             })
             r = rows[-1]
             print(f"[decode] batch {batch:>2} deltas {d:>2}: base {r['base_ms_per_layer']:.3f} ms/layer, "
-                  f"slots {r['deltas_ms_per_layer']:.3f}, naive "
+                  f"slots {r['deltas_ms_per_layer']:.3f}, deltadq {r['deltadq_ms_per_layer']:.3f}, naive "
                   f"{r['naive_ms_per_layer'] if r['naive_ms_per_layer'] is None else round(r['naive_ms_per_layer'], 3)}, "
                   f"{r['effective_GBps']:.0f} GB/s" + (f" ({r['fraction_of_peak']:.0%} of peak)" if peak else ""))
-    del layers
+    del layers, dq_layers
     gc.collect()
     return rows
 
@@ -340,6 +376,12 @@ def bench_capacity(cfg: Config) -> dict:
     room = max(free - cfg.reserve, 0)
     fits = room // layout.slot_bytes
     fits_dense = room // (layout.slot_bytes + dense_bytes)
+    # DeltaDQ at ratio 32 (1 bit, half kept; any (bits, keep) of that budget costs the same) in
+    # table-only slots: mask words + column-ordered codes + steps per compressed matrix.
+    dq_bytes = layout.table_slot_bytes + sum(
+        payload_bytes(o, i, params_for(i, 1, 0.5, 16, 1)) for n, (o, i) in layout.sign.items() if n not in layout.dense)
+    fits_dq = room // dq_bytes
+    fits_dq_dense = room // (dq_bytes + dense_bytes)
     verified, error = False, None
     try:
         pool = SlotPool(layout, device=cfg.device, max_slots=max(fits, 1), memory_budget=max(fits, 1) * layout.slot_bytes,
@@ -355,10 +397,13 @@ def bench_capacity(cfg: Config) -> dict:
         "deltas_fit": int(fits), "verified_by_allocation": verified, "error": error,
         "deltas_fit_with_dense_embed_lm_head": int(fits_dense), "dense_embed_lm_head_bytes": dense_bytes,
         "deltas_in_8GiB": int((8 << 30) // layout.slot_bytes), "total_device_bytes": total,
+        "deltadq_slot_bytes": dq_bytes, "deltadq_fit": int(fits_dq), "deltadq_fit_with_dense_embed_lm_head": int(fits_dq_dense),
     }
     print(f"[capacity] base {format_size(base_bytes)}, free after base {format_size(free)}, slot "
           f"{format_size(layout.slot_bytes)}: {fits} deltas fit (allocation {'ok' if verified else 'FAILED'}), "
           f"{fits_dense} if each keeps embed/lm_head dense; {out['deltas_in_8GiB']} in an 8 GiB budget")
+    print(f"[capacity] DeltaDQ (ratio 32) in table-only slots: {format_size(dq_bytes)} each, {fits_dq} fit "
+          f"(computed), {fits_dq_dense} if each keeps embed/lm_head dense")
     return out
 
 
@@ -376,15 +421,16 @@ def write_report(out_dir: Path, results: dict) -> None:
         lines += [f"Tests: `{t['command']}` → {t['summary']} (rc {t['returncode']})", ""]
     lines += [f"## Decode step: the 7 projections of a decoder layer, ms per layer (step = x{sh['model_layers']} layers)", "",
               "| batch | distinct deltas | base alone | base + delta slots | naive dense per tenant | "
-              "slots, whole step | effective GB/s | of HBM peak | base alone, of HBM peak |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "slots, whole step | effective GB/s | of HBM peak | base alone, of HBM peak | "
+              "DeltaDQ decode-then-GEMM |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results.get("decode", []):
         naive = f"{r['naive_ms_per_layer']:.3f}" if r["naive_ms_per_layer"] is not None else "OOM"
         frac = f"{r['fraction_of_peak']:.0%}" if r["fraction_of_peak"] is not None else "n/a"
         base_frac = f"{r['base_fraction_of_peak']:.0%}" if r["base_fraction_of_peak"] is not None else "n/a"
         lines.append(f"| {r['batch']} | {r['distinct_deltas']} | {r['base_ms_per_layer']:.3f} | "
                      f"{r['deltas_ms_per_layer']:.3f} | {naive} | {r['projected_step_ms']:.2f} ms | "
-                     f"{r['effective_GBps']:.0f} | {frac} | {base_frac} |")
+                     f"{r['effective_GBps']:.0f} | {frac} | {base_frac} | {r['deltadq_ms_per_layer']:.3f} |")
     h = results.get("hot_swap")
     if h:
         lines += ["", "## Hot-swap of one whole-model delta (pinned host → slot)", "",
@@ -398,7 +444,10 @@ def write_report(out_dir: Path, results: dict) -> None:
                   f"kept free {format_size(c['reserve'])}; one slot {format_size(c['slot_bytes'])}",
                   f"- **{c['deltas_fit']} deltas fit** (verified by allocation: {c['verified_by_allocation']}); "
                   f"{c['deltas_fit_with_dense_embed_lm_head']} if each keeps embeddings + lm_head dense; "
-                  f"{c['deltas_in_8GiB']} in an 8 GiB budget"]
+                  f"{c['deltas_in_8GiB']} in an 8 GiB budget",
+                  f"- DeltaDQ at ratio 32 in table-only slots (`sign_slots`): {format_size(c['deltadq_slot_bytes'])} "
+                  f"each, **{c['deltadq_fit']} fit** (computed); {c['deltadq_fit_with_dense_embed_lm_head']} if each "
+                  "keeps embeddings + lm_head dense"]
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
