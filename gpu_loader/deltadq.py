@@ -51,18 +51,31 @@ def payload_bytes(out: int, inn: int, params: DQParams) -> int:
     return o * (4 * w + c + 4)
 
 
+_BYTE_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_bits(device: torch.device) -> torch.Tensor:
+    """[256, 8] uint8: bit j of byte b."""
+    lut = _BYTE_BITS.get(device)
+    if lut is None:
+        b = torch.arange(256, dtype=torch.int32)
+        lut = _BYTE_BITS[device] = ((b.unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1).to(torch.uint8).to(device)
+    return lut
+
+
 def unpack_mask(words: torch.Tensor, in_features: int) -> torch.Tensor:
     """int32 words [..., W] -> bool [..., in_features] (bit j of word w = column 32w + j)."""
     by = words.contiguous().view(torch.uint8)
-    shifts = torch.arange(8, dtype=torch.uint8, device=words.device)
-    bits = (by.unsqueeze(-1) >> shifts) & 1
+    bits = torch.nn.functional.embedding(by.to(torch.int32), _byte_bits(words.device))  # one look-up per byte
     return bits.reshape(*words.shape[:-1], -1)[..., :in_features].bool()
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """uint8 [..., ceil(count·bits/8)] holding `bits`-bit codes LSB-first -> int32 [..., count]."""
-    if bits == 8:
-        return packed[..., :count].to(torch.int32)
+    if 8 % bits == 0:  # 1, 2, 4, 8 bits: no code straddles a byte
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(*packed.shape[:-1], -1)[..., :count].to(torch.int32)
     pos = torch.arange(count, dtype=torch.int64, device=packed.device) * bits
     q = torch.zeros(*packed.shape[:-1], count, dtype=torch.int32, device=packed.device)
     for i in range(bits):  # a code may straddle two bytes (bits 3, 5, 6, 7)
