@@ -1,7 +1,7 @@
 """CPU benchmark of the GPU loader's torch path: one resident base + N delta slots serving a
 batch whose rows each use another fine-tune, against N separately reconstructed full models.
 
-    .venv/bin/python bench/loader_cpu_bench.py [--hidden 512 --layers 8 --deltas 4]
+    .venv/bin/python bench/loader_cpu_bench.py [--hidden 512 --layers 8 --deltas 4] [--codec deltadq]
 
 Prints weight memory held and time per token (prefill and KV-cached decode), in one run. The
 three setups are timed round-robin and the best of N is kept, so load from other processes on a
@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--codec", choices=["bitdelta", "deltadq"], default="bitdelta",
+                    help="deltadq: ratio 32, served by decode-then-GEMM from table-only slots")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,15 +90,17 @@ def main() -> None:
         base, ft0 = make_llama_pair(root, seed=0, hidden=args.hidden, layers=args.layers)
         fts = [ft0] + [perturb(base, root / f"ft{i}", seed=100 + i) for i in range(1, n)]
         deltas, applied = [], []
+        opts = CompressOptions(codec="deltadq", dq_ratio=32) if args.codec == "deltadq" else CompressOptions()
         for i, ft in enumerate(fts):
-            deltas.append(compress(base, ft, root / f"d{i}.bdelta", CompressOptions()).path)
+            deltas.append(compress(base, ft, root / f"d{i}.bdelta", opts).path)
             applied.append(apply_delta(base, deltas[-1], root / f"m{i}").out_dir)
 
-        dm = DeltaModel.from_pretrained(base, device="cpu", max_slots=n, memory_budget="4GiB", backend="torch")
+        dm = DeltaModel.from_pretrained(base, device="cpu", max_slots=n, memory_budget="4GiB", backend="torch",
+                                        sign_slots=0 if args.codec == "deltadq" else None)
         slots = [dm.load(d) for d in deltas]
         models = [AutoModelForCausalLM.from_pretrained(p, dtype="auto").eval() for p in applied]
         stats = dm.stats()
-        held_dm = dm.base_bytes + stats["fixed_bytes"] + stats["dense_bytes_used"]
+        held_dm = dm.base_bytes + stats["fixed_bytes"] + stats["dense_bytes_used"] + stats["dq_bytes_used"]
         held_sep = sum(param_bytes(m) for m in models)
 
         gen = torch.Generator().manual_seed(0)
@@ -132,12 +136,16 @@ def main() -> None:
         tokens_pre = n * args.prompt
         n_params = sum(p.numel() for p in models[0].parameters())
         print(f"\nLlama hidden={args.hidden} layers={args.layers} vocab=384 ({n_params / 1e6:.1f}M params, fp32), "
-              f"{n} deltas (1 plane, per-matrix scales, embeddings/lm_head dense), batch {n} rows x "
+              f"{n} {'DeltaDQ deltas (ratio 32' if args.codec == 'deltadq' else 'deltas (1 plane, per-matrix scales'}, "
+              f"embeddings/lm_head dense), batch {n} rows x "
               f"{args.prompt} prompt tokens, torch threads={torch.get_num_threads()}, backend=torch, "
               f"load average {load_before:.1f} -> {load_after:.1f}; best of {args.reps} (prefill) / "
               f"{args.decode_steps} (decode) round-robin runs")
+        fixed = stats["table_slot_bytes"] if args.codec == "deltadq" else stats["slot_bytes"]
         print(f"delta file size: {format_size(deltas[0].stat().st_size)} each; one slot: "
-              f"{format_size(stats['slot_bytes'])} fixed + {format_size(stats['dense_bytes_used'] // n)} dense\n")
+              f"{format_size(fixed)} fixed + {format_size(stats['dense_bytes_used'] // n)} dense"
+              + (f" + {format_size(stats['dq_bytes_used'] // n)} DeltaDQ payload" if args.codec == "deltadq" else "")
+              + f"; load (stage + install) {stats['stage_seconds'] + stats['install_seconds']:.2f} s for {n}\n")
         header = f"{'setup':<40} {'weights held':>14} {'prefill ms/token':>17} {'decode ms/token':>16}"
         print(header)
         print("-" * len(header))
