@@ -1,24 +1,146 @@
-"""`deltactl demo`: the whole codec on a real small model pair, narrated.
+"""`deltactl demo`: the whole product on a real small model pair, narrated.
 
 Builds (once, cached) SmolLM2-135M-Instruct as the base and a short real fine-tune of it on
 Python sources, compresses the fine-tune to a 1-bit delta, inspects it, applies it, and
-reports sizes, reconstruction error and how much of the fine-tune's loss gain survived.
+reports sizes, reconstruction error and how much of the fine-tune's loss gain survived. Then
+the registry: `deltactl serve` (SQLite + local blob store) in the background on a free loopback
+port, the base registered, the delta pushed (its measured fidelity with it) and pushed again
+(deduplicated), listed, pulled into a fresh cache, checked byte for byte against the pushed
+file and loaded against the base; the server is stopped at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Iterator
 
 import typer
 
 from .console import err, human_bytes, out
 from .errors import handle_errors
 
+BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+REPO = "demo/python-stdlib"
+
 
 def _say(step: str) -> None:
     err.print(f"[bold cyan]==>[/] {step}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def background_registry(data_dir: Path, log_path: Path) -> Iterator[str]:
+    """`deltactl serve` on the embedded default (SQLite + local blobs under `data_dir`) in a
+    child process on a free loopback port; yields its URL once it is ready, stops it after."""
+    import httpx
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DELTASTORE_")}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--data-dir", str(data_dir)],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the registry did not start; see {log_path}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def registry_round_trip(workdir: Path, base_dir: Path, delta: Path, *, base_name: str = BASE_NAME, repo: str = REPO) -> dict:
+    """Serve a fresh registry under `workdir`, register the base, push `delta` (twice: the second
+    is deduplicated), list and show it, pull it into a fresh cache, check it is the pushed file
+    byte for byte and that it loads against the base. Returns the figures."""
+    import filecmp
+
+    from codec.checkpoint import Checkpoint
+    from codec.format import DeltaFile
+    from registry.cache import sha256_of
+    from registry.client import RegistryApi
+
+    from .registry_commands import fidelity_summary
+
+    started = time.perf_counter()
+    workdir = workdir.resolve()
+    for sub in ("registry", "push-home", "pull-home"):
+        shutil.rmtree(workdir / sub, ignore_errors=True)
+    (workdir / "registry").mkdir(parents=True)
+    figures: dict = {}
+    with background_registry(workdir / "registry", workdir / "registry" / "serve.log") as url:
+        _say(f"deltactl serve --port {url.rsplit(':', 1)[1]} --data-dir {workdir / 'registry'}   (background: SQLite + local blob store)")
+        with RegistryApi(url, home=workdir / "push-home") as api:
+            _say(f"deltactl base add {base_name} {base_dir}")
+            base, _ = api.register_base_from_checkpoint(base_name, base_dir)
+            out.print(f"    registered {base.name}: {base.architecture}, {base.parameter_count / 1e6:.1f}M parameters, {base.fingerprint[:19]}…")
+
+            _say(f"deltactl push {delta.name} {repo} --tag demo")
+            pushed = api.push(delta, repo, tags=["demo"], description="SmolLM2-135M-Instruct fine-tuned on Python stdlib sources")
+            v = pushed.version
+            out.print(f"    {v.repository}@{v.number}: {human_bytes(pushed.sent_bytes)} sent in {pushed.seconds:.1f}s, "
+                      f"digest {v.digest[:19]}…, fidelity recorded: {fidelity_summary(v.fidelity)}")
+            _say(f"deltactl push {delta.name} {repo}   (the same bytes again)")
+            again = api.push(delta, repo)
+            out.print(f"    {again.version.repository}@{again.version.number}: "
+                      f"{'deduplicated, ' if again.deduplicated else ''}{human_bytes(again.sent_bytes)} sent in {again.seconds:.2f}s")
+
+            _say("deltactl list")
+            for r in api.repos():
+                out.print(f"    {r.full_name}  base {r.base}  {r.latest.codec} v{r.latest.number}  "
+                          f"{human_bytes(r.latest.size)} stored  ratio {r.latest.size_ratio:.2f}x")
+            _say(f"deltactl show {repo}:demo")
+            shown = api.version(f"{repo}:demo")
+            out.print(f"    v{shown.number} tags {', '.join(shown.tags)}; {shown.codec}, {shown.dtype}; "
+                      f"{human_bytes(shown.size)} stored, {human_bytes(shown.raw_size)} decompressed")
+
+        _say(f"deltactl pull {repo}:demo   (into a fresh cache: {workdir / 'pull-home'})")
+        with RegistryApi(url, home=workdir / "pull-home") as api:
+            pulled = api.pull(f"{repo}:demo")
+            out.print(f"    downloaded {human_bytes(pulled.downloaded_bytes)} in {pulled.seconds:.2f}s -> {pulled.path}")
+            hit = api.pull(f"{repo}:demo")
+            out.print(f"    pulled again: {'cache hit, nothing downloaded' if hit.cache_hit else 'downloaded again'} ({hit.seconds * 1000:.0f} ms)")
+        _say("stopping the registry")
+
+    _say("checking the pulled delta against the pushed one and loading it against the base")
+    identical = filecmp.cmp(delta, pulled.blob, shallow=False)
+    base_ckpt = Checkpoint.open(base_dir)
+    with DeltaFile.open(pulled.path) as loaded:
+        specs = {n: (base_ckpt.entry(n).dtype, tuple(base_ckpt.entry(n).shape)) for n in base_ckpt.names}
+        loaded.check_base(specs, base_ckpt.fingerprint())
+        figures["loaded_tensors"] = len(loaded.entries)
+    figures.update(
+        url=url, version=pulled.version.number, digest=pulled.version.digest, raw_digest=sha256_of(pulled.blob),
+        stored_bytes=pulled.version.size, delta_bytes=pulled.version.raw_size, push_seconds=pushed.seconds,
+        dedup=again.deduplicated, dedup_seconds=again.seconds, pull_seconds=pulled.seconds, cache_hit=hit.cache_hit,
+        identical=identical and sha256_of(delta) == pulled.version.raw_digest, pulled_path=str(pulled.path),
+        seconds=time.perf_counter() - started,
+    )
+    return figures
 
 
 @handle_errors
@@ -26,7 +148,11 @@ def demo_cmd(
     workdir: Annotated[Path, typer.Option("--workdir", help="Where the model pair and outputs are kept.")] = Path(".data/demo"),
     steps: Annotated[int, typer.Option("--steps", min=1, help="Fine-tuning steps for the demo pair.")] = 12,
 ) -> None:
-    """Run the codec end to end on a real small model pair (SmolLM2-135M + a Python fine-tune)."""
+    """Run the whole product on a real small model pair (SmolLM2-135M + a Python fine-tune).
+
+    The codec (compress, inspect, apply, fidelity), then the registry: serve, base add, push,
+    list, pull into a fresh cache, check and load, stop.
+    """
     import torch
 
     from codec.apply import apply_delta
@@ -45,8 +171,8 @@ def demo_cmd(
 
     outputs = {}
     for label, options in (
-        ("paper setting (embeddings dense)", CompressOptions(base_name="smollm2-135m-instruct")),
-        ("embeddings binarized too", CompressOptions(base_name="smollm2-135m-instruct", include=("*embed_tokens*",))),
+        ("paper setting (embeddings dense)", CompressOptions(base_name=BASE_NAME)),
+        ("embeddings binarized too", CompressOptions(base_name=BASE_NAME, include=("*embed_tokens*",))),
     ):
         path = workdir / ("delta.bdelta" if not outputs else "delta-embed.bdelta")
         _say(f"deltactl compress  ({label}) -> {path.name}")
@@ -64,8 +190,6 @@ def demo_cmd(
     )
     applied = workdir / "applied"
     _say(f"deltactl apply base {path.name} -> {applied}")
-    import shutil
-
     shutil.rmtree(applied, ignore_errors=True)
     apply_delta(base_dir, path, applied)
 
@@ -79,6 +203,16 @@ def demo_cmd(
     losses = {label: pair.heldout_loss(d) for label, d in (("base", base_dir), ("fine-tuned", ft_dir), ("1-bit delta", applied))}
     gain = losses["base"] - losses["fine-tuned"]
 
+    from eval.fidelity import write_fidelity
+
+    _say(f"recording the measured fidelity in {path.name} (metadata 'fidelity', read by push and show)")
+    write_fidelity(path, {
+        "eval": "python stdlib held-out split, next-token loss", "loss_base": losses["base"],
+        "loss_finetuned": losses["fine-tuned"], "loss": losses["1-bit delta"],
+        **({"gain_recovered": (losses["base"] - losses["1-bit delta"]) / gain} if gain > 0 else {}),
+    })
+    registry = registry_round_trip(workdir, base_dir, path)
+
     out.print()
     out.print("[bold]result[/]")
     for label, (p, r, s) in outputs.items():
@@ -89,5 +223,16 @@ def demo_cmd(
         out.print(f"    held-out loss  {label:12s} {value:.4f}")
     if gain > 0:
         out.print(f"    fine-tune gain recovered by the 1-bit delta: {100 * (losses['base'] - losses['1-bit delta']) / gain:.1f}%")
+    out.print(f"    registry: fp16 fine-tune {human_bytes(report.finetuned_bytes)} -> delta {human_bytes(registry['delta_bytes'])} "
+              f"-> stored {human_bytes(registry['stored_bytes'])} (zstd); the registry part took {registry['seconds']:.0f}s")
+    out.print(f"        push {registry['push_seconds']:.1f}s; the same bytes again "
+              f"{'deduplicated' if registry['dedup'] else 'NOT deduplicated'} in {registry['dedup_seconds']:.2f}s; "
+              f"pull into a fresh cache {registry['pull_seconds']:.1f}s; second pull "
+              f"{'a cache hit' if registry['cache_hit'] else 'NOT a cache hit'}")
+    verdict = "byte-identical to" if registry["identical"] else "DIFFERENT FROM"
+    out.print(f"        pulled delta {verdict} the pushed one ({registry['raw_digest']}), "
+              f"loads against the base ({registry['loaded_tensors']} tensors)")
     out.print(f"    total {time.perf_counter() - t0:.0f}s; everything is under {workdir}")
     del torch
+    if not registry["identical"]:
+        raise typer.Exit(1)
