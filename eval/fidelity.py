@@ -136,7 +136,7 @@ def main() -> None:
     base_dir = pair.build_base(root / "base")
     ft_dir = pair.finetune(base_dir, root / ("finetuned-quick" if args.quick else "finetuned"), recipe)
     print(f"# pair ready in {time.perf_counter() - t0:.0f}s: {ft_dir}")
-    work = root / ("variants-quick" if args.quick else "variants")
+    work = root / ("variants-quick" if args.quick else "variants") / args.only
     work.mkdir(parents=True, exist_ok=True)
 
     from transformers import AutoTokenizer
