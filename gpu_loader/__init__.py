@@ -1,5 +1,6 @@
-"""deltastore GPU loader: one resident base model, hot-swapped 1-bit delta slots beside it, and
-multi-tenant forwards whose rows each use a different delta (docs/gpu_loader.md).
+"""deltastore GPU loader: one resident base model, hot-swapped compressed delta slots beside it
+(BitDelta sign planes, DeltaDQ), and multi-tenant forwards whose rows each use a different delta
+(docs/gpu_loader.md).
 
     from gpu_loader import DeltaModel
     dm = DeltaModel.from_pretrained("base/", device="cuda", dtype=torch.float16, max_slots=64, memory_budget="8GiB")

@@ -27,16 +27,20 @@ REBUILD_BLOCK = 1 << 18  # elements per row block when rebuilding a slot's weigh
 from .slot_pool import PoolLayout, SlotPool
 
 
-def add_dq_matmul_(y: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor, weight: DQWeight) -> None:
+def add_dq_matmul_(y: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor, weight: DQWeight,
+                   *, in_activation_dtype: bool | None = None) -> None:
     """Decode-then-GEMM for one DeltaDQ slot: `y[tokens] += x[tokens]·Δ̂ᵀ`, with Δ̂ decoded densely
     for this call only. On CPU, or with fp32 activations, Δ̂ stays fp32 and the product is added
-    in fp32 before one rounding to y's dtype; on CUDA with fp16/bf16 activations Δ̂ is decoded in
-    that dtype so the GEMM runs on the tensor cores, and the product is added in fp32."""
+    in fp32 before one rounding to y's dtype; on CUDA with fp16/bf16 activations
+    (`in_activation_dtype`, default: exactly then) Δ̂ is decoded in that dtype so the GEMM runs on
+    the tensor cores, and the product is added in fp32."""
     xs = x[tokens]
-    if x.device.type == "cpu" or x.dtype == torch.float32:
-        prod = xs.float() @ weight.decode().T
-    else:
+    if in_activation_dtype is None:
+        in_activation_dtype = x.device.type == "cuda" and x.dtype != torch.float32
+    if in_activation_dtype:
         prod = F.linear(xs, weight.decode(dtype=x.dtype)).float()
+    else:
+        prod = xs.float() @ weight.decode().T
     y[tokens] = (y[tokens].float() + prod).to(y.dtype)
 
 

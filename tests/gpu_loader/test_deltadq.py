@@ -16,10 +16,10 @@ from codec.compress import CompressOptions, compress
 from codec.apply import apply_delta
 from codec.deltadq import DQParams
 from codec.format import DeltaFile
-from gpu_loader import BudgetError, DeltaDoesNotFitError, SlotPoolFullError
+from gpu_loader import BudgetError, DeltaDoesNotFitError, DeltaModel, SlotPoolFullError
 from gpu_loader.deltadq import DQSource, payload_bytes, unpack_codes, unpack_mask
 from gpu_loader.merge import dq_rows, merge_, unmerge_
-from gpu_loader.modules import DeltaEmbedding
+from gpu_loader.modules import DeltaEmbedding, add_dq_matmul_
 
 from .conftest import LOGIT_ATOL, VOCAB, Family
 from .test_delta_model import BACKENDS, assert_rows_match, bits, make_dm
@@ -91,6 +91,27 @@ def test_merge_of_a_deltadq_tensor_is_reconstruct_and_unmerge_restores_every_bit
     assert torch.equal(weight.view(INT_VIEW[dtype]), want.view(INT_VIEW[dtype]))
     unmerge_(weight, record)
     assert torch.equal(weight.view(INT_VIEW[dtype]), base.view(INT_VIEW[dtype]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_decode_then_gemm_in_the_activation_dtype_stays_within_one_rounding(dtype):
+    """The CUDA fp16/bf16 branch (Δ̂ decoded in the activation dtype, tensor-core GEMM), run on
+    CPU, against the fp32 branch: they differ by the rounding of Δ̂ and of the product only."""
+    params = DQParams(16, 4, 3, 1)
+    source, codes, step = encoded(40, 64, params)
+    weight = source.build()
+    x = torch.randn(6, 64).to(dtype)
+    y0 = torch.randn(6, 40).to(dtype)
+    tokens = torch.tensor([0, 2, 5])
+    low, full = y0.clone(), y0.clone()
+    add_dq_matmul_(low, x, tokens, weight, in_activation_dtype=True)
+    add_dq_matmul_(full, x, tokens, weight, in_activation_dtype=False)
+    want = y0.float()
+    want[tokens] += x[tokens].float() @ codec_dq.decode(codes, step, "w", 42, params, 64).T
+    tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype] * (want.abs().max().item() + 1)
+    torch.testing.assert_close(full.float(), want, rtol=0, atol=tol)
+    torch.testing.assert_close(low.float(), want, rtol=0, atol=2 * tol)
+    assert torch.equal(low[[1, 3, 4]], y0[[1, 3, 4]]) and torch.equal(full[[1, 3, 4]], y0[[1, 3, 4]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,3 +272,23 @@ def test_budget_must_hold_the_slots_asked_for(dq_family):
         make_dm(dq_family, max_slots=4, sign_slots=1, memory_budget=layout.slot_bytes + 2 * layout.table_slot_bytes)
     with pytest.raises(BudgetError, match="between 0 and max_slots"):
         make_dm(dq_family, max_slots=2, sign_slots=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp16_mixed_codecs_table_only_slots_and_merge(tied_dq_family, ids):
+    dm = DeltaModel.from_pretrained(tied_dq_family.base, device="cuda", dtype=torch.float16, max_planes=2,
+                                    max_slots=3, sign_slots=1, memory_budget="256MiB")
+    assert dm.backend == "triton"
+    try:
+        q = dm.prefetch(tied_dq_family.deltas["q"]).result(timeout=120)
+        a = dm.load(tied_dq_family.deltas["a"])
+        logits = dm(ids.cuda(), delta_ids=[q, -1, a])
+        assert_rows_match(logits.cpu(), tied_dq_family.reference_logits(["q", "base", "a"], ids), torch.float16)
+        with dm.merged(tied_dq_family.deltas["q"]):
+            merged = dm(ids.cuda())
+        with torch.no_grad():
+            want = tied_dq_family.model("q")(ids).logits
+        torch.testing.assert_close(merged.cpu().float(), want.float(), rtol=0, atol=LOGIT_ATOL[torch.float16])
+    finally:
+        dm.close()
