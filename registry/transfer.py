@@ -91,14 +91,16 @@ def upload_parts(
         on_part(part)
 
     parts = list(parts)
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(parts) or 1)), thread_name_prefix="part") as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(parts) or 1)), thread_name_prefix="part")
+    try:
         futures = [pool.submit(send, part) for part in parts]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for future in pending:
-            future.cancel()
-        for future in futures:
-            if future.done() and not future.cancelled() and future.exception() is not None:
-                raise future.exception()
+        wait(futures, return_when=FIRST_EXCEPTION)
+    finally:
+        # On a failure or Ctrl-C no queued part starts; those in flight finish (or fail) first.
+        pool.shutdown(wait=True, cancel_futures=True)
+    for future in futures:
+        if not future.cancelled() and future.exception() is not None:
+            raise future.exception()
 
 
 def _where(url: str) -> str:
@@ -180,10 +182,16 @@ class _Received:
     def seekable(self) -> bool:
         return False
 
+    @property
+    def complete(self) -> bool:
+        """Every byte the source had was read."""
+        return self._eof
+
     def finish(self) -> None:
-        """Wait for the filler (after reading everything, or to abandon it)."""
+        """Wait for the filler after reading everything; when abandoning it, wait only briefly
+        (it may be blocked on the network; it is a daemon and stops at its next chunk)."""
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout=None if self._eof else 5)
 
 
 def receive_blob(
@@ -215,14 +223,14 @@ def receive_blob(
             ) from None
         raise cause  # type: ignore[misc]
     digest = "sha256:" + stream.sha.hexdigest()
-    if stream.n != expected.size or digest != expected.digest or failure is not None:
+    if failure is not None or stream.n != expected.size or digest != expected.digest:
         tmp.unlink(missing_ok=True)
-        partial.unlink(missing_ok=True)
-        if stream.n != expected.size or digest != expected.digest:
-            raise CorruptDownloadError(
-                f"downloaded {stream.n} bytes with digest {digest}, but the registry recorded {expected.size} bytes "
-                f"with digest {expected.digest}"
-            )
-        raise CorruptDownloadError(f"the downloaded blob does not decompress to the recorded delta: {failure}")
+        partial.unlink(missing_ok=True)  # wrong bytes are no base for a resume
+        if failure is not None and not stream.complete:
+            raise CorruptDownloadError(f"the downloaded bytes are not the recorded delta: {failure}")
+        raise CorruptDownloadError(
+            f"downloaded {stream.n} bytes with digest {digest}, but the registry recorded {expected.size} bytes "
+            f"with digest {expected.digest}"
+        )
     os.replace(tmp, dest)
     partial.unlink(missing_ok=True)
