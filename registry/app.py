@@ -7,12 +7,17 @@ routers, error bodies and metrics. It refuses to start on a database not at the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from codec import __version__
 
@@ -24,12 +29,30 @@ from .errors import RegistryError
 from .metrics import MetricsMiddleware, RegistryMetrics
 from .push import PushService
 from .schema import check_schema
+from .schemas import ErrorBody
 from .settings import Settings
 
 log = logging.getLogger("deltastore.registry")
 _HTTP_CODES = {400: "invalid_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 409: "conflict", 413: "too_large", 416: "range_not_satisfiable",
                422: "invalid_request"}
+#: Every error an API operation can answer, documented with the one error body.
+ERROR_RESPONSES = {
+    status: {"model": ErrorBody, "description": text} for status, text in {
+        400: "Invalid request or name (`invalid_request`, `invalid_name`)",
+        401: "No token, or an unknown, revoked or expired one (`unauthenticated`)",
+        403: "The token lacks the permission (`forbidden`)",
+        404: "No such resource (`not_found`)",
+        409: "Conflicts with the current state (`conflict`, `base_mismatch`)",
+        413: "Over a size limit (`too_large`)",
+        422: "Invalid body or parameters, or an upload that fails verification (`invalid_request`, `digest_mismatch`, `invalid_delta`)",
+        502: "The blob store failed or is unreachable (`blob_store_error`)",
+        503: "The database is unavailable or not migrated (`database_unavailable`, `schema_out_of_date`)",
+        507: "Storage is full; nothing was stored (`insufficient_storage`)",
+    }.items()
+}
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+_UPLOAD_BYTES_PATH = re.compile(r"/v1/uploads/[0-9a-f]{32}")
 
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -50,7 +73,36 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
 
 
 def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail), exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405:  # Starlette names only the first route's methods; list every one of the path
+        headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+    return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail), headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
+
+
+def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """The database went away (restart, failover, network) or stayed locked: a 503 the client may
+    retry; the pool replaces broken connections (pre-ping), so the server needs no restart."""
+    cause = getattr(exc, "orig", None) or exc
+    if "disk is full" in str(cause) or getattr(cause, "sqlstate", None) == "53100":
+        return error_response(507, "insufficient_storage", "the registry database is out of disk space; nothing was changed")
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path, type(cause).__name__)
+    return error_response(503, "database_unavailable", "the registry database is unavailable; retry shortly",
+                          headers={"Retry-After": "2"})
+
+
+def _os_error(request: Request, exc: OSError) -> JSONResponse:
+    if exc.errno in _DISK_FULL:
+        log.error("storage full on %s %s", request.method, request.url.path)
+        return error_response(507, "insufficient_storage", "the registry's storage is full; nothing was stored")
+    return _unexpected_error(request, exc)
 
 
 def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -82,11 +134,63 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Index and storage of 1-bit compressed deltas of fine-tuned LLMs, per base model.",
         lifespan=lifespan,
     )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_exception_handler(RegistryError, _registry_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    for db_error in (OperationalError, InterfaceError, PoolTimeoutError):
+        app.add_exception_handler(db_error, _database_error)
+    app.add_exception_handler(OSError, _os_error)
     app.add_exception_handler(Exception, _unexpected_error)
     for router in ROUTERS:
-        app.include_router(router)
+        app.include_router(router, responses=None if "health" in router.tags else ERROR_RESPONSES)
+    _document_limits(app, settings)
     return app
+
+
+def _document_limits(app: FastAPI, settings: Settings) -> None:
+    """The OpenAPI document states this server's configured size limits, so a declaration it
+    would refuse with 413 is not described as valid."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            props = schema["components"]["schemas"]["UploadCreate"]["properties"]
+            props["size"]["maximum"] = settings.max_upload_bytes
+            props["raw_size"]["maximum"] = settings.max_raw_bytes
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies above `max_bytes` (413) as they arrive, before they are parsed or
+    held in memory; the blob bytes of `PUT /v1/uploads/{id}` are streamed to disk and limited
+    by the upload's declared size instead."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or (scope["method"] == "PUT" and _UPLOAD_BYTES_PATH.fullmatch(scope["path"])):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            response = error_response(413, "too_large", f"request body exceeds this registry's limit of {self.max_bytes} bytes")
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise StarletteHTTPException(413, f"request body exceeds this registry's limit of {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .errors import AuthenticationError, PermissionDeniedError
-from .models import ApiToken
+from .models import ApiToken, utcnow
 from .settings import Settings
 
 TOKEN_PREFIX = "dst_"
@@ -83,9 +83,12 @@ def authenticate(session: Session, settings: Settings, authorization: str | None
     admin = settings.admin_token.get_secret_value() if settings.admin_token else None
     if admin and hmac.compare_digest(secret.encode(), admin.encode()):
         return Principal(name="admin", scopes={ALL_NAMESPACES: "admin"})
+    # The lookup is by sha256 of the secret, so its timing reveals nothing about stored secrets.
     token = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(secret)))
     if token is None or token.revoked_at is not None:
         raise AuthenticationError("unknown or revoked token")
+    if token.expires_at is not None and token.expires_at <= utcnow():
+        raise AuthenticationError("token expired; ask an administrator for a new one")
     return Principal(
         name=f"token:{token.name}", scopes={s.namespace: s.permission for s in token.scopes}, token_id=token.id
     )

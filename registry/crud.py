@@ -32,13 +32,14 @@ def decode_cursor(cursor: str | None) -> Any:
         return None
     try:
         return json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise InvalidRequestError(f"invalid cursor {cursor[:40]!r}") from None
 
 
 def _int_cursor(cursor: str | None) -> int | None:
     value = decode_cursor(cursor)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+    # ids and version numbers are 32-bit: a forged cursor must not overflow the database's integers
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31):
         raise InvalidRequestError("invalid cursor")
     return value
 
@@ -364,9 +365,11 @@ def known_blob_keys(session: Session, *, keys: Sequence[str]) -> set[str]:
 
 
 # --- tokens ----------------------------------------------------------------------------------
-def create_token(session: Session, *, name: str, scopes: Sequence[tuple[str, str]], actor: str) -> tuple[ApiToken, str]:
+def create_token(
+    session: Session, *, name: str, scopes: Sequence[tuple[str, str]], actor: str, expires_at: dt.datetime | None = None,
+) -> tuple[ApiToken, str]:
     secret = new_token_secret()
-    token = ApiToken(name=name, token_hash=hash_token(secret), prefix=secret[:10], created_by=actor,
+    token = ApiToken(name=name, token_hash=hash_token(secret), prefix=secret[:10], created_by=actor, expires_at=expires_at,
                      scopes=[TokenScope(namespace=ns, permission=perm) for ns, perm in scopes])
     session.add(token)
     session.flush()

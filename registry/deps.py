@@ -77,19 +77,37 @@ class RepoName:
         return f"{self.namespace}/{self.name}"
 
 
-def repo_path(namespace: Annotated[str, Path()], name: Annotated[str, Path()]) -> RepoName:
+# Names are checked by the `names` validators (400 invalid_name); the patterns only document them.
+def _documented(pattern: str, max_length: int) -> dict:
+    return {"pattern": pattern, "maxLength": max_length}
+
+
+Segment = Annotated[str, Path(json_schema_extra=_documented(names.SEGMENT_PATTERN, 64))]
+BaseSegment = Annotated[str, Path(json_schema_extra=_documented(names.BASE_SEGMENT_PATTERN, 96))]
+
+
+def repo_path(namespace: Segment, name: Segment) -> RepoName:
     return RepoName(names.check_segment(namespace, what="namespace"), names.check_segment(name, what="repository name"))
 
 
-def base_path(org: Annotated[str, Path()], model: Annotated[str, Path()]) -> str:
+def base_path(org: BaseSegment, model: BaseSegment) -> str:
     return names.parse_base_name(f"{org}/{model}")
 
 
-def version_ref(ref: Annotated[str, Path(description="A version number or a tag (latest, prod, ...).")]) -> int | str:
+def version_ref(
+    ref: Annotated[str, Path(description="A version number or a tag (latest, prod, ...).",
+                             json_schema_extra=_documented(names.REF_PATTERN, 64))],
+) -> int | str:
     return names.parse_version_ref(ref)
 
 
-def tag_path(tag: Annotated[str, Path()]) -> str:
+def version_number(
+    ref: Annotated[str, Path(description="A version number.", json_schema_extra=_documented("^[1-9][0-9]{0,8}$", 10))],
+) -> int | str:
+    return names.parse_version_ref(ref)
+
+
+def tag_path(tag: Annotated[str, Path(json_schema_extra=_documented(names.TAG_PATTERN, 64))]) -> str:
     return names.check_tag(tag)
 
 
@@ -100,6 +118,8 @@ def page_limit(state: StateDep, limit: Annotated[int | None, Query(ge=1)] = None
 RepoPath = Annotated[RepoName, Depends(repo_path)]
 BasePath = Annotated[str, Depends(base_path)]
 VersionRef = Annotated[int | str, Depends(version_ref)]
+VersionNumber = Annotated[int | str, Depends(version_number)]
 TagPath = Annotated[str, Depends(tag_path)]
 PageLimit = Annotated[int, Depends(page_limit)]
-Cursor = Annotated[str | None, Query(max_length=200)]
+Cursor = Annotated[str | None, Query(max_length=200, json_schema_extra={"pattern": "^[A-Za-z0-9_-]*$"},
+                                     description="The next_cursor of the previous page.")]

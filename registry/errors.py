@@ -64,6 +64,12 @@ class BlobStoreError(RegistryError, OSError):
     status, code = 502, "blob_store_error"
 
 
+class StorageFullError(BlobStoreError):
+    """The blob store has no space left; the partial bytes were removed and nothing was stored."""
+
+    status, code = 507, "insufficient_storage"
+
+
 class SchemaOutOfDateError(RegistryError, RuntimeError):
     """The database schema is not at the migrations' head; the message names the fixing command."""
 

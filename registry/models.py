@@ -204,6 +204,8 @@ class ApiToken(Base):
     created_by: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[dt.datetime | None]
+    #: After this instant the token is refused (NULL: it never expires).
+    expires_at: Mapped[dt.datetime | None]
 
     scopes: Mapped[list[TokenScope]] = relationship(
         lazy="selectin", cascade="all, delete-orphan", order_by="TokenScope.namespace"

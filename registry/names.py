@@ -17,8 +17,21 @@ SEGMENT_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 BASE_SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 TAG_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+NUMBER_RE = re.compile(r"[1-9][0-9]{0,9}")
 DIGEST_PATTERN = "^sha256:[0-9a-f]{64}$"
 RESERVED_TAGS = frozenset({"latest"})
+MAX_VERSION = 2**31 - 1
+
+# The same rules as JSON-schema patterns for the OpenAPI document (anchored, ECMA syntax).
+SEGMENT_PATTERN = "^[a-z0-9][a-z0-9._-]{0,63}$"
+BASE_SEGMENT_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
+BASE_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
+_TAG_BODY = "[a-z][a-z0-9._-]{0,63}|[0-9]+[a-z._-][a-z0-9._-]*"
+TAG_PATTERN = f"^(?:{_TAG_BODY})$"  # with maxLength 64: starts alphanumeric, not all digits
+REF_PATTERN = f"^(?:[1-9][0-9]{{0,8}}|{_TAG_BODY})$"
+#: Free text (descriptions, names of tokens, search strings): anything but NUL, which PostgreSQL
+#: cannot store in text.
+TEXT_PATTERN = "^[^\\x00]*$"
 
 
 def _show(value: str) -> str:
@@ -74,11 +87,13 @@ def base_namespace(name: str) -> str:
 
 def parse_version_ref(ref: str) -> int | str:
     """A version reference: a number (`3`) or a tag (`prod`, `latest`)."""
-    if ref.isdigit():
+    if NUMBER_RE.fullmatch(ref):  # ASCII digits only: no Unicode look-alike digits, no leading zeros
         number = int(ref)
-        if not 1 <= number < 2**31:
+        if number > MAX_VERSION:
             raise InvalidNameError(f"version number {ref} is out of range")
         return number
+    if ref.isascii() and ref.isdigit():
+        raise InvalidNameError(f"invalid version number {_show(ref)}: use 1 to {MAX_VERSION} without leading zeros")
     return check_tag(ref)
 
 

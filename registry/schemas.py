@@ -3,15 +3,80 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Generic, Literal, TypeVar
+import math
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field
 from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field
 
-from .names import DIGEST_PATTERN
+from .names import BASE_NAME_PATTERN, DIGEST_PATTERN, SEGMENT_PATTERN
 
 T = TypeVar("T")
 Digest = Field(pattern=DIGEST_PATTERN, description="sha256:<64 hex>")
+MAX_JSON_DEPTH = 32
+#: Largest size or count a body may state: exactly representable as a JSON double, far above any limit.
+MAX_COUNT = 2**53
+
+
+def _json_int(value: Any) -> Any:
+    """A JSON integer: `3` or `3.0` (JSON has one number type), never `true` or `"3"`."""
+    if isinstance(value, bool) or isinstance(value, str):
+        raise ValueError("must be a JSON integer")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def json_int(**bounds: int) -> Any:
+    """An integer field with `bounds` (ge, le) that takes JSON integers only (see `_json_int`)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_json_int)]
+
+
+class RequestBody(Schema):
+    """A request body."""
+
+
+def _unicode(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # neither database driver can encode a lone surrogate
+        raise ValueError("must be valid Unicode (it holds a lone surrogate)") from None
+    return value
+
+
+def _clean_text(value: str) -> str:
+    """Text the index can store on every backend: Unicode, and no NUL (PostgreSQL text refuses it)."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return _unicode(value)
+
+
+def _clean_json(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A JSON object the index can store and serve back: Unicode strings, finite numbers (JSON has
+    no NaN or Infinity), bounded depth. Walked without recursion. (NUL is fine inside JSON: it is
+    stored escaped.)"""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"is nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, str):
+            _unicode(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("numbers must be finite (JSON has no NaN or Infinity)")
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                _unicode(key)
+                stack.append((child, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_clean_text), Field(json_schema_extra={"pattern": "^[^\\u0000]*$"})]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_clean_json)]
+#: Checked by the `names` validators (400 invalid_name); the pattern documents the rule.
+SegmentName = Annotated[str, Field(json_schema_extra={"pattern": SEGMENT_PATTERN, "maxLength": 64})]
 
 
 class ErrorDetail(Schema):
@@ -29,12 +94,12 @@ class Page(Schema, Generic[T]):
 
 
 # --- bases -----------------------------------------------------------------------------------
-class BaseCreate(Schema):
-    name: str = Field(examples=["meta-llama/Llama-3.1-8B"])
+class BaseCreate(RequestBody):
+    name: str = Field(examples=["meta-llama/Llama-3.1-8B"], json_schema_extra={"pattern": BASE_NAME_PATTERN})
     fingerprint: str = Digest
-    architecture: str | None = Field(None, max_length=128)
-    parameter_count: int | None = Field(None, ge=0)
-    config: dict[str, Any] | None = None
+    architecture: Text | None = Field(None, max_length=128)
+    parameter_count: json_int(ge=0, le=MAX_COUNT) | None = None
+    config: JsonObject | None = None
 
 
 class BaseOut(Schema):
@@ -50,11 +115,11 @@ class BaseOut(Schema):
 
 
 # --- repositories ----------------------------------------------------------------------------
-class RepoCreate(Schema):
-    namespace: str
-    name: str
-    base: str = Field(description="Registered base model name, e.g. org/model.")
-    description: str = Field("", max_length=10_000)
+class RepoCreate(RequestBody):
+    namespace: SegmentName
+    name: SegmentName
+    base: str = Field(description="Registered base model name, e.g. org/model.", json_schema_extra={"pattern": BASE_NAME_PATTERN})
+    description: Text = Field("", max_length=10_000)
     visibility: Literal["public", "private"] = "public"
 
 
@@ -107,8 +172,8 @@ class VersionOut(Schema):
 
 
 # --- tags ------------------------------------------------------------------------------------
-class TagSet(Schema):
-    version: int = Field(ge=1)
+class TagSet(RequestBody):
+    version: json_int(ge=1, le=2**31 - 1)
 
 
 class TagOut(Schema):
@@ -119,13 +184,13 @@ class TagOut(Schema):
 
 
 # --- uploads ---------------------------------------------------------------------------------
-class UploadCreate(Schema):
+class UploadCreate(RequestBody):
     digest: str = Digest
-    size: int = Field(ge=0, description="Bytes of the stored (zstd) blob.")
+    size: json_int(ge=0, le=MAX_COUNT) = Field(description="Bytes of the stored (zstd) blob.")
     raw_digest: str = Digest
-    raw_size: int = Field(ge=0, description="Bytes of the decompressed .bdelta.")
-    description: str = Field("", max_length=10_000)
-    fidelity: dict[str, Any] | None = None
+    raw_size: json_int(ge=0, le=MAX_COUNT) = Field(description="Bytes of the decompressed .bdelta.")
+    description: Text = Field("", max_length=10_000)
+    fidelity: JsonObject | None = None
 
 
 class UploadPartOut(Schema):
@@ -157,13 +222,16 @@ class UploadReceived(Schema):
 
 # --- tokens ----------------------------------------------------------------------------------
 class ScopeIn(Schema):
-    namespace: str = Field(description="A namespace, or * for every namespace.")
+    namespace: str = Field(description="A namespace, or * for every namespace.",
+                           json_schema_extra={"pattern": "^(?:\\*|[a-z0-9][a-z0-9._-]{0,63})$"})
     permission: Literal["read", "write", "admin"]
 
 
-class TokenCreate(Schema):
-    name: str = Field(min_length=1, max_length=128)
+class TokenCreate(RequestBody):
+    name: Text = Field(min_length=1, max_length=128)
     scopes: list[ScopeIn] = Field(min_length=1)
+    expires_in_seconds: json_int(ge=1, le=10 * 365 * 86400) | None = Field(
+        None, description="Lifetime; omit for a token that never expires.")
 
 
 class TokenOut(Schema):
@@ -174,6 +242,7 @@ class TokenOut(Schema):
     created_by: str
     created_at: dt.datetime
     revoked_at: dt.datetime | None
+    expires_at: dt.datetime | None = None
 
 
 class TokenCreated(TokenOut):
@@ -215,6 +284,15 @@ class FsckOut(Schema):
     stale_uploads: int
     digests_checked: bool
     details: list[str] = Field(description="The first 100 problems and leftovers, one line each.")
+
+
+class ReadyOut(Schema):
+    status: Literal["ready"]
+    checks: dict[str, str]
+
+
+class NotReadyBody(ErrorBody):
+    checks: dict[str, str]
 
 
 class AuditEventOut(Schema):

@@ -40,7 +40,8 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = Field(32 * GiB, gt=0, description="Largest stored (zstd) blob accepted.")
     max_raw_bytes: int = Field(64 * GiB, gt=0, description="Largest decompressed delta accepted (zip-bomb guard).")
-    presign_ttl_seconds: int = Field(900, gt=0)
+    max_json_bytes: int = Field(1 * MiB, gt=0, description="Largest JSON request body accepted (blob bytes are limited by max_upload_bytes).")
+    presign_ttl_seconds: int = Field(900, gt=0, le=7 * 24 * 3600, description="Lifetime of presigned S3 URLs (S3 allows at most 7 days).")
     upload_ttl_seconds: int = Field(24 * 3600, ge=0, description="Pending uploads older than this are stale (GC removes them).")
     gc_grace_seconds: int = Field(3600, ge=0, description="Store objects younger than this are never collected (in-flight pushes).")
     multipart_threshold: int = Field(16 * MiB, gt=0, description="S3 uploads above this size use multipart part URLs.")

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from .. import crud
+from .. import crud, names
 from ..deps import Cursor, PageLimit, PrincipalDep, ReadSessionDep, StateDep
 from ..fsck import check_consistency
 from ..gc import collect_garbage
@@ -40,7 +40,7 @@ async def run_fsck(state: StateDep, principal: PrincipalDep, digests: Annotated[
 
 @router.get("/audit", response_model=Page[AuditEventOut])
 def audit_log(session: ReadSessionDep, principal: PrincipalDep, limit: PageLimit, cursor: Cursor = None,
-              target: Annotated[str | None, Query(max_length=256)] = None):
+              target: Annotated[str | None, Query(max_length=256, pattern=names.TEXT_PATTERN)] = None):
     """Who pushed, tagged or deleted what, newest first."""
     principal.require_admin()
     rows, next_cursor = crud.list_events(session, target=target, cursor=cursor, limit=limit)

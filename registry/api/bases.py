@@ -19,7 +19,8 @@ def list_bases(session: ReadSessionDep, principal: PrincipalDep, settings: Setti
     return Page[BaseOut](items=[BaseOut.model_validate(b) for b in rows], next_cursor=next_cursor)
 
 
-@router.post("", response_model=BaseOut, status_code=status.HTTP_201_CREATED)
+@router.post("", response_model=BaseOut, status_code=status.HTTP_201_CREATED,
+             responses={200: {"model": BaseOut, "description": "Already registered with this fingerprint (idempotent)"}})
 def register_base(body: BaseCreate, db: DatabaseDep, principal: PrincipalDep, response: Response):
     """Register a base model by name and weight fingerprint (idempotent for the same pair)."""
     name = names.parse_base_name(body.name)

@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from ..deps import StateDep
 from ..errors import RegistryError
 from ..schema import check_schema
+from ..schemas import NotReadyBody, ReadyOut
 
 router = APIRouter(tags=["health"])
 
@@ -18,7 +19,7 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=ReadyOut, responses={503: {"model": NotReadyBody, "description": "Not ready"}})
 async def readyz(state: StateDep):
     checks: dict[str, str] = {}
     failure: RegistryError | None = None

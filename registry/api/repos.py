@@ -17,9 +17,10 @@ router = APIRouter(prefix="/v1/repos", tags=["repositories"])
 @router.get("", response_model=Page[RepoOut])
 def list_repos(
     session: ReadSessionDep, principal: PrincipalDep, settings: SettingsDep, limit: PageLimit, cursor: Cursor = None,
-    base: Annotated[str | None, Query(description="Only repositories of this base model.")] = None,
-    namespace: Annotated[str | None, Query()] = None,
-    q: Annotated[str | None, Query(max_length=64, description="Substring of namespace or name.")] = None,
+    base: Annotated[str | None, Query(description="Only repositories of this base model.",
+                                      json_schema_extra={"pattern": names.BASE_NAME_PATTERN})] = None,
+    namespace: Annotated[str | None, Query(json_schema_extra={"pattern": names.SEGMENT_PATTERN, "maxLength": 64})] = None,
+    q: Annotated[str | None, Query(max_length=64, pattern=names.TEXT_PATTERN, description="Substring of namespace or name.")] = None,
 ):
     if base is not None:
         names.parse_base_name(base)

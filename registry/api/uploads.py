@@ -52,10 +52,14 @@ def _upload_out(upload, target, repository: str) -> UploadOut:
     )
 
 
-@router.put("/v1/uploads/{upload_id}", response_model=UploadReceived)
+_BLOB_BODY = {"requestBody": {"required": True, "content": {
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+@router.put("/v1/uploads/{upload_id}", response_model=UploadReceived, openapi_extra=_BLOB_BODY)
 async def send_upload_bytes(
     upload_id: UploadId, request: Request, state: StateDep, principal: PrincipalDep,
-    content_length: Annotated[int | None, Header()] = None,
+    content_length: Annotated[int | None, Header(include_in_schema=False)] = None,
 ):
     """Stream the blob's bytes (local store). Written to a temporary file while hashed, never held
     in memory; more bytes than declared are refused as they arrive."""

@@ -8,7 +8,9 @@ from fastapi import APIRouter, Header, Response, status
 from fastapi.responses import FileResponse, RedirectResponse
 
 from .. import crud
-from ..deps import Cursor, DatabaseDep, PageLimit, PrincipalDep, ReadSessionDep, RepoPath, SettingsDep, StateDep, VersionRef
+from ..deps import (
+    Cursor, DatabaseDep, PageLimit, PrincipalDep, ReadSessionDep, RepoPath, SettingsDep, StateDep, VersionNumber, VersionRef,
+)
 from ..errors import InvalidRequestError
 from ..schemas import Page, VersionOut
 from .views import require_read, versions_out
@@ -66,7 +68,7 @@ def download_version(
 
 
 @router.delete("/{ref}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_version(repo_name: RepoPath, ref: VersionRef, db: DatabaseDep, principal: PrincipalDep) -> None:
+def delete_version(repo_name: RepoPath, ref: VersionNumber, db: DatabaseDep, principal: PrincipalDep) -> None:
     """Delete one version by number; `latest` moves back to the newest remaining version."""
     if not isinstance(ref, int):
         raise InvalidRequestError("delete a version by its number, not by a tag")

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
+import logging
 import os
 import re
 import uuid
 from pathlib import Path
 from typing import IO, Iterator
 
-from ..errors import BlobStoreError, ConflictError
+from ..errors import BlobStoreError, ConflictError, StorageFullError
 from .base import BlobStore, Download, StagedBlob, StoredObject, UploadRef, UploadTarget, check_upload_id, digest_hex
 
+log = logging.getLogger("deltastore.registry")
 _CLAIMED = ".claimed"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -73,6 +76,12 @@ class LocalBlobStore(BlobStore):
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)  # a second PUT of the same upload replaces the first whole
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)  # no partial bytes stay behind, and their space is freed
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                log.error("blob store %s is full (upload %s refused)", self.root, upload_id)
+                raise StorageFullError("the blob store is full; nothing was stored (free space, then push again)") from None
+            raise
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -85,9 +94,12 @@ class LocalBlobStore(BlobStore):
             # Claiming by rename means a concurrent PUT can no longer change what is verified.
             os.replace(path, claimed)
         except FileNotFoundError:
-            if not claimed.exists():
-                raise _no_bytes(ref.upload_id) from None
-        with open(claimed, "rb") as fh:
+            pass  # claimed by an earlier `complete` whose verification is being retried
+        try:
+            fh = open(claimed, "rb")
+        except FileNotFoundError:  # never sent, or a concurrent `complete` promoted it meanwhile
+            raise _no_bytes(ref.upload_id) from None
+        with fh:
             yield StagedBlob(stream=fh, size=os.fstat(fh.fileno()).st_size, token=claimed.name)
 
     def promote(self, ref: UploadRef, token: str) -> str:
