@@ -81,9 +81,10 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 def _allowed_methods(request: Request) -> list[str]:
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
-            methods |= route.methods
+    for router in ROUTERS:  # their routes carry the full path (routers are included without a prefix)
+        for route in router.routes:
+            if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+                methods |= route.methods
     return sorted(methods)
 
 

@@ -34,15 +34,24 @@ def registry_process(tmp_path, migrated_url) -> Iterator[Callable[..., RegistryP
         server.kill()
 
 
-@pytest.fixture
-def pg_cluster() -> Iterator[PostgresCluster]:
-    """A private PostgreSQL cluster that the test may stop and start (skipped without binaries)."""
+@pytest.fixture(scope="session")
+def _private_cluster() -> Iterator[PostgresCluster]:
     why = postgres_available()
     if why:
         pytest.skip(why)
     cluster = PostgresCluster().init()
     yield cluster
     cluster.destroy()
+
+
+@pytest.fixture
+def pg_cluster(_private_cluster) -> Iterator[PostgresCluster]:
+    """A private PostgreSQL cluster (one per test worker) that the test may stop and start, with a
+    fresh database for the test at `.url`; it is running again after the test."""
+    cluster = _private_cluster
+    name = cluster.create_database()
+    yield cluster.for_database(name)
+    cluster.start_if_stopped()
 
 
 @pytest.fixture

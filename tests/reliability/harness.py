@@ -10,6 +10,7 @@ push protocol spoken with plain httpx (no client library).
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import signal
@@ -150,9 +151,34 @@ class PostgresCluster:
         cmd = ["runuser", "-u", "postgres", "--", *args] if self._as_postgres else list(args)
         return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=120)
 
+    database = "postgres"
+
     @property
     def url(self) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{self.database}"
+
+    def create_database(self) -> str:
+        import uuid
+
+        import psycopg
+
+        name = f"ds_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return name
+
+    def for_database(self, name: str) -> "PostgresCluster":
+        """The same cluster, with `url` naming database `name`."""
+        view = copy.copy(self)
+        view.database = name
+        return view
+
+    def running(self) -> bool:
+        return self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.dir / "data"), "status", check=False).returncode == 0
+
+    def start_if_stopped(self) -> None:
+        if not self.running():
+            self.start()
 
     def init(self) -> "PostgresCluster":
         self._run(str(PG_BIN / "initdb"), "-D", str(self.dir / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8")

@@ -62,3 +62,18 @@ def test_every_operation_conforms_and_never_fails(tmp_path, run):
     assert code == 0, output[-6000:]
     assert generated > 300, output[-2000:]
     assert "Traceback" not in (tmp_path / "registry.log").read_text(), "the server logged an unhandled error"
+
+
+def test_method_not_allowed_names_every_method_of_the_path(client):
+    """Starlette's 405 named only the first matching route's methods (GET for /v1/repos, hiding POST)."""
+    for path, allowed in {"/v1/repos": "GET, POST", "/v1/repos/acme/math": "DELETE, GET", "/v1/tokens": "GET, POST",
+                          "/v1/repos/acme/math/versions/1": "DELETE, GET", "/v1/repos/acme/math/tags/prod": "DELETE, PUT"}.items():
+        r = client.request("PATCH", path)
+        assert (r.status_code, r.headers["allow"]) == (405, allowed), path
+        assert r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_the_document_states_this_servers_limits(make_client):
+    client = make_client(max_upload_bytes=1000, max_raw_bytes=5000)
+    props = client.get("/openapi.json").json()["components"]["schemas"]["UploadCreate"]["properties"]
+    assert (props["size"]["maximum"], props["raw_size"]["maximum"]) == (1000, 5000)
