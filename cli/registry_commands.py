@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from registry.client import PullResult, PushResult, RegistryApi, RepoInfo, VersionInfo, parse_ref
 from registry.client_errors import CacheError, CorruptDownloadError, NetworkError
@@ -58,6 +61,17 @@ def _note(text: str) -> None:
 base_app = typer.Typer(help="Base models the registry knows (deltas are indexed per base).", no_args_is_help=True)
 
 
+class _IfSized(ProgressColumn):
+    """A column shown only for phases that know their byte count (not 'compressing', 'verifying')."""
+
+    def __init__(self, column: ProgressColumn):
+        super().__init__()
+        self.column = column
+
+    def render(self, task) -> Text:
+        return self.column.render(task) if task.total is not None else Text("")
+
+
 class _Bars:
     """The client's `Progress` drawn with rich on stderr: bytes, speed, ETA per phase. Silent
     when stderr is not a terminal."""
@@ -71,8 +85,8 @@ class _Bars:
             return
         if self._progress is None:
             self._progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                TimeRemainingColumn(), console=err, transient=True,
+                TextColumn("[bold]{task.description}"), BarColumn(), _IfSized(DownloadColumn()),
+                _IfSized(TransferSpeedColumn()), _IfSized(TimeRemainingColumn()), console=err, transient=True,
             )
             self._progress.start()
         if self._task is not None:
