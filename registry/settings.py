@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_addressing_style: Literal["auto", "path", "virtual"] = "path"
     s3_max_pool_connections: int = 32
+    s3_max_attempts: int = Field(5, ge=1, le=20, description="Attempts per S3 request (retries back off exponentially).")
 
     auth_enabled: bool = Field(False, description="Require bearer tokens for writes (and for reads unless anonymous_read).")
     anonymous_read: bool = Field(True, description="With auth on, allow reading public repositories without a token.")

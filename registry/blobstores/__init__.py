@@ -30,6 +30,7 @@ def open_blob_store(settings: Settings) -> BlobStore:
             region=settings.s3_region,
             addressing_style=settings.s3_addressing_style,
             max_pool_connections=settings.s3_max_pool_connections,
+            max_attempts=settings.s3_max_attempts,
             presign_ttl=settings.presign_ttl_seconds,
             multipart_threshold=settings.multipart_threshold,
             part_size=settings.multipart_part_size,

@@ -19,6 +19,7 @@ from .base import BlobStore, Download, StagedBlob, StoredObject, UploadRef, Uplo
 
 log = logging.getLogger("deltastore.registry")
 _CLAIMED = ".claimed"
+_PROMOTED = "promoted"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -95,15 +96,26 @@ class LocalBlobStore(BlobStore):
             os.replace(path, claimed)
         except FileNotFoundError:
             pass  # claimed by an earlier `complete` whose verification is being retried
+        token = claimed.name
         try:
             fh = open(claimed, "rb")
-        except FileNotFoundError:  # never sent, or a concurrent `complete` promoted it meanwhile
-            raise _no_bytes(ref.upload_id) from None
+        except FileNotFoundError:
+            # Promoted by a `complete` that died before its commit (or that a concurrent one won):
+            # the bytes are at their blob key, and are verified again there before anything is published.
+            token = _PROMOTED
+            try:
+                fh = open(self.root / self.blob_key(ref.digest), "rb")
+            except FileNotFoundError:  # never sent
+                raise _no_bytes(ref.upload_id) from None
         with fh:
-            yield StagedBlob(stream=fh, size=os.fstat(fh.fileno()).st_size, token=claimed.name)
+            yield StagedBlob(stream=fh, size=os.fstat(fh.fileno()).st_size, token=token)
 
     def promote(self, ref: UploadRef, token: str) -> str:
         claimed = self._staged_path(ref.upload_id).with_name(ref.upload_id + _CLAIMED)
+        if token == _PROMOTED:
+            key = self.blob_key(ref.digest)
+            os.utime(self.root / key)  # GC's grace period counts from (re)promotion
+            return key
         if token != claimed.name:
             raise ValueError("staging token does not belong to this upload")
         key = self.blob_key(ref.digest)

@@ -33,6 +33,7 @@ from .base import (
 
 MAX_PARTS = 10_000
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
+_PROMOTED = "promoted:"
 _BLOB_NAME = re.compile(r"[0-9a-f]{64}(\.[0-9a-zA-Z]+)?")
 
 
@@ -86,6 +87,7 @@ class S3BlobStore(BlobStore):
         region: str = "us-east-1",
         addressing_style: str = "path",
         max_pool_connections: int = 32,
+        max_attempts: int = 5,
         presign_ttl: int = 900,
         multipart_threshold: int = 16 << 20,
         part_size: int = 8 << 20,
@@ -101,7 +103,7 @@ class S3BlobStore(BlobStore):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             max_pool_connections=max_pool_connections,
-            retries={"max_attempts": 5, "mode": "standard"},
+            retries={"max_attempts": max_attempts, "mode": "standard"},
         )
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
@@ -185,23 +187,34 @@ class S3BlobStore(BlobStore):
 
     @contextlib.contextmanager
     def open_staged(self, ref: UploadRef) -> Iterator[StagedBlob]:
+        token_prefix = ""
+        obj = self._get_if_exists(self._upload_key(ref))
+        if obj is None and not ref.multipart_id:
+            # Copied to its blob key by a `complete` that died before its commit: verified again there.
+            obj, token_prefix = self._get_if_exists(self.blob_key(ref.digest)), _PROMOTED
+        if obj is None:
+            raise ConflictError(f"no bytes were received for upload {ref.upload_id}; send them before completing")
+        body = _GuardedBody(obj["Body"], "GetObject")
         try:
-            obj = self.client.get_object(**self._object(self._upload_key(ref)))
+            yield StagedBlob(stream=body, size=int(obj["ContentLength"]), token=token_prefix + obj["ETag"])
+        finally:
+            body.close()
+
+    def _get_if_exists(self, key: str) -> dict | None:
+        try:
+            return self.client.get_object(**self._object(key))
         except ClientError as exc:
             if _code(exc) in _NOT_FOUND:
-                raise ConflictError(f"no bytes were received for upload {ref.upload_id}; send them before completing") from None
+                return None
             raise BlobStoreError(f"S3 GetObject failed: {_code(exc)}") from None
         except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
             raise BlobStoreError(f"S3 GetObject failed: {exc}") from None
-        body = _GuardedBody(obj["Body"], "GetObject")
-        try:
-            yield StagedBlob(stream=body, size=int(obj["ContentLength"]), token=obj["ETag"])
-        finally:
-            body.close()
 
     def promote(self, ref: UploadRef, token: str) -> str:
         if ref.multipart_id:
             return self._upload_key(ref)  # already at its final key, and immutable
+        if token.startswith(_PROMOTED):
+            return self.blob_key(ref.digest)  # copied there before a crash, and verified again now
         source = self._object(self.staging_key(ref.upload_id))
         key = self.blob_key(ref.digest)
         # CopySourceIfMatch: copy exactly the object that was verified, not a later re-PUT.
