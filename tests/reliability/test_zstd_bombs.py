@@ -1,0 +1,139 @@
+"""zstd bombs: a stored blob that decompresses to more than its record says is refused at the
+record's size, in bounded memory, by the codec, by the registry's upload verification and by fsck."""
+
+from __future__ import annotations
+
+import io
+import struct
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from codec.storage import BlobCorruptError, BlobTooLargeError, decompress_stream
+
+from .corpus import delta_bytes, sha256, storage_form
+from .harness import setup_repo
+
+GiB = 1 << 30
+
+
+def bomb(path: Path, size: int, *, declare: int | None, window_log: int | None = None) -> Path:
+    """`size` zero bytes as one zstd frame (a few KiB), declaring `declare` bytes in its header
+    (None: no size; a value other than `size`: a frame that lies)."""
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=window_log or 0, write_content_size=1)
+    cctx = zstandard.ZstdCompressor(compression_params=params)
+    zero = bytes(1 << 20)
+    with open(path, "wb") as fh, cctx.stream_writer(fh, size=size, closefd=False) as writer:
+        for _ in range(size >> 20):
+            writer.write(zero)
+    data = bytearray(path.read_bytes())
+    if declare != size:
+        data = _rewrite_content_size(data, declare)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _rewrite_content_size(frame: bytearray, declare: int | None) -> bytearray:
+    fhd = frame[4]
+    fcs_flag, single_segment, dict_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
+    start = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag]
+    width = (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
+    assert width == 8, "the bomb's frame should carry an 8-byte content size"
+    if declare is None:
+        raise ValueError("rewriting to 'no size' changes the header length; use write_content_size=False")
+    frame[start : start + 8] = struct.pack("<Q", declare)
+    return frame
+
+
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory) -> dict[int, Path]:
+    """4 GiB of zeros declaring 4 GiB, and the same frame declaring 1 MiB (a lie)."""
+    root = tmp_path_factory.mktemp("bombs")
+    honest = bomb(root / "honest.zst", 4 * GiB, declare=4 * GiB)
+    lying = root / "lying.zst"
+    lying.write_bytes(bytes(_rewrite_content_size(bytearray(honest.read_bytes()), 1 << 20)))
+    return {4 * GiB: honest, 1 << 20: lying}
+
+
+class _Sink:
+    def __init__(self):
+        self.n = 0
+
+    def write(self, buf) -> int:
+        self.n += len(buf)
+        return len(buf)
+
+
+@pytest.mark.parametrize("declared", [4 * GiB, 1 << 20], ids=["declares-4GiB", "declares-1MiB-holds-4GiB"])
+def test_codec_stops_a_bomb_at_the_record_size_in_bounded_memory(bombs, declared):
+    path = bombs[declared]
+    assert path.stat().st_size < 1 << 20  # 4 GiB of zeros in well under a MiB
+    tracemalloc.start()
+    sink = _Sink()
+    with open(path, "rb") as fh, pytest.raises((BlobTooLargeError, BlobCorruptError)):
+        decompress_stream(io.BufferedReader(_NoSeek(fh)), sink, max_output_size=1 << 20, expected_raw_digest=None)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert sink.n <= 2 << 20 and peak < 8 << 20, (sink.n, peak)
+
+
+class _NoSeek(io.RawIOBase):
+    """A non-seekable view of a file, like a network stream (no up-front frame walk)."""
+
+    def __init__(self, fh):
+        self.fh = fh
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.fh.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def test_a_frame_without_a_declared_size_is_refused(tmp_path):
+    data = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(10 << 20))
+    with pytest.raises(BlobCorruptError, match="does not declare"):
+        decompress_stream(io.BytesIO(data), _Sink(), max_output_size=GiB)
+
+
+@pytest.mark.parametrize("declared", [4 * GiB, 1 << 20], ids=["declares-4GiB", "declares-1MiB-holds-4GiB"])
+def test_registry_refuses_a_bomb_upload_without_growing(registry_process, tmp_path, bombs, declared):
+    from .test_security import PeakRss
+
+    data = bombs[declared].read_bytes()
+    server = registry_process()
+    with server.client(timeout=120) as c:
+        setup_repo(c, "acme/math")
+        real = storage_form(delta_bytes(1))
+        # the record says 1 MiB of raw delta: the blob must not decompress past it
+        declaration = {"digest": sha256(data), "size": len(data), "raw_digest": real.raw_digest, "raw_size": 1 << 20}
+        upload = c.post("/v1/repos/acme/math/uploads", json=declaration).json()
+        assert c.put(upload["upload_url"], content=data).status_code == 200
+        with PeakRss(server.pid) as rss:
+            r = c.post(upload["complete_url"])
+        assert r.status_code == 422 and r.json()["error"]["code"] in ("digest_mismatch", "invalid_delta"), r.text
+        if declared > 1 << 20:  # refused from the frame header alone, naming the record's size
+            assert "1048576" in r.json()["error"]["message"]
+        assert rss.grew_mib < 64, f"the server grew by {rss.grew_mib:.0f} MiB refusing a 4 GiB bomb"
+        assert c.get("/v1/repos/acme/math/versions").json()["items"] == []
+        assert list((tmp_path / "data" / "blobs" / "staging").iterdir()) == []
+
+
+def test_fsck_finds_a_stored_blob_replaced_by_a_bomb(client, make_settings, bombs):
+    setup_repo(client, "acme/math")
+    real = storage_form(delta_bytes(1))
+    from .harness import http_push
+
+    assert http_push(client, "acme/math", real).status_code == 201
+    stored = make_settings().data_dir / "blobs" / "sha256" / real.digest[7:9] / real.digest[7:]
+    stored.write_bytes(bombs[4 * GiB].read_bytes())
+    tracemalloc.start()
+    report = client.get("/v1/admin/fsck").json()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert not report["ok"] and report["digest_mismatches"] == 1, report
+    assert peak < 32 << 20
