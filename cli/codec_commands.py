@@ -8,8 +8,6 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from codec.apply import apply_delta
-from codec.compress import CompressOptions, compress
 from codec.summary import summarize
 
 from .console import emit_json, err, human_bytes, loss_progress, out, tensor_progress
@@ -53,6 +51,8 @@ def compress_cmd(
 
     Example: deltactl compress ./base ./math -o math.bdelta --codec deltadq --ratio 64
     """
+    from codec.compress import CompressOptions, compress  # torch: imported only when compressing
+
     if group_size != "auto" and not group_size.isdigit():
         raise typer.BadParameter(f"--group-size must be a positive integer or 'auto', got {group_size!r}")
     options = CompressOptions(
@@ -115,6 +115,8 @@ def apply_cmd(
 
     Example: deltactl apply ./llama-base math.bdelta -o ./llama-math-restored
     """
+    from codec.apply import apply_delta  # torch: imported only when applying
+
     with tensor_progress("applying") as progress:
         report = apply_delta(base, delta, output, force=force, max_shard_bytes=parse_size(max_shard_size), progress=progress)
     if as_json:
