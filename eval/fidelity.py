@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from codec import deltadq
 from codec.bitdelta import reconstruct
 from codec.checkpoint import Checkpoint, ST_TO_TORCH
 from codec.compress import CompressOptions, compress
@@ -64,6 +65,10 @@ def model_with_delta(base_dir: Path, delta_path: Path):
         for name, e in delta.entries.items():
             if e.full is not None:
                 value = delta.full(name)
+            elif e.kind == "deltadq":
+                value = torch.cat(list(deltadq.reconstruct_blocks(
+                    base.get(name), delta.dq_codes(name), delta.dq_step(name), name, delta.dq_seed,
+                    delta.dq_params(name), dtype)))
             else:
                 value = reconstruct(base.get(name), delta.sign(name), delta.scale(name), dtype)
             state[name].copy_(value.to(torch.float32))
@@ -184,9 +189,10 @@ def main() -> None:
     for label, options, distilled in variants:
         slug = label.replace(" ", "").replace(",", "-").replace("(", "").replace(")", "")
         path = work / f"{slug}.bdelta"
-        report = compress(base_dir, ft_dir, path, options)
+        if not path.exists():  # variants are cached by name: delete the directory to redo them
+            compress(base_dir, ft_dir, path, options)
         if not binarized_names and not options.include:
-            binarized_names = report.binarized
+            binarized_names = [n for n, e in DeltaFile.open(path).entries.items() if e.kind != "full"]
         if distilled:
             start = time.perf_counter()
             out = work / f"{slug}.distilled.bdelta"
