@@ -359,9 +359,6 @@ def test_disk_full_is_a_clear_error_and_leaves_no_corrupt_blob(make_client, smal
 
 
 # --- a corrupted cached delta ----------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="registry/cache.py: a cache hit checks only the size of the cached .bdelta "
-                                      "(cached_blob); it must check the recorded raw digest before returning it, "
-                                      "e.g. DeltaFile.open(path, expected_digest=version.raw_digest)")
 def test_a_corrupted_cached_delta_is_caught_before_use(live_server, tmp_path):
     from registry.client import RegistryApi
 
@@ -375,5 +372,51 @@ def test_a_corrupted_cached_delta_is_caught_before_use(live_server, tmp_path):
         data = bytearray(Path(first.blob).read_bytes())
         data[-5] ^= 0x01  # a sign bit flipped on disk: same size, still a structurally valid file
         Path(first.blob).write_bytes(bytes(data))
-        with pytest.raises(Exception, match="(?i)digest|corrupt"):
-            api.pull("acme/math")
+        second = api.pull("acme/math")
+        # The digest check caught it: not served from the cache, downloaded again, intact.
+        assert second.repaired and not second.cache_hit and second.downloaded_bytes > 0
+        assert Path(second.blob).read_bytes() != bytes(data)
+        from codec.storage import sha256_file
+
+        assert sha256_file(second.blob) == second.version.blob.raw_digest
+
+
+def _pull_with_store_down(live_server, moto_endpoint, tmp_path):
+    import boto3
+
+    from registry.client import RegistryApi
+    from registry.client_errors import NetworkError
+
+    boto3.client("s3", endpoint_url=moto_endpoint.url, region_name="us-east-1").create_bucket(Bucket="pulls")
+    server = live_server(blob_url="s3://pulls/reg", s3_endpoint_url=moto_endpoint.url, s3_max_attempts=2)
+    blob = storage_form(delta_bytes(1))
+    with server.client() as c:
+        setup_repo(c, "acme/math")
+        assert http_push(c, "acme/math", blob).status_code == 201
+    api = RegistryApi(server.url, home=tmp_path / "home")
+    moto_endpoint.stop()
+    with pytest.raises(NetworkError) as info:
+        api.pull("acme/math")
+    return api, blob, info.value
+
+
+def test_client_pull_with_the_blob_store_down_fails_and_resumes(live_server, moto_endpoint, tmp_path):
+    """Through the project's client (registry/client.py): a pull while S3 is down raises a
+    NetworkError and leaves nothing in the cache; the same pull works once S3 is back."""
+    api, blob, _ = _pull_with_store_down(live_server, moto_endpoint, tmp_path)
+    with api:
+        assert not list((tmp_path / "home").rglob("*.bdelta"))
+        moto_endpoint.start()
+        pulled = api.pull("acme/math")
+        assert sha256(Path(pulled.blob).read_bytes()) == blob.raw_digest
+
+
+@pytest.mark.xfail(strict=True, reason="registry/client.py: a connection error on the redirected blob-store GET is "
+                                      "reported as `cannot reach the registry at <registry URL> ... is it running?` "
+                                      "(RegistryApi._open_download wraps both requests in _network('the download')); it "
+                                      "should name the blob store's host")
+def test_client_pull_with_the_blob_store_down_names_the_blob_store(live_server, moto_endpoint, tmp_path):
+    api, _, error = _pull_with_store_down(live_server, moto_endpoint, tmp_path)
+    api.close()
+    message = str(error)  # the registry is up: the error must name what is down
+    assert "blob store" in message.lower() and f"127.0.0.1:{moto_endpoint.port}" in message, message
