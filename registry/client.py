@@ -216,6 +216,7 @@ class PullResult(_Info):
     cache_hit: bool
     downloaded_bytes: int
     seconds: float
+    repaired: bool = False  # the cached copy failed its digest check and was downloaded again
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -574,7 +575,9 @@ class RegistryApi:
         version = self.version(ref)
         expected = version.blob
         with self.cache.blob_lock(expected.raw_digest):
+            corrupt_before = len(self.cache.corrupt_found)
             blob = self.cache.cached_blob(expected.raw_digest, expected.raw_size)
+            repaired = len(self.cache.corrupt_found) > corrupt_before
             hit = blob is not None
             downloaded = 0
             if not hit:
@@ -587,7 +590,7 @@ class RegistryApi:
         if output is not None:
             path = _copy_out(blob, Path(output), version)
         return PullResult(version=version, path=path, blob=blob, cache_hit=hit, downloaded_bytes=downloaded,
-                          seconds=time.perf_counter() - started)
+                          seconds=time.perf_counter() - started, repaired=repaired)
 
     def _download(self, version: VersionInfo, progress: Progress) -> int:
         expected = version.blob

@@ -211,17 +211,26 @@ def test_cache_verify_finds_a_corrupt_delta_and_pull_downloads_it_again(deltas, 
     assert deltactl("cache", "verify").exit_code == 0
 
     blob = pulled["blob"]
-    data = bytearray(open(blob, "rb").read())
-    data[len(data) // 2] ^= 0xFF  # same size: only a re-hash notices
-    with open(blob, "r+b") as fh:
-        fh.write(data)
-    assert deltactl_json("pull", "acme/math")["cache_hit"]
 
+    def corrupt() -> None:
+        data = bytearray(open(blob, "rb").read())
+        data[len(data) // 2] ^= 0xFF  # same size: only a re-hash notices
+        with open(blob, "r+b") as fh:
+            fh.write(data)
+
+    # A pull re-hashes a cache hit: the corrupt copy is never served, it is downloaded again.
+    corrupt()
+    healed = deltactl_json("pull", "acme/math")
+    assert healed["repaired"] and not healed["cache_hit"] and healed["downloaded_bytes"] > 0
+    assert open(healed["path"], "rb").read() == deltas.plain.read_bytes()
+
+    # `cache verify` finds corruption on its own, removes the copy, and the next pull restores it.
+    corrupt()
     r = deltactl("cache", "verify")
     assert r.exit_code == exit_codes.EXIT_INVALID
     assert "corrupt" in r.stderr and "acme/math@1" in r.stderr and "1 corrupt" in r.stdout
     again = deltactl_json("pull", "acme/math")
-    assert not again["cache_hit"] and again["downloaded_bytes"] > 0
+    assert not again["cache_hit"] and not again["repaired"] and again["downloaded_bytes"] > 0
     assert open(again["path"], "rb").read() == deltas.plain.read_bytes()
     assert deltactl_json("cache", "verify")["ok"]
 
