@@ -41,3 +41,33 @@ def test_read_load_from_a_second_process(registry_process):
     summary = json.loads(proc.stdout)
     assert summary["errors"] == 0 and summary["requests"] == 400, summary
     assert summary["statuses"] == {"200": 400}
+
+
+def test_racing_completes_of_one_upload_publish_it_once(registry_process):
+    """Clients that retry `complete` while the first call is still verifying: one version, the
+    other calls get a 4xx (never a 500 from the staged file moving underneath them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from .corpus import delta_bytes, storage_form
+    from .harness import send_bytes, setup_repo
+
+    server = registry_process()
+    with server.client() as c:
+        setup_repo(c, "race/one")
+        for i in range(6):
+            blob = storage_form(delta_bytes(500 + i, rows=512, width_bytes=2048))
+            upload = c.post("/v1/repos/race/one/uploads", json=blob.declaration()).json()
+            assert send_bytes(c, upload, blob.data) is None
+
+            def complete(_):
+                with httpx.Client(base_url=server.url, timeout=60) as rc:
+                    return rc.post(upload["complete_url"]).status_code
+
+            with ThreadPoolExecutor(4) as pool:
+                statuses = sorted(pool.map(complete, range(4)))
+            assert statuses.count(201) == 1 and all(s in (201, 404, 409) for s in statuses), statuses
+        numbers = [v["number"] for v in c.get("/v1/repos/race/one/versions").json()["items"]]
+        assert sorted(numbers) == list(range(1, 7))
+        assert c.get("/v1/admin/fsck").json()["ok"]
