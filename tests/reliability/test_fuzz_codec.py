@@ -25,7 +25,7 @@ from .corpus import encode, seed_deltas, storage_form
 from .delta_fuzz import check_blob, check_delta, mutate, mutate_blob
 
 SEEDS = seed_deltas()
-CHUNKS, CASES_PER_CHUNK, BLOB_CASES_PER_CHUNK = 4, 400, 100
+CHUNKS, CASES_PER_CHUNK, BLOB_CASES_PER_CHUNK = 4, 300, 100
 
 
 def test_seeds_are_valid_and_round_trip(tmp_path):
@@ -74,7 +74,7 @@ _names = st.sampled_from(["a.weight.sign", "a.weight.scale", "a.weight.full", "b
                           "c.weight.dq_codes", "c.weight.dq_step", "c.weight.dq_params", "d", "e.weight.bias"])
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(tensors=st.dictionaries(_names, _record, max_size=5), body=st.binary(max_size=96),
        codec=st.sampled_from(["bitdelta", "deltadq"]))
 def test_headers_from_scratch(tmp_path_factory, tensors, body, codec):
