@@ -115,7 +115,7 @@ def run_atheris(target: str, runs: int, max_time: int, timeout: int, out: Path) 
     }
 
 
-def run_seeded(target: str, runs: int, max_time: int, seed: int) -> dict:
+def run_seeded(target: str, runs: int, max_time: int, seed: int, out: Path) -> dict:
     from tests.reliability import delta_fuzz
     from tests.reliability.corpus import seed_deltas, storage_form
 
@@ -125,22 +125,31 @@ def run_seeded(target: str, runs: int, max_time: int, seed: int) -> dict:
     path = Path(tempfile.mkdtemp(prefix="ds-fuzz-")) / "case.bdelta"
     counts = {"accepted": 0, "rejected": 0}
     failures, hangs = [], 0
+    slowest = [0.0, 0, 0]  # seconds, case number, bytes
     t0 = time.perf_counter()
     n = 0
     while n < runs and time.perf_counter() - t0 < max_time:
         n += 1
         raw = rng.choice(raws)
+        case = delta_fuzz.mutate(rng, raw, seeds) if target == "file" else delta_fuzz.mutate_blob(rng, storage_form(raw).data)
+        started = time.perf_counter()
         try:
             if target == "file":
-                counts[delta_fuzz.check_delta(delta_fuzz.mutate(rng, raw, seeds), path)] += 1
+                counts[delta_fuzz.check_delta(case, path)] += 1
             else:
-                counts[delta_fuzz.check_blob(delta_fuzz.mutate_blob(rng, storage_form(raw).data), raw)] += 1
+                counts[delta_fuzz.check_blob(case, raw)] += 1
         except delta_fuzz.Hang:
             hangs += 1
+            (out / f"{target}-hang-{n}").write_bytes(case)
         except delta_fuzz.FuzzFailure as exc:
             failures.append(str(exc)[:300])
+            (out / f"{target}-failure-{n}").write_bytes(case)
+        took = time.perf_counter() - started
+        if took > slowest[0]:
+            slowest[:] = [took, n, len(case)]
     return {"target": target, "engine": "seeded structure-aware mutation", "cases": n, "seconds": round(time.perf_counter() - t0, 1),
             **counts, "coverage_edges": None, "crashes": sum("crash" in f for f in failures), "hangs": hangs,
+            "slowest_case_s": round(slowest[0], 2), "slowest_case_bytes": slowest[2],
             "round_trip_failures": sum("crash" not in f for f in failures), "first_failures": failures[:5]}
 
 
@@ -175,7 +184,7 @@ def main() -> None:
     rows = []
     for target in targets:
         row = (run_atheris(target, args.runs, args.max_time, args.timeout, args.out) if engine == "atheris"
-               else run_seeded(target, args.runs, args.max_time, args.seed))
+               else run_seeded(target, args.runs, args.max_time, args.seed, args.out))
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\nfuzzing campaign ({engine})")

@@ -69,12 +69,15 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
-#: Sizes and offsets are unsigned 64-bit in the stock library; anything larger cannot be loaded by it.
+#: Offsets are unsigned 64-bit in the stock library; anything larger cannot be loaded by it.
 U64_LIMIT = 2**64
+#: Dimensions and element counts must fit a signed 64-bit integer: torch and numpy index with one,
+#: so a file with a larger (even zero-size) shape would load with no framework.
+DIM_LIMIT = 2**63
 
 
-def _is_uint(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < U64_LIMIT
+def _is_uint(value: object, limit: int = U64_LIMIT) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < limit
 
 
 def _reject_constant(name: str) -> None:
@@ -105,12 +108,12 @@ def _short(shape: list[int]) -> str:
 
 
 def _numel_fits(shape: list[int], itemsize: int) -> bool:
-    """The element count and bit size, multiplied left to right as the stock library does, stay
-    below 2**64 (a zero dimension after an overflowing product is still refused there)."""
+    """The element count, multiplied left to right as the stock library does, stays below 2**63
+    (a zero dimension after an overflowing product is still refused), and its bit size below 2**64."""
     n = 1
     for d in shape:
         n *= d
-        if n >= U64_LIMIT:
+        if n >= DIM_LIMIT:
             return False
     return n * itemsize * 8 < U64_LIMIT
 
@@ -161,8 +164,8 @@ def parse_header_bytes(prefix: bytes, file_size: int) -> Header:
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise HeaderError(f"tensor {name!r}: unknown dtype {str(dtype)[:40]!r}")
-        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-            raise HeaderError(f"tensor {name!r}: shape must be a list of non-negative integers below 2**64")
+        if not isinstance(shape, list) or not all(_is_uint(d, DIM_LIMIT) for d in shape):
+            raise HeaderError(f"tensor {name!r}: shape must be a list of non-negative integers below 2**63")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2

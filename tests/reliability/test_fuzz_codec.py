@@ -105,10 +105,13 @@ def _with_header(text: bytes, body: bytes = b"") -> bytes:
         (_with_header(b'{"__metadata__":{"k":"\\ud800"}}'), "surrogate"),
         (_with_header(b'{"\\udc00.full":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}', b"a"), "surrogate"),
         # dims beyond 64 bits (with a zero dim, so the byte count is 0): the stock library cannot load it
-        (_with_header(b'{"a.weight.full":{"dtype":"F32","shape":[0,' + str(10**30).encode() + b'],"data_offsets":[0,0]}}'), "non-negative integers below 2\\*\\*64"),
-        (_with_header(b'{"a.weight.full":{"dtype":"F32","shape":[' + str(2**63).encode() + b',' + str(2**63).encode() + b',0],"data_offsets":[0,0]}}'), "64-bit"),
+        (_with_header(b'{"a.weight.full":{"dtype":"F32","shape":[0,' + str(10**30).encode() + b'],"data_offsets":[0,0]}}'), "non-negative integers below 2\\*\\*63"),
+        (_with_header(b'{"a.weight.full":{"dtype":"F32","shape":[' + str(2**62).encode() + b',' + str(2**62).encode() + b',0],"data_offsets":[0,0]}}'), "64-bit"),
+        # a dimension torch cannot hold (int64), in a zero-size tensor the stock header check lets through
+        (_with_header(b'{"a.weight.full":{"dtype":"U8","shape":[0,' + str(2**63 + 5).encode() + b'],"data_offsets":[0,0]}}'), "below 2\\*\\*63"),
     ],
-    ids=["list-dtype", "long-int", "deep-nesting", "nan", "surrogate-meta", "surrogate-name", "dim-over-u64", "numel-overflow"],
+    ids=["list-dtype", "long-int", "deep-nesting", "nan", "surrogate-meta", "surrogate-name", "dim-over-u64", "numel-overflow",
+         "dim-over-i64"],
 )
 def test_regressions_are_header_errors(data, message):
     with pytest.raises(HeaderError, match=message):
