@@ -193,12 +193,16 @@ def main() -> None:
             compress(base_dir, ft_dir, path, options)
         if not binarized_names and not options.include:
             binarized_names = [n for n, e in DeltaFile.open(path).entries.items() if e.kind != "full"]
-        if distilled:
-            start = time.perf_counter()
-            out = work / f"{slug}.distilled.bdelta"
-            d = distill_scales(base_dir, ft_dir, path, out, calib, distill)
-            distill_figures[label] = (time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                                      d.initial_loss, d.final_loss)
+        if distilled:  # cached by step count, with the run's figures beside it
+            out = work / f"{slug}.distilled-{distill.steps}.bdelta"
+            figures = out.with_suffix(".json")
+            if not (out.exists() and figures.exists()):
+                start = time.perf_counter()
+                d = distill_scales(base_dir, ft_dir, path, out, calib, distill)
+                figures.write_text(json.dumps({
+                    "seconds": time.perf_counter() - start, "initial_loss": d.initial_loss, "final_loss": d.final_loss,
+                    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+            distill_figures[label] = json.loads(figures.read_text())
             path = out
         model = model_with_delta(base_dir, path)
         row = Row(label, path.stat().st_size, loss_of(model), greedy_agreement(model, ref_tokens, prompts, args.new_tokens),
@@ -229,9 +233,10 @@ def main() -> None:
         print(f"| {r.variant} | {r.bytes / 2**20:.1f} MiB | {ratio} | {lin} | {r.loss:.4f} | {math.exp(r.loss):.3f} | {rec} | "
               f"{100 * r.agreement:.1f}% |")
     print()
-    for label, (seconds, rss, before, after) in distill_figures.items():
-        print(f"distillation '{label}': {seconds / 60:.1f} min, {distill.steps} steps, calibration loss "
-              f"{before:.4g} -> {after:.4g}, peak RSS of this process {rss / 2**30:.2f} GiB")
+    for label, f in distill_figures.items():
+        print(f"distillation '{label}': {f['seconds'] / 60:.1f} min, {distill.steps} steps, calibration loss "
+              f"{f['initial_loss']:.4g} -> {f['final_loss']:.4g}, peak RSS of the evaluation process so far "
+              f"{f['peak_rss_bytes'] / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":
