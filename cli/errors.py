@@ -13,7 +13,7 @@ from codec.errors import (
     IncompatibleDeltaError, InvalidDeltaError,
 )
 
-# Exit codes (documented in the README): 2 is click's usage error.
+# Exit codes (documented in the README and docs/client.md): 2 is click's usage error.
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
@@ -22,6 +22,7 @@ EXIT_CONFLICT = 5
 EXIT_NETWORK = 6
 EXIT_INVALID = 7
 EXIT_BASE_MISMATCH = 8
+EXIT_STORAGE_FULL = 9
 EXIT_INTERRUPTED = 130
 
 #: Most specific first; registry.client appends its own classes through `register`.

@@ -18,8 +18,9 @@ from rich.text import Text
 from registry.client import PullResult, PushResult, RegistryApi, RepoInfo, VersionInfo, parse_ref
 from registry.client_errors import CacheError, CorruptDownloadError, NetworkError
 from registry.errors import (
-    AuthenticationError, BaseMismatchUploadError, BlobStoreError, ConflictError, DigestMismatchError, InvalidRequestError,
-    InvalidUploadError, NotFoundError, PermissionDeniedError, RegistryError, UploadTooLargeError,
+    AuthenticationError, BaseMismatchUploadError, BlobStoreError, ConflictError, DatabaseUnavailableError,
+    DigestMismatchError, InvalidRequestError, InvalidUploadError, NotFoundError, PermissionDeniedError, RegistryError,
+    StorageFullError, UploadTooLargeError,
 )
 
 from . import errors as exit_codes
@@ -32,6 +33,8 @@ for _exc, _code, _label in (
     (CacheError, exit_codes.EXIT_ERROR, "cache error"),
     (NetworkError, exit_codes.EXIT_NETWORK, "network"),
     (BlobStoreError, exit_codes.EXIT_NETWORK, "blob store"),
+    (DatabaseUnavailableError, exit_codes.EXIT_NETWORK, "registry unavailable"),
+    (StorageFullError, exit_codes.EXIT_STORAGE_FULL, "registry storage full"),
     (InvalidRequestError, exit_codes.EXIT_INVALID, "invalid request"),
     (UploadTooLargeError, exit_codes.EXIT_INVALID, "too large"),
     (DigestMismatchError, exit_codes.EXIT_INVALID, "digest mismatch"),

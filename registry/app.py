@@ -25,7 +25,7 @@ from .api import ROUTERS
 from .blobstores import open_blob_store
 from .db import Database
 from .deps import AppState
-from .errors import RegistryError
+from .errors import DatabaseUnavailableError, RegistryError, StorageFullError
 from .metrics import MetricsMiddleware, RegistryMetrics
 from .push import PushService
 from .schema import check_schema
@@ -93,16 +93,17 @@ def _database_error(request: Request, exc: Exception) -> JSONResponse:
     retry; the pool replaces broken connections (pre-ping), so the server needs no restart."""
     cause = getattr(exc, "orig", None) or exc
     if "disk is full" in str(cause) or getattr(cause, "sqlstate", None) == "53100":
-        return error_response(507, "insufficient_storage", "the registry database is out of disk space; nothing was changed")
+        return error_response(StorageFullError.status, StorageFullError.code,
+                              "the registry database is out of disk space; nothing was changed")
     log.warning("database unavailable on %s %s: %s", request.method, request.url.path, type(cause).__name__)
-    return error_response(503, "database_unavailable", "the registry database is unavailable; retry shortly",
-                          headers={"Retry-After": "2"})
+    return error_response(DatabaseUnavailableError.status, DatabaseUnavailableError.code,
+                          "the registry database is unavailable; retry shortly", headers={"Retry-After": "2"})
 
 
 def _os_error(request: Request, exc: OSError) -> JSONResponse:
     if exc.errno in _DISK_FULL:
         log.error("storage full on %s %s", request.method, request.url.path)
-        return error_response(507, "insufficient_storage", "the registry's storage is full; nothing was stored")
+        return error_response(StorageFullError.status, StorageFullError.code, "the registry's storage is full; nothing was stored")
     return _unexpected_error(request, exc)
 
 

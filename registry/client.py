@@ -33,9 +33,9 @@ from . import constants, credentials, names
 from .cache import DeltaCache
 from .client_errors import CorruptDownloadError, NetworkError, RegistryUnreachableError, TransferInterruptedError
 from .errors import (
-    AuthenticationError, BaseMismatchUploadError, BlobStoreError, ConflictError, DigestMismatchError, InvalidNameError,
-    InvalidRequestError, InvalidUploadError, NotFoundError, PermissionDeniedError, RegistryError, SchemaOutOfDateError,
-    UploadTooLargeError,
+    AuthenticationError, BaseMismatchUploadError, BlobStoreError, ConflictError, DatabaseUnavailableError,
+    DigestMismatchError, InvalidNameError, InvalidRequestError, InvalidUploadError, NotFoundError, PermissionDeniedError,
+    RegistryError, SchemaOutOfDateError, StorageFullError, UploadTooLargeError,
 )
 from .transfer import put_range, receive_blob, upload_parts
 
@@ -45,10 +45,11 @@ _ERROR_CLASSES: dict[str, type[RegistryError]] = {
     "forbidden": PermissionDeniedError, "not_found": NotFoundError, "conflict": ConflictError,
     "base_mismatch": BaseMismatchUploadError, "too_large": UploadTooLargeError, "digest_mismatch": DigestMismatchError,
     "invalid_delta": InvalidUploadError, "blob_store_error": BlobStoreError, "schema_out_of_date": SchemaOutOfDateError,
+    "database_unavailable": DatabaseUnavailableError, "insufficient_storage": StorageFullError,
 }
 _STATUS_CLASSES: dict[int, type[RegistryError]] = {
     400: InvalidRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError,
-    409: ConflictError, 413: UploadTooLargeError, 422: InvalidRequestError, 502: BlobStoreError,
+    409: ConflictError, 413: UploadTooLargeError, 422: InvalidRequestError, 502: BlobStoreError, 507: StorageFullError,
 }
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
@@ -269,6 +270,13 @@ def api_error(response: httpx.Response) -> RegistryError:
     message = message or f"HTTP {response.status_code} from {response.request.method} {response.request.url.path}"
     if cls is AuthenticationError:
         message += " (log in with `deltactl login`, or set DELTACTL_TOKEN)"
+    elif cls is DatabaseUnavailableError:
+        retry = response.headers.get("retry-after", "")
+        message = (f"the registry at {_origin(response)} cannot use its database right now: {message.rstrip('.')}. "
+                   f"Nothing was changed and nothing already stored is lost; retry {f'in {retry} s' if retry.isdigit() else 'shortly'}")
+    elif cls is StorageFullError:
+        message = (f"the registry at {_origin(response)} is out of storage: {message.rstrip('.')}. Nothing already "
+                   "stored is lost; retry once space has been freed there (re-running a push resumes it)")
     error = cls(message)
     if cls is RegistryError:
         error.status = response.status_code
@@ -686,6 +694,12 @@ def _copy_out(blob: Path, output: Path, version: VersionInfo) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return output
+
+
+def _origin(response: httpx.Response) -> str:
+    """`scheme://host:port` of the server that answered."""
+    url = response.request.url
+    return f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}"
 
 
 def _reason(exc: BaseException) -> str:

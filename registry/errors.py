@@ -70,6 +70,13 @@ class StorageFullError(BlobStoreError):
     status, code = 507, "insufficient_storage"
 
 
+class DatabaseUnavailableError(RegistryError):
+    """The registry cannot use its database right now (restarting, failing over, unreachable or
+    locked); the request changed nothing and may be retried (the answer carries `Retry-After`)."""
+
+    status, code = 503, "database_unavailable"
+
+
 class SchemaOutOfDateError(RegistryError, RuntimeError):
     """The database schema is not at the migrations' head; the message names the fixing command."""
 

@@ -320,6 +320,62 @@ def test_postgres_restart_under_load_recovers_without_a_server_restart(tmp_path,
     assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 
+def _deltactl(home: Path, registry: str, *args):
+    """`deltactl ARGS` in-process against `registry`, with its own DELTACTL_HOME and no token."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    env = {"DELTACTL_HOME": str(home), "DELTACTL_REGISTRY": registry, "DELTACTL_TOKEN": None}
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+def test_client_and_cli_name_an_unavailable_database_and_lose_nothing(tmp_path, pg_cluster):
+    """PostgreSQL stopped under a running registry: the client raises DatabaseUnavailableError and
+    deltactl exits with the network code, both saying what is wrong, that nothing is lost and when
+    to retry; once the database is back the same command succeeds and the earlier version is intact."""
+    from cli import errors as exit_codes
+    from registry.client import RegistryApi
+    from registry.errors import DatabaseUnavailableError
+
+    env = {"DELTASTORE_DATA_DIR": str(tmp_path / "data"), "DELTASTORE_DATABASE_URL": pg_cluster.url}
+    migrate(env)
+    first, second = tmp_path / "first.bdelta", tmp_path / "second.bdelta"
+    first.write_bytes(delta_bytes(1))
+    second.write_bytes(delta_bytes(2))
+    home = tmp_path / "home"
+    with RegistryProcess(env, log_path=tmp_path / "server.log") as server:
+        with server.client() as c:
+            setup_repo(c, "acme/math")
+        pushed = _deltactl(home, server.url, "push", first, "acme/math")
+        assert pushed.exit_code == 0, pushed.output
+
+        pg_cluster.stop("fast")
+        expected = (f"the registry at {server.url} cannot use its database right now: the registry database is "
+                    "unavailable; retry shortly. Nothing was changed and nothing already stored is lost; retry in 2 s")
+        with RegistryApi(server.url, home=home) as api:
+            for call in (lambda: api.push(second, "acme/math"), lambda: api.pull("acme/math"), api.repos):
+                with pytest.raises(DatabaseUnavailableError) as info:
+                    call()
+                assert str(info.value) == expected
+        for args in (["push", second, "acme/math"], ["pull", "acme/math"]):
+            r = _deltactl(home, server.url, *args)
+            assert r.exit_code == exit_codes.EXIT_NETWORK, r.output
+            assert r.stderr == f"error: registry unavailable: {expected}\n", r.stderr
+
+        pg_cluster.start()
+        again = _deltactl(home, server.url, "push", second, "acme/math")
+        assert again.exit_code == 0, again.output
+        assert "pushed acme/math@2" in again.stdout
+        with server.client() as c:
+            assert _numbers(c) == [1, 2]
+            assert c.get("/v1/admin/fsck").json()["ok"]
+        with RegistryApi(server.url, home=home) as api:
+            pulled = api.pull("acme/math@1")
+            assert sha256(Path(pulled.blob).read_bytes()) == sha256(delta_bytes(1))
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
 # --- disk full -------------------------------------------------------------------------------
 @pytest.fixture
 def small_tmpfs(tmp_path):
@@ -358,6 +414,51 @@ def test_disk_full_is_a_clear_error_and_leaves_no_corrupt_blob(make_client, smal
     assert r.status_code == 200, r.text
     assert client.post(upload["complete_url"]).status_code == 201
     assert client.get("/v1/admin/fsck").json()["clean"]
+
+
+def test_client_and_cli_name_a_full_blob_store_and_lose_nothing(live_server, small_tmpfs, tmp_path):
+    """The local blob store's disk fills up: pushing raises StorageFullError and deltactl exits with
+    its own code, saying what is wrong and that nothing is lost; nothing partial is left, the
+    earlier version still pulls intact, and once space is freed the same command succeeds."""
+    from cli import errors as exit_codes
+    from registry.client import RegistryApi
+    from registry.errors import StorageFullError
+
+    server = live_server(blob_url=(small_tmpfs / "blobs").as_uri())
+    with server.client() as c:
+        setup_repo(c, "acme/math")
+    home = tmp_path / "home"
+    first, big = tmp_path / "first.bdelta", tmp_path / "big.bdelta"
+    first.write_bytes(delta_bytes(1))
+    big.write_bytes(delta_bytes(2, rows=512, width_bytes=4 << 10))  # 2 MiB of random signs: zstd cannot shrink it
+    assert _deltactl(home, server.url, "push", first, "acme/math").exit_code == 0
+    disk = os.statvfs(small_tmpfs)
+    filler = small_tmpfs / "filler"  # beside the blob store: leaves it 1 MiB
+    filler.write_bytes(bytes(disk.f_bavail * disk.f_frsize - (1 << 20)))
+
+    expected = (f"the registry at {server.url} is out of storage: the blob store is full; nothing was stored (free "
+                "space, then push again). Nothing already stored is lost; retry once space has been freed there "
+                "(re-running a push resumes it)")
+    with RegistryApi(server.url, home=home) as api:
+        with pytest.raises(StorageFullError) as info:
+            api.push(big, "acme/math")
+    assert str(info.value) == expected
+    r = _deltactl(home, server.url, "push", big, "acme/math")
+    assert r.exit_code == exit_codes.EXIT_STORAGE_FULL == 9, r.output
+    assert r.stderr == f"error: registry storage full: {expected}\n", r.stderr
+    with server.client() as c:
+        assert _numbers(c) == [1]
+        assert list((small_tmpfs / "blobs" / "staging").iterdir()) == []  # no partial bytes kept
+    with RegistryApi(server.url, home=home) as api:
+        assert sha256(Path(api.pull("acme/math@1").blob).read_bytes()) == sha256(delta_bytes(1))
+
+    filler.unlink()
+    again = _deltactl(home, server.url, "push", big, "acme/math")
+    assert again.exit_code == 0, again.output
+    assert "pushed acme/math@2" in again.stdout
+    with server.client() as c:
+        assert _numbers(c) == [1, 2]
+        assert c.get("/v1/admin/fsck").json()["ok"]
 
 
 # --- a corrupted cached delta ----------------------------------------------------------------
