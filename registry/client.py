@@ -31,7 +31,9 @@ from codec.storage import BlobInfo
 
 from . import constants, credentials, names
 from .cache import DeltaCache
-from .client_errors import CorruptDownloadError, NetworkError, RegistryUnreachableError, TransferInterruptedError
+from .client_errors import (
+    BlobStoreUnreachableError, CorruptDownloadError, NetworkError, RegistryUnreachableError, TransferInterruptedError,
+)
 from .errors import (
     AuthenticationError, BaseMismatchUploadError, BlobStoreError, ConflictError, DatabaseUnavailableError,
     DigestMismatchError, InvalidNameError, InvalidRequestError, InvalidUploadError, NotFoundError, PermissionDeniedError,
@@ -331,6 +333,23 @@ class RegistryApi:
             raise NetworkError(f"the registry at {self.endpoint} did not answer {what} in time") from None
         except httpx.TransportError as exc:
             raise NetworkError(f"{what} at {self.endpoint} failed: {_reason(exc)}") from None
+
+    @contextlib.contextmanager
+    def _blob_store_network(self, url: str, what: str) -> Iterator[None]:
+        """Like `_network`, for a request to the blob store a presigned URL points at: failures
+        name the store's host, not the registry (which answered)."""
+        store = _netloc(url)
+        try:
+            yield
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise BlobStoreUnreachableError(
+                f"cannot reach the blob store at {store} ({_reason(exc)}) for {what}; the registry at {self.endpoint} "
+                "answered, but the store it points to did not: retry when the store is reachable again"
+            ) from None
+        except httpx.TimeoutException:
+            raise NetworkError(f"the blob store at {store} did not answer {what} in time") from None
+        except httpx.TransportError as exc:
+            raise NetworkError(f"{what} from the blob store at {store} failed: {_reason(exc)}") from None
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         with self._network(f"{method} {path}"):
@@ -643,10 +662,11 @@ class RegistryApi:
         redirected = False
         with self._network("the download"):
             response = self._http.send(self._http.build_request("GET", url, headers=headers), stream=True)
-            if response.status_code in _REDIRECTS:
-                location = response.headers.get("location", "")
-                response.close()
-                redirected = True
+        if response.status_code in _REDIRECTS:
+            location = response.headers.get("location", "")
+            response.close()
+            redirected = True
+            with self._blob_store_network(location, "the download"):
                 response = self._blob_http.send(self._blob_http.build_request("GET", location, headers=headers), stream=True)
         try:
             if response.is_error:
@@ -700,6 +720,14 @@ def _origin(response: httpx.Response) -> str:
     """`scheme://host:port` of the server that answered."""
     url = response.request.url
     return f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}"
+
+
+def _netloc(url: str) -> str:
+    """`host:port` of a URL (a presigned one: its query, the signature, is left out)."""
+    try:
+        return httpx.URL(url).netloc.decode("ascii", "replace") or url[:80]
+    except httpx.InvalidURL:
+        return url[:80]
 
 
 def _reason(exc: BaseException) -> str:

@@ -16,6 +16,11 @@ class RegistryUnreachableError(NetworkError):
     """No connection to the registry at all (not running, wrong URL, firewall)."""
 
 
+class BlobStoreUnreachableError(NetworkError):
+    """No connection to the blob store a presigned URL of the registry points at (the registry
+    itself answered)."""
+
+
 class TransferInterruptedError(NetworkError):
     """A push or pull stopped part-way; running the same command again resumes it."""
 

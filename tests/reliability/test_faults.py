@@ -514,12 +514,11 @@ def test_client_pull_with_the_blob_store_down_fails_and_resumes(live_server, mot
         assert sha256(Path(pulled.blob).read_bytes()) == blob.raw_digest
 
 
-@pytest.mark.xfail(strict=True, reason="registry/client.py: a connection error on the redirected blob-store GET is "
-                                      "reported as `cannot reach the registry at <registry URL> ... is it running?` "
-                                      "(RegistryApi._open_download wraps both requests in _network('the download')); it "
-                                      "should name the blob store's host")
 def test_client_pull_with_the_blob_store_down_names_the_blob_store(live_server, moto_endpoint, tmp_path):
     api, _, error = _pull_with_store_down(live_server, moto_endpoint, tmp_path)
     api.close()
+    from registry.client_errors import BlobStoreUnreachableError
+
     message = str(error)  # the registry is up: the error must name what is down
     assert "blob store" in message.lower() and f"127.0.0.1:{moto_endpoint.port}" in message, message
+    assert isinstance(error, BlobStoreUnreachableError) and "is it running" not in message, message
