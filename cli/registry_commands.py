@@ -232,7 +232,9 @@ def push_cmd(
         return
     v = result.version
     where = f"{v.repository}@{v.number}"
-    if result.deduplicated:
+    if result.already_published:
+        _line(f"{where}: published by an earlier run of this push whose answer was lost, nothing uploaded — {v.digest}")
+    elif result.deduplicated:
         _line(f"{where}: identical bytes already in the registry, nothing uploaded (dedup) — {v.digest}")
     else:
         resumed = f", resumed: {result.skipped_parts} part(s) were already stored" if result.resumed else ""
@@ -246,7 +248,8 @@ def _push_json(result: PushResult) -> dict:
     v = result.version
     return {"repository": v.repository, "version": v.number, "digest": v.digest, "raw_digest": v.raw_digest,
             "size": v.size, "raw_size": v.raw_size, "codec": v.codec, "tags": v.tags, "fidelity": v.fidelity,
-            "deduplicated": result.deduplicated, "sent_bytes": result.sent_bytes, "resumed": result.resumed,
+            "deduplicated": result.deduplicated, "already_published": result.already_published,
+            "sent_bytes": result.sent_bytes, "resumed": result.resumed,
             "skipped_parts": result.skipped_parts, "created_repository": result.created_repo,
             "seconds": round(result.seconds, 3)}
 

@@ -54,6 +54,9 @@ _STATUS_CLASSES: dict[int, type[RegistryError]] = {
     409: ConflictError, 413: UploadTooLargeError, 422: InvalidRequestError, 502: BlobStoreError, 507: StorageFullError,
 }
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+#: Failures after which a request may be sent again: no connection, or one that broke before an
+#: answer came (not a timeout: the registry may still be working on the first request).
+_CONNECTION_LOST = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 # --- references --------------------------------------------------------------------------------
@@ -209,6 +212,7 @@ class PushResult(_Info):
     created_repo: bool
     tags: list[str]
     seconds: float
+    already_published: bool = False  # an earlier run of this push was published but lost the answer: its version
 
 
 @dataclass(frozen=True)
@@ -485,29 +489,31 @@ class RegistryApi:
         with self.cache.push_state(path) as state:
             progress.start("compressing", None)
             info = state.prepare(path)
-            upload, resumed = self._open_upload(state, target, repo_info.full_name, info, declared)
+            upload, resumed, version = self._open_upload(state, target, repo_info.full_name, info, declared)
             sent = skipped = 0
-            if not upload["exists"]:
-                staged = state.stage(path)
-                if staged != info:  # the storage form came out different (another zstd): declare again
-                    self._abort_upload(upload["id"])
-                    state.forget_upload(target)
-                    info = staged
-                    upload, resumed = self._open_upload(state, target, repo_info.full_name, info, declared)
+            if version is None:
                 if not upload["exists"]:
-                    sent, skipped = self._send(upload, state.staged_path, info, progress)
-            progress.start("verifying (registry)", None)
-            try:
-                version = self._complete(upload, state, target)
-            finally:
-                progress.stop()
+                    staged = state.stage(path)
+                    if staged != info:  # the storage form came out different (another zstd): declare again
+                        self._abort_upload(upload["id"])
+                        state.forget_upload(target)
+                        info = staged
+                        upload, resumed, _ = self._open_upload(state, target, repo_info.full_name, info, declared)
+                    if not upload["exists"]:
+                        sent, skipped = self._send(upload, state.staged_path, info, progress)
+                progress.start("verifying (registry)", None)
+                try:
+                    version = self._complete(upload, state, target)
+                finally:
+                    progress.stop()
             state.finish(target)
         for tag in tags:
             self.set_tag(repo_info.full_name, tag, version.number)
         if tags:
             version = self.version(Ref(namespace, name, version=version.number))
-        return PushResult(version=version, deduplicated=upload["exists"], sent_bytes=sent, resumed=resumed,
-                          skipped_parts=skipped, created_repo=created, tags=tags, seconds=time.perf_counter() - started)
+        return PushResult(version=version, deduplicated=bool(upload and upload["exists"]), sent_bytes=sent,
+                          resumed=resumed, skipped_parts=skipped, created_repo=created, tags=tags,
+                          seconds=time.perf_counter() - started, already_published=upload is None)
 
     def _repo_for_push(
         self, repo: str, meta: dict, *, base: str | None, base_path, description: str, visibility: str
@@ -537,18 +543,26 @@ class RegistryApi:
         _check_fingerprint(repo, info.base, info.base_fingerprint, meta)
         return info, created
 
-    def _open_upload(self, state, target: str, repo: str, info: BlobInfo, declared: dict) -> tuple[dict, bool]:
-        """The pending upload of this file to this repository if one survives (resume), else a new one."""
+    def _open_upload(
+        self, state, target: str, repo: str, info: BlobInfo, declared: dict
+    ) -> tuple[dict | None, bool, VersionInfo | None]:
+        """The pending upload of this file to this repository if one survives (resume), else a new
+        one: (upload, resumed, None). When the saved upload was published already (an earlier run
+        lost the answer of `complete`), no upload but its version: (None, True, version)."""
         upload_id = state.upload_id(target)
         if upload_id:
             try:
-                return self._request("GET", f"/v1/uploads/{upload_id}").json(), True
+                return self._request("GET", f"/v1/uploads/{upload_id}").json(), True, None
             except (NotFoundError, ConflictError):
-                state.forget_upload(target)  # completed, aborted or collected meanwhile
+                pass
+            try:  # completing a published upload again only names its version
+                return None, True, self._post_complete(f"/v1/uploads/{upload_id}/complete")
+            except (NotFoundError, ConflictError):
+                state.forget_upload(target)  # aborted or collected meanwhile
         body = {"digest": info.digest, "size": info.size, "raw_digest": info.raw_digest, "raw_size": info.raw_size, **declared}
         upload = self._request("POST", f"/v1/repos/{repo}/uploads", json=body).json()
         state.remember_upload(target, upload["id"])
-        return upload, False
+        return upload, False, None
 
     def _abort_upload(self, upload_id: str) -> None:
         with contextlib.suppress(RegistryError, NetworkError):
@@ -581,9 +595,22 @@ class RegistryApi:
             ) from None
         return sum(p["size"] for p in todo), len(parts) - len(todo)
 
+    def _post_complete(self, url: str) -> VersionInfo:
+        """`POST …/complete`, sent a second time if the connection failed: completing an upload the
+        registry already published answers with that version (200) instead of a second one."""
+        with self._network(f"POST {url}"):
+            try:
+                response = self._http.post(url)
+            except _CONNECTION_LOST:  # the request, or only the answer, was lost
+                time.sleep(0.5)
+                response = self._http.post(url)
+        if response.is_error:
+            raise api_error(response)
+        return _build(VersionInfo, response.json())
+
     def _complete(self, upload: dict, state, target: str) -> VersionInfo:
         try:
-            return _build(VersionInfo, self._request("POST", upload["complete_url"]).json())
+            return self._post_complete(upload["complete_url"])
         except (DigestMismatchError, InvalidUploadError, BaseMismatchUploadError):
             state.forget_upload(target)  # the registry dropped the upload and its bytes
             state.discard_staged()

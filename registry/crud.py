@@ -265,7 +265,8 @@ def create_upload(
     method: str, multipart_id: str | None, part_size: int | None, description: str, fidelity: dict | None,
     actor: str, expires_at: dt.datetime,
 ) -> Upload:
-    version = Version(repository_id=repo.id, state=PENDING, created_by=actor, description=description, fidelity=fidelity)
+    version = Version(repository_id=repo.id, upload_id=upload_id, state=PENDING, created_by=actor, description=description,
+                      fidelity=fidelity)
     upload = Upload(id=upload_id, version=version, digest=digest, size=size, raw_digest=raw_digest, raw_size=raw_size,
                     method=method, multipart_id=multipart_id, part_size=part_size, created_by=actor,
                     expires_at=expires_at)
@@ -282,6 +283,11 @@ def get_upload(session: Session, *, upload_id: str, for_update: bool = False) ->
     if upload is None:
         raise NotFoundError(f"upload {upload_id} does not exist (completed, aborted or expired)")
     return upload
+
+
+def published_version(session: Session, *, upload_id: str) -> Version | None:
+    """The ready version an upload was published as (its upload row is gone by then), if any."""
+    return session.scalar(select(Version).where(Version.upload_id == upload_id, Version.state == READY))
 
 
 def record_received(session: Session, *, upload_id: str, size: int, digest: str) -> None:

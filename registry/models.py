@@ -127,10 +127,13 @@ class Version(Base):
             "state = 'pending' OR (number IS NOT NULL AND blob_digest IS NOT NULL)", name="ready_has_number_and_blob"
         ),
         Index(None, "blob_digest"),
+        Index(None, "upload_id", unique=True),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     repository_id: Mapped[int] = mapped_column(ForeignKey("repositories.id", ondelete="CASCADE"))
+    #: The upload this version comes from: completing it again returns this version (NULL before migration 0003).
+    upload_id: Mapped[str | None] = mapped_column(String(32))
     number: Mapped[int | None] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16), default=PENDING)
     blob_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest", ondelete="RESTRICT"))

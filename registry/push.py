@@ -3,7 +3,7 @@ store's staging area, and `complete` verifies them and publishes the version in 
 
     upload, target = pushes.create(namespace="acme", name="math", declared=..., principal=p)
     ... client sends the bytes to `target` ...
-    version = pushes.complete(upload_id=upload.id, principal=p)
+    version, published = pushes.complete(upload_id=upload.id, principal=p)   # again: the same version, published False
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .auth import Principal
 from .blobstores import BlobStore, UploadRef, UploadTarget
 from .db import Database
 from .errors import (
-    BaseMismatchUploadError, ConflictError, DigestMismatchError, InvalidUploadError, RegistryError,
+    BaseMismatchUploadError, ConflictError, DigestMismatchError, InvalidUploadError, NotFoundError, RegistryError,
     UploadTooLargeError,
 )
 from .metrics import RegistryMetrics
@@ -100,8 +100,14 @@ class PushService:
         return upload
 
     # --- phase 2: complete -----------------------------------------------------------------
-    def complete(self, *, upload_id: str, principal: Principal) -> Version:
-        upload = self.get(upload_id=upload_id, principal=principal)
+    def complete(self, *, upload_id: str, principal: Principal) -> tuple[Version, bool]:
+        """Verify the upload's bytes and publish them as the repository's next version. Returns the
+        version and whether this call published it: completing an upload that was already
+        published (a retry whose first answer was lost) returns that same version."""
+        try:
+            upload = self.get(upload_id=upload_id, principal=principal)
+        except NotFoundError:
+            return self._published(upload_id, principal), False
         repo = upload.version.repository
         try:
             header, store_key = self._verify(upload, repo)
@@ -109,6 +115,9 @@ class PushService:
             self._abandon(upload)
             self.metrics.pushes.labels(exc.code).inc()
             raise
+        except ConflictError as exc:
+            # A concurrent `complete` of this upload took its staged bytes; if it has published them, that is the answer.
+            return self._published(upload_id, principal, otherwise=exc), False
         meta = header.metadata
         try:
             with self.db.write() as session:
@@ -119,12 +128,23 @@ class PushService:
                     fidelity=_json(meta.get("fidelity")) or upload.version.fidelity, header_metadata=dict(meta),
                     actor=principal.name,
                 )
+        except NotFoundError:
+            return self._published(upload_id, principal), False  # a concurrent `complete` published it first
         except IntegrityError:
             # The blob row a deduplicated upload relied on was collected in between.
             self._abandon(upload)
             raise ConflictError(f"blob {upload.digest} was garbage-collected during the push; push again") from None
         self.metrics.pushes.labels("ready").inc()
         self.metrics.upload_bytes.inc(upload.size)
+        return version, True
+
+    def _published(self, upload_id: str, principal: Principal, otherwise: RegistryError | None = None) -> Version:
+        """The version `upload_id` was published as; else `otherwise` (default: not found) is raised."""
+        with self.db.read() as session:
+            version = crud.published_version(session, upload_id=upload_id)
+        if version is None:
+            raise otherwise or NotFoundError(f"upload {upload_id} does not exist (aborted or expired, or its version was deleted)")
+        principal.require("write", version.repository.namespace)
         return version
 
     def _verify(self, upload: Upload, repo: Repository) -> tuple[Header, str | None]:

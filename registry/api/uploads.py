@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Request, status
+from fastapi import APIRouter, Header, Path, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -103,11 +103,19 @@ async def send_upload_bytes(
     return UploadReceived(id=upload_id, received=received, digest=digest)
 
 
-@router.post("/v1/uploads/{upload_id}/complete", response_model=VersionOut, status_code=status.HTTP_201_CREATED)
-def complete_upload(upload_id: UploadId, state: StateDep, principal: PrincipalDep):
+@router.post(
+    "/v1/uploads/{upload_id}/complete", response_model=VersionOut, status_code=status.HTTP_201_CREATED,
+    responses={status.HTTP_200_OK: {"model": VersionOut, "description": "The upload was published already (a repeated "
+                                    "`complete`, e.g. after a lost answer): the same version, nothing new published"}},
+)
+def complete_upload(upload_id: UploadId, state: StateDep, principal: PrincipalDep, response: Response):
     """Verify the stored bytes (size, sha256, one zstd frame, format-v1 header of the repository's
-    base) and publish the version: it gets the next number and `latest` moves to it."""
-    version = state.pushes.complete(upload_id=upload_id, principal=principal)
+    base) and publish the version: it gets the next number and `latest` moves to it (201).
+    Completing an upload that was published already answers 200 with that same version, so a
+    client that lost the first answer may simply call `complete` again."""
+    version, published = state.pushes.complete(upload_id=upload_id, principal=principal)
+    if not published:
+        response.status_code = status.HTTP_200_OK
     with state.db.read() as session:
         return versions_out(session, [session.get(Version, version.id)])[0]
 

@@ -63,8 +63,11 @@ def test_push_is_two_phase_and_latest_moves(client, delta_blobs, base_fingerprin
     listed = client.get("/v1/repos/acme/math/versions").json()["items"]
     assert [v["number"] for v in listed] == [2, 1]
     assert listed[0]["tags"] == ["latest"] and listed[1]["tags"] == []
-    # the completed upload is gone
-    assert client.post(upload["complete_url"]).status_code == 404
+    # the completed upload is gone; completing it again names its version and publishes nothing
+    assert client.get(f"/v1/uploads/{upload['id']}").status_code == 404
+    r = client.post(upload["complete_url"])
+    assert r.status_code == 200 and r.json()["number"] == 1 and r.json()["tags"] == [], r.text
+    assert [v["number"] for v in client.get("/v1/repos/acme/math/versions").json()["items"]] == [2, 1]
 
 
 def test_identical_bytes_share_one_blob(client, delta_blobs, base_fingerprint, make_settings):

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -120,6 +121,84 @@ class RegistryProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# --- a proxy that loses answers --------------------------------------------------------------
+class AnswerLosingProxy:
+    """A TCP proxy on loopback in front of `upstream_port` that passes every byte through, except
+    that for the first `drops` requests whose first bytes match `pattern` it lets the request
+    reach the server, waits until the server's answer starts (so the server has done the work),
+    then closes the client's connection without passing the answer on: a lost response.
+
+        with AnswerLosingProxy(server.port, rb"^POST /v1/uploads/\\w+/complete ", drops=1) as proxy:
+            RegistryApi(proxy.url).push(...)          # sees its first `complete` answer lost
+    """
+
+    def __init__(self, upstream_port: int, pattern: bytes, *, drops: int = 1):
+        import re
+
+        self.upstream_port = upstream_port
+        self.pattern = re.compile(pattern)
+        self.drops = drops
+        self.dropped = 0  # answers lost so far
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "AnswerLosingProxy":
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+
+    def __enter__(self) -> "AnswerLosingProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            lose = threading.Event()
+            threading.Thread(target=self._requests, args=(client, upstream, lose), daemon=True).start()
+            threading.Thread(target=self._answers, args=(upstream, client, lose), daemon=True).start()
+
+    def _requests(self, client: socket.socket, upstream: socket.socket, lose: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(1 << 16):
+                if self.pattern.match(data):
+                    with self._lock:
+                        if self.drops > 0:
+                            self.drops -= 1
+                            lose.set()  # before the request goes on, so its answer cannot slip through
+                upstream.sendall(data)
+        with contextlib.suppress(OSError):
+            upstream.shutdown(socket.SHUT_WR)
+
+    def _answers(self, upstream: socket.socket, client: socket.socket, lose: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := upstream.recv(1 << 16):
+                if lose.is_set():
+                    with self._lock:
+                        self.dropped += 1
+                    break
+                client.sendall(data)
+        for sock in (client, upstream):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
 
 # --- a private PostgreSQL cluster ------------------------------------------------------------

@@ -8,6 +8,7 @@ bench/reliability_faults.py repeats the kills at random moments under concurrent
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import socket
 import subprocess
@@ -175,6 +176,82 @@ def test_sigkill_at_random_moments_under_concurrent_pushes(registry_process, mak
         _gc_later(settings)
         report = c.get("/v1/admin/fsck").json()
         assert report["clean"], report
+
+
+# --- a lost answer to `complete` ------------------------------------------------------------
+_COMPLETE = rb"POST /v1/uploads/[0-9a-f]{32}/complete "
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+def test_completing_a_published_upload_again_returns_its_version(registry_process):
+    """`complete` succeeds on the server, then the same request is sent again, as a client whose
+    answer was lost does: exactly one version, and both answers name it (201, then 200)."""
+    server = registry_process()
+    with server.client() as c:
+        setup_repo(c, "acme/math")
+        setup_repo(c, "acme/code")
+        blob = storage_form(delta_bytes(1))
+        upload = c.post("/v1/repos/acme/math/uploads", json=blob.declaration()).json()
+        assert send_bytes(c, upload, blob.data) is None
+        first = c.post(upload["complete_url"])
+        assert first.status_code == 201, first.text
+        again = c.post(upload["complete_url"])
+        assert again.status_code == 200, again.text
+        assert again.json() == first.json() and first.json()["number"] == 1
+        assert _numbers(c) == [1]
+        # deduplicated bytes take the other path through `complete`: the same holds
+        dedup = c.post("/v1/repos/acme/code/uploads", json=blob.declaration()).json()
+        assert dedup["exists"] is True
+        answers = [c.post(dedup["complete_url"]) for _ in range(3)]
+        assert [r.status_code for r in answers] == [201, 200, 200]
+        assert {r.json()["number"] for r in answers} == {1} and _numbers(c, "acme/code") == [1]
+        # nothing else moved: one push event each, and the next push gets the next number
+        pushes = [e["target"] for e in c.get("/v1/audit", params={"limit": 100}).json()["items"] if e["action"] == "push"]
+        assert sorted(pushes) == ["acme/code", "acme/math"]
+        assert http_push(c, "acme/math", storage_form(delta_bytes(2))).json()["number"] == 2
+        r = c.post(upload["complete_url"])
+        assert r.status_code == 200 and r.json()["number"] == 1 and r.json()["tags"] == [], r.text
+        assert _numbers(c) == [1, 2]
+        assert c.get("/v1/admin/fsck").json()["ok"]
+
+
+def test_client_push_whose_complete_answer_is_lost_publishes_one_version(live_server, tmp_path):
+    """A proxy lets `complete` reach the registry and drops its answer. Lost once: the client sends
+    `complete` again and gets the version the first call made. Lost twice: the push fails, and
+    running it again returns that same version. Never a second version."""
+    from registry.client import RegistryApi
+    from registry.client_errors import NetworkError
+
+    from .harness import AnswerLosingProxy
+
+    server = live_server()
+    with server.client() as c:
+        setup_repo(c, "acme/math")
+    first, second = tmp_path / "first.bdelta", tmp_path / "second.bdelta"
+    first.write_bytes(delta_bytes(1))
+    second.write_bytes(delta_bytes(2))
+    home = tmp_path / "home"
+
+    with AnswerLosingProxy(server.port, _COMPLETE, drops=1) as proxy, RegistryApi(proxy.url, home=home) as api:
+        pushed = api.push(first, "acme/math")
+        assert proxy.dropped == 1  # the registry did answer the first `complete`; the client never saw it
+    assert pushed.version.number == 1 and pushed.sent_bytes > 0 and not pushed.already_published
+    with server.client() as c:
+        assert _numbers(c) == [1]
+
+    with AnswerLosingProxy(server.port, _COMPLETE, drops=2) as proxy, RegistryApi(proxy.url, home=home) as api:
+        with pytest.raises(NetworkError):
+            api.push(second, "acme/math")
+        assert proxy.dropped == 2
+        with server.client() as c:
+            assert _numbers(c) == [1, 2]  # published, though the client heard nothing
+        r = _deltactl(home, proxy.url, "push", second, "acme/math", "--json")
+    assert r.exit_code == 0, r.output
+    again = json.loads(r.stdout)
+    assert again["version"] == 2 and again["already_published"] and again["sent_bytes"] == 0
+    with server.client() as c:
+        assert _numbers(c) == [1, 2]
+        assert c.get("/v1/admin/fsck").json()["ok"]
 
 
 # --- S3 endpoint down ------------------------------------------------------------------------

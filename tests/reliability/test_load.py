@@ -44,8 +44,9 @@ def test_read_load_from_a_second_process(registry_process):
 
 
 def test_racing_completes_of_one_upload_publish_it_once(registry_process):
-    """Clients that retry `complete` while the first call is still verifying: one version, the
-    other calls get a 4xx (never a 500 from the staged file moving underneath them)."""
+    """Clients that retry `complete` while the first call is still verifying: one version; the
+    other calls get that same version (200) or a 4xx, never a 500 from the staged file moving
+    underneath them, never a second version."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -63,11 +64,14 @@ def test_racing_completes_of_one_upload_publish_it_once(registry_process):
 
             def complete(_):
                 with httpx.Client(base_url=server.url, timeout=60) as rc:
-                    return rc.post(upload["complete_url"]).status_code
+                    r = rc.post(upload["complete_url"])
+                    return r.status_code, r.json().get("number")
 
             with ThreadPoolExecutor(4) as pool:
-                statuses = sorted(pool.map(complete, range(4)))
-            assert statuses.count(201) == 1 and all(s in (201, 404, 409) for s in statuses), statuses
+                answers = list(pool.map(complete, range(4)))
+            statuses = sorted(status for status, _ in answers)
+            assert statuses.count(201) == 1 and all(s in (200, 201, 404, 409) for s in statuses), statuses
+            assert {number for status, number in answers if status in (200, 201)} == {i + 1}, answers
         numbers = [v["number"] for v in c.get("/v1/repos/race/one/versions").json()["items"]]
         assert sorted(numbers) == list(range(1, 7))
         assert c.get("/v1/admin/fsck").json()["ok"]
