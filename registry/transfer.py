@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import queue
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -23,6 +22,7 @@ from codec.storage import BlobCorruptError, BlobInfo, BlobTooLargeError, decompr
 
 from . import constants
 from .client_errors import CorruptDownloadError, NetworkError, TransferInterruptedError
+from .readahead import ReadAhead
 
 #: Called with a number of bytes just moved (negative when a failed attempt is taken back).
 Advance = Callable[[int], None]
@@ -113,85 +113,33 @@ def _s3_error(response: httpx.Response) -> str:
     return text[start + 9 : end] if 0 <= start < end else text[:120]
 
 
-class _Received:
+class _Received(ReadAhead):
     """The compressed bytes of a download as a readable stream, filled by a background thread
     that first re-reads what an earlier attempt left in the partial file, then appends what the
     network delivers to it. Hashing, disk writes and the network overlap the decompression,
     which reads from `read` in the calling thread."""
 
-    _DEPTH = 8
-
     def __init__(self, chunks: Iterable[bytes], partial: Path, offset: int, advance: Advance):
         self.sha = hashlib.sha256()
         self.n = 0
-        self.error: BaseException | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=self._DEPTH)
-        self._stop = threading.Event()
-        self._buf = memoryview(b"")
-        self._eof = False
-        self._thread = threading.Thread(target=self._fill, args=(chunks, partial, offset, advance), daemon=True)
-        self._thread.start()
+        super().__init__(self._chunks(chunks, partial, offset, advance), chunk_size=constants.CHUNK)
 
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _take(self, buf: bytes) -> bool:
+    def _take(self, buf: bytes) -> bytes:
         self.sha.update(buf)
         self.n += len(buf)
-        return self._put(buf)
+        return buf
 
-    def _fill(self, chunks: Iterable[bytes], partial: Path, offset: int, advance: Advance) -> None:
-        try:
-            with open(partial, "r+b" if offset else "wb") as fh:
-                while fh.tell() < offset and (buf := fh.read(min(constants.CHUNK, offset - fh.tell()))):
-                    if not self._take(buf):
-                        return
-                fh.seek(offset)
-                fh.truncate()
-                for buf in chunks:
-                    fh.write(buf)
-                    advance(len(buf))
-                    if not self._take(buf):
-                        return
-                fh.flush()
-            self._put(b"")
-        except BaseException as exc:  # handed over to the reading thread
-            self.error = exc
-            self._put(exc)
-
-    def read(self, n: int = -1) -> bytes:
-        want = constants.CHUNK if n is None or n < 0 else n
-        while not self._buf and not self._eof:
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                self._eof = True
-                raise item
-            if not item:
-                self._eof = True
-            self._buf = memoryview(item)
-        out = bytes(self._buf[:want])
-        self._buf = self._buf[want:]
-        return out
-
-    def seekable(self) -> bool:
-        return False
-
-    @property
-    def complete(self) -> bool:
-        """Every byte the source had was read."""
-        return self._eof
-
-    def finish(self) -> None:
-        """Wait for the filler after reading everything; when abandoning it, wait only briefly
-        (it may be blocked on the network; it is a daemon and stops at its next chunk)."""
-        self._stop.set()
-        self._thread.join(timeout=None if self._eof else 5)
+    def _chunks(self, chunks: Iterable[bytes], partial: Path, offset: int, advance: Advance) -> Iterator[bytes]:
+        with open(partial, "r+b" if offset else "wb") as fh:
+            while fh.tell() < offset and (buf := fh.read(min(constants.CHUNK, offset - fh.tell()))):
+                yield self._take(buf)
+            fh.seek(offset)
+            fh.truncate()
+            for buf in chunks:
+                fh.write(buf)
+                advance(len(buf))
+                yield self._take(buf)
+            fh.flush()
 
 
 def receive_blob(
@@ -213,7 +161,7 @@ def receive_blob(
             os.fsync(out.fileno())
     except BaseException as exc:
         failure = exc
-    stream.finish()
+    stream.close()
     if stream.error is not None or (failure is not None and not isinstance(failure, (BlobCorruptError, BlobTooLargeError))):
         tmp.unlink(missing_ok=True)
         cause = stream.error or failure

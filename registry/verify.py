@@ -5,11 +5,9 @@ header (read from the first decompressed bytes; no torch)."""
 from __future__ import annotations
 
 import hashlib
-import queue
 import struct
-import threading
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Iterator
 
 import zstandard
 
@@ -19,8 +17,7 @@ from codec.format import DeltaEntry, validate_delta_header
 from codec.storage import BlobCorruptError, BlobTooLargeError, decompress_stream
 
 from .errors import DigestMismatchError, InvalidUploadError
-
-CHUNK = 1 << 20
+from .readahead import CHUNK, ReadAhead
 
 
 @dataclass(frozen=True)
@@ -31,63 +28,25 @@ class Declared:
     raw_size: int
 
 
-class _HashingReader:
+class _HashingReader(ReadAhead):
     """Reads `src` ahead in a background thread, hashing as it goes, so that the network read,
-    the stored-bytes hash and the decompressor overlap (hashlib and zstd release the GIL).
-    Never reads more than `limit` + 1 bytes."""
-
-    _DEPTH = 8
+    the stored-bytes hash and the decompressor overlap. Never reads more than `limit` + 1 bytes."""
 
     def __init__(self, src: IO[bytes], limit: int):
         self.limit, self.n, self.overflow = limit, 0, False
         self.sha = hashlib.sha256()
-        self._queue: queue.Queue = queue.Queue(maxsize=self._DEPTH)
-        self._buf = memoryview(b"")
-        self._eof = False
-        self._thread = threading.Thread(target=self._fill, args=(src,), daemon=True)
-        self._thread.start()
+        super().__init__(self._chunks(src), chunk_size=CHUNK)
 
-    def _fill(self, src: IO[bytes]) -> None:
-        taken = 0
-        try:
-            while True:
-                buf = src.read(min(CHUNK, self.limit - taken + 1))
-                if not buf:
-                    break
-                if taken + len(buf) > self.limit:
-                    self.overflow = True
-                    buf = buf[: self.limit - taken]
-                taken += len(buf)
-                self.sha.update(buf)
-                self._queue.put(buf)
-                if self.overflow:
-                    break
-            self._queue.put(b"")
-        except BaseException as exc:  # handed to the reading thread
-            self._queue.put(exc)
-
-    def read(self, n: int = -1) -> bytes:
-        want = CHUNK if n is None or n < 0 else n
-        while not self._buf and not self._eof:
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                self._eof = True
-                raise item
-            if not item:
-                self._eof = True
-            self._buf = memoryview(item)
-        out = bytes(self._buf[:want])
-        self._buf = self._buf[want:]
-        self.n += len(out)
-        return out
-
-    def seekable(self) -> bool:
-        return False
-
-    def drain(self) -> None:
-        while self.read(CHUNK):
-            pass
-        self._thread.join()
+    def _chunks(self, src: IO[bytes]) -> Iterator[bytes]:
+        while buf := src.read(min(CHUNK, self.limit - self.n + 1)):
+            if self.n + len(buf) > self.limit:
+                self.overflow = True
+                buf = buf[: self.limit - self.n]
+            self.n += len(buf)
+            self.sha.update(buf)
+            yield buf
+            if self.overflow:
+                return
 
     @property
     def digest(self) -> str:
