@@ -19,42 +19,26 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.reliability.harness import RegistryProcess, migrate  # noqa: E402
+from tests.live_registry import fresh_database, migrate  # noqa: E402
+from tests.reliability.harness import RegistryProcess  # noqa: E402
 from tests.reliability.load import check_pushes, push_load, summarize_pushes  # noqa: E402
 
 
-@contextmanager
 def database(kind: str, pg_url: str | None):
-    if kind == "sqlite":
-        yield f"sqlite:///{tempfile.mkdtemp(prefix='ds-load-')}/registry.db"
-        return
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    name = f"ds_load_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    """A fresh SQLite or PostgreSQL database (dropped afterwards) for one run."""
+    return fresh_database(kind, sqlite_dir=tempfile.mkdtemp(prefix="ds-load-"), admin_url=pg_url, prefix="ds_load")
 
 
 @contextmanager
 def registry(database_url: str):
     data = tempfile.mkdtemp(prefix="ds-load-data-")
-    env = {"DELTASTORE_DATA_DIR": data, "DELTASTORE_DATABASE_URL": database_url}
-    migrate(env)
+    env = {"DELTASTORE_DATA_DIR": data, "DELTASTORE_DATABASE_URL": migrate(database_url)}
     with RegistryProcess(env, log_path=Path(data) / "server.log") as server:
         yield server
 

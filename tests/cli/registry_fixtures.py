@@ -4,30 +4,21 @@ Typer's CliRunner. Test modules import what they use from here."""
 
 from __future__ import annotations
 
-import os
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
 
-# moto reads its minimum multipart part size at import: tiny parts give many parts.
-os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", "1024")
-os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+import pytest
+from typer.testing import CliRunner
 
-import json  # noqa: E402
-import uuid  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Callable, Iterator  # noqa: E402
-
-import pytest  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
-
-from cli.main import app  # noqa: E402
-from codec.compress import CompressOptions, compress  # noqa: E402
-from registry.app import create_app  # noqa: E402
-from registry.db import Database  # noqa: E402
-from registry.schema import upgrade  # noqa: E402
-from registry.settings import Settings  # noqa: E402
-from tests.registry.helpers import LiveServer  # noqa: E402
+from cli.main import app
+from codec.compress import CompressOptions, compress
+from registry.settings import Settings
+from tests.live_registry import (  # importing it sets the AWS and moto test environment
+    LiveServer, moto_s3, new_bucket, start_live_registry, xdist_worker,
+)
+from tests.live_registry import s3_client as _s3_client
 
 BASE = "org/tiny-llama"
 FIDELITY = {"gain_recovered": 0.91, "greedy_agreement": 0.75, "loss": 2.25}
@@ -81,12 +72,7 @@ def start_registry(tmp_path, monkeypatch) -> Iterator[Callable[..., LiveServer]]
     def start(**overrides) -> LiveServer:
         data_dir = tmp_path / f"registry-{len(servers)}"
         settings = Settings(data_dir=data_dir, database_url=f"sqlite:///{data_dir}/registry.db", **overrides)
-        data_dir.mkdir(parents=True)
-        db = Database.from_url(settings.resolved_database_url)
-        upgrade(db.engine)
-        db.dispose()
-        server = LiveServer(create_app(settings))
-        server.start()
+        server = start_live_registry(settings, migrate_first=True)
         servers.append(server)
         monkeypatch.setenv("DELTACTL_REGISTRY", server.url)
         return server
@@ -112,26 +98,15 @@ def with_base(registry, deltas) -> str:
 # --- S3 --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    import moto.s3.models
-    from moto.server import ThreadedMotoServer
-
-    moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = 1024  # in case moto was imported before the variable was set
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
 def s3_client(s3_endpoint):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    return _s3_client(s3_endpoint)
 
 
 @pytest.fixture
-def s3_bucket(s3_client) -> str:
-    name = f"cli-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-{uuid.uuid4().hex[:10]}"
-    s3_client.create_bucket(Bucket=name)
-    return name
+def s3_bucket(s3_endpoint) -> str:
+    return new_bucket(s3_endpoint, f"cli-{xdist_worker()}")

@@ -4,30 +4,21 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Callable, Iterator
 
-# moto reads its minimum multipart part size at import: tests use tiny parts to get several.
-os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", "1024")
-os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+import pytest
+from fastapi.testclient import TestClient
 
-import uuid  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Callable, Iterator  # noqa: E402
+from registry.app import create_app
+from registry.settings import Settings
+from tests.live_registry import (  # importing it sets the AWS and moto test environment
+    PG_URL_ENV, LiveServer, fresh_database, migrate, moto_s3, new_bucket, start_live_registry, xdist_worker,
+)
+from tests.live_registry import s3_client as _s3_client
 
-import pytest  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
+from .helpers import DeltaBlob, make_delta_blobs
 
-from registry.app import create_app  # noqa: E402
-from registry.db import Database  # noqa: E402
-from registry.schema import upgrade  # noqa: E402
-from registry.settings import Settings  # noqa: E402
-
-from .helpers import DeltaBlob, LiveServer, make_delta_blobs  # noqa: E402
-
-PG_URL_ENV = "DELTASTORE_TEST_PG_URL"
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
@@ -44,68 +35,37 @@ def base_fingerprint(delta_blobs) -> str:
 
 
 # --- databases -------------------------------------------------------------------------------
-def _worker() -> str:
-    return os.environ.get("PYTEST_XDIST_WORKER", "main")
-
-
 @pytest.fixture
 def database_url(request, tmp_path) -> Iterator[str]:
     """A fresh, empty database: a SQLite file, or a uniquely named PostgreSQL database."""
     backend = getattr(request, "param", "sqlite")
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'registry.db'}"
-        return
     admin_url = os.environ.get(PG_URL_ENV)
-    if not admin_url:
+    if backend == "postgres" and not admin_url:
         pytest.skip(f"PostgreSQL tests need {PG_URL_ENV} (set by .ci/run, which starts a throwaway PostgreSQL 15)")
-    name = f"ds_{_worker()}_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_database(backend, sqlite_dir=tmp_path, admin_url=admin_url, prefix=f"ds_{xdist_worker()}") as url:
+        yield url
 
 
 @pytest.fixture
 def migrated_url(database_url) -> str:
-    db = Database.from_url(database_url)
-    upgrade(db.engine)
-    db.dispose()
-    return database_url
+    return migrate(database_url)
 
 
 # --- S3 --------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    import moto.s3.models
-    from moto.server import ThreadedMotoServer
-
-    moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = 1024  # in case moto was imported before the env var was set
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
 def s3_bucket(s3_endpoint) -> str:
-    import boto3
-
-    name = f"ds-{_worker().replace('gw', 'w')}-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
-    return name
+    return new_bucket(s3_endpoint, f"ds-{xdist_worker().replace('gw', 'w')}")
 
 
 @pytest.fixture
 def s3_client(s3_endpoint):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    return _s3_client(s3_endpoint)
 
 
 # --- the app ---------------------------------------------------------------------------------
@@ -144,8 +104,7 @@ def live_server(make_settings) -> Iterator[Callable[..., LiveServer]]:
     servers: list[LiveServer] = []
 
     def start(**overrides) -> LiveServer:
-        server = LiveServer(create_app(make_settings(**overrides)))
-        server.start()
+        server = start_live_registry(make_settings(**overrides))
         servers.append(server)
         return server
 

@@ -1,15 +1,12 @@
-"""Test helpers: real delta blobs, a push over the HTTP protocol, uvicorn on loopback."""
+"""Test helpers: real delta blobs and a push over the HTTP protocol (the registry under uvicorn
+on loopback is `tests.live_registry.LiveServer`)."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from codec.compress import CompressOptions, compress
 from codec.storage import compress_blob
@@ -88,34 +85,3 @@ def push(client, blob: DeltaBlob, repo: str = "acme/math", *, headers=None, data
     upload = r.json()
     send_bytes(client, upload, blob.data if data is None else data, headers=headers)
     return client.post(upload["complete_url"], headers=headers)
-
-
-class LiveServer:
-    """uvicorn serving an app on 127.0.0.1 in a background thread."""
-
-    def __init__(self, app):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kwargs)

@@ -50,15 +50,9 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
 
 def migrate(env: dict[str, str]) -> None:
     """Bring the database named by a DELTASTORE_* environment to the schema head."""
-    from registry.db import create_db_engine
-    from registry.schema import upgrade
-    from registry.settings import Settings
+    from tests.live_registry import migrate as migrate_url
 
-    engine = create_db_engine(settings_from_env(env).resolved_database_url)
-    try:
-        upgrade(engine)
-    finally:
-        engine.dispose()
+    migrate_url(settings_from_env(env).resolved_database_url)
 
 
 def settings_from_env(env: dict[str, str]):
