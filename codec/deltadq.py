@@ -241,8 +241,13 @@ def reconstruct_blocks(base: torch.Tensor, parts: torch.Tensor, step: torch.Tens
 # --- choosing parameters ---------------------------------------------------------------------
 
 #: For a target ratio vs fp16 (16 bits/weight): (bits, keep ratio) candidates of that budget.
-def candidates_for_ratio(ratio: float) -> list[tuple[int, float]]:
-    budget = 16.0 / ratio  # bits per weight to spend
+def candidates_for_ratio(ratio: float, in_features: int | None = None) -> list[tuple[int, float]]:
+    """(bits, keep ratio) pairs spending a tensor's budget of 16/ratio bits per weight, after the
+    per-row fp32 step (32/in bits per weight) when `in_features` is given."""
+    budget = 16.0 / ratio - (32.0 / in_features if in_features else 0.0)
+    if budget <= 0:
+        raise CodecError(f"ratio {ratio} is out of reach for a tensor {in_features} wide: its per-row step alone "
+                         f"takes 32/{in_features} bits per weight (at most ratio {in_features / 2:g})")
     out = []
     for bits in (1, 2, 3, 4, 6, 8):
         keep = budget / bits
@@ -263,11 +268,11 @@ def choose(finetuned: torch.Tensor, base: torch.Tensor, name: str, seed: int, *,
            bits: int | None, keep_ratio: float | None, group_size: int | None, parts: int,
            group_candidates: tuple[int, ...] = (16, 32, 64, 128, 256, 512)) -> DQParams:
     """Pick parameters for one tensor. Explicit values are used as given; `ratio` chooses among
-    (bits, keep) pairs of that bit budget and `group_size=None` ("auto") among group sizes, by
-    the squared error of Δ̂ on a sample of rows — which is the expected output error
+    (bits, keep) pairs whose stored size (codes and per-row step) is within that budget, and
+    `group_size=None` ("auto") among group sizes, by the squared error of Δ̂ on a sample of rows — which is the expected output error
     E‖x(Δ−Δ̂)ᵀ‖² for isotropic inputs x."""
     out, inn = finetuned.shape
-    pairs = [(bits, keep_ratio)] if ratio is None else candidates_for_ratio(ratio)
+    pairs = [(bits, keep_ratio)] if ratio is None else candidates_for_ratio(ratio, inn)
     if ratio is None and (bits is None or keep_ratio is None):
         raise CodecError("give --ratio, or both --bits and --keep")
     groups = (group_size,) if group_size else tuple(g for g in group_candidates if g <= inn) or (inn,)
@@ -280,10 +285,14 @@ def choose(finetuned: torch.Tensor, base: torch.Tensor, name: str, seed: int, *,
             if g * kr < 1:
                 continue
             p = params_for(inn, bb, kr, g, parts)
+            if ratio is not None and p.bits_per_weight(1, inn) > 16.0 / ratio:
+                continue  # rounding the kept count up overspends: the ratio is a promise
             sub_parts, sub_step = encode(ft, b, name, seed, p)
             err = float((decode(sub_parts, sub_step, name, seed, p, inn) - target).pow(2).sum())
             if err < best_err:
                 best, best_err = p, err
+    if best is None and ratio is not None:
+        raise CodecError(f"{name}: no (bits, keep, group size) reaches ratio {ratio} on a tensor {inn} wide")
     if best is None:
         raise CodecError(f"{name}: no group size fits keep ratio {keep_ratio} (group size × keep must be >= 1)")
     return best

@@ -57,7 +57,7 @@ def deltas(llama_pair, llama_pair_fp16_tied, tmp_path_factory) -> Deltas:
     compress(base_dir, ft_dir, out / "other.bdelta", CompressOptions(base_name=BASE, scale_mode="per-row"))
     compress(base_dir, ft_dir, out / "fid.bdelta", opts,
              extra_metadata={"fidelity": json.dumps(FIDELITY), "calibration": json.dumps(CALIBRATION)})
-    compress(base_dir, ft_dir, out / "dq.bdelta", CompressOptions(base_name=BASE, codec="deltadq", dq_ratio=32))
+    compress(base_dir, ft_dir, out / "dq.bdelta", CompressOptions(base_name=BASE, codec="deltadq", dq_bits=1, dq_keep=0.5))
     compress(*llama_pair_fp16_tied, out / "foreign.bdelta", CompressOptions(base_name=BASE))
     return Deltas(base_dir, out / "plain.bdelta", out / "other.bdelta", out / "fid.bdelta", out / "dq.bdelta",
                   out / "foreign.bdelta")

@@ -118,17 +118,29 @@ def test_error_decreases_as_keep_grows():
     assert errors == sorted(errors, reverse=True) and errors[-1] < 0.1
 
 
+@pytest.fixture(scope="module")
+def wide_pair(tmp_path_factory):
+    """A one-layer Llama 512 wide: wide enough for 128x once the per-row step is counted."""
+    from tests.model_pairs import make_llama_pair
+
+    return make_llama_pair(tmp_path_factory.mktemp("wide_pair"), seed=4, hidden=512, layers=1)
+
+
 @pytest.mark.parametrize("ratio", [16, 32, 64, 128])
-def test_compress_apply_round_trip_at_each_ratio(llama_pair, tmp_path, ratio):
-    base_dir, ft_dir = llama_pair
+def test_compress_apply_round_trip_at_each_ratio(wide_pair, tmp_path, ratio):
+    base_dir, ft_dir = wide_pair
     path = tmp_path / "d.bdelta"
     report = compress(base_dir, ft_dir, path, CompressOptions(codec="deltadq", dq_ratio=ratio, dq_seed=9))
     delta = DeltaFile.open(path)
     assert delta.codec == "deltadq" and json.loads(delta.metadata["deltadq"])["seed"] == 9
     info = summarize(path)
     assert info["counts"]["deltadq"] == len(report.binarized) > 0
-    # The compressed tensors spend about 16/ratio bits per weight (plus the per-row step).
-    assert info["bits_per_binarized_weight"] <= 16 / ratio * 1.6 + 32 / 64
+    # The ratio is kept: every compressed tensor, per-row step included, takes at most 16/ratio
+    # bits per weight, and the search spends most of that budget.
+    for name in report.binarized:
+        out_f, in_f = Checkpoint.open(base_dir).entry(name).shape
+        assert 0.6 * 16 / ratio < delta.dq_params(name).bits_per_weight(out_f, in_f) <= 16 / ratio, name
+    assert info["bits_per_binarized_weight"] <= 16 / ratio * 1.001  # + each tensor's 16-byte dq_params
     out = apply_delta(base_dir, path, tmp_path / "out").out_dir
     got, base, ft = Checkpoint.open(out), Checkpoint.open(base_dir), Checkpoint.open(ft_dir)
     for name in report.binarized:
@@ -173,7 +185,7 @@ def test_bad_options(kwargs, message):
 def dq_file(llama_pair, tmp_path_factory):
     base_dir, ft_dir = llama_pair
     path = tmp_path_factory.mktemp("dq") / "d.bdelta"
-    compress(base_dir, ft_dir, path, CompressOptions(codec="deltadq", dq_ratio=32))
+    compress(base_dir, ft_dir, path, CompressOptions(codec="deltadq", dq_bits=1, dq_keep=0.5))
     delta = DeltaFile.open(path)
     tensors = {k: delta.tensor(k).clone() for k in delta.header.tensors}
     return dict(delta.metadata), tensors
@@ -233,12 +245,12 @@ def test_codes_shape_checked_against_base(llama_pair, dq_file, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_deltadq(llama_pair, tmp_path):
+def test_cli_deltadq(wide_pair, tmp_path):
     from typer.testing import CliRunner
 
     from cli.main import app
 
-    base_dir, ft_dir = llama_pair
+    base_dir, ft_dir = wide_pair
     res = CliRunner().invoke(app, ["compress", str(base_dir), str(ft_dir), "-o", str(tmp_path / "d.bdelta"),
                                    "--codec", "deltadq", "--ratio", "64", "--json"])
     assert res.exit_code == 0, res.output
@@ -257,3 +269,14 @@ def test_candidates_for_ratio_spend_the_budget():
     for ratio in (16, 32, 64, 128):
         for bits, keep in deltadq.candidates_for_ratio(ratio):
             assert bits * keep == pytest.approx(16 / ratio)
+        for bits, keep in deltadq.candidates_for_ratio(ratio, 4096):
+            assert bits * keep == pytest.approx(16 / ratio - 32 / 4096)
+
+
+def test_a_ratio_out_of_reach_for_a_narrow_tensor_is_refused(llama_pair, tmp_path):
+    with pytest.raises(CodecError, match=r"ratio 64 is out of reach for a tensor 64 wide: .*at most ratio 32"):
+        deltadq.candidates_for_ratio(64, 64)
+    base_dir, ft_dir = llama_pair  # 64 wide
+    with pytest.raises(CodecError, match="out of reach"):
+        compress(base_dir, ft_dir, tmp_path / "d.bdelta", CompressOptions(codec="deltadq", dq_ratio=32))
+    assert not list(tmp_path.iterdir())

@@ -85,8 +85,9 @@ def family(tmp_path_factory) -> Family:
     })
 
 
-#: DeltaDQ at a 32x size budget, parameters searched per tensor (1 bit, half kept, on these deltas).
-DQ_RATIO_32 = CompressOptions(codec="deltadq", dq_ratio=32)
+#: DeltaDQ with 1-bit codes, half of each group kept (the 32x budget of a wide model; these
+#: 64-wide tensors are too narrow for --ratio 32 once the per-row step is counted), group size searched.
+DQ_1BIT_HALF = CompressOptions(codec="deltadq", dq_bits=1, dq_keep=0.5)
 #: DeltaDQ with 3-bit codes in 3 parts (codes straddle bytes), groups of 32 (a partial last group
 #: in the 184-wide down_proj), embeddings and lm_head compressed too.
 DQ_3BIT = CompressOptions(codec="deltadq", dq_bits=3, dq_keep=0.25, dq_group_size=32, dq_parts=3,
@@ -99,7 +100,7 @@ def dq_family(family) -> Family:
     q: fine-tune 3 at ratio 32 (embeddings and lm_head kept dense);
     r: fine-tune 1 with 3-bit codes, embeddings and lm_head compressed too."""
     root = family.root
-    fam = _family(root, family.base, {"q": (root / "ft3", DQ_RATIO_32), "r": (root / "finetuned", DQ_3BIT)})
+    fam = _family(root, family.base, {"q": (root / "ft3", DQ_1BIT_HALF), "r": (root / "finetuned", DQ_3BIT)})
     fam.deltas = {**family.deltas, **fam.deltas}
     fam.applied = {**family.applied, **fam.applied}
     return fam
