@@ -1,4 +1,10 @@
-"""Alembic environment: runs on the engine handed in by registry.schema, or on sqlalchemy.url."""
+"""Alembic environment: runs on the engine handed in by registry.schema, or on sqlalchemy.url.
+
+On SQLite, foreign keys are switched off while the migrations run (and on again afterwards): a
+batch migration rebuilds a table by copying it and dropping the original, and with foreign keys
+on, that DROP deletes (ON DELETE CASCADE) every row of the tables referencing it. Before the
+migrations commit, `PRAGMA foreign_key_check` must find no dangling reference.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +17,35 @@ config = context.config
 target_metadata = Base.metadata
 
 
+def _sqlite_foreign_keys(connection, on: bool) -> None:
+    """Set SQLite's foreign-key enforcement on the raw DBAPI connection, outside any transaction
+    (SQLite ignores the pragma inside one), and check that it took effect."""
+    raw = connection.connection.dbapi_connection
+    raw.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
+    (state,) = raw.execute("PRAGMA foreign_keys").fetchone()
+    if bool(state) != on:
+        raise RuntimeError(f"could not turn SQLite foreign keys {'on' if on else 'off'} for the migrations "
+                           "(was a transaction open on the connection?)")
+
+
+def _check_foreign_keys(connection) -> None:
+    dangling = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if dangling:
+        raise RuntimeError(f"the migrations would leave rows referencing missing rows: {dangling[:10]}")
+
+
 def _run(connection) -> None:
+    sqlite = connection.dialect.name == "sqlite"
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
-        render_as_batch=connection.dialect.name == "sqlite",  # SQLite alters tables by copying them
+        render_as_batch=sqlite,  # SQLite alters tables by copying them
         compare_type=True,
     )
     with context.begin_transaction():
         context.run_migrations()
+        if sqlite:
+            _check_foreign_keys(connection)
 
 
 def run_migrations_online() -> None:
@@ -27,8 +53,17 @@ def run_migrations_online() -> None:
     if engine is None:
         engine = create_db_engine(config.get_main_option("sqlalchemy.url"))
     with engine.connect() as conn:
-        _run(conn)
-        conn.commit()
+        if conn.dialect.name != "sqlite":
+            _run(conn)
+            conn.commit()
+            return
+        _sqlite_foreign_keys(conn, on=False)
+        try:
+            _run(conn)
+            conn.commit()
+        finally:
+            conn.rollback()  # nothing open after a commit; after a failure, the pragma needs no transaction
+            _sqlite_foreign_keys(conn, on=True)  # the connection goes back to the engine's pool
 
 
 if context.is_offline_mode():
