@@ -16,11 +16,11 @@ from rich.table import Table
 from rich.text import Text
 
 from registry.client import PullResult, PushResult, RegistryApi, RepoInfo, VersionInfo, parse_ref
-from registry.client_errors import CacheError, CorruptDownloadError, NetworkError
+from registry.client_errors import CacheError, CorruptDownloadError, NetworkError, RegistryUnavailableError
 from registry.errors import (
     AuthenticationError, BaseMismatchUploadError, BlobStoreError, ConflictError, DatabaseUnavailableError,
     DigestMismatchError, InvalidRequestError, InvalidUploadError, NotFoundError, PermissionDeniedError, RegistryError,
-    StorageFullError, UploadTooLargeError,
+    SchemaOutOfDateError, StorageFullError, UploadTooLargeError,
 )
 
 from . import errors as exit_codes
@@ -32,8 +32,10 @@ for _exc, _code, _label in (
     (RegistryError, exit_codes.EXIT_ERROR, "registry error"),
     (CacheError, exit_codes.EXIT_ERROR, "cache error"),
     (NetworkError, exit_codes.EXIT_NETWORK, "network"),
+    (RegistryUnavailableError, exit_codes.EXIT_NETWORK, "registry unavailable"),
     (BlobStoreError, exit_codes.EXIT_NETWORK, "blob store"),
     (DatabaseUnavailableError, exit_codes.EXIT_NETWORK, "registry unavailable"),
+    (SchemaOutOfDateError, exit_codes.EXIT_NETWORK, "schema out of date"),
     (StorageFullError, exit_codes.EXIT_STORAGE_FULL, "registry storage full"),
     (InvalidRequestError, exit_codes.EXIT_INVALID, "invalid request"),
     (UploadTooLargeError, exit_codes.EXIT_INVALID, "too large"),

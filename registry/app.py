@@ -14,7 +14,7 @@ import re
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -28,7 +28,7 @@ from .deps import AppState
 from .errors import DatabaseUnavailableError, RegistryError, StorageFullError
 from .metrics import MetricsMiddleware, RegistryMetrics
 from .push import PushService
-from .schema import check_schema
+from .schema import check_schema, running_schema_error
 from .schemas import ErrorBody
 from .settings import Settings
 
@@ -52,6 +52,10 @@ ERROR_RESPONSES = {
     }.items()
 }
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+#: A query naming a column or table the database lacks: SQLite's messages, PostgreSQL's
+#: undefined_column and undefined_table.
+_SCHEMA_MISMATCH = re.compile(r"no such (column|table)\b|table \S+ has no column named\b")
+_SCHEMA_SQLSTATES = {"42703", "42P01"}
 _UPLOAD_BYTES_PATH = re.compile(r"/v1/uploads/[0-9a-f]{32}")
 
 
@@ -88,9 +92,34 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
+def _schema_error(request: Request, exc: Exception) -> JSONResponse | None:
+    """A query failed on a column or table the database lacks, and the database is not at this
+    server's schema revision (it was downgraded, or restored from an older backup, under the
+    running server): 503 `schema_out_of_date`, naming the command that fixes it. None otherwise."""
+    cause = getattr(exc, "orig", None) or exc
+    if getattr(cause, "sqlstate", None) not in _SCHEMA_SQLSTATES and not _SCHEMA_MISMATCH.match(str(cause)):
+        return None
+    state = getattr(request.app.state, "registry", None)
+    try:
+        error = running_schema_error(state.db.engine) if state is not None else None
+    except Exception:  # the revision cannot be read either: the database is what fails
+        return None
+    if error is None:
+        return None
+    log.error("database schema out of date on %s %s: %s", request.method, request.url.path, error)
+    return error_response(error.status, error.code, str(error))
+
+
+def _programming_error(request: Request, exc: Exception) -> JSONResponse:
+    return _schema_error(request, exc) or _unexpected_error(request, exc)
+
+
 def _database_error(request: Request, exc: Exception) -> JSONResponse:
     """The database went away (restart, failover, network) or stayed locked: a 503 the client may
     retry; the pool replaces broken connections (pre-ping), so the server needs no restart."""
+    schema = _schema_error(request, exc)
+    if schema is not None:
+        return schema
     cause = getattr(exc, "orig", None) or exc
     if "disk is full" in str(cause) or getattr(cause, "sqlstate", None) == "53100":
         return error_response(StorageFullError.status, StorageFullError.code,
@@ -143,6 +172,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     for db_error in (OperationalError, InterfaceError, PoolTimeoutError):
         app.add_exception_handler(db_error, _database_error)
+    app.add_exception_handler(ProgrammingError, _programming_error)
     app.add_exception_handler(OSError, _os_error)
     app.add_exception_handler(Exception, _unexpected_error)
     for router in ROUTERS:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
+import email.utils
 import json
 import math
 import os
@@ -25,14 +27,15 @@ from typing import Any, Iterator, Protocol
 import httpx
 
 from codec import __version__
-from codec.errors import BaseMismatchError
+from codec.errors import BaseMismatchError, DeltaStoreError
 from codec.format import DeltaFile
 from codec.storage import BlobInfo
 
 from . import constants, credentials, names
 from .cache import DeltaCache
 from .client_errors import (
-    BlobStoreUnreachableError, CorruptDownloadError, NetworkError, RegistryUnreachableError, TransferInterruptedError,
+    BlobStoreUnreachableError, CorruptDownloadError, NetworkError, RegistryUnavailableError, RegistryUnreachableError,
+    TransferInterruptedError,
 )
 from .errors import (
     AuthenticationError, BaseMismatchUploadError, BlobStoreError, ConflictError, DatabaseUnavailableError,
@@ -51,8 +54,11 @@ _ERROR_CLASSES: dict[str, type[RegistryError]] = {
 }
 _STATUS_CLASSES: dict[int, type[RegistryError]] = {
     400: InvalidRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError,
-    409: ConflictError, 413: UploadTooLargeError, 422: InvalidRequestError, 502: BlobStoreError, 507: StorageFullError,
+    409: ConflictError, 413: UploadTooLargeError, 422: InvalidRequestError, 507: StorageFullError,
 }
+#: Statuses a proxy or load balancer in front of the registry answers when the registry is not
+#: there to answer (the registry's own 502 and 503 always carry its error body).
+_GATEWAY_STATUSES = frozenset({502, 503, 504})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 #: Failures after which a request may be sent again: no connection, or one that broke before an
 #: answer came (not a timeout: the registry may still be working on the first request).
@@ -264,14 +270,19 @@ def _json_dict(value: Any) -> dict | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-def api_error(response: httpx.Response) -> RegistryError:
-    """The registry's error answer as the exception class it was raised as on the server."""
+def api_error(response: httpx.Response) -> DeltaStoreError:
+    """The registry's error answer as the exception class it was raised as on the server; a 502,
+    503 or 504 without the registry's error body (a proxy's page) as RegistryUnavailableError."""
     code, message = None, None
     try:
         body = response.json()
         code, message = body["error"]["code"], body["error"]["message"]
     except (ValueError, KeyError, TypeError):
         pass
+    if not isinstance(code, str) or not isinstance(message, str):
+        code, message = None, None
+        if response.status_code in _GATEWAY_STATUSES:
+            return _unavailable(response)
     cls = _ERROR_CLASSES.get(code or "") or _STATUS_CLASSES.get(response.status_code, RegistryError)
     message = message or f"HTTP {response.status_code} from {response.request.method} {response.request.url.path}"
     if cls is AuthenticationError:
@@ -280,6 +291,11 @@ def api_error(response: httpx.Response) -> RegistryError:
         retry = response.headers.get("retry-after", "")
         message = (f"the registry at {_origin(response)} cannot use its database right now: {message.rstrip('.')}. "
                    f"Nothing was changed and nothing already stored is lost; retry {f'in {retry} s' if retry.isdigit() else 'shortly'}")
+    elif cls is SchemaOutOfDateError:
+        fix = "done so" if _SCHEMA_FIX in message else f"run `{_SCHEMA_FIX}` on its database"
+        message = (f"the registry at {_origin(response)} cannot serve requests until its database schema is "
+                   f"upgraded: {message.rstrip('.')}. Nothing was changed; retrying fails the same way until the "
+                   f"registry's operator has {fix}")
     elif cls is StorageFullError:
         message = (f"the registry at {_origin(response)} is out of storage: {message.rstrip('.')}. Nothing already "
                    "stored is lost; retry once space has been freed there (re-running a push resumes it)")
@@ -287,6 +303,39 @@ def api_error(response: httpx.Response) -> RegistryError:
     if cls is RegistryError:
         error.status = response.status_code
     return error
+
+
+_SCHEMA_FIX = "deltactl db upgrade"
+
+
+def _unavailable(response: httpx.Response) -> RegistryUnavailableError:
+    request = response.request
+    retry = _retry_after(response)
+    when = f"retry in {math.ceil(retry)} s" if retry is not None else "retry shortly"
+    error = RegistryUnavailableError(
+        f"the registry at {_origin(response)} is unavailable: {request.method} {request.url.copy_with(query=None)} "
+        f"answered HTTP {response.status_code} {response.reason_phrase} without the registry's error body (a proxy "
+        f"or load balancer in front of the registry answered for it); {when}"
+    )
+    error.status = response.status_code
+    return error
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The seconds a `Retry-After` header asks to wait (a number of seconds or an HTTP date); None
+    without a usable one."""
+    value = response.headers.get("retry-after", "").strip()
+    if value.isdigit():
+        return float(value)
+    if not value:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds())
 
 
 # --- the client ----------------------------------------------------------------------------------

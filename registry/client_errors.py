@@ -16,6 +16,13 @@ class RegistryUnreachableError(NetworkError):
     """No connection to the registry at all (not running, wrong URL, firewall)."""
 
 
+class RegistryUnavailableError(NetworkError):
+    """The registry's address answered 502, 503 or 504 without the registry's error body: a proxy
+    or load balancer in front of it had no registry to pass the request to. Retrying may help."""
+
+    status: int = 503
+
+
 class BlobStoreUnreachableError(NetworkError):
     """No connection to the blob store a presigned URL of the registry points at (the registry
     itself answered)."""

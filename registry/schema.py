@@ -46,8 +46,23 @@ def check_schema(engine: Engine) -> None:
     """Raise SchemaOutOfDateError unless the database is at the migrations' head."""
     current, head = current_revision(engine), head_revision()
     if current != head:
-        state = "has no deltastore schema" if current is None else f"is at schema revision {current}"
         raise SchemaOutOfDateError(
-            f"the database {engine.url.render_as_string(hide_password=True)} {state}, but this server needs "
+            f"the database {engine.url.render_as_string(hide_password=True)} {_state(current)}, but this server needs "
             f"revision {head}; run `{FIX_COMMAND}` (with the same DELTASTORE_DATABASE_URL) and start again"
         )
+
+
+def running_schema_error(engine: Engine) -> SchemaOutOfDateError | None:
+    """For a running server whose database fell behind (or moved past) its code: the error to
+    answer with, naming neither the database nor its address; None when the schema is at head."""
+    current, head = current_revision(engine), head_revision()
+    if current == head:
+        return None
+    return SchemaOutOfDateError(
+        f"the registry's database {_state(current)}, but this server needs revision {head}; run `{FIX_COMMAND}` "
+        "with this server's DELTASTORE_DATABASE_URL"
+    )
+
+
+def _state(current: str | None) -> str:
+    return "has no deltastore schema" if current is None else f"is at schema revision {current}"

@@ -195,6 +195,94 @@ class AnswerLosingProxy:
             sock.close()
 
 
+# --- an HTTP server in front of the registry ------------------------------------------------
+class FrontServer:
+    """A tiny HTTP/1.1 server on loopback standing where a proxy or load balancer would: each
+    request is answered by the first scripted answer whose method and path match (each answers
+    `times` requests, then is used up), else passed on to the registry at `upstream`, else 404.
+    It records every request it receives as (method, path with query).
+
+        with FrontServer(upstream=server.url) as front:
+            front.answer("GET", r"/v1/repos", 503, b"<html>busy</html>", {"Retry-After": "1"})
+            RegistryApi(front.url).repos()             # the 503, then the registry's answer
+            front.requests                             # [("GET", "/v1/repos?limit=200"), ...]
+    """
+
+    def __init__(self, upstream: str | None = None):
+        import http.server
+
+        self.upstream = upstream
+        self.requests: list[tuple[str, str]] = []
+        self._scripts: list[dict] = []
+        self._lock = threading.Lock()
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                status, headers, content = front._respond(self.command, self.path, dict(self.headers), body)
+                self.send_response(status)
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(content)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def answer(self, method: str, path: str, status: int, body: bytes = b"", headers: dict | None = None, *,
+               times: int = 1, content_type: str = "text/html") -> None:
+        """Answer the next `times` requests of `method` whose path (query left out) fully matches
+        the regular expression `path` with `status`, `body` and `headers`."""
+        import re
+
+        with self._lock:
+            self._scripts.append({"method": method, "path": re.compile(path), "times": times, "status": status,
+                                  "headers": [("Content-Type", content_type), *(headers or {}).items()], "body": body})
+
+    def count(self, method: str, path: str) -> int:
+        """How many requests of `method` to `path` (query left out) arrived."""
+        return sum(1 for m, p in self.requests if m == method and p.split("?", 1)[0] == path)
+
+    def _respond(self, method: str, path: str, headers: dict, body: bytes) -> tuple[int, list, bytes]:
+        with self._lock:
+            self.requests.append((method, path))
+            for script in self._scripts:
+                if script["times"] and script["method"] == method and script["path"].fullmatch(path.split("?", 1)[0]):
+                    script["times"] -= 1
+                    return script["status"], script["headers"], script["body"]
+        if self.upstream is None:
+            return 404, [("Content-Type", "text/plain")], b"nothing here"
+        skip = {"host", "content-length", "connection", "transfer-encoding", "accept-encoding"}
+        r = httpx.request(method, self.upstream + path, content=body, timeout=60,
+                          headers={k: v for k, v in headers.items() if k.lower() not in skip})
+        hop = {"content-length", "connection", "transfer-encoding", "content-encoding", "keep-alive"}
+        return r.status_code, [(k, v) for k, v in r.headers.multi_items() if k.lower() not in hop], r.content
+
+    def __enter__(self) -> "FrontServer":
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 # --- a private PostgreSQL cluster ------------------------------------------------------------
 def postgres_available() -> str | None:
     """None when a private cluster can be started here, else why not."""
