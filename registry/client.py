@@ -42,7 +42,8 @@ from .errors import (
     DigestMismatchError, InvalidNameError, InvalidRequestError, InvalidUploadError, NotFoundError, PermissionDeniedError,
     RegistryError, SchemaOutOfDateError, StorageFullError, UploadTooLargeError,
 )
-from .transfer import put_range, receive_blob, upload_parts
+from .transfer import netloc as _netloc
+from .transfer import put_range, receive_blob, s3_error, upload_parts
 
 #: The API's error codes (docs/registry.md) and the classes they come back as.
 _ERROR_CLASSES: dict[str, type[RegistryError]] = {
@@ -388,21 +389,28 @@ class RegistryApi:
             raise NetworkError(f"{what} at {self.endpoint} failed: {_reason(exc)}") from None
 
     @contextlib.contextmanager
-    def _blob_store_network(self, url: str, what: str) -> Iterator[None]:
+    def _blob_store_network(self, url: str, what: str, *, upload: bool = False) -> Iterator[None]:
         """Like `_network`, for a request to the blob store a presigned URL points at: failures
         name the store's host, not the registry (which answered)."""
-        store = _netloc(url)
         try:
             yield
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise BlobStoreUnreachableError(
-                f"cannot reach the blob store at {store} ({_reason(exc)}) for {what}; the registry at {self.endpoint} "
-                "answered, but the store it points to did not: retry when the store is reachable again"
-            ) from None
-        except httpx.TimeoutException:
-            raise NetworkError(f"the blob store at {store} did not answer {what} in time") from None
         except httpx.TransportError as exc:
-            raise NetworkError(f"{what} from the blob store at {store} failed: {_reason(exc)}") from None
+            raise self._blob_store_error(exc, _netloc(url), what, upload=upload) from None
+
+    def _blob_store_error(
+        self, exc: httpx.TransportError, store: str, what: str, *, upload: bool = False, brief: bool = False
+    ) -> NetworkError:
+        """A failed request to the blob store at `store` (`host:port`) as the client's error, saying
+        it is the blob store; `brief` leaves out what to do (the caller says it)."""
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            message = f"cannot reach the blob store at {store} ({_reason(exc)}) for {what}"
+            if not brief:
+                message += (f"; the registry at {self.endpoint} answered, but the store it points to did not: retry when "
+                            "the store is reachable again" + (" (running the same push again resumes it)" if upload else ""))
+            return BlobStoreUnreachableError(message)
+        if isinstance(exc, httpx.TimeoutException):
+            return NetworkError(f"the blob store at {store} did not answer {what} in time")
+        return NetworkError(f"{what} {'to' if upload else 'from'} the blob store at {store} failed: {_reason(exc)}")
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         with self._network(f"{method} {path}"):
@@ -620,13 +628,20 @@ class RegistryApi:
     def _send(self, upload: dict, staged: Path, info: BlobInfo, progress: Progress) -> tuple[int, int]:
         """Send the staged bytes where the registry said; returns (bytes sent, parts skipped)."""
         method = upload["method"]
-        if method in ("stream", "s3-put"):
+        if method == "stream":  # through the registry
             progress.start("uploading", info.size)
-            http = self._http if method == "stream" else self._blob_http
             with self._network("the upload"):
-                r = put_range(http, upload["upload_url"], staged, 0, info.size, advance=progress.advance)
+                r = put_range(self._http, upload["upload_url"], staged, 0, info.size, advance=progress.advance)
             if r.is_error:
-                raise api_error(r) if method == "stream" else NetworkError(f"the blob store refused the upload: HTTP {r.status_code}")
+                raise api_error(r)
+            return info.size, 0
+        if method == "s3-put":  # straight to the blob store
+            url = upload["upload_url"]
+            progress.start("uploading", info.size)
+            with self._blob_store_network(url, "the upload", upload=True):
+                r = put_range(self._blob_http, url, staged, 0, info.size, advance=progress.advance)
+            if r.is_error:
+                raise NetworkError(f"the blob store at {_netloc(url)} refused the upload: HTTP {r.status_code} {s3_error(r)}")
             return info.size, 0
         parts = upload["parts"]
         todo = [p for p in parts if not p.get("received")]
@@ -636,7 +651,9 @@ class RegistryApi:
         try:
             upload_parts(self._blob_http, staged, todo, concurrency=self.upload_concurrency, advance=progress.advance,
                          on_part=lambda p: finished.append(p["number"]))
-        except NetworkError as exc:
+        except (NetworkError, httpx.TransportError) as exc:
+            if isinstance(exc, httpx.TransportError):
+                exc = self._blob_store_error(exc, _netloc(todo[0]["url"]), "the upload", upload=True, brief=True)
             stored = len(parts) - len(todo) + len(finished)
             raise TransferInterruptedError(
                 f"push interrupted with {stored} of {len(parts)} parts stored ({exc}); "
@@ -796,14 +813,6 @@ def _origin(response: httpx.Response) -> str:
     """`scheme://host:port` of the server that answered."""
     url = response.request.url
     return f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}"
-
-
-def _netloc(url: str) -> str:
-    """`host:port` of a URL (a presigned one: its query, the signature, is left out)."""
-    try:
-        return httpx.URL(url).netloc.decode("ascii", "replace") or url[:80]
-    except httpx.InvalidURL:
-        return url[:80]
 
 
 def _reason(exc: BaseException) -> str:

@@ -53,17 +53,19 @@ def put_range(
     advance: Advance = _no_progress, attempts: int | None = None,
 ) -> httpx.Response:
     """PUT bytes [offset, offset+size) of `path` to `url`, streamed with a fixed Content-Length;
-    transient failures (connection errors, 5xx, 429) are retried with backoff."""
+    transient failures (connection errors, 5xx, 429) are retried with backoff. After the last
+    attempt a connection failure is raised as the httpx error it is, for the caller to say which
+    server (the registry or the blob store) failed."""
     attempts = attempts or constants.TRANSFER_ATTEMPTS
     for attempt in range(1, attempts + 1):
         sent = [0]
         try:
             response = http.put(url, content=_file_chunks(path, offset, size, advance, sent),
                                 headers={**(headers or {}), "Content-Length": str(size)})
-        except httpx.TransportError as exc:
+        except httpx.TransportError:
             advance(-sent[0])
             if attempt == attempts:
-                raise NetworkError(f"sending bytes to {_where(url)} failed: {exc}") from None
+                raise
         else:
             if response.status_code not in _RETRY_STATUS or attempt == attempts:
                 return response
@@ -76,8 +78,9 @@ def upload_parts(
     http: httpx.Client, path: Path, parts: Iterable[dict], *, concurrency: int, advance: Advance = _no_progress,
     on_part: Callable[[dict], None] = lambda part: None,
 ) -> None:
-    """PUT each part (`{number, url, offset, size}`) of the file at `path` to its URL, `concurrency`
-    at a time. The first part that fails for good stops the rest and is raised."""
+    """PUT each part (`{number, url, offset, size}`) of the file at `path` to its presigned blob-store
+    URL, `concurrency` at a time. The first part that fails for good stops the rest and is raised
+    (a refusal as NetworkError, a connection failure as its httpx error)."""
     lock = threading.Lock()
 
     def locked(n: int) -> None:
@@ -87,7 +90,9 @@ def upload_parts(
     def send(part: dict) -> None:
         r = put_range(http, part["url"], path, part["offset"], part["size"], advance=locked)
         if r.status_code != 200:
-            raise NetworkError(f"the blob store refused part {part['number']}: HTTP {r.status_code} {_s3_error(r)}")
+            raise NetworkError(
+                f"the blob store at {netloc(part['url'])} refused part {part['number']}: HTTP {r.status_code} {s3_error(r)}"
+            )
         on_part(part)
 
     parts = list(parts)
@@ -103,11 +108,16 @@ def upload_parts(
             raise future.exception()
 
 
-def _where(url: str) -> str:
-    return httpx.URL(url).copy_with(query=None).host or url
+def netloc(url: str) -> str:
+    """`host:port` of a URL (a presigned one: its query, the signature, is left out)."""
+    try:
+        return httpx.URL(url).netloc.decode("ascii", "replace") or url[:80]
+    except httpx.InvalidURL:
+        return url[:80]
 
 
-def _s3_error(response: httpx.Response) -> str:
+def s3_error(response: httpx.Response) -> str:
+    """The `<Message>` of an S3 error answer, else the start of its body."""
     text = response.text[:400]
     start, end = text.find("<Message>"), text.find("</Message>")
     return text[start + 9 : end] if 0 <= start < end else text[:120]

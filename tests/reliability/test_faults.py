@@ -599,3 +599,74 @@ def test_client_pull_with_the_blob_store_down_names_the_blob_store(live_server, 
     message = str(error)  # the registry is up: the error must name what is down
     assert "blob store" in message.lower() and f"127.0.0.1:{moto_endpoint.port}" in message, message
     assert isinstance(error, BlobStoreUnreachableError) and "is it running" not in message, message
+
+
+class _StopStoreWhenUploading:
+    """A push's progress watcher that stops the S3 endpoint the moment the bytes start to move:
+    the registry has answered (and begun the multipart upload), the store is then gone."""
+
+    def __init__(self, endpoint: "MotoEndpoint"):
+        self.endpoint = endpoint
+
+    def start(self, phase: str, total, completed: int = 0) -> None:
+        if phase == "uploading" and self.endpoint.server is not None:
+            self.endpoint.stop()
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def test_client_push_with_the_blob_store_down_names_the_blob_store(live_server, moto_endpoint, tmp_path):
+    """Pushing while S3 is down: the registry answers with presigned URLs, the PUTs to the store
+    fail. The error says it is the blob store at its host:port that cannot be reached (as for a
+    pull), for a single PUT and for parts; deltactl exits 6; once the store is back the same push
+    completes, resuming the same upload."""
+    import boto3
+
+    from cli import errors as exit_codes
+    from registry.client import RegistryApi
+    from registry.client_errors import BlobStoreUnreachableError, TransferInterruptedError
+
+    boto3.client("s3", endpoint_url=moto_endpoint.url, region_name="us-east-1").create_bucket(Bucket="pushes")
+    server = live_server(blob_url="s3://pushes/reg", s3_endpoint_url=moto_endpoint.url, s3_max_attempts=2,
+                         multipart_threshold=64 << 10, multipart_part_size=32 << 10)
+    with server.client() as c:
+        setup_repo(c, "acme/math")
+    small, big = tmp_path / "small.bdelta", tmp_path / "big.bdelta"
+    small.write_bytes(delta_bytes(1))
+    big.write_bytes(delta_bytes(2, rows=1024, width_bytes=128))
+    store = f"127.0.0.1:{moto_endpoint.port}"
+    home = tmp_path / "home"
+
+    # a single presigned PUT (no S3 call is needed to hand it out): the store is down from the start
+    moto_endpoint.stop()
+    with RegistryApi(server.url, home=home) as api, pytest.raises(BlobStoreUnreachableError) as info:
+        api.push(small, "acme/math")
+    message = str(info.value)
+    assert message.startswith(f"cannot reach the blob store at {store} (") and message.endswith(
+        f") for the upload; the registry at {server.url} answered, but the store it points to did not: retry when "
+        "the store is reachable again (running the same push again resumes it)"), message
+    r = _deltactl(home, server.url, "push", small, "acme/math")
+    assert r.exit_code == exit_codes.EXIT_NETWORK == 6, r.output
+    assert r.stderr.startswith(f"error: network: cannot reach the blob store at {store} ("), r.stderr
+    with server.client() as c:
+        assert _numbers(c) == []
+    moto_endpoint.start()
+    again = _deltactl(home, server.url, "push", small, "acme/math")
+    assert again.exit_code == 0 and "pushed acme/math@1" in again.stdout, again.output
+
+    # parts: the store goes away once the registry has begun the multipart upload
+    with RegistryApi(server.url, home=home) as api, pytest.raises(TransferInterruptedError) as info:
+        api.push(big, "acme/math", progress=_StopStoreWhenUploading(moto_endpoint))
+    message = str(info.value)
+    assert message.startswith(f"push interrupted with 0 of ") and f"parts stored (cannot reach the blob store at {store} (" in message
+    assert message.endswith(") for the upload); run the same command again to send only the missing parts"), message
+    moto_endpoint.start()
+    again = _deltactl(home, server.url, "push", big, "acme/math")
+    assert again.exit_code == 0 and "pushed acme/math@2" in again.stdout, again.output
+    with server.client() as c:
+        assert _numbers(c) == [1, 2]
+        assert c.get("/v1/admin/fsck").json()["ok"]
