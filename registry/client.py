@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import httpx
 
@@ -61,6 +61,8 @@ _STATUS_CLASSES: dict[int, type[RegistryError]] = {
 #: there to answer (the registry's own 502 and 503 always carry its error body).
 _GATEWAY_STATUSES = frozenset({502, 503, 504})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+#: Requests that may be sent again after a 503 with Retry-After (they change nothing).
+_IDEMPOTENT = frozenset({"GET", "HEAD"})
 #: Failures after which a request may be sent again: no connection, or one that broke before an
 #: answer came (not a timeout: the registry may still be working on the first request).
 _CONNECTION_LOST = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
@@ -346,13 +348,16 @@ class RegistryApi:
 
     def __init__(
         self, endpoint: str | None = None, token: str | None = None, *, home: str | os.PathLike[str] | None = None,
-        upload_concurrency: int | None = None,
+        upload_concurrency: int | None = None, unavailable_max_wait: float | None = None,
     ):
         self.home = Path(home) if home is not None else constants.deltactl_home()
         self.endpoint = credentials.resolve_registry(endpoint, self.home)
         self.token = credentials.resolve_token(self.endpoint, token, self.home)
         self.cache = DeltaCache(self.home)
         self.upload_concurrency = upload_concurrency or constants.upload_concurrency()
+        #: Seconds an idempotent request may spend waiting out 503s with Retry-After (0: no retries).
+        self.unavailable_max_wait = (constants.unavailable_max_wait() if unavailable_max_wait is None
+                                     else max(0.0, unavailable_max_wait))
         timeout = httpx.Timeout(constants.READ_TIMEOUT, connect=constants.CONNECT_TIMEOUT)
         headers = {"User-Agent": f"deltactl/{__version__}"}
         if self.token:
@@ -414,10 +419,27 @@ class RegistryApi:
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         with self._network(f"{method} {path}"):
-            response = self._http.request(method, path, **kwargs)
+            response = self._waiting_out_503(method, lambda: self._http.request(method, path, **kwargs))
         if response.is_error:
             raise api_error(response)
         return response
+
+    def _waiting_out_503(self, method: str, send: Callable[[], httpx.Response]) -> httpx.Response:
+        """`send()`, sent again while it answers 503 with a Retry-After the budget allows, when
+        `method` is idempotent (GET, HEAD): at most UNAVAILABLE_ATTEMPTS tries, at most
+        `unavailable_max_wait` seconds of waiting in all. Any other request is sent once."""
+        waited, attempt = 0.0, 1
+        while True:
+            response = send()
+            if method not in _IDEMPOTENT or response.status_code != 503 or attempt >= constants.UNAVAILABLE_ATTEMPTS:
+                return response
+            delay = _retry_after(response)
+            if delay is None or waited + delay > self.unavailable_max_wait:
+                return response
+            response.close()
+            time.sleep(delay)
+            waited += delay
+            attempt += 1
 
     def _pages(self, path: str, params: dict | None = None) -> Iterator[dict]:
         params = dict(params or {}, limit=200)
@@ -754,13 +776,15 @@ class RegistryApi:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         redirected = False
         with self._network("the download"):
-            response = self._http.send(self._http.build_request("GET", url, headers=headers), stream=True)
+            response = self._waiting_out_503("GET", lambda: self._http.send(
+                self._http.build_request("GET", url, headers=headers), stream=True))
         if response.status_code in _REDIRECTS:
             location = response.headers.get("location", "")
             response.close()
             redirected = True
             with self._blob_store_network(location, "the download"):
-                response = self._blob_http.send(self._blob_http.build_request("GET", location, headers=headers), stream=True)
+                response = self._waiting_out_503("GET", lambda: self._blob_http.send(
+                    self._blob_http.build_request("GET", location, headers=headers), stream=True))
         try:
             if response.is_error:
                 response.read()

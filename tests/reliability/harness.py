@@ -255,6 +255,12 @@ class FrontServer:
             self._scripts.append({"method": method, "path": re.compile(path), "times": times, "status": status,
                                   "headers": [("Content-Type", content_type), *(headers or {}).items()], "body": body})
 
+    def reset(self) -> None:
+        """Forget the scripted answers and the recorded requests."""
+        with self._lock:
+            self._scripts.clear()
+            self.requests.clear()
+
     def count(self, method: str, path: str) -> int:
         """How many requests of `method` to `path` (query left out) arrived."""
         return sum(1 for m, p in self.requests if m == method and p.split("?", 1)[0] == path)

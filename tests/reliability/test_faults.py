@@ -407,13 +407,16 @@ def _deltactl(home: Path, registry: str, *args):
     return CliRunner().invoke(app, [str(a) for a in args], env=env)
 
 
-def test_client_and_cli_name_an_unavailable_database_and_lose_nothing(tmp_path, pg_cluster):
+def test_client_and_cli_name_an_unavailable_database_and_lose_nothing(tmp_path, pg_cluster, monkeypatch):
     """PostgreSQL stopped under a running registry: the client raises DatabaseUnavailableError and
     deltactl exits with the network code, both saying what is wrong, that nothing is lost and when
     to retry; once the database is back the same command succeeds and the earlier version is intact."""
     from cli import errors as exit_codes
     from registry.client import RegistryApi
     from registry.errors import DatabaseUnavailableError
+
+    # Reads would wait out the 503s' Retry-After first (test_unavailable.py tests that); not here.
+    monkeypatch.setenv("DELTACTL_UNAVAILABLE_MAX_WAIT", "0")
 
     env = {"DELTASTORE_DATA_DIR": str(tmp_path / "data"), "DELTASTORE_DATABASE_URL": pg_cluster.url}
     migrate(env)

@@ -16,7 +16,7 @@ from cli import errors as exit_codes
 from registry.client import RegistryApi
 from registry.client_errors import RegistryUnavailableError
 from registry.db import Database
-from registry.errors import SchemaOutOfDateError
+from registry.errors import NotFoundError, SchemaOutOfDateError
 from registry.schema import alembic_config, current_revision, head_revision
 
 from .conftest import BACKENDS
@@ -116,3 +116,94 @@ def test_a_registry_whose_schema_fell_behind_says_to_run_db_upgrade(live_server,
     assert r.exit_code == 0, r.output
     pulled = json.loads(r.stdout)
     assert pulled["version"] == 1 and sha256(Path(pulled["path"]).read_bytes()) == sha256(delta_bytes(1))
+
+
+# --- 503 with Retry-After: idempotent requests wait it out, others never ---------------------
+DB_BLIP = (b'{"error": {"code": "database_unavailable", "message": "the registry database is unavailable; '
+           b'retry shortly"}}')
+
+
+@pytest.fixture
+def registry_behind_a_front(live_server, tmp_path):
+    """A live registry holding acme/math@1, and a FrontServer passing requests on to it."""
+    server = live_server()
+    delta = tmp_path / "one.bdelta"
+    delta.write_bytes(delta_bytes(1))
+    with server.client() as c:
+        setup_repo(c, "acme/math")
+    assert _deltactl(tmp_path / "pusher", server.url, "push", delta, "acme/math").exit_code == 0
+    with FrontServer(upstream=server.url) as front:
+        yield front
+
+
+def test_idempotent_requests_wait_out_a_503_with_retry_after(registry_behind_a_front, tmp_path):
+    """Answered 503 + `Retry-After: 1` once, then by the registry: list, show, pull's metadata and
+    the download each succeed, after exactly two requests and a wait of the second asked for."""
+    import time
+
+    front = registry_behind_a_front
+    with RegistryApi(front.url, home=tmp_path / "home") as api:
+        calls = [
+            ("/v1/repos", PROXY_PAGE, "text/html", lambda: [r.full_name for r in api.repos()] == ["acme/math"]),
+            ("/v1/repos/acme/math", DB_BLIP, "application/json", lambda: api.repo("acme/math").latest_version == 1),
+            ("/v1/repos/acme/math/versions/latest", DB_BLIP, "application/json",
+             lambda: api.version("acme/math").number == 1),
+            ("/v1/repos/acme/math/versions/1/download", PROXY_PAGE, "text/html",
+             lambda: sha256(Path(api.pull("acme/math@1").blob).read_bytes()) == sha256(delta_bytes(1))),
+        ]
+        for path, body, content_type, call in calls:
+            front.answer("GET", path, 503, body, {"Retry-After": "1"}, content_type=content_type)
+            started = time.monotonic()
+            assert call(), path
+            assert front.count("GET", path) == 2, (path, front.requests)
+            assert time.monotonic() - started >= 1.0, path
+            front.reset()
+
+
+def test_retries_on_503_are_bounded(registry_behind_a_front, tmp_path, monkeypatch):
+    """At most three tries; none when Retry-After asks for more than the budget (10 s) or is
+    missing; none when DELTACTL_UNAVAILABLE_MAX_WAIT is 0."""
+    import time
+
+    front = registry_behind_a_front
+    path = "/v1/repos/acme/math"
+    cases = [({"Retry-After": "1"}, None, 3), ({"Retry-After": "11"}, None, 1), ({}, None, 1),
+             ({"Retry-After": "1"}, "0", 1), ({"Retry-After": "1"}, "1.5", 2)]
+    for headers, max_wait, tries in cases:
+        if max_wait is None:
+            monkeypatch.delenv("DELTACTL_UNAVAILABLE_MAX_WAIT", raising=False)
+        else:
+            monkeypatch.setenv("DELTACTL_UNAVAILABLE_MAX_WAIT", max_wait)
+        front.answer("GET", path, 503, PROXY_PAGE, headers, times=5)
+        started = time.monotonic()
+        with RegistryApi(front.url, home=tmp_path / "home") as api, pytest.raises(RegistryUnavailableError) as info:
+            api.repo("acme/math")
+        took = time.monotonic() - started
+        assert front.count("GET", path) == tries, (headers, max_wait, front.requests)
+        assert tries - 1 <= took < tries + 2, (headers, max_wait, took)
+        assert info.value.status == 503 and str(info.value).endswith(
+            f"; retry in {headers['Retry-After']} s" if headers else "; retry shortly"), str(info.value)
+        front.reset()
+
+
+def test_non_idempotent_requests_never_retry_on_a_503(registry_behind_a_front, tmp_path):
+    """POST, PUT and DELETE answered 503 + Retry-After: sent exactly once, the error raised."""
+    from registry.errors import DatabaseUnavailableError
+
+    front = registry_behind_a_front
+    with RegistryApi(front.url, home=tmp_path / "home", unavailable_max_wait=10) as api:
+        calls = [
+            ("POST", "/v1/repos", lambda: api.create_repo("acme/code", base="org/base")),
+            ("PUT", "/v1/repos/acme/math/tags/prod", lambda: api.set_tag("acme/math", "prod", 1)),
+            ("DELETE", "/v1/repos/acme/math/versions/1", lambda: api.delete_version("acme/math", 1)),
+        ]
+        for method, path, call in calls:
+            front.answer(method, path, 503, DB_BLIP, {"Retry-After": "1"}, content_type="application/json")
+            with pytest.raises(DatabaseUnavailableError):
+                call()
+            assert front.count(method, path) == 1, (method, path, front.requests)
+        # and the registry itself saw none of them: nothing changed
+        assert [t.name for t in api.tags("acme/math")] == ["latest"]
+        assert [v.number for v in api.versions("acme/math")] == [1]
+        with pytest.raises(NotFoundError):
+            api.repo("acme/code")
