@@ -3,6 +3,7 @@ deterministically into train and held-out by a hash of each file's relative path
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sysconfig
 from pathlib import Path
@@ -12,6 +13,11 @@ HELDOUT_PERCENT = 5
 
 
 def stdlib_files() -> list[Path]:
+    return list(_stdlib_files())
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_files() -> tuple[Path, ...]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for path in sorted(root.rglob("*.py")):
@@ -19,7 +25,7 @@ def stdlib_files() -> list[Path]:
         if SKIP_PARTS.intersection(rel.parts):
             continue
         files.append(path)
-    return files
+    return tuple(files)
 
 
 def split_of(path: Path) -> str:
@@ -30,6 +36,11 @@ def split_of(path: Path) -> str:
 
 def texts(split: str) -> list[str]:
     """Source texts of one split ("train" or "heldout"), in a stable order."""
+    return list(_texts(split))
+
+
+@functools.lru_cache(maxsize=2)
+def _texts(split: str) -> tuple[str, ...]:
     out = []
     for path in stdlib_files():
         if split_of(path) == split:
@@ -37,7 +48,7 @@ def texts(split: str) -> list[str]:
                 out.append(path.read_text(encoding="utf-8"))
             except (UnicodeDecodeError, OSError):
                 continue
-    return out
+    return tuple(out)
 
 
 def token_blocks(tokenizer, docs: list[str], seq_len: int, limit: int | None = None) -> "list[list[int]]":

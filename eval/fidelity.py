@@ -15,7 +15,7 @@ import json
 import math
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +38,8 @@ class Row:
     bytes: int
     loss: float
     agreement: float | None = None
+    kl: float = 0.0  # mean KL(fine-tune ‖ variant) per held-out token, nats
+    top1: float = 1.0  # share of held-out positions where the variant's argmax is the fine-tune's
     linear_ratio: float | None = None  # fine-tune bytes / delta bytes over the compressed tensors only
 
 
@@ -123,55 +125,55 @@ def write_fidelity(delta_path: Path, summary: dict) -> None:
     writer.close(metadata)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", type=Path, default=Path(".data"))
-    ap.add_argument("--distill-steps", type=int, default=200)
-    ap.add_argument("--heldout-blocks", type=int, default=32)
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--quick", action="store_true", help="tiny recipe for a smoke run")
-    ap.add_argument("--only", choices=("all", "bitdelta", "deltadq"), default="all",
-                    help="which variant family to evaluate (the pair and reference rows always)")
-    args = ap.parse_args()
+@dataclass
+class Settings:
+    """What to evaluate and on how much text (defaults: the full run on SmolLM2)."""
+    only: str = "all"  # "all", "bitdelta" or "deltadq"
+    distill: DistillOptions = field(default_factory=lambda: DistillOptions(steps=200, batch=4, seq_len=128, samples=800, lr=1e-4))
+    heldout_blocks: int = 32
+    seq_len: int = 256
+    prompts: int = 16
+    prompt_len: int = 32
+    new_tokens: int = 32
+    ratios: tuple[int, ...] = (16, 32, 64, 128)
 
-    root = args.data_dir / "pair"
-    recipe = pair.Recipe(steps=4, batch=2, seq_len=64) if args.quick else pair.Recipe()
-    t0 = time.perf_counter()
-    base_dir = pair.build_base(root / "base")
-    ft_dir = pair.finetune(base_dir, root / ("finetuned-quick" if args.quick else "finetuned"), recipe)
-    print(f"# pair ready in {time.perf_counter() - t0:.0f}s: {ft_dir}")
-    work = root / ("variants-quick" if args.quick else "variants") / args.only
-    work.mkdir(parents=True, exist_ok=True)
 
-    from transformers import AutoTokenizer
+@dataclass
+class Report:
+    rows: list[Row]
+    distill_figures: dict[str, dict]
+    heldout_blocks: int
+    settings: Settings
 
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    heldout = torch.tensor(corpus.token_blocks(tok, corpus.texts("heldout"), 256, limit=args.heldout_blocks))
-    prompts = heldout[: args.prompts, :32]
+    def markdown(self) -> str:
+        s = self.settings
+        base, ft = self.rows[0], self.rows[1]
+        ft_bytes, gain = ft.bytes, base.loss - ft.loss
+        lines = [
+            f"Held-out: {self.heldout_blocks} blocks × {s.seq_len} tokens of stdlib sources never trained on. KL and "
+            f"top-1: against the fine-tune's next-token distribution at every held-out position; greedy agreement: "
+            f"{s.prompts} prompts × {s.new_tokens} generated tokens.",
+            "",
+            "| variant | size | ratio vs fp16 fine-tune | ratio on compressed tensors | held-out loss | perplexity "
+            "| gain recovered | KL to fine-tune | top-1 agreement | greedy agreement |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            ratio = f"{ft_bytes / r.bytes:.2f}x" if r.bytes else "-"
+            rec = f"{100 * (base.loss - r.loss) / gain:.1f}%" if gain > 0 else "-"
+            lin = f"{r.linear_ratio:.1f}x" if r.linear_ratio else "-"
+            lines.append(f"| {r.variant} | {r.bytes / 2**20:.1f} MiB | {ratio} | {lin} | {r.loss:.4f} | {math.exp(r.loss):.3f} "
+                         f"| {rec} | {r.kl:.4f} | {100 * r.top1:.1f}% | {100 * r.agreement:.1f}% |")
+        lines.append("")
+        for label, f in self.distill_figures.items():
+            lines.append(f"distillation '{label}': {f['seconds'] / 60:.1f} min, {s.distill.steps} steps, calibration loss "
+                         f"{f['initial_loss']:.4g} -> {f['final_loss']:.4g}, peak RSS of the evaluation process so far "
+                         f"{f['peak_rss_bytes'] / 2**30:.2f} GiB")
+        return "\n".join(lines)
 
-    def loss_of(model) -> float:
-        total = 0.0
-        with torch.no_grad():
-            for i in range(0, len(heldout), 4):
-                chunk = heldout[i : i + 4]
-                total += model(chunk, labels=chunk).loss.item() * len(chunk)
-        return total / len(heldout)
 
-    base_model, ft_model = _load(base_dir), _load(ft_dir)
-    loss_base, loss_ft = loss_of(base_model), loss_of(ft_model)
-    ref_tokens = ft_model.generate(prompts, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
-                                   attention_mask=torch.ones_like(prompts))[:, prompts.shape[1]:]
-    ft_bytes = Checkpoint.open(ft_dir).total_bytes
-    rows = [Row("base", 0, loss_base, greedy_agreement(base_model, ref_tokens, prompts, args.new_tokens)),
-            Row("fine-tuned (fp16)", ft_bytes, loss_ft, 1.0)]
-    del base_model, ft_model
-
-    calib = root / "calibration.txt"
-    if not calib.exists():
-        calib.write_text("\n\n".join(corpus.texts("train")[::7]))
-    distill = DistillOptions(steps=args.distill_steps, batch=4, seq_len=128, samples=800, lr=1e-4)
-    variants = [
+def variants_for(settings: Settings) -> list[tuple[str, CompressOptions, bool]]:
+    bitdelta = [
         ("1-bit, per-matrix (mean-abs init)", CompressOptions(), False),
         ("1-bit, per-row", CompressOptions(scale_mode="per-row"), False),
         ("1-bit, per-matrix, distilled", CompressOptions(), True),
@@ -179,10 +181,48 @@ def main() -> None:
         ("2 planes, per-matrix, distilled", CompressOptions(planes=2), True),
         ("1-bit, embeddings binarized too", CompressOptions(include=("*embed_tokens*",)), False),
     ]
-    dq_variants = [
-        (f"DeltaDQ {r}x (auto)", CompressOptions(codec="deltadq", dq_ratio=r), False) for r in (16, 32, 64, 128)
-    ]
-    variants = {"all": variants + dq_variants, "bitdelta": variants, "deltadq": [variants[0]] + dq_variants}[args.only]
+    dq = [(f"DeltaDQ {r}x (auto)", CompressOptions(codec="deltadq", dq_ratio=r), False) for r in settings.ratios]
+    return {"all": bitdelta + dq, "bitdelta": bitdelta, "deltadq": [bitdelta[0]] + dq}[settings.only]
+
+
+def evaluate(base_dir: Path, ft_dir: Path, work: Path, calibration: Path, settings: Settings = Settings()) -> Report:
+    """Compress `ft_dir` against `base_dir` in every variant (cached by name under `work`), score
+    each on the held-out split and write its fidelity summary into its file."""
+    from transformers import AutoTokenizer
+
+    work.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    heldout = torch.tensor(corpus.token_blocks(tok, corpus.texts("heldout"), settings.seq_len, limit=settings.heldout_blocks))
+    prompts = heldout[: settings.prompts, : settings.prompt_len]
+    base_model, ft_model = _load(base_dir), _load(ft_dir)
+
+    def score(model) -> tuple[float, float, float]:
+        """(held-out loss, mean KL(fine-tune ‖ model) per token, top-1 agreement with the fine-tune)."""
+        loss = kl = top1 = 0.0
+        with torch.no_grad():
+            for i in range(0, len(heldout), 4):
+                chunk = heldout[i : i + 4]
+                out = model(chunk, labels=chunk)
+                loss += out.loss.item() * len(chunk)
+                ref = torch.log_softmax(ft_model(chunk).logits.float(), -1)
+                got = torch.log_softmax(out.logits.float(), -1)
+                kl += float((ref.exp() * (ref - got)).sum(-1).mean()) * len(chunk)
+                top1 += float((ref.argmax(-1) == got.argmax(-1)).float().mean()) * len(chunk)
+        return loss / len(heldout), kl / len(heldout), top1 / len(heldout)
+
+    def row(label: str, nbytes: int, model, **extra) -> Row:
+        loss, kl, top1 = score(model)
+        return Row(label, nbytes, loss, greedy_agreement(model, ref_tokens, prompts, settings.new_tokens), kl, top1, **extra)
+
+    ref_tokens = ft_model.generate(prompts, max_new_tokens=settings.new_tokens, do_sample=False, pad_token_id=0,
+                                   attention_mask=torch.ones_like(prompts))[:, prompts.shape[1]:]
+    ft_bytes = Checkpoint.open(ft_dir).total_bytes
+    rows = [row("base", 0, base_model), row("fine-tuned (fp16)", ft_bytes, ft_model)]
+    loss_base, loss_ft = rows[0].loss, rows[1].loss
+    del base_model
+
+    calib, distill = calibration, settings.distill
+    variants = variants_for(settings)
     ft_ckpt = Checkpoint.open(ft_dir)
     distill_figures = {}
     binarized_names: list[str] = []
@@ -205,38 +245,48 @@ def main() -> None:
             distill_figures[label] = json.loads(figures.read_text())
             path = out
         model = model_with_delta(base_dir, path)
-        row = Row(label, path.stat().st_size, loss_of(model), greedy_agreement(model, ref_tokens, prompts, args.new_tokens),
-                  linear_ratio(path, ft_ckpt))
-        rows.append(row)
+        r = row(label, path.stat().st_size, model, linear_ratio=linear_ratio(path, ft_ckpt))
+        rows.append(r)
         write_fidelity(path, {
             "eval": "python stdlib held-out split, next-token loss", "loss_base": loss_base, "loss_finetuned": loss_ft,
-            "loss": row.loss, "gain_recovered": (loss_base - row.loss) / (loss_base - loss_ft),
-            "greedy_agreement": row.agreement,
+            "loss": r.loss, "gain_recovered": (loss_base - r.loss) / (loss_base - loss_ft),
+            "greedy_agreement": r.agreement, "kl_to_finetuned": r.kl, "top1_agreement": r.top1,
         })
         del model
-    if args.only in ("all", "bitdelta"):
+    if settings.only in ("all", "bitdelta"):
         model, lr_bytes = model_with_lowrank(base_dir, ft_dir, binarized_names)
-        rows.append(Row("SVD low-rank delta, same bytes as 1-bit", lr_bytes, loss_of(model),
-                        greedy_agreement(model, ref_tokens, prompts, args.new_tokens)))
+        rows.append(row("SVD low-rank delta, same bytes as 1-bit", lr_bytes, model))
 
+    return Report(rows, distill_figures, len(heldout), settings)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", type=Path, default=Path(".data"))
+    ap.add_argument("--distill-steps", type=int, default=200)
+    ap.add_argument("--heldout-blocks", type=int, default=32)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="tiny recipe for a smoke run")
+    ap.add_argument("--only", choices=("all", "bitdelta", "deltadq"), default="all",
+                    help="which variant family to evaluate (the pair and reference rows always)")
+    args = ap.parse_args()
+
+    root = args.data_dir / "pair"
+    recipe = pair.Recipe(steps=4, batch=2, seq_len=64) if args.quick else pair.Recipe()
+    t0 = time.perf_counter()
+    base_dir = pair.build_base(root / "base")
+    ft_dir = pair.finetune(base_dir, root / ("finetuned-quick" if args.quick else "finetuned"), recipe)
+    print(f"# pair ready in {time.perf_counter() - t0:.0f}s: {ft_dir}")
+    calibration = root / "calibration.txt"
+    if not calibration.exists():
+        calibration.write_text("\n\n".join(corpus.texts("train")[::7]))
+    settings = Settings(only=args.only, heldout_blocks=args.heldout_blocks, prompts=args.prompts, new_tokens=args.new_tokens,
+                        distill=DistillOptions(steps=args.distill_steps, batch=4, seq_len=128, samples=800, lr=1e-4))
+    work = root / ("variants-quick" if args.quick else "variants")  # cached by variant name, shared by --only
+    report = evaluate(base_dir, ft_dir, work, calibration, settings)
     print()
-    print(f"Held-out: {len(heldout)} blocks × 256 tokens of stdlib sources never trained on; "
-          f"greedy agreement over {args.prompts} prompts × {args.new_tokens} tokens.")
-    print()
-    print("| variant | size | ratio vs fp16 fine-tune | ratio on compressed tensors | held-out loss | perplexity | gain recovered | greedy agreement |")
-    print("|---|---|---|---|---|---|---|---|")
-    gain = loss_base - loss_ft
-    for r in rows:
-        ratio = f"{ft_bytes / r.bytes:.2f}x" if r.bytes else "-"
-        rec = f"{100 * (loss_base - r.loss) / gain:.1f}%" if gain > 0 else "-"
-        lin = f"{r.linear_ratio:.1f}x" if r.linear_ratio else "-"
-        print(f"| {r.variant} | {r.bytes / 2**20:.1f} MiB | {ratio} | {lin} | {r.loss:.4f} | {math.exp(r.loss):.3f} | {rec} | "
-              f"{100 * r.agreement:.1f}% |")
-    print()
-    for label, f in distill_figures.items():
-        print(f"distillation '{label}': {f['seconds'] / 60:.1f} min, {distill.steps} steps, calibration loss "
-              f"{f['initial_loss']:.4g} -> {f['final_loss']:.4g}, peak RSS of the evaluation process so far "
-              f"{f['peak_rss_bytes'] / 2**30:.2f} GiB")
+    print(report.markdown())
 
 
 if __name__ == "__main__":
