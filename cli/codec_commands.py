@@ -31,7 +31,7 @@ def compress_cmd(
     group_size: Annotated[str, typer.Option("--group-size", help="deltadq: dropout group size, or 'auto' to search per tensor.", rich_help_panel="DeltaDQ")] = "auto",
     parts: Annotated[int, typer.Option("--parts", min=1, help="deltadq: separate parts the codes are split into.", rich_help_panel="DeltaDQ")] = 1,
     dq_seed: Annotated[int, typer.Option("--dq-seed", min=0, help="deltadq: seed of the dropout mask.", rich_help_panel="DeltaDQ")] = 0,
-    calibrate: Annotated[Optional[Path], typer.Option("--calibrate", help="Distill the scales on this text: a file, a directory of text files, or JSONL with a 'text' field.", rich_help_panel="Scale distillation")] = None,
+    calibrate: Annotated[Optional[Path], typer.Option("--calibrate", help="Calibration text (a file, a directory of text files, or JSONL with a 'text' field): bitdelta distills the scales on it; deltadq chooses each tensor's group size and bits by the output error on its activations.", rich_help_panel="Scale distillation")] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Distillation steps.", rich_help_panel="Scale distillation")] = 200,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Sequences per step.", rich_help_panel="Scale distillation")] = 4,
     seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="Tokens per sequence.", rich_help_panel="Scale distillation")] = 128,
@@ -60,7 +60,14 @@ def compress_cmd(
         codec=codec, dq_ratio=ratio, dq_bits=dq_bits, dq_keep=keep,  # type: ignore[arg-type]
         dq_group_size=None if group_size == "auto" else int(group_size), dq_parts=parts, dq_seed=dq_seed,
     )
-    distill_options = None
+    distill_options = moments = None
+    if calibrate is not None and codec == "deltadq":  # calibration steers the per-tensor search
+        from codec.activations import input_moments
+
+        with err.status("measuring layer inputs on the calibration text"):
+            moments = input_moments(finetuned, calibrate, samples=min(samples, 128), seq_len=seq_len, batch=batch,
+                                    seed=seed, device=device, base_dir=base)
+        calibrate = None
     if calibrate is not None:
         from codec.distill import DistillOptions
 
@@ -69,7 +76,7 @@ def compress_cmd(
     target = output if calibrate is None else output.with_name(output.name + ".init")
     try:
         with tensor_progress("compressing") as progress:
-            report = compress(base, finetuned, target, options, progress=progress)
+            report = compress(base, finetuned, target, options, progress=progress, input_moments=moments)
         calibration = None
         if calibrate is not None:
             from codec.distill import distill_scales

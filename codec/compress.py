@@ -18,6 +18,7 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from . import __version__
+from .activations import InputMoments
 from .background import OrderedWorker
 from .bitdelta import binarize
 from .checkpoint import FINGERPRINT_PREFIX, TORCH_TO_ST, Checkpoint, _fingerprint_record, tensor_bytes
@@ -150,6 +151,7 @@ def compress(
     *,
     progress: Progress | None = None,
     extra_metadata: dict[str, str] | None = None,
+    input_moments: InputMoments | None = None,
 ) -> CompressReport:
     """Write the BitDelta of `finetuned_path` against `base_path` to `out_path` (atomically)."""
     base = Checkpoint.open(base_path)
@@ -182,7 +184,8 @@ def compress(
                 if options.codec == "deltadq":
                     params = deltadq.choose(f, b, name, options.dq_seed, ratio=options.dq_ratio, bits=options.dq_bits,
                                             keep_ratio=options.dq_keep, group_size=options.dq_group_size,
-                                            parts=options.dq_parts)
+                                            parts=options.dq_parts,
+                                            channel_weight=input_moments.weight_for(name, fe.shape[-1]) if input_moments else None)
                     codes, step = deltadq.encode(f, b, name, options.dq_seed, params)
                     pieces = [(".dq_codes", "U8", codes), (".dq_step", "F32", step),
                               (".dq_params", "I32", torch.tensor([params.group_size, params.keep, params.bits], dtype=torch.int32))]
@@ -220,6 +223,9 @@ def compress(
             metadata["deltadq"] = json.dumps({
                 "seed": options.dq_seed, "mask": DQ_MASK, "ratio": options.dq_ratio, "bits": options.dq_bits,
                 "keep": options.dq_keep, "group_size": options.dq_group_size or "auto", "parts": options.dq_parts,
+                "search": ({"error": "output, weighted by calibration E[x^2]", "tokens": input_moments.tokens,
+                            "data_fingerprint": input_moments.data_fingerprint}
+                           if input_moments else {"error": "weights (isotropic inputs)"}),
             }, sort_keys=True)
         if ft.config is not None:
             metadata["x-hf-config"] = json.dumps(ft.config, sort_keys=True)

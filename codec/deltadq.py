@@ -266,11 +266,14 @@ def params_for(in_features: int, bits: int, keep_ratio: float, group_size: int, 
 
 def choose(finetuned: torch.Tensor, base: torch.Tensor, name: str, seed: int, *, ratio: float | None,
            bits: int | None, keep_ratio: float | None, group_size: int | None, parts: int,
-           group_candidates: tuple[int, ...] = (16, 32, 64, 128, 256, 512)) -> DQParams:
+           group_candidates: tuple[int, ...] = (16, 32, 64, 128, 256, 512),
+           channel_weight: torch.Tensor | None = None) -> DQParams:
     """Pick parameters for one tensor. Explicit values are used as given; `ratio` chooses among
     (bits, keep) pairs whose stored size (codes and per-row step) is within that budget, and
-    `group_size=None` ("auto") among group sizes, by the squared error of Δ̂ on a sample of rows — which is the expected output error
-    E‖x(Δ−Δ̂)ᵀ‖² for isotropic inputs x."""
+    `group_size=None` ("auto") among group sizes, by the error of Δ̂ on a sample of rows: the
+    squared error weighted by `channel_weight` (E[x_i²] of the layer's inputs on calibration
+    text, see codec/activations.py) — the expected output error E‖x(Δ−Δ̂)ᵀ‖² for inputs with
+    uncorrelated channels — or, without calibration, unweighted (isotropic inputs)."""
     out, inn = finetuned.shape
     pairs = [(bits, keep_ratio)] if ratio is None else candidates_for_ratio(ratio, inn)
     if ratio is None and (bits is None or keep_ratio is None):
@@ -288,7 +291,8 @@ def choose(finetuned: torch.Tensor, base: torch.Tensor, name: str, seed: int, *,
             if ratio is not None and p.bits_per_weight(1, inn) > 16.0 / ratio:
                 continue  # rounding the kept count up overspends: the ratio is a promise
             sub_parts, sub_step = encode(ft, b, name, seed, p)
-            err = float((decode(sub_parts, sub_step, name, seed, p, inn) - target).pow(2).sum())
+            sq = (decode(sub_parts, sub_step, name, seed, p, inn) - target).pow(2)
+            err = float(sq.sum() if channel_weight is None else (sq * channel_weight.to(torch.float32)).sum())
             if err < best_err:
                 best, best_err = p, err
     if best is None and ratio is not None:

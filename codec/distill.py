@@ -19,11 +19,12 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
+from .activations import token_samples, tokenizer_for
 from .bitdelta import unpack_signs
 from .calibration import read_calibration_text
 from .checkpoint import TORCH_TO_ST, tensor_bytes
 from .container import SpooledSafetensorsWriter, TensorSpec
-from .errors import CalibrationDataError, CodecError
+from .errors import CodecError
 from .format import DeltaFile
 
 LossKind = Literal["mse", "kl"]
@@ -73,22 +74,6 @@ class SignScale(nn.Module):
     def forward(self, base: torch.Tensor) -> torch.Tensor:
         delta = (self.scale.unsqueeze(-1) * self.sign).sum(0)
         return base + delta.to(base.dtype)
-
-
-def _tokenize(tokenizer, docs: list[str], seq_len: int, samples: int, seed: int) -> torch.Tensor:
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    ids: list[int] = []
-    for doc in docs:
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        ids.append(eos)
-        if len(ids) >= seq_len * samples * 2:
-            break
-    blocks = len(ids) // seq_len
-    if blocks == 0:
-        raise CalibrationDataError(f"calibration data has {len(ids)} tokens, fewer than one {seq_len}-token sample")
-    data = torch.tensor(ids[: blocks * seq_len]).view(blocks, seq_len)
-    order = torch.randperm(blocks, generator=torch.Generator().manual_seed(seed))
-    return data[order[: min(samples, blocks)]]
 
 
 def _peak_rss() -> int:
@@ -169,19 +154,15 @@ def distill_scales(
     progress: Progress | None = None,
 ) -> DistillReport:
     """Write `out_path`: the delta at `delta_path` with distilled scales (all else bit-identical)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     text = read_calibration_text(data)
     delta = DeltaFile.open(delta_path)
     if not any(e.sign is not None for e in delta.entries.values()):
         raise CodecError("the delta has no binarized tensors: there are no scales to distill")
     base_dir, finetuned_dir = Path(base_dir), Path(finetuned_dir)
-    tok_dir = finetuned_dir if (finetuned_dir / "tokenizer_config.json").exists() or (finetuned_dir / "tokenizer.json").exists() else base_dir
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    except (OSError, ValueError) as exc:
-        raise CalibrationDataError(f"no tokenizer next to the fine-tune or the base ({exc})") from None
-    samples = _tokenize(tokenizer, text.documents, options.seq_len, options.samples, options.seed)
+    samples = token_samples(tokenizer_for(finetuned_dir, base_dir), text.documents, options.seq_len, options.samples,
+                            options.seed)
     torch.manual_seed(options.seed)
     gen = torch.Generator().manual_seed(options.seed)
     batches = [
