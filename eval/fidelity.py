@@ -22,6 +22,7 @@ import torch
 
 from codec import deltadq
 from codec.bitdelta import reconstruct
+from codec.activations import input_moments
 from codec.checkpoint import Checkpoint, ST_TO_TORCH
 from codec.compress import CompressOptions, compress
 from codec.container import SpooledSafetensorsWriter, TensorSpec
@@ -172,7 +173,9 @@ class Report:
         return "\n".join(lines)
 
 
-def variants_for(settings: Settings) -> list[tuple[str, CompressOptions, bool]]:
+def variants_for(settings: Settings) -> list[tuple[str, CompressOptions, bool | str]]:
+    """(label, options, calibration use: False, True = distil the scales, "search" = DeltaDQ's
+    per-tensor search weighted by the fine-tune's activations on the calibration text)."""
     bitdelta = [
         ("1-bit, per-matrix (mean-abs init)", CompressOptions(), False),
         ("1-bit, per-row", CompressOptions(scale_mode="per-row"), False),
@@ -182,6 +185,8 @@ def variants_for(settings: Settings) -> list[tuple[str, CompressOptions, bool]]:
         ("1-bit, embeddings binarized too", CompressOptions(include=("*embed_tokens*",)), False),
     ]
     dq = [(f"DeltaDQ {r}x (auto)", CompressOptions(codec="deltadq", dq_ratio=r), False) for r in settings.ratios]
+    dq += [(f"DeltaDQ {r}x (calibrated search)", CompressOptions(codec="deltadq", dq_ratio=r), "search")
+           for r in settings.ratios]
     return {"all": bitdelta + dq, "bitdelta": bitdelta, "deltadq": [bitdelta[0]] + dq}[settings.only]
 
 
@@ -226,14 +231,18 @@ def evaluate(base_dir: Path, ft_dir: Path, work: Path, calibration: Path, settin
     ft_ckpt = Checkpoint.open(ft_dir)
     distill_figures = {}
     binarized_names: list[str] = []
+    moments = None
     for label, options, distilled in variants:
         slug = label.replace(" ", "").replace(",", "-").replace("(", "").replace(")", "")
         path = work / f"{slug}.bdelta"
         if not path.exists():  # variants are cached by name: delete the directory to redo them
-            compress(base_dir, ft_dir, path, options)
+            if distilled == "search" and moments is None:
+                moments = input_moments(ft_dir, calib, samples=min(distill.samples, 128), seq_len=distill.seq_len,
+                                        seed=distill.seed, base_dir=base_dir)
+            compress(base_dir, ft_dir, path, options, input_moments=moments if distilled == "search" else None)
         if not binarized_names and not options.include:
             binarized_names = [n for n, e in DeltaFile.open(path).entries.items() if e.kind != "full"]
-        if distilled:  # cached by step count, with the run's figures beside it
+        if distilled is True:  # cached by step count, with the run's figures beside it
             out = work / f"{slug}.distilled-{distill.steps}.bdelta"
             figures = out.with_suffix(".json")
             if not (out.exists() and figures.exists()):

@@ -129,6 +129,9 @@ def test_the_whole_fidelity_table_on_the_tiny_pair(tiny, tmp_path):
     dq_row = next(r for r in report.rows if r.variant == "DeltaDQ 16x (auto)")
     assert (stored["loss"], stored["kl_to_finetuned"], stored["top1_agreement"]) == (dq_row.loss, dq_row.kl, dq_row.top1)
     assert stored["loss_base"] == base_row.loss and stored["loss_finetuned"] == ft_row.loss
+    searched = json.loads(DeltaFile.open(files["DeltaDQ16xcalibratedsearch.bdelta"]).metadata["deltadq"])["search"]
+    assert searched["tokens"] > 0 and stored.keys() <= json.loads(
+        DeltaFile.open(files["DeltaDQ16xcalibratedsearch.bdelta"]).metadata["fidelity"]).keys()
     # Distillation ran; its figures are cached beside the file and agree with its metadata.
     assert set(report.distill_figures) == {"1-bit, per-matrix, distilled", "2 planes, per-matrix, distilled"}
     calibrated = json.loads(DeltaFile.open(files["1-bit-per-matrix-distilled.distilled-3.bdelta"]).metadata["calibration"])
