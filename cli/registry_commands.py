@@ -134,7 +134,7 @@ def fidelity_summary(fidelity: dict | None) -> str:
     """A few figures of a fidelity record for a table cell."""
     if not fidelity:
         return "-"
-    preferred = ("gain_recovered", "greedy_agreement", "loss", "kl")
+    preferred = ("gain_recovered", "kl_to_finetuned", "top1_agreement", "greedy_agreement", "loss", "kl")
     keys = [k for k in preferred if k in fidelity] or [k for k, v in fidelity.items() if isinstance(v, (int, float))]
     cells = []
     for key in keys[:3]:
