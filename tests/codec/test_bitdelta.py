@@ -85,12 +85,13 @@ def test_int32_word_view_matches_columns():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("planes", [1, 2])
-def test_reconstruct_is_base_plus_sign_times_scale(dtype, planes):
+@pytest.mark.parametrize("mode", ["per-row", "per-matrix"])
+def test_reconstruct_is_base_plus_sign_times_scale(dtype, planes, mode):
     g = torch.Generator().manual_seed(1)
     base = torch.randn(70, 33, generator=g).to(dtype)
     ft = (base.float() + 0.02 * torch.randn(70, 33, generator=g)).to(dtype)
-    sign, scale = binarize(ft, base, planes, "per-row")
-    want_sign, want_scale = _np_expected(ft, base, planes, True)
+    sign, scale = binarize(ft, base, planes, mode)
+    want_sign, want_scale = _np_expected(ft, base, planes, mode == "per-row")
     delta = np.zeros((70, 33), np.float32)
     for p in range(planes):
         bits = np.unpackbits(want_sign[p], axis=-1, count=33, bitorder="little").astype(bool)
