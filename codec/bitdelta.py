@@ -125,13 +125,23 @@ def _binarize_one_plane_chunked(ft: torch.Tensor, base: torch.Tensor | None, per
 
 def decode(sign: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
     """Δ̂ in fp32: Σ_p scale[p] · (2·bit_p − 1), planes summed in order p = 0, 1, …"""
-    planes, out, _ = sign.shape
+    planes, out, width = sign.shape
+    lut = _pm1_lut(sign.device)
     delta = torch.zeros(out, in_features, dtype=torch.float32, device=sign.device)
     for p in range(planes):
-        positive = unpack_signs(sign[p], in_features)
-        s = scale[p].to(torch.float32).reshape(-1, 1).expand(out, in_features)
-        delta.add_(torch.where(positive, s, -s))
+        pm1 = torch.index_select(lut, 0, sign[p].reshape(-1).long()).view(out, width * 8)[:, :in_features]
+        delta.add_(pm1 * scale[p].to(torch.float32).reshape(-1, 1))  # ±1 × s is exact: ±s
     return delta
+
+
+_PM1_LUTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _pm1_lut(device: torch.device) -> torch.Tensor:
+    lut = _PM1_LUTS.get(device)
+    if lut is None:
+        lut = _PM1_LUTS[device] = _PM1_LUT.to(device)
+    return lut
 
 
 def reconstruct(base: torch.Tensor, sign: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
