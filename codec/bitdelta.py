@@ -48,8 +48,19 @@ def unpack_signs(packed: torch.Tensor, n: int) -> torch.Tensor:
     return bits.reshape(*packed.shape[:-1], -1)[..., :n].bool()
 
 
-_PM1_LUT = ((torch.arange(256, dtype=torch.int32).unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1).float() * 2 - 1
-"""[256, 8] fp32: entry [b, j] is +1 when bit j of byte b is set (LSB-first), else −1."""
+_PM1_LUTS: dict[torch.device, torch.Tensor] = {}
+
+
+def pm1_lut(device: torch.device | str = "cpu") -> torch.Tensor:
+    """[256, 8] fp32 on `device`: entry [b, j] is +1 when bit j of byte b is set (LSB-first, the
+    format's bit order), else −1. Indexing it with packed sign bytes expands them to ±1."""
+    device = torch.device(device)
+    lut = _PM1_LUTS.get(device)
+    if lut is None:
+        bits = (torch.arange(256, dtype=torch.int32).unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1
+        lut = _PM1_LUTS[device] = (bits * 2 - 1).to(torch.float32).to(device)
+    return lut
+
 
 _ROW_CHUNK = 64  # rows per step: keeps the fp32 working set in cache (measured fastest)
 
@@ -126,22 +137,13 @@ def _binarize_one_plane_chunked(ft: torch.Tensor, base: torch.Tensor | None, per
 def decode(sign: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
     """Δ̂ in fp32: Σ_p scale[p] · (2·bit_p − 1), planes summed in order p = 0, 1, …"""
     planes, out, width = sign.shape
-    lut = _pm1_lut(sign.device)
+    lut = pm1_lut(sign.device)
     delta = torch.zeros(out, in_features, dtype=torch.float32, device=sign.device)
     for p in range(planes):
         pm1 = torch.index_select(lut, 0, sign[p].reshape(-1).long()).view(out, width * 8)[:, :in_features]
         delta.add_(pm1 * scale[p].to(torch.float32).reshape(-1, 1))  # ±1 × s is exact: ±s
     return delta
 
-
-_PM1_LUTS: dict[torch.device, torch.Tensor] = {}
-
-
-def _pm1_lut(device: torch.device) -> torch.Tensor:
-    lut = _PM1_LUTS.get(device)
-    if lut is None:
-        lut = _PM1_LUTS[device] = _PM1_LUT.to(device)
-    return lut
 
 
 def reconstruct(base: torch.Tensor, sign: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -170,7 +172,8 @@ def reconstruct_blocks(
     # Signs are expanded a byte at a time through a [256, 8] table (one gather, no dense ±1
     # tensor): ±scale directly for a per-matrix scale, ±1 then × the row's scale for per-row
     # scales. Both are exact, so the result is bit-identical to `reconstruct`.
-    luts = [_PM1_LUT if per_row else _PM1_LUT * scale[p].reshape(()) for p in range(planes)]
+    pm1 = pm1_lut(base.device)
+    luts = [pm1 if per_row else pm1 * scale[p].reshape(()) for p in range(planes)]
     n = min(rows, max(rows_total, 1))
     wide = torch.empty(n, width * 8, dtype=torch.float32)
     extra = torch.empty_like(wide) if planes > 1 else None

@@ -22,6 +22,8 @@ import os
 
 import torch
 
+from codec.bitdelta import decode, pm1_lut
+
 from .segments import Segments
 
 try:  # triton is optional: the torch path serves without it
@@ -66,34 +68,17 @@ def pack_words(sign: torch.Tensor) -> torch.Tensor:
     return sign.contiguous().view(torch.int32)
 
 
-_LUT: dict[torch.device, torch.Tensor] = {}
-
-
-def _pm1_lut(device: torch.device) -> torch.Tensor:
-    """[256, 8] fp32: LUT[b, j] = +1 if bit j of byte b is set else −1."""
-    lut = _LUT.get(device)
-    if lut is None:
-        b = torch.arange(256, dtype=torch.int32)
-        bits = (b.unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1
-        lut = _LUT[device] = (bits * 2 - 1).to(torch.float32).to(device)
-    return lut
-
-
 def unpack_words_pm1(words: torch.Tensor, in_features: int) -> torch.Tensor:
     """int32 words [..., W] -> fp32 ±1 [..., in_features] (bit 1 = +1)."""
     by = words.contiguous().view(torch.uint8)
-    pm1 = _pm1_lut(words.device)[by.long()]
+    pm1 = pm1_lut(words.device)[by.long()]
     return pm1.reshape(*words.shape[:-1], -1)[..., :in_features]
 
 
 def decode_words(words: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Δ̂ in fp32 from one slot's words [P, out, W] and scales [P, out | 1]: planes summed in
-    order p = 0, 1, … exactly as `codec.bitdelta.decode`, so the result is bit-identical to it."""
-    planes, out, _ = words.shape
-    delta = torch.zeros(out, in_features, dtype=torch.float32, device=words.device)
-    for p in range(planes):
-        delta.add_(unpack_words_pm1(words[p], in_features) * scales[p].to(torch.float32).reshape(-1, 1))
-    return delta
+    """Δ̂ in fp32 from one slot's words [P, out, W] and scales [P, out | 1]: the words are the
+    file's sign bytes viewed as int32 (`pack_words`), so this is `codec.bitdelta.decode` on their bytes."""
+    return decode(words.contiguous().view(torch.uint8), scales, in_features)
 
 
 def reconstruct_words(base: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -105,7 +90,7 @@ def reconstruct_words(base: torch.Tensor, words: torch.Tensor, scales: torch.Ten
     """
     planes, rows, _ = words.shape
     inn = base.shape[1]
-    lut = _pm1_lut(words.device)
+    lut = pm1_lut(words.device)
     delta = None
     for p in range(planes):
         by = words[p].contiguous().view(torch.uint8)
@@ -133,7 +118,7 @@ def sign_matmul_lut(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor) 
     planes, out, _ = words.shape
     nb = (inn + 7) // 8
     xp = torch.nn.functional.pad(x.float(), (0, nb * 8 - inn)).view(n, nb, 8)
-    table = (xp @ _pm1_lut(x.device).T).reshape(n, nb * 256).T.contiguous()  # [nb*256, n]
+    table = (xp @ pm1_lut(x.device).T).reshape(n, nb * 256).T.contiguous()  # [nb*256, n]
     offsets = torch.arange(nb, dtype=torch.int32, device=x.device) * 256
     y = torch.zeros(out, n, dtype=torch.float32, device=x.device)
     for p in range(planes):
