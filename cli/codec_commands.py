@@ -60,25 +60,26 @@ def compress_cmd(
         codec=codec, dq_ratio=ratio, dq_bits=dq_bits, dq_keep=keep,  # type: ignore[arg-type]
         dq_group_size=None if group_size == "auto" else int(group_size), dq_parts=parts, dq_seed=dq_seed,
     )
+    # Calibration text steers DeltaDQ's per-tensor search; for BitDelta it distills the scales.
+    distill = calibrate is not None and codec != "deltadq"
     distill_options = moments = None
-    if calibrate is not None and codec == "deltadq":  # calibration steers the per-tensor search
+    if calibrate is not None and not distill:
         from codec.activations import input_moments
 
         with err.status("measuring layer inputs on the calibration text"):
             moments = input_moments(finetuned, calibrate, samples=min(samples, 128), seq_len=seq_len, batch=batch,
                                     seed=seed, device=device, base_dir=base)
-        calibrate = None
-    if calibrate is not None:
+    if distill:
         from codec.distill import DistillOptions
 
         distill_options = DistillOptions(steps=steps, batch=batch, seq_len=seq_len, samples=samples, lr=lr,
                                          loss=loss, seed=seed, offload_teacher=offload_teacher)  # type: ignore[arg-type]
-    target = output if calibrate is None else output.with_name(output.name + ".init")
+    target = output.with_name(output.name + ".init") if distill else output
     try:
         with tensor_progress("compressing") as progress:
             report = compress(base, finetuned, target, options, progress=progress, input_moments=moments)
         calibration = None
-        if calibrate is not None:
+        if distill:
             from codec.distill import distill_scales
 
             with loss_progress("distilling scales", distill_options.steps) as progress:
@@ -88,7 +89,7 @@ def compress_cmd(
             calibration = {"initial_loss": distilled.initial_loss, "final_loss": distilled.final_loss,
                            "steps": distill_options.steps, "seconds": round(distilled.seconds, 1)}
     finally:
-        if calibrate is not None:
+        if distill:
             target.unlink(missing_ok=True)
     result = {
         "path": str(output), "base_fingerprint": report.base_fingerprint,

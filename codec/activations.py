@@ -42,11 +42,8 @@ def tokenizer_for(finetuned_dir: Path, base_dir: Path | None = None):
     from transformers import AutoTokenizer
 
     candidates = [finetuned_dir] + ([base_dir] if base_dir is not None else [])
-    for d in candidates:
-        if (d / "tokenizer_config.json").exists() or (d / "tokenizer.json").exists():
-            break
-    else:
-        d = candidates[-1]
+    d = next((c for c in candidates if (c / "tokenizer_config.json").exists() or (c / "tokenizer.json").exists()),
+             candidates[-1])
     try:
         return AutoTokenizer.from_pretrained(d)
     except (OSError, ValueError) as exc:
