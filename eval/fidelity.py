@@ -201,15 +201,17 @@ def evaluate(base_dir: Path, ft_dir: Path, work: Path, calibration: Path, settin
     prompts = heldout[: settings.prompts, : settings.prompt_len]
     base_model, ft_model = _load(base_dir), _load(ft_dir)
 
+    chunks = [heldout[i : i + 4] for i in range(0, len(heldout), 4)]
+    with torch.no_grad():  # the fine-tune's next-token log-probabilities, once for every row (fp32)
+        ref_logprobs = [torch.log_softmax(ft_model(chunk).logits.float(), -1) for chunk in chunks]
+
     def score(model) -> tuple[float, float, float]:
         """(held-out loss, mean KL(fine-tune ‖ model) per token, top-1 agreement with the fine-tune)."""
         loss = kl = top1 = 0.0
         with torch.no_grad():
-            for i in range(0, len(heldout), 4):
-                chunk = heldout[i : i + 4]
+            for chunk, ref in zip(chunks, ref_logprobs):
                 out = model(chunk, labels=chunk)
                 loss += out.loss.item() * len(chunk)
-                ref = torch.log_softmax(ft_model(chunk).logits.float(), -1)
                 got = torch.log_softmax(out.logits.float(), -1)
                 kl += float((ref.exp() * (ref - got)).sum(-1).mean()) * len(chunk)
                 top1 += float((ref.argmax(-1) == got.argmax(-1)).float().mean()) * len(chunk)
@@ -221,14 +223,15 @@ def evaluate(base_dir: Path, ft_dir: Path, work: Path, calibration: Path, settin
 
     ref_tokens = ft_model.generate(prompts, max_new_tokens=settings.new_tokens, do_sample=False, pad_token_id=0,
                                    attention_mask=torch.ones_like(prompts))[:, prompts.shape[1]:]
-    ft_bytes = Checkpoint.open(ft_dir).total_bytes
+    ft_ckpt = Checkpoint.open(ft_dir)
+    ft_bytes = ft_ckpt.total_bytes
     rows = [row("base", 0, base_model), row("fine-tuned (fp16)", ft_bytes, ft_model)]
+    del ft_model  # every later row compares against ref_logprobs and ref_tokens
     loss_base, loss_ft = rows[0].loss, rows[1].loss
     del base_model
 
     calib, distill = calibration, settings.distill
     variants = variants_for(settings)
-    ft_ckpt = Checkpoint.open(ft_dir)
     distill_figures = {}
     binarized_names: list[str] = []
     moments = None
