@@ -407,6 +407,17 @@ def _deltactl(home: Path, registry: str, *args):
     return CliRunner().invoke(app, [str(a) for a in args], env=env)
 
 
+def _push_lands(home: Path, server, path: Path, version: int) -> None:
+    """`deltactl push PATH acme/math` succeeds as `version`, versions 1..version all exist and
+    fsck finds the registry consistent (what every recovery below must end with)."""
+    again = _deltactl(home, server.url, "push", path, "acme/math")
+    assert again.exit_code == 0, again.output
+    assert f"pushed acme/math@{version}" in again.stdout
+    with server.client() as c:
+        assert _numbers(c) == list(range(1, version + 1))
+        assert c.get("/v1/admin/fsck").json()["ok"]
+
+
 def test_client_and_cli_name_an_unavailable_database_and_lose_nothing(tmp_path, pg_cluster, monkeypatch):
     """PostgreSQL stopped under a running registry: the client raises DatabaseUnavailableError and
     deltactl exits with the network code, both saying what is wrong, that nothing is lost and when
@@ -444,12 +455,7 @@ def test_client_and_cli_name_an_unavailable_database_and_lose_nothing(tmp_path, 
             assert r.stderr == f"error: registry unavailable: {expected}\n", r.stderr
 
         pg_cluster.start()
-        again = _deltactl(home, server.url, "push", second, "acme/math")
-        assert again.exit_code == 0, again.output
-        assert "pushed acme/math@2" in again.stdout
-        with server.client() as c:
-            assert _numbers(c) == [1, 2]
-            assert c.get("/v1/admin/fsck").json()["ok"]
+        _push_lands(home, server, second, 2)
         with RegistryApi(server.url, home=home) as api:
             pulled = api.pull("acme/math@1")
             assert sha256(Path(pulled.blob).read_bytes()) == sha256(delta_bytes(1))
@@ -533,12 +539,7 @@ def test_client_and_cli_name_a_full_blob_store_and_lose_nothing(live_server, sma
         assert sha256(Path(api.pull("acme/math@1").blob).read_bytes()) == sha256(delta_bytes(1))
 
     filler.unlink()
-    again = _deltactl(home, server.url, "push", big, "acme/math")
-    assert again.exit_code == 0, again.output
-    assert "pushed acme/math@2" in again.stdout
-    with server.client() as c:
-        assert _numbers(c) == [1, 2]
-        assert c.get("/v1/admin/fsck").json()["ok"]
+    _push_lands(home, server, big, 2)
 
 
 # --- a corrupted cached delta ----------------------------------------------------------------
@@ -668,8 +669,4 @@ def test_client_push_with_the_blob_store_down_names_the_blob_store(live_server, 
     assert message.startswith(f"push interrupted with 0 of ") and f"parts stored (cannot reach the blob store at {store} (" in message
     assert message.endswith(") for the upload); run the same command again to send only the missing parts"), message
     moto_endpoint.start()
-    again = _deltactl(home, server.url, "push", big, "acme/math")
-    assert again.exit_code == 0 and "pushed acme/math@2" in again.stdout, again.output
-    with server.client() as c:
-        assert _numbers(c) == [1, 2]
-        assert c.get("/v1/admin/fsck").json()["ok"]
+    _push_lands(home, server, big, 2)
