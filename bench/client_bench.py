@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from codec.storage import compress_blob  # noqa: E402
-from registry.client import RegistryApi  # noqa: E402
+from registry.client.api import RegistryApi  # noqa: E402
 from registry_bench import BASE, FINGERPRINT, make_delta, moto_server, registry_server  # noqa: E402
 
 DELTACTL = str(Path(sys.executable).with_name("deltactl"))

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from codec.apply import apply_delta  # noqa: E402
 from codec.compress import CompressOptions, compress  # noqa: E402
 from gpu_loader import DeltaModel, format_size  # noqa: E402
-from tests.model_pairs import make_llama_pair  # noqa: E402
+from tests.support.model_pairs import make_llama_pair  # noqa: E402
 
 
 def perturb(src: Path, dst: Path, seed: int, std: float = 0.02) -> Path:

@@ -77,15 +77,15 @@ def moto_server():
 
 @contextmanager
 def registry_server(env: dict):
-    from registry.db import create_db_engine
-    from registry.schema import upgrade
-    from registry.settings import Settings
+    from registry.server.db import create_db_engine
+    from registry.server.migrate import upgrade
+    from registry.server.settings import Settings
 
     engine = create_db_engine(Settings(**{k.removeprefix("DELTASTORE_").lower(): v for k, v in env.items()}).resolved_database_url)
     upgrade(engine)
     engine.dispose()
     port = free_port()
-    args = [sys.executable, "-m", "uvicorn", "--factory", "registry.app:create_app", "--host", "127.0.0.1",
+    args = [sys.executable, "-m", "uvicorn", "--factory", "registry.server.app:create_app", "--host", "127.0.0.1",
             "--port", str(port), "--log-level", "warning", "--no-access-log"]
     with process(args, env={**env, "PYTHONPATH": str(ROOT)}, ready_url=f"http://127.0.0.1:{port}/healthz"):
         yield f"http://127.0.0.1:{port}"
@@ -210,11 +210,11 @@ def bench_transfer(size_mb: int, repeat: int) -> list[tuple]:
 
 
 def _gc(env: dict) -> None:
-    from registry.blobstores import open_blob_store
-    from registry.db import Database
-    from registry.gc import collect_garbage
-    from registry.models import utcnow
-    from registry.settings import Settings
+    from registry.server.blobstores import open_blob_store
+    from registry.server.db import Database
+    from registry.server.gc import collect_garbage
+    from registry.server.models import utcnow
+    from registry.server.settings import Settings
     import datetime as dt
 
     settings = Settings(**{k.removeprefix("DELTASTORE_").lower(): v for k, v in env.items()})
@@ -227,9 +227,9 @@ def _gc(env: dict) -> None:
 def populate(database_url: str, *, bases: int, repos_per_base: int, versions_per_repo: int) -> list[tuple[str, str]]:
     from sqlalchemy import insert
 
-    from registry.db import Database
-    from registry.models import BaseModel, Blob, Repository, Tag, Version, utcnow
-    from registry.schema import upgrade
+    from registry.server.db import Database
+    from registry.server.models import BaseModel, Blob, Repository, Tag, Version, utcnow
+    from registry.server.migrate import upgrade
 
     db = Database.from_url(database_url)
     upgrade(db.engine)

@@ -38,17 +38,17 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
 os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", "1024")  # moto: small parts, so blobs of a few MiB have several
 
-from tests.reliability.corpus import delta_bytes, sha256, storage_form  # noqa: E402
-from tests.reliability.harness import (  # noqa: E402
+from tests.support.corpus import delta_bytes, sha256, storage_form  # noqa: E402
+from tests.support.harness import (  # noqa: E402
     PostgresCluster, RegistryProcess, http_push, migrate, postgres_available, send_bytes, settings_from_env, setup_repo,
 )
 
 
 def gc_later(env: dict) -> dict:
-    from registry.blobstores import open_blob_store
-    from registry.db import Database
-    from registry.gc import collect_garbage
-    from registry.models import utcnow
+    from registry.server.blobstores import open_blob_store
+    from registry.server.db import Database
+    from registry.server.gc import collect_garbage
+    from registry.server.models import utcnow
 
     settings = settings_from_env(env)
     db = Database.from_url(settings.resolved_database_url)
@@ -173,7 +173,7 @@ def campaign_s3(outages: int, seed: int) -> dict:
     import moto.s3.models
     from moto.server import ThreadedMotoServer
 
-    from tests.reliability.harness import free_port
+    from tests.support.harness import free_port
 
     moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = 1024
     logging.getLogger("werkzeug").setLevel(logging.ERROR)

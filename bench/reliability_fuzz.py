@@ -39,9 +39,9 @@ def _child(target: str, stats_path: Path, corpus: Path, libfuzzer_args: list[str
         import codec.container  # noqa: F401
         import codec.format  # noqa: F401
         import codec.storage  # noqa: F401
-        import registry.verify  # noqa: F401
-    from tests.reliability import delta_fuzz
-    from tests.reliability.corpus import seed_deltas, storage_form
+        import registry.server.verify  # noqa: F401
+    from tests.support import delta_fuzz
+    from tests.support.corpus import seed_deltas, storage_form
 
     seeds = seed_deltas()
     raws = list(seeds.values())
@@ -116,8 +116,8 @@ def run_atheris(target: str, runs: int, max_time: int, timeout: int, out: Path) 
 
 
 def run_seeded(target: str, runs: int, max_time: int, seed: int, out: Path) -> dict:
-    from tests.reliability import delta_fuzz
-    from tests.reliability.corpus import seed_deltas, storage_form
+    from tests.support import delta_fuzz
+    from tests.support.corpus import seed_deltas, storage_form
 
     seeds = seed_deltas()
     raws = list(seeds.values())

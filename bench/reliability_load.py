@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.live_registry import fresh_database, migrate  # noqa: E402
-from tests.reliability.harness import RegistryProcess  # noqa: E402
-from tests.reliability.load import check_pushes, push_load, summarize_pushes  # noqa: E402
+from tests.support.live_registry import fresh_database, migrate  # noqa: E402
+from tests.support.harness import RegistryProcess  # noqa: E402
+from tests.support.load import check_pushes, push_load, summarize_pushes  # noqa: E402
 
 
 def database(kind: str, pg_url: str | None):
@@ -73,7 +73,7 @@ def bench_reads(kind: str, pg_url: str | None, stored: int, requests: int, concu
         fill_seconds = time.perf_counter() - t0
         repos = [(f"ns{i // batch}/r{i % batch}", per_repo) for i in range(repos_n)]
         code = (
-            "import json, sys; from tests.reliability.load import read_load; "
+            "import json, sys; from tests.support.load import read_load; "
             f"r = read_load({server.url!r}, {repos!r}, requests={requests}, concurrency={concurrency}, time_limit={time_limit}); "
             "print(json.dumps(r.summary()))"
         )

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.reliability.harness import RegistryProcess, migrate  # noqa: E402
+from tests.support.harness import RegistryProcess, migrate  # noqa: E402
 from tests.reliability.test_openapi import RUNS, schemathesis_run  # noqa: E402
 
 

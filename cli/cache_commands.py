@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from registry import constants
-from registry.cache import DeltaCache
+from registry.client import settings
+from registry.client.cache import DeltaCache
 
 from . import errors as exit_codes
 from .console import emit_json, err, human_bytes, out
@@ -30,7 +30,7 @@ def _note(text: str) -> None:
 
 
 def _cache() -> DeltaCache:
-    return DeltaCache(constants.deltactl_home())
+    return DeltaCache(settings.deltactl_home())
 
 
 @cache_app.command("ls")

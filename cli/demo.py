@@ -81,8 +81,8 @@ def registry_round_trip(workdir: Path, base_dir: Path, delta: Path, *, base_name
 
     from codec.checkpoint import Checkpoint
     from codec.format import DeltaFile
-    from registry.cache import sha256_of
-    from registry.client import RegistryApi
+    from registry.client.cache import sha256_of
+    from registry.client.api import RegistryApi
 
     from .registry_commands import fidelity_summary
 

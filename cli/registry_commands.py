@@ -15,9 +15,9 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from registry.client import PullResult, PushResult, RegistryApi, RepoInfo, VersionInfo, parse_ref
-from registry.client_errors import CacheError, CorruptDownloadError, NetworkError, RegistryUnavailableError
-from registry.errors import (
+from registry.client.api import PullResult, PushResult, RegistryApi, RepoInfo, VersionInfo, parse_ref
+from registry.client.errors import CacheError, CorruptDownloadError, NetworkError, RegistryUnavailableError
+from registry.common.errors import (
     AuthenticationError, BaseMismatchUploadError, BlobStoreError, ConflictError, DatabaseUnavailableError,
     DigestMismatchError, InvalidRequestError, InvalidUploadError, NotFoundError, PermissionDeniedError, RegistryError,
     SchemaOutOfDateError, StorageFullError, UploadTooLargeError,

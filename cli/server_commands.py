@@ -20,13 +20,13 @@ db_app = typer.Typer(help="Registry database schema (migrations).", no_args_is_h
 
 
 def _settings(data_dir: Optional[Path]):
-    from registry.settings import Settings
+    from registry.server.settings import Settings
 
     return Settings(data_dir=data_dir) if data_dir is not None else Settings()
 
 
 def _engine(settings):
-    from registry.db import create_db_engine
+    from registry.server.db import create_db_engine
 
     return create_db_engine(settings.resolved_database_url)
 
@@ -48,20 +48,20 @@ def serve_cmd(
 
     Example: deltactl serve --port 8000 --data-dir ./registry-data
     """
-    from registry import schema
+    from registry.server import migrate
 
     settings = _settings(data_dir)
     engine = _engine(settings)
     try:
         if settings.embedded:
-            schema.upgrade(engine)
-        schema.check_schema(engine)
+            migrate.upgrade(engine)
+        migrate.check_schema(engine)
     finally:
         engine.dispose()
 
     import uvicorn
 
-    from registry.app import create_app
+    from registry.server.app import create_app
 
     err.print(f"deltastore registry on http://{host}:{port} (database {_shown(engine)}, blobs {settings.resolved_blob_url})")
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
@@ -77,12 +77,12 @@ def db_upgrade_cmd(
 
     Example: DELTASTORE_DATABASE_URL=postgresql+psycopg://reg@db/registry deltactl db upgrade
     """
-    from registry import schema
+    from registry.server import migrate
 
     engine = _engine(_settings(data_dir))
     try:
-        schema.upgrade(engine, revision)
-        out.print(f"{_shown(engine)}: at schema revision {schema.current_revision(engine)}")
+        migrate.upgrade(engine, revision)
+        out.print(f"{_shown(engine)}: at schema revision {migrate.current_revision(engine)}")
     finally:
         engine.dispose()
 
@@ -91,12 +91,12 @@ def db_upgrade_cmd(
 @handle_errors
 def db_current_cmd(data_dir: DataDir = None) -> None:
     """Show the database's schema revision and the one this version needs."""
-    from registry import schema
+    from registry.server import migrate
 
     engine = _engine(_settings(data_dir))
     try:
-        current = schema.current_revision(engine)
-        err.print(f"this deltastore needs schema revision {schema.head_revision()}")
+        current = migrate.current_revision(engine)
+        err.print(f"this deltastore needs schema revision {migrate.head_revision()}")
         typer.echo(f"{_shown(engine)}: {current or 'none'}")
     finally:
         engine.dispose()
@@ -112,15 +112,15 @@ def gc_cmd(
 
     Example: deltactl gc --dry-run
     """
-    from registry import schema
-    from registry.blobstores import open_blob_store
-    from registry.db import Database
-    from registry.gc import collect_garbage
+    from registry.server import migrate
+    from registry.server.blobstores import open_blob_store
+    from registry.server.db import Database
+    from registry.server.gc import collect_garbage
 
     settings = _settings(data_dir)
     db = Database.from_url(settings.resolved_database_url)
     try:
-        schema.check_schema(db.engine)
+        migrate.check_schema(db.engine)
         report = collect_garbage(db=db, store=open_blob_store(settings), settings=settings, actor="deltactl gc", dry_run=dry_run)
     finally:
         db.dispose()
@@ -147,15 +147,15 @@ def fsck_cmd(
 
     Example: deltactl fsck --json
     """
-    from registry import schema
-    from registry.blobstores import open_blob_store
-    from registry.db import Database
-    from registry.fsck import check_consistency
+    from registry.server import migrate
+    from registry.server.blobstores import open_blob_store
+    from registry.server.db import Database
+    from registry.server.fsck import check_consistency
 
     settings = _settings(data_dir)
     db = Database.from_url(settings.resolved_database_url)
     try:
-        schema.check_schema(db.engine)
+        migrate.check_schema(db.engine)
         report = check_consistency(db=db, store=open_blob_store(settings), settings=settings, digests=digests)
     finally:
         db.dispose()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from registry.db import create_db_engine
-from registry.models import Base
+from registry.server.db import create_db_engine
+from registry.server.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -1,3 +1,4 @@
-"""The deltastore registry service: SQL index of deltas per base model, content-addressed blob
-storage (local filesystem or S3) and the `/v1` REST API. `registry.client` is the HTTP client.
+"""The deltastore registry: `registry.server` (the service: SQL index, blob stores, REST API),
+`registry.client` (its Python client, cache and credentials; no server dependency) and
+`registry.common` (names and error codes both sides share).
 """

@@ -11,7 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tests.model_pairs import make_llama_pair  # noqa: E402
+from tests.support.model_pairs import make_llama_pair  # noqa: E402
 
 
 @pytest.fixture(scope="session")

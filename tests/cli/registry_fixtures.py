@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from codec.compress import CompressOptions, compress
-from registry.settings import Settings
-from tests.live_registry import (  # importing it sets the AWS and moto test environment
+from registry.server.settings import Settings
+from tests.support.live_registry import (  # importing it sets the AWS and moto test environment
     LiveServer, moto_s3, new_bucket, start_live_registry, xdist_worker,
 )
-from tests.live_registry import s3_client as _s3_client
+from tests.support.live_registry import s3_client as _s3_client
 
 BASE = "org/tiny-llama"
 FIDELITY = {"gain_recovered": 0.91, "greedy_agreement": 0.75, "loss": 2.25}

@@ -66,7 +66,7 @@ def test_errors_are_one_line_with_distinct_exit_codes(llama_pair, tmp_path, args
     import re
 
     from codec.compress import compress
-    from tests.model_pairs import make_llama_pair
+    from tests.support.model_pairs import make_llama_pair
 
     base_dir, ft_dir = llama_pair
     (tmp_path / "garbage.bdelta").write_bytes(b"this is not a delta file at all")

@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from cli import errors as exit_codes
-from registry.client import RegistryApi
+from registry.client.api import RegistryApi
 
 from .registry_fixtures import (  # noqa: F401  (fixtures)
     BASE, CALIBRATION, FIDELITY, deltactl, deltactl_json, deltas, registry, start_registry, with_base,
@@ -103,7 +103,7 @@ def test_pushing_identical_bytes_again_is_deduplicated_without_recompressing(del
     def no_compression(*args, **kwargs):
         raise AssertionError("the digests of an unchanged file are known")
 
-    monkeypatch.setattr("registry.cache.compress_blob", no_compression)
+    monkeypatch.setattr("registry.client.cache.compress_blob", no_compression)
     again = deltactl("push", deltas.plain, "acme/math")
     assert again.exit_code == 0, again.output
     assert "acme/math@2: identical bytes already in the registry, nothing uploaded (dedup)" in " ".join(again.stdout.split())

@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from cli import errors as exit_codes
-from registry import transfer
-from registry.client import RegistryApi
-from registry.client_errors import TransferInterruptedError
+from registry.client import transfer
+from registry.client.api import RegistryApi
+from registry.client.errors import TransferInterruptedError
 
 from .registry_fixtures import (  # noqa: F401  (fixtures)
     BASE, deltactl, deltactl_json, deltas, s3_bucket, s3_client, s3_endpoint, start_registry,
@@ -62,7 +62,7 @@ def test_push_and_pull_go_straight_to_s3_in_parallel_parts(s3_registry, deltas, 
 
 
 def test_an_interrupted_push_resumes_with_the_missing_parts(s3_registry, deltas, s3_client, s3_bucket, monkeypatch, sent_parts):
-    monkeypatch.setattr("registry.constants.TRANSFER_ATTEMPTS", 2)
+    monkeypatch.setattr("registry.client.settings.TRANSFER_ATTEMPTS", 2)
     monkeypatch.setenv("DELTACTL_UPLOAD_CONCURRENCY", "1")  # parts in order: exactly four get through
     real = transfer.put_range  # the recording wrapper
 
@@ -129,7 +129,7 @@ def _cut_downloads(monkeypatch, after: int, times: int) -> list[int]:
 
 def test_an_interrupted_pull_resumes_with_range(s3_registry, deltas, monkeypatch, isolated_home):
     pushed = deltactl_json("push", deltas.plain, "acme/math")
-    monkeypatch.setattr("registry.constants.TRANSFER_ATTEMPTS", 1)
+    monkeypatch.setattr("registry.client.settings.TRANSFER_ATTEMPTS", 1)
     offsets = _cut_downloads(monkeypatch, after=50_000, times=1)
     r = deltactl("pull", "acme/math")
     assert r.exit_code == exit_codes.EXIT_NETWORK and "pull again to resume" in r.stderr

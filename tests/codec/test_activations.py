@@ -14,7 +14,7 @@ from codec.activations import InputMoments, input_moments
 from codec.compress import CompressOptions, compress
 from codec.errors import CalibrationDataError, CodecError
 from codec.format import DeltaFile
-from tests.model_pairs import make_llama_pair, save_byte_tokenizer
+from tests.support.model_pairs import make_llama_pair, save_byte_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -158,7 +158,7 @@ def test_resized_vocabulary_is_stored_full(llama_pair, tmp_path):
 
 
 def test_wrong_base_is_refused_and_nothing_is_written(llama_pair, tmp_path):
-    from tests.model_pairs import make_llama_pair
+    from tests.support.model_pairs import make_llama_pair
 
     base_dir, ft_dir = llama_pair
     other_base, _ = make_llama_pair(tmp_path / "other", seed=5)

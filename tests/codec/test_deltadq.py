@@ -121,7 +121,7 @@ def test_error_decreases_as_keep_grows():
 @pytest.fixture(scope="module")
 def wide_pair(tmp_path_factory):
     """A one-layer Llama 512 wide: wide enough for 128x once the per-row step is counted."""
-    from tests.model_pairs import make_llama_pair
+    from tests.support.model_pairs import make_llama_pair
 
     return make_llama_pair(tmp_path_factory.mktemp("wide_pair"), seed=4, hidden=512, layers=1)
 

@@ -12,7 +12,7 @@ from codec.compress import CompressOptions, compress
 from codec.distill import DistillOptions, distill_scales
 from codec.errors import CalibrationDataError, CodecError
 from codec.format import DeltaFile
-from tests.model_pairs import make_llama_pair, save_byte_tokenizer
+from tests.support.model_pairs import make_llama_pair, save_byte_tokenizer
 
 FAST = DistillOptions(steps=12, batch=2, seq_len=48, samples=24, lr=1e-4)
 

@@ -14,7 +14,7 @@ from codec.checkpoint import Checkpoint
 from codec.compress import CompressOptions, compress
 from codec.format import DeltaFile
 from eval import corpus, fidelity, pair
-from tests.model_pairs import make_llama_pair, save_byte_tokenizer
+from tests.support.model_pairs import make_llama_pair, save_byte_tokenizer
 
 RECIPE = pair.Recipe(steps=3, batch=2, seq_len=32, lr=3e-3, warmup=1, dtype="float32")
 

@@ -12,7 +12,7 @@ import torch
 
 from codec.apply import apply_delta
 from codec.compress import CompressOptions, compress
-from tests.model_pairs import make_llama_pair
+from tests.support.model_pairs import make_llama_pair
 
 VOCAB = 384
 

@@ -10,12 +10,12 @@ from typing import Callable, Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from registry.app import create_app
-from registry.settings import Settings
-from tests.live_registry import (  # importing it sets the AWS and moto test environment
+from registry.server.app import create_app
+from registry.server.settings import Settings
+from tests.support.live_registry import (  # importing it sets the AWS and moto test environment
     PG_URL_ENV, LiveServer, fresh_database, migrate, moto_s3, new_bucket, start_live_registry, xdist_worker,
 )
-from tests.live_registry import s3_client as _s3_client
+from tests.support.live_registry import s3_client as _s3_client
 
 from .helpers import DeltaBlob, make_delta_blobs
 

@@ -1,5 +1,5 @@
 """Test helpers: real delta blobs and a push over the HTTP protocol (the registry under uvicorn
-on loopback is `tests.live_registry.LiveServer`)."""
+on loopback is `tests.support.live_registry.LiveServer`)."""
 
 from __future__ import annotations
 

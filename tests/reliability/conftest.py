@@ -13,7 +13,7 @@ from tests.registry.conftest import (  # noqa: F401  (fixtures re-exported for t
     s3_bucket, s3_client, s3_endpoint,
 )
 
-from .harness import PostgresCluster, RegistryProcess, postgres_available
+from tests.support.harness import PostgresCluster, RegistryProcess, postgres_available
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def pg_cluster(_private_cluster) -> Iterator[PostgresCluster]:
 
 @pytest.fixture
 def settings_for(tmp_path) -> Callable:
-    from registry.settings import Settings
+    from registry.server.settings import Settings
 
     def make(url: str, **overrides) -> Settings:
         return Settings(data_dir=tmp_path / "data", database_url=url, **overrides)

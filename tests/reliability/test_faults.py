@@ -20,14 +20,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from registry.blobstores import open_blob_store
-from registry.db import Database
-from registry.gc import collect_garbage
-from registry.models import utcnow
+from registry.server.blobstores import open_blob_store
+from registry.server.db import Database
+from registry.server.gc import collect_garbage
+from registry.server.models import utcnow
 
 from .conftest import BACKENDS
-from .corpus import delta_bytes, sha256, storage_form
-from .harness import RegistryProcess, http_push, migrate, send_bytes, setup_repo, wait_until
+from tests.support.corpus import delta_bytes, sha256, storage_form
+from tests.support.harness import RegistryProcess, http_push, migrate, send_bytes, setup_repo, wait_until
 
 
 def _gc_later(settings, *, expire_uploads: bool = True) -> dict:
@@ -219,10 +219,10 @@ def test_client_push_whose_complete_answer_is_lost_publishes_one_version(live_se
     """A proxy lets `complete` reach the registry and drops its answer. Lost once: the client sends
     `complete` again and gets the version the first call made. Lost twice: the push fails, and
     running it again returns that same version. Never a second version."""
-    from registry.client import RegistryApi
-    from registry.client_errors import NetworkError
+    from registry.client.api import RegistryApi
+    from registry.client.errors import NetworkError
 
-    from .harness import AnswerLosingProxy
+    from tests.support.harness import AnswerLosingProxy
 
     server = live_server()
     with server.client() as c:
@@ -423,8 +423,8 @@ def test_client_and_cli_name_an_unavailable_database_and_lose_nothing(tmp_path, 
     deltactl exits with the network code, both saying what is wrong, that nothing is lost and when
     to retry; once the database is back the same command succeeds and the earlier version is intact."""
     from cli import errors as exit_codes
-    from registry.client import RegistryApi
-    from registry.errors import DatabaseUnavailableError
+    from registry.client.api import RegistryApi
+    from registry.common.errors import DatabaseUnavailableError
 
     # Reads would wait out the 503s' Retry-After first (test_unavailable.py tests that); not here.
     monkeypatch.setenv("DELTACTL_UNAVAILABLE_MAX_WAIT", "0")
@@ -507,8 +507,8 @@ def test_client_and_cli_name_a_full_blob_store_and_lose_nothing(live_server, sma
     its own code, saying what is wrong and that nothing is lost; nothing partial is left, the
     earlier version still pulls intact, and once space is freed the same command succeeds."""
     from cli import errors as exit_codes
-    from registry.client import RegistryApi
-    from registry.errors import StorageFullError
+    from registry.client.api import RegistryApi
+    from registry.common.errors import StorageFullError
 
     server = live_server(blob_url=(small_tmpfs / "blobs").as_uri())
     with server.client() as c:
@@ -544,7 +544,7 @@ def test_client_and_cli_name_a_full_blob_store_and_lose_nothing(live_server, sma
 
 # --- a corrupted cached delta ----------------------------------------------------------------
 def test_a_corrupted_cached_delta_is_caught_before_use(live_server, tmp_path):
-    from registry.client import RegistryApi
+    from registry.client.api import RegistryApi
 
     server = live_server()
     with server.client() as c:
@@ -568,8 +568,8 @@ def test_a_corrupted_cached_delta_is_caught_before_use(live_server, tmp_path):
 def _pull_with_store_down(live_server, moto_endpoint, tmp_path):
     import boto3
 
-    from registry.client import RegistryApi
-    from registry.client_errors import NetworkError
+    from registry.client.api import RegistryApi
+    from registry.client.errors import NetworkError
 
     boto3.client("s3", endpoint_url=moto_endpoint.url, region_name="us-east-1").create_bucket(Bucket="pulls")
     server = live_server(blob_url="s3://pulls/reg", s3_endpoint_url=moto_endpoint.url, s3_max_attempts=2)
@@ -598,7 +598,7 @@ def test_client_pull_with_the_blob_store_down_fails_and_resumes(live_server, mot
 def test_client_pull_with_the_blob_store_down_names_the_blob_store(live_server, moto_endpoint, tmp_path):
     api, _, error = _pull_with_store_down(live_server, moto_endpoint, tmp_path)
     api.close()
-    from registry.client_errors import BlobStoreUnreachableError
+    from registry.client.errors import BlobStoreUnreachableError
 
     message = str(error)  # the registry is up: the error must name what is down
     assert "blob store" in message.lower() and f"127.0.0.1:{moto_endpoint.port}" in message, message
@@ -631,8 +631,8 @@ def test_client_push_with_the_blob_store_down_names_the_blob_store(live_server, 
     import boto3
 
     from cli import errors as exit_codes
-    from registry.client import RegistryApi
-    from registry.client_errors import BlobStoreUnreachableError, TransferInterruptedError
+    from registry.client.api import RegistryApi
+    from registry.client.errors import BlobStoreUnreachableError, TransferInterruptedError
 
     boto3.client("s3", endpoint_url=moto_endpoint.url, region_name="us-east-1").create_bucket(Bucket="pushes")
     server = live_server(blob_url="s3://pushes/reg", s3_endpoint_url=moto_endpoint.url, s3_max_attempts=2,

@@ -11,15 +11,15 @@ from sqlalchemy import update
 from typer.testing import CliRunner
 
 from cli.main import app as cli_app
-from registry.blobstores import open_blob_store
-from registry.db import Database
-from registry.fsck import check_consistency
-from registry.gc import collect_garbage
-from registry.models import Tag, utcnow
+from registry.server.blobstores import open_blob_store
+from registry.server.db import Database
+from registry.server.fsck import check_consistency
+from registry.server.gc import collect_garbage
+from registry.server.models import Tag, utcnow
 
 from .conftest import BACKENDS
-from .corpus import delta_bytes, storage_form
-from .harness import http_push, setup_repo
+from tests.support.corpus import delta_bytes, storage_form
+from tests.support.harness import http_push, setup_repo
 
 pytestmark = pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 

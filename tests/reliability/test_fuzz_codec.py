@@ -21,8 +21,8 @@ from codec.container import parse_header_bytes
 from codec.errors import CorruptFileError, HeaderError, InvalidDeltaError
 from codec.format import DeltaFile
 
-from .corpus import encode, seed_deltas, storage_form
-from .delta_fuzz import check_blob, check_delta, mutate, mutate_blob
+from tests.support.corpus import encode, seed_deltas, storage_form
+from tests.support.delta_fuzz import check_blob, check_delta, mutate, mutate_blob
 
 SEEDS = seed_deltas()
 CHUNKS, CASES_PER_CHUNK, BLOB_CASES_PER_CHUNK = 4, 300, 100

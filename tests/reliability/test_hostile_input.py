@@ -15,8 +15,8 @@ from urllib.parse import quote
 import pytest
 
 from .conftest import BACKENDS
-from .corpus import delta_bytes, storage_form
-from .harness import http_push, setup_repo
+from tests.support.corpus import delta_bytes, storage_form
+from tests.support.harness import http_push, setup_repo
 
 HOSTILE = [
     "..", "../..", "%2e%2e", "%2e%2e%2f%2e%2e", "..%2f..%2fetc%2fpasswd", "a%2fb", "a%5cb", "a\\b", "%00", "a%00b",
@@ -90,7 +90,7 @@ def test_hostile_path_segments_are_refused_and_touch_nothing(live_server, make_s
                 assert set(json.loads(payload)) >= {"error"}, payload[:300]
     # the data directory holds only the store's own layout, and nothing appeared beside it
     assert _tree(data_dir) == before
-    assert all(BLOB_LAYOUT.fullmatch(p) or p.startswith("registry.db") for p in _tree(data_dir)), _tree(data_dir)
+    assert all(BLOB_LAYOUT.fullmatch(p) or p.startswith("registry.server.db") for p in _tree(data_dir)), _tree(data_dir)
     assert {p for p in os.listdir(outside)} == before_outside
     assert len(seen) == len(TEMPLATES) * len(HOSTILE)
 
@@ -190,7 +190,7 @@ def test_s3_keys_stay_under_the_prefix(make_client, s3_endpoint, s3_bucket, s3_c
         blob = storage_form(delta_bytes(10 + i))
         r = client.post("/v1/repos/acme/math/uploads", json=blob.declaration(description="../../" * 10))
         upload = r.json()
-        from .harness import send_bytes
+        from tests.support.harness import send_bytes
 
         assert send_bytes(client, upload, blob.data) is None
         assert client.post(upload["complete_url"]).status_code == 201

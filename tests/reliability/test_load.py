@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from .conftest import BACKENDS
-from .harness import ROOT
-from .load import check_pushes, push_load
+from tests.support.harness import ROOT
+from tests.support.load import check_pushes, push_load
 
 pytestmark = pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 
@@ -32,7 +32,7 @@ def test_read_load_from_a_second_process(registry_process):
     load = push_load(server.url, pushers=4, per_pusher=5, same_repo=False, namespace="reads")
     assert load.pushes == 20
     code = (
-        "import json, sys; from tests.reliability.load import read_load; "
+        "import json, sys; from tests.support.load import read_load; "
         f"r = read_load({server.url!r}, [('reads/r%d' % i, 5) for i in range(4)], requests=400, concurrency=4, time_limit=60); "
         "print(json.dumps(r.summary()))"
     )
@@ -51,8 +51,8 @@ def test_racing_completes_of_one_upload_publish_it_once(registry_process):
 
     import httpx
 
-    from .corpus import delta_bytes, storage_form
-    from .harness import send_bytes, setup_repo
+    from tests.support.corpus import delta_bytes, storage_form
+    from tests.support.harness import send_bytes, setup_repo
 
     server = registry_process()
     with server.client() as c:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import RegistryProcess, migrate
+from tests.support.harness import RegistryProcess, migrate
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 ADMIN = "openapi-admin-secret"

@@ -18,12 +18,12 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from registry.db import Database
-from registry.models import ApiToken, utcnow
+from registry.server.db import Database
+from registry.server.models import ApiToken, utcnow
 
 from .conftest import BACKENDS
-from .corpus import delta_bytes, storage_form
-from .harness import RegistryProcess, http_push, migrate, send_bytes, setup_repo
+from tests.support.corpus import delta_bytes, storage_form
+from tests.support.harness import RegistryProcess, http_push, migrate, send_bytes, setup_repo
 
 ADMIN = "admin-secret-Zq8v"
 CALLERS = ["none", "revoked", "expired", "read", "other", "write", "nsadmin", "admin"]
@@ -184,7 +184,7 @@ def test_the_admin_secret_is_compared_in_constant_time(make_client, monkeypatch)
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("registry.auth.hmac.compare_digest", spy)
+    monkeypatch.setattr("registry.server.auth.hmac.compare_digest", spy)
     client = make_client(auth_enabled=True, admin_token=ADMIN)
     for guess in (ADMIN, ADMIN[:-1] + "x", "x"):
         client.get("/v1/whoami", headers={"Authorization": f"Bearer {guess}"})

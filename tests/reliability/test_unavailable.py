@@ -13,15 +13,15 @@ from alembic import command
 from alembic.script import ScriptDirectory
 
 from cli import errors as exit_codes
-from registry.client import RegistryApi
-from registry.client_errors import RegistryUnavailableError
-from registry.db import Database
-from registry.errors import NotFoundError, SchemaOutOfDateError
-from registry.schema import alembic_config, current_revision, head_revision
+from registry.client.api import RegistryApi
+from registry.client.errors import RegistryUnavailableError
+from registry.server.db import Database
+from registry.common.errors import NotFoundError, SchemaOutOfDateError
+from registry.server.migrate import alembic_config, current_revision, head_revision
 
 from .conftest import BACKENDS
-from .corpus import delta_bytes, sha256
-from .harness import FrontServer, setup_repo
+from tests.support.corpus import delta_bytes, sha256
+from tests.support.harness import FrontServer, setup_repo
 
 PROXY_PAGE = b"<html><head><title>Service Unavailable</title></head><body><h1>No healthy upstream</h1></body></html>"
 
@@ -188,7 +188,7 @@ def test_retries_on_503_are_bounded(registry_behind_a_front, tmp_path, monkeypat
 
 def test_non_idempotent_requests_never_retry_on_a_503(registry_behind_a_front, tmp_path):
     """POST, PUT and DELETE answered 503 + Retry-After: sent exactly once, the error raised."""
-    from registry.errors import DatabaseUnavailableError
+    from registry.common.errors import DatabaseUnavailableError
 
     front = registry_behind_a_front
     with RegistryApi(front.url, home=tmp_path / "home", unavailable_max_wait=10) as api:

@@ -13,8 +13,8 @@ import zstandard
 
 from codec.storage import BlobCorruptError, BlobTooLargeError, decompress_stream
 
-from .corpus import delta_bytes, sha256, storage_form
-from .harness import setup_repo
+from tests.support.corpus import delta_bytes, sha256, storage_form
+from tests.support.harness import setup_repo
 
 GiB = 1 << 30
 
@@ -126,7 +126,7 @@ def test_registry_refuses_a_bomb_upload_without_growing(registry_process, tmp_pa
 def test_fsck_finds_a_stored_blob_replaced_by_a_bomb(client, make_settings, bombs):
     setup_repo(client, "acme/math")
     real = storage_form(delta_bytes(1))
-    from .harness import http_push
+    from tests.support.harness import http_push
 
     assert http_push(client, "acme/math", real).status_code == 201
     stored = make_settings().data_dir / "blobs" / "sha256" / real.digest[7:9] / real.digest[7:]

@@ -1,0 +1,194 @@
+"""Moving blob bytes: parallel part uploads straight to their (presigned) URLs, streamed single
+uploads, and downloads that hash, keep the compressed bytes for a Range resume and decompress
+into the cache in the same pass.
+
+    upload_parts(http, staged, parts, progress=bar)          # only the parts given
+    receive_blob(chunks, partial=..., offset=n, dest=..., expected=info, progress=bar)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import httpx
+
+from codec.storage import BlobCorruptError, BlobInfo, BlobTooLargeError, decompress_stream
+
+from registry.client import settings
+from registry.client.errors import CorruptDownloadError, NetworkError, TransferInterruptedError
+from registry.common.readahead import ReadAhead
+
+#: Called with a number of bytes just moved (negative when a failed attempt is taken back).
+Advance = Callable[[int], None]
+
+_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def _no_progress(n: int) -> None:
+    pass
+
+
+def _file_chunks(path: Path, offset: int, size: int, advance: Advance, sent: list[int]) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        left = size
+        while left:
+            buf = fh.read(min(settings.CHUNK, left))
+            if not buf:
+                raise OSError(f"{path} is shorter than expected (it changed during the push)")
+            left -= len(buf)
+            sent[0] += len(buf)
+            advance(len(buf))
+            yield buf
+
+
+def put_range(
+    http: httpx.Client, url: str, path: Path, offset: int, size: int, *, headers: dict | None = None,
+    advance: Advance = _no_progress, attempts: int | None = None,
+) -> httpx.Response:
+    """PUT bytes [offset, offset+size) of `path` to `url`, streamed with a fixed Content-Length;
+    transient failures (connection errors, 5xx, 429) are retried with backoff. After the last
+    attempt a connection failure is raised as the httpx error it is, for the caller to say which
+    server (the registry or the blob store) failed."""
+    attempts = attempts or settings.TRANSFER_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        sent = [0]
+        try:
+            response = http.put(url, content=_file_chunks(path, offset, size, advance, sent),
+                                headers={**(headers or {}), "Content-Length": str(size)})
+        except httpx.TransportError:
+            advance(-sent[0])
+            if attempt == attempts:
+                raise
+        else:
+            if response.status_code not in _RETRY_STATUS or attempt == attempts:
+                return response
+            advance(-sent[0])
+        time.sleep(0.2 * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def upload_parts(
+    http: httpx.Client, path: Path, parts: Iterable[dict], *, concurrency: int, advance: Advance = _no_progress,
+    on_part: Callable[[dict], None] = lambda part: None,
+) -> None:
+    """PUT each part (`{number, url, offset, size}`) of the file at `path` to its presigned blob-store
+    URL, `concurrency` at a time. The first part that fails for good stops the rest and is raised
+    (a refusal as NetworkError, a connection failure as its httpx error)."""
+    lock = threading.Lock()
+
+    def locked(n: int) -> None:
+        with lock:
+            advance(n)
+
+    def send(part: dict) -> None:
+        r = put_range(http, part["url"], path, part["offset"], part["size"], advance=locked)
+        if r.status_code != 200:
+            raise NetworkError(
+                f"the blob store at {netloc(part['url'])} refused part {part['number']}: HTTP {r.status_code} {s3_error(r)}"
+            )
+        on_part(part)
+
+    parts = list(parts)
+    pool = ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(parts) or 1)), thread_name_prefix="part")
+    try:
+        futures = [pool.submit(send, part) for part in parts]
+        wait(futures, return_when=FIRST_EXCEPTION)
+    finally:
+        # On a failure or Ctrl-C no queued part starts; those in flight finish (or fail) first.
+        pool.shutdown(wait=True, cancel_futures=True)
+    for future in futures:
+        if not future.cancelled() and future.exception() is not None:
+            raise future.exception()
+
+
+def netloc(url: str) -> str:
+    """`host:port` of a URL (a presigned one: its query, the signature, is left out)."""
+    try:
+        return httpx.URL(url).netloc.decode("ascii", "replace") or url[:80]
+    except httpx.InvalidURL:
+        return url[:80]
+
+
+def s3_error(response: httpx.Response) -> str:
+    """The `<Message>` of an S3 error answer, else the start of its body."""
+    text = response.text[:400]
+    start, end = text.find("<Message>"), text.find("</Message>")
+    return text[start + 9 : end] if 0 <= start < end else text[:120]
+
+
+class _Received(ReadAhead):
+    """The compressed bytes of a download as a readable stream, filled by a background thread
+    that first re-reads what an earlier attempt left in the partial file, then appends what the
+    network delivers to it. Hashing, disk writes and the network overlap the decompression,
+    which reads from `read` in the calling thread."""
+
+    def __init__(self, chunks: Iterable[bytes], partial: Path, offset: int, advance: Advance):
+        self.sha = hashlib.sha256()
+        self.n = 0
+        super().__init__(self._chunks(chunks, partial, offset, advance), chunk_size=settings.CHUNK)
+
+    def _take(self, buf: bytes) -> bytes:
+        self.sha.update(buf)
+        self.n += len(buf)
+        return buf
+
+    def _chunks(self, chunks: Iterable[bytes], partial: Path, offset: int, advance: Advance) -> Iterator[bytes]:
+        with open(partial, "r+b" if offset else "wb") as fh:
+            while fh.tell() < offset and (buf := fh.read(min(settings.CHUNK, offset - fh.tell()))):
+                yield self._take(buf)
+            fh.seek(offset)
+            fh.truncate()
+            for buf in chunks:
+                fh.write(buf)
+                advance(len(buf))
+                yield self._take(buf)
+            fh.flush()
+
+
+def receive_blob(
+    chunks: Iterable[bytes], *, partial: Path, offset: int, dest: Path, expected: BlobInfo,
+    advance: Advance = _no_progress,
+) -> None:
+    """Take a blob's compressed bytes from `chunks` (those after `offset`; the first `offset` are
+    in `partial` already), keep them in `partial` for a resume, check their size and sha256,
+    and decompress them, capped at the recorded raw size and checked against the raw sha256,
+    into `dest` (written to `dest.incomplete`, then renamed). `partial` is removed on success
+    and on corruption, kept when the transfer was cut."""
+    tmp = dest.with_name(dest.name + ".incomplete")
+    stream = _Received(chunks, partial, offset, advance)
+    failure: BaseException | None = None
+    try:
+        with open(tmp, "wb") as out:
+            decompress_stream(stream, out, max_output_size=expected.raw_size, expected_raw_digest=expected.raw_digest)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException as exc:
+        failure = exc
+    stream.close()
+    if stream.error is not None or (failure is not None and not isinstance(failure, (BlobCorruptError, BlobTooLargeError))):
+        tmp.unlink(missing_ok=True)
+        cause = stream.error or failure
+        if isinstance(cause, (httpx.TransportError, NetworkError)):
+            raise TransferInterruptedError(
+                f"download stopped after {stream.n} of {expected.size} bytes ({cause}); pull again to resume"
+            ) from None
+        raise cause  # type: ignore[misc]
+    digest = "sha256:" + stream.sha.hexdigest()
+    if failure is not None or stream.n != expected.size or digest != expected.digest:
+        tmp.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)  # wrong bytes are no base for a resume
+        if failure is not None and not stream.complete:
+            raise CorruptDownloadError(f"the downloaded bytes are not the recorded delta: {failure}")
+        raise CorruptDownloadError(
+            f"downloaded {stream.n} bytes with digest {digest}, but the registry recorded {expected.size} bytes "
+            f"with digest {expected.digest}"
+        )
+    os.replace(tmp, dest)
+    partial.unlink(missing_ok=True)

@@ -1,0 +1,2 @@
+"""What the registry's client and server share: names and refs, the error codes of the API's
+error body, and the read-ahead stream. Imports neither side."""

@@ -1,0 +1,140 @@
+"""The blob store interface. A blob lives at a key derived from its digest (and, for S3 multipart
+uploads, from the server-chosen upload id), never from a user-supplied name; the key is recorded
+on the blob's row. Upload bytes arrive at a staging location and become a blob once verified."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator
+
+from registry.common.names import DIGEST_RE
+
+
+def digest_hex(digest: str) -> str:
+    """`sha256:<hex>` -> `<hex>`, refusing anything else (keys are built from it)."""
+    if not DIGEST_RE.fullmatch(digest):
+        raise ValueError(f"not a sha256 digest: {digest!r}")
+    return digest.removeprefix("sha256:")
+
+
+def check_upload_id(upload_id: str) -> str:
+    if not (upload_id.isascii() and upload_id.isalnum()):
+        raise ValueError(f"bad upload id {upload_id!r}")
+    return upload_id
+
+
+@dataclass(frozen=True)
+class UploadRef:
+    """What a store needs to find an upload's bytes: its id, declared digest and, for S3
+    multipart uploads, the store's own upload id."""
+
+    upload_id: str
+    digest: str
+    multipart_id: str | None = None
+
+
+@dataclass(frozen=True)
+class UploadPart:
+    number: int
+    url: str
+    offset: int
+    size: int
+    received: bool = False  # the store already holds this part (a resumed upload)
+
+
+@dataclass(frozen=True)
+class UploadTarget:
+    """Where the client sends the bytes: through the server (`stream`), one presigned PUT
+    (`s3-put`), or presigned part PUTs of a multipart upload (`s3-multipart`)."""
+
+    method: str
+    url: str | None = None
+    parts: list[UploadPart] = field(default_factory=list)
+    part_size: int | None = None
+    multipart_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Download:
+    """How to serve a blob: redirect to `url`, or stream the local file at `path`."""
+
+    url: str | None = None
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class StagedBlob:
+    """The received bytes of one upload, claimed for verification. `token` pins the exact
+    object read (S3 ETag), so what gets promoted is what was verified."""
+
+    stream: IO[bytes]
+    size: int
+    token: str
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    modified: dt.datetime
+
+
+class BlobStore(ABC):
+    kind: str
+
+    # --- uploads ---------------------------------------------------------------------------
+    @abstractmethod
+    def begin_upload(self, upload_id: str, size: int, digest: str) -> UploadTarget: ...
+
+    def staging_writer(self, upload_id: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        """A file to stream the upload's bytes into (stores whose bytes pass through the server)."""
+        raise NotImplementedError(f"the {self.kind} store takes uploads directly, not through the server")
+
+    def resume_upload(self, ref: UploadRef, *, method: str, size: int, part_size: int | None) -> UploadTarget:
+        """Where to send the bytes of a pending upload again: fresh presigned URLs and, for
+        multipart uploads, which parts already arrived. Bytes through the server start over."""
+        return UploadTarget(method=method)
+
+    def finish_parts(self, ref: UploadRef, *, expected_parts: int) -> None:
+        """Assemble the parts of a multipart upload (stores that have them)."""
+
+    @abstractmethod
+    def open_staged(self, ref: UploadRef) -> contextlib.AbstractContextManager[StagedBlob]:
+        """Claim and open the upload's received bytes; ConflictError if none arrived."""
+
+    @abstractmethod
+    def promote(self, ref: UploadRef, token: str) -> str:
+        """Make the verified staged bytes a blob; returns the blob's key."""
+
+    @abstractmethod
+    def discard(self, ref: UploadRef) -> None:
+        """Remove whatever an upload left behind (staged bytes, unfinished multipart upload)."""
+
+    @abstractmethod
+    def list_staging(self) -> Iterator[StoredObject]:
+        """What uploads left in staging (received bytes, unfinished multipart uploads); `key` is
+        the upload id."""
+
+    @abstractmethod
+    def sweep_staging(self, *, live_upload_ids: set[str], older_than: dt.datetime) -> int:
+        """Remove staging leftovers older than `older_than` of uploads not in `live_upload_ids`."""
+
+    # --- blobs -----------------------------------------------------------------------------
+    @abstractmethod
+    def open_blob(self, key: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
+
+    @abstractmethod
+    def download(self, key: str, *, filename: str) -> Download: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def list_blobs(self) -> Iterator[StoredObject]: ...
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise BlobStoreError unless the store is reachable and writable."""

@@ -1,0 +1,293 @@
+"""S3 blob store (any S3-compatible endpoint): clients move bytes through presigned URLs, the
+server only verifies them.
+
+Keys under the store's prefix, all derived from digests and server-chosen upload ids:
+- `uploads/<upload id>`: target of a single presigned PUT; once verified it is copied to
+  `blobs/sha256/<hex>` (a PUT URL stays valid until it expires, so the verified bytes must not
+  stay where it points).
+- `blobs/sha256/<hex>.<upload id>`: target of a multipart upload, which becomes the blob itself
+  when verified. Once the multipart upload is completed no URL can write to that key again, so
+  large blobs are never copied.
+
+Request checksums are computed only when an operation requires them, because several
+S3-compatible services reject the newer default checksum headers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import math
+import re
+from typing import IO, Iterator
+
+import boto3
+import urllib3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from registry.common.errors import BlobStoreError, ConflictError
+from registry.server.blobstores.base import (
+    BlobStore, Download, StagedBlob, StoredObject, UploadPart, UploadRef, UploadTarget, check_upload_id, digest_hex,
+)
+
+MAX_PARTS = 10_000
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
+_PROMOTED = "promoted:"
+_BLOB_NAME = re.compile(r"[0-9a-f]{64}(\.[0-9a-zA-Z]+)?")
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+@contextlib.contextmanager
+def _store_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except ClientError as exc:
+        message = exc.response.get("Error", {}).get("Message", "")
+        raise BlobStoreError(f"S3 {what} failed: {_code(exc)} {message}".strip()) from None
+    except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+        # the endpoint unreachable, or gone in the middle of a response
+        raise BlobStoreError(f"S3 {what} failed: {exc}") from None
+
+
+class _GuardedBody:
+    """A GetObject body whose read errors (the endpoint going away mid-stream) are BlobStoreErrors,
+    so a caller sees a clear 502 instead of a transport exception."""
+
+    def __init__(self, body, what: str):
+        self._body, self._what = body, what
+
+    def read(self, n: int = -1) -> bytes:
+        with _store_errors(self._what):
+            return self._body.read(n)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._body.close()
+
+
+class S3BlobStore(BlobStore):
+    kind = "s3"
+
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        addressing_style: str = "path",
+        max_pool_connections: int = 32,
+        max_attempts: int = 5,
+        presign_ttl: int = 900,
+        multipart_threshold: int = 16 << 20,
+        part_size: int = 8 << 20,
+    ):
+        self.bucket = bucket
+        self.prefix = f"{prefix}/" if prefix else ""
+        self.presign_ttl = presign_ttl
+        self.multipart_threshold = multipart_threshold
+        self.part_size = part_size
+        config = Config(
+            signature_version="s3v4",
+            s3={"addressing_style": addressing_style},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            max_pool_connections=max_pool_connections,
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+        )
+        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+    # keys are relative to the prefix; the blob rows record them
+    @staticmethod
+    def blob_key(digest: str) -> str:
+        return f"blobs/sha256/{digest_hex(digest)}"
+
+    @staticmethod
+    def staging_key(upload_id: str) -> str:
+        return f"uploads/{check_upload_id(upload_id)}"
+
+    def _upload_key(self, ref: UploadRef) -> str:
+        if ref.multipart_id:
+            return f"{self.blob_key(ref.digest)}.{check_upload_id(ref.upload_id)}"
+        return self.staging_key(ref.upload_id)
+
+    def _object(self, key: str) -> dict:
+        return {"Bucket": self.bucket, "Key": self.prefix + key}
+
+    def _presign(self, method: str, key: str, **params) -> str:
+        return self.client.generate_presigned_url(method, Params={**self._object(key), **params}, ExpiresIn=self.presign_ttl)
+
+    # --- uploads ---------------------------------------------------------------------------
+    def begin_upload(self, upload_id: str, size: int, digest: str) -> UploadTarget:
+        if size <= self.multipart_threshold:
+            return UploadTarget(method="s3-put", url=self._presign("put_object", self.staging_key(upload_id)))
+        part_size = max(self.part_size, math.ceil(size / MAX_PARTS))
+        key = f"{self.blob_key(digest)}.{check_upload_id(upload_id)}"
+        with _store_errors("CreateMultipartUpload"):
+            mpu_id = self.client.create_multipart_upload(**self._object(key))["UploadId"]
+        return self._multipart_target(key, mpu_id, size, part_size, received={})
+
+    def _multipart_target(self, key: str, mpu_id: str, size: int, part_size: int, *, received: dict[int, int]) -> UploadTarget:
+        parts = []
+        for i, offset in enumerate(range(0, size, part_size)):
+            url = self._presign("upload_part", key, UploadId=mpu_id, PartNumber=i + 1)
+            n = min(part_size, size - offset)
+            parts.append(UploadPart(number=i + 1, url=url, offset=offset, size=n, received=received.get(i + 1) == n))
+        return UploadTarget(method="s3-multipart", parts=parts, part_size=part_size, multipart_id=mpu_id)
+
+    def resume_upload(self, ref: UploadRef, *, method: str, size: int, part_size: int | None) -> UploadTarget:
+        if method == "s3-put":
+            return UploadTarget(method=method, url=self._presign("put_object", self.staging_key(ref.upload_id)))
+        key = self._upload_key(ref)
+        received: dict[int, int] = {}
+        try:
+            for page in self.client.get_paginator("list_parts").paginate(**self._object(key), UploadId=ref.multipart_id):
+                received.update((p["PartNumber"], p["Size"]) for p in page.get("Parts", []))
+        except ClientError as exc:
+            if _code(exc) in _NOT_FOUND:
+                raise ConflictError(f"upload {ref.upload_id} can no longer take parts (its multipart upload was completed or aborted)") from None
+            raise BlobStoreError(f"S3 ListParts failed: {_code(exc)}") from None
+        except BotoCoreError as exc:
+            raise BlobStoreError(f"S3 ListParts failed: {exc}") from None
+        return self._multipart_target(key, ref.multipart_id, size, part_size, received=received)
+
+    def finish_parts(self, ref: UploadRef, *, expected_parts: int) -> None:
+        obj = self._object(self._upload_key(ref))
+        parts: list[dict] = []
+        try:
+            for page in self.client.get_paginator("list_parts").paginate(**obj, UploadId=ref.multipart_id):
+                parts.extend({"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in page.get("Parts", []))
+        except ClientError as exc:
+            if _code(exc) in _NOT_FOUND:
+                return  # completed by an earlier call whose verification is being retried
+            raise BlobStoreError(f"S3 ListParts failed: {_code(exc)}") from None
+        except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BlobStoreError(f"S3 ListParts failed: {exc}") from None
+        numbers = sorted(p["PartNumber"] for p in parts)
+        if numbers != list(range(1, expected_parts + 1)):
+            missing = sorted(set(range(1, expected_parts + 1)) - set(numbers))
+            raise ConflictError(
+                f"upload {ref.upload_id} is missing part(s) {', '.join(map(str, missing[:10]))} of {expected_parts}; "
+                "upload every part before completing"
+            )
+        with _store_errors("CompleteMultipartUpload"):
+            self.client.complete_multipart_upload(
+                **obj, UploadId=ref.multipart_id, MultipartUpload={"Parts": sorted(parts, key=lambda p: p["PartNumber"])}
+            )
+
+    @contextlib.contextmanager
+    def open_staged(self, ref: UploadRef) -> Iterator[StagedBlob]:
+        token_prefix = ""
+        obj = self._get_if_exists(self._upload_key(ref))
+        if obj is None and not ref.multipart_id:
+            # Copied to its blob key by a `complete` that died before its commit: verified again there.
+            obj, token_prefix = self._get_if_exists(self.blob_key(ref.digest)), _PROMOTED
+        if obj is None:
+            raise ConflictError(f"no bytes were received for upload {ref.upload_id}; send them before completing")
+        body = _GuardedBody(obj["Body"], "GetObject")
+        try:
+            yield StagedBlob(stream=body, size=int(obj["ContentLength"]), token=token_prefix + obj["ETag"])
+        finally:
+            body.close()
+
+    def _get_if_exists(self, key: str) -> dict | None:
+        try:
+            return self.client.get_object(**self._object(key))
+        except ClientError as exc:
+            if _code(exc) in _NOT_FOUND:
+                return None
+            raise BlobStoreError(f"S3 GetObject failed: {_code(exc)}") from None
+        except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BlobStoreError(f"S3 GetObject failed: {exc}") from None
+
+    def promote(self, ref: UploadRef, token: str) -> str:
+        if ref.multipart_id:
+            return self._upload_key(ref)  # already at its final key, and immutable
+        if token.startswith(_PROMOTED):
+            return self.blob_key(ref.digest)  # copied there before a crash, and verified again now
+        source = self._object(self.staging_key(ref.upload_id))
+        key = self.blob_key(ref.digest)
+        # CopySourceIfMatch: copy exactly the object that was verified, not a later re-PUT.
+        with _store_errors("CopyObject"):
+            self.client.copy_object(CopySource=source, **self._object(key), CopySourceIfMatch=token)
+            self.client.delete_object(**source)
+        return key
+
+    def discard(self, ref: UploadRef) -> None:
+        obj = self._object(self._upload_key(ref))
+        with _store_errors("cleanup of an upload"):
+            if ref.multipart_id:
+                try:
+                    self.client.abort_multipart_upload(**obj, UploadId=ref.multipart_id)
+                except ClientError as exc:
+                    if _code(exc) not in _NOT_FOUND:
+                        raise
+            self.client.delete_object(**obj)
+
+    def list_staging(self) -> Iterator[StoredObject]:
+        for key, modified in self._list("uploads/"):
+            yield StoredObject(key=key.rsplit("/", 1)[-1], modified=modified)
+        with _store_errors("ListMultipartUploads"):
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.prefix + "blobs/")
+            for page in pages:
+                for up in page.get("Uploads", []):
+                    yield StoredObject(key=up["Key"].rsplit(".", 1)[-1], modified=up["Initiated"])
+
+    def sweep_staging(self, *, live_upload_ids: set[str], older_than: dt.datetime) -> int:
+        removed = 0
+        for key, modified in self._list("uploads/"):
+            if key.rsplit("/", 1)[-1] not in live_upload_ids and modified < older_than:
+                self.delete(key)
+                removed += 1
+        # multipart uploads never completed hold parts that no object listing shows
+        with _store_errors("ListMultipartUploads"):
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.prefix + "blobs/")
+            for page in pages:
+                for up in page.get("Uploads", []):
+                    upload_id = up["Key"].rsplit(".", 1)[-1]
+                    if upload_id not in live_upload_ids and up["Initiated"] < older_than:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                        removed += 1
+        return removed
+
+    # --- blobs -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def open_blob(self, key: str) -> Iterator[IO[bytes]]:
+        with _store_errors("GetObject"):
+            body = _GuardedBody(self.client.get_object(**self._object(key))["Body"], "GetObject")
+        try:
+            yield body
+        finally:
+            body.close()
+
+    def download(self, key: str, *, filename: str) -> Download:
+        return Download(url=self._presign("get_object", key))
+
+    def delete(self, key: str) -> None:
+        with _store_errors("DeleteObject"):
+            self.client.delete_object(**self._object(key))
+
+    def _list(self, sub: str) -> Iterator[tuple[str, dt.datetime]]:
+        with _store_errors("ListObjectsV2"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + sub):
+                for obj in page.get("Contents", []):
+                    yield obj["Key"][len(self.prefix):], obj["LastModified"]
+
+    def list_blobs(self) -> Iterator[StoredObject]:
+        for key, modified in self._list("blobs/sha256/"):
+            if _BLOB_NAME.fullmatch(key.rsplit("/", 1)[-1]):
+                yield StoredObject(key=key, modified=modified)
+
+    def check(self) -> None:
+        with _store_errors(f"HeadBucket {self.bucket}"):
+            self.client.head_bucket(Bucket=self.bucket)

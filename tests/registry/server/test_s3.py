@@ -1,0 +1,122 @@
+"""The S3 blob store against a real S3 endpoint (moto's server on loopback): bytes go client <-> S3
+through presigned URLs, the server verifies and promotes them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+
+import httpx
+import pytest
+
+from registry.server.blobstores import open_blob_store
+from registry.server.db import Database
+from registry.server.gc import collect_garbage
+from registry.server.models import utcnow
+
+from tests.registry.conftest import BACKENDS
+from tests.registry.helpers import error_of, push, setup_repo
+
+
+@pytest.fixture
+def s3_settings(s3_endpoint, s3_bucket):
+    return {"blob_url": f"s3://{s3_bucket}/registry", "s3_endpoint_url": s3_endpoint}
+
+
+def _keys(s3_client, bucket) -> list[str]:
+    return sorted(o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket).get("Contents", []))
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+def test_presigned_single_put_then_presigned_get(make_client, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint):
+    client = make_client(**s3_settings)
+    setup_repo(client, base_fingerprint)
+    a = delta_blobs[0]
+    upload = client.post("/v1/repos/acme/math/uploads", json=a.declaration()).json()
+    assert upload["method"] == "s3-put" and upload["upload_url"].startswith(s3_settings["s3_endpoint_url"])
+    assert httpx.put(upload["upload_url"], content=a.data).status_code == 200
+    assert client.get("/v1/repos/acme/math/versions").json()["items"] == []
+    r = client.post(upload["complete_url"])
+    assert r.status_code == 201 and r.json()["number"] == 1
+    # keys derive from the digest only; the staging object is gone
+    assert _keys(s3_client, s3_bucket) == [f"registry/blobs/sha256/{a.digest.removeprefix('sha256:')}"]
+
+    r = client.get("/v1/repos/acme/math/versions/1/download", follow_redirects=False)
+    assert r.status_code == 307 and r.headers["etag"] == f'"{a.digest}"'
+    got = httpx.get(r.headers["location"])
+    assert got.status_code == 200 and got.content == a.data
+    ranged = httpx.get(r.headers["location"], headers={"Range": "bytes=0-99"})
+    assert ranged.status_code == 206 and ranged.content == a.data[:100]
+
+
+def test_multipart_upload_with_tiny_parts(make_client, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint):
+    a = delta_blobs[1]
+    part_size = a.size // 3 + 1
+    client = make_client(**s3_settings, multipart_threshold=1024, multipart_part_size=part_size)
+    setup_repo(client, base_fingerprint)
+    upload = client.post("/v1/repos/acme/math/uploads", json=a.declaration()).json()
+    assert upload["method"] == "s3-multipart" and upload["part_size"] == part_size
+    parts = upload["parts"]
+    assert [p["number"] for p in parts] == [1, 2, 3]
+    assert sum(p["size"] for p in parts) == a.size and parts[1]["offset"] == part_size
+
+    # completing with a part missing is refused and can be retried
+    for p in parts[:2]:
+        assert httpx.put(p["url"], content=a.data[p["offset"] : p["offset"] + p["size"]]).status_code == 200
+    r = client.post(upload["complete_url"])
+    assert r.status_code == 409 and "3" in error_of(r)["message"]
+    p = parts[2]
+    assert httpx.put(p["url"], content=a.data[p["offset"] : p["offset"] + p["size"]]).status_code == 200
+    r = client.post(upload["complete_url"])
+    assert r.status_code == 201, r.text
+    # the multipart object is the blob itself (no copy); its key derives from digest and upload id
+    assert _keys(s3_client, s3_bucket) == [f"registry/blobs/sha256/{a.digest.removeprefix('sha256:')}.{upload['id']}"]
+    body = httpx.get(client.get("/v1/repos/acme/math/versions/latest/download", follow_redirects=False).headers["location"]).content
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == a.digest
+    assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
+def test_s3_mismatch_and_dedup(make_client, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint):
+    client = make_client(**s3_settings)
+    setup_repo(client, base_fingerprint)
+    a, b = delta_blobs[:2]
+    r = push(client, a, data=b.data)  # the bytes of another delta under a's declaration
+    assert r.status_code == 422 and error_of(r)["code"] == "digest_mismatch"
+    assert client.get("/v1/repos/acme/math/versions").json()["items"] == []
+    assert _keys(s3_client, s3_bucket) == []
+    assert push(client, a).status_code == 201
+    again = client.post("/v1/repos/acme/math/uploads", json=a.declaration()).json()
+    assert again["exists"] is True
+    assert client.post(again["complete_url"]).json()["number"] == 2
+    assert len(_keys(s3_client, s3_bucket)) == 1
+
+
+def test_gc_aborts_interrupted_multipart_uploads(make_client, make_settings, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint):
+    a = delta_blobs[2]
+    client = make_client(**s3_settings, multipart_threshold=1024, multipart_part_size=a.size // 3 + 1)
+    setup_repo(client, base_fingerprint)
+    upload = client.post("/v1/repos/acme/math/uploads", json=a.declaration()).json()
+    p = upload["parts"][0]
+    assert httpx.put(p["url"], content=a.data[: p["size"]]).status_code == 200  # then the client dies
+    assert len(s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])) == 1
+    assert client.get("/v1/repos/acme/math/versions").json()["items"] == []
+
+    settings = make_settings(**s3_settings)
+    db = Database.from_url(settings.resolved_database_url)
+    later = utcnow() + dt.timedelta(seconds=settings.upload_ttl_seconds + 60)
+    report = collect_garbage(db=db, store=open_blob_store(settings), settings=settings, now=later)
+    db.dispose()
+    assert report.stale_uploads == 1
+    assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    assert _keys(s3_client, s3_bucket) == []
+    assert client.post(upload["complete_url"]).status_code == 404
+
+
+def test_readyz_reports_an_unreachable_bucket(make_client, s3_settings, s3_client, s3_bucket):
+    client = make_client(**s3_settings)
+    assert client.get("/readyz").status_code == 200
+    s3_client.delete_bucket(Bucket=s3_bucket)
+    r = client.get("/readyz")
+    assert r.status_code == 503
+    assert r.json()["checks"]["database"] == "ok" and r.json()["checks"]["blob_store"].startswith("error")
+    assert error_of(r)["code"] == "not_ready"
