@@ -57,7 +57,7 @@ class Settings(BaseSettings):
 
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'registry.server.db'}"
+        return self.database_url or f"sqlite:///{self.data_dir / 'registry.db'}"
 
     @property
     def resolved_blob_url(self) -> str:

@@ -52,7 +52,7 @@ def test_serve_embedded_default_then_gc(tmp_path, delta_blobs, base_fingerprint)
     finally:
         proc.terminate()
         proc.wait(timeout=20)
-    assert (data_dir / "registry.server.db").is_file()
+    assert (data_dir / "registry.db").is_file()
 
     runner = CliRunner()
     env = {"DELTASTORE_GC_GRACE_SECONDS": "0"}

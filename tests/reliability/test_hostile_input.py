@@ -90,7 +90,7 @@ def test_hostile_path_segments_are_refused_and_touch_nothing(live_server, make_s
                 assert set(json.loads(payload)) >= {"error"}, payload[:300]
     # the data directory holds only the store's own layout, and nothing appeared beside it
     assert _tree(data_dir) == before
-    assert all(BLOB_LAYOUT.fullmatch(p) or p.startswith("registry.server.db") for p in _tree(data_dir)), _tree(data_dir)
+    assert all(BLOB_LAYOUT.fullmatch(p) or p.startswith("registry.db") for p in _tree(data_dir)), _tree(data_dir)
     assert {p for p in os.listdir(outside)} == before_outside
     assert len(seen) == len(TEMPLATES) * len(HOSTILE)
 

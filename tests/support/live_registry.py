@@ -45,7 +45,7 @@ def fresh_database(backend: str, *, sqlite_dir: str | os.PathLike[str], admin_ur
     """The URL of a new, empty database: `sqlite_dir`/registry.db, or on the PostgreSQL server of
     `admin_url` a database named `<prefix>_<random>`, dropped (connections and all) on exit."""
     if backend == "sqlite":
-        yield f"sqlite:///{Path(sqlite_dir) / 'registry.server.db'}"
+        yield f"sqlite:///{Path(sqlite_dir) / 'registry.db'}"
         return
     if backend != "postgres" or not admin_url:
         raise ValueError(f"no database for backend {backend!r} (PostgreSQL needs an admin URL)")
@@ -66,7 +66,7 @@ def fresh_database(backend: str, *, sqlite_dir: str | os.PathLike[str], admin_ur
 
 def migrate(database_url: str) -> str:
     """Bring the database at `database_url` to the migrations' head; returns the URL."""
-    from registry.server.db import Database
+    from registry.db import Database
     from registry.server.migrate import upgrade
 
     db = Database.from_url(database_url)
