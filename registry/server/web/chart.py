@@ -36,8 +36,9 @@ class Chart:
 
 
 def _nice_ticks(lo: float, hi: float, count: int = 4) -> list[float]:
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0)
+    if hi <= lo:  # one value: a band around it
+        pad = abs(lo) * 0.1 or 1.0
+        lo, hi = lo - pad, hi + pad
     step = 10 ** math.floor(math.log10((hi - lo) / count))
     for mult in (1, 2, 2.5, 5, 10):
         if (hi - lo) / (step * mult) <= count:
@@ -80,14 +81,15 @@ def _series(
 def build_chart(
     series: list[tuple[int, float | None, dict | None]], *, total: int, max_dots: int = 60
 ) -> Chart | None:
-    """The chart of (number, size ratio, fidelity) rows, oldest first; None when nothing to draw."""
-    if not series:
+    """The chart of (number, size ratio, fidelity) rows, oldest first; None when there is no trend
+    to draw (fewer than two versions, or no figures)."""
+    if len(series) < 2:
         return None
     numbers = [n for n, _, _ in series]
     first, last = numbers[0], numbers[-1]
-    span = max(last - first, 1)
+    span = last - first
     plot_w = WIDTH - LEFT - RIGHT
-    xs = [LEFT + (n - first) / span * plot_w if last > first else LEFT + plot_w / 2 for n in numbers]
+    xs = [LEFT + (n - first) / span * plot_w for n in numbers]
     bottom_y, top_y = HEIGHT - BOTTOM, TOP
     ratio = _series(
         "size ratio",
@@ -109,12 +111,16 @@ def build_chart(
     if ratio is None and fidelity is None:
         return None
     x_ticks = [
-        (LEFT + (t - first) / span * plot_w if last > first else LEFT + plot_w / 2, f"v{int(t)}")
+        (LEFT + (t - first) / span * plot_w, f"v{int(t)}")
         for t in _nice_ticks(first, last, 6)
         if first <= t <= last and float(t).is_integer()
     ]
-    if not x_ticks or x_ticks[0][1] != f"v{first}":
-        x_ticks.insert(0, (xs[0], f"v{first}"))
+    # the first and newest versions are always labelled; round ticks too close to them are dropped
+    x_ticks = (
+        [(xs[0], f"v{first}")]
+        + [(x, t) for x, t in x_ticks if xs[0] + 40 < x < xs[-1] - 40]
+        + [(xs[-1], f"v{last}")]
+    )
     notes = [f"the newest {len(series)} of {total} versions"] if total > len(series) else []
     return Chart(WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM, x_ticks, ratio, fidelity, len(series), notes)
 

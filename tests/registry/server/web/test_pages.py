@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from .catalog import HOSTILE, LLAMA, QWEN, fill_catalog
+from .catalog import HOSTILE, LLAMA, QWEN, delta, fill_catalog, push
 from .conftest import BROWSER, text_of
 
 
@@ -189,3 +189,13 @@ def test_qwen_base_page_and_unknown_base(catalog_client):
     assert "base model &#39;org/none&#39; is not registered" in page(
         catalog_client, "/bases/org/none", status=404
     )
+
+
+def test_version_page_survives_a_blob_store_that_lost_the_bytes(catalog_client, data_dir):
+    push(catalog_client, "acme/empty", delta(LLAMA, 99))  # bytes no earlier page has summarized
+    for blob in (data_dir / "blobs").rglob("*"):
+        if blob.is_file():
+            blob.unlink()
+    html = page(catalog_client, "/acme/empty@1")
+    assert "The per-tensor summary is unavailable" in html
+    assert "bitdelta · 1 plane · per-matrix" in html  # the index's record is still shown
