@@ -35,10 +35,10 @@ def short_digest(digest: str | None, length: int = 12) -> str:
     return digest.removeprefix("sha256:")[:length]
 
 
-def when(stamp: dt.datetime | None) -> str:
+def when(stamp: dt.datetime | None, zone: bool = True) -> str:
     if stamp is None:
         return "–"
-    return stamp.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return stamp.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M" + (" UTC" if zone else ""))
 
 
 def ratio(value: float | None) -> str:

@@ -5,6 +5,7 @@ into $DELTASTORE_WEB_SCREENSHOTS when set)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -55,7 +56,7 @@ def browser():
         "--no-sandbox",
         "--disable-gpu",
         "--disable-dev-shm-usage",
-        "--window-size=1280,900",
+        "--window-size=1440,900",
         "--no-first-run",
         "--disable-background-networking",
         "--disable-component-update",
@@ -96,14 +97,12 @@ def visit(driver, server, path: str, shots: Path, name: str, *, ready: str = "h1
     driver.get(server.url + path)
     WebDriverWait(driver, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, ready))
     time.sleep(0.2)  # late requests (fonts, icons) reach the log
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1280, min(max(height, 700), 3000))
     shots.mkdir(parents=True, exist_ok=True)
-    driver.save_screenshot(str(shots / f"{name}.png"))
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+    (shots / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))  # the whole page, not the window
     if keep := os.environ.get("DELTASTORE_WEB_SCREENSHOTS"):  # to look at them, or refresh docs/img
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(shots / f"{name}.png", Path(keep) / f"{name}.png")
-    driver.set_window_size(1280, 900)
     off_host = [u for u in requested_urls(driver) if not u.startswith((server.url + "/", "data:"))]
     assert not off_host, f"{path} asked for {off_host}"
     problems = [
