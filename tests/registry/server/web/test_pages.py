@@ -8,6 +8,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
+from tests.registry.conftest import BACKENDS
+
 from .catalog import HOSTILE, LLAMA, QWEN, delta, fill_catalog, push
 from .conftest import BROWSER, text_of
 
@@ -38,6 +40,7 @@ def test_base_and_repository_without_content_have_empty_states(client):
 
 
 # --- full registry ---------------------------------------------------------------------------
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 def test_index_lists_bases_with_their_repository_counts(catalog_client):
     text = text_of(page(catalog_client, "/"))
     assert "org/llama-tiny LlamaForCausalLM 1.1B 1a1a1a1a1a1a 4" in text  # acme/math, code, empty, lab/secret
@@ -84,6 +87,7 @@ def test_repository_page_shows_versions_commands_and_chart(catalog_client):
     assert "gain kept (right axis)" in html
 
 
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 def test_version_page_shows_metadata_calibration_tensors_and_download(catalog_client):
     html = page(catalog_client, "/acme/math@3")
     text = text_of(html)
@@ -140,6 +144,7 @@ def _walk(client, path: str) -> list[list[str]]:
     return pages
 
 
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 @pytest.mark.parametrize("sort", ["name", "updated", "size", "ratio", "created"])
 def test_base_page_pages_through_every_repository_once_in_sort_order(make_client, sort):
     client = make_client(page_size=2)
@@ -163,6 +168,7 @@ def test_base_page_pages_through_every_repository_once_in_sort_order(make_client
         assert names == ["acme/math", "acme/code", "lab/secret", "acme/empty"]  # creation order
 
 
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 def test_repository_page_pages_through_versions_with_the_api_cursor(make_client):
     client = make_client(page_size=3)
     fill_catalog(client)
