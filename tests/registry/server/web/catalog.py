@@ -26,6 +26,7 @@ def delta(
     per_row: bool = False,
     fidelity: dict | None = None,
     calibration: dict | None = None,
+    hf_config: dict | None = None,
     rows: int = 32,
     dense: bool = True,
 ) -> bytes:
@@ -61,6 +62,8 @@ def delta(
         meta["fidelity"] = json.dumps(fidelity)
     if calibration is not None:
         meta["calibration"] = json.dumps(calibration)
+    if hf_config is not None:
+        meta["x-hf-config"] = json.dumps(hf_config, sort_keys=True)
     return encode(tensors, meta)
 
 
@@ -143,4 +146,10 @@ def fill_catalog(client, *, headers: dict | None = None) -> None:
         description=HOSTILE,
     )
     push(client, "lab/secret", delta(LLAMA, 20), headers=headers)
-    push(client, "qwen-fans/chat", delta(QWEN, 30, fidelity=fidelity(2)), headers=headers)
+    config = {
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "num_hidden_layers": 24,
+        "architectures": ["Qwen2ForCausalLM"],
+    }
+    push(client, "qwen-fans/chat", delta(QWEN, 30, fidelity=fidelity(2), hf_config=config), headers=headers)

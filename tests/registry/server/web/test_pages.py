@@ -27,7 +27,8 @@ def test_empty_registry_says_how_to_add_a_base(client):
     assert "No base models yet" in html
     assert "deltactl base add org/base ./base-checkpoint" in html
     assert "No repositories yet" in page(client, "/search")
-    assert "Log in" in page(client, "/login")
+    login = page(client, "/login")
+    assert "This registry runs without authentication" in login and 'name="token"' not in login
 
 
 def test_base_and_repository_without_content_have_empty_states(client):
@@ -188,6 +189,13 @@ def test_repository_page_pages_through_versions_with_the_api_cursor(make_client)
 def test_bad_sort_or_cursor_is_a_400_page(catalog_client, query):
     html = page(catalog_client, f"/bases/org/llama-tiny?{query}", status=400)
     assert "Bad request" in html and ("unknown sort" in html or "invalid cursor" in html)
+
+
+def test_version_page_shows_the_fine_tunes_config(catalog_client):
+    text = text_of(page(catalog_client, "/qwen-fans/chat@1"))
+    assert "Fine-tune's config.json (4 keys)" in text
+    assert "hidden_size 896" in text and 'architectures ["Qwen2ForCausalLM"]' in text.replace("&#34;", '"')
+    assert "x-hf-config" not in text  # shown as the table above, not as a JSON string
 
 
 def test_qwen_base_page_and_unknown_base(catalog_client):
