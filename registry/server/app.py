@@ -31,7 +31,7 @@ from registry.server.uploads import PushService
 from registry.server.migrate import check_schema, running_schema_error
 from registry.server.schemas import ErrorBody
 from registry.server.settings import Settings
-from registry.server.web import html_error, mount_web
+from registry.server.web import html_error, mount_web, web_router
 
 log = logging.getLogger("deltastore.registry")
 _HTTP_CODES = {400: "invalid_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
@@ -89,7 +89,7 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 def _allowed_methods(request: Request) -> list[str]:
     methods: set[str] = set()
-    for router in ROUTERS:  # their routes carry the full path (routers are included without a prefix)
+    for router in (*ROUTERS, web_router):  # their routes carry the full path (included without a prefix)
         for route in router.routes:
             if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
                 methods |= route.methods

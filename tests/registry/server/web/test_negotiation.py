@@ -93,3 +93,11 @@ def test_api_docs_load_only_local_assets(client, path):
 def test_openapi_document_holds_only_the_api(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert all(p.startswith("/v1/") or p in ("/healthz", "/readyz") for p in paths), sorted(paths)
+
+
+def test_a_page_path_names_its_methods(client):
+    r = client.post("/acme/math")
+    assert (r.status_code, r.headers["allow"]) == (405, "GET")
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    page = client.post("/acme/math", headers=BROWSER)
+    assert page.status_code == 405 and "Method not allowed" in page.text
