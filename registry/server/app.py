@@ -75,7 +75,8 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return error_response(422, "invalid_request", "; ".join(parts))
+    message = "; ".join(parts)
+    return html_error(request, 422, message) or error_response(422, "invalid_request", message)
 
 
 def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

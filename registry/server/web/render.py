@@ -123,7 +123,13 @@ def html_error(request: Request, status: int, message: str) -> HTMLResponse | No
         if request.cookies.get("deltastore_token"):
             clear_token_cookie(response)  # the saved token was refused: forget it
         return response
-    titles = {400: "Bad request", 403: "Not allowed", 404: "Not found", 405: "Method not allowed"}
+    titles = {
+        400: "Bad request",
+        403: "Not allowed",
+        404: "Not found",
+        405: "Method not allowed",
+        422: "Bad request",
+    }
     return render(
         request,
         "error.html",

@@ -101,3 +101,12 @@ def test_a_page_path_names_its_methods(client):
     assert r.json()["error"]["code"] == "method_not_allowed"
     page = client.post("/acme/math", headers=BROWSER)
     assert page.status_code == 405 and "Method not allowed" in page.text
+
+
+def test_invalid_query_is_a_page_for_browsers_and_json_for_clients(client):
+    too_long = "x" * 65
+    page = client.get(f"/search?q={too_long}", headers=BROWSER)
+    assert page.status_code == 422 and "Bad request" in page.text and "at most 64 characters" in page.text
+    api = client.get(f"/search?q={too_long}")
+    assert api.status_code == 422 and api.json()["error"]["code"] == "invalid_request"
+    assert client.get(f"/v1/repos?q={too_long}", headers=BROWSER).json()["error"]["code"] == "invalid_request"
