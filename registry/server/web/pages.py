@@ -18,6 +18,7 @@ from registry.common.errors import AuthenticationError, RegistryError
 from registry.server import crud
 from registry.server.api import versions as versions_api
 from registry.server.api.views import repos_out, require_read, versions_out, visible_namespaces
+from registry.server.auth import authenticate
 from registry.server.deps import Cursor, RepoName, StateDep
 from registry.server.web import present, queries
 from registry.server.web.chart import build_chart
@@ -139,21 +140,8 @@ def _latest_fidelity(session, repos) -> dict[str, dict | None]:
 
 
 def _tags_of(session, repos) -> dict[str, list[tuple[str, int]]]:
-    """Tag names and the version each points at, per repository (one query)."""
-    from sqlalchemy import select
-
-    from registry.server.models import Tag, Version
-
-    out: dict[int, list[tuple[str, int]]] = {}
-    if repos:
-        for repo_id, name, number in session.execute(
-            select(Tag.repository_id, Tag.name, Version.number)
-            .join(Version, Version.id == Tag.version_id)
-            .where(Tag.repository_id.in_([r.id for r in repos]))
-            .order_by(Tag.name)
-        ):
-            out.setdefault(repo_id, []).append((name, number))
-    return {r.full_name: out.get(r.id, []) for r in repos}
+    by_id = queries.tags_by_repo(session, repo_ids=[r.id for r in repos])
+    return {r.full_name: by_id.get(r.id, []) for r in repos}
 
 
 # --- repositories and versions ---------------------------------------------------------------
@@ -283,8 +271,6 @@ def login(
         if not token:
             raise AuthenticationError("enter a token")
         with state.db.read() as session:
-            from registry.server.auth import authenticate
-
             authenticate(session, state.settings, f"Bearer {token}")
     except AuthenticationError as exc:
         return render(request, "login.html", {"next": target, "error": str(exc)}, status=401)

@@ -115,6 +115,20 @@ def _repo_cursor(value: Any, sort: str) -> tuple[Any, int]:
     return key, value[1]
 
 
+def tags_by_repo(session: Session, *, repo_ids: Sequence[int]) -> dict[int, list[tuple[str, int]]]:
+    """(tag, version number) pairs by name, per repository id (one query)."""
+    out: dict[int, list[tuple[str, int]]] = {}
+    if repo_ids:
+        for repo_id, name, number in session.execute(
+            select(Tag.repository_id, Tag.name, Version.number)
+            .join(Version, Version.id == Tag.version_id)
+            .where(Tag.repository_id.in_(list(repo_ids)))
+            .order_by(Tag.name)
+        ):
+            out.setdefault(repo_id, []).append((name, number))
+    return out
+
+
 def version_series(
     session: Session, *, repo: Repository, limit: int
 ) -> list[tuple[int, float | None, dict | None]]:
