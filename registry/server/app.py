@@ -31,6 +31,7 @@ from registry.server.uploads import PushService
 from registry.server.migrate import check_schema, running_schema_error
 from registry.server.schemas import ErrorBody
 from registry.server.settings import Settings
+from registry.server.web import html_error, mount_web, web_router
 
 log = logging.getLogger("deltastore.registry")
 _HTTP_CODES = {400: "invalid_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
@@ -65,7 +66,8 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
 
 def _registry_error(request: Request, exc: RegistryError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return error_response(exc.status, exc.code, str(exc), headers)
+    page = html_error(request, exc.status, str(exc))  # a browser outside /v1 gets a page, API clients JSON
+    return page or error_response(exc.status, exc.code, str(exc), headers)
 
 
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -73,19 +75,22 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return error_response(422, "invalid_request", "; ".join(parts))
+    message = "; ".join(parts)
+    return html_error(request, 422, message) or error_response(422, "invalid_request", message)
 
 
 def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     headers = exc.headers
     if exc.status_code == 405:  # Starlette names only the first route's methods; list every one of the path
         headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+    if exc.status_code in (404, 405) and (page := html_error(request, exc.status_code, str(exc.detail))):
+        return page
     return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail), headers)
 
 
 def _allowed_methods(request: Request) -> list[str]:
     methods: set[str] = set()
-    for router in ROUTERS:  # their routes carry the full path (routers are included without a prefix)
+    for router in (*ROUTERS, web_router):  # their routes carry the full path (included without a prefix)
         for route in router.routes:
             if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
                 methods |= route.methods
@@ -164,6 +169,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Index and storage of 1-bit compressed deltas of fine-tuned LLMs, per base model.",
         lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # served offline by the web pages (no CDN)
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -177,6 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, _unexpected_error)
     for router in ROUTERS:
         app.include_router(router, responses=None if "health" in router.tags else ERROR_RESPONSES)
+    mount_web(app)  # after the API: /v1 paths match the API's routes first
     _document_limits(app, settings)
     return app
 
