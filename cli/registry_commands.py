@@ -448,16 +448,18 @@ def rm_cmd(
             repo = api.repo(parsed.repo)
             what = f"repository {repo.full_name} with all its versions (latest v{repo.latest_version or 0}) and tags"
         else:
-            api.version(parsed)  # fails with 'not found' before asking
-            what = f"{parsed}"
+            tags = [t for t in api.version(parsed).tags if t != "latest"]  # fails with 'not found' before asking
+            what = f"{parsed}" + (f" and its tag(s) {', '.join(tags)}" if tags else "")
         if not yes and not typer.confirm(f"Delete {what}?", default=False, err=True):
             exit_codes.fail("nothing deleted", exit_codes.EXIT_ERROR)
+        removed: list[str] = []
         if parsed.version is None:
             api.delete_repo(parsed.repo)
         else:
-            api.delete_version(parsed.repo, parsed.version)
+            removed = api.delete_version(parsed.repo, parsed.version)
+            what = f"{parsed}" + (f" and its tag(s) {', '.join(removed)}" if removed else "")
     if as_json:
-        emit_json({"deleted": str(parsed)})
+        emit_json({"deleted": str(parsed), **({"removed_tags": removed} if parsed.version is not None else {})})
     else:
         _line(f"deleted {what}")
 

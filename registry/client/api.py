@@ -526,9 +526,11 @@ class RegistryApi:
         ref = parse_ref(ref) if isinstance(ref, str) else ref
         return _build(VersionInfo, self._request("GET", f"/v1/repos/{ref.repo}/versions/{ref.api_ref}").json())
 
-    def delete_version(self, repo: str, number: int) -> None:
+    def delete_version(self, repo: str, number: int) -> list[str]:
+        """Delete version `number`; returns the tags that pointed at it, which went with it."""
         namespace, name = names.parse_repo_name(repo)
-        self._request("DELETE", f"/v1/repos/{namespace}/{name}/versions/{number}")
+        r = self._request("DELETE", f"/v1/repos/{namespace}/{name}/versions/{number}")
+        return r.json()["removed_tags"] if r.status_code == 200 else []  # 204: a registry that does not say
 
     def tags(self, repo: str) -> list[TagInfo]:
         namespace, name = names.parse_repo_name(repo)

@@ -202,24 +202,34 @@ def tags_by_version(session: Session, *, version_ids: Sequence[int]) -> dict[int
     return out
 
 
-def delete_version(session: Session, *, repo: Repository, number: int, actor: str) -> None:
+def delete_version(session: Session, *, repo: Repository, number: int, actor: str) -> tuple[list[str], int | None]:
+    """Delete version `number` and the tags that point at it; `latest` moves back to the newest
+    remaining version. Returns the removed tags (`latest` is not one: it moves) and the number
+    `latest` points at now (None when no version remains)."""
     lock_repo(session, repo_id=repo.id)
     version = get_version(session, repo=repo, ref=number)
+    removed = list(session.scalars(
+        select(Tag.name).where(Tag.version_id == version.id, Tag.name != LATEST).order_by(Tag.name)
+    ))
     session.execute(delete(Tag).where(Tag.version_id == version.id))
     session.execute(delete(Version).where(Version.id == version.id))
-    _point_latest_at_newest(session, repo_id=repo.id, actor=actor)
-    record_event(session, actor=actor, action="delete_version", target=repo.full_name, detail={"version": number})
+    latest = _point_latest_at_newest(session, repo_id=repo.id, actor=actor)
+    record_event(session, actor=actor, action="delete_version", target=repo.full_name,
+                 detail={"version": number, "removed_tags": removed})
+    return removed, latest
 
 
-def _point_latest_at_newest(session: Session, *, repo_id: int, actor: str) -> None:
-    newest = session.scalar(
-        select(Version.id).where(Version.repository_id == repo_id, Version.state == READY)
+def _point_latest_at_newest(session: Session, *, repo_id: int, actor: str) -> int | None:
+    """Move `latest` to the newest ready version; returns its number (None: no version left)."""
+    newest = session.execute(
+        select(Version.id, Version.number).where(Version.repository_id == repo_id, Version.state == READY)
         .order_by(Version.number.desc()).limit(1)
-    )
+    ).first()
     if newest is None:
         session.execute(delete(Tag).where(Tag.repository_id == repo_id, Tag.name == LATEST))
-    else:
-        _upsert_tag(session, repo_id=repo_id, name=LATEST, version_id=newest, actor=actor)
+        return None
+    _upsert_tag(session, repo_id=repo_id, name=LATEST, version_id=newest.id, actor=actor)
+    return newest.number
 
 
 # --- tags ------------------------------------------------------------------------------------

@@ -171,6 +171,13 @@ class VersionOut(Schema):
     download_url: str
 
 
+class VersionDeleted(Schema):
+    repository: str
+    number: int = Field(description="The version deleted.")
+    removed_tags: list[str] = Field(description="The tags that pointed at it, removed with it (`latest` moves instead).")
+    latest: int | None = Field(description="The version `latest` points at now; null when none remains.")
+
+
 # --- tags ------------------------------------------------------------------------------------
 class TagSet(RequestBody):
     version: json_int(ge=1, le=2**31 - 1)

@@ -167,8 +167,10 @@ def test_tag_and_rm(deltas, with_base):
     r = deltactl("rm", "acme/math:stable", "--yes")
     assert r.exit_code == exit_codes.EXIT_INVALID and "by its number" in r.stderr
     r = deltactl("rm", "acme/math@1", input="y\n")
-    assert r.exit_code == 0 and "deleted acme/math@1" in r.stdout
+    assert r.exit_code == 0 and "Delete acme/math@1 and its tag(s) stable?" in r.stderr
+    assert r.stdout.splitlines()[-1] == "deleted acme/math@1 and its tag(s) stable"  # after the echoed answer
     assert [v["number"] for v in deltactl_json("show", "acme/math")["versions"]] == [2]
+    assert deltactl_json("rm", "acme/math@2", "--yes") == {"deleted": "acme/math@2", "removed_tags": []}
     assert deltactl_json("rm", "acme/math", "--yes") == {"deleted": "acme/math"}
     r = deltactl("show", "acme/math")
     assert r.exit_code == exit_codes.EXIT_NOT_FOUND and r.stderr == "error: not found: repository acme/math does not exist\n"

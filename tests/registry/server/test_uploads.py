@@ -193,7 +193,7 @@ def test_gc_removes_unreferenced_blobs_and_stale_uploads(client, delta_blobs, ba
     assert push(client, b).status_code == 201
     pending = client.post("/v1/repos/acme/math/uploads", json=c.declaration()).json()
     send_bytes(client, pending, c.data)  # never completed
-    assert client.delete("/v1/repos/acme/math/versions/1").status_code == 204
+    assert client.delete("/v1/repos/acme/math/versions/1").status_code == 200
     assert client.get("/v1/repos/acme/math/versions/latest").json()["number"] == 2
 
     settings = make_settings()
@@ -208,6 +208,28 @@ def test_gc_removes_unreferenced_blobs_and_stale_uploads(client, delta_blobs, ba
     assert _staging_files(settings) == []
     db.dispose()
     assert client.get("/v1/repos/acme/math/versions/2/download").status_code == 200
+
+
+def test_deleting_a_version_names_the_tags_that_went_with_it(client, delta_blobs, base_fingerprint):
+    setup_repo(client, base_fingerprint)
+    for blob in delta_blobs[:3]:
+        assert push(client, blob).status_code == 201
+    for tag, number in (("prod", 1), ("stable", 1), ("rc", 3)):
+        assert client.put(f"/v1/repos/acme/math/tags/{tag}", json={"version": number}).status_code == 200
+    r = client.delete("/v1/repos/acme/math/versions/1")
+    assert r.status_code == 200
+    assert r.json() == {"repository": "acme/math", "number": 1, "removed_tags": ["prod", "stable"], "latest": 3}
+    assert {t["name"]: t["version"] for t in client.get("/v1/repos/acme/math/tags").json()} == {"latest": 3, "rc": 3}
+    # the newest: latest moves back (it is not one of the removed tags)
+    assert client.delete("/v1/repos/acme/math/versions/3").json() == {
+        "repository": "acme/math", "number": 3, "removed_tags": ["rc"], "latest": 2}
+    assert client.delete("/v1/repos/acme/math/versions/2").json() == {
+        "repository": "acme/math", "number": 2, "removed_tags": [], "latest": None}
+    assert client.get("/v1/repos/acme/math/tags").json() == []
+    events = client.get("/v1/audit", params={"target": "acme/math"}).json()["items"]
+    assert [e["detail"] for e in events if e["action"] == "delete_version"] == [
+        {"version": 2, "removed_tags": []}, {"version": 3, "removed_tags": ["rc"]},
+        {"version": 1, "removed_tags": ["prod", "stable"]}]
 
 
 def test_tags_move_and_resolve(client, delta_blobs, base_fingerprint):
@@ -226,7 +248,7 @@ def test_tags_move_and_resolve(client, delta_blobs, base_fingerprint):
     assert client.delete("/v1/repos/acme/math/tags/prod").status_code == 204
     assert client.get("/v1/repos/acme/math/versions/prod").status_code == 404
     # deleting the newest version moves latest back
-    assert client.delete("/v1/repos/acme/math/versions/3").status_code == 204
+    assert client.delete("/v1/repos/acme/math/versions/3").status_code == 200
     assert client.get("/v1/repos/acme/math/versions/latest").json()["number"] == 2
     # numbers are never reused
     assert push(client, delta_blobs[3]).json()["number"] == 4
