@@ -614,7 +614,7 @@ class RegistryApi:
                         f"`deltactl base add {base_name} PATH` or push with --base-path PATH"
                     ) from None
                 base_info, _ = self.register_base_from_checkpoint(base_name, base_path)
-            _check_fingerprint(repo, base_info.name, base_info.fingerprint, meta)
+            _check_fingerprint(None, base_info.name, base_info.fingerprint, meta)
             try:
                 info, created = self.create_repo(repo, base=base_info.name, description=description, visibility=visibility), True
             except ConflictError:  # a concurrent push created it first
@@ -814,13 +814,19 @@ def _settable_tag(tag: str) -> str:
     return tag
 
 
-def _check_fingerprint(repo: str, base_name: str, fingerprint: str, meta: dict) -> None:
-    if meta["base_fingerprint"] != fingerprint:
-        raise BaseMismatchError(
-            f"{repo} holds deltas of base {base_name!r} (fingerprint {fingerprint}), but this delta was made "
-            f"for base {meta['base_model']!r} (fingerprint {meta['base_fingerprint']})",
-            expected=fingerprint, actual=meta["base_fingerprint"],
-        )
+def _check_fingerprint(repo: str | None, base_name: str, fingerprint: str, meta: dict) -> None:
+    """The delta must be of the base `base_name` as registered: that of the existing repository
+    `repo`, or (repo None: about to be created) the one the push names."""
+    if meta["base_fingerprint"] == fingerprint:
+        return
+    held = (f"{repo} holds deltas of base {base_name!r}" if repo else f"base {base_name!r} is registered")
+    made_for = ("another checkpoint of that name" if meta["base_model"] == base_name
+                else f"base {meta['base_model']!r}")
+    raise BaseMismatchError(
+        f"{held} with fingerprint {fingerprint}, but this delta was made for {made_for} "
+        f"(fingerprint {meta['base_fingerprint']})",
+        expected=fingerprint, actual=meta["base_fingerprint"],
+    )
 
 
 def _copy_out(blob: Path, output: Path, version: VersionInfo) -> Path:

@@ -188,9 +188,10 @@ class PushService:
 def _check_base(header: Header, repo: Repository) -> None:
     meta, base = header.metadata, repo.base_model
     if meta["base_fingerprint"] != base.fingerprint:
+        made_for = "another checkpoint of that name" if meta["base_model"] == base.name else f"base {meta['base_model']!r}"
         raise BaseMismatchUploadError(
             f"{repo.full_name} holds deltas of base {base.name!r} (fingerprint {base.fingerprint}); "
-            f"this upload was made for base {meta['base_model']!r} (fingerprint {meta['base_fingerprint']})"
+            f"this upload was made for {made_for} (fingerprint {meta['base_fingerprint']})"
         )
 
 

@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from cli import errors as exit_codes
+from codec.format import DeltaFile
 from registry.client.api import RegistryApi
 
 from .registry_fixtures import (  # noqa: F401  (fixtures)
@@ -125,8 +126,17 @@ def test_push_checks_the_file_and_the_base_before_uploading(deltas, registry, tm
     assert r.exit_code == 0, r.output
     assert deltactl_json("base", "ls")[0]["name"] == BASE
 
+    registered = deltactl_json("base", "ls")[0]["fingerprint"]
+    foreign = DeltaFile.open(deltas.foreign).metadata["base_fingerprint"]
     r = deltactl("push", deltas.foreign, "acme/math")  # same base name, other weights
-    assert r.exit_code == exit_codes.EXIT_BASE_MISMATCH and "error: base mismatch: acme/math holds deltas of base" in r.stderr
+    assert r.exit_code == exit_codes.EXIT_BASE_MISMATCH
+    assert r.stderr == (f"error: base mismatch: acme/math holds deltas of base '{BASE}' with fingerprint {registered}, "
+                        f"but this delta was made for another checkpoint of that name (fingerprint {foreign})\n")
+    r = deltactl("push", deltas.foreign, "acme/other-ft")  # a repository to create: only the base is named
+    assert r.exit_code == exit_codes.EXIT_BASE_MISMATCH
+    assert r.stderr == (f"error: base mismatch: base '{BASE}' is registered with fingerprint {registered}, "
+                        f"but this delta was made for another checkpoint of that name (fingerprint {foreign})\n")
+    assert deltactl("show", "acme/other-ft").exit_code == exit_codes.EXIT_NOT_FOUND
     r = deltactl("push", deltas.plain, "acme/math", "--tag", "latest")
     assert r.exit_code == exit_codes.EXIT_INVALID and "maintained by the registry" in r.stderr
     assert [v["number"] for v in deltactl_json("show", "acme/math")["versions"]] == [1]

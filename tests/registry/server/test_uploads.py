@@ -95,6 +95,16 @@ def test_dedup_declaration_must_match_the_stored_blob(client, delta_blobs, base_
     assert r.status_code == 422 and error_of(r)["code"] == "digest_mismatch"
 
 
+def test_a_delta_of_another_checkpoint_under_the_same_base_name_is_refused_saying_so(client, delta_blobs):
+    other = "sha256:" + "ab" * 32
+    setup_repo(client, other, "acme/math")  # the delta's own base name, other weights
+    r = push(client, delta_blobs[0])
+    assert r.status_code == 409
+    assert error_of(r) == {"code": "base_mismatch", "message": (
+        f"acme/math holds deltas of base {BASE_NAME!r} (fingerprint {other}); this upload was made for another "
+        f"checkpoint of that name (fingerprint {delta_blobs[0].base_fingerprint})")}
+
+
 def test_wrong_base_is_refused_naming_the_expected_base(client, delta_blobs, make_settings):
     setup_repo(client, "sha256:" + "ab" * 32, "acme/math", base="org/other-base")
     r = push(client, delta_blobs[0])
