@@ -513,6 +513,29 @@ def base_ls_cmd(registry: Registry = None, as_json: Json = False) -> None:
     out.print(table)
 
 
+@base_app.command("rm")
+@handle_errors
+def base_rm_cmd(
+    name: Annotated[str, typer.Argument(help="Registry name of the base, e.g. meta-llama/Llama-3.1-8B.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    registry: Registry = None,
+    as_json: Json = False,
+) -> None:
+    """Remove a registered base model (registered by mistake); refused while a repository uses it.
+
+    Example: deltactl base rm org/wrong-base
+    """
+    with _api(registry) as api:
+        base = api.base(name)  # fails with 'not found' before asking
+        if not yes and not typer.confirm(f"Remove base {base.name} ({base.fingerprint})?", default=False, err=True):
+            exit_codes.fail("nothing removed", exit_codes.EXIT_ERROR)
+        api.delete_base(base.name)
+    if as_json:
+        emit_json({"deleted": base.name, "fingerprint": base.fingerprint})
+    else:
+        _line(f"removed base {base.name} ({base.fingerprint})")
+
+
 def register(app: typer.Typer) -> None:
     app.command("login")(login_cmd)
     app.command("logout")(logout_cmd)

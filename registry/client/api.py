@@ -485,6 +485,10 @@ class RegistryApi:
         r = self._request("POST", "/v1/bases", json=body)
         return _build(BaseInfo, r.json()), r.status_code == 201
 
+    def delete_base(self, name: str) -> None:
+        """Remove a registered base that no repository uses (ConflictError while one does)."""
+        self._request("DELETE", f"/v1/bases/{names.parse_base_name(name)}")
+
     def register_base_from_checkpoint(self, name: str, path: str | os.PathLike[str]) -> tuple[BaseInfo, bool]:
         """Register the local checkpoint at `path` (HF directory or .safetensors) as base `name`:
         its fingerprint, architecture and parameter count are computed here."""

@@ -87,6 +87,21 @@ def create_base(
     return base, True
 
 
+def delete_base(session: Session, *, name: str, actor: str) -> None:
+    """Remove a registered base that no repository uses (refused with ConflictError otherwise)."""
+    base = get_base(session, name=name)
+    if session.get_bind().dialect.name == "postgresql":  # a repository created meanwhile waits for this row
+        session.execute(select(BaseModel.id).where(BaseModel.id == base.id).with_for_update())
+    used = session.scalar(select(func.count()).select_from(Repository).where(Repository.base_model_id == base.id))
+    if used:
+        raise ConflictError(
+            f"base model {name!r} is used by {used} repositor{'y' if used == 1 else 'ies'}; delete "
+            f"{'it' if used == 1 else 'them'} first (GET /v1/bases/{name}/repos lists them)"
+        )
+    session.execute(delete(BaseModel).where(BaseModel.id == base.id))
+    record_event(session, actor=actor, action="delete_base", target=name, detail={"fingerprint": base.fingerprint})
+
+
 def list_bases(session: Session, *, cursor: str | None, limit: int) -> tuple[list[BaseModel], str | None]:
     query = select(BaseModel).order_by(BaseModel.id).limit(limit + 1)
     if (after := _int_cursor(cursor)) is not None:

@@ -142,6 +142,23 @@ def test_push_checks_the_file_and_the_base_before_uploading(deltas, registry, tm
     assert [v["number"] for v in deltactl_json("show", "acme/math")["versions"]] == [1]
 
 
+def test_base_rm_removes_a_base_no_repository_uses(deltas, registry):
+    deltactl_json("base", "add", BASE, deltas.base_dir)
+    deltactl_json("push", deltas.plain, "acme/math")
+    fingerprint = deltactl_json("base", "ls")[0]["fingerprint"]
+    r = deltactl("base", "rm", BASE, "--yes")
+    assert r.exit_code == exit_codes.EXIT_CONFLICT
+    assert r.stderr.startswith(f"error: conflict: base model '{BASE}' is used by 1 repository; delete it first")
+    r = deltactl("base", "rm", BASE, input="n\n")
+    assert r.exit_code == exit_codes.EXIT_ERROR and f"Remove base {BASE} ({fingerprint})?" in r.stderr
+    deltactl("rm", "acme/math", "--yes")
+    r = deltactl("base", "rm", BASE, input="y\n")
+    assert r.exit_code == 0 and r.stdout.splitlines()[-1] == f"removed base {BASE} ({fingerprint})"
+    assert deltactl_json("base", "ls") == []
+    r = deltactl("base", "rm", BASE, "--yes")
+    assert r.exit_code == exit_codes.EXIT_NOT_FOUND and r.stderr == f"error: not found: base model '{BASE}' is not registered\n"
+
+
 def test_base_add_registers_the_checkpoints_fingerprint(deltas, registry):
     from codec.checkpoint import Checkpoint
 

@@ -1,4 +1,4 @@
-"""Base models: register, list, show, and the delta repositories of one base."""
+"""Base models: register, list, show, remove, and the delta repositories of one base."""
 
 from __future__ import annotations
 
@@ -41,6 +41,15 @@ def register_base(body: BaseCreate, db: DatabaseDep, principal: PrincipalDep, re
 def show_base(base_name: BasePath, session: ReadSessionDep, principal: PrincipalDep, settings: SettingsDep):
     visible_namespaces(principal, settings)
     return BaseOut.model_validate(crud.get_base(session, name=base_name))
+
+
+@router.delete("/{org}/{model}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_base(base_name: BasePath, db: DatabaseDep, principal: PrincipalDep) -> None:
+    """Remove a base registered by mistake (needs admin in its namespace); refused with 409 while
+    any repository holds deltas of it."""
+    principal.require("admin", names.base_namespace(base_name))
+    with db.write() as session:
+        crud.delete_base(session, name=base_name, actor=principal.name)
 
 
 @router.get("/{org}/{model}/repos", response_model=Page[RepoOut])
