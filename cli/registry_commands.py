@@ -20,7 +20,7 @@ from registry.client.errors import CacheError, CorruptDownloadError, NetworkErro
 from registry.common.errors import (
     AuthenticationError, BaseMismatchUploadError, BlobStoreError, ConflictError, DatabaseUnavailableError,
     DigestMismatchError, InvalidRequestError, InvalidUploadError, NotFoundError, PermissionDeniedError, RegistryError,
-    SchemaOutOfDateError, StorageFullError, UploadTooLargeError,
+    SchemaOutOfDateError, SizeMismatchError, StorageFullError, UploadTooLargeError,
 )
 
 from . import errors as exit_codes
@@ -40,6 +40,7 @@ for _exc, _code, _label in (
     (InvalidRequestError, exit_codes.EXIT_INVALID, "invalid request"),
     (UploadTooLargeError, exit_codes.EXIT_INVALID, "too large"),
     (DigestMismatchError, exit_codes.EXIT_INVALID, "digest mismatch"),
+    (SizeMismatchError, exit_codes.EXIT_INVALID, "size mismatch"),
     (InvalidUploadError, exit_codes.EXIT_INVALID, "invalid delta file"),
     (CorruptDownloadError, exit_codes.EXIT_INVALID, "corrupt download"),
     (ConflictError, exit_codes.EXIT_CONFLICT, "conflict"),

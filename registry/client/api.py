@@ -41,7 +41,7 @@ from registry.client.errors import (
 from registry.common.errors import (
     AuthenticationError, BaseMismatchUploadError, BlobStoreError, ConflictError, DatabaseUnavailableError,
     DigestMismatchError, InvalidNameError, InvalidRequestError, InvalidUploadError, NotFoundError, PermissionDeniedError,
-    RegistryError, SchemaOutOfDateError, StorageFullError, UploadTooLargeError,
+    RegistryError, SchemaOutOfDateError, SizeMismatchError, StorageFullError, UploadTooLargeError,
 )
 from registry.client.transfer import netloc as _netloc
 from registry.client.transfer import put_range, receive_blob, s3_error, upload_parts
@@ -53,6 +53,7 @@ _ERROR_CLASSES: dict[str, type[RegistryError]] = {
     "base_mismatch": BaseMismatchUploadError, "too_large": UploadTooLargeError, "digest_mismatch": DigestMismatchError,
     "invalid_delta": InvalidUploadError, "blob_store_error": BlobStoreError, "schema_out_of_date": SchemaOutOfDateError,
     "database_unavailable": DatabaseUnavailableError, "insufficient_storage": StorageFullError,
+    "size_mismatch": SizeMismatchError,
 }
 _STATUS_CLASSES: dict[int, type[RegistryError]] = {
     400: InvalidRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError,

@@ -121,5 +121,8 @@ VersionRef = Annotated[int | str, Depends(version_ref)]
 VersionNumber = Annotated[int | str, Depends(version_number)]
 TagPath = Annotated[str, Depends(tag_path)]
 PageLimit = Annotated[int, Depends(page_limit)]
-Cursor = Annotated[str | None, Query(max_length=200, json_schema_extra={"pattern": "^[A-Za-z0-9_-]*$"},
-                                     description="The next_cursor of the previous page.")]
+Cursor = Annotated[str | None, Query(
+    max_length=20, json_schema_extra={"pattern": "^[0-9]*$"},
+    description="The next_cursor of the previous page: the position (decimal) the next page starts after. "
+                "Empty or absent: the first page.",
+)]

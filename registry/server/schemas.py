@@ -90,7 +90,10 @@ class ErrorBody(Schema):
 
 class Page(Schema, Generic[T]):
     items: list[T]
-    next_cursor: str | None = Field(None, description="Pass as ?cursor= for the next page; null on the last page.")
+    next_cursor: str | None = Field(
+        None, pattern="^[0-9]+$",
+        description="Pass as ?cursor= for the next page (decimal digits); null on the last page.",
+    )
 
 
 # --- bases -----------------------------------------------------------------------------------

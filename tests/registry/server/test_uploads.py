@@ -126,7 +126,9 @@ def test_declared_digest_or_size_mismatch_is_refused_and_leaves_nothing(client, 
     declared = a.declaration(digest=b.digest) if lie == "digest" else a.declaration(size=a.size + 10)
     upload = client.post("/v1/repos/acme/math/uploads", json=declared).json()
     r = client.put(upload["upload_url"], content=a.data)
-    assert r.status_code == 422 and error_of(r)["code"] == "digest_mismatch"
+    assert r.status_code == 422 and error_of(r)["code"] == f"{lie}_mismatch"
+    if lie == "size":
+        assert error_of(r)["message"] == f"request has {a.size} bytes but the upload declared {a.size + 10}"
     r = client.post(upload["complete_url"])
     assert r.status_code in (409, 422)
     assert client.get("/v1/repos/acme/math/versions").json()["items"] == []
@@ -192,7 +194,8 @@ def test_more_bytes_than_declared_are_cut_off(client, delta_blobs, base_fingerpr
         yield b"x" * 100_000
 
     r = client.put(upload["upload_url"], content=body())
-    assert r.status_code == 422 and error_of(r)["code"] == "digest_mismatch"
+    assert r.status_code == 422 and error_of(r) == {
+        "code": "size_mismatch", "message": f"received more than the {a.size} bytes the upload declared"}
     assert _staging_files(make_settings()) == []
 
 
