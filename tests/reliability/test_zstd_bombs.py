@@ -218,7 +218,7 @@ def test_an_invalid_header_stops_the_decompression_of_a_large_body(tmp_path):
 def test_registry_refuses_a_padded_giant_header_without_holding_it(registry_process):
     """A ~100 KB upload that expands to a valid delta with a 99 MB space-padded header (safetensors
     allows 100 MB) is refused at its first 8 bytes, the server growing by almost nothing (it grew
-    by 385 MB before); a header just under the 16 MiB limit is accepted, held once or twice."""
+    by 385 MB before); a header just under the 16 MiB limit is accepted, in bounded memory."""
     from .test_security import PeakRss
 
     giant = storage_form(padded(delta_bytes(3), 99_000_000))
@@ -241,5 +241,6 @@ def test_registry_refuses_a_padded_giant_header_without_holding_it(registry_proc
         assert grew < 16, f"the server grew by {grew:.0f} MiB refusing a 99 MB header"
         r, grew = rss["near"]
         assert r.status_code == 201, r.text
-        assert grew < 56, f"the server grew by {grew:.0f} MiB for a 16 MiB header"
+        # at most three copies while it is parsed: the collected bytes, the parser's slice, its text
+        assert grew < 64, f"the server grew by {grew:.0f} MiB for a 16 MiB header"
         assert [v["number"] for v in c.get("/v1/repos/acme/math/versions").json()["items"]] == [1]
