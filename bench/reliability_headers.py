@@ -9,7 +9,6 @@ and four at once, beside the header's own size; and the CPU verification spends 
 from __future__ import annotations
 
 import io
-import struct
 import sys
 import tempfile
 import time
@@ -113,7 +112,8 @@ def main() -> None:
     print()
     stored, refused, whole = bomb_row()
     print(
-        "| 4 GiB of zeros declared as a 4 GiB delta | stored | CPU s to refuse (ours) | CPU s to decompress it (the peer: what refusing at the end costs) |"
+        "| 4 GiB of zeros declared as a 4 GiB delta | stored | CPU s to refuse (ours) "
+        "| CPU s to decompress it (the peer: what refusing at the end costs) |"
     )
     print("| --- | --- | --- | --- |")
     print(f"| verify_stream | {stored} | {refused} | {whole} |")
