@@ -3,8 +3,11 @@ Callers own the transaction (`Database.read()` / `Database.write()`)."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import json
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -25,8 +28,22 @@ LATEST = "latest"
 _MAX_POSITION = 2**31 - 1
 
 
-def encode_cursor(position: int) -> str:
-    """A page cursor: the id (or version number) the next page starts after, in decimal."""
+def encode_cursor(value: Any) -> str:
+    """An opaque cursor holding any JSON value (the web pages' sorted listings: [key, id])."""
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> Any:
+    if not cursor:
+        return None
+    try:
+        return json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, RecursionError):
+        raise InvalidRequestError(f"invalid cursor {cursor[:40]!r}") from None
+
+
+def encode_position(position: int) -> str:
+    """The API listings' cursor: the id (or version number) the next page starts after, in decimal."""
     return str(position)
 
 
@@ -53,7 +70,7 @@ def list_events(session: Session, *, target: str | None = None, cursor: str | No
     if (after := _int_cursor(cursor)) is not None:
         query = query.where(AuditEvent.id < after)
     rows = list(session.scalars(query))
-    return rows[:limit], encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+    return rows[:limit], encode_position(rows[limit - 1].id) if len(rows) > limit else None
 
 
 # --- bases -----------------------------------------------------------------------------------
@@ -104,7 +121,7 @@ def list_bases(session: Session, *, cursor: str | None, limit: int) -> tuple[lis
     if (after := _int_cursor(cursor)) is not None:
         query = query.where(BaseModel.id > after)
     rows = list(session.scalars(query))
-    return rows[:limit], encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+    return rows[:limit], encode_position(rows[limit - 1].id) if len(rows) > limit else None
 
 
 def _flush_unique(session: Session, message: str) -> None:
@@ -159,7 +176,7 @@ def list_repos(
     if (after := _int_cursor(cursor)) is not None:
         stmt = stmt.where(Repository.id > after)
     rows = list(session.scalars(stmt))
-    return rows[:limit], encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+    return rows[:limit], encode_position(rows[limit - 1].id) if len(rows) > limit else None
 
 
 def latest_versions(session: Session, *, repo_ids: Sequence[int]) -> dict[int, Version]:
@@ -201,7 +218,7 @@ def list_versions(session: Session, *, repo: Repository, cursor: str | None, lim
     if (before := _int_cursor(cursor)) is not None:
         stmt = stmt.where(Version.number < before)
     rows = list(session.scalars(stmt))
-    return rows[:limit], encode_cursor(rows[limit - 1].number) if len(rows) > limit else None
+    return rows[:limit], encode_position(rows[limit - 1].number) if len(rows) > limit else None
 
 
 def tags_by_version(session: Session, *, version_ids: Sequence[int]) -> dict[int, list[str]]:

@@ -9,7 +9,8 @@ from fastapi.responses import FileResponse, RedirectResponse
 
 from registry.server import crud
 from registry.server.deps import (
-    Cursor, DatabaseDep, PageLimit, PrincipalDep, ReadSessionDep, RepoPath, SettingsDep, StateDep, VersionNumber, VersionRef,
+    DatabaseDep, PageLimit, PositionCursor, PrincipalDep, ReadSessionDep, RepoPath, SettingsDep, StateDep,
+    VersionNumber, VersionRef,
 )
 from registry.common.errors import InvalidRequestError
 from registry.server.schemas import Page, VersionDeleted, VersionOut
@@ -21,7 +22,7 @@ router = APIRouter(prefix="/v1/repos/{namespace}/{name}/versions", tags=["versio
 @router.get("", response_model=Page[VersionOut])
 def list_versions(
     repo_name: RepoPath, session: ReadSessionDep, principal: PrincipalDep, settings: SettingsDep, limit: PageLimit,
-    cursor: Cursor = None,
+    cursor: PositionCursor = None,
 ):
     """Ready versions, newest first."""
     repo = crud.get_repo(session, namespace=repo_name.namespace, name=repo_name.name)
