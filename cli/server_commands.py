@@ -3,13 +3,16 @@ The registry server modules are imported inside the commands, so other commands 
 
 from __future__ import annotations
 
+import errno
+import socket
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from . import errors as exit_codes
 from .console import emit_json, err, out
-from .errors import handle_errors
+from .errors import fail, handle_errors
 
 DataDir = Annotated[
     Optional[Path],
@@ -19,16 +22,77 @@ DataDir = Annotated[
 db_app = typer.Typer(help="Registry database schema (migrations).", no_args_is_help=True)
 
 
+#: Settings whose value an error message must not repeat (secrets, URLs that may hold a password).
+_UNQUOTED_SETTINGS = {"admin_token", "database_url", "blob_url", "s3_endpoint_url"}
+
+
 def _settings(data_dir: Optional[Path]):
+    """The registry's settings, or one `error: invalid configuration: …` line naming each bad
+    variable (exit 7) instead of pydantic's report."""
+    from pydantic import ValidationError
+
     from registry.server.settings import Settings
 
-    return Settings(data_dir=data_dir) if data_dir is not None else Settings()
+    try:
+        return Settings(data_dir=data_dir) if data_dir is not None else Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            from_option = field == "data_dir" and data_dir is not None
+            where = "--data-dir" if from_option else f"DELTASTORE_{field.upper()}"
+            value = "" if field in _UNQUOTED_SETTINGS else f"={str(error.get('input'))[:60]!r}"
+            problems.append(f"{where}{value}: {error['msg']}")
+        fail("invalid configuration: " + "; ".join(problems), exit_codes.EXIT_INVALID)
 
 
 def _engine(settings):
+    from sqlalchemy.exc import ArgumentError
+
     from registry.server.db import create_db_engine
 
-    return create_db_engine(settings.resolved_database_url)
+    try:
+        return create_db_engine(settings.resolved_database_url)
+    except ArgumentError as exc:  # unparsable URL, unknown dialect or driver
+        fail(f"invalid configuration: DELTASTORE_DATABASE_URL: {exc}", exit_codes.EXIT_INVALID)
+
+
+def _check_database(engine, settings) -> None:
+    """Migrate the embedded default, then refuse a schema not at head; a database that cannot be
+    reached is one line (exit 6), not the driver's traceback."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    from registry.server import migrate
+
+    try:
+        if settings.embedded:
+            migrate.upgrade(engine)
+        migrate.check_schema(engine)
+    except (OperationalError, InterfaceError) as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        fail(f"database unavailable: cannot use {_shown(engine)}: {reason}", exit_codes.EXIT_NETWORK)
+    finally:
+        engine.dispose()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before the app starts, so an address that is taken
+    or not this machine's is one line (exit 6) rather than uvicorn's log and exit 3."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        fail(f"cannot listen: {host}:{port}: {exc.strerror or exc}", exit_codes.EXIT_NETWORK)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        kind = "address in use" if exc.errno == errno.EADDRINUSE else "cannot listen"
+        fail(f"{kind}: {host}:{port}: {exc.strerror or exc}", exit_codes.EXIT_NETWORK)
+    return sock
 
 
 def _shown(engine) -> str:
@@ -48,23 +112,32 @@ def serve_cmd(
 
     Example: deltactl serve --port 8000 --data-dir ./registry-data
     """
-    from registry.server import migrate
-
+    if not 0 < port < 65536:
+        fail(f"invalid option: --port {port} is not a TCP port (1 to 65535)", exit_codes.EXIT_USAGE)
     settings = _settings(data_dir)
     engine = _engine(settings)
-    try:
-        if settings.embedded:
-            migrate.upgrade(engine)
-        migrate.check_schema(engine)
-    finally:
-        engine.dispose()
+    _check_database(engine, settings)
 
     import uvicorn
 
+    from registry.common.errors import InvalidRequestError
     from registry.server.app import create_app
+    from registry.server.blobstores import open_blob_store
 
-    err.print(f"deltastore registry on http://{host}:{port} (database {_shown(engine)}, blobs {settings.resolved_blob_url})")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    try:
+        open_blob_store(settings)  # refused here rather than in the app's start-up
+    except InvalidRequestError as exc:
+        fail(f"invalid configuration: DELTASTORE_BLOB_URL: {exc}", exit_codes.EXIT_INVALID)
+    sock = _listen(host, port)
+    err.print(f"deltastore registry on http://{host}:{port} "
+              f"(database {_shown(engine)}, blobs {settings.resolved_blob_url})")
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="info"))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:  # the app's start-up failed: uvicorn logged why
+        fail("start-up failed: the registry did not start (its log above says why)", exit_codes.EXIT_ERROR)
 
 
 @db_app.command("upgrade")

@@ -4,17 +4,25 @@ On SQLite, foreign keys are switched off while the migrations run (and on again 
 batch migration rebuilds a table by copying it and dropping the original, and with foreign keys
 on, that DROP deletes (ON DELETE CASCADE) every row of the tables referencing it. Before the
 migrations commit, `PRAGMA foreign_key_check` must find no dangling reference.
+
+Concurrent upgrades (replicas that all run `deltactl db upgrade` as they start) migrate once:
+the others wait, then find the schema at head and do nothing. On PostgreSQL the migrations hold a
+transaction-scoped advisory lock taken before the current revision is read; on SQLite their
+transaction begins IMMEDIATE (it holds the write lock from the start, and the others queue).
 """
 
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import text
 
-from registry.server.db import create_db_engine
+from registry.server.db import BEGIN_IMMEDIATE, create_db_engine
 from registry.server.models import Base
 
 config = context.config
 target_metadata = Base.metadata
+#: The advisory lock key of deltastore's migrations: a fixed 63-bit number (the bytes of "dltastor").
+MIGRATION_LOCK_KEY = int.from_bytes(b"dltastor", "big") >> 1
 
 
 def _sqlite_foreign_keys(connection, on: bool) -> None:
@@ -43,6 +51,9 @@ def _run(connection) -> None:
         compare_type=True,
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Released at commit or rollback; SQLite's migrations already hold its one write lock.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         context.run_migrations()
         if sqlite:
             _check_foreign_keys(connection)
@@ -58,6 +69,7 @@ def run_migrations_online() -> None:
             conn.commit()
             return
         _sqlite_foreign_keys(conn, on=False)
+        conn.execution_options(**{BEGIN_IMMEDIATE: True})
         try:
             _run(conn)
             conn.commit()

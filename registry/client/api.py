@@ -41,7 +41,7 @@ from registry.client.errors import (
 from registry.common.errors import (
     AuthenticationError, BaseMismatchUploadError, BlobStoreError, ConflictError, DatabaseUnavailableError,
     DigestMismatchError, InvalidNameError, InvalidRequestError, InvalidUploadError, NotFoundError, PermissionDeniedError,
-    RegistryError, SchemaOutOfDateError, StorageFullError, UploadTooLargeError,
+    RegistryError, SchemaOutOfDateError, SizeMismatchError, StorageFullError, UploadTooLargeError,
 )
 from registry.client.transfer import netloc as _netloc
 from registry.client.transfer import put_range, receive_blob, s3_error, upload_parts
@@ -53,6 +53,7 @@ _ERROR_CLASSES: dict[str, type[RegistryError]] = {
     "base_mismatch": BaseMismatchUploadError, "too_large": UploadTooLargeError, "digest_mismatch": DigestMismatchError,
     "invalid_delta": InvalidUploadError, "blob_store_error": BlobStoreError, "schema_out_of_date": SchemaOutOfDateError,
     "database_unavailable": DatabaseUnavailableError, "insufficient_storage": StorageFullError,
+    "size_mismatch": SizeMismatchError,
 }
 _STATUS_CLASSES: dict[int, type[RegistryError]] = {
     400: InvalidRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError,
@@ -485,6 +486,10 @@ class RegistryApi:
         r = self._request("POST", "/v1/bases", json=body)
         return _build(BaseInfo, r.json()), r.status_code == 201
 
+    def delete_base(self, name: str) -> None:
+        """Remove a registered base that no repository uses (ConflictError while one does)."""
+        self._request("DELETE", f"/v1/bases/{names.parse_base_name(name)}")
+
     def register_base_from_checkpoint(self, name: str, path: str | os.PathLike[str]) -> tuple[BaseInfo, bool]:
         """Register the local checkpoint at `path` (HF directory or .safetensors) as base `name`:
         its fingerprint, architecture and parameter count are computed here."""
@@ -526,9 +531,11 @@ class RegistryApi:
         ref = parse_ref(ref) if isinstance(ref, str) else ref
         return _build(VersionInfo, self._request("GET", f"/v1/repos/{ref.repo}/versions/{ref.api_ref}").json())
 
-    def delete_version(self, repo: str, number: int) -> None:
+    def delete_version(self, repo: str, number: int) -> list[str]:
+        """Delete version `number`; returns the tags that pointed at it, which went with it."""
         namespace, name = names.parse_repo_name(repo)
-        self._request("DELETE", f"/v1/repos/{namespace}/{name}/versions/{number}")
+        r = self._request("DELETE", f"/v1/repos/{namespace}/{name}/versions/{number}")
+        return r.json()["removed_tags"] if r.status_code == 200 else []  # 204: a registry that does not say
 
     def tags(self, repo: str) -> list[TagInfo]:
         namespace, name = names.parse_repo_name(repo)
@@ -612,7 +619,7 @@ class RegistryApi:
                         f"`deltactl base add {base_name} PATH` or push with --base-path PATH"
                     ) from None
                 base_info, _ = self.register_base_from_checkpoint(base_name, base_path)
-            _check_fingerprint(repo, base_info.name, base_info.fingerprint, meta)
+            _check_fingerprint(None, base_info.name, base_info.fingerprint, meta)
             try:
                 info, created = self.create_repo(repo, base=base_info.name, description=description, visibility=visibility), True
             except ConflictError:  # a concurrent push created it first
@@ -812,13 +819,19 @@ def _settable_tag(tag: str) -> str:
     return tag
 
 
-def _check_fingerprint(repo: str, base_name: str, fingerprint: str, meta: dict) -> None:
-    if meta["base_fingerprint"] != fingerprint:
-        raise BaseMismatchError(
-            f"{repo} holds deltas of base {base_name!r} (fingerprint {fingerprint}), but this delta was made "
-            f"for base {meta['base_model']!r} (fingerprint {meta['base_fingerprint']})",
-            expected=fingerprint, actual=meta["base_fingerprint"],
-        )
+def _check_fingerprint(repo: str | None, base_name: str, fingerprint: str, meta: dict) -> None:
+    """The delta must be of the base `base_name` as registered: that of the existing repository
+    `repo`, or (repo None: about to be created) the one the push names."""
+    if meta["base_fingerprint"] == fingerprint:
+        return
+    held = (f"{repo} holds deltas of base {base_name!r}" if repo else f"base {base_name!r} is registered")
+    made_for = ("another checkpoint of that name" if meta["base_model"] == base_name
+                else f"base {meta['base_model']!r}")
+    raise BaseMismatchError(
+        f"{held} with fingerprint {fingerprint}, but this delta was made for {made_for} "
+        f"(fingerprint {meta['base_fingerprint']})",
+        expected=fingerprint, actual=meta["base_fingerprint"],
+    )
 
 
 def _copy_out(blob: Path, output: Path, version: VersionInfo) -> Path:

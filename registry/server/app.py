@@ -46,7 +46,8 @@ ERROR_RESPONSES = {
         404: "No such resource (`not_found`)",
         409: "Conflicts with the current state (`conflict`, `base_mismatch`)",
         413: "Over a size limit (`too_large`)",
-        422: "Invalid body or parameters, or an upload that fails verification (`invalid_request`, `digest_mismatch`, `invalid_delta`)",
+        422: "Invalid body or parameters, or an upload that fails verification (`invalid_request`, "
+             "`digest_mismatch`, `size_mismatch`, `invalid_delta`)",
         502: "The blob store failed or is unreachable (`blob_store_error`)",
         503: "The database is unavailable or not migrated (`database_unavailable`, `schema_out_of_date`)",
         507: "Storage is full; nothing was stored (`insufficient_storage`)",

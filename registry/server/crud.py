@@ -6,7 +6,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -23,7 +24,12 @@ LATEST = "latest"
 
 
 # --- cursors ---------------------------------------------------------------------------------
+#: Ids and version numbers are 32-bit: a larger cursor means the same as the largest one.
+_MAX_POSITION = 2**31 - 1
+
+
 def encode_cursor(value: Any) -> str:
+    """An opaque cursor holding any JSON value (the web pages' sorted listings: [key, id])."""
     return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
 
 
@@ -36,12 +42,20 @@ def decode_cursor(cursor: str | None) -> Any:
         raise InvalidRequestError(f"invalid cursor {cursor[:40]!r}") from None
 
 
+def encode_position(position: int) -> str:
+    """The API listings' cursor: the id (or version number) the next page starts after, in decimal."""
+    return str(position)
+
+
 def _int_cursor(cursor: str | None) -> int | None:
-    value = decode_cursor(cursor)
-    # ids and version numbers are 32-bit: a forged cursor must not overflow the database's integers
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31):
-        raise InvalidRequestError("invalid cursor")
-    return value
+    """The position of a cursor (None: the first page). Every string of decimal digits is one
+    (the API documents them so), so any cursor the schema allows is answered, never refused; one
+    beyond the 32-bit ids is clamped and must not overflow the database's integers."""
+    if not cursor:
+        return None
+    if not (cursor.isascii() and cursor.isdigit()):
+        raise InvalidRequestError(f"invalid cursor {cursor[:40]!r} (a cursor is decimal digits)")
+    return min(int(cursor), _MAX_POSITION)
 
 
 # --- audit -----------------------------------------------------------------------------------
@@ -56,7 +70,7 @@ def list_events(session: Session, *, target: str | None = None, cursor: str | No
     if (after := _int_cursor(cursor)) is not None:
         query = query.where(AuditEvent.id < after)
     rows = list(session.scalars(query))
-    return rows[:limit], encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+    return rows[:limit], encode_position(rows[limit - 1].id) if len(rows) > limit else None
 
 
 # --- bases -----------------------------------------------------------------------------------
@@ -87,12 +101,27 @@ def create_base(
     return base, True
 
 
+def delete_base(session: Session, *, name: str, actor: str) -> None:
+    """Remove a registered base that no repository uses (refused with ConflictError otherwise)."""
+    base = get_base(session, name=name)
+    if session.get_bind().dialect.name == "postgresql":  # a repository created meanwhile waits for this row
+        session.execute(select(BaseModel.id).where(BaseModel.id == base.id).with_for_update())
+    used = session.scalar(select(func.count()).select_from(Repository).where(Repository.base_model_id == base.id))
+    if used:
+        raise ConflictError(
+            f"base model {name!r} is used by {used} repositor{'y' if used == 1 else 'ies'}; delete "
+            f"{'it' if used == 1 else 'them'} first (GET /v1/bases/{name}/repos lists them)"
+        )
+    session.execute(delete(BaseModel).where(BaseModel.id == base.id))
+    record_event(session, actor=actor, action="delete_base", target=name, detail={"fingerprint": base.fingerprint})
+
+
 def list_bases(session: Session, *, cursor: str | None, limit: int) -> tuple[list[BaseModel], str | None]:
     query = select(BaseModel).order_by(BaseModel.id).limit(limit + 1)
     if (after := _int_cursor(cursor)) is not None:
         query = query.where(BaseModel.id > after)
     rows = list(session.scalars(query))
-    return rows[:limit], encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+    return rows[:limit], encode_position(rows[limit - 1].id) if len(rows) > limit else None
 
 
 def _flush_unique(session: Session, message: str) -> None:
@@ -147,7 +176,7 @@ def list_repos(
     if (after := _int_cursor(cursor)) is not None:
         stmt = stmt.where(Repository.id > after)
     rows = list(session.scalars(stmt))
-    return rows[:limit], encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+    return rows[:limit], encode_position(rows[limit - 1].id) if len(rows) > limit else None
 
 
 def latest_versions(session: Session, *, repo_ids: Sequence[int]) -> dict[int, Version]:
@@ -189,7 +218,7 @@ def list_versions(session: Session, *, repo: Repository, cursor: str | None, lim
     if (before := _int_cursor(cursor)) is not None:
         stmt = stmt.where(Version.number < before)
     rows = list(session.scalars(stmt))
-    return rows[:limit], encode_cursor(rows[limit - 1].number) if len(rows) > limit else None
+    return rows[:limit], encode_position(rows[limit - 1].number) if len(rows) > limit else None
 
 
 def tags_by_version(session: Session, *, version_ids: Sequence[int]) -> dict[int, list[str]]:
@@ -202,24 +231,34 @@ def tags_by_version(session: Session, *, version_ids: Sequence[int]) -> dict[int
     return out
 
 
-def delete_version(session: Session, *, repo: Repository, number: int, actor: str) -> None:
+def delete_version(session: Session, *, repo: Repository, number: int, actor: str) -> tuple[list[str], int | None]:
+    """Delete version `number` and the tags that point at it; `latest` moves back to the newest
+    remaining version. Returns the removed tags (`latest` is not one: it moves) and the number
+    `latest` points at now (None when no version remains)."""
     lock_repo(session, repo_id=repo.id)
     version = get_version(session, repo=repo, ref=number)
+    removed = list(session.scalars(
+        select(Tag.name).where(Tag.version_id == version.id, Tag.name != LATEST).order_by(Tag.name)
+    ))
     session.execute(delete(Tag).where(Tag.version_id == version.id))
     session.execute(delete(Version).where(Version.id == version.id))
-    _point_latest_at_newest(session, repo_id=repo.id, actor=actor)
-    record_event(session, actor=actor, action="delete_version", target=repo.full_name, detail={"version": number})
+    latest = _point_latest_at_newest(session, repo_id=repo.id, actor=actor)
+    record_event(session, actor=actor, action="delete_version", target=repo.full_name,
+                 detail={"version": number, "removed_tags": removed})
+    return removed, latest
 
 
-def _point_latest_at_newest(session: Session, *, repo_id: int, actor: str) -> None:
-    newest = session.scalar(
-        select(Version.id).where(Version.repository_id == repo_id, Version.state == READY)
+def _point_latest_at_newest(session: Session, *, repo_id: int, actor: str) -> int | None:
+    """Move `latest` to the newest ready version; returns its number (None: no version left)."""
+    newest = session.execute(
+        select(Version.id, Version.number).where(Version.repository_id == repo_id, Version.state == READY)
         .order_by(Version.number.desc()).limit(1)
-    )
+    ).first()
     if newest is None:
         session.execute(delete(Tag).where(Tag.repository_id == repo_id, Tag.name == LATEST))
-    else:
-        _upsert_tag(session, repo_id=repo_id, name=LATEST, version_id=newest, actor=actor)
+        return None
+    _upsert_tag(session, repo_id=repo_id, name=LATEST, version_id=newest.id, actor=actor)
+    return newest.number
 
 
 # --- tags ------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-_IMMEDIATE = "deltastore_begin_immediate"
+#: Execution option of SQLite connections whose transactions write: they begin IMMEDIATE (see below).
+BEGIN_IMMEDIATE = "deltastore_begin_immediate"
 
 
 def _sqlite_engine(url: str, *, echo: bool) -> Engine:
@@ -40,7 +41,8 @@ def _sqlite_engine(url: str, *, echo: bool) -> Engine:
     def _on_begin(conn) -> None:
         # A deferred transaction that reads and then writes fails at once with SQLITE_BUSY when
         # another writer committed in between; writers therefore begin IMMEDIATE and queue instead.
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_IMMEDIATE) else "BEGIN")
+        immediate = conn.get_execution_options().get(BEGIN_IMMEDIATE)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
 
@@ -57,7 +59,8 @@ class Database:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._read = sessionmaker(engine, expire_on_commit=False, autoflush=False)
-        self._write = sessionmaker(engine.execution_options(**{_IMMEDIATE: True}), expire_on_commit=False, autoflush=False)
+        writer = engine.execution_options(**{BEGIN_IMMEDIATE: True})
+        self._write = sessionmaker(writer, expire_on_commit=False, autoflush=False)
 
     @classmethod
     def from_url(cls, url: str, *, echo: bool = False) -> "Database":

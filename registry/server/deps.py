@@ -121,5 +121,12 @@ VersionRef = Annotated[int | str, Depends(version_ref)]
 VersionNumber = Annotated[int | str, Depends(version_number)]
 TagPath = Annotated[str, Depends(tag_path)]
 PageLimit = Annotated[int, Depends(page_limit)]
+#: The API listings' cursor (crud.encode_position): every string the schema allows is a position.
+PositionCursor = Annotated[str | None, Query(
+    max_length=20, json_schema_extra={"pattern": "^[0-9]*$"},
+    description="The next_cursor of the previous page: the position (decimal) the next page starts after. "
+                "Empty or absent: the first page.",
+)]
+#: An opaque cursor (crud.encode_cursor), for listings whose position is more than one number.
 Cursor = Annotated[str | None, Query(max_length=200, json_schema_extra={"pattern": "^[A-Za-z0-9_-]*$"},
                                      description="The next_cursor of the previous page.")]

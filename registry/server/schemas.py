@@ -90,7 +90,10 @@ class ErrorBody(Schema):
 
 class Page(Schema, Generic[T]):
     items: list[T]
-    next_cursor: str | None = Field(None, description="Pass as ?cursor= for the next page; null on the last page.")
+    next_cursor: str | None = Field(
+        None, pattern="^[0-9]+$",
+        description="Pass as ?cursor= for the next page (decimal digits); null on the last page.",
+    )
 
 
 # --- bases -----------------------------------------------------------------------------------
@@ -169,6 +172,13 @@ class VersionOut(Schema):
     created_at: dt.datetime
     ready_at: dt.datetime | None
     download_url: str
+
+
+class VersionDeleted(Schema):
+    repository: str
+    number: int = Field(description="The version deleted.")
+    removed_tags: list[str] = Field(description="The tags that pointed at it, removed with it (`latest` moves instead).")
+    latest: int | None = Field(description="The version `latest` points at now; null when none remains.")
 
 
 # --- tags ------------------------------------------------------------------------------------

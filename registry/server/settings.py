@@ -15,6 +15,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GiB = 1 << 30
 MiB = 1 << 20
+#: Largest safetensors header an upload may have by default. A delta's header is some 150 bytes per
+#: tensor (a few hundred KB for a 70B model), so this is generous, yet far below safetensors' own
+#: 100 MB limit, which a tiny zstd frame could otherwise expand into (a padded header held in memory).
+DEFAULT_MAX_HEADER_BYTES = 16 * MiB
 
 
 def default_data_dir() -> Path:
@@ -41,6 +45,10 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = Field(32 * GiB, gt=0, description="Largest stored (zstd) blob accepted.")
     max_raw_bytes: int = Field(64 * GiB, gt=0, description="Largest decompressed delta accepted (zip-bomb guard).")
+    max_header_bytes: int = Field(
+        DEFAULT_MAX_HEADER_BYTES, gt=0, le=100_000_000,
+        description="Largest safetensors header of an uploaded delta (safetensors allows 100 MB).",
+    )
     max_json_bytes: int = Field(1 * MiB, gt=0, description="Largest JSON request body accepted (blob bytes are limited by max_upload_bytes).")
     presign_ttl_seconds: int = Field(900, gt=0, le=7 * 24 * 3600, description="Lifetime of presigned S3 URLs (S3 allows at most 7 days).")
     upload_ttl_seconds: int = Field(24 * 3600, ge=0, description="Pending uploads older than this are stale (GC removes them).")

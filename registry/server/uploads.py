@@ -24,7 +24,7 @@ from registry.server.blobstores import BlobStore, UploadRef, UploadTarget
 from registry.server.db import Database
 from registry.common.errors import (
     BaseMismatchUploadError, ConflictError, DigestMismatchError, InvalidUploadError, NotFoundError, RegistryError,
-    UploadTooLargeError,
+    SizeMismatchError, UploadTooLargeError,
 )
 from registry.server.metrics import RegistryMetrics
 from registry.server.models import Repository, Upload, Version, utcnow
@@ -166,8 +166,9 @@ class PushService:
             self.store.finish_parts(ref, expected_parts=max(1, math.ceil(upload.size / upload.part_size)))
         with self.store.open_staged(ref) as staged:
             if staged.size != upload.size:
-                raise DigestMismatchError(f"received {staged.size} bytes but the upload declared {upload.size}")
-            header, _ = verify_stream(staged.stream, declared)
+                raise SizeMismatchError(f"received {staged.size} bytes but the upload declared {upload.size}")
+            limit = self.settings.max_header_bytes
+            header, _ = verify_stream(staged.stream, declared, max_header_bytes=limit)
         _check_base(header, repo)
         return header, self.store.promote(ref, staged.token)
 
@@ -188,9 +189,10 @@ class PushService:
 def _check_base(header: Header, repo: Repository) -> None:
     meta, base = header.metadata, repo.base_model
     if meta["base_fingerprint"] != base.fingerprint:
+        made_for = "another checkpoint of that name" if meta["base_model"] == base.name else f"base {meta['base_model']!r}"
         raise BaseMismatchUploadError(
             f"{repo.full_name} holds deltas of base {base.name!r} (fingerprint {base.fingerprint}); "
-            f"this upload was made for base {meta['base_model']!r} (fingerprint {meta['base_fingerprint']})"
+            f"this upload was made for {made_for} (fingerprint {meta['base_fingerprint']})"
         )
 
 

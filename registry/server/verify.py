@@ -16,8 +16,9 @@ from codec.errors import InvalidDeltaError
 from codec.format import DeltaEntry, validate_delta_header
 from codec.storage import BlobCorruptError, BlobTooLargeError, decompress_stream
 
-from registry.common.errors import DigestMismatchError, InvalidUploadError
+from registry.common.errors import DigestMismatchError, InvalidUploadError, SizeMismatchError
 from registry.common.readahead import CHUNK, ReadAhead
+from registry.server.settings import DEFAULT_MAX_HEADER_BYTES
 
 
 @dataclass(frozen=True)
@@ -53,64 +54,127 @@ class _HashingReader(ReadAhead):
         return "sha256:" + self.sha.hexdigest()
 
 
-class _HeaderSink:
-    """Keeps the safetensors length prefix and JSON header of the decompressed stream, drops the rest."""
+def _header_length(prefix: bytes | bytearray, raw_size: int, limit: int) -> int:
+    """The header length a delta of `raw_size` bytes states in its first 8 bytes, or
+    InvalidUploadError when no delta's header could have it."""
+    (header_len,) = struct.unpack("<Q", prefix[:8])
+    if header_len < 2:  # the shortest JSON object, `{}`
+        raise InvalidUploadError(
+            "upload is not a valid format-v1 delta: its first bytes are not a safetensors header "
+            f"(header length {header_len})"
+        )
+    if header_len > limit:
+        raise InvalidUploadError(
+            f"upload is not a valid format-v1 delta: its header would be {header_len} bytes, above this "
+            f"registry's limit of {limit} bytes for a delta's header"
+        )
+    if 8 + header_len > raw_size:
+        raise InvalidUploadError(
+            f"upload is not a valid format-v1 delta: its header would be {header_len} bytes, but the delta "
+            f"is {raw_size} bytes in all"
+        )
+    return header_len
 
-    def __init__(self) -> None:
+
+class _HeaderSink:
+    """Collects the safetensors length prefix and JSON header of the decompressed stream and
+    drops the rest. It refuses (InvalidUploadError, which stops the decompression) as soon as the
+    bytes so far cannot begin a delta of `raw_size` bytes: a length no delta's header has, a header
+    that does not open a JSON object, or a complete header that is not a valid format-v1 one; the
+    header is parsed once complete and its bytes released."""
+
+    _JSON_WHITESPACE = b" \t\n\r"
+
+    def __init__(self, raw_size: int, limit: int) -> None:
+        self.raw_size, self.limit = raw_size, limit
         self.prefix = bytearray()
-        self.want = 8
+        self.want = 8  # the length first, then the whole header
+        self.opened = False  # the header's first non-whitespace byte, `{`, has been seen
+        self.parsed: tuple[Header, dict[str, DeltaEntry]] | None = None
 
     def write(self, buf) -> int:
-        if len(self.prefix) < self.want:
-            self.prefix += bytes(buf[: self.want - len(self.prefix)])
-            if self.want == 8 and len(self.prefix) == 8:
-                (header_len,) = struct.unpack("<Q", self.prefix)
-                self.want = 8 + min(header_len, MAX_HEADER_SIZE)
-                self.prefix += bytes(buf[8 : self.want])
+        view = memoryview(buf)
+        while view and self.parsed is None:
+            take = view[: self.want - len(self.prefix)]
+            self.prefix += take
+            view = view[len(take):]
+            if self.want == 8:
+                if len(self.prefix) == 8:
+                    self.want = 8 + _header_length(self.prefix, self.raw_size, self.limit)
+                continue
+            if not self.opened:
+                self._check_opening(take)
+            if len(self.prefix) == self.want:
+                self.parsed = _validate_header(self.prefix, self.raw_size)
+                self.prefix = bytearray()
         return len(buf)
 
+    def _check_opening(self, chunk: memoryview) -> None:
+        rest = bytes(chunk).lstrip(self._JSON_WHITESPACE)  # JSON (and safetensors) allow leading whitespace
+        if rest:
+            if rest[0] != ord("{"):
+                raise InvalidUploadError(
+                    "upload is not a valid format-v1 delta: its header does not begin a JSON object "
+                    f"(first byte 0x{rest[0]:02x})"
+                )
+            self.opened = True
 
-def verify_stream(src: IO[bytes], declared: Declared) -> tuple[Header, dict[str, DeltaEntry]]:
-    """Read the whole stored blob from `src` and check it against `declared`; return its parsed header."""
+
+def verify_stream(
+    src: IO[bytes], declared: Declared, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+) -> tuple[Header, dict[str, DeltaEntry]]:
+    """Read the whole stored blob from `src` and check it against `declared`; return its parsed
+    header. A header over `max_header_bytes`, or first bytes that cannot begin a delta, stop the
+    decompression at once (the stored bytes are still read to check their size and digest)."""
     reader = _HashingReader(src, declared.size)
-    sink = _HeaderSink()
+    sink = _HeaderSink(declared.raw_size, max_header_bytes)
     failure: Exception | None = None
     written = -1
     try:
         written, _ = decompress_stream(reader, sink, max_output_size=declared.raw_size, expected_raw_digest=declared.raw_digest)
-    except (BlobCorruptError, BlobTooLargeError) as exc:
+    except (BlobCorruptError, BlobTooLargeError, InvalidUploadError) as exc:
         failure = exc
     reader.drain()  # a stored-digest mismatch explains a corrupt stream better than the stream error does
     if reader.overflow or reader.n != declared.size:
-        raise DigestMismatchError(
+        raise SizeMismatchError(
             f"received {'more than ' if reader.overflow else ''}{reader.n} bytes but the upload declared {declared.size}"
         )
     if reader.digest != declared.digest:
         raise DigestMismatchError(f"received bytes have digest {reader.digest}, but the upload declared {declared.digest}")
+    if isinstance(failure, InvalidUploadError):
+        raise failure
     if failure is not None:
-        if isinstance(failure, BlobTooLargeError) or "does not match the expected" in str(failure):
+        if isinstance(failure, BlobTooLargeError):
+            raise SizeMismatchError(
+                f"the blob decompresses to more than the declared {declared.raw_size} bytes: {failure}"
+            ) from None
+        if "does not match the expected" in str(failure):
             raise DigestMismatchError(
                 f"the blob does not decompress to the declared {declared.raw_size} bytes with digest {declared.raw_digest}: {failure}"
             ) from None
         raise InvalidUploadError(f"upload is not a zstd-compressed delta: {failure}") from None
     if written != declared.raw_size:
-        raise DigestMismatchError(f"the blob decompresses to {written} bytes, but the upload declared {declared.raw_size}")
-    return _validate_header(bytes(sink.prefix), declared.raw_size)
+        raise SizeMismatchError(
+            f"the blob decompresses to {written} bytes, but the upload declared {declared.raw_size}"
+        )
+    if sink.parsed is None:  # fewer bytes than its header needs: decompress_stream refuses that first
+        raise InvalidUploadError("upload is not a valid format-v1 delta: it ends inside its header")
+    return sink.parsed
 
 
 def read_header(src: IO[bytes], raw_size: int) -> tuple[Header, dict[str, DeltaEntry]]:
-    """The header of an already verified stored blob, decompressing only its beginning."""
+    """The header of an already verified stored blob, decompressing only its beginning (stored
+    blobs were accepted under the format's own header limit)."""
+    sink = _HeaderSink(raw_size, MAX_HEADER_SIZE)
     with zstandard.ZstdDecompressor().stream_reader(src, read_size=64 << 10, closefd=False) as reader:
-        prefix = reader.read(8)
-        if len(prefix) == 8:
-            (header_len,) = struct.unpack("<Q", prefix)
-            want = min(header_len, MAX_HEADER_SIZE)
-            while len(prefix) < 8 + want and (buf := reader.read(8 + want - len(prefix))):
-                prefix += buf
-    return _validate_header(prefix, raw_size)
+        while sink.parsed is None and (buf := reader.read(64 << 10)):
+            sink.write(buf)
+    if sink.parsed is None:
+        raise InvalidUploadError("upload is not a valid format-v1 delta: it ends inside its header")
+    return sink.parsed
 
 
-def _validate_header(prefix: bytes, raw_size: int) -> tuple[Header, dict[str, DeltaEntry]]:
+def _validate_header(prefix: bytes | bytearray, raw_size: int) -> tuple[Header, dict[str, DeltaEntry]]:
     try:
         return validate_delta_header(prefix, raw_size)
     except InvalidDeltaError as exc:

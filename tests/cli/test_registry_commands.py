@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from cli import errors as exit_codes
+from codec.format import DeltaFile
 from registry.client.api import RegistryApi
 
 from .registry_fixtures import (  # noqa: F401  (fixtures)
@@ -125,11 +126,37 @@ def test_push_checks_the_file_and_the_base_before_uploading(deltas, registry, tm
     assert r.exit_code == 0, r.output
     assert deltactl_json("base", "ls")[0]["name"] == BASE
 
+    registered = deltactl_json("base", "ls")[0]["fingerprint"]
+    foreign = DeltaFile.open(deltas.foreign).metadata["base_fingerprint"]
     r = deltactl("push", deltas.foreign, "acme/math")  # same base name, other weights
-    assert r.exit_code == exit_codes.EXIT_BASE_MISMATCH and "error: base mismatch: acme/math holds deltas of base" in r.stderr
+    assert r.exit_code == exit_codes.EXIT_BASE_MISMATCH
+    assert r.stderr == (f"error: base mismatch: acme/math holds deltas of base '{BASE}' with fingerprint {registered}, "
+                        f"but this delta was made for another checkpoint of that name (fingerprint {foreign})\n")
+    r = deltactl("push", deltas.foreign, "acme/other-ft")  # a repository to create: only the base is named
+    assert r.exit_code == exit_codes.EXIT_BASE_MISMATCH
+    assert r.stderr == (f"error: base mismatch: base '{BASE}' is registered with fingerprint {registered}, "
+                        f"but this delta was made for another checkpoint of that name (fingerprint {foreign})\n")
+    assert deltactl("show", "acme/other-ft").exit_code == exit_codes.EXIT_NOT_FOUND
     r = deltactl("push", deltas.plain, "acme/math", "--tag", "latest")
     assert r.exit_code == exit_codes.EXIT_INVALID and "maintained by the registry" in r.stderr
     assert [v["number"] for v in deltactl_json("show", "acme/math")["versions"]] == [1]
+
+
+def test_base_rm_removes_a_base_no_repository_uses(deltas, registry):
+    deltactl_json("base", "add", BASE, deltas.base_dir)
+    deltactl_json("push", deltas.plain, "acme/math")
+    fingerprint = deltactl_json("base", "ls")[0]["fingerprint"]
+    r = deltactl("base", "rm", BASE, "--yes")
+    assert r.exit_code == exit_codes.EXIT_CONFLICT
+    assert r.stderr.startswith(f"error: conflict: base model '{BASE}' is used by 1 repository; delete it first")
+    r = deltactl("base", "rm", BASE, input="n\n")
+    assert r.exit_code == exit_codes.EXIT_ERROR and f"Remove base {BASE} ({fingerprint})?" in r.stderr
+    deltactl("rm", "acme/math", "--yes")
+    r = deltactl("base", "rm", BASE, input="y\n")
+    assert r.exit_code == 0 and r.stdout.splitlines()[-1] == f"removed base {BASE} ({fingerprint})"
+    assert deltactl_json("base", "ls") == []
+    r = deltactl("base", "rm", BASE, "--yes")
+    assert r.exit_code == exit_codes.EXIT_NOT_FOUND and r.stderr == f"error: not found: base model '{BASE}' is not registered\n"
 
 
 def test_base_add_registers_the_checkpoints_fingerprint(deltas, registry):
@@ -167,8 +194,10 @@ def test_tag_and_rm(deltas, with_base):
     r = deltactl("rm", "acme/math:stable", "--yes")
     assert r.exit_code == exit_codes.EXIT_INVALID and "by its number" in r.stderr
     r = deltactl("rm", "acme/math@1", input="y\n")
-    assert r.exit_code == 0 and "deleted acme/math@1" in r.stdout
+    assert r.exit_code == 0 and "Delete acme/math@1 and its tag(s) stable?" in r.stderr
+    assert r.stdout.splitlines()[-1] == "deleted acme/math@1 and its tag(s) stable"  # after the echoed answer
     assert [v["number"] for v in deltactl_json("show", "acme/math")["versions"]] == [2]
+    assert deltactl_json("rm", "acme/math@2", "--yes") == {"deleted": "acme/math@2", "removed_tags": []}
     assert deltactl_json("rm", "acme/math", "--yes") == {"deleted": "acme/math"}
     r = deltactl("show", "acme/math")
     assert r.exit_code == exit_codes.EXIT_NOT_FOUND and r.stderr == "error: not found: repository acme/math does not exist\n"

@@ -41,7 +41,7 @@ def database_url(request, tmp_path) -> Iterator[str]:
     backend = getattr(request, "param", "sqlite")
     admin_url = os.environ.get(PG_URL_ENV)
     if backend == "postgres" and not admin_url:
-        pytest.skip(f"PostgreSQL tests need {PG_URL_ENV} (set by .ci/run, which starts a throwaway PostgreSQL 15)")
+        pytest.skip(f"PostgreSQL tests need {PG_URL_ENV} (`make test` sets it: .ci/with-postgres.sh starts a throwaway PostgreSQL 15)")
     with fresh_database(backend, sqlite_dir=tmp_path, admin_url=admin_url, prefix=f"ds_{xdist_worker()}") as url:
         yield url
 

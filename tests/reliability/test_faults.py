@@ -494,7 +494,7 @@ def test_disk_full_is_a_clear_error_and_leaves_no_corrupt_blob(make_client, smal
     report = client.get("/v1/admin/fsck").json()
     assert report["ok"] and report["digest_mismatches"] == 0, report
     # with room again (the first version deleted and collected), the same upload goes through
-    assert client.delete("/v1/repos/acme/math/versions/1").status_code == 204
+    assert client.delete("/v1/repos/acme/math/versions/1").status_code == 200
     _gc_later(client.app.state.registry.settings, expire_uploads=False)
     r = client.put(upload["upload_url"], content=too_big.data)
     assert r.status_code == 200, r.text

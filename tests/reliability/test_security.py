@@ -38,6 +38,8 @@ class World:
         self.headers = {"none": {}, "admin": {"Authorization": f"Bearer {ADMIN}"}}
         admin = self.headers["admin"]
         setup_repo(client, "acme/math", headers=admin)
+        spare = {"name": "acme/spare", "fingerprint": "sha256:" + "34" * 32}  # a base no repository uses
+        assert client.post("/v1/bases", json=spare, headers=admin).status_code == 201
         for i in (1, 2):
             assert http_push(client, "acme/math", storage_form(delta_bytes(i)), headers=admin).status_code == 201
         assert client.put("/v1/repos/acme/math/tags/prod", json={"version": 1}, headers=admin).status_code == 200
@@ -80,6 +82,7 @@ class World:
 # endpoint -> (who may call it, the call)
 ENDPOINTS = {
     "register base": (WRITE, lambda w, h: w.client.post("/v1/bases", json={"name": "acme/base2", "fingerprint": "sha256:" + "12" * 32}, headers=h)),
+    "delete base": (NS_ADMIN, lambda w, h: w.client.delete("/v1/bases/acme/spare", headers=h)),
     "create repository": (WRITE, lambda w, h: w.client.post("/v1/repos", json={"namespace": "acme", "name": "new", "base": "org/base"}, headers=h)),
     "delete repository": (NS_ADMIN, lambda w, h: w.client.delete("/v1/repos/acme/math", headers=h)),
     "declare upload": (WRITE, lambda w, h: w.client.post("/v1/repos/acme/math/uploads", json=storage_form(delta_bytes(9)).declaration(), headers=h)),
@@ -99,7 +102,7 @@ ENDPOINTS = {
 }
 #: (method, path template) of every endpoint above, to prove the matrix covers the whole API.
 COVERED = {
-    ("POST", "/v1/bases"), ("POST", "/v1/repos"), ("DELETE", "/v1/repos/{namespace}/{name}"),
+    ("POST", "/v1/bases"), ("DELETE", "/v1/bases/{org}/{model}"), ("POST", "/v1/repos"), ("DELETE", "/v1/repos/{namespace}/{name}"),
     ("POST", "/v1/repos/{namespace}/{name}/uploads"), ("GET", "/v1/uploads/{upload_id}"), ("PUT", "/v1/uploads/{upload_id}"),
     ("POST", "/v1/uploads/{upload_id}/complete"), ("DELETE", "/v1/uploads/{upload_id}"),
     ("PUT", "/v1/repos/{namespace}/{name}/tags/{tag}"), ("DELETE", "/v1/repos/{namespace}/{name}/tags/{tag}"),

@@ -1,10 +1,14 @@
 """zstd bombs: a stored blob that decompresses to more than its record says is refused at the
-record's size, in bounded memory, by the codec, by the registry's upload verification and by fsck."""
+record's size, in bounded memory, by the codec, by the registry's upload verification and by fsck;
+an upload whose first decompressed bytes cannot begin a delta (a padded giant header, zeros) is
+refused at those bytes, without decompressing the rest."""
 
 from __future__ import annotations
 
 import io
+import json
 import struct
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -12,8 +16,10 @@ import pytest
 import zstandard
 
 from codec.storage import BlobCorruptError, BlobTooLargeError, decompress_stream
+from registry.common.errors import InvalidUploadError
+from registry.server.verify import Declared, verify_stream
 
-from tests.support.corpus import delta_bytes, sha256, storage_form
+from tests.support.corpus import FINGERPRINT, StoredDelta, delta_bytes, sha256, storage_form
 from tests.support.harness import setup_repo
 
 GiB = 1 << 30
@@ -115,9 +121,13 @@ def test_registry_refuses_a_bomb_upload_without_growing(registry_process, tmp_pa
         assert c.put(upload["upload_url"], content=data).status_code == 200
         with PeakRss(server.pid) as rss:
             r = c.post(upload["complete_url"])
-        assert r.status_code == 422 and r.json()["error"]["code"] in ("digest_mismatch", "invalid_delta"), r.text
+        assert r.status_code == 422, r.text
         if declared > 1 << 20:  # refused from the frame header alone, naming the record's size
-            assert "1048576" in r.json()["error"]["message"]
+            assert r.json()["error"] == {"code": "size_mismatch", "message": (
+                "the blob decompresses to more than the declared 1048576 bytes: blob declares 4294967296 "
+                "decompressed bytes, above the allowed 1048576")}
+        else:  # the frame lies about its size: corrupt
+            assert r.json()["error"]["code"] == "invalid_delta", r.text
         assert rss.grew_mib < 64, f"the server grew by {rss.grew_mib:.0f} MiB refusing a 4 GiB bomb"
         assert c.get("/v1/repos/acme/math/versions").json()["items"] == []
         assert list((tmp_path / "data" / "blobs" / "staging").iterdir()) == []
@@ -137,3 +147,100 @@ def test_fsck_finds_a_stored_blob_replaced_by_a_bomb(client, make_settings, bomb
     tracemalloc.stop()
     assert not report["ok"] and report["digest_mismatches"] == 1, report
     assert peak < 32 << 20
+
+
+def padded(delta: bytes, header_bytes: int) -> bytes:
+    """`delta` (a valid .bdelta) with its JSON header padded with spaces to `header_bytes` bytes:
+    still a valid delta, as safetensors allows, and a few KiB once zstd-compressed."""
+    (header_len,) = struct.unpack("<Q", delta[:8])
+    header = delta[8 : 8 + header_len].rstrip(b" ")
+    padding = b" " * (header_bytes - len(header))
+    return struct.pack("<Q", header_bytes) + header + padding + delta[8 + header_len :]
+
+
+def _verify_cpu_seconds(blob: StoredDelta) -> tuple[Exception | None, float]:
+    """verify_stream of `blob` as declared: the InvalidUploadError it raised, and its CPU seconds."""
+    declared = Declared(blob.digest, blob.size, blob.raw_digest, blob.raw_size)
+    started = time.process_time()
+    try:
+        verify_stream(io.BytesIO(blob.data), declared)
+        failure = None
+    except InvalidUploadError as exc:
+        failure = exc
+    return failure, time.process_time() - started
+
+
+def test_first_bytes_that_cannot_begin_a_delta_stop_the_decompression(bombs):
+    """4 GiB of zeros declared as a 4 GiB delta: the first 8 bytes say a header of length 0, and
+    nothing more is decompressed (decompressing it all takes seconds of CPU)."""
+    data = bombs[4 * GiB].read_bytes()
+    zeros = StoredDelta(data, sha256(data), len(data), "sha256:" + "0" * 64, 4 * GiB)
+    failure, cpu = _verify_cpu_seconds(zeros)
+    assert str(failure) == (
+        "upload is not a valid format-v1 delta: its first bytes are not a safetensors header "
+        "(header length 0)"
+    )
+    assert cpu < 0.5, f"{cpu:.2f} s of CPU: the bomb was decompressed"
+
+
+def test_a_header_that_is_not_a_json_object_is_refused_at_its_first_byte():
+    raw = bytearray(delta_bytes(1))
+    raw[8] = ord("[")
+    failure, _ = _verify_cpu_seconds(storage_form(bytes(raw)))
+    assert str(failure) == ("upload is not a valid format-v1 delta: its header does not begin a JSON object "
+                            "(first byte 0x5b)")
+
+
+def test_an_invalid_header_stops_the_decompression_of_a_large_body(tmp_path):
+    """A complete header that is not format-v1 (an unknown format_version) is refused before the
+    2 GiB of (zero) tensor data behind it are decompressed."""
+    body = 2 * GiB
+    meta = {"format": "deltastore.delta", "format_version": "9", "codec": "bitdelta",
+            "base_model": "org/base", "base_fingerprint": FINGERPRINT, "dtype": "float16"}
+    sign = {"dtype": "U8", "shape": [1, 32768, 65536], "data_offsets": [0, body]}
+    doc = {"__metadata__": meta, "w.sign": sign}
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "bad-format.zst"
+    cctx = zstandard.ZstdCompressor(level=3, write_content_size=True)
+    zero = bytes(1 << 20)
+    with open(path, "wb") as fh, cctx.stream_writer(fh, size=8 + len(header) + body, closefd=False) as writer:
+        writer.write(struct.pack("<Q", len(header)) + header)
+        for _ in range(body >> 20):
+            writer.write(zero)
+    data = path.read_bytes()
+    failure, cpu = _verify_cpu_seconds(StoredDelta(data, sha256(data), len(data), "sha256:" + "0" * 64,
+                                                   8 + len(header) + body))
+    assert "format_version" in str(failure) and cpu < 0.5, (str(failure), cpu)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to read the server's memory")
+def test_registry_refuses_a_padded_giant_header_without_holding_it(registry_process):
+    """A ~100 KB upload that expands to a valid delta with a 99 MB space-padded header (safetensors
+    allows 100 MB) is refused at its first 8 bytes, the server growing by almost nothing (it grew
+    by 385 MB before); a header just under the 16 MiB limit is accepted, in bounded memory."""
+    from .test_security import PeakRss
+
+    giant = storage_form(padded(delta_bytes(3), 99_000_000))
+    near = storage_form(padded(delta_bytes(4), (16 << 20) - 4096))
+    assert giant.size < 200_000 and near.size < 100_000
+    server = registry_process()
+    with server.client(timeout=120) as c:
+        setup_repo(c, "acme/math")
+        rss = {}
+        for name, blob in (("giant", giant), ("near", near)):
+            upload = c.post("/v1/repos/acme/math/uploads", json=blob.declaration()).json()
+            assert c.put(upload["upload_url"], content=blob.data).status_code == 200
+            with PeakRss(server.pid) as peak:
+                r = c.post(upload["complete_url"])
+            rss[name] = (r, peak.grew_mib)
+        r, grew = rss["giant"]
+        assert r.status_code == 422 and r.json()["error"] == {"code": "invalid_delta", "message": (
+            "upload is not a valid format-v1 delta: its header would be 99000000 bytes, above this "
+            f"registry's limit of {16 << 20} bytes for a delta's header")}
+        assert grew < 16, f"the server grew by {grew:.0f} MiB refusing a 99 MB header"
+        r, grew = rss["near"]
+        assert r.status_code == 201, r.text
+        # at most three copies while it is parsed: the collected bytes, the parser's slice, its text
+        assert grew < 64, f"the server grew by {grew:.0f} MiB for a 16 MiB header"
+        assert [v["number"] for v in c.get("/v1/repos/acme/math/versions").json()["items"]] == [1]

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from registry.server import crud
 from registry.common import names
-from registry.server.deps import Cursor, PageLimit, PrincipalDep, ReadSessionDep, StateDep
+from registry.server.deps import PageLimit, PositionCursor, PrincipalDep, ReadSessionDep, StateDep
 from registry.server.fsck import check_consistency
 from registry.server.gc import collect_garbage
 from registry.server.schemas import AuditEventOut, FsckOut, GcOut, Page
@@ -40,7 +40,8 @@ async def run_fsck(state: StateDep, principal: PrincipalDep, digests: Annotated[
 
 
 @router.get("/audit", response_model=Page[AuditEventOut])
-def audit_log(session: ReadSessionDep, principal: PrincipalDep, limit: PageLimit, cursor: Cursor = None,
+def audit_log(session: ReadSessionDep, principal: PrincipalDep, limit: PageLimit,
+              cursor: PositionCursor = None,
               target: Annotated[str | None, Query(max_length=256, pattern=names.TEXT_PATTERN)] = None):
     """Who pushed, tagged or deleted what, newest first."""
     principal.require_admin()

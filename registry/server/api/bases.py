@@ -1,4 +1,4 @@
-"""Base models: register, list, show, and the delta repositories of one base."""
+"""Base models: register, list, show, remove, and the delta repositories of one base."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from fastapi import APIRouter, Response, status
 
 from registry.server import crud
 from registry.common import names
-from registry.server.deps import BasePath, Cursor, DatabaseDep, PageLimit, PrincipalDep, ReadSessionDep, SettingsDep
+from registry.server.deps import (
+    BasePath, DatabaseDep, PageLimit, PositionCursor, PrincipalDep, ReadSessionDep, SettingsDep,
+)
 from registry.server.schemas import BaseCreate, BaseOut, Page, RepoOut
 from registry.server.api.views import repos_out, visible_namespaces
 
@@ -14,7 +16,8 @@ router = APIRouter(prefix="/v1/bases", tags=["bases"])
 
 
 @router.get("", response_model=Page[BaseOut])
-def list_bases(session: ReadSessionDep, principal: PrincipalDep, settings: SettingsDep, limit: PageLimit, cursor: Cursor = None):
+def list_bases(session: ReadSessionDep, principal: PrincipalDep, settings: SettingsDep, limit: PageLimit,
+               cursor: PositionCursor = None):
     visible_namespaces(principal, settings)
     rows, next_cursor = crud.list_bases(session, cursor=cursor, limit=limit)
     return Page[BaseOut](items=[BaseOut.model_validate(b) for b in rows], next_cursor=next_cursor)
@@ -43,10 +46,19 @@ def show_base(base_name: BasePath, session: ReadSessionDep, principal: Principal
     return BaseOut.model_validate(crud.get_base(session, name=base_name))
 
 
+@router.delete("/{org}/{model}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_base(base_name: BasePath, db: DatabaseDep, principal: PrincipalDep) -> None:
+    """Remove a base registered by mistake (needs admin in its namespace); refused with 409 while
+    any repository holds deltas of it."""
+    principal.require("admin", names.base_namespace(base_name))
+    with db.write() as session:
+        crud.delete_base(session, name=base_name, actor=principal.name)
+
+
 @router.get("/{org}/{model}/repos", response_model=Page[RepoOut])
 def list_base_repos(
     base_name: BasePath, session: ReadSessionDep, principal: PrincipalDep, settings: SettingsDep, limit: PageLimit,
-    cursor: Cursor = None,
+    cursor: PositionCursor = None,
 ):
     """The delta repositories made against this base."""
     rows, next_cursor = crud.list_repos(

@@ -8,7 +8,9 @@ from fastapi import APIRouter, Query, status
 
 from registry.server import crud
 from registry.common import names
-from registry.server.deps import Cursor, DatabaseDep, PageLimit, PrincipalDep, ReadSessionDep, RepoPath, SettingsDep
+from registry.server.deps import (
+    DatabaseDep, PageLimit, PositionCursor, PrincipalDep, ReadSessionDep, RepoPath, SettingsDep,
+)
 from registry.server.schemas import Page, RepoCreate, RepoOut
 from registry.server.api.views import repo_out, repos_out, require_read, visible_namespaces
 
@@ -17,7 +19,8 @@ router = APIRouter(prefix="/v1/repos", tags=["repositories"])
 
 @router.get("", response_model=Page[RepoOut])
 def list_repos(
-    session: ReadSessionDep, principal: PrincipalDep, settings: SettingsDep, limit: PageLimit, cursor: Cursor = None,
+    session: ReadSessionDep, principal: PrincipalDep, settings: SettingsDep, limit: PageLimit,
+    cursor: PositionCursor = None,
     base: Annotated[str | None, Query(description="Only repositories of this base model.",
                                       json_schema_extra={"pattern": names.BASE_NAME_PATTERN})] = None,
     namespace: Annotated[str | None, Query(json_schema_extra={"pattern": names.SEGMENT_PATTERN, "maxLength": 64})] = None,

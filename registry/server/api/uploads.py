@@ -12,7 +12,9 @@ from starlette.requests import ClientDisconnect
 
 from registry.server import crud
 from registry.server.deps import PrincipalDep, RepoPath, StateDep
-from registry.common.errors import ConflictError, DigestMismatchError, InvalidRequestError, UploadTooLargeError
+from registry.common.errors import (
+    ConflictError, DigestMismatchError, InvalidRequestError, SizeMismatchError, UploadTooLargeError,
+)
 from registry.server.models import Version
 from registry.server.uploads import UploadRequest
 from registry.server.schemas import UploadCreate, UploadOut, UploadPartOut, UploadReceived, VersionOut
@@ -70,7 +72,9 @@ async def send_upload_bytes(
         if content_length > state.settings.max_upload_bytes:
             raise UploadTooLargeError(f"{content_length} bytes exceed this registry's limit of {state.settings.max_upload_bytes}")
         if content_length != upload.size:
-            raise DigestMismatchError(f"request has {content_length} bytes but the upload declared {upload.size}")
+            raise SizeMismatchError(
+                f"request has {content_length} bytes but the upload declared {upload.size}"
+            )
     sha = hashlib.sha256()
     received = 0
 
@@ -84,7 +88,7 @@ async def send_upload_bytes(
             async for chunk in request.stream():
                 received += len(chunk)
                 if received > upload.size:
-                    raise DigestMismatchError(f"received more than the {upload.size} bytes the upload declared")
+                    raise SizeMismatchError(f"received more than the {upload.size} bytes the upload declared")
                 pending += chunk
                 if len(pending) >= _WRITE_BATCH:  # file writes and hashing run off the event loop
                     await run_in_threadpool(write, fh, bytes(pending))
@@ -92,7 +96,7 @@ async def send_upload_bytes(
             if pending:
                 await run_in_threadpool(write, fh, bytes(pending))
             if received != upload.size:
-                raise DigestMismatchError(f"received {received} bytes but the upload declared {upload.size}")
+                raise SizeMismatchError(f"received {received} bytes but the upload declared {upload.size}")
     except ClientDisconnect:
         raise InvalidRequestError(f"upload {upload_id} was interrupted after {received} bytes") from None
     digest = "sha256:" + sha.hexdigest()

@@ -9,10 +9,11 @@ from fastapi.responses import FileResponse, RedirectResponse
 
 from registry.server import crud
 from registry.server.deps import (
-    Cursor, DatabaseDep, PageLimit, PrincipalDep, ReadSessionDep, RepoPath, SettingsDep, StateDep, VersionNumber, VersionRef,
+    DatabaseDep, PageLimit, PositionCursor, PrincipalDep, ReadSessionDep, RepoPath, SettingsDep, StateDep,
+    VersionNumber, VersionRef,
 )
 from registry.common.errors import InvalidRequestError
-from registry.server.schemas import Page, VersionOut
+from registry.server.schemas import Page, VersionDeleted, VersionOut
 from registry.server.api.views import require_read, versions_out
 
 router = APIRouter(prefix="/v1/repos/{namespace}/{name}/versions", tags=["versions"])
@@ -21,7 +22,7 @@ router = APIRouter(prefix="/v1/repos/{namespace}/{name}/versions", tags=["versio
 @router.get("", response_model=Page[VersionOut])
 def list_versions(
     repo_name: RepoPath, session: ReadSessionDep, principal: PrincipalDep, settings: SettingsDep, limit: PageLimit,
-    cursor: Cursor = None,
+    cursor: PositionCursor = None,
 ):
     """Ready versions, newest first."""
     repo = crud.get_repo(session, namespace=repo_name.namespace, name=repo_name.name)
@@ -67,12 +68,14 @@ def download_version(
     return FileResponse(target.path, media_type="application/zstd", filename=filename, headers=headers)
 
 
-@router.delete("/{ref}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_version(repo_name: RepoPath, ref: VersionNumber, db: DatabaseDep, principal: PrincipalDep) -> None:
-    """Delete one version by number; `latest` moves back to the newest remaining version."""
+@router.delete("/{ref}", response_model=VersionDeleted)
+def delete_version(repo_name: RepoPath, ref: VersionNumber, db: DatabaseDep, principal: PrincipalDep):
+    """Delete one version by number, and the tags that point at it (the answer lists them);
+    `latest` moves back to the newest remaining version."""
     if not isinstance(ref, int):
         raise InvalidRequestError("delete a version by its number, not by a tag")
     principal.require("write", repo_name.namespace)
     with db.write() as session:
         repo = crud.get_repo(session, namespace=repo_name.namespace, name=repo_name.name)
-        crud.delete_version(session, repo=repo, number=ref, actor=principal.name)
+        removed, latest = crud.delete_version(session, repo=repo, number=ref, actor=principal.name)
+    return VersionDeleted(repository=repo_name.full, number=ref, removed_tags=removed, latest=latest)

@@ -17,6 +17,8 @@ def authed(make_client, delta_blobs, base_fingerprint):
     client = make_client(auth_enabled=True, admin_token=ADMIN_SECRET)
     admin = {"Authorization": f"Bearer {ADMIN_SECRET}"}
     setup_repo(client, base_fingerprint, "acme/math", headers=admin)
+    spare = {"name": "acme/spare", "fingerprint": "sha256:" + "34" * 32}
+    assert client.post("/v1/bases", json=spare, headers=admin).status_code == 201
     for blob in delta_blobs[:2]:
         assert push(client, blob, headers=admin).status_code == 201
     headers = {"none": {}, "admin": admin}
@@ -55,6 +57,10 @@ def _register_base(c, h, blobs):
     return c.post("/v1/bases", json={"name": "acme/base2", "fingerprint": "sha256:" + "12" * 32}, headers=h)
 
 
+def _delete_base(c, h, blobs):
+    return c.delete("/v1/bases/acme/spare", headers=h)
+
+
 def _create_token(c, h, blobs):
     return c.post("/v1/tokens", json={"name": "t", "scopes": [{"namespace": "acme", "permission": "read"}]}, headers=h)
 
@@ -71,6 +77,7 @@ MATRIX = {
     _delete_version: {"write", "admin"},
     _register_base: {"write", "admin"},
     _delete_repo: {"admin"},
+    _delete_base: {"admin"},
     _create_token: {"admin"},
     _gc: {"admin"},
 }

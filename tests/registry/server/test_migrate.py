@@ -3,6 +3,8 @@ an un-migrated database, naming the command that fixes it."""
 
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -43,6 +45,40 @@ def test_downgrade_removes_everything_and_upgrade_restores_it(database_url):
     command.downgrade(alembic_config(db.engine), "base")
     assert set(inspect(db.engine).get_table_names()) <= {"alembic_version"}
     upgrade(db.engine)
+    assert _diff(db.engine) == []
+    db.dispose()
+
+
+def _upgrade_when_all_are_ready(url: str, ready, results) -> None:
+    """One replica starting: `db upgrade` of `url` the moment every other one is ready too."""
+    engine = Database.from_url(url).engine
+    ready.wait()
+    try:
+        upgrade(engine)
+        results.put("ok")
+    except Exception as exc:
+        results.put(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+    finally:
+        engine.dispose()
+
+
+def test_replicas_upgrading_at_once_migrate_once(database_url):
+    """Six processes upgrade one fresh database at the same instant (replicas starting together):
+    every one succeeds and the schema is at head, matching the models (before the migrations took
+    a lock, all but one failed: a duplicate key on PostgreSQL, "database is locked" on SQLite)."""
+    ctx = multiprocessing.get_context("spawn")
+    n = 6
+    ready, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_upgrade_when_all_are_ready, args=(database_url, ready, results))
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in range(n)]
+    for p in procs:
+        p.join(timeout=60)
+    assert outcomes == ["ok"] * n
+    db = Database.from_url(database_url)
+    assert current_revision(db.engine) == head_revision()
     assert _diff(db.engine) == []
     db.dispose()
 

@@ -98,3 +98,31 @@ def test_fidelity_is_recorded_from_the_delta_or_the_declaration(client, llama_pa
     # a delta without the key keeps what the client declared
     r = push(client, delta_blobs[4], fidelity={"greedy_agreement": 0.8})
     assert r.status_code == 201 and r.json()["fidelity"] == {"greedy_agreement": 0.8}
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+def test_every_cursor_the_schema_allows_is_answered(client, base_fingerprint):
+    """A cursor is the position a page starts after, in decimal (the OpenAPI document says so):
+    any string of digits is a valid position, clamped to the 32-bit ids; anything else is a 400."""
+    for i in range(3):
+        setup_repo(client, base_fingerprint, f"acme/r{i}")
+    first = client.get("/v1/repos", params={"limit": 2}).json()
+    assert [r["name"] for r in first["items"]] == ["r0", "r1"] and first["next_cursor"].isdigit()
+    rest = client.get("/v1/repos", params={"limit": 2, "cursor": first["next_cursor"]}).json()
+    assert [r["name"] for r in rest["items"]] == ["r2"] and rest["next_cursor"] is None
+    for cursor, names in (("", ["r0", "r1", "r2"]), ("0", ["r0", "r1", "r2"]), ("0000", ["r0", "r1", "r2"]),
+                          ("9" * 20, [])):
+        r = client.get("/v1/repos", params={"cursor": cursor})
+        assert r.status_code == 200 and [x["name"] for x in r.json()["items"]] == names, cursor
+    # the audit log runs newest first: everything is before the largest position
+    assert client.get("/v1/audit", params={"cursor": "9" * 20}).json()["items"]
+    for cursor in ("abc", "-1", "\u0663", "1.5"):
+        r = client.get("/v1/repos", params={"cursor": cursor})
+        assert r.status_code == 400, cursor
+        message = f"invalid cursor {cursor!r} (a cursor is decimal digits)"
+        assert error_of(r) == {"code": "invalid_request", "message": message}
+    r = client.get("/v1/repos", params={"cursor": "9" * 21})
+    assert r.status_code == 422 and error_of(r)["code"] == "invalid_request"
+    param = next(p for p in client.get("/openapi.json").json()["paths"]["/v1/repos"]["get"]["parameters"]
+                 if p["name"] == "cursor")
+    assert (param["schema"]["pattern"], param["schema"]["anyOf"][0]["maxLength"]) == ("^[0-9]*$", 20)

@@ -95,6 +95,16 @@ def test_dedup_declaration_must_match_the_stored_blob(client, delta_blobs, base_
     assert r.status_code == 422 and error_of(r)["code"] == "digest_mismatch"
 
 
+def test_a_delta_of_another_checkpoint_under_the_same_base_name_is_refused_saying_so(client, delta_blobs):
+    other = "sha256:" + "ab" * 32
+    setup_repo(client, other, "acme/math")  # the delta's own base name, other weights
+    r = push(client, delta_blobs[0])
+    assert r.status_code == 409
+    assert error_of(r) == {"code": "base_mismatch", "message": (
+        f"acme/math holds deltas of base {BASE_NAME!r} (fingerprint {other}); this upload was made for another "
+        f"checkpoint of that name (fingerprint {delta_blobs[0].base_fingerprint})")}
+
+
 def test_wrong_base_is_refused_naming_the_expected_base(client, delta_blobs, make_settings):
     setup_repo(client, "sha256:" + "ab" * 32, "acme/math", base="org/other-base")
     r = push(client, delta_blobs[0])
@@ -116,7 +126,9 @@ def test_declared_digest_or_size_mismatch_is_refused_and_leaves_nothing(client, 
     declared = a.declaration(digest=b.digest) if lie == "digest" else a.declaration(size=a.size + 10)
     upload = client.post("/v1/repos/acme/math/uploads", json=declared).json()
     r = client.put(upload["upload_url"], content=a.data)
-    assert r.status_code == 422 and error_of(r)["code"] == "digest_mismatch"
+    assert r.status_code == 422 and error_of(r)["code"] == f"{lie}_mismatch"
+    if lie == "size":
+        assert error_of(r)["message"] == f"request has {a.size} bytes but the upload declared {a.size + 10}"
     r = client.post(upload["complete_url"])
     assert r.status_code in (409, 422)
     assert client.get("/v1/repos/acme/math/versions").json()["items"] == []
@@ -182,7 +194,8 @@ def test_more_bytes_than_declared_are_cut_off(client, delta_blobs, base_fingerpr
         yield b"x" * 100_000
 
     r = client.put(upload["upload_url"], content=body())
-    assert r.status_code == 422 and error_of(r)["code"] == "digest_mismatch"
+    assert r.status_code == 422 and error_of(r) == {
+        "code": "size_mismatch", "message": f"received more than the {a.size} bytes the upload declared"}
     assert _staging_files(make_settings()) == []
 
 
@@ -193,7 +206,7 @@ def test_gc_removes_unreferenced_blobs_and_stale_uploads(client, delta_blobs, ba
     assert push(client, b).status_code == 201
     pending = client.post("/v1/repos/acme/math/uploads", json=c.declaration()).json()
     send_bytes(client, pending, c.data)  # never completed
-    assert client.delete("/v1/repos/acme/math/versions/1").status_code == 204
+    assert client.delete("/v1/repos/acme/math/versions/1").status_code == 200
     assert client.get("/v1/repos/acme/math/versions/latest").json()["number"] == 2
 
     settings = make_settings()
@@ -208,6 +221,28 @@ def test_gc_removes_unreferenced_blobs_and_stale_uploads(client, delta_blobs, ba
     assert _staging_files(settings) == []
     db.dispose()
     assert client.get("/v1/repos/acme/math/versions/2/download").status_code == 200
+
+
+def test_deleting_a_version_names_the_tags_that_went_with_it(client, delta_blobs, base_fingerprint):
+    setup_repo(client, base_fingerprint)
+    for blob in delta_blobs[:3]:
+        assert push(client, blob).status_code == 201
+    for tag, number in (("prod", 1), ("stable", 1), ("rc", 3)):
+        assert client.put(f"/v1/repos/acme/math/tags/{tag}", json={"version": number}).status_code == 200
+    r = client.delete("/v1/repos/acme/math/versions/1")
+    assert r.status_code == 200
+    assert r.json() == {"repository": "acme/math", "number": 1, "removed_tags": ["prod", "stable"], "latest": 3}
+    assert {t["name"]: t["version"] for t in client.get("/v1/repos/acme/math/tags").json()} == {"latest": 3, "rc": 3}
+    # the newest: latest moves back (it is not one of the removed tags)
+    assert client.delete("/v1/repos/acme/math/versions/3").json() == {
+        "repository": "acme/math", "number": 3, "removed_tags": ["rc"], "latest": 2}
+    assert client.delete("/v1/repos/acme/math/versions/2").json() == {
+        "repository": "acme/math", "number": 2, "removed_tags": [], "latest": None}
+    assert client.get("/v1/repos/acme/math/tags").json() == []
+    events = client.get("/v1/audit", params={"target": "acme/math"}).json()["items"]
+    assert [e["detail"] for e in events if e["action"] == "delete_version"] == [
+        {"version": 2, "removed_tags": []}, {"version": 3, "removed_tags": ["rc"]},
+        {"version": 1, "removed_tags": ["prod", "stable"]}]
 
 
 def test_tags_move_and_resolve(client, delta_blobs, base_fingerprint):
@@ -226,7 +261,7 @@ def test_tags_move_and_resolve(client, delta_blobs, base_fingerprint):
     assert client.delete("/v1/repos/acme/math/tags/prod").status_code == 204
     assert client.get("/v1/repos/acme/math/versions/prod").status_code == 404
     # deleting the newest version moves latest back
-    assert client.delete("/v1/repos/acme/math/versions/3").status_code == 204
+    assert client.delete("/v1/repos/acme/math/versions/3").status_code == 200
     assert client.get("/v1/repos/acme/math/versions/latest").json()["number"] == 2
     # numbers are never reused
     assert push(client, delta_blobs[3]).json()["number"] == 4
