@@ -66,7 +66,7 @@ def fresh_database(backend: str, *, sqlite_dir: str | os.PathLike[str], admin_ur
 
 def migrate(database_url: str) -> str:
     """Bring the database at `database_url` to the migrations' head; returns the URL."""
-    from registry.db import Database
+    from registry.server.db import Database
     from registry.server.migrate import upgrade
 
     db = Database.from_url(database_url)
