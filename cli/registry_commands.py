@@ -259,7 +259,7 @@ def _push_json(result: PushResult) -> dict:
 @handle_errors
 def pull_cmd(
     ref: Annotated[str, typer.Argument(metavar="REF", help="namespace/name, namespace/name:TAG or namespace/name@VERSION.")],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also copy the delta to this file (or into this directory).")] = None,
+    output: Annotated[Optional[str], typer.Option("-o", "--output", help="Also copy the delta to this file (or into this directory; a trailing slash makes one).")] = None,
     registry: Registry = None,
     as_json: Json = False,
 ) -> None:

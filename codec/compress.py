@@ -17,14 +17,13 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from . import __version__
+from . import __version__, deltadq
 from .activations import InputMoments
 from .background import OrderedWorker
 from .bitdelta import binarize
 from .checkpoint import FINGERPRINT_PREFIX, TORCH_TO_ST, Checkpoint, _fingerprint_record, tensor_bytes
 from .container import SpooledSafetensorsWriter, TensorSpec
 from .errors import CodecError, IncompatibleDeltaError
-from . import deltadq
 from .format import DQ_MASK, DTYPE_CODE, FLOAT_CODES, FORMAT, FORMAT_VERSION
 
 ScaleMode = Literal["per-matrix", "per-row"]
@@ -163,7 +162,8 @@ def compress(
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     fp = hashlib.sha256(FINGERPRINT_PREFIX)
-    writer = SpooledSafetensorsWriter(out_path)
+    # The output may be neither input nor inside an input model directory (refused before any work).
+    writer = SpooledSafetensorsWriter(out_path, inputs=[base_path, finetuned_path])
     report = CompressReport(path=out_path, base_fingerprint="", finetuned_bytes=ft.total_bytes)
     names = sorted(base.names)  # sorted order lets the base fingerprint be hashed in the same pass
     io = OrderedWorker()  # hashes the base fingerprint while the next tensor is binarized

@@ -7,7 +7,6 @@ torch lazily.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,7 +17,14 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 
 from .container import Header, TensorEntry, parse_header_bytes, read_header, strict_json_loads
-from .errors import BaseMismatchError, CorruptFileError, IncompatibleDeltaError, InvalidDeltaError, UnsupportedFormatError
+from .errors import (
+    BaseMismatchError,
+    CorruptFileError,
+    IncompatibleDeltaError,
+    InvalidDeltaError,
+    UnsupportedFormatError,
+)
+from .files import sha256_fileobj
 
 if TYPE_CHECKING:
     import torch
@@ -221,11 +227,8 @@ def _check_tensor_values(fh, entries: Mapping[str, DeltaEntry]) -> dict[str, tup
 
 
 def _check_digest(fh, path: Path, expected: str) -> None:
-    sha = hashlib.sha256()
-    while buf := fh.read(8 << 20):
-        sha.update(buf)
+    actual = sha256_fileobj(fh)
     fh.seek(0)
-    actual = "sha256:" + sha.hexdigest()
     if actual != expected:
         raise CorruptFileError(
             f"{path}: content has sha256 {actual}, but {expected} was recorded for it (corrupted or replaced; fetch it again)"

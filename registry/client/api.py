@@ -28,23 +28,39 @@ import httpx
 
 from codec import __version__
 from codec.errors import BaseMismatchError, DeltaStoreError
+from codec.files import CHUNK, AtomicWriter, output_file
 from codec.format import DeltaFile
 from codec.storage import BlobInfo
-
 from registry.client import credentials, settings
-from registry.common import names
 from registry.client.cache import DeltaCache
 from registry.client.errors import (
-    BlobStoreUnreachableError, CorruptDownloadError, NetworkError, RegistryUnavailableError, RegistryUnreachableError,
+    BlobStoreUnreachableError,
+    CorruptDownloadError,
+    NetworkError,
+    RegistryUnavailableError,
+    RegistryUnreachableError,
     TransferInterruptedError,
-)
-from registry.common.errors import (
-    AuthenticationError, BaseMismatchUploadError, BlobStoreError, ConflictError, DatabaseUnavailableError,
-    DigestMismatchError, InvalidNameError, InvalidRequestError, InvalidUploadError, NotFoundError, PermissionDeniedError,
-    RegistryError, SchemaOutOfDateError, StorageFullError, UploadTooLargeError,
 )
 from registry.client.transfer import netloc as _netloc
 from registry.client.transfer import put_range, receive_blob, s3_error, upload_parts
+from registry.common import names
+from registry.common.errors import (
+    AuthenticationError,
+    BaseMismatchUploadError,
+    BlobStoreError,
+    ConflictError,
+    DatabaseUnavailableError,
+    DigestMismatchError,
+    InvalidNameError,
+    InvalidRequestError,
+    InvalidUploadError,
+    NotFoundError,
+    PermissionDeniedError,
+    RegistryError,
+    SchemaOutOfDateError,
+    StorageFullError,
+    UploadTooLargeError,
+)
 
 #: The API's error codes (docs/registry.md) and the classes they come back as.
 _ERROR_CLASSES: dict[str, type[RegistryError]] = {
@@ -731,7 +747,7 @@ class RegistryApi:
                 blob = self.cache.blob_path(expected.raw_digest)
         path = self.cache.record_version(self.endpoint, version.as_dict())
         if output is not None:
-            path = _copy_out(blob, Path(output), version)
+            path = _copy_out(blob, output, version)
         return PullResult(version=version, path=path, blob=blob, cache_hit=hit, downloaded_bytes=downloaded,
                           seconds=time.perf_counter() - started, repaired=repaired)
 
@@ -796,7 +812,7 @@ class RegistryApi:
 
             def chunks() -> Iterator[bytes]:
                 try:
-                    yield from response.iter_bytes(settings.CHUNK)
+                    yield from response.iter_bytes(CHUNK)
                 except httpx.TransportError as exc:
                     raise TransferInterruptedError(f"connection lost: {_reason(exc)}") from None
 
@@ -821,17 +837,11 @@ def _check_fingerprint(repo: str, base_name: str, fingerprint: str, meta: dict) 
         )
 
 
-def _copy_out(blob: Path, output: Path, version: VersionInfo) -> Path:
-    if output.is_dir():
-        output = output / f"{version.repository.replace('/', '-')}-v{version.number}.bdelta"
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.incomplete")
-    try:
-        shutil.copyfile(blob, tmp)
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return output
+def _copy_out(blob: Path, output: str | os.PathLike[str], version: VersionInfo) -> Path:
+    target = output_file(output, f"{version.repository.replace('/', '-')}-v{version.number}.bdelta")
+    with open(blob, "rb") as src, AtomicWriter(target, inputs=[blob]) as dst:
+        shutil.copyfileobj(src, dst, CHUNK)
+    return target
 
 
 def _origin(response: httpx.Response) -> str:

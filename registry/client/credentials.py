@@ -8,13 +8,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from registry.common.errors import InvalidRequestError
-
+from codec.files import write_atomic
 from registry.client import settings
+from registry.common.errors import InvalidRequestError
 
 TOKENS_FILE = "tokens.json"
 CONFIG_FILE = "config.json"
@@ -42,16 +41,7 @@ def _read_json(path: Path) -> dict:
 def _write_json(path: Path, data: dict, *, mode: int) -> None:
     """Write atomically, created with `mode` from the start (a token is never world-readable)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode(), mode=mode)
 
 
 def saved_registry(home: Path | None = None) -> str | None:

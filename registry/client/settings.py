@@ -22,8 +22,6 @@ ENV_UNAVAILABLE_MAX_WAIT = "DELTACTL_UNAVAILABLE_MAX_WAIT"
 DEFAULT_REGISTRY = "http://127.0.0.1:8000"
 #: Parallel part uploads (boto3's default concurrency is 10).
 DEFAULT_UPLOAD_CONCURRENCY = 10
-#: Read/write unit of transfers and hashing.
-CHUNK = 1 << 20
 #: Seconds to wait for a connection / for the next bytes of an answer.
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 120.0

@@ -9,7 +9,6 @@ into the cache in the same pass.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -18,8 +17,8 @@ from typing import Callable, Iterable, Iterator
 
 import httpx
 
+from codec.files import CHUNK, AtomicWriter
 from codec.storage import BlobCorruptError, BlobInfo, BlobTooLargeError, decompress_stream
-
 from registry.client import settings
 from registry.client.errors import CorruptDownloadError, NetworkError, TransferInterruptedError
 from registry.common.readahead import ReadAhead
@@ -39,7 +38,7 @@ def _file_chunks(path: Path, offset: int, size: int, advance: Advance, sent: lis
         fh.seek(offset)
         left = size
         while left:
-            buf = fh.read(min(settings.CHUNK, left))
+            buf = fh.read(min(CHUNK, left))
             if not buf:
                 raise OSError(f"{path} is shorter than expected (it changed during the push)")
             left -= len(buf)
@@ -132,7 +131,7 @@ class _Received(ReadAhead):
     def __init__(self, chunks: Iterable[bytes], partial: Path, offset: int, advance: Advance):
         self.sha = hashlib.sha256()
         self.n = 0
-        super().__init__(self._chunks(chunks, partial, offset, advance), chunk_size=settings.CHUNK)
+        super().__init__(self._chunks(chunks, partial, offset, advance), chunk_size=CHUNK)
 
     def _take(self, buf: bytes) -> bytes:
         self.sha.update(buf)
@@ -141,7 +140,7 @@ class _Received(ReadAhead):
 
     def _chunks(self, chunks: Iterable[bytes], partial: Path, offset: int, advance: Advance) -> Iterator[bytes]:
         with open(partial, "r+b" if offset else "wb") as fh:
-            while fh.tell() < offset and (buf := fh.read(min(settings.CHUNK, offset - fh.tell()))):
+            while fh.tell() < offset and (buf := fh.read(min(CHUNK, offset - fh.tell()))):
                 yield self._take(buf)
             fh.seek(offset)
             fh.truncate()
@@ -159,21 +158,18 @@ def receive_blob(
     """Take a blob's compressed bytes from `chunks` (those after `offset`; the first `offset` are
     in `partial` already), keep them in `partial` for a resume, check their size and sha256,
     and decompress them, capped at the recorded raw size and checked against the raw sha256,
-    into `dest` (written to `dest.incomplete`, then renamed). `partial` is removed on success
-    and on corruption, kept when the transfer was cut."""
-    tmp = dest.with_name(dest.name + ".incomplete")
+    into `dest` (atomically: codec.files.AtomicWriter). `partial` is removed on success and on
+    corruption, kept when the transfer was cut."""
+    out = AtomicWriter(dest)
     stream = _Received(chunks, partial, offset, advance)
     failure: BaseException | None = None
     try:
-        with open(tmp, "wb") as out:
-            decompress_stream(stream, out, max_output_size=expected.raw_size, expected_raw_digest=expected.raw_digest)
-            out.flush()
-            os.fsync(out.fileno())
+        decompress_stream(stream, out.file, max_output_size=expected.raw_size, expected_raw_digest=expected.raw_digest)
     except BaseException as exc:
         failure = exc
     stream.close()
     if stream.error is not None or (failure is not None and not isinstance(failure, (BlobCorruptError, BlobTooLargeError))):
-        tmp.unlink(missing_ok=True)
+        out.abort()
         cause = stream.error or failure
         if isinstance(cause, (httpx.TransportError, NetworkError)):
             raise TransferInterruptedError(
@@ -182,7 +178,7 @@ def receive_blob(
         raise cause  # type: ignore[misc]
     digest = "sha256:" + stream.sha.hexdigest()
     if failure is not None or stream.n != expected.size or digest != expected.digest:
-        tmp.unlink(missing_ok=True)
+        out.abort()
         partial.unlink(missing_ok=True)  # wrong bytes are no base for a resume
         if failure is not None and not stream.complete:
             raise CorruptDownloadError(f"the downloaded bytes are not the recorded delta: {failure}")
@@ -190,5 +186,5 @@ def receive_blob(
             f"downloaded {stream.n} bytes with digest {digest}, but the registry recorded {expected.size} bytes "
             f"with digest {expected.digest}"
         )
-    os.replace(tmp, dest)
+    out.commit()
     partial.unlink(missing_ok=True)

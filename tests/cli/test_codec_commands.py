@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cli import errors as exit_codes
@@ -93,3 +92,32 @@ def test_version_and_help():
     assert res.exit_code == 0 and res.stdout.startswith("deltactl ")
     res = run("compress", "--help")
     assert res.exit_code == 0 and "Example" in res.stdout
+
+
+def _tree(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_compress_refuses_an_output_that_is_one_of_its_inputs(llama_pair, tmp_path):
+    base_dir, ft_dir = llama_pair
+    before = {"base": _tree(base_dir), "ft": _tree(ft_dir)}
+    for output in (ft_dir / "model.safetensors", base_dir / "model.safetensors", base_dir / "new.bdelta"):
+        res = run("compress", base_dir, ft_dir, "-o", output, "--base-name", "org/tiny")
+        assert res.exit_code == exit_codes.EXIT_INVALID, res.output
+        assert "refusing to" in res.stderr and str(output) in res.stderr
+    assert {"base": _tree(base_dir), "ft": _tree(ft_dir)} == before
+
+
+@pytest.mark.parametrize("target", ["fifo", "directory"])
+def test_compress_refuses_a_fifo_or_a_directory_and_leaves_no_temp_file(llama_pair, tmp_path, target):
+    import os
+    import stat
+
+    base_dir, ft_dir = llama_pair
+    out = tmp_path / "out"
+    os.mkfifo(out) if target == "fifo" else out.mkdir()
+    res = run("compress", base_dir, ft_dir, "-o", out, "--base-name", "org/tiny")
+    assert res.exit_code == exit_codes.EXIT_INVALID, res.output
+    assert f"{out} is {'a FIFO' if target == 'fifo' else 'a directory'}, not a regular file" in res.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert stat.S_ISFIFO(out.stat().st_mode) if target == "fifo" else out.is_dir()
