@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from codec.errors import BaseMismatchError
 from codec.summary import summarize
 
 from .console import emit_json, err, human_bytes, loss_progress, out, tensor_progress
@@ -110,7 +111,7 @@ def compress_cmd(
                   f"{calibration['final_loss']:.4g} in {calibration['steps']} steps ({calibration['seconds']}s)")
 
 
-@handle_errors
+@handle_errors(hints={BaseMismatchError: "use --force to apply anyway"})
 def apply_cmd(
     base: Annotated[Path, typer.Argument(help="Base model the delta was made against.")],
     delta: Annotated[Path, typer.Argument(help="Delta file (.bdelta).")],

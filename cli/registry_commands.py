@@ -10,45 +10,23 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.progress import (
-    BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 from rich.table import Table
 from rich.text import Text
 
-from registry.client.api import PullResult, PushResult, RegistryApi, RepoInfo, VersionInfo, parse_ref
-from registry.client.errors import CacheError, CorruptDownloadError, NetworkError, RegistryUnavailableError
-from registry.common.errors import (
-    AuthenticationError, BaseMismatchUploadError, BlobStoreError, ConflictError, DatabaseUnavailableError,
-    DigestMismatchError, InvalidRequestError, InvalidUploadError, NotFoundError, PermissionDeniedError, RegistryError,
-    SchemaOutOfDateError, StorageFullError, UploadTooLargeError,
-)
+from registry.client import PullResult, PushResult, RegistryApi, RepoInfo, VersionInfo, parse_ref
+from registry.common.errors import InvalidRequestError
 
 from . import errors as exit_codes
 from .console import emit_json, err, human_bytes, out
 from .errors import handle_errors
-
-# Generic first: `register` puts each mapping ahead of those before it.
-for _exc, _code, _label in (
-    (RegistryError, exit_codes.EXIT_ERROR, "registry error"),
-    (CacheError, exit_codes.EXIT_ERROR, "cache error"),
-    (NetworkError, exit_codes.EXIT_NETWORK, "network"),
-    (RegistryUnavailableError, exit_codes.EXIT_NETWORK, "registry unavailable"),
-    (BlobStoreError, exit_codes.EXIT_NETWORK, "blob store"),
-    (DatabaseUnavailableError, exit_codes.EXIT_NETWORK, "registry unavailable"),
-    (SchemaOutOfDateError, exit_codes.EXIT_NETWORK, "schema out of date"),
-    (StorageFullError, exit_codes.EXIT_STORAGE_FULL, "registry storage full"),
-    (InvalidRequestError, exit_codes.EXIT_INVALID, "invalid request"),
-    (UploadTooLargeError, exit_codes.EXIT_INVALID, "too large"),
-    (DigestMismatchError, exit_codes.EXIT_INVALID, "digest mismatch"),
-    (InvalidUploadError, exit_codes.EXIT_INVALID, "invalid delta file"),
-    (CorruptDownloadError, exit_codes.EXIT_INVALID, "corrupt download"),
-    (ConflictError, exit_codes.EXIT_CONFLICT, "conflict"),
-    (BaseMismatchUploadError, exit_codes.EXIT_BASE_MISMATCH, "base mismatch"),
-    (AuthenticationError, exit_codes.EXIT_AUTH, "authentication"),
-    (PermissionDeniedError, exit_codes.EXIT_AUTH, "permission denied"),
-    (NotFoundError, exit_codes.EXIT_NOT_FOUND, "not found"),
-):
-    exit_codes.register(_exc, _code, _label)
 
 Registry = Annotated[Optional[str], typer.Option("--registry", help="Registry URL (default: DELTACTL_REGISTRY, the saved login, or http://127.0.0.1:8000).")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]

@@ -121,7 +121,7 @@ def apply_delta(
         if fingerprint != delta.base_fingerprint and not force:
             raise BaseMismatchError(
                 f"delta was made for base {delta.base_model!r} with fingerprint {delta.base_fingerprint}, "
-                f"but {base_path} has fingerprint {fingerprint} (use --force to apply anyway)",
+                f"but {base_path} has fingerprint {fingerprint}",
                 expected=delta.base_fingerprint,
                 actual=fingerprint,
             )

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 
 from .container import Header, TensorEntry, parse_header_bytes, read_header, strict_json_loads
+from .deltadq_params import DQParams
 from .errors import (
     BaseMismatchError,
     CorruptFileError,
@@ -200,7 +201,6 @@ def _read_f32(fh, entry: TensorEntry) -> np.ndarray:
 def _check_tensor_values(fh, entries: Mapping[str, DeltaEntry]) -> dict[str, tuple[int, int, int, int]]:
     """Scales and steps must be finite; deltadq parameters must be valid. Returns the deltadq
     parameters (group_size, keep, bits, parts) per tensor."""
-    from .deltadq import DQParams
     from .errors import CodecError
 
     total = 0
@@ -305,7 +305,6 @@ class DeltaFile:
 
     def dq_params(self, name: str):
         """The `codec.deltadq.DQParams` of a deltadq tensor."""
-        from .deltadq import DQParams
 
         return DQParams(*self._dq[name])
 
@@ -325,7 +324,7 @@ class DeltaFile:
         if fingerprint is not None and fingerprint != self.base_fingerprint and not force:
             raise BaseMismatchError(
                 f"delta was made for base {self.base_model!r} with fingerprint {self.base_fingerprint}, "
-                f"but the given base has fingerprint {fingerprint} (use --force to apply anyway)",
+                f"but the given base has fingerprint {fingerprint}",
                 expected=self.base_fingerprint,
                 actual=fingerprint,
             )

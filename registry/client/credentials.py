@@ -54,12 +54,18 @@ def saved_token(registry: str, home: Path | None = None) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def resolve_registry(explicit: str | None, home: Path | None = None) -> str:
-    return normalize_url(explicit or settings.env_registry() or saved_registry(home) or settings.DEFAULT_REGISTRY)
+def resolve_registry(
+    explicit: str | None, home: Path | None = None, *, env: settings.ClientSettings | None = None
+) -> str:
+    env = env or settings.load()
+    return normalize_url(explicit or env.registry or saved_registry(home) or settings.DEFAULT_REGISTRY)
 
 
-def resolve_token(registry: str, explicit: str | None, home: Path | None = None) -> str | None:
-    return explicit or settings.env_token() or saved_token(registry, home)
+def resolve_token(
+    registry: str, explicit: str | None, home: Path | None = None, *, env: settings.ClientSettings | None = None
+) -> str | None:
+    env = env or settings.load()
+    return explicit or env.token or saved_token(registry, home)
 
 
 def save_login(registry: str, token: str | None, home: Path | None = None) -> Path:

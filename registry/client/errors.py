@@ -28,6 +28,10 @@ class BlobStoreUnreachableError(NetworkError):
     itself answered)."""
 
 
+class OfflineError(NetworkError):
+    """The client is offline (DELTACTL_OFFLINE) and what was asked for needs the registry."""
+
+
 class TransferInterruptedError(NetworkError):
     """A push or pull stopped part-way; running the same command again resumes it."""
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -21,12 +20,11 @@ from codec.files import CHUNK, AtomicWriter
 from codec.storage import BlobCorruptError, BlobInfo, BlobTooLargeError, decompress_stream
 from registry.client import settings
 from registry.client.errors import CorruptDownloadError, NetworkError, TransferInterruptedError
+from registry.client.http import TRANSIENT_STATUSES, netloc, retrying, s3_error
 from registry.common.readahead import ReadAhead
 
 #: Called with a number of bytes just moved (negative when a failed attempt is taken back).
 Advance = Callable[[int], None]
-
-_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 def _no_progress(n: int) -> None:
@@ -52,25 +50,27 @@ def put_range(
     advance: Advance = _no_progress, attempts: int | None = None,
 ) -> httpx.Response:
     """PUT bytes [offset, offset+size) of `path` to `url`, streamed with a fixed Content-Length;
-    transient failures (connection errors, 5xx, 429) are retried with backoff. After the last
-    attempt a connection failure is raised as the httpx error it is, for the caller to say which
-    server (the registry or the blob store) failed."""
-    attempts = attempts or settings.TRANSFER_ATTEMPTS
-    for attempt in range(1, attempts + 1):
-        sent = [0]
-        try:
-            response = http.put(url, content=_file_chunks(path, offset, size, advance, sent),
-                                headers={**(headers or {}), "Content-Length": str(size)})
-        except httpx.TransportError:
-            advance(-sent[0])
-            if attempt == attempts:
-                raise
-        else:
-            if response.status_code not in _RETRY_STATUS or attempt == attempts:
-                return response
-            advance(-sent[0])
-        time.sleep(0.2 * 2 ** (attempt - 1))
-    raise AssertionError("unreachable")
+    transient failures (connection errors, 5xx, 429) are retried with backoff (the client's one
+    retry policy). After the last attempt a connection failure is raised as the httpx error it
+    is, for the caller to say which server (the registry or the blob store) failed."""
+    sent = [0]
+
+    def put() -> httpx.Response:
+        sent[0] = 0
+        return http.put(url, content=_file_chunks(path, offset, size, advance, sent),
+                        headers={**(headers or {}), "Content-Length": str(size)})
+
+    try:
+        return retrying(
+            put,
+            attempts=attempts or settings.TRANSFER_ATTEMPTS,
+            retry_on=lambda exc: isinstance(exc, httpx.TransportError),
+            retry_result=lambda response, state: response.status_code in TRANSIENT_STATUSES,
+            before_retry=lambda state: advance(-sent[0]),  # the bytes of a failed attempt are sent again
+        )
+    except httpx.TransportError:
+        advance(-sent[0])
+        raise
 
 
 def upload_parts(
@@ -105,21 +105,6 @@ def upload_parts(
     for future in futures:
         if not future.cancelled() and future.exception() is not None:
             raise future.exception()
-
-
-def netloc(url: str) -> str:
-    """`host:port` of a URL (a presigned one: its query, the signature, is left out)."""
-    try:
-        return httpx.URL(url).netloc.decode("ascii", "replace") or url[:80]
-    except httpx.InvalidURL:
-        return url[:80]
-
-
-def s3_error(response: httpx.Response) -> str:
-    """The `<Message>` of an S3 error answer, else the start of its body."""
-    text = response.text[:400]
-    start, end = text.find("<Message>"), text.find("</Message>")
-    return text[start + 9 : end] if 0 <= start < end else text[:120]
 
 
 class _Received(ReadAhead):

@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from cli import errors as exit_codes
+from registry.client import pull as pulling
 from registry.client.api import RegistryApi
 
 from .registry_fixtures import (  # noqa: F401  (fixtures)
@@ -90,7 +91,7 @@ def test_push_list_show_pull_round_trip(deltas, with_base, monkeypatch, tmp_path
     def no_download(*args, **kwargs):
         raise AssertionError("a cache hit must not download")
 
-    monkeypatch.setattr(RegistryApi, "_open_download", no_download)
+    monkeypatch.setattr("registry.client.pull.open_download", no_download)
     again = deltactl("pull", "acme/math@1", "-o", tmp_path / "out.bdelta")
     assert again.exit_code == 0, again.output
     assert "cache hit" in again.stderr and again.stdout.strip() == str(tmp_path / "out.bdelta")
@@ -259,13 +260,13 @@ def test_concurrent_pulls_of_one_blob_download_it_once(deltas, with_base, isolat
     deltactl_json("push", deltas.plain, "acme/math")
     deltactl_json("tag", "acme/math@1", "prod")
     downloads = []
-    original = RegistryApi._download
+    original = pulling.download
 
-    def counted(self, version, progress):
+    def counted(http, cache, version, progress):
         downloads.append(version.number)
-        return original(self, version, progress)
+        return original(http, cache, version, progress)
 
-    monkeypatch.setattr(RegistryApi, "_download", counted)
+    monkeypatch.setattr(pulling, "download", counted)
     results, failures = [], []
 
     def pull(ref: str) -> None:
