@@ -21,7 +21,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from registry.client import PullResult, PushResult, RegistryApi, RepoInfo, VersionInfo, parse_ref
+from registry.client import PullResult, PushResult, Ref, RegistryApi, RepoInfo, VersionInfo, parse_ref
 from registry.common.errors import InvalidRequestError
 
 from . import errors as exit_codes
@@ -422,6 +422,8 @@ def rm_cmd(
             f"delete a version by its number ({parsed.repo}@N), or remove a tag with `deltactl tag {parsed.repo} {parsed.tag} --delete`"
         )
     with _api(registry) as api:
+        if parsed.digest is not None:  # the version of that digest, never the whole repository
+            parsed = Ref(parsed.namespace, parsed.name, version=api.version(parsed).number)
         if parsed.version is None:
             repo = api.repo(parsed.repo)
             what = f"repository {repo.full_name} with all its versions (latest v{repo.latest_version or 0}) and tags"

@@ -38,7 +38,7 @@ from registry.client.types import (
     build,
 )
 from registry.common import names
-from registry.common.errors import AuthenticationError
+from registry.common.errors import AuthenticationError, NotFoundError
 
 
 class RegistryApi:
@@ -199,7 +199,13 @@ class RegistryApi:
         return [build(VersionInfo, v) for v in self._pages(f"/v1/repos/{namespace}/{name}/versions")]
 
     def version(self, ref: str | Ref) -> VersionInfo:
+        """The version `ref` names (a number, a tag, `latest`, or the digest of its stored bytes)."""
         ref = parse_ref(ref) if isinstance(ref, str) else ref
+        if ref.digest is not None:
+            page = self._request("GET", f"/v1/repos/{ref.repo}/versions", params={"digest": ref.digest}).json()
+            if not page["items"]:
+                raise NotFoundError(f"{ref.repo} has no version with digest {ref.digest}")
+            return build(VersionInfo, page["items"][0])
         return build(VersionInfo, self._request("GET", f"/v1/repos/{ref.repo}/versions/{ref.api_ref}").json())
 
     def delete_version(self, repo: str, number: int) -> None:

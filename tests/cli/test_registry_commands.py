@@ -286,3 +286,25 @@ def test_concurrent_pulls_of_one_blob_download_it_once(deltas, with_base, isolat
     assert len({r.blob for r in results}) == 1 and sha256(results[0].blob) == sha256(deltas.plain)
     assert not list((isolated_home / "blobs").glob("*.incomplete"))
     assert os.path.realpath(results[0].path) == str(results[0].blob)
+
+
+def test_a_version_is_found_by_its_digest(deltas, with_base, registry, tmp_path):
+    import httpx
+
+    first = deltactl_json("push", deltas.plain, "acme/math")
+    deltactl_json("push", deltas.other, "acme/math")
+    shown = deltactl_json("show", f"acme/math@{first['digest']}")
+    assert shown["selected"] == 1
+    pulled = deltactl_json("pull", f"acme/math@{first['digest']}", "-o", f"{tmp_path}/new/")
+    assert pulled["version"] == 1 and pulled["path"] == str(tmp_path / "new" / "acme-math-v1.bdelta")
+    assert (tmp_path / "new" / "acme-math-v1.bdelta").read_bytes() == deltas.plain.read_bytes()
+    unknown = "sha256:" + "0" * 64
+    r = deltactl("pull", f"acme/math@{unknown}")
+    assert r.exit_code == exit_codes.EXIT_NOT_FOUND and f"acme/math has no version with digest {unknown}" in r.stderr
+    # the server's filter: exactly the version of that digest, and a malformed digest is a 422
+    page = httpx.get(f"{registry.url}/v1/repos/acme/math/versions", params={"digest": first["digest"]}).json()
+    assert [v["number"] for v in page["items"]] == [1]
+    assert httpx.get(f"{registry.url}/v1/repos/acme/math/versions", params={"digest": "sha256:xyz"}).status_code == 422
+    # rm by digest removes that version, not the repository
+    assert deltactl("rm", f"acme/math@{first['digest']}", "--yes").exit_code == 0
+    assert [v["number"] for v in deltactl_json("show", "acme/math")["versions"]] == [2]
