@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from codec import sizes
 from codec.errors import BaseMismatchError
 from codec.summary import summarize
 
@@ -177,22 +178,15 @@ def inspect_cmd(
         out.print(table)
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 def parse_size(text: str) -> int:
-    """'5GB' -> 5_000_000_000, '8GiB' -> 8·2^30, '1024' -> 1024."""
-    s = text.strip().upper().replace(" ", "")
-    num = s.rstrip("KMGTIB")
-    unit = s[len(num):]
+    """A positive size for an option ('5GB', '8GiB', '8G', '1024'): codec.sizes' one parser."""
     try:
-        value = float(num)
-    except ValueError:
-        raise typer.BadParameter(f"not a size: {text!r} (e.g. 512MB, 5GB, 8GiB)") from None
-    if unit not in _UNITS or value <= 0:
-        raise typer.BadParameter(f"not a size: {text!r} (e.g. 512MB, 5GB, 8GiB)")
-    return int(value * _UNITS[unit])
+        size = sizes.parse_size(text)
+    except sizes.SizeError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if size <= 0:
+        raise typer.BadParameter(f"not a size: {text!r} (must be more than 0 bytes)")
+    return size
 
 
 __all__ = ["compress_cmd", "apply_cmd", "inspect_cmd", "parse_size", "err"]

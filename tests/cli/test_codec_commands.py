@@ -121,3 +121,15 @@ def test_compress_refuses_a_fifo_or_a_directory_and_leaves_no_temp_file(llama_pa
     assert f"{out} is {'a FIFO' if target == 'fifo' else 'a directory'}, not a regular file" in res.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert stat.S_ISFIFO(out.stat().st_mode) if target == "fifo" else out.is_dir()
+
+
+def test_apply_takes_the_sizes_the_loader_takes(llama_pair, tmp_path):
+    base_dir, ft_dir = llama_pair
+    delta = tmp_path / "d.bdelta"
+    assert run("compress", base_dir, ft_dir, "-o", delta, "--base-name", "org/tiny").exit_code == 0
+    whole = run("apply", base_dir, delta, "-o", tmp_path / "one", "--max-shard-size", "8G", "--json")
+    assert whole.exit_code == 0, whole.output
+    assert json.loads(whole.stdout)["shards"] == 1
+    split = run("apply", base_dir, delta, "-o", tmp_path / "many", "--max-shard-size", "64K", "--json")
+    assert split.exit_code == 0, split.output
+    assert json.loads(split.stdout)["shards"] > 1
