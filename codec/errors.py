@@ -53,3 +53,7 @@ class CheckpointError(CodecError, OSError):
 
 class CalibrationDataError(CodecError):
     """Calibration data is missing, empty or not text."""
+
+
+class NotSafetensorsError(HeaderError):
+    """The bytes are not a safetensors file at all (so not a delta either)."""

@@ -21,8 +21,11 @@ from .deltadq_params import DQParams
 from .errors import (
     BaseMismatchError,
     CorruptFileError,
+    HeaderError,
     IncompatibleDeltaError,
     InvalidDeltaError,
+    NotSafetensorsError,
+    TruncatedFileError,
     UnsupportedFormatError,
 )
 from .files import sha256_fileobj
@@ -41,6 +44,8 @@ FLOAT_CODES = frozenset(DTYPE_CODE.values())
 KINDS = ("sign", "scale", "full", "dq_codes", "dq_step", "dq_params")
 DQ_MASK = "splitmix64-v1"
 FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+#: What the byte after a safetensors file's 8-byte length can be: its JSON header's '{' or whitespace.
+_JSON_STARTS = frozenset({b"{", b" ", b"\t", b"\n", b"\r"})
 _MAX_SCALE_BYTES = 1 << 30  # scales are F32 [P, out]: a GiB of them is a forged file
 
 
@@ -264,7 +269,13 @@ class DeltaFile:
             if expected_digest is not None:
                 _check_digest(fh, path, expected_digest)
             size = os.fstat(fh.fileno()).st_size
-            header = read_header_from_delta(fh, size)
+            try:
+                header = read_header_from_delta(fh, size)
+            except (HeaderError, TruncatedFileError):
+                fh.seek(8)
+                if size > 8 and fh.read(1) not in _JSON_STARTS:  # not even the start of a safetensors header
+                    raise NotSafetensorsError(f"{path} is not a deltastore delta (not a safetensors file)") from None
+                raise
             entries = group_entries(header)
             dq = _check_tensor_values(fh, entries)
         return cls(path, header, entries, dq)

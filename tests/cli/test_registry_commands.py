@@ -308,3 +308,11 @@ def test_a_version_is_found_by_its_digest(deltas, with_base, registry, tmp_path)
     # rm by digest removes that version, not the repository
     assert deltactl("rm", f"acme/math@{first['digest']}", "--yes").exit_code == 0
     assert [v["number"] for v in deltactl_json("show", "acme/math")["versions"]] == [2]
+
+
+def test_pushing_a_file_that_is_not_a_delta_names_it(tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(b"PK\x03\x04" + b"\x00" * 200)  # a zip archive (torch.save), not safetensors
+    r = deltactl("push", path, "acme/math", "--registry", f"http://127.0.0.1:{_free_port()}")
+    assert r.exit_code == exit_codes.EXIT_INVALID
+    assert r.stderr == f"error: invalid delta file: {path} is not a deltastore delta (not a safetensors file)\n"

@@ -178,3 +178,12 @@ def test_oversized_header(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(InvalidDeltaError, match="cannot open"):
         DeltaFile.open(tmp_path / "nope.bdelta")
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04 a zip archive, not a delta" * 4, b"\x28\xb5\x2f\xfd" + b"\0" * 64])
+def test_a_file_that_is_not_safetensors_is_named_as_such(tmp_path, content):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(content)
+    with pytest.raises(InvalidDeltaError) as info:
+        DeltaFile.open(path)
+    assert str(info.value) == f"{path} is not a deltastore delta (not a safetensors file)"
