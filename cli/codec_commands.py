@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,19 +10,21 @@ import typer
 from rich.table import Table
 
 from codec import sizes
-from codec.errors import BaseMismatchError
+from codec.errors import BaseMismatchError, BaseNameError, NothingToCompressError
+from codec.format import is_registry_base_name
 from codec.summary import summarize
 
 from .console import emit_json, err, human_bytes, loss_progress, out, tensor_progress
 from .errors import handle_errors
 
 
-@handle_errors
+@handle_errors(hints={NothingToCompressError: "pass --allow-dense to store every tensor dense anyway"})
 def compress_cmd(
     base: Annotated[Path, typer.Argument(help="Base model: HF directory or .safetensors file.")],
     finetuned: Annotated[Path, typer.Argument(help="Fine-tuned model: HF directory or .safetensors file.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Delta file to write (.bdelta).")],
-    base_name: Annotated[Optional[str], typer.Option("--base-name", help="Registry name of the base (default: its directory name).")] = None,
+    base_name: Annotated[Optional[str], typer.Option("--base-name", help="Registry name of the base, org/model (default: the _name_or_path of its config.json).")] = None,
+    allow_dense: Annotated[bool, typer.Option("--allow-dense", help="Write the delta even if no tensor can be compressed because every shape differs from the base's.")] = False,
     bits: Annotated[int, typer.Option("--bits", min=1, max=8, help="Sign planes per weight (residual binarization).")] = 1,
     scale: Annotated[str, typer.Option("--scale", help="per-matrix or per-row scales.")] = "per-matrix",
     include: Annotated[list[str], typer.Option("--include", help="Glob of tensors to binarize too (e.g. '*embed_tokens*'); repeatable.")] = [],
@@ -61,7 +64,9 @@ def compress_cmd(
         planes=bits, scale_mode=scale, include=tuple(include), exclude=tuple(exclude), base_name=base_name,  # type: ignore[arg-type]
         codec=codec, dq_ratio=ratio, dq_bits=dq_bits, dq_keep=keep,  # type: ignore[arg-type]
         dq_group_size=None if group_size == "auto" else int(group_size), dq_parts=parts, dq_seed=dq_seed,
+        allow_dense=allow_dense,
     )
+    options = dataclasses.replace(options, base_name=_registry_base_name(base, base_name))
     # Calibration text steers DeltaDQ's per-tensor search; for BitDelta it distills the scales.
     distill = calibrate is not None and codec != "deltadq"
     distill_options = moments = None
@@ -110,6 +115,25 @@ def compress_cmd(
     if calibration:
         out.print(f"distilled scales: calibration loss {calibration['initial_loss']:.4g} -> "
                   f"{calibration['final_loss']:.4g} in {calibration['steps']} steps ({calibration['seconds']}s)")
+
+
+def _registry_base_name(base: Path, given: str | None) -> str:
+    """The base's registry name: --base-name, else the checkpoint's own `_name_or_path`; a delta
+    without a valid one could never be pushed, so compress refuses to write it."""
+    from codec.checkpoint import Checkpoint
+    from codec.compress import registry_base_name
+
+    if given is not None:
+        if not is_registry_base_name(given):
+            raise BaseNameError(f"--base-name {given!r} is not a registry name (org/model, e.g. meta-llama/Llama-3.1-8B)")
+        return given
+    recorded = registry_base_name(Checkpoint.open(base))
+    if recorded is None:
+        raise BaseNameError(
+            f"the base {base} does not record its registry name (config.json has no _name_or_path of the form "
+            "org/model), so the delta could not be pushed"
+        )
+    return recorded
 
 
 @handle_errors(hints={BaseMismatchError: "use --force to apply anyway"})

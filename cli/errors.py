@@ -12,6 +12,7 @@ import typer
 
 from codec.errors import (
     BaseMismatchError,
+    BaseNameError,
     CalibrationDataError,
     CheckpointError,
     CodecError,
@@ -69,6 +70,7 @@ TABLE: list[tuple[type[BaseException], int, str, Hint | None]] = [
     (BaseMismatchUploadError, EXIT_BASE_MISMATCH, "base mismatch", None),
     (BaseMismatchError, EXIT_BASE_MISMATCH, "base mismatch", None),
     (IncompatibleDeltaError, EXIT_BASE_MISMATCH, "delta does not fit the base", None),
+    (BaseNameError, EXIT_INVALID, "base name", "pass --base-name ORG/MODEL"),
     (InvalidDeltaError, EXIT_INVALID, "invalid delta file", None),
     (CheckpointError, EXIT_INVALID, "unreadable checkpoint", None),
     (CalibrationDataError, EXIT_INVALID, "bad calibration data", None),

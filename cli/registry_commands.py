@@ -182,7 +182,7 @@ def whoami_cmd(registry: Registry = None, as_json: Json = False) -> None:
 def push_cmd(
     file: Annotated[Path, typer.Argument(help="The delta (.bdelta) to push.")],
     repo: Annotated[str, typer.Argument(metavar="NAMESPACE/NAME", help="Repository to push to (created if missing).")],
-    base: Annotated[Optional[str], typer.Option("--base", help="Base model of a new repository (default: the delta's base_model).")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", "--base-name", help="Base model of a new repository (default: the delta's base_model); overrides a recorded name that is not org/model.")] = None,
     base_path: Annotated[Optional[Path], typer.Option("--base-path", help="Local base checkpoint: registers the base first when the registry lacks it.")] = None,
     tag: Annotated[list[str], typer.Option("--tag", help="Tag the new version (repeatable).")] = [],
     description: Annotated[str, typer.Option("--description", help="Description of a new repository and of this version.")] = "",

@@ -44,6 +44,14 @@ FLOAT_CODES = frozenset(DTYPE_CODE.values())
 KINDS = ("sign", "scale", "full", "dq_codes", "dq_step", "dq_params")
 DQ_MASK = "splitmix64-v1"
 FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+#: One segment of a registry base-model name `org/model` (the upstream spelling, `meta-llama/Llama-3.1-8B`).
+BASE_SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def is_registry_base_name(name: object) -> bool:
+    """Whether `name` is a valid registry base name `org/model` (what `base_model` should hold)."""
+    parts = name.split("/") if isinstance(name, str) else []
+    return len(parts) == 2 and all(BASE_SEGMENT_RE.fullmatch(p) for p in parts)
 #: What the byte after a safetensors file's 8-byte length can be: its JSON header's '{' or whitespace.
 _JSON_STARTS = frozenset({b"{", b" ", b"\t", b"\n", b"\r"})
 _MAX_SCALE_BYTES = 1 << 30  # scales are F32 [P, out]: a GiB of them is a forged file

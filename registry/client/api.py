@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 
+from codec.errors import BaseMismatchError
+
 from registry.client import credentials, settings
 from registry.client import pull as pulling
 from registry.client import push as pushing
@@ -39,6 +41,21 @@ from registry.client.types import (
 )
 from registry.common import names
 from registry.common.errors import AuthenticationError, NotFoundError
+
+
+def checkpoint_record(path: str | os.PathLike[str]) -> dict:
+    """What the registry records of a base from its local checkpoint: fingerprint, architecture,
+    parameter count and config (reads every weight once, for the fingerprint)."""
+    from codec.checkpoint import Checkpoint  # torch: only when a base is registered
+
+    ckpt = Checkpoint.open(path)
+    config = ckpt.config if isinstance(ckpt.config, dict) else None
+    architecture = None
+    if config:
+        archs = config.get("architectures")
+        architecture = archs[0] if isinstance(archs, list) and archs else config.get("model_type")
+    return {"fingerprint": ckpt.fingerprint(), "architecture": architecture,
+            "parameter_count": sum(math.prod(ckpt.entry(n).shape) for n in ckpt.names), "config": config}
 
 
 class RegistryApi:
@@ -149,22 +166,22 @@ class RegistryApi:
         r = self._request("POST", "/v1/bases", json=body)
         return build(BaseInfo, r.json()), r.status_code == 201
 
-    def register_base_from_checkpoint(self, name: str, path: str | os.PathLike[str]) -> tuple[BaseInfo, bool]:
+    def register_base_from_checkpoint(
+        self, name: str, path: str | os.PathLike[str], *, expected_fingerprint: str | None = None
+    ) -> tuple[BaseInfo, bool]:
         """Register the local checkpoint at `path` (HF directory or .safetensors) as base `name`:
-        its fingerprint, architecture and parameter count are computed here."""
-        from codec.checkpoint import Checkpoint
-
+        its fingerprint, architecture and parameter count are computed here. A delta, or a file
+        without model weights, is refused; with `expected_fingerprint` (a delta's), a checkpoint
+        of other weights raises BaseMismatchError and nothing is registered."""
         names.parse_base_name(name)
-        ckpt = Checkpoint.open(path)
-        config = ckpt.config if isinstance(ckpt.config, dict) else None
-        architecture = None
-        if config:
-            archs = config.get("architectures")
-            architecture = archs[0] if isinstance(archs, list) and archs else config.get("model_type")
-        params = sum(math.prod(ckpt.entry(n).shape) for n in ckpt.names)
-        return self.register_base(
-            name, ckpt.fingerprint(), architecture=architecture, parameter_count=params, config=config
-        )
+        record = checkpoint_record(path)
+        if expected_fingerprint is not None and record["fingerprint"] != expected_fingerprint:
+            raise BaseMismatchError(
+                f"{path} is not the base this delta was made for: its weights have fingerprint "
+                f"{record['fingerprint']}, the delta's base has {expected_fingerprint}; nothing was registered",
+                expected=expected_fingerprint, actual=record["fingerprint"],
+            )
+        return self.register_base(name, **record)
 
     # --- repositories and versions ---------------------------------------------------------
     def repos(

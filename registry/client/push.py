@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from codec.errors import BaseMismatchError
+from codec.errors import BaseMismatchError, BaseNameError
 from codec.format import DeltaFile
 from codec.storage import BlobInfo
 from registry.client import transfer
@@ -131,7 +131,7 @@ def _repo_for_push(
     try:
         info, created = api.repo(repo), False
     except NotFoundError:
-        base_name = base or meta["base_model"]
+        base_name = base or _recorded_base_name(meta)
         try:
             base_info = api.base(base_name)
         except NotFoundError:
@@ -141,7 +141,9 @@ def _repo_for_push(
                     "to register it with",
                     base_name=base_name,
                 ) from None
-            base_info, _ = api.register_base_from_checkpoint(base_name, base_path)
+            # The checkpoint must be the delta's base before anything is registered under that name.
+            base_info, _ = api.register_base_from_checkpoint(base_name, base_path,
+                                                             expected_fingerprint=meta["base_fingerprint"])
         check_fingerprint(repo, base_info.name, base_info.fingerprint, meta)
         try:
             info = api.create_repo(repo, base=base_info.name, description=description, visibility=visibility)
@@ -156,6 +158,17 @@ def _repo_for_push(
         )
     check_fingerprint(repo, info.base, info.base_fingerprint, meta)
     return info, created
+
+
+def _recorded_base_name(meta: dict) -> str:
+    recorded = meta["base_model"]
+    try:
+        return names.parse_base_name(recorded)
+    except InvalidRequestError:
+        raise BaseNameError(
+            f"the delta records its base as {recorded!r}, which is not a registry name (org/model); "
+            "name the base the repository is for"
+        ) from None
 
 
 def check_fingerprint(repo: str, base_name: str, fingerprint: str, meta: dict) -> None:

@@ -316,3 +316,42 @@ def test_pushing_a_file_that_is_not_a_delta_names_it(tmp_path):
     r = deltactl("push", path, "acme/math", "--registry", f"http://127.0.0.1:{_free_port()}")
     assert r.exit_code == exit_codes.EXIT_INVALID
     assert r.stderr == f"error: invalid delta file: {path} is not a deltastore delta (not a safetensors file)\n"
+
+
+def test_push_with_the_wrong_base_path_registers_nothing(deltas, registry, llama_pair_fp16_tied):
+    other_base, _ = llama_pair_fp16_tied
+    r = deltactl("push", deltas.plain, "acme/math", "--base-path", other_base)
+    assert r.exit_code == exit_codes.EXIT_BASE_MISMATCH, r.output
+    assert f"{other_base} is not the base this delta was made for" in r.stderr and "nothing was registered" in r.stderr
+    assert deltactl_json("base", "ls") == [] and deltactl_json("list") == []
+    # the right base can still be registered under the delta's name
+    r = deltactl("push", deltas.plain, "acme/math", "--base-path", deltas.base_dir)
+    assert r.exit_code == 0, r.output
+    assert [b["name"] for b in deltactl_json("base", "ls")] == [BASE]
+
+
+def test_base_add_refuses_a_delta_and_a_file_without_weights(deltas, registry, tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    r = deltactl("base", "add", "org/x", deltas.plain)
+    assert r.exit_code == exit_codes.EXIT_INVALID
+    assert f"{deltas.plain} is a deltastore delta, not a model checkpoint" in r.stderr
+    ints = tmp_path / "ints.safetensors"
+    save_file({"position_ids": np.arange(8, dtype=np.int64)}, str(ints))
+    r = deltactl("base", "add", "org/x", ints)
+    assert r.exit_code == exit_codes.EXIT_INVALID and "holds no model weights" in r.stderr
+    assert deltactl_json("base", "ls") == []
+
+
+def test_push_names_the_base_when_the_delta_records_no_registry_name(deltas, registry, llama_pair, tmp_path):
+    from codec.compress import compress
+
+    unnamed = tmp_path / "unnamed.bdelta"
+    compress(*llama_pair, unnamed)  # records the directory name, 'base'
+    r = deltactl("push", unnamed, "acme/math", "--base-path", llama_pair[0])
+    assert r.exit_code == exit_codes.EXIT_INVALID, r.output
+    assert "the delta records its base as 'base', which is not a registry name" in r.stderr
+    assert "(pass --base-name ORG/MODEL)" in r.stderr and deltactl_json("base", "ls") == []
+    pushed = deltactl_json("push", unnamed, "acme/math", "--base-path", llama_pair[0], "--base-name", BASE)
+    assert pushed["version"] == 1 and [b["name"] for b in deltactl_json("base", "ls")] == [BASE]
