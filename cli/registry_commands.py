@@ -214,6 +214,8 @@ def push_cmd(
     where = f"{v.repository}@{v.number}"
     if result.already_published:
         _line(f"{where}: published by an earlier run of this push whose answer was lost, nothing uploaded — {v.digest}")
+    elif result.completed_earlier_upload:
+        _line(f"pushed {where}: an interrupted earlier run had sent every byte; published them now — {v.digest}")
     elif result.deduplicated:
         _line(f"{where}: identical bytes already in the registry, nothing uploaded (dedup) — {v.digest}")
     else:
@@ -229,6 +231,7 @@ def _push_json(result: PushResult) -> dict:
     return {"repository": v.repository, "version": v.number, "digest": v.digest, "raw_digest": v.raw_digest,
             "size": v.size, "raw_size": v.raw_size, "codec": v.codec, "tags": v.tags, "fidelity": v.fidelity,
             "deduplicated": result.deduplicated, "already_published": result.already_published,
+            "completed_earlier_upload": result.completed_earlier_upload,
             "sent_bytes": result.sent_bytes, "resumed": result.resumed,
             "skipped_parts": result.skipped_parts, "created_repository": result.created_repo,
             "seconds": round(result.seconds, 3)}

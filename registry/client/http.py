@@ -272,17 +272,24 @@ class RegistryHttp:
             response = self.waiting_out_503(method, lambda: self.api.request(method, path, **kwargs))
         return raise_for_status(response)
 
-    def post_once_more_if_lost(self, path: str) -> httpx.Response:
+    def post_once_more_if_lost(self, path: str) -> tuple[httpx.Response, bool]:
         """`POST path`, sent a second time if the connection failed before an answer came (for
-        requests the registry answers the same way when repeated, like an upload's `complete`)."""
+        requests the registry answers the same way when repeated, like an upload's `complete`).
+        Returns the answer and whether it answers a repeat (the first may have been acted on)."""
+        sent = []
+
+        def post() -> httpx.Response:
+            sent.append(path)
+            return self.api.post(path)
+
         with self.network(f"POST {path}"):
             response = retrying(
-                lambda: self.api.post(path),
+                post,
                 attempts=2,
                 retry_on=lambda exc: isinstance(exc, CONNECTION_LOST),
                 wait=lambda state: 0.5,
             )
-        return raise_for_status(response)
+        return raise_for_status(response), len(sent) > 1
 
     def waiting_out_503(self, method: str, send: Callable[[], httpx.Response]) -> httpx.Response:
         """`send()`, sent again while it answers 503 with a Retry-After the budget allows, when

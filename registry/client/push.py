@@ -90,6 +90,10 @@ def push(
         progress.start("compressing", None)
         info = state.prepare(path)
         upload, resumed, version = _open_upload(api, state, target, repo_info.full_name, info, declared)
+        # A saved upload that `complete` published now (201) was finished by this run; one that
+        # answers 200 had been published by an earlier run whose answer was lost.
+        earlier = version is not None and version[1]
+        version = version[0] if version is not None else None
         sent = skipped = 0
         if version is None:
             if not upload["exists"]:
@@ -120,7 +124,8 @@ def push(
         created_repo=created,
         tags=tags,
         seconds=time.perf_counter() - started,
-        already_published=upload is None,
+        already_published=upload is None and earlier,
+        completed_earlier_upload=upload is None and not earlier,
     )
 
 
@@ -183,10 +188,11 @@ def check_fingerprint(repo: str, base_name: str, fingerprint: str, meta: dict) -
 
 def _open_upload(
     api: RegistryApi, state, target: str, repo: str, info: BlobInfo, declared: dict
-) -> tuple[dict | None, bool, VersionInfo | None]:
+) -> tuple[dict | None, bool, tuple[VersionInfo, bool] | None]:
     """The pending upload of this file to this repository if one survives (resume), else a new
-    one: (upload, resumed, None). When the saved upload was published already (an earlier run
-    lost the answer of `complete`), no upload but its version: (None, True, version)."""
+    one: (upload, resumed, None). When the saved upload can be completed at once (an earlier run
+    sent every byte), no upload but its version and whether an earlier run had published it
+    (it lost the answer of `complete`): (None, True, (version, earlier))."""
     upload_id = state.upload_id(target)
     if upload_id:
         try:
@@ -194,8 +200,9 @@ def _open_upload(
         except (NotFoundError, ConflictError):
             pass
         try:  # completing a published upload again only names its version
-            answer = api.http.post_once_more_if_lost(f"/v1/uploads/{upload_id}/complete")
-            return None, True, build(VersionInfo, answer.json())
+            answer, repeated = api.http.post_once_more_if_lost(f"/v1/uploads/{upload_id}/complete")
+            earlier = answer.status_code == 200 and not repeated
+            return None, True, (build(VersionInfo, answer.json()), earlier)
         except (NotFoundError, ConflictError):
             state.forget_upload(target)  # aborted or collected meanwhile
     body = {
@@ -267,7 +274,7 @@ def _send(
 
 def _complete(api: RegistryApi, upload: dict, state, target: str) -> VersionInfo:
     try:
-        return build(VersionInfo, api.http.post_once_more_if_lost(upload["complete_url"]).json())
+        return build(VersionInfo, api.http.post_once_more_if_lost(upload["complete_url"])[0].json())
     except (DigestMismatchError, InvalidUploadError, BaseMismatchUploadError):
         state.forget_upload(target)  # the registry dropped the upload and its bytes
         state.discard_staged()

@@ -119,9 +119,10 @@ class PushResult(_Info):
     created_repo: bool
     tags: list[str]
     seconds: float
-    already_published: bool = (
-        False  # an earlier run of this push was published but lost the answer: its version
-    )
+    #: An earlier run of this push was published but lost the answer: this is its version.
+    already_published: bool = False
+    #: This run published the bytes an interrupted earlier run had sent (nothing left to send).
+    completed_earlier_upload: bool = False
 
 
 @dataclass(frozen=True)
