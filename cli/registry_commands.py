@@ -266,6 +266,8 @@ def pull_cmd(
     how = "cache hit, nothing downloaded" if result.cache_hit else f"downloaded {human_bytes(result.downloaded_bytes)} in {result.seconds:.1f}s"
     if result.repaired:
         how = "cached copy failed its digest check; " + how
+    if result.offline:
+        how += " (without the registry: offline, or it could not be reached)"
     _note(f"{v.repository}@{v.number} ({v.codec}, {human_bytes(v.raw_size)}): {how}")
     typer.echo(str(result.path))
 
@@ -274,7 +276,7 @@ def _pull_json(result: PullResult) -> dict:
     v = result.version
     return {"repository": v.repository, "version": v.number, "tags": v.tags, "digest": v.digest, "raw_digest": v.raw_digest,
             "raw_size": v.raw_size, "codec": v.codec, "path": str(result.path), "blob": str(result.blob),
-            "cache_hit": result.cache_hit, "repaired": result.repaired, "downloaded_bytes": result.downloaded_bytes,
+            "cache_hit": result.cache_hit, "repaired": result.repaired, "offline": result.offline, "downloaded_bytes": result.downloaded_bytes,
             "seconds": round(result.seconds, 3)}
 
 

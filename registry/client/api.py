@@ -10,6 +10,7 @@ local cache and the saved login. It imports nothing of the server.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -19,12 +20,11 @@ from pathlib import Path
 import httpx
 
 from codec.errors import BaseMismatchError
-
 from registry.client import credentials, settings
 from registry.client import pull as pulling
 from registry.client import push as pushing
 from registry.client.cache import DeltaCache
-from registry.client.errors import OfflineError
+from registry.client.errors import NetworkError, OfflineError
 from registry.client.http import RegistryHttp
 from registry.client.push import settable_tag
 from registry.client.refs import Ref, parse_ref
@@ -40,7 +40,7 @@ from registry.client.types import (
     build,
 )
 from registry.common import names
-from registry.common.errors import AuthenticationError, NotFoundError
+from registry.common.errors import AuthenticationError, DatabaseUnavailableError, NotFoundError
 
 
 def checkpoint_record(path: str | os.PathLike[str]) -> dict:
@@ -280,24 +280,40 @@ class RegistryApi:
         )
 
     def pull(
-        self,
-        ref: str | Ref,
-        *,
-        output: str | os.PathLike[str] | None = None,
-        progress: Progress | None = None,
+        self, ref: str | Ref, *, output: str | os.PathLike[str] | None = None, progress: Progress | None = None
     ) -> PullResult:
         """Make `ref` available locally: from the cache when it holds the delta, else downloaded
         (resuming a partial download with Range), verified and decompressed into the cache.
         With `output`, a copy is written there too (a directory, or a path ending in '/', gets
-        `<namespace>-<name>-v<N>.bdelta`)."""
+        `<namespace>-<name>-v<N>.bdelta`).
+
+        A pinned reference (`@N`, `@sha256:…`) pulled before is served from the cache when the
+        registry cannot be reached, and offline (DELTACTL_OFFLINE) without trying; a tag or
+        `latest` can move, so it always needs the registry."""
         started = time.perf_counter()
-        version = self.version(ref)
-        return pulling.pull(
-            self.http,
-            self.cache,
-            version,
-            registry=self.endpoint,
-            output=output,
-            progress=progress or Silent(),
-            started=started,
-        )
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        if self.offline:
+            version, http = self._cached_version(ref), None
+        else:
+            try:
+                version, http = self.version(ref), self.http
+            except (NetworkError, DatabaseUnavailableError):
+                if not ref.pinned or self._cached_version(ref, missing_ok=True) is None:
+                    raise
+                version, http = self._cached_version(ref), None  # the registry is down: the cache serves it
+        result = pulling.pull(http, self.cache, version, registry=self.endpoint, output=output,
+                              progress=progress or Silent(), started=started)
+        return dataclasses.replace(result, offline=http is None)
+
+    def _cached_version(self, ref: Ref, *, missing_ok: bool = False) -> VersionInfo | None:
+        """The version a pinned `ref` names, from the cache's records (no network)."""
+        if not ref.pinned:
+            raise OfflineError(f"{ref} can move (a tag or latest): only a version number or a digest can be served "
+                               "from the cache without the registry (the client is offline: DELTACTL_OFFLINE)")
+        record = self.cache.recorded_version(self.endpoint, ref.repo, number=ref.version, digest=ref.digest)
+        if record is None:
+            if missing_ok:
+                return None
+            raise OfflineError(f"{ref} was never pulled from {self.endpoint}, and the client is offline "
+                               "(DELTACTL_OFFLINE)")
+        return build(VersionInfo, record)

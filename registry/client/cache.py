@@ -178,6 +178,19 @@ class DeltaCache:
             os.replace(tmp, link)
         return link
 
+    def recorded_version(
+        self, registry: str, repository: str, *, number: int | None = None, digest: str | None = None
+    ) -> dict | None:
+        """The record of a version pulled before from `registry` (by number, or by the digest of
+        its stored bytes), or None: what a pinned reference resolves to without the registry."""
+        folder = self._version_dir(registry, repository)
+        paths = [folder / f"{number}.json"] if number is not None else sorted(folder.glob("*.json"))
+        for path in paths:
+            record = _read_json(path)
+            if record and record.get("repository") == repository and (digest is None or record.get("digest") == digest):
+                return record
+        return None
+
     def touch(self, registry: str, repository: str, number: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.utime(self._version_dir(registry, repository) / f"{number}.json")

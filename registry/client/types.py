@@ -134,6 +134,7 @@ class PullResult(_Info):
     downloaded_bytes: int
     seconds: float
     repaired: bool = False  # the cached copy failed its digest check and was downloaded again
+    offline: bool = False  # served from the cache without the registry (offline, or the registry was down)
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)

@@ -355,3 +355,38 @@ def test_push_names_the_base_when_the_delta_records_no_registry_name(deltas, reg
     assert "(pass --base-name ORG/MODEL)" in r.stderr and deltactl_json("base", "ls") == []
     pushed = deltactl_json("push", unnamed, "acme/math", "--base-path", llama_pair[0], "--base-name", BASE)
     assert pushed["version"] == 1 and [b["name"] for b in deltactl_json("base", "ls")] == [BASE]
+
+
+def test_a_pinned_version_in_the_cache_is_served_without_the_registry(deltas, with_base, registry, isolated_home):
+    pushed = deltactl_json("push", deltas.plain, "acme/math")
+    assert not deltactl_json("pull", "acme/math@1")["cache_hit"]
+    registry.stop()
+
+    for ref in ("acme/math@1", f"acme/math@{pushed['digest']}"):
+        served = deltactl_json("pull", ref)
+        assert served["cache_hit"] and served["offline"] and served["version"] == 1
+        assert open(served["path"], "rb").read() == deltas.plain.read_bytes()
+    moving = deltactl("pull", "acme/math")  # latest can move: it needs the registry
+    assert moving.exit_code == exit_codes.EXIT_NETWORK and "cannot reach the registry" in moving.stderr
+    never = deltactl("pull", "acme/math@2")
+    assert never.exit_code == exit_codes.EXIT_NETWORK and "cannot reach the registry" in never.stderr
+
+    # DELTACTL_OFFLINE=1 never touches the network: a listener on the registry's port sees nothing
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", registry.port))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    try:
+        offline = {"DELTACTL_OFFLINE": "1"}
+        r = deltactl("pull", "acme/math@1", "--json", env=offline)
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["offline"]
+        tag = deltactl("pull", "acme/math:latest", env=offline)
+        assert tag.exit_code == exit_codes.EXIT_NETWORK and tag.stderr.startswith("error: offline: acme/math:latest can move")
+        listed = deltactl("list", env=offline)
+        assert listed.exit_code == exit_codes.EXIT_NETWORK and "the client is offline (DELTACTL_OFFLINE)" in listed.stderr
+        with pytest.raises(socket.timeout):
+            listener.accept()
+    finally:
+        listener.close()
