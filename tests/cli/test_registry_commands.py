@@ -390,3 +390,15 @@ def test_a_pinned_version_in_the_cache_is_served_without_the_registry(deltas, wi
             listener.accept()
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [("DELTACTL_UPLOAD_CONCURRENCY", "abc", "Input should be a valid integer, unable to parse string as an integer"),
+     ("DELTACTL_UNAVAILABLE_MAX_WAIT", "-5", "Input should be greater than or equal to 0")],
+)
+def test_a_bad_setting_is_one_line_naming_the_variable(name, value, says):
+    for command in (["list"], ["cache", "ls"]):
+        r = deltactl(*command, env={name: value})
+        assert r.exit_code == exit_codes.EXIT_USAGE, (command, r.output)
+        assert r.stderr == f"error: invalid setting: {name}={value!r}: {says}\n"
