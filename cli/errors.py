@@ -22,6 +22,7 @@ from codec.errors import (
 )
 from codec.files import OutputPathError
 from registry.client.errors import (
+    BaseNotRegisteredError,
     CacheError,
     CorruptDownloadError,
     NetworkError,
@@ -29,7 +30,6 @@ from registry.client.errors import (
     RegistryUnavailableError,
     RegistryUnreachableError,
 )
-from registry.client.push import BaseNotRegisteredError
 from registry.client.settings import SettingsError
 from registry.common.errors import (
     AuthenticationError,
@@ -135,9 +135,20 @@ def describe(
 
 #: Packages of the optional extras (pyproject.toml) and the extra that brings each.
 EXTRAS = {
-    "fastapi": "server", "uvicorn": "server", "sqlalchemy": "server", "alembic": "server", "psycopg": "server",
-    "boto3": "server", "botocore": "server", "prometheus_client": "server", "jinja2": "server",
-    "torch": "gpu", "triton": "gpu", "transformers": "hf", "accelerate": "hf", "gguf": "hf",
+    "fastapi": "server",
+    "uvicorn": "server",
+    "sqlalchemy": "server",
+    "alembic": "server",
+    "psycopg": "server",
+    "boto3": "server",
+    "botocore": "server",
+    "prometheus_client": "server",
+    "jinja2": "server",
+    "torch": "gpu",
+    "triton": "gpu",
+    "transformers": "hf",
+    "accelerate": "hf",
+    "gguf": "hf",
 }
 
 
@@ -147,7 +158,10 @@ def missing_extra(exc: ImportError) -> str | None:
     extra = EXTRAS.get(package)
     if extra is None:
         return None
-    return f"this command needs {package}, which comes with deltastore's {extra!r} extra: pip install 'deltastore[{extra}]'"
+    return (
+        f"this command needs {package}, which comes with deltastore's {extra!r} extra: "
+        f"pip install 'deltastore[{extra}]'"
+    )
 
 
 class _State:

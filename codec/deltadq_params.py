@@ -24,7 +24,9 @@ class DQParams:
         if self.group_size < 1:
             raise CodecError(f"group size must be >= 1, got {self.group_size}")
         if not 1 <= self.keep <= self.group_size:
-            raise CodecError(f"keep per group must be between 1 and the group size {self.group_size}, got {self.keep}")
+            raise CodecError(
+                f"keep per group must be between 1 and the group size {self.group_size}, got {self.keep}"
+            )
         if not 1 <= self.bits <= MAX_BITS:
             raise CodecError(f"bits must be between 1 and {MAX_BITS}, got {self.bits}")
         if self.parts < 1 or self.bits % self.parts:

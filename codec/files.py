@@ -11,9 +11,9 @@ import hashlib
 import os
 import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
-from collections.abc import Iterable
 
 from .errors import CodecError
 

@@ -54,8 +54,12 @@ def checkpoint_record(path: str | os.PathLike[str]) -> dict:
     if config:
         archs = config.get("architectures")
         architecture = archs[0] if isinstance(archs, list) and archs else config.get("model_type")
-    return {"fingerprint": ckpt.fingerprint(), "architecture": architecture,
-            "parameter_count": sum(math.prod(ckpt.entry(n).shape) for n in ckpt.names), "config": config}
+    return {
+        "fingerprint": ckpt.fingerprint(),
+        "architecture": architecture,
+        "parameter_count": sum(math.prod(ckpt.entry(n).shape) for n in ckpt.names),
+        "config": config,
+    }
 
 
 class RegistryApi:
@@ -178,8 +182,10 @@ class RegistryApi:
         if expected_fingerprint is not None and record["fingerprint"] != expected_fingerprint:
             raise BaseMismatchError(
                 f"{path} is not the base this delta was made for: its weights have fingerprint "
-                f"{record['fingerprint']}, the delta's base has {expected_fingerprint}; nothing was registered",
-                expected=expected_fingerprint, actual=record["fingerprint"],
+                f"{record['fingerprint']}, the delta's base has {expected_fingerprint}; "
+                "nothing was registered",
+                expected=expected_fingerprint,
+                actual=record["fingerprint"],
             )
         return self.register_base(name, **record)
 
@@ -219,7 +225,9 @@ class RegistryApi:
         """The version `ref` names (a number, a tag, `latest`, or the digest of its stored bytes)."""
         ref = parse_ref(ref) if isinstance(ref, str) else ref
         if ref.digest is not None:
-            page = self._request("GET", f"/v1/repos/{ref.repo}/versions", params={"digest": ref.digest}).json()
+            page = self._request(
+                "GET", f"/v1/repos/{ref.repo}/versions", params={"digest": ref.digest}
+            ).json()
             if not page["items"]:
                 raise NotFoundError(f"{ref.repo} has no version with digest {ref.digest}")
             return build(VersionInfo, page["items"][0])
@@ -280,7 +288,11 @@ class RegistryApi:
         )
 
     def pull(
-        self, ref: str | Ref, *, output: str | os.PathLike[str] | None = None, progress: Progress | None = None
+        self,
+        ref: str | Ref,
+        *,
+        output: str | os.PathLike[str] | None = None,
+        progress: Progress | None = None,
     ) -> PullResult:
         """Make `ref` available locally: from the cache when it holds the delta, else downloaded
         (resuming a partial download with Range), verified and decompressed into the cache.
@@ -301,19 +313,29 @@ class RegistryApi:
                 if not ref.pinned or self._cached_version(ref, missing_ok=True) is None:
                     raise
                 version, http = self._cached_version(ref), None  # the registry is down: the cache serves it
-        result = pulling.pull(http, self.cache, version, registry=self.endpoint, output=output,
-                              progress=progress or Silent(), started=started)
+        result = pulling.pull(
+            http,
+            self.cache,
+            version,
+            registry=self.endpoint,
+            output=output,
+            progress=progress or Silent(),
+            started=started,
+        )
         return dataclasses.replace(result, offline=http is None)
 
     def _cached_version(self, ref: Ref, *, missing_ok: bool = False) -> VersionInfo | None:
         """The version a pinned `ref` names, from the cache's records (no network)."""
         if not ref.pinned:
-            raise OfflineError(f"{ref} can move (a tag or latest): only a version number or a digest can be served "
-                               "from the cache without the registry (the client is offline: DELTACTL_OFFLINE)")
+            raise OfflineError(
+                f"{ref} can move (a tag or latest): only a version number or a digest can be served "
+                "from the cache without the registry (the client is offline: DELTACTL_OFFLINE)"
+            )
         record = self.cache.recorded_version(self.endpoint, ref.repo, number=ref.version, digest=ref.digest)
         if record is None:
             if missing_ok:
                 return None
-            raise OfflineError(f"{ref} was never pulled from {self.endpoint}, and the client is offline "
-                               "(DELTACTL_OFFLINE)")
+            raise OfflineError(
+                f"{ref} was never pulled from {self.endpoint}, and the client is offline (DELTACTL_OFFLINE)"
+            )
         return build(VersionInfo, record)

@@ -6,6 +6,7 @@ NotFoundError, AuthenticationError, ConflictError...), rebuilt from the response
 from __future__ import annotations
 
 from codec.errors import DeltaStoreError
+from registry.common.errors import NotFoundError
 
 
 class NetworkError(DeltaStoreError, ConnectionError):
@@ -42,3 +43,11 @@ class CorruptDownloadError(DeltaStoreError, ValueError):
 
 class CacheError(DeltaStoreError, OSError):
     """The local cache holds something unusable."""
+
+
+class BaseNotRegisteredError(NotFoundError):
+    """The base a new repository needs is not registered and no local checkpoint was given."""
+
+    def __init__(self, message: str, *, base_name: str):
+        super().__init__(message)
+        self.base_name = base_name

@@ -19,7 +19,7 @@ from codec.errors import BaseMismatchError, BaseNameError
 from codec.format import DeltaFile
 from codec.storage import BlobInfo
 from registry.client import transfer
-from registry.client.errors import NetworkError, TransferInterruptedError
+from registry.client.errors import BaseNotRegisteredError, NetworkError, TransferInterruptedError
 from registry.client.http import api_error, netloc, s3_error
 from registry.client.refs import Ref
 from registry.client.types import Progress, PushResult, RepoInfo, Silent, VersionInfo, build, json_dict
@@ -36,14 +36,6 @@ from registry.common.errors import (
 
 if TYPE_CHECKING:
     from registry.client.api import RegistryApi
-
-
-class BaseNotRegisteredError(NotFoundError):
-    """The base a new repository needs is not registered and no local checkpoint was given."""
-
-    def __init__(self, message: str, *, base_name: str):
-        super().__init__(message)
-        self.base_name = base_name
 
 
 def settable_tag(tag: str) -> str:
@@ -147,8 +139,9 @@ def _repo_for_push(
                     base_name=base_name,
                 ) from None
             # The checkpoint must be the delta's base before anything is registered under that name.
-            base_info, _ = api.register_base_from_checkpoint(base_name, base_path,
-                                                             expected_fingerprint=meta["base_fingerprint"])
+            base_info, _ = api.register_base_from_checkpoint(
+                base_name, base_path, expected_fingerprint=meta["base_fingerprint"]
+            )
         check_fingerprint(repo, base_info.name, base_info.fingerprint, meta)
         try:
             info = api.create_repo(repo, base=base_info.name, description=description, visibility=visibility)

@@ -66,7 +66,7 @@ class RepoInfo(_Info):
     created_at: str | None = None
 
     @classmethod
-    def from_api(cls, data: dict) -> "RepoInfo":
+    def from_api(cls, data: dict) -> RepoInfo:
         latest = data.get("latest")
         return build(cls, {**data, "latest": build(LatestInfo, latest) if latest else None})
 

@@ -27,8 +27,12 @@ BLOCK_EXTRAS = textwrap.dedent(f"""
 
 def _python(code: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", BLOCK_EXTRAS + textwrap.dedent(code), *args], cwd=ROOT, capture_output=True,
-        text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        [sys.executable, "-c", BLOCK_EXTRAS + textwrap.dedent(code), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )
 
 

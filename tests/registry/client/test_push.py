@@ -48,23 +48,40 @@ def _registry(routes: dict):
 
 
 def _version(number: int) -> dict:
-    return {"repository": "acme/math", "number": number, "digest": "sha256:" + "1" * 64, "size": 10,
-            "raw_digest": "sha256:" + "2" * 64, "raw_size": 20, "tags": ["latest"]}
+    return {
+        "repository": "acme/math",
+        "number": number,
+        "digest": "sha256:" + "1" * 64,
+        "size": 10,
+        "raw_digest": "sha256:" + "2" * 64,
+        "raw_size": 20,
+        "tags": ["latest"],
+    }
 
 
 @pytest.mark.parametrize(("status", "earlier"), [(201, False), (200, True)])
 def test_a_resumed_push_says_who_published_the_saved_upload(delta, tmp_path, status, earlier):
     with DeltaFile.open(delta) as d:
         fingerprint = d.base_fingerprint
-    repo = {"full_name": "acme/math", "namespace": "acme", "name": "math", "base": "org/tiny",
-            "base_fingerprint": fingerprint}
-    server, calls = _registry({
-        "GET /v1/repos/acme/math": (200, repo),
-        # the saved upload cannot take bytes any more (its parts were assembled) ...
-        "GET /v1/uploads/u-1": (409, {"error": {"code": "conflict", "message": "can no longer take parts"}}),
-        # ... and completing it publishes it now (201) or names what an earlier run published (200)
-        "POST /v1/uploads/u-1/complete": (status, _version(4)),
-    })
+    repo = {
+        "full_name": "acme/math",
+        "namespace": "acme",
+        "name": "math",
+        "base": "org/tiny",
+        "base_fingerprint": fingerprint,
+    }
+    server, calls = _registry(
+        {
+            "GET /v1/repos/acme/math": (200, repo),
+            # the saved upload cannot take bytes any more (its parts were assembled) ...
+            "GET /v1/uploads/u-1": (
+                409,
+                {"error": {"code": "conflict", "message": "can no longer take parts"}},
+            ),
+            # ... and completing it publishes it now (201) or names what an earlier run published (200)
+            "POST /v1/uploads/u-1/complete": (status, _version(4)),
+        }
+    )
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         with RegistryApi(url, home=tmp_path / "home") as api:
