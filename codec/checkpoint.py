@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from .container import Header, TensorEntry, read_header
 from .errors import CheckpointError, InvalidDeltaError
+from .files import CHUNK
 from .format import FORMAT as DELTA_FORMAT
 
 TORCH_TO_ST: dict[torch.dtype, str] = {
@@ -29,7 +30,7 @@ DTYPE_NAMES: dict[str, str] = {"F16": "float16", "BF16": "bfloat16", "F32": "flo
 DTYPE_CODES: dict[str, str] = {v: k for k, v in DTYPE_NAMES.items()}
 
 FINGERPRINT_PREFIX = b"deltastore.fingerprint.v1\n"
-_HASH_CHUNK = 8 << 20
+_HASH_CHUNK = 8 * CHUNK  # reads of a fingerprint pass
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
