@@ -44,6 +44,7 @@ from registry.common.errors import (
     PermissionDeniedError,
     RegistryError,
     SchemaOutOfDateError,
+    SizeMismatchError,
     StorageFullError,
     UploadTooLargeError,
 )
@@ -89,6 +90,7 @@ TABLE: list[tuple[type[BaseException], int, str, Hint | None]] = [
     (ConflictError, EXIT_CONFLICT, "conflict", None),
     (CorruptDownloadError, EXIT_INVALID, "corrupt download", None),
     (InvalidUploadError, EXIT_INVALID, "invalid delta file", None),
+    (SizeMismatchError, EXIT_INVALID, "size mismatch", None),
     (DigestMismatchError, EXIT_INVALID, "digest mismatch", None),
     (UploadTooLargeError, EXIT_INVALID, "too large", None),
     (InvalidRequestError, EXIT_INVALID, "invalid request", None),

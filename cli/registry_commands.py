@@ -433,16 +433,18 @@ def rm_cmd(
             repo = api.repo(parsed.repo)
             what = f"repository {repo.full_name} with all its versions (latest v{repo.latest_version or 0}) and tags"
         else:
-            api.version(parsed)  # fails with 'not found' before asking
-            what = f"{parsed}"
+            tags = [t for t in api.version(parsed).tags if t != "latest"]  # fails with 'not found' before asking
+            what = f"{parsed}" + (f" and its tag(s) {', '.join(tags)}" if tags else "")
         if not yes and not typer.confirm(f"Delete {what}?", default=False, err=True):
             exit_codes.fail("nothing deleted", exit_codes.EXIT_ERROR)
+        removed: list[str] = []
         if parsed.version is None:
             api.delete_repo(parsed.repo)
         else:
-            api.delete_version(parsed.repo, parsed.version)
+            removed = api.delete_version(parsed.repo, parsed.version)
+            what = f"{parsed}" + (f" and its tag(s) {', '.join(removed)}" if removed else "")
     if as_json:
-        emit_json({"deleted": str(parsed)})
+        emit_json({"deleted": str(parsed), **({"removed_tags": removed} if parsed.version is not None else {})})
     else:
         _line(f"deleted {what}")
 
@@ -494,6 +496,29 @@ def base_ls_cmd(registry: Registry = None, as_json: Json = False) -> None:
         params = f"{b.parameter_count / 1e6:.1f}M" if b.parameter_count else "-"
         table.add_row(b.name, b.architecture or "-", params, b.fingerprint, _when(b.created_at))
     out.print(table)
+
+
+@base_app.command("rm")
+@handle_errors
+def base_rm_cmd(
+    name: Annotated[str, typer.Argument(help="Registry name of the base, e.g. meta-llama/Llama-3.1-8B.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    registry: Registry = None,
+    as_json: Json = False,
+) -> None:
+    """Remove a registered base model (registered by mistake); refused while a repository uses it.
+
+    Example: deltactl base rm org/wrong-base
+    """
+    with _api(registry) as api:
+        base = api.base(name)  # fails with 'not found' before asking
+        if not yes and not typer.confirm(f"Remove base {base.name} ({base.fingerprint})?", default=False, err=True):
+            exit_codes.fail("nothing removed", exit_codes.EXIT_ERROR)
+        api.delete_base(base.name)
+    if as_json:
+        emit_json({"deleted": base.name, "fingerprint": base.fingerprint})
+    else:
+        _line(f"removed base {base.name} ({base.fingerprint})")
 
 
 def register(app: typer.Typer) -> None:

@@ -170,6 +170,10 @@ class RegistryApi:
         r = self._request("POST", "/v1/bases", json=body)
         return build(BaseInfo, r.json()), r.status_code == 201
 
+    def delete_base(self, name: str) -> None:
+        """Remove a registered base that no repository uses (ConflictError while one does)."""
+        self._request("DELETE", f"/v1/bases/{names.parse_base_name(name)}")
+
     def register_base_from_checkpoint(
         self, name: str, path: str | os.PathLike[str], *, expected_fingerprint: str | None = None
     ) -> tuple[BaseInfo, bool]:
@@ -233,9 +237,11 @@ class RegistryApi:
             return build(VersionInfo, page["items"][0])
         return build(VersionInfo, self._request("GET", f"/v1/repos/{ref.repo}/versions/{ref.api_ref}").json())
 
-    def delete_version(self, repo: str, number: int) -> None:
+    def delete_version(self, repo: str, number: int) -> list[str]:
+        """Delete version `number`; returns the tags that pointed at it, which went with it."""
         namespace, name = names.parse_repo_name(repo)
-        self._request("DELETE", f"/v1/repos/{namespace}/{name}/versions/{number}")
+        r = self._request("DELETE", f"/v1/repos/{namespace}/{name}/versions/{number}")
+        return r.json()["removed_tags"] if r.status_code == 200 else []  # 204: a registry that does not say
 
     def tags(self, repo: str) -> list[TagInfo]:
         namespace, name = names.parse_repo_name(repo)

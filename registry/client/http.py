@@ -41,6 +41,7 @@ from registry.common.errors import (
     PermissionDeniedError,
     RegistryError,
     SchemaOutOfDateError,
+    SizeMismatchError,
     StorageFullError,
     UploadTooLargeError,
 )
@@ -63,6 +64,7 @@ _ERROR_CLASSES: dict[str, type[RegistryError]] = {
     "schema_out_of_date": SchemaOutOfDateError,
     "database_unavailable": DatabaseUnavailableError,
     "insufficient_storage": StorageFullError,
+    "size_mismatch": SizeMismatchError,
 }
 _STATUS_CLASSES: dict[int, type[RegistryError]] = {
     400: InvalidRequestError,

@@ -142,7 +142,7 @@ def _repo_for_push(
             base_info, _ = api.register_base_from_checkpoint(
                 base_name, base_path, expected_fingerprint=meta["base_fingerprint"]
             )
-        check_fingerprint(repo, base_info.name, base_info.fingerprint, meta)
+        check_fingerprint(None, base_info.name, base_info.fingerprint, meta)
         try:
             info = api.create_repo(repo, base=base_info.name, description=description, visibility=visibility)
             created = True
@@ -169,14 +169,21 @@ def _recorded_base_name(meta: dict) -> str:
         ) from None
 
 
-def check_fingerprint(repo: str, base_name: str, fingerprint: str, meta: dict) -> None:
-    if meta["base_fingerprint"] != fingerprint:
-        raise BaseMismatchError(
-            f"{repo} holds deltas of base {base_name!r} (fingerprint {fingerprint}), but this delta was made "
-            f"for base {meta['base_model']!r} (fingerprint {meta['base_fingerprint']})",
-            expected=fingerprint,
-            actual=meta["base_fingerprint"],
-        )
+def check_fingerprint(repo: str | None, base_name: str, fingerprint: str, meta: dict) -> None:
+    """The delta must be of the base `base_name` as registered: that of the existing repository
+    `repo`, or (repo None: about to be created) the one the push names."""
+    if meta["base_fingerprint"] == fingerprint:
+        return
+    held = f"{repo} holds deltas of base {base_name!r}" if repo else f"base {base_name!r} is registered"
+    made_for = (
+        "another checkpoint of that name" if meta["base_model"] == base_name else f"base {meta['base_model']!r}"
+    )
+    raise BaseMismatchError(
+        f"{held} with fingerprint {fingerprint}, but this delta was made for {made_for} "
+        f"(fingerprint {meta['base_fingerprint']})",
+        expected=fingerprint,
+        actual=meta["base_fingerprint"],
+    )
 
 
 def _open_upload(

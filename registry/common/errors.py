@@ -54,6 +54,12 @@ class DigestMismatchError(RegistryError, ValueError):
     status, code = 422, "digest_mismatch"
 
 
+class SizeMismatchError(DigestMismatchError):
+    """The bytes sent or stored (or what they decompress to) are not of the size the upload declared."""
+
+    code = "size_mismatch"
+
+
 class InvalidUploadError(RegistryError, ValueError):
     """The upload is not a valid format-v1 delta (bad zstd frame or bad header)."""
 
