@@ -175,9 +175,8 @@ def check_fingerprint(repo: str | None, base_name: str, fingerprint: str, meta: 
     if meta["base_fingerprint"] == fingerprint:
         return
     held = f"{repo} holds deltas of base {base_name!r}" if repo else f"base {base_name!r} is registered"
-    made_for = (
-        "another checkpoint of that name" if meta["base_model"] == base_name else f"base {meta['base_model']!r}"
-    )
+    recorded = meta["base_model"]
+    made_for = "another checkpoint of that name" if recorded == base_name else f"base {recorded!r}"
     raise BaseMismatchError(
         f"{held} with fingerprint {fingerprint}, but this delta was made for {made_for} "
         f"(fingerprint {meta['base_fingerprint']})",
