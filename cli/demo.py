@@ -80,8 +80,8 @@ def registry_round_trip(workdir: Path, base_dir: Path, delta: Path, *, base_name
     import filecmp
 
     from codec.checkpoint import Checkpoint
+    from codec.files import sha256_file
     from codec.format import DeltaFile
-    from registry.client.cache import sha256_of
     from registry.client.api import RegistryApi
 
     from .registry_commands import fidelity_summary
@@ -134,10 +134,10 @@ def registry_round_trip(workdir: Path, base_dir: Path, delta: Path, *, base_name
         loaded.check_base(specs, base_ckpt.fingerprint())
         figures["loaded_tensors"] = len(loaded.entries)
     figures.update(
-        url=url, version=pulled.version.number, digest=pulled.version.digest, raw_digest=sha256_of(pulled.blob),
+        url=url, version=pulled.version.number, digest=pulled.version.digest, raw_digest=sha256_file(pulled.blob),
         stored_bytes=pulled.version.size, delta_bytes=pulled.version.raw_size, push_seconds=pushed.seconds,
         dedup=again.deduplicated, dedup_seconds=again.seconds, pull_seconds=pulled.seconds, cache_hit=hit.cache_hit,
-        identical=identical and sha256_of(delta) == pulled.version.raw_digest, pulled_path=str(pulled.path),
+        identical=identical and sha256_file(delta) == pulled.version.raw_digest, pulled_path=str(pulled.path),
         seconds=time.perf_counter() - started,
     )
     return figures

@@ -10,46 +10,23 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.progress import (
-    BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 from rich.table import Table
 from rich.text import Text
 
-from registry.client.api import PullResult, PushResult, RegistryApi, RepoInfo, VersionInfo, parse_ref
-from registry.client.errors import CacheError, CorruptDownloadError, NetworkError, RegistryUnavailableError
-from registry.common.errors import (
-    AuthenticationError, BaseMismatchUploadError, BlobStoreError, ConflictError, DatabaseUnavailableError,
-    DigestMismatchError, InvalidRequestError, InvalidUploadError, NotFoundError, PermissionDeniedError, RegistryError,
-    SchemaOutOfDateError, SizeMismatchError, StorageFullError, UploadTooLargeError,
-)
+from registry.client import PullResult, PushResult, Ref, RegistryApi, RepoInfo, VersionInfo, parse_ref
+from registry.common.errors import InvalidRequestError
 
 from . import errors as exit_codes
 from .console import emit_json, err, human_bytes, out
 from .errors import handle_errors
-
-# Generic first: `register` puts each mapping ahead of those before it.
-for _exc, _code, _label in (
-    (RegistryError, exit_codes.EXIT_ERROR, "registry error"),
-    (CacheError, exit_codes.EXIT_ERROR, "cache error"),
-    (NetworkError, exit_codes.EXIT_NETWORK, "network"),
-    (RegistryUnavailableError, exit_codes.EXIT_NETWORK, "registry unavailable"),
-    (BlobStoreError, exit_codes.EXIT_NETWORK, "blob store"),
-    (DatabaseUnavailableError, exit_codes.EXIT_NETWORK, "registry unavailable"),
-    (SchemaOutOfDateError, exit_codes.EXIT_NETWORK, "schema out of date"),
-    (StorageFullError, exit_codes.EXIT_STORAGE_FULL, "registry storage full"),
-    (InvalidRequestError, exit_codes.EXIT_INVALID, "invalid request"),
-    (UploadTooLargeError, exit_codes.EXIT_INVALID, "too large"),
-    (DigestMismatchError, exit_codes.EXIT_INVALID, "digest mismatch"),
-    (SizeMismatchError, exit_codes.EXIT_INVALID, "size mismatch"),
-    (InvalidUploadError, exit_codes.EXIT_INVALID, "invalid delta file"),
-    (CorruptDownloadError, exit_codes.EXIT_INVALID, "corrupt download"),
-    (ConflictError, exit_codes.EXIT_CONFLICT, "conflict"),
-    (BaseMismatchUploadError, exit_codes.EXIT_BASE_MISMATCH, "base mismatch"),
-    (AuthenticationError, exit_codes.EXIT_AUTH, "authentication"),
-    (PermissionDeniedError, exit_codes.EXIT_AUTH, "permission denied"),
-    (NotFoundError, exit_codes.EXIT_NOT_FOUND, "not found"),
-):
-    exit_codes.register(_exc, _code, _label)
 
 Registry = Annotated[Optional[str], typer.Option("--registry", help="Registry URL (default: DELTACTL_REGISTRY, the saved login, or http://127.0.0.1:8000).")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
@@ -205,7 +182,7 @@ def whoami_cmd(registry: Registry = None, as_json: Json = False) -> None:
 def push_cmd(
     file: Annotated[Path, typer.Argument(help="The delta (.bdelta) to push.")],
     repo: Annotated[str, typer.Argument(metavar="NAMESPACE/NAME", help="Repository to push to (created if missing).")],
-    base: Annotated[Optional[str], typer.Option("--base", help="Base model of a new repository (default: the delta's base_model).")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", "--base-name", help="Base model of a new repository (default: the delta's base_model); overrides a recorded name that is not org/model.")] = None,
     base_path: Annotated[Optional[Path], typer.Option("--base-path", help="Local base checkpoint: registers the base first when the registry lacks it.")] = None,
     tag: Annotated[list[str], typer.Option("--tag", help="Tag the new version (repeatable).")] = [],
     description: Annotated[str, typer.Option("--description", help="Description of a new repository and of this version.")] = "",
@@ -237,6 +214,8 @@ def push_cmd(
     where = f"{v.repository}@{v.number}"
     if result.already_published:
         _line(f"{where}: published by an earlier run of this push whose answer was lost, nothing uploaded — {v.digest}")
+    elif result.completed_earlier_upload:
+        _line(f"pushed {where}: an interrupted earlier run had sent every byte; published them now — {v.digest}")
     elif result.deduplicated:
         _line(f"{where}: identical bytes already in the registry, nothing uploaded (dedup) — {v.digest}")
     else:
@@ -252,6 +231,7 @@ def _push_json(result: PushResult) -> dict:
     return {"repository": v.repository, "version": v.number, "digest": v.digest, "raw_digest": v.raw_digest,
             "size": v.size, "raw_size": v.raw_size, "codec": v.codec, "tags": v.tags, "fidelity": v.fidelity,
             "deduplicated": result.deduplicated, "already_published": result.already_published,
+            "completed_earlier_upload": result.completed_earlier_upload,
             "sent_bytes": result.sent_bytes, "resumed": result.resumed,
             "skipped_parts": result.skipped_parts, "created_repository": result.created_repo,
             "seconds": round(result.seconds, 3)}
@@ -260,7 +240,7 @@ def _push_json(result: PushResult) -> dict:
 @handle_errors
 def pull_cmd(
     ref: Annotated[str, typer.Argument(metavar="REF", help="namespace/name, namespace/name:TAG or namespace/name@VERSION.")],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also copy the delta to this file (or into this directory).")] = None,
+    output: Annotated[Optional[str], typer.Option("-o", "--output", help="Also copy the delta to this file (or into this directory; a trailing slash makes one).")] = None,
     registry: Registry = None,
     as_json: Json = False,
 ) -> None:
@@ -286,6 +266,8 @@ def pull_cmd(
     how = "cache hit, nothing downloaded" if result.cache_hit else f"downloaded {human_bytes(result.downloaded_bytes)} in {result.seconds:.1f}s"
     if result.repaired:
         how = "cached copy failed its digest check; " + how
+    if result.offline:
+        how += " (without the registry: offline, or it could not be reached)"
     _note(f"{v.repository}@{v.number} ({v.codec}, {human_bytes(v.raw_size)}): {how}")
     typer.echo(str(result.path))
 
@@ -294,7 +276,7 @@ def _pull_json(result: PullResult) -> dict:
     v = result.version
     return {"repository": v.repository, "version": v.number, "tags": v.tags, "digest": v.digest, "raw_digest": v.raw_digest,
             "raw_size": v.raw_size, "codec": v.codec, "path": str(result.path), "blob": str(result.blob),
-            "cache_hit": result.cache_hit, "repaired": result.repaired, "downloaded_bytes": result.downloaded_bytes,
+            "cache_hit": result.cache_hit, "repaired": result.repaired, "offline": result.offline, "downloaded_bytes": result.downloaded_bytes,
             "seconds": round(result.seconds, 3)}
 
 
@@ -445,6 +427,8 @@ def rm_cmd(
             f"delete a version by its number ({parsed.repo}@N), or remove a tag with `deltactl tag {parsed.repo} {parsed.tag} --delete`"
         )
     with _api(registry) as api:
+        if parsed.digest is not None:  # the version of that digest, never the whole repository
+            parsed = Ref(parsed.namespace, parsed.name, version=api.version(parsed).number)
         if parsed.version is None:
             repo = api.repo(parsed.repo)
             what = f"repository {repo.full_name} with all its versions (latest v{repo.latest_version or 0}) and tags"

@@ -19,6 +19,7 @@ from .bitdelta import reconstruct_blocks
 from .checkpoint import FINGERPRINT_PREFIX, ST_TO_TORCH, Checkpoint, _fingerprint_record, tensor_bytes
 from .container import SafetensorsWriter, TensorSpec
 from .errors import BaseMismatchError, CodecError
+from .files import OutputPathError, temp_dir_beside, write_atomic
 from .format import DTYPE_CODE, DeltaFile
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -68,6 +69,10 @@ def apply_delta(
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise CodecError(f"{out_dir}: output exists and is not an empty directory")
+    for source in (base_path, delta_path):
+        real_out, real_source = Path(os.path.realpath(out_dir)), Path(os.path.realpath(source))
+        if real_out == real_source or real_source in real_out.parents or real_out in real_source.parents:
+            raise OutputPathError(f"output {out_dir} overlaps the input {source}: refusing to write there")
     model_dtype = ST_TO_TORCH[DTYPE_CODE[delta.dtype_name]]
 
     specs: list[TensorSpec] = []
@@ -84,9 +89,8 @@ def apply_delta(
     if len(shards) == 1:
         names = ["model.safetensors"]
 
-    tmp = out_dir.parent / f".{out_dir.name}.incomplete-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir_beside(out_dir)
     fp = hashlib.sha256(FINGERPRINT_PREFIX)
     written = 0
     try:
@@ -117,7 +121,7 @@ def apply_delta(
         if fingerprint != delta.base_fingerprint and not force:
             raise BaseMismatchError(
                 f"delta was made for base {delta.base_model!r} with fingerprint {delta.base_fingerprint}, "
-                f"but {base_path} has fingerprint {fingerprint} (use --force to apply anyway)",
+                f"but {base_path} has fingerprint {fingerprint}",
                 expected=delta.base_fingerprint,
                 actual=fingerprint,
             )
@@ -126,7 +130,7 @@ def apply_delta(
                 "metadata": {"total_size": written},
                 "weight_map": {s.name: n for n, shard in zip(names, shards) for s in shard},
             }
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+            write_atomic(tmp / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True).encode())
         _write_config(base, delta, tmp)
         if out_dir.exists():
             out_dir.rmdir()
@@ -147,7 +151,7 @@ def _write_config(base: Checkpoint, delta: DeltaFile, dest: Path) -> None:
     generation config) copied from the base directory."""
     config = delta.metadata.get("x-hf-config")
     if config is not None:
-        (dest / "config.json").write_text(json.dumps(json.loads(config), indent=2, sort_keys=True))
+        write_atomic(dest / "config.json", json.dumps(json.loads(config), indent=2, sort_keys=True).encode())
     skip = {"model.safetensors.index.json"} | ({"config.json"} if config is not None else set())
     if base.root.is_dir():
         for f in base.root.iterdir():

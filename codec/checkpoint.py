@@ -15,6 +15,8 @@ from safetensors import safe_open
 
 from .container import Header, TensorEntry, read_header
 from .errors import CheckpointError, InvalidDeltaError
+from .files import CHUNK
+from .format import FORMAT as DELTA_FORMAT
 
 TORCH_TO_ST: dict[torch.dtype, str] = {
     torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8",
@@ -28,7 +30,7 @@ DTYPE_NAMES: dict[str, str] = {"F16": "float16", "BF16": "bfloat16", "F32": "flo
 DTYPE_CODES: dict[str, str] = {v: k for k, v in DTYPE_NAMES.items()}
 
 FINGERPRINT_PREFIX = b"deltastore.fingerprint.v1\n"
-_HASH_CHUNK = 8 << 20
+_HASH_CHUNK = 8 * CHUNK  # reads of a fingerprint pass
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -114,11 +116,15 @@ class Checkpoint:
                 header = read_header(f)
             except InvalidDeltaError as exc:
                 raise CheckpointError(f"{f}: not a valid safetensors file: {exc}") from None
+            if header.metadata.get("format") == DELTA_FORMAT:  # a delta is never a checkpoint
+                raise CheckpointError(f"{f} is a deltastore delta, not a model checkpoint")
             headers[f] = header
             for name in header.tensors:
                 if name in file_of:
                     raise CheckpointError(f"tensor {name!r} appears in both {file_of[name].name} and {f.name}")
                 file_of[name] = f
+        if not any(h.tensors[n].dtype in FLOAT_DTYPES for h in headers.values() for n in h.tensors):
+            raise CheckpointError(f"{root} holds no model weights (no floating-point tensors)")
         return cls(root, file_of, headers, config)
 
     # --- queries --------------------------------------------------------------------

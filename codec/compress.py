@@ -17,15 +17,14 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from . import __version__
+from . import __version__, deltadq
 from .activations import InputMoments
 from .background import OrderedWorker
 from .bitdelta import binarize
 from .checkpoint import FINGERPRINT_PREFIX, TORCH_TO_ST, Checkpoint, _fingerprint_record, tensor_bytes
 from .container import SpooledSafetensorsWriter, TensorSpec
-from .errors import CodecError, IncompatibleDeltaError
-from . import deltadq
-from .format import DQ_MASK, DTYPE_CODE, FLOAT_CODES, FORMAT, FORMAT_VERSION
+from .errors import CodecError, IncompatibleDeltaError, NothingToCompressError
+from .format import DQ_MASK, DTYPE_CODE, FLOAT_CODES, FORMAT, FORMAT_VERSION, is_registry_base_name
 
 ScaleMode = Literal["per-matrix", "per-row"]
 Progress = Callable[[str, int, int], None]
@@ -57,6 +56,9 @@ class CompressOptions:
     dq_group_size: int | None = None
     dq_parts: int = 1
     dq_seed: int = 0
+    #: Write a delta even when no tensor can be compressed because every shape differs from the
+    #: base's (the delta is then the fine-tune stored dense).
+    allow_dense: bool = False
 
     def __post_init__(self) -> None:
         if self.codec not in ("bitdelta", "deltadq"):
@@ -143,6 +145,20 @@ def _check_names(base: Checkpoint, ft: Checkpoint) -> None:
         )
 
 
+def _check_some_tensor_compresses(base: Checkpoint, ft: Checkpoint, options: CompressOptions) -> None:
+    """A fine-tune none of whose compressible tensors has its base tensor's shape was made from
+    another model: refuse it (from the headers alone) rather than store it all dense."""
+    candidates = [n for n in ft.names if options.binarizes(n, ft.entry(n).shape, ft.entry(n).dtype)]
+    mismatched = [n for n in candidates if ft.entry(n).shape != base.entry(n).shape]
+    if candidates and len(mismatched) == len(candidates):
+        first = mismatched[0]
+        raise NothingToCompressError(
+            f"no tensor can be compressed: every weight's shape differs from the base's (first: {first} is "
+            f"{list(ft.entry(first).shape)} in the fine-tune, {list(base.entry(first).shape)} in the base); "
+            "is this the fine-tune's base model?"
+        )
+
+
 def compress(
     base_path: str | os.PathLike[str],
     finetuned_path: str | os.PathLike[str],
@@ -157,13 +173,16 @@ def compress(
     base = Checkpoint.open(base_path)
     ft = Checkpoint.open(finetuned_path)
     _check_names(base, ft)
+    if not options.allow_dense:
+        _check_some_tensor_compresses(base, ft, options)
     dtype_name = _model_dtype(ft, options)
     model_code = DTYPE_CODE[dtype_name]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     fp = hashlib.sha256(FINGERPRINT_PREFIX)
-    writer = SpooledSafetensorsWriter(out_path)
+    # The output may be neither input nor inside an input model directory (refused before any work).
+    writer = SpooledSafetensorsWriter(out_path, inputs=[base_path, finetuned_path])
     report = CompressReport(path=out_path, base_fingerprint="", finetuned_bytes=ft.total_bytes)
     names = sorted(base.names)  # sorted order lets the base fingerprint be hashed in the same pass
     io = OrderedWorker()  # hashes the base fingerprint while the next tensor is binarized
@@ -244,7 +263,14 @@ def _hash_tensor(fp, name: str, dtype: str, shape, tensor: torch.Tensor) -> None
     fp.update(tensor_bytes(tensor))
 
 
+def registry_base_name(base: Checkpoint) -> str | None:
+    """The registry name a base checkpoint records for itself: config.json's `_name_or_path`
+    when it is a valid `org/model`, else None."""
+    name = (base.config or {}).get("_name_or_path")
+    return name if is_registry_base_name(name) else None
+
+
 def _default_base_name(base: Checkpoint) -> str:
-    cfg = base.config or {}
-    name = cfg.get("_name_or_path") or ""
-    return name if name and not os.path.isabs(name) else base.root.name.removesuffix(".safetensors")
+    # Callers that need a registry name check `registry_base_name` first (the CLI refuses
+    # without one); the directory name only labels a delta made for local use.
+    return registry_base_name(base) or base.root.name.removesuffix(".safetensors")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Iterable, Mapping
 
 from .errors import HeaderError, TruncatedFileError
+from .files import AtomicWriter, check_output
 
 #: The stock safetensors library refuses headers above this size; so do we.
 MAX_HEADER_SIZE = 100_000_000
@@ -255,37 +256,33 @@ def encode_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | Non
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class SafetensorsWriter:
     """Writes a safetensors file whose tensor list is known up front, one tensor at a time.
 
-    Data goes to `<path>.incomplete`; `close()` fsyncs and renames it into place, so a reader
-    never sees a half-written file. Tensors must be written in the order of `specs`.
+    Data goes to a fresh temp file beside `path` (codec.files.AtomicWriter); `close()` fsyncs and
+    renames it into place, so a reader never sees a half-written file. `inputs` are paths the
+    output must not overwrite or lie in. Tensors must be written in the order of `specs`.
 
         with SafetensorsWriter(path, specs, metadata) as w:
             for spec in specs:
                 w.write(spec.name, buffer_of(spec.name))
     """
 
-    def __init__(self, path: str | os.PathLike[str], specs: list[TensorSpec], metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self, path: str | os.PathLike[str], specs: list[TensorSpec], metadata: Mapping[str, str] | None = None,
+        *, inputs: Iterable[str | os.PathLike[str]] = (),
+    ):
         self.path = Path(path)
         self._specs = list(specs)
         self._next = 0
-        self._tmp = self.path.with_name(self.path.name + ".incomplete")
-        self._fh: IO[bytes] | None = open(self._tmp, "wb")
-        self._fh.write(encode_header(self._specs, metadata))
+        header = encode_header(self._specs, metadata)
+        self._out: AtomicWriter | None = AtomicWriter(self.path, inputs=inputs)
+        self._fh: IO[bytes] | None = self._out.file
+        try:
+            self._fh.write(header)
+        except BaseException:
+            self.abort()
+            raise
 
     def write_parts(self, name: str, parts: Iterable["memoryview | bytes"]) -> None:
         """Write one tensor given as consecutive pieces (e.g. row blocks as they are computed)."""
@@ -325,18 +322,13 @@ class SafetensorsWriter:
         if self._next != len(self._specs):
             self.abort()
             raise ValueError(f"only {self._next} of {len(self._specs)} tensors were written")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        self._fh = None
-        os.replace(self._tmp, self.path)
-        _fsync_dir(self.path.parent)
+        out, self._out, self._fh = self._out, None, None
+        out.commit()
 
     def abort(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        self._tmp.unlink(missing_ok=True)
+        if self._out is not None:
+            self._out.abort()
+        self._out = self._fh = None
 
     def __enter__(self) -> "SafetensorsWriter":
         return self
@@ -356,8 +348,9 @@ class SpooledSafetensorsWriter:
     (compression skips unchanged tensors).
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str]] = ()):
+        self.inputs = list(inputs)
+        self.path = check_output(path, self.inputs)  # refused before any work, checked again at close
         self._specs: list[TensorSpec] = []
         self._spool = tempfile.TemporaryFile(dir=self.path.parent, prefix=".spool-")
 
@@ -375,7 +368,7 @@ class SpooledSafetensorsWriter:
     def close(self, metadata: Mapping[str, str]) -> None:
         self._spool.flush()
         self._spool.seek(0)
-        with SafetensorsWriter(self.path, self._specs, metadata) as writer:
+        with SafetensorsWriter(self.path, self._specs, metadata, inputs=self.inputs) as writer:
             writer.write_rest_from(self._spool)
         self._spool.close()
 

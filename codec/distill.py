@@ -235,15 +235,18 @@ def distill_scales(
         "samples": len(samples), "initial_loss": initial, "final_loss": final, **asdict(options),
         "seconds": round(seconds, 1),
     }
-    _write_with_scales(delta, Path(out_path), {n: m.scale.detach().cpu() for n, m in scales.items()}, calibration)
+    _write_with_scales(delta, Path(out_path), {n: m.scale.detach().cpu() for n, m in scales.items()}, calibration,
+                       inputs=[base_dir, finetuned_dir, delta_path, data])
     return DistillReport(initial, final, losses, seconds, _peak_rss())
 
 
-def _write_with_scales(delta: DeltaFile, out_path: Path, scales: dict[str, torch.Tensor], calibration: dict) -> None:
+def _write_with_scales(
+    delta: DeltaFile, out_path: Path, scales: dict[str, torch.Tensor], calibration: dict, *, inputs: list
+) -> None:
     for name, s in scales.items():
         if not torch.isfinite(s).all():
             raise CodecError(f"distillation diverged: {name} has non-finite scales (lower --lr)")
-    writer = SpooledSafetensorsWriter(out_path)
+    writer = SpooledSafetensorsWriter(out_path, inputs=inputs)
     try:
         for tensor_name in delta.header.tensors:  # same tensors, same order; only .scale data changes
             base_name, _, kind = tensor_name.rpartition(".")

@@ -53,3 +53,15 @@ class CheckpointError(CodecError, OSError):
 
 class CalibrationDataError(CodecError):
     """Calibration data is missing, empty or not text."""
+
+
+class NotSafetensorsError(HeaderError):
+    """The bytes are not a safetensors file at all (so not a delta either)."""
+
+
+class BaseNameError(CodecError):
+    """A delta needs its base's registry name (`org/model`) and none valid is known."""
+
+
+class NothingToCompressError(IncompatibleDeltaError):
+    """No tensor of the fine-tune has its base tensor's shape: it was made from another model."""

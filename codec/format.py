@@ -7,7 +7,6 @@ torch lazily.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,7 +17,18 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 
 from .container import Header, TensorEntry, parse_header_bytes, read_header, strict_json_loads
-from .errors import BaseMismatchError, CorruptFileError, IncompatibleDeltaError, InvalidDeltaError, UnsupportedFormatError
+from .deltadq_params import DQParams
+from .errors import (
+    BaseMismatchError,
+    CorruptFileError,
+    HeaderError,
+    IncompatibleDeltaError,
+    InvalidDeltaError,
+    NotSafetensorsError,
+    TruncatedFileError,
+    UnsupportedFormatError,
+)
+from .files import sha256_fileobj
 
 if TYPE_CHECKING:
     import torch
@@ -34,6 +44,16 @@ FLOAT_CODES = frozenset(DTYPE_CODE.values())
 KINDS = ("sign", "scale", "full", "dq_codes", "dq_step", "dq_params")
 DQ_MASK = "splitmix64-v1"
 FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+#: One segment of a registry base-model name `org/model` (the upstream spelling, `meta-llama/Llama-3.1-8B`).
+BASE_SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def is_registry_base_name(name: object) -> bool:
+    """Whether `name` is a valid registry base name `org/model` (what `base_model` should hold)."""
+    parts = name.split("/") if isinstance(name, str) else []
+    return len(parts) == 2 and all(BASE_SEGMENT_RE.fullmatch(p) for p in parts)
+#: What the byte after a safetensors file's 8-byte length can be: its JSON header's '{' or whitespace.
+_JSON_STARTS = frozenset({b"{", b" ", b"\t", b"\n", b"\r"})
 _MAX_SCALE_BYTES = 1 << 30  # scales are F32 [P, out]: a GiB of them is a forged file
 
 
@@ -194,7 +214,6 @@ def _read_f32(fh, entry: TensorEntry) -> np.ndarray:
 def _check_tensor_values(fh, entries: Mapping[str, DeltaEntry]) -> dict[str, tuple[int, int, int, int]]:
     """Scales and steps must be finite; deltadq parameters must be valid. Returns the deltadq
     parameters (group_size, keep, bits, parts) per tensor."""
-    from .deltadq import DQParams
     from .errors import CodecError
 
     total = 0
@@ -221,11 +240,8 @@ def _check_tensor_values(fh, entries: Mapping[str, DeltaEntry]) -> dict[str, tup
 
 
 def _check_digest(fh, path: Path, expected: str) -> None:
-    sha = hashlib.sha256()
-    while buf := fh.read(8 << 20):
-        sha.update(buf)
+    actual = sha256_fileobj(fh)
     fh.seek(0)
-    actual = "sha256:" + sha.hexdigest()
     if actual != expected:
         raise CorruptFileError(
             f"{path}: content has sha256 {actual}, but {expected} was recorded for it (corrupted or replaced; fetch it again)"
@@ -261,7 +277,13 @@ class DeltaFile:
             if expected_digest is not None:
                 _check_digest(fh, path, expected_digest)
             size = os.fstat(fh.fileno()).st_size
-            header = read_header_from_delta(fh, size)
+            try:
+                header = read_header_from_delta(fh, size)
+            except (HeaderError, TruncatedFileError):
+                fh.seek(8)
+                if size > 8 and fh.read(1) not in _JSON_STARTS:  # not even the start of a safetensors header
+                    raise NotSafetensorsError(f"{path} is not a deltastore delta (not a safetensors file)") from None
+                raise
             entries = group_entries(header)
             dq = _check_tensor_values(fh, entries)
         return cls(path, header, entries, dq)
@@ -302,7 +324,6 @@ class DeltaFile:
 
     def dq_params(self, name: str):
         """The `codec.deltadq.DQParams` of a deltadq tensor."""
-        from .deltadq import DQParams
 
         return DQParams(*self._dq[name])
 
@@ -322,7 +343,7 @@ class DeltaFile:
         if fingerprint is not None and fingerprint != self.base_fingerprint and not force:
             raise BaseMismatchError(
                 f"delta was made for base {self.base_model!r} with fingerprint {self.base_fingerprint}, "
-                f"but the given base has fingerprint {fingerprint} (use --force to apply anyway)",
+                f"but the given base has fingerprint {fingerprint}",
                 expected=self.base_fingerprint,
                 actual=fingerprint,
             )

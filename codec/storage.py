@@ -7,14 +7,13 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO
 
 import zstandard
 
 from .errors import InvalidDeltaError
+from .files import CHUNK, AtomicWriter
 
-CHUNK = 1 << 20
 DEFAULT_LEVEL = 3
 
 
@@ -56,23 +55,14 @@ class _HashingWriter:
 
 
 def compress_blob(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, level: int = DEFAULT_LEVEL, threads: int = 0) -> BlobInfo:
-    """zstd-compress the file `src` into `dst` (written to `dst.incomplete`, then renamed)."""
-    src, dst = Path(src), Path(dst)
-    raw_size = src.stat().st_size
-    tmp = dst.with_name(dst.name + ".incomplete")
+    """zstd-compress the file `src` into `dst` (atomically, see codec.files.AtomicWriter)."""
+    raw_size = os.stat(src).st_size
     cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, threads=threads)
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            reader, writer = _HashingReader(fin), _HashingWriter(fout)
-            cctx.copy_stream(reader, writer, size=raw_size, read_size=CHUNK, write_size=CHUNK)
-            fout.flush()
-            os.fsync(fout.fileno())
+    with open(src, "rb") as fin, AtomicWriter(dst, inputs=[src]) as fout:
+        reader, writer = _HashingReader(fin), _HashingWriter(fout)
+        cctx.copy_stream(reader, writer, size=raw_size, read_size=CHUNK, write_size=CHUNK)
         if reader.n != raw_size:
             raise OSError(f"{src} changed size while being compressed")
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return BlobInfo("sha256:" + writer.sha.hexdigest(), writer.n, "sha256:" + reader.sha.hexdigest(), reader.n)
 
 
@@ -243,24 +233,6 @@ def decompress_blob(
     max_output_size: int,
     expected_raw_digest: str | None = None,
 ) -> tuple[int, str]:
-    """File-to-file `decompress_stream`, written to `dst.incomplete` then renamed."""
-    dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".incomplete")
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            result = decompress_stream(fin, fout, max_output_size=max_output_size, expected_raw_digest=expected_raw_digest)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return result
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while buf := fh.read(CHUNK * 8):
-            h.update(buf)
-    return "sha256:" + h.hexdigest()
+    """File-to-file `decompress_stream`, written atomically (see codec.files.AtomicWriter)."""
+    with open(src, "rb") as fin, AtomicWriter(dst, inputs=[src]) as fout:
+        return decompress_stream(fin, fout, max_output_size=max_output_size, expected_raw_digest=expected_raw_digest)

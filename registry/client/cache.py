@@ -7,7 +7,7 @@ memory-mapped, and the state of pushes in progress.
     repos/<registry>/<namespace>/<name>/<n>.bdelta      symlink to its blob
     uploads/<file key>.json, <file key>.zst             a push: digests, pending upload ids, storage form
 
-Every file is written to `*.incomplete` and renamed; a file lock per blob (and per pushed
+Every file is written to a fresh temp file and renamed (codec.files.AtomicWriter); a file lock per blob (and per pushed
 file) keeps concurrent commands from writing the same thing twice.
 """
 
@@ -27,9 +27,8 @@ from urllib.parse import urlsplit
 
 from filelock import FileLock, Timeout
 
+from codec.files import sha256_file, write_atomic
 from codec.storage import BlobInfo, compress_blob
-
-from registry.client import settings
 from registry.client.errors import CacheError
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -50,9 +49,7 @@ def registry_dir_name(registry: str) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.incomplete")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode())
 
 
 def _read_json(path: Path) -> dict | None:
@@ -61,14 +58,6 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while buf := fh.read(8 * settings.CHUNK):
-            h.update(buf)
-    return "sha256:" + h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -158,7 +147,7 @@ class DeltaCache:
                 return None
         except FileNotFoundError:
             return None
-        if sha256_of(path) != raw_digest:
+        if sha256_file(path) != raw_digest:
             self.corrupt_found.append(str(path))
             path.unlink(missing_ok=True)
             return None
@@ -188,6 +177,19 @@ class DeltaCache:
                 return self.blob_path(version["raw_digest"])  # no symlinks here: the blob itself is the path
             os.replace(tmp, link)
         return link
+
+    def recorded_version(
+        self, registry: str, repository: str, *, number: int | None = None, digest: str | None = None
+    ) -> dict | None:
+        """The record of a version pulled before from `registry` (by number, or by the digest of
+        its stored bytes), or None: what a pinned reference resolves to without the registry."""
+        folder = self._version_dir(registry, repository)
+        paths = [folder / f"{number}.json"] if number is not None else sorted(folder.glob("*.json"))
+        for path in paths:
+            record = _read_json(path)
+            if record and record.get("repository") == repository and (digest is None or record.get("digest") == digest):
+                return record
+        return None
 
     def touch(self, registry: str, repository: str, number: int) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -231,7 +233,7 @@ class DeltaCache:
             expected = "sha256:" + blob.name.removesuffix(".bdelta")
             with self.blob_lock(expected):
                 try:
-                    actual = sha256_of(blob)
+                    actual = sha256_file(blob)
                     size = blob.stat().st_size
                 except FileNotFoundError:
                     continue
@@ -270,7 +272,9 @@ class DeltaCache:
             if blob.name not in kept_blobs and not self._locked(self.blob_lock("sha256:" + blob.name[:64])):
                 remove("blob", blob)
         for partial in self.blob_dir.glob("*.incomplete"):
-            if not self._locked(self.blob_lock("sha256:" + partial.name[:64])):
+            # `<raw>-<stored>.zst.incomplete` (a partial download) or `.<raw>.bdelta.*.incomplete`
+            # (a decompression cut short): both start with the blob's digest.
+            if not self._locked(self.blob_lock("sha256:" + partial.name.lstrip(".")[:64])):
                 remove("partial download", partial)
         for state in self.upload_dir.glob("*.json"):
             lock = FileLock(self.upload_dir / f"{state.stem}.lock")

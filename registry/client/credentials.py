@@ -8,13 +8,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from registry.common.errors import InvalidRequestError
-
+from codec.files import write_atomic
 from registry.client import settings
+from registry.common.errors import InvalidRequestError
 
 TOKENS_FILE = "tokens.json"
 CONFIG_FILE = "config.json"
@@ -42,16 +41,7 @@ def _read_json(path: Path) -> dict:
 def _write_json(path: Path, data: dict, *, mode: int) -> None:
     """Write atomically, created with `mode` from the start (a token is never world-readable)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode(), mode=mode)
 
 
 def saved_registry(home: Path | None = None) -> str | None:
@@ -64,12 +54,18 @@ def saved_token(registry: str, home: Path | None = None) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def resolve_registry(explicit: str | None, home: Path | None = None) -> str:
-    return normalize_url(explicit or settings.env_registry() or saved_registry(home) or settings.DEFAULT_REGISTRY)
+def resolve_registry(
+    explicit: str | None, home: Path | None = None, *, env: settings.ClientSettings | None = None
+) -> str:
+    env = env or settings.load()
+    return normalize_url(explicit or env.registry or saved_registry(home) or settings.DEFAULT_REGISTRY)
 
 
-def resolve_token(registry: str, explicit: str | None, home: Path | None = None) -> str | None:
-    return explicit or settings.env_token() or saved_token(registry, home)
+def resolve_token(
+    registry: str, explicit: str | None, home: Path | None = None, *, env: settings.ClientSettings | None = None
+) -> str | None:
+    env = env or settings.load()
+    return explicit or env.token or saved_token(registry, home)
 
 
 def save_login(registry: str, token: str | None, home: Path | None = None) -> Path:

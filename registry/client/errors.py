@@ -6,6 +6,7 @@ NotFoundError, AuthenticationError, ConflictError...), rebuilt from the response
 from __future__ import annotations
 
 from codec.errors import DeltaStoreError
+from registry.common.errors import NotFoundError
 
 
 class NetworkError(DeltaStoreError, ConnectionError):
@@ -28,6 +29,10 @@ class BlobStoreUnreachableError(NetworkError):
     itself answered)."""
 
 
+class OfflineError(NetworkError):
+    """The client is offline (DELTACTL_OFFLINE) and what was asked for needs the registry."""
+
+
 class TransferInterruptedError(NetworkError):
     """A push or pull stopped part-way; running the same command again resumes it."""
 
@@ -38,3 +43,11 @@ class CorruptDownloadError(DeltaStoreError, ValueError):
 
 class CacheError(DeltaStoreError, OSError):
     """The local cache holds something unusable."""
+
+
+class BaseNotRegisteredError(NotFoundError):
+    """The base a new repository needs is not registered and no local checkpoint was given."""
+
+    def __init__(self, message: str, *, base_name: str):
+        super().__init__(message)
+        self.base_name = base_name

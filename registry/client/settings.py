@@ -1,10 +1,13 @@
-"""The registry client's settings, read from the environment when used (the server's own
-settings are `registry.settings`). Nothing here imports the server.
+"""The registry client's settings: one pydantic-settings object read from `DELTACTL_*` (bad values
+are refused with the variable's name), and the fixed constants of its transfers.
 
-    DELTACTL_HOME      cache, saved logins and push state ($XDG_CACHE_HOME/deltastore or ~/.cache/deltastore)
-    DELTACTL_REGISTRY  registry URL (else the one `deltactl login` saved, else DEFAULT_REGISTRY)
-    DELTACTL_TOKEN     API token (else the one `deltactl login` saved for that registry)
+    DELTACTL_HOME                  cache, saved logins, push state
+                                   ($XDG_CACHE_HOME/deltastore or ~/.cache/deltastore)
+    DELTACTL_REGISTRY              registry URL (else the one `deltactl login` saved, else DEFAULT_REGISTRY)
+    DELTACTL_TOKEN                 API token (else the one `deltactl login` saved for that registry)
+    DELTACTL_UPLOAD_CONCURRENCY    parts uploaded in parallel (1-256)
     DELTACTL_UNAVAILABLE_MAX_WAIT  seconds a read may wait out 503s with Retry-After (0: never)
+    DELTACTL_OFFLINE               1: never touch the network; serve pinned versions from the cache
 """
 
 from __future__ import annotations
@@ -12,18 +15,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-ENV_HOME = "DELTACTL_HOME"
-ENV_REGISTRY = "DELTACTL_REGISTRY"
-ENV_TOKEN = "DELTACTL_TOKEN"
-ENV_UPLOAD_CONCURRENCY = "DELTACTL_UPLOAD_CONCURRENCY"
-ENV_UNAVAILABLE_MAX_WAIT = "DELTACTL_UNAVAILABLE_MAX_WAIT"
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from codec.errors import DeltaStoreError
+
+ENV_PREFIX = "DELTACTL_"
 #: Where `deltactl serve` listens by default.
 DEFAULT_REGISTRY = "http://127.0.0.1:8000"
-#: Parallel part uploads (boto3's default concurrency is 10).
-DEFAULT_UPLOAD_CONCURRENCY = 10
-#: Read/write unit of transfers and hashing.
-CHUNK = 1 << 20
 #: Seconds to wait for a connection / for the next bytes of an answer.
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 120.0
@@ -31,36 +30,46 @@ READ_TIMEOUT = 120.0
 TRANSFER_ATTEMPTS = 3
 #: An idempotent request (GET: list, show, pull's metadata, downloads) answered 503 with a
 #: Retry-After header is sent again after that wait: at most this many tries in all, and only
-#: while the waits add up to at most UNAVAILABLE_MAX_WAIT seconds. Other requests never are.
+#: while the waits add up to at most `unavailable_max_wait` seconds. Other requests never are.
 UNAVAILABLE_ATTEMPTS = 3
-UNAVAILABLE_MAX_WAIT = 10.0
+
+
+class SettingsError(DeltaStoreError, ValueError):
+    """A `DELTACTL_*` variable holds a value the client cannot use."""
+
+
+class ClientSettings(BaseSettings):
+    """What the environment says; `RegistryApi` arguments override each field."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore")
+
+    home: Path | None = None
+    registry: str | None = None
+    token: str | None = None
+    upload_concurrency: int = Field(10, ge=1, le=256)  # boto3's default concurrency is 10
+    unavailable_max_wait: float = Field(10.0, ge=0, allow_inf_nan=False)
+    offline: bool = False
+
+    @property
+    def cache_home(self) -> Path:
+        if self.home is not None:
+            return self.home.expanduser()
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        return (Path(xdg) if xdg else Path.home() / ".cache") / "deltastore"
+
+
+def load() -> ClientSettings:
+    """The settings as the environment has them now; a bad value raises SettingsError naming the
+    variable, the value and what it must be."""
+    try:
+        return ClientSettings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = ENV_PREFIX + "_".join(str(part) for part in error["loc"]).upper()
+            problems.append(f"{name}={os.environ.get(name, error.get('input'))!r}: {error['msg']}")
+        raise SettingsError("; ".join(problems)) from None
 
 
 def deltactl_home() -> Path:
-    explicit = os.environ.get(ENV_HOME)
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "deltastore"
-
-
-def env_registry() -> str | None:
-    return os.environ.get(ENV_REGISTRY) or None
-
-
-def env_token() -> str | None:
-    return os.environ.get(ENV_TOKEN) or None
-
-
-def upload_concurrency() -> int:
-    value = os.environ.get(ENV_UPLOAD_CONCURRENCY, "")
-    return max(1, int(value)) if value.isdigit() else DEFAULT_UPLOAD_CONCURRENCY
-
-
-def unavailable_max_wait() -> float:
-    """DELTACTL_UNAVAILABLE_MAX_WAIT (seconds, 0 turns the retries off), else UNAVAILABLE_MAX_WAIT."""
-    value = os.environ.get(ENV_UNAVAILABLE_MAX_WAIT, "").strip()
-    try:
-        return max(0.0, float(value)) if value else UNAVAILABLE_MAX_WAIT
-    except ValueError:
-        return UNAVAILABLE_MAX_WAIT
+    return load().cache_home

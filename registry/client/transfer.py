@@ -9,25 +9,22 @@ into the cache in the same pass.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
-import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import httpx
 
+from codec.files import CHUNK, AtomicWriter
 from codec.storage import BlobCorruptError, BlobInfo, BlobTooLargeError, decompress_stream
-
 from registry.client import settings
 from registry.client.errors import CorruptDownloadError, NetworkError, TransferInterruptedError
+from registry.client.http import TRANSIENT_STATUSES, netloc, retrying, s3_error
 from registry.common.readahead import ReadAhead
 
 #: Called with a number of bytes just moved (negative when a failed attempt is taken back).
 Advance = Callable[[int], None]
-
-_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 def _no_progress(n: int) -> None:
@@ -39,7 +36,7 @@ def _file_chunks(path: Path, offset: int, size: int, advance: Advance, sent: lis
         fh.seek(offset)
         left = size
         while left:
-            buf = fh.read(min(settings.CHUNK, left))
+            buf = fh.read(min(CHUNK, left))
             if not buf:
                 raise OSError(f"{path} is shorter than expected (it changed during the push)")
             left -= len(buf)
@@ -53,25 +50,27 @@ def put_range(
     advance: Advance = _no_progress, attempts: int | None = None,
 ) -> httpx.Response:
     """PUT bytes [offset, offset+size) of `path` to `url`, streamed with a fixed Content-Length;
-    transient failures (connection errors, 5xx, 429) are retried with backoff. After the last
-    attempt a connection failure is raised as the httpx error it is, for the caller to say which
-    server (the registry or the blob store) failed."""
-    attempts = attempts or settings.TRANSFER_ATTEMPTS
-    for attempt in range(1, attempts + 1):
-        sent = [0]
-        try:
-            response = http.put(url, content=_file_chunks(path, offset, size, advance, sent),
-                                headers={**(headers or {}), "Content-Length": str(size)})
-        except httpx.TransportError:
-            advance(-sent[0])
-            if attempt == attempts:
-                raise
-        else:
-            if response.status_code not in _RETRY_STATUS or attempt == attempts:
-                return response
-            advance(-sent[0])
-        time.sleep(0.2 * 2 ** (attempt - 1))
-    raise AssertionError("unreachable")
+    transient failures (connection errors, 5xx, 429) are retried with backoff (the client's one
+    retry policy). After the last attempt a connection failure is raised as the httpx error it
+    is, for the caller to say which server (the registry or the blob store) failed."""
+    sent = [0]
+
+    def put() -> httpx.Response:
+        sent[0] = 0
+        return http.put(url, content=_file_chunks(path, offset, size, advance, sent),
+                        headers={**(headers or {}), "Content-Length": str(size)})
+
+    try:
+        return retrying(
+            put,
+            attempts=attempts or settings.TRANSFER_ATTEMPTS,
+            retry_on=lambda exc: isinstance(exc, httpx.TransportError),
+            retry_result=lambda response, state: response.status_code in TRANSIENT_STATUSES,
+            before_retry=lambda state: advance(-sent[0]),  # the bytes of a failed attempt are sent again
+        )
+    except httpx.TransportError:
+        advance(-sent[0])
+        raise
 
 
 def upload_parts(
@@ -108,21 +107,6 @@ def upload_parts(
             raise future.exception()
 
 
-def netloc(url: str) -> str:
-    """`host:port` of a URL (a presigned one: its query, the signature, is left out)."""
-    try:
-        return httpx.URL(url).netloc.decode("ascii", "replace") or url[:80]
-    except httpx.InvalidURL:
-        return url[:80]
-
-
-def s3_error(response: httpx.Response) -> str:
-    """The `<Message>` of an S3 error answer, else the start of its body."""
-    text = response.text[:400]
-    start, end = text.find("<Message>"), text.find("</Message>")
-    return text[start + 9 : end] if 0 <= start < end else text[:120]
-
-
 class _Received(ReadAhead):
     """The compressed bytes of a download as a readable stream, filled by a background thread
     that first re-reads what an earlier attempt left in the partial file, then appends what the
@@ -132,7 +116,7 @@ class _Received(ReadAhead):
     def __init__(self, chunks: Iterable[bytes], partial: Path, offset: int, advance: Advance):
         self.sha = hashlib.sha256()
         self.n = 0
-        super().__init__(self._chunks(chunks, partial, offset, advance), chunk_size=settings.CHUNK)
+        super().__init__(self._chunks(chunks, partial, offset, advance), chunk_size=CHUNK)
 
     def _take(self, buf: bytes) -> bytes:
         self.sha.update(buf)
@@ -141,7 +125,7 @@ class _Received(ReadAhead):
 
     def _chunks(self, chunks: Iterable[bytes], partial: Path, offset: int, advance: Advance) -> Iterator[bytes]:
         with open(partial, "r+b" if offset else "wb") as fh:
-            while fh.tell() < offset and (buf := fh.read(min(settings.CHUNK, offset - fh.tell()))):
+            while fh.tell() < offset and (buf := fh.read(min(CHUNK, offset - fh.tell()))):
                 yield self._take(buf)
             fh.seek(offset)
             fh.truncate()
@@ -159,21 +143,18 @@ def receive_blob(
     """Take a blob's compressed bytes from `chunks` (those after `offset`; the first `offset` are
     in `partial` already), keep them in `partial` for a resume, check their size and sha256,
     and decompress them, capped at the recorded raw size and checked against the raw sha256,
-    into `dest` (written to `dest.incomplete`, then renamed). `partial` is removed on success
-    and on corruption, kept when the transfer was cut."""
-    tmp = dest.with_name(dest.name + ".incomplete")
+    into `dest` (atomically: codec.files.AtomicWriter). `partial` is removed on success and on
+    corruption, kept when the transfer was cut."""
+    out = AtomicWriter(dest)
     stream = _Received(chunks, partial, offset, advance)
     failure: BaseException | None = None
     try:
-        with open(tmp, "wb") as out:
-            decompress_stream(stream, out, max_output_size=expected.raw_size, expected_raw_digest=expected.raw_digest)
-            out.flush()
-            os.fsync(out.fileno())
+        decompress_stream(stream, out.file, max_output_size=expected.raw_size, expected_raw_digest=expected.raw_digest)
     except BaseException as exc:
         failure = exc
     stream.close()
     if stream.error is not None or (failure is not None and not isinstance(failure, (BlobCorruptError, BlobTooLargeError))):
-        tmp.unlink(missing_ok=True)
+        out.abort()
         cause = stream.error or failure
         if isinstance(cause, (httpx.TransportError, NetworkError)):
             raise TransferInterruptedError(
@@ -182,7 +163,7 @@ def receive_blob(
         raise cause  # type: ignore[misc]
     digest = "sha256:" + stream.sha.hexdigest()
     if failure is not None or stream.n != expected.size or digest != expected.digest:
-        tmp.unlink(missing_ok=True)
+        out.abort()
         partial.unlink(missing_ok=True)  # wrong bytes are no base for a resume
         if failure is not None and not stream.complete:
             raise CorruptDownloadError(f"the downloaded bytes are not the recorded delta: {failure}")
@@ -190,5 +171,5 @@ def receive_blob(
             f"downloaded {stream.n} bytes with digest {digest}, but the registry recorded {expected.size} bytes "
             f"with digest {expected.digest}"
         )
-    os.replace(tmp, dest)
+    out.commit()
     partial.unlink(missing_ok=True)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import re
 
+from codec.format import BASE_SEGMENT_RE  # base models keep the upstream spelling
 from registry.common.errors import InvalidNameError
 
 #: One segment of `namespace/name`: lowercase, starts alphanumeric, no slashes, at most 64 chars.
 SEGMENT_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-#: Base models keep the upstream spelling (`meta-llama/Llama-3.1-8B`).
-BASE_SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 TAG_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 NUMBER_RE = re.compile(r"[1-9][0-9]{0,9}")

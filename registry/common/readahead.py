@@ -15,7 +15,7 @@ import queue
 import threading
 from typing import Iterable, Iterator
 
-CHUNK = 1 << 20
+from codec.files import CHUNK
 
 
 class ReadAhead:

@@ -212,9 +212,13 @@ def get_version(session: Session, *, repo: Repository, ref: int | str) -> Versio
     return version
 
 
-def list_versions(session: Session, *, repo: Repository, cursor: str | None, limit: int) -> tuple[list[Version], str | None]:
+def list_versions(
+    session: Session, *, repo: Repository, cursor: str | None, limit: int, digest: str | None = None
+) -> tuple[list[Version], str | None]:
     stmt = (select(Version).where(Version.repository_id == repo.id, Version.state == READY)
             .order_by(Version.number.desc()).limit(limit + 1))
+    if digest is not None:
+        stmt = stmt.where(Version.blob_digest == digest)
     if (before := _int_cursor(cursor)) is not None:
         stmt = stmt.where(Version.number < before)
     rows = list(session.scalars(stmt))

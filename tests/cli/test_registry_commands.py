@@ -14,6 +14,7 @@ import pytest
 
 from cli import errors as exit_codes
 from codec.format import DeltaFile
+from registry.client import pull as pulling
 from registry.client.api import RegistryApi
 
 from .registry_fixtures import (  # noqa: F401  (fixtures)
@@ -91,7 +92,7 @@ def test_push_list_show_pull_round_trip(deltas, with_base, monkeypatch, tmp_path
     def no_download(*args, **kwargs):
         raise AssertionError("a cache hit must not download")
 
-    monkeypatch.setattr(RegistryApi, "_open_download", no_download)
+    monkeypatch.setattr("registry.client.pull.open_download", no_download)
     again = deltactl("pull", "acme/math@1", "-o", tmp_path / "out.bdelta")
     assert again.exit_code == 0, again.output
     assert "cache hit" in again.stderr and again.stdout.strip() == str(tmp_path / "out.bdelta")
@@ -288,13 +289,13 @@ def test_concurrent_pulls_of_one_blob_download_it_once(deltas, with_base, isolat
     deltactl_json("push", deltas.plain, "acme/math")
     deltactl_json("tag", "acme/math@1", "prod")
     downloads = []
-    original = RegistryApi._download
+    original = pulling.download
 
-    def counted(self, version, progress):
+    def counted(http, cache, version, progress):
         downloads.append(version.number)
-        return original(self, version, progress)
+        return original(http, cache, version, progress)
 
-    monkeypatch.setattr(RegistryApi, "_download", counted)
+    monkeypatch.setattr(pulling, "download", counted)
     results, failures = [], []
 
     def pull(ref: str) -> None:
@@ -314,3 +315,119 @@ def test_concurrent_pulls_of_one_blob_download_it_once(deltas, with_base, isolat
     assert len({r.blob for r in results}) == 1 and sha256(results[0].blob) == sha256(deltas.plain)
     assert not list((isolated_home / "blobs").glob("*.incomplete"))
     assert os.path.realpath(results[0].path) == str(results[0].blob)
+
+
+def test_a_version_is_found_by_its_digest(deltas, with_base, registry, tmp_path):
+    import httpx
+
+    first = deltactl_json("push", deltas.plain, "acme/math")
+    deltactl_json("push", deltas.other, "acme/math")
+    shown = deltactl_json("show", f"acme/math@{first['digest']}")
+    assert shown["selected"] == 1
+    pulled = deltactl_json("pull", f"acme/math@{first['digest']}", "-o", f"{tmp_path}/new/")
+    assert pulled["version"] == 1 and pulled["path"] == str(tmp_path / "new" / "acme-math-v1.bdelta")
+    assert (tmp_path / "new" / "acme-math-v1.bdelta").read_bytes() == deltas.plain.read_bytes()
+    unknown = "sha256:" + "0" * 64
+    r = deltactl("pull", f"acme/math@{unknown}")
+    assert r.exit_code == exit_codes.EXIT_NOT_FOUND and f"acme/math has no version with digest {unknown}" in r.stderr
+    # the server's filter: exactly the version of that digest, and a malformed digest is a 422
+    page = httpx.get(f"{registry.url}/v1/repos/acme/math/versions", params={"digest": first["digest"]}).json()
+    assert [v["number"] for v in page["items"]] == [1]
+    assert httpx.get(f"{registry.url}/v1/repos/acme/math/versions", params={"digest": "sha256:xyz"}).status_code == 422
+    # rm by digest removes that version, not the repository
+    assert deltactl("rm", f"acme/math@{first['digest']}", "--yes").exit_code == 0
+    assert [v["number"] for v in deltactl_json("show", "acme/math")["versions"]] == [2]
+
+
+def test_pushing_a_file_that_is_not_a_delta_names_it(tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(b"PK\x03\x04" + b"\x00" * 200)  # a zip archive (torch.save), not safetensors
+    r = deltactl("push", path, "acme/math", "--registry", f"http://127.0.0.1:{_free_port()}")
+    assert r.exit_code == exit_codes.EXIT_INVALID
+    assert r.stderr == f"error: invalid delta file: {path} is not a deltastore delta (not a safetensors file)\n"
+
+
+def test_push_with_the_wrong_base_path_registers_nothing(deltas, registry, llama_pair_fp16_tied):
+    other_base, _ = llama_pair_fp16_tied
+    r = deltactl("push", deltas.plain, "acme/math", "--base-path", other_base)
+    assert r.exit_code == exit_codes.EXIT_BASE_MISMATCH, r.output
+    assert f"{other_base} is not the base this delta was made for" in r.stderr and "nothing was registered" in r.stderr
+    assert deltactl_json("base", "ls") == [] and deltactl_json("list") == []
+    # the right base can still be registered under the delta's name
+    r = deltactl("push", deltas.plain, "acme/math", "--base-path", deltas.base_dir)
+    assert r.exit_code == 0, r.output
+    assert [b["name"] for b in deltactl_json("base", "ls")] == [BASE]
+
+
+def test_base_add_refuses_a_delta_and_a_file_without_weights(deltas, registry, tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    r = deltactl("base", "add", "org/x", deltas.plain)
+    assert r.exit_code == exit_codes.EXIT_INVALID
+    assert f"{deltas.plain} is a deltastore delta, not a model checkpoint" in r.stderr
+    ints = tmp_path / "ints.safetensors"
+    save_file({"position_ids": np.arange(8, dtype=np.int64)}, str(ints))
+    r = deltactl("base", "add", "org/x", ints)
+    assert r.exit_code == exit_codes.EXIT_INVALID and "holds no model weights" in r.stderr
+    assert deltactl_json("base", "ls") == []
+
+
+def test_push_names_the_base_when_the_delta_records_no_registry_name(deltas, registry, llama_pair, tmp_path):
+    from codec.compress import compress
+
+    unnamed = tmp_path / "unnamed.bdelta"
+    compress(*llama_pair, unnamed)  # records the directory name, 'base'
+    r = deltactl("push", unnamed, "acme/math", "--base-path", llama_pair[0])
+    assert r.exit_code == exit_codes.EXIT_INVALID, r.output
+    assert "the delta records its base as 'base', which is not a registry name" in r.stderr
+    assert "(pass --base-name ORG/MODEL)" in r.stderr and deltactl_json("base", "ls") == []
+    pushed = deltactl_json("push", unnamed, "acme/math", "--base-path", llama_pair[0], "--base-name", BASE)
+    assert pushed["version"] == 1 and [b["name"] for b in deltactl_json("base", "ls")] == [BASE]
+
+
+def test_a_pinned_version_in_the_cache_is_served_without_the_registry(deltas, with_base, registry, isolated_home):
+    pushed = deltactl_json("push", deltas.plain, "acme/math")
+    assert not deltactl_json("pull", "acme/math@1")["cache_hit"]
+    registry.stop()
+
+    for ref in ("acme/math@1", f"acme/math@{pushed['digest']}"):
+        served = deltactl_json("pull", ref)
+        assert served["cache_hit"] and served["offline"] and served["version"] == 1
+        assert open(served["path"], "rb").read() == deltas.plain.read_bytes()
+    moving = deltactl("pull", "acme/math")  # latest can move: it needs the registry
+    assert moving.exit_code == exit_codes.EXIT_NETWORK and "cannot reach the registry" in moving.stderr
+    never = deltactl("pull", "acme/math@2")
+    assert never.exit_code == exit_codes.EXIT_NETWORK and "cannot reach the registry" in never.stderr
+
+    # DELTACTL_OFFLINE=1 never touches the network: a listener on the registry's port sees nothing
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", registry.port))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    try:
+        offline = {"DELTACTL_OFFLINE": "1"}
+        r = deltactl("pull", "acme/math@1", "--json", env=offline)
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["offline"]
+        tag = deltactl("pull", "acme/math:latest", env=offline)
+        assert tag.exit_code == exit_codes.EXIT_NETWORK and tag.stderr.startswith("error: offline: acme/math:latest can move")
+        listed = deltactl("list", env=offline)
+        assert listed.exit_code == exit_codes.EXIT_NETWORK and "the client is offline (DELTACTL_OFFLINE)" in listed.stderr
+        with pytest.raises(socket.timeout):
+            listener.accept()
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [("DELTACTL_UPLOAD_CONCURRENCY", "abc", "Input should be a valid integer, unable to parse string as an integer"),
+     ("DELTACTL_UNAVAILABLE_MAX_WAIT", "-5", "Input should be greater than or equal to 0")],
+)
+def test_a_bad_setting_is_one_line_naming_the_variable(name, value, says):
+    for command in (["list"], ["cache", "ls"]):
+        r = deltactl(*command, env={name: value})
+        assert r.exit_code == exit_codes.EXIT_USAGE, (command, r.output)
+        assert r.stderr == f"error: invalid setting: {name}={value!r}: {says}\n"

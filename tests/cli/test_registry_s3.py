@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from cli import errors as exit_codes
+from registry.client import pull as pulling
 from registry.client import transfer
 from registry.client.api import RegistryApi
 from registry.client.errors import TransferInterruptedError
@@ -101,12 +102,12 @@ def test_an_interrupted_push_resumes_with_the_missing_parts(s3_registry, deltas,
 def _cut_downloads(monkeypatch, after: int, times: int) -> list[int]:
     """Make the next `times` downloads lose their connection after `after` bytes; returns the
     offset every download (cut or not) started from."""
-    real = RegistryApi._open_download
+    real = pulling.open_download
     offsets: list[int] = []
 
     @contextlib.contextmanager
-    def cut(self, url, offset, size):
-        with real(self, url, offset, size) as (chunks, start):
+    def cut(http, url, offset, size):
+        with real(http, url, offset, size) as (chunks, start):
             offsets.append(start)
             if len(offsets) > times:
                 yield chunks, start
@@ -123,7 +124,7 @@ def _cut_downloads(monkeypatch, after: int, times: int) -> list[int]:
 
             yield limited(), start
 
-    monkeypatch.setattr(RegistryApi, "_open_download", cut)
+    monkeypatch.setattr(pulling, "open_download", cut)
     return offsets
 
 

@@ -86,13 +86,13 @@ def test_compress_records_the_calibrated_search_and_cli_runs_it(pair, tmp_path):
     assert json.loads(DeltaFile.open(plain).metadata["deltadq"])["search"] == {"error": "weights (isotropic inputs)"}
 
     out = tmp_path / "cli.bdelta"
-    res = CliRunner().invoke(app, ["compress", str(base), str(ft), "-o", str(out), "--codec", "deltadq", "--ratio", "16",
+    res = CliRunner().invoke(app, ["compress", str(base), str(ft), "-o", str(out), "--base-name", "org/tiny", "--codec", "deltadq", "--ratio", "16",
                                    "--calibrate", str(root / "cal.txt"), "--samples", "4", "--seq-len", "32", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(DeltaFile.open(out).metadata["deltadq"])["search"]["tokens"] == 128
     assert not list(tmp_path.glob("*.init"))
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01binary")
-    res = CliRunner().invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "x.bdelta"), "--codec", "deltadq",
+    res = CliRunner().invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "x.bdelta"), "--base-name", "org/tiny", "--codec", "deltadq",
                                    "--ratio", "16", "--calibrate", str(tmp_path / "bin.txt")])
     assert res.exit_code == 7 and "NUL bytes" in res.output and not (tmp_path / "x.bdelta").exists()
 

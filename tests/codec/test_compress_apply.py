@@ -168,6 +168,7 @@ def test_wrong_base_is_refused_and_nothing_is_written(llama_pair, tmp_path):
     assert info.value.expected == Checkpoint.open(base_dir).fingerprint()
     assert info.value.actual == Checkpoint.open(other_base).fingerprint()
     assert info.value.expected in str(info.value) and info.value.actual in str(info.value)
+    assert "--force" not in str(info.value)  # the CLI's advice belongs to the CLI (cli/errors.py)
     assert not (tmp_path / "out").exists()
     assert not any(p.name.startswith(".out.incomplete") for p in tmp_path.iterdir())
     # --force applies it anyway.

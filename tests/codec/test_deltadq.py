@@ -251,15 +251,15 @@ def test_cli_deltadq(wide_pair, tmp_path):
     from cli.main import app
 
     base_dir, ft_dir = wide_pair
-    res = CliRunner().invoke(app, ["compress", str(base_dir), str(ft_dir), "-o", str(tmp_path / "d.bdelta"),
+    res = CliRunner().invoke(app, ["compress", str(base_dir), str(ft_dir), "-o", str(tmp_path / "d.bdelta"), "--base-name", "org/tiny",
                                    "--codec", "deltadq", "--ratio", "64", "--json"])
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(app, ["inspect", str(tmp_path / "d.bdelta"), "--json"])
     assert json.loads(res.stdout)["codec"] == "deltadq"
-    res = CliRunner().invoke(app, ["compress", str(base_dir), str(ft_dir), "-o", str(tmp_path / "e.bdelta"),
+    res = CliRunner().invoke(app, ["compress", str(base_dir), str(ft_dir), "-o", str(tmp_path / "e.bdelta"), "--base-name", "org/tiny",
                                    "--codec", "deltadq", "--group-size", "big", "--ratio", "32"])
     assert res.exit_code == 2 and "--group-size" in res.output
-    res = CliRunner().invoke(app, ["compress", str(base_dir), str(ft_dir), "-o", str(tmp_path / "e.bdelta"),
+    res = CliRunner().invoke(app, ["compress", str(base_dir), str(ft_dir), "-o", str(tmp_path / "e.bdelta"), "--base-name", "org/tiny",
                                    "--codec", "zip"])
     assert res.exit_code == 7 and "codec must be" in res.output
     assert not (tmp_path / "e.bdelta").exists()

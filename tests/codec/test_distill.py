@@ -131,7 +131,7 @@ def test_cli_compress_with_calibration(pair, tmp_path):
 
     root, base, ft = pair
     out = tmp_path / "d.bdelta"
-    res = CliRunner().invoke(app, ["compress", str(base), str(ft), "-o", str(out), "--calibrate", str(root / "cal.txt"),
+    res = CliRunner().invoke(app, ["compress", str(base), str(ft), "-o", str(out), "--base-name", "org/tiny", "--calibrate", str(root / "cal.txt"),
                                    "--steps", "6", "--batch", "2", "--seq-len", "32", "--samples", "12", "--lr", "1e-4",
                                    "--json"])
     assert res.exit_code == 0, res.output
@@ -140,7 +140,7 @@ def test_cli_compress_with_calibration(pair, tmp_path):
     assert json.loads(DeltaFile.open(out).metadata["calibration"])["steps"] == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bdelta"]  # the undistilled temp is gone
 
-    res = CliRunner().invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "e.bdelta"),
+    res = CliRunner().invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "e.bdelta"), "--base-name", "org/tiny",
                                    "--calibrate", str(tmp_path / "nope.txt")])
     assert res.exit_code == 7 and "bad calibration data" in res.output
     assert not (tmp_path / "e.bdelta").exists() and not (tmp_path / "e.bdelta.init").exists()

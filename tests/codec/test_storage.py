@@ -9,8 +9,9 @@ import os
 import pytest
 import zstandard
 
+from codec.files import sha256_file
 from codec.storage import (
-    BlobCorruptError, BlobTooLargeError, compress_blob, decompress_blob, decompress_stream, sha256_file,
+    BlobCorruptError, BlobTooLargeError, compress_blob, decompress_blob, decompress_stream,
 )
 
 

@@ -12,7 +12,12 @@ from codec.checkpoint import TORCH_TO_ST, tensor_bytes
 from codec.compress import compress
 from codec.container import SafetensorsWriter, TensorSpec
 from codec.errors import (
-    HeaderError, IncompatibleDeltaError, InvalidDeltaError, TruncatedFileError, UnsupportedFormatError,
+    BaseMismatchError,
+    HeaderError,
+    IncompatibleDeltaError,
+    InvalidDeltaError,
+    TruncatedFileError,
+    UnsupportedFormatError,
 )
 from codec.format import DeltaFile
 
@@ -178,3 +183,21 @@ def test_oversized_header(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(InvalidDeltaError, match="cannot open"):
         DeltaFile.open(tmp_path / "nope.bdelta")
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04 a zip archive, not a delta" * 4, b"\x28\xb5\x2f\xfd" + b"\0" * 64])
+def test_a_file_that_is_not_safetensors_is_named_as_such(tmp_path, content):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(content)
+    with pytest.raises(InvalidDeltaError) as info:
+        DeltaFile.open(path)
+    assert str(info.value) == f"{path} is not a deltastore delta (not a safetensors file)"
+
+
+def test_a_base_mismatch_carries_no_cli_advice(valid, tmp_path):
+    _, meta, tensors = valid
+    path = _write(tmp_path / "ok.bdelta", tensors, meta)
+    delta = DeltaFile.open(path)
+    with pytest.raises(BaseMismatchError) as info:
+        delta.check_base({}, "sha256:" + "0" * 64)
+    assert "sha256:" + "0" * 64 in str(info.value) and "--force" not in str(info.value)

@@ -560,7 +560,7 @@ def test_a_corrupted_cached_delta_is_caught_before_use(live_server, tmp_path):
         # The digest check caught it: not served from the cache, downloaded again, intact.
         assert second.repaired and not second.cache_hit and second.downloaded_bytes > 0
         assert Path(second.blob).read_bytes() != bytes(data)
-        from codec.storage import sha256_file
+        from codec.files import sha256_file
 
         assert sha256_file(second.blob) == second.version.blob.raw_digest
 

@@ -13,6 +13,7 @@ import random
 import struct
 
 import pytest
+import torch  # noqa: F401  the oracle's round trip needs it; imported here, not under a case's deadline
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response, status
+from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import FileResponse, RedirectResponse
 
 from registry.server import crud
@@ -12,6 +12,7 @@ from registry.server.deps import (
     DatabaseDep, PageLimit, PositionCursor, PrincipalDep, ReadSessionDep, RepoPath, SettingsDep, StateDep,
     VersionNumber, VersionRef,
 )
+from registry.common import names
 from registry.common.errors import InvalidRequestError
 from registry.server.schemas import Page, VersionDeleted, VersionOut
 from registry.server.api.views import require_read, versions_out
@@ -23,11 +24,12 @@ router = APIRouter(prefix="/v1/repos/{namespace}/{name}/versions", tags=["versio
 def list_versions(
     repo_name: RepoPath, session: ReadSessionDep, principal: PrincipalDep, settings: SettingsDep, limit: PageLimit,
     cursor: PositionCursor = None,
+    digest: Annotated[str | None, Query(pattern=names.DIGEST_PATTERN, description="Only the version whose stored blob has this digest (a ref `ns/name@sha256:…`).")] = None,
 ):
-    """Ready versions, newest first."""
+    """Ready versions, newest first; with `digest`, those whose stored bytes have that sha256."""
     repo = crud.get_repo(session, namespace=repo_name.namespace, name=repo_name.name)
     require_read(principal, settings, repo)
-    rows, next_cursor = crud.list_versions(session, repo=repo, cursor=cursor, limit=limit)
+    rows, next_cursor = crud.list_versions(session, repo=repo, cursor=cursor, limit=limit, digest=digest)
     return Page[VersionOut](items=versions_out(session, rows), next_cursor=next_cursor)
 
 
