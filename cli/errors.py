@@ -10,7 +10,7 @@ import typer
 
 from codec.errors import (
     BaseMismatchError, CalibrationDataError, CheckpointError, CodecError, DeltaStoreError,
-    IncompatibleDeltaError, InvalidDeltaError,
+    HubUnavailableError, IncompatibleDeltaError, InvalidDeltaError, ModelNotFoundError,
 )
 
 # Exit codes (documented in the README and docs/client.md): 2 is click's usage error.
@@ -30,6 +30,8 @@ _TABLE: list[tuple[type[BaseException], int, str]] = [
     (BaseMismatchError, EXIT_BASE_MISMATCH, "base mismatch"),
     (IncompatibleDeltaError, EXIT_BASE_MISMATCH, "delta does not fit the base"),
     (InvalidDeltaError, EXIT_INVALID, "invalid delta file"),
+    (ModelNotFoundError, EXIT_NOT_FOUND, "model not found"),
+    (HubUnavailableError, EXIT_NETWORK, "model hub unavailable"),
     (CheckpointError, EXIT_INVALID, "unreadable checkpoint"),
     (CalibrationDataError, EXIT_INVALID, "bad calibration data"),
     (CodecError, EXIT_INVALID, "invalid input"),
