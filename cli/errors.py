@@ -17,8 +17,10 @@ from codec.errors import (
     CheckpointError,
     CodecError,
     DeltaStoreError,
+    HubUnavailableError,
     IncompatibleDeltaError,
     InvalidDeltaError,
+    ModelNotFoundError,
 )
 from codec.files import OutputPathError
 from registry.client.errors import (
@@ -73,6 +75,8 @@ TABLE: list[tuple[type[BaseException], int, str, Hint | None]] = [
     (IncompatibleDeltaError, EXIT_BASE_MISMATCH, "delta does not fit the base", None),
     (BaseNameError, EXIT_INVALID, "base name", "pass --base-name ORG/MODEL"),
     (InvalidDeltaError, EXIT_INVALID, "invalid delta file", None),
+    (ModelNotFoundError, EXIT_NOT_FOUND, "model not found", None),
+    (HubUnavailableError, EXIT_NETWORK, "model hub unavailable", None),
     (CheckpointError, EXIT_INVALID, "unreadable checkpoint", None),
     (CalibrationDataError, EXIT_INVALID, "bad calibration data", None),
     (CodecError, EXIT_INVALID, "invalid input", None),

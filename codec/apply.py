@@ -19,7 +19,7 @@ from .bitdelta import reconstruct_blocks
 from .checkpoint import FINGERPRINT_PREFIX, ST_TO_TORCH, Checkpoint, _fingerprint_record, tensor_bytes
 from .container import SafetensorsWriter, TensorSpec
 from .errors import BaseMismatchError, CodecError
-from .files import OutputPathError, temp_dir_beside, write_atomic
+from .files import OutputPathError, sha256_file, temp_dir_beside, write_atomic
 from .format import DTYPE_CODE, DeltaFile
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -132,6 +132,7 @@ def apply_delta(
             }
             write_atomic(tmp / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True).encode())
         _write_config(base, delta, tmp)
+        _write_model_card(delta, Path(delta_path), tmp)
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
@@ -152,8 +153,43 @@ def _write_config(base: Checkpoint, delta: DeltaFile, dest: Path) -> None:
     config = delta.metadata.get("x-hf-config")
     if config is not None:
         write_atomic(dest / "config.json", json.dumps(json.loads(config), indent=2, sort_keys=True).encode())
-    skip = {"model.safetensors.index.json"} | ({"config.json"} if config is not None else set())
+    # The base's own model card is not this model's: _write_model_card writes one.
+    skip = {"model.safetensors.index.json", "README.md"} | ({"config.json"} if config is not None else set())
     if base.root.is_dir():
         for f in base.root.iterdir():
             if f.is_file() and f.suffix != ".safetensors" and f.name not in skip:
                 shutil.copy2(f, dest / f.name)
+
+
+def _write_model_card(delta: DeltaFile, delta_path: Path, dest: Path) -> None:
+    """README.md in the Hub's model-card form: the base it was rebuilt on, the delta's digest, codec
+    and fidelity, so the directory can be uploaded as it is (`hf upload org/name DIR`)."""
+    meta = delta.metadata
+    source = json.loads(meta["x-base-source"]) if "x-base-source" in meta else None
+    base_id = source["repo_id"] if source else delta.base_model
+    lines = [
+        "---",
+        f"base_model: {json.dumps(base_id)}",
+        "library_name: transformers",
+        "tags:",
+        "- deltastore",
+        f"- {delta.codec}",
+        "---",
+        "",
+        f"# {delta_path.stem}",
+        "",
+        f"This model was rebuilt by deltastore from a compressed delta (codec `{delta.codec}`) applied to "
+        f"the base model `{base_id}`.",
+        "",
+        f"- delta: `{delta_path.name}`, {sha256_file(delta_path)}",
+        f"- base fingerprint: {delta.base_fingerprint}",
+    ]
+    if source:
+        lines.append(f"- base revision: `{source['revision']}` (commit `{source['commit']}`)")
+    if delta.codec == "bitdelta":
+        lines.append(f"- sign planes: {meta.get('x-planes', '1')}, scales {meta.get('x-scale', 'per-matrix')}")
+    if "calibration" in meta:
+        lines.append(f"- scales distilled on calibration text: `{meta['calibration']}`")
+    if "fidelity" in meta:
+        lines.append(f"- fidelity against the fine-tune: `{meta['fidelity']}`")
+    write_atomic(dest / "README.md", ("\n".join(lines) + "\n").encode())

@@ -1,5 +1,6 @@
 """Read-only access to model checkpoints: a HF model directory (one or many safetensors
-shards, with `model.safetensors.index.json`) or a single `.safetensors` file, tensor by tensor.
+shards, with `model.safetensors.index.json`), a single `.safetensors` file, or a Hub model id
+(`org/name[@revision]`, resolved through the Hub's local cache by codec.hub), tensor by tensor.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .container import Header, TensorEntry, read_header
 from .errors import CheckpointError, InvalidDeltaError
 from .files import CHUNK
 from .format import FORMAT as DELTA_FORMAT
+from .hub import ModelSource, resolve_model
 
 TORCH_TO_ST: dict[torch.dtype, str] = {
     torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8",
@@ -59,12 +61,14 @@ def fingerprint_tensors(items: Iterable[tuple[str, torch.Tensor]]) -> str:
 class Checkpoint:
     """A set of named tensors in one or more safetensors files, opened lazily (memory-mapped).
 
-        ckpt = Checkpoint.open("path/to/model_dir")
+        ckpt = Checkpoint.open("path/to/model_dir")     # or a Hub id: "org/name@main"
         for name in ckpt.names: ckpt.get(name)
     """
 
-    def __init__(self, root: Path, files: dict[str, Path], headers: dict[Path, Header], config: dict | None):
+    def __init__(self, root: Path, files: dict[str, Path], headers: dict[Path, Header], config: dict | None,
+                 source: ModelSource | None = None):
         self.root = root
+        self.source = source  # the Hub repository and commit it was resolved from, None for a local path
         self._file_of = files  # tensor name -> file
         self._headers = headers
         self.config = config
@@ -72,8 +76,10 @@ class Checkpoint:
 
     # --- construction -------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> "Checkpoint":
-        root = Path(path)
+    def open(cls, path: str | os.PathLike[str], *, revision: str | None = None) -> "Checkpoint":
+        """Open a local checkpoint, or a Hub model id (a local path of the same spelling wins)."""
+        resolved = resolve_model(path, revision=revision)
+        root = resolved.path
         if not root.exists():
             raise CheckpointError(f"{root}: no such file or directory")
         config = None
@@ -125,7 +131,7 @@ class Checkpoint:
                 file_of[name] = f
         if not any(h.tensors[n].dtype in FLOAT_DTYPES for h in headers.values() for n in h.tensors):
             raise CheckpointError(f"{root} holds no model weights (no floating-point tensors)")
-        return cls(root, file_of, headers, config)
+        return cls(root, file_of, headers, config, resolved.source)
 
     # --- queries --------------------------------------------------------------------
     @property

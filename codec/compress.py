@@ -230,7 +230,7 @@ def compress(
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "codec": options.codec,
-            "base_model": options.base_name or _default_base_name(base),
+            "base_model": options.base_name or (base.source.repo_id if base.source else _default_base_name(base)),
             "base_fingerprint": report.base_fingerprint,
             "dtype": dtype_name,
             "created_with": f"deltastore {__version__}",
@@ -246,6 +246,10 @@ def compress(
                             "data_fingerprint": input_moments.data_fingerprint}
                            if input_moments else {"error": "weights (isotropic inputs)"}),
             }, sort_keys=True)
+        if base.source is not None:
+            metadata["x-base-source"] = base.source.to_json()
+        if ft.source is not None:
+            metadata["x-finetuned-source"] = ft.source.to_json()
         if ft.config is not None:
             metadata["x-hf-config"] = json.dumps(ft.config, sort_keys=True)
         metadata.update(extra_metadata or {})

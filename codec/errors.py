@@ -51,6 +51,14 @@ class CheckpointError(CodecError, OSError):
     """A model checkpoint (directory or .safetensors file) cannot be read."""
 
 
+class ModelNotFoundError(CheckpointError):
+    """A model named by a Hub id (or one of its revisions) that neither the Hub nor its local cache has."""
+
+
+class HubUnavailableError(CheckpointError):
+    """The model hub cannot be reached and the model is not in its local cache."""
+
+
 class CalibrationDataError(CodecError):
     """Calibration data is missing, empty or not text."""
 
