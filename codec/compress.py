@@ -230,7 +230,7 @@ def compress(
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "codec": options.codec,
-            "base_model": options.base_name or (base.source.repo_id if base.source else _default_base_name(base)),
+            "base_model": options.base_name or _default_base_name(base),
             "base_fingerprint": report.base_fingerprint,
             "dtype": dtype_name,
             "created_with": f"deltastore {__version__}",
@@ -268,8 +268,10 @@ def _hash_tensor(fp, name: str, dtype: str, shape, tensor: torch.Tensor) -> None
 
 
 def registry_base_name(base: Checkpoint) -> str | None:
-    """The registry name a base checkpoint records for itself: config.json's `_name_or_path`
-    when it is a valid `org/model`, else None."""
+    """The registry name a base checkpoint records for itself: the Hub repo id it was resolved
+    from, else config.json's `_name_or_path`, when it is a valid `org/model`; else None."""
+    if base.source is not None and is_registry_base_name(base.source.repo_id):
+        return base.source.repo_id
     name = (base.config or {}).get("_name_or_path")
     return name if is_registry_base_name(name) else None
 
