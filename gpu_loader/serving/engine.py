@@ -162,6 +162,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+        self.joined_mid_batch = 0  # admissions while other sequences were decoding
         self.last_plan = ""
         self._ids = itertools.count()
 
@@ -206,6 +207,7 @@ class Engine:
                 "free_kv_rows": len(self._free_rows),
                 "kv_bytes": self.kv.bytes,
                 "steps": self.steps,
+                "joined_mid_batch": self.joined_mid_batch,
                 "last_plan": self.last_plan,
                 "merged_delta": self._merged_delta,
                 "tenant_cap": self.tenant_cap,
@@ -213,6 +215,10 @@ class Engine:
 
     def _retry_after(self) -> float:
         return 1.0
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         if self._thread is None:
@@ -342,6 +348,8 @@ class Engine:
             if delta is not None and not self._lease(seq):
                 continue
             self._waiting.remove(seq)
+            if any(s.state == DECODE for s in self._running):
+                self.joined_mid_batch += 1
             seq.row = self._free_rows.pop()
             seq.state = PREFILL
             self._running.append(seq)
