@@ -163,6 +163,7 @@ class Engine:
         self._stopping = False
         self.steps = 0
         self.joined_mid_batch = 0  # admissions while other sequences were decoding
+        self.finished: dict[str, int] = {}  # finish reason -> requests
         self.last_plan = ""
         self._ids = itertools.count()
 
@@ -208,6 +209,7 @@ class Engine:
                 "kv_bytes": self.kv.bytes,
                 "steps": self.steps,
                 "joined_mid_batch": self.joined_mid_batch,
+                "finished": dict(self.finished),
                 "last_plan": self.last_plan,
                 "merged_delta": self._merged_delta,
                 "tenant_cap": self.tenant_cap,
@@ -481,6 +483,7 @@ class Engine:
         if seq.state == DONE:
             return
         seq.state = DONE
+        self.finished[reason] = self.finished.get(reason, 0) + 1
         if seq.slot is not None:
             self.dm.pool.release([int(seq.slot)])
             seq.slot = None
