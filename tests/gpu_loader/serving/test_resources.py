@@ -112,10 +112,9 @@ def test_concurrent_first_requests_for_one_ref_make_one_pull(server):
 
 
 def test_registry_down_serves_pulled_refs_and_503s_the_others(world, tmp_path):
+    from gpu_loader.serving.refs import ModelResolver
     from registry.client.api import RegistryApi
     from registry.server.settings import Settings
-
-    from gpu_loader.serving.refs import ModelResolver
     from tests.support.live_registry import start_live_registry
 
     data = tmp_path / "registry"
