@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -359,6 +360,16 @@ class Engine:
         self._reap()
 
     def _prefetch(self, delta: str) -> Future:
+        """A future of the delta's slot handle: already resolved when it is resident (a hit costs
+        no round trip through the loader thread), else a background load."""
+        key = str(Path(delta).resolve())
+        if any(r["key"] == key for r in self.dm.pool.resident()):
+            fut: Future = Future()
+            try:  # a hit; only if it was evicted since the check above does this read the file
+                fut.set_result(self.dm.load(delta))
+            except Exception as exc:
+                fut.set_exception(exc)
+            return fut
         t0 = time.perf_counter()
         fut = self.dm.prefetch(delta)
         if self.metrics is not None:
