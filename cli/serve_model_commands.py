@@ -5,7 +5,7 @@ pulled from a registry on demand. Wiring only: the engine and app live in gpu_lo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -40,7 +40,7 @@ def serve_model_cmd(
         typer.Argument(help="Local Hugging Face model directory of the base.", exists=True, file_okay=False),
     ],
     registry: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--registry",
             help="Registry URL deltas are pulled from (refs namespace/name[:tag|@N]); "
@@ -48,7 +48,7 @@ def serve_model_cmd(
         ),
     ] = None,
     device: Annotated[
-        Optional[str], typer.Option("--device", help="cuda or cpu (default: cuda if present).")
+        str | None, typer.Option("--device", help="cuda or cpu (default: cuda if present).")
     ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, float16 or bfloat16.")] = "auto",
     max_slots: Annotated[int, typer.Option("--max-slots", min=1, help="Most deltas resident at once.")] = 16,
@@ -61,7 +61,7 @@ def serve_model_cmd(
     ] = 512,
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Waiting requests before 429.")] = 256,
     max_per_tenant: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             "--max-running-per-tenant", min=1, help="Running sequences per model (default: half the batch)."
         ),
@@ -74,7 +74,7 @@ def serve_model_cmd(
     ] = "auto",
     timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds a request may take.")] = 600.0,
     name: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--name",
             help="The base's model id (default: the registry's name for it, else the directory name).",
@@ -86,7 +86,7 @@ def serve_model_cmd(
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8080,
     api_key: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--api-key",
             envvar="DELTASTORE_SERVE_API_KEY",
