@@ -33,6 +33,8 @@ from gpu_loader import DeltaModel  # noqa: E402
 from gpu_loader.serving.engine import Engine, EngineConfig, EngineRequest, SamplingParams, TokenEvent  # noqa: E402
 from gpu_loader.serving.planner import StepPlanner  # noqa: E402
 
+BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
 
 @dataclass(frozen=True)
 class TraceRequest:
@@ -70,13 +72,23 @@ def make_trace(
 
 
 # --- models on disk ------------------------------------------------------------------------------
-def prepare(workdir: Path, tenants: int, log=print) -> tuple[Path, list[Path], list[Path]]:
-    """(base dir, fine-tune checkpoint dirs, deltas), built once under `workdir`."""
+def prepare(
+    workdir: Path, tenants: int, log=print, smoke: bool = False
+) -> tuple[Path, list[Path], list[Path]]:
+    """(base dir, fine-tune checkpoint dirs, deltas), built once under `workdir`. `smoke`: a tiny
+    random Llama instead of SmolLM2 (checks the script in seconds; its figures mean nothing)."""
     from transformers import AutoModelForCausalLM
 
     from eval import pair
 
-    base = pair.build_base(workdir / "base", dtype="float32", log=log)
+    if smoke:
+        from tests.support.model_pairs import make_llama_pair
+
+        base = workdir / "base"
+        if not (base / "config.json").exists():
+            make_llama_pair(workdir)
+    else:
+        base = pair.build_base(workdir / "base", dtype="float32", log=log)
     fts, deltas = [], []
     for i in range(tenants):
         ft, delta = workdir / f"ft{i:02d}", workdir / f"tenant{i:02d}.bdelta"
@@ -94,7 +106,7 @@ def prepare(workdir: Path, tenants: int, log=print) -> tuple[Path, list[Path], l
             log(f"compress {ft.name}")
             # The embedding (tied to lm_head) is binarized too: kept dense it would add a full
             # 49152 x 576 lm_head GEMM per distinct delta per step, and 113 MB per delta.
-            options = CompressOptions(base_name="HuggingFaceTB/SmolLM2-135M-Instruct", include=("*embed_tokens*",))
+            options = CompressOptions(base_name=BASE_NAME, include=("*embed_tokens*",))
             compress(base, ft, delta, options)
         fts.append(ft)
         deltas.append(delta)
@@ -194,6 +206,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="a short trace (a few minutes on 2 CPU cores)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny random Llama, 4 tenants: checks the script only"
+    )
     ap.add_argument("--tenants", type=int, default=16)
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--rate", type=float, default=None, help="mean arrivals per second")
@@ -209,11 +224,16 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    n = args.requests or (24 if args.quick else 64)
-    rate = args.rate or (1.0 if args.quick else 1.5)
-    prompt_range, output_range = ((16, 64), (8, 24)) if args.quick else ((16, 256), (16, 96))
+    n = args.requests or (16 if args.quick else 64)
+    rate = args.rate or (2.0 if args.quick else 1.5)
+    prompt_range, output_range = ((8, 48), (4, 16)) if args.quick else ((16, 256), (16, 96))
 
-    base, fts, deltas = prepare(args.workdir, args.tenants, log=lambda m: print(f"  [setup] {m}", flush=True))
+    if args.smoke:
+        args.workdir, args.tenants = args.workdir.with_name(args.workdir.name + "-smoke"), 4
+        n, prompt_range, output_range = 8, (4, 16), (2, 6)
+    base, fts, deltas = prepare(
+        args.workdir, args.tenants, log=lambda m: print(f"  [setup] {m}", flush=True), smoke=args.smoke
+    )
     dm = DeltaModel.from_pretrained(
         base, device=device, dtype=dtype, max_slots=args.tenants, memory_budget="4GiB"
     )
@@ -236,7 +256,7 @@ def main() -> None:
     )
 
     planner = (
-        StepPlanner.measure(dm, rows=min(8, args.max_batch_size))
+        StepPlanner.measure(dm, rows=min(8, args.max_batch_size), reps=2)
         if args.schedule == "auto"
         else StepPlanner.fixed(args.schedule)
     )
@@ -262,7 +282,7 @@ def main() -> None:
 
     engine.metrics = Plans()
     engine.start()
-    print("deltastore (16 deltas in slots, continuous batching) ...", flush=True)
+    print(f"deltastore ({args.tenants} deltas in slots, continuous batching) ...", flush=True)
     results.append(summarize("deltastore", replay_engine(engine, trace, deltas)))
     print(f"  steps by plan: {plans}", flush=True)
     print("all-base ceiling (same trace, every request on the base) ...", flush=True)

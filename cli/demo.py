@@ -167,7 +167,7 @@ def background_inference_server(base_dir: Path, registry: str, home: Path, log_p
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900  # loading and timing the base: slow on a shared CPU
         while True:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url + "/readyz", timeout=1).status_code == 200:
