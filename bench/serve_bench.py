@@ -8,7 +8,7 @@ with Gaussian noise on every weight (std 2% of the tensor's), compressed with `c
 Arrivals are Poisson, tenants Zipf-popular, prompt and output lengths mixed, all from one seed; the
 trace is replayed in real time and every request generates exactly its output length (no EOS).
 
-    python bench/serve_bench.py --quick                 # a few minutes on 2 CPU cores
+    python bench/serve_bench.py --quick --threads 1     # a few minutes on a shared 2-core machine
     python bench/serve_bench.py --device cuda           # the same script on a GPU
 """
 
@@ -213,6 +213,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--rate", type=float, default=None, help="mean arrivals per second")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (use 1 on a shared machine: oversubscribed threads spin)")
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--schedule", default="auto", choices=("auto", "mixed", "grouped"))
     ap.add_argument(
@@ -222,6 +224,8 @@ def main() -> None:
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     n = args.requests or (16 if args.quick else 64)

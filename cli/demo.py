@@ -161,8 +161,8 @@ def background_inference_server(base_dir: Path, registry: str, home: Path, log_p
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELTASTORE_")}
     env["DELTACTL_HOME"] = str(home)
     cmd = [sys.executable, "-m", "cli.main", "serve-model", str(base_dir), "--registry", registry,
-           "--device", "cpu", "--dtype", "float32", "--max-slots", "4", "--memory-budget", "1GiB",
-           "--port", str(port)]
+           "--device", "cpu", "--dtype", "float32", "--threads", "1", "--max-slots", "4",
+           "--memory-budget", "1GiB", "--port", str(port)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
