@@ -213,8 +213,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--rate", type=float, default=None, help="mean arrivals per second")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (use 1 on a shared machine: oversubscribed threads spin)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (use 1 on a shared machine: oversubscribed threads spin)",
+    )
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--schedule", default="auto", choices=("auto", "mixed", "grouped"))
     ap.add_argument(
@@ -289,6 +293,7 @@ def main() -> None:
     print(f"deltastore ({args.tenants} deltas in slots, continuous batching) ...", flush=True)
     results.append(summarize("deltastore", replay_engine(engine, trace, deltas)))
     print(f"  steps by plan: {plans}", flush=True)
+    deltastore_plans = dict(plans)
     print("all-base ceiling (same trace, every request on the base) ...", flush=True)
     results.append(summarize("all-base ceiling", replay_engine(engine, trace, None)))
     engine.stop()
@@ -318,7 +323,7 @@ def main() -> None:
                 {
                     "results": results,
                     "ratios": ratios,
-                    "plans": plans,
+                    "plans": deltastore_plans,
                     "costs": planner.costs.as_dict() if planner.costs else None,
                 },
                 indent=2,
