@@ -50,6 +50,8 @@ class Outcome:
     first: float | None = None
     done: float | None = None
     tokens: int = 0
+    reason: str | None = None
+    error: str | None = None
 
 
 def make_trace(
@@ -134,7 +136,8 @@ def replay_engine(engine: Engine, trace: list[TraceRequest], deltas: list[Path] 
                 if o.first is None:
                     o.first = now
             else:
-                o.done = now
+                o.done, o.reason = now, event.reason
+                o.error = None if event.error is None else f"{type(event.error).__name__}: {event.error}"
                 done.release()
 
         return sink
@@ -185,6 +188,10 @@ def replay_swap(trace: list[TraceRequest], fts: list[Path], device: torch.device
 
 
 def summarize(name: str, outcomes: list[Outcome]) -> dict:
+    failed = [o for o in outcomes if o.first is None or o.reason not in (None, "length", "stop")]
+    for o in failed:
+        print(f"  FAILED request (arrival {o.arrival:.1f} s): {o.reason} {o.error}", flush=True)
+    outcomes = [o for o in outcomes if o not in failed]
     ttft = np.array([o.first - o.arrival for o in outcomes])
     tpot = np.array([(o.done - o.first) / (o.tokens - 1) for o in outcomes if o.tokens > 1])
     span = max(o.done for o in outcomes) - min(o.arrival for o in outcomes)
@@ -192,6 +199,7 @@ def summarize(name: str, outcomes: list[Outcome]) -> dict:
     return {
         "system": name,
         "requests": len(outcomes),
+        "failed": len(failed),
         "tokens": tokens,
         "seconds": round(span, 2),
         "tokens_per_s": round(tokens / span, 2),
@@ -212,6 +220,7 @@ def main() -> None:
     ap.add_argument("--tenants", type=int, default=16)
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--rate", type=float, default=None, help="mean arrivals per second")
+    ap.add_argument("--max-prompt", type=int, default=None, help="longest prompt (tokens)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--threads",
@@ -236,6 +245,8 @@ def main() -> None:
     rate = args.rate or (2.0 if args.quick else 1.5)
     prompt_range, output_range = ((8, 48), (4, 16)) if args.quick else ((16, 256), (16, 96))
 
+    if args.max_prompt:
+        prompt_range = (prompt_range[0], args.max_prompt)
     if args.smoke:
         args.workdir, args.tenants = args.workdir.with_name(args.workdir.name + "-smoke"), 4
         n, prompt_range, output_range = 8, (4, 16), (2, 6)
