@@ -285,6 +285,7 @@ def main() -> None:
         max_batch_size=args.max_batch_size,
         max_batch_tokens=256,
         max_queue=10_000,
+        request_timeout=None,  # a latency benchmark: no request is given up on
         max_running_per_tenant=args.max_batch_size // 2,
         schedule=args.schedule,
     )
