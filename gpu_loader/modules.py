@@ -18,13 +18,16 @@ from torch.func import functional_call
 
 from .deltadq import DQWeight
 from .segments import SlotBatch, active_batch
-from .sgmv import reconstruct_words, sgmv_sign, sign_matmul_lut, unpack_words_pm1
+from .layout import unpack_words_pm1
+from .sgmv import sgmv_sign
+from .sign_cpu import reconstruct_words, sign_matmul_lut
+from .pool_layout import PoolLayout
+from .slot_pool import SlotPool
 
 #: Torch path: a slot with at most this many tokens in a layer adds `x·Δ̂ᵀ` by table look-up onto
 #: the base GEMM; above it, the slot's weight is rebuilt and its tokens run their own GEMM.
 LUT_MAX_TOKENS = 8
 REBUILD_BLOCK = 1 << 18  # elements per row block when rebuilding a slot's weight
-from .slot_pool import PoolLayout, SlotPool
 
 
 def add_dq_matmul_(y: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor, weight: DQWeight,
