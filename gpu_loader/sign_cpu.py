@@ -1,12 +1,21 @@
 """The CPU (torch backend) path of sign deltas: `x·Δ̂ᵀ` by byte-table look-up for the few tokens a
-slot has per decode step, and the exact rebuild of a slot's weight for prefill-sized groups.
+slot has per decode step (a small compiled kernel, or torch ops), and the exact rebuild of a
+slot's weight for prefill-sized groups.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 
 from codec.bitdelta import pm1_lut
+
+from .segments import Segments
 
 
 def reconstruct_words(
@@ -56,3 +65,93 @@ def sign_matmul_lut(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor) 
         picked = torch.nn.functional.embedding(index, table)  # [out, nb, n]
         y += picked.sum(1) * scales[p].to(torch.float32).reshape(-1, 1)
     return y.T
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled byte-table kernel (csrc/sign_delta_cpu.cpp), built on first use
+# --------------------------------------------------------------------------------------------
+_SOURCE = Path(__file__).with_name("csrc") / "sign_delta_cpu.cpp"
+_KERNEL_ENV = "DELTASTORE_CPU_KERNEL"  # "0" turns the compiled kernel off (the torch path then serves)
+_kernel = None
+_kernel_error: str | None = None
+_kernel_lock = threading.Lock()
+
+
+def cpu_kernel():
+    """The compiled CPU kernel module, built with the system's C++ compiler the first time (about a
+    minute; cached by torch under ~/.cache/torch_extensions), or None when it is turned off or
+    cannot be built (`cpu_kernel_error()` says why; the torch path serves then)."""
+    global _kernel, _kernel_error
+    if _kernel is not None or _kernel_error is not None:
+        return _kernel
+    with _kernel_lock:
+        if _kernel is None and _kernel_error is None:
+            if os.environ.get(_KERNEL_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+                _kernel_error = f"turned off by {_KERNEL_ENV}=0"
+                return None
+            try:
+                from torch.utils.cpp_extension import load
+
+                # -march=native: the build is cached per machine kind (the name carries the ISA).
+                isa = torch.backends.cpu.get_cpu_capability().lower()
+                _kernel = load(
+                    name=f"deltastore_sign_delta_cpu_{isa}",
+                    sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
+            except Exception as exc:  # no compiler, no ninja, a failed build: the torch path serves
+                _kernel_error = (
+                    f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                )
+                warnings.warn(
+                    f"gpu_loader: the compiled CPU delta kernel is unavailable ({_kernel_error}); "
+                    "decode steps with deltas take the slower torch path",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    return _kernel
+
+
+def cpu_kernel_error() -> str | None:
+    """Why `cpu_kernel()` returned None (None while it is available or not yet tried)."""
+    return _kernel_error
+
+
+def sign_delta_add_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    words: torch.Tensor,
+    scales: torch.Tensor,
+    segments: Segments,
+    slot_planes: Sequence[tuple[int, int]],
+) -> torch.Tensor:
+    """`y[t] += x[t]·Δ̂[slot(t)]ᵀ` for the tokens of each `(slot, planes)` in `slot_planes` (words
+    [S, P, out, W], scales [S, P, out]; a slot's first `planes` planes), accumulated in fp32 and
+    rounded once to y's dtype: the compiled kernel when it is available, else the torch table path.
+    Modifies and returns `y`."""
+    if not slot_planes:
+        return y
+    kernel = cpu_kernel() if x.device.type == "cpu" else None
+    if kernel is not None:
+        perm, table = segments.memo(
+            ("sign_delta_groups", tuple(slot_planes)), lambda: _groups(segments, slot_planes)
+        )
+        kernel.sign_delta_add(y, x.contiguous(), words, scales, perm, table)
+        return y
+    for slot, planes in slot_planes:
+        tok = segments.slot_tokens[slot]
+        delta = sign_matmul_lut(x[tok], words[slot, :planes], scales[slot, :planes])
+        y[tok] = (y[tok].float() + delta).to(y.dtype)
+    return y
+
+
+def _groups(segments: Segments, slot_planes: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's token list and its (slot, start, count, planes) rows, once per forward."""
+    tokens = [segments.slot_tokens[s] for s, _ in slot_planes]
+    rows, start = [], 0
+    for (slot, planes), tok in zip(slot_planes, tokens, strict=True):
+        rows.append((slot, start, tok.numel(), planes))
+        start += tok.numel()
+    return torch.cat(tokens).contiguous(), torch.tensor(rows, dtype=torch.int64)
