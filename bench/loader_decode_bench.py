@@ -79,16 +79,21 @@ class Decoder:
         )
 
 
-def median_steps(setups: dict, steps: int) -> dict[str, float]:
+def median_steps(setups: dict, steps: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, process CPU) seconds per step of each setup, timed round-robin. CPU time is what
+    the step itself consumed, so it survives other processes on a shared machine better than wall
+    time (with one torch thread; with more, OpenMP's spin-waits count too)."""
     for fn in setups.values():  # warm-up (and the kernel's first call)
         fn()
-    times = {k: [] for k in setups}
+    wall = {k: [] for k in setups}
+    cpu = {k: [] for k in setups}
     for _ in range(steps):
         for k, fn in setups.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in setups}
 
 
 def main() -> None:
@@ -142,15 +147,19 @@ def main() -> None:
         f"scales; median of {args.steps} round-robin steps, "
         f"load average {load_before:.1f} -> {load_after:.1f}\n"
     )
-    header = f"{'setup':<34} {'ms / step':>10} {'x base':>8} {'goal':>6}"
+    header = f"{'setup':<34} {'wall ms':>9} {'x base':>7} {'CPU ms':>8} {'x base':>7} {'goal':>6}"
     print(header)
     print("-" * len(header))
     goals = {3: 1.5, 8: 2.5}
-    for name, t in med.items():
+    (base_wall, base_cpu) = med["base"]
+    for name, (wall, cpu) in med.items():
         n = None if name == "base" else int(name.split()[0])
         label = f"base only, {args.rows} rows" if n is None else f"{args.rows} rows over {n} distinct deltas"
         goal = f"{goals[n]:.1f}" if n in goals else ""
-        print(f"{label:<34} {t * 1e3:>10.1f} {t / med['base']:>8.2f} {goal:>6}")
+        print(
+            f"{label:<34} {wall * 1e3:>9.1f} {wall / base_wall:>7.2f} "
+            f"{cpu * 1e3:>8.1f} {cpu / base_cpu:>7.2f} {goal:>6}"
+        )
     base_bytes = dm.base_bytes
     print(
         f"\nfloor by bytes read: the base step reads {base_bytes / 2**20:.0f} MiB of weights; each distinct "

@@ -60,10 +60,11 @@ class DeltaLinear(nn.Module):
 
     Triton backend: `y = x·W_baseᵀ` for the whole batch in one GEMM, then the SGMV kernel adds
     every row's sign delta; dense replacements (`.full`) and per-slot biases are applied row-wise.
-    Torch backend (CPU): a slot with few tokens (decode) gets `x·Δ̂ᵀ` added onto the base GEMM by
-    byte-table look-up (`sign_matmul_lut`); a slot with many tokens (prefill) has its weight
-    rebuilt exactly as the format defines it, `(W_base.float() + Δ̂).to(dtype)`, and its tokens
-    run one GEMM with it, so the GEMM work equals that of separate models.
+    Torch backend (CPU): slots with few tokens (decode) get `x·Δ̂ᵀ` added onto the base GEMM by
+    table look-up (`sign_cpu.sign_delta_add_`, every such slot of the layer in one call); a slot
+    with many tokens (prefill) has its weight rebuilt exactly as the format defines it,
+    `(W_base.float() + Δ̂).to(dtype)`, and its tokens run one GEMM with it, so the GEMM work
+    equals that of separate models.
     DeltaDQ slots, either backend: decode-then-GEMM on top of the base GEMM (`add_dq_matmul_`).
     """
 

@@ -90,17 +90,7 @@ def cpu_kernel():
                 _kernel_error = f"turned off by {_KERNEL_ENV}=0"
                 return None
             try:
-                from torch.utils.cpp_extension import load
-
-                # -march=native: the build is cached per machine kind (the name carries the ISA).
-                isa = torch.backends.cpu.get_cpu_capability().lower()
-                _kernel = load(
-                    name=f"deltastore_sign_delta_cpu_{isa}",
-                    sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False,
-                )
+                _kernel = build_cpu_kernel()
             except Exception as exc:  # no compiler, no ninja, a failed build: the torch path serves
                 _kernel_error = (
                     f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
@@ -112,6 +102,24 @@ def cpu_kernel():
                     stacklevel=2,
                 )
     return _kernel
+
+
+def build_cpu_kernel(portable: bool = False):
+    """Compile (or load from torch's extension cache) the kernel for this machine: `-march=native`,
+    so an AVX-512 machine gets the register-table path; `portable=True` builds the byte-table path
+    that machines without AVX-512 run (the tests build both)."""
+    from torch.utils.cpp_extension import load
+
+    # -march=native: the build is cached per machine kind (the name carries the ISA).
+    isa = "no_avx512" if portable else torch.backends.cpu.get_cpu_capability().lower()
+    flags = ["-O3", "-march=native", "-fopenmp"] + (["-mno-avx512f"] if portable else [])
+    return load(
+        name=f"deltastore_sign_delta_cpu_{isa}",
+        sources=[str(_SOURCE)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
 
 
 def cpu_kernel_error() -> str | None:

@@ -4,6 +4,8 @@ within the per-dtype tolerance, leaving base rows untouched."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -50,11 +52,25 @@ def compiled_kernel():
     return kernel
 
 
-@pytest.fixture(params=["compiled", "torch-ops"])
+@functools.cache
+def portable_kernel():
+    """The byte-table build that machines without AVX-512 run (this one may have AVX-512)."""
+    try:
+        return sign_cpu.build_cpu_kernel(portable=True)
+    except Exception as exc:  # no compiler here: the compiled fixtures skip
+        pytest.skip(f"cannot build the portable CPU kernel: {exc}")
+
+
+@pytest.fixture(params=["compiled", "compiled-portable", "torch-ops"])
 def table_path(request, monkeypatch):
-    """Both ways `sign_delta_add_` computes: the compiled kernel, and torch ops when it is unavailable."""
+    """Every way `sign_delta_add_` computes: the compiled kernel for this machine, its portable
+    (non-AVX-512) build, and torch ops when no kernel is available."""
     if request.param == "compiled":
         compiled_kernel()
+    elif request.param == "compiled-portable":
+        compiled_kernel()
+        kernel = portable_kernel()
+        monkeypatch.setattr(sign_cpu, "cpu_kernel", lambda: kernel)
     else:
         monkeypatch.setattr(sign_cpu, "cpu_kernel", lambda: None)
     return request.param
