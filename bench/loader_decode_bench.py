@@ -135,8 +135,11 @@ def main() -> None:
 
     cfg = dm.model.config
     block_params = sum(o * i for n, (o, i) in dm.pool.layout.sign.items() if "embed_tokens" not in n)
+    isa = torch.backends.cpu.get_cpu_capability()
     path = (
-        "compiled byte-table kernel" if kernel is not None else f"torch-ops table path ({cpu_kernel_error()})"
+        f"compiled kernel ({'AVX-512 register tables' if isa.startswith('AVX512') else 'byte tables'})"
+        if kernel is not None
+        else f"torch-ops table path ({cpu_kernel_error()})"
     )
     print(
         f"\nSmolLM2-135M shapes ({'weights from ' + args.base if args.base else 'random weights'}, fp32, "
