@@ -5,8 +5,11 @@ slot's weight for prefill-sized groups.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,11 +78,12 @@ _KERNEL_ENV = "DELTASTORE_CPU_KERNEL"  # "0" turns the compiled kernel off (the 
 _kernel = None
 _kernel_error: str | None = None
 _kernel_lock = threading.Lock()
+_STALE_LOCK_SECONDS = 600
 
 
 def cpu_kernel():
     """The compiled CPU kernel module, built with the system's C++ compiler the first time (about a
-    minute; cached by torch under ~/.cache/torch_extensions), or None when it is turned off or
+    minute; cached under ~/.cache/torch_extensions/py*_torch*), or None when it is turned off or
     cannot be built (`cpu_kernel_error()` says why; the torch path serves then)."""
     global _kernel, _kernel_error
     if _kernel is not None or _kernel_error is not None:
@@ -112,14 +116,35 @@ def build_cpu_kernel(portable: bool = False):
 
     # -march=native: the build is cached per machine kind (the name carries the ISA).
     isa = "no_avx512" if portable else torch.backends.cpu.get_cpu_capability().lower()
+    name = f"deltastore_sign_delta_cpu_{isa}"
     flags = ["-O3", "-march=native", "-fopenmp"] + (["-mno-avx512f"] if portable else [])
+    build_dir = kernel_build_dir(name)
+    # torch serializes builds with a lock file that a build killed midway leaves behind, and every
+    # later load would wait on it forever; a build takes about a minute, so an old lock is stale.
+    lock = build_dir / "lock"
+    with contextlib.suppress(FileNotFoundError):
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_SECONDS:
+            lock.unlink()
     return load(
-        name=f"deltastore_sign_delta_cpu_{isa}",
+        name=name,
         sources=[str(_SOURCE)],
+        build_directory=str(build_dir),
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
+
+
+def kernel_build_dir(name: str) -> Path:
+    """Where the kernel `name` is built and cached: one folder per Python and torch build (torch's
+    default folder does not tell two CPU builds of torch apart)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}".replace("+", "_")
+    path = Path(root) / tag / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def cpu_kernel_error() -> str | None:

@@ -5,6 +5,8 @@ within the per-dtype tolerance, leaving base rows untouched."""
 from __future__ import annotations
 
 import functools
+import os
+import time
 
 import pytest
 import torch
@@ -178,3 +180,14 @@ def test_the_kernel_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("DELTASTORE_CPU_KERNEL", "0")
     assert sign_cpu.cpu_kernel() is None
     assert sign_cpu.cpu_kernel_error() == "turned off by DELTASTORE_CPU_KERNEL=0"
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_block_loading():
+    compiled_kernel()
+    name = f"deltastore_sign_delta_cpu_{torch.backends.cpu.get_cpu_capability().lower()}"
+    lock = sign_cpu.kernel_build_dir(name) / "lock"
+    lock.touch()
+    old = time.time() - 2 * sign_cpu._STALE_LOCK_SECONDS
+    os.utime(lock, (old, old))
+    assert sign_cpu.build_cpu_kernel() is not None  # would wait on the lock forever otherwise
+    assert not lock.exists()
