@@ -40,9 +40,11 @@ from codec.deltadq import params_for  # noqa: E402
 from gpu_loader.deltadq import DQWeight, payload_bytes  # noqa: E402
 from gpu_loader.modules import add_dq_matmul_  # noqa: E402
 from gpu_loader.segments import build_segments  # noqa: E402
-from gpu_loader.sgmv import sgmv_sign, triton_available, words_per_row  # noqa: E402
+from gpu_loader.layout import words_per_row  # noqa: E402
+from gpu_loader.pool_layout import PoolLayout  # noqa: E402
+from gpu_loader.sgmv import sgmv_sign, triton_available  # noqa: E402
 from gpu_loader.sizes import format_size  # noqa: E402
-from gpu_loader.slot_pool import PoolLayout, SlotPool  # noqa: E402
+from gpu_loader.slot_pool import SlotPool  # noqa: E402
 
 #: HBM peak bandwidth by device-name fragment (bytes/s), most specific first.
 HBM_PEAK = [

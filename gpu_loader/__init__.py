@@ -14,8 +14,10 @@ from .errors import (
 )
 from .model import DeltaModel
 from .resolver import RefResolver, is_registry_ref, resolve_ref
-from .slot_pool import PoolLayout, SlotHandle, SlotPool, StagedDelta
+from .pool_layout import PoolLayout
+from .slot_pool import SlotHandle, SlotPool
 from .sizes import format_size, parse_size
+from .staging import StagedDelta
 
 __all__ = [
     "DeltaModel", "SlotPool", "SlotHandle", "PoolLayout", "StagedDelta",

@@ -21,7 +21,7 @@ from codec import deltadq as codec_dq
 from codec.deltadq import DQParams
 from codec.format import DeltaFile
 
-from .sgmv import words_per_row
+from .layout import words_per_row
 
 _ROW_CHUNK = 256  # rows per step of the host-side mask decode (numpy temporaries stay small)
 _EXECUTOR: ThreadPoolExecutor | None = None

@@ -192,13 +192,12 @@ class DeltaModel:
         if isinstance(ref, int):
             return int(ref)
         with contextlib.suppress(LookupError):
-            return self.pool.find(os.fspath(ref)).index
-        return self.pool.find(str(resolve_ref(ref, self._resolver).resolve())).index
+            return int(self.pool.find(os.fspath(ref)))
+        return int(self.pool.find(str(resolve_ref(ref, self._resolver).resolve())))
 
     def _resident_handle(self, ref: DeltaRef | int) -> SlotHandle:
         if isinstance(ref, int):
-            slot = self.pool.find(int(ref))
-            return SlotHandle(slot.index, slot.generation, slot.key)
+            return self.pool.find(int(ref))
         return self.load(ref)
 
     def stats(self) -> dict:

@@ -17,14 +17,17 @@ from torch import nn
 from torch.func import functional_call
 
 from .deltadq import DQWeight
+from .layout import unpack_words_pm1
+from .pool_layout import PoolLayout
 from .segments import SlotBatch, active_batch
-from .sgmv import reconstruct_words, sgmv_sign, sign_matmul_lut, unpack_words_pm1
+from .sgmv import sgmv_sign
+from .sign_cpu import reconstruct_words, sign_delta_add_
+from .slot_pool import SlotPool
 
 #: Torch path: a slot with at most this many tokens in a layer adds `x·Δ̂ᵀ` by table look-up onto
 #: the base GEMM; above it, the slot's weight is rebuilt and its tokens run their own GEMM.
 LUT_MAX_TOKENS = 8
 REBUILD_BLOCK = 1 << 18  # elements per row block when rebuilding a slot's weight
-from .slot_pool import PoolLayout, SlotPool
 
 
 def add_dq_matmul_(y: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor, weight: DQWeight,
@@ -57,10 +60,11 @@ class DeltaLinear(nn.Module):
 
     Triton backend: `y = x·W_baseᵀ` for the whole batch in one GEMM, then the SGMV kernel adds
     every row's sign delta; dense replacements (`.full`) and per-slot biases are applied row-wise.
-    Torch backend (CPU): a slot with few tokens (decode) gets `x·Δ̂ᵀ` added onto the base GEMM by
-    byte-table look-up (`sign_matmul_lut`); a slot with many tokens (prefill) has its weight
-    rebuilt exactly as the format defines it, `(W_base.float() + Δ̂).to(dtype)`, and its tokens
-    run one GEMM with it, so the GEMM work equals that of separate models.
+    Torch backend (CPU): slots with few tokens (decode) get `x·Δ̂ᵀ` added onto the base GEMM by
+    table look-up (`sign_cpu.sign_delta_add_`, every such slot of the layer in one call); a slot
+    with many tokens (prefill) has its weight rebuilt exactly as the format defines it,
+    `(W_base.float() + Δ̂).to(dtype)`, and its tokens run one GEMM with it, so the GEMM work
+    equals that of separate models.
     DeltaDQ slots, either backend: decode-then-GEMM on top of the base GEMM (`add_dq_matmul_`).
     """
 
@@ -115,13 +119,16 @@ class DeltaLinear(nn.Module):
         lut = sorted(s for s in sign - bias if seg.slot_tokens[s].numel() <= LUT_MAX_TOKENS)
         own = sorted((sign | dense | bias) - set(lut))  # slots that run a GEMM of their own
         y = None
-        in_base = ~torch.isin(seg.token_slots, torch.tensor(own, dtype=torch.int64, device=x2.device))
-        if bool(in_base.all()):
+        if not own:  # decode: every token starts from the base GEMM
             y = F.linear(x2, self.weight, self.bias)
-        elif bool(in_base.any()):
-            rows = in_base.nonzero().squeeze(1)
-            y = x2.new_empty(x2.shape[0], self.out_features)
-            y[rows] = F.linear(x2[rows], self.weight, self.bias)
+        else:
+            in_base = ~torch.isin(seg.token_slots, torch.tensor(own, dtype=torch.int64, device=x2.device))
+            if bool(in_base.all()):
+                y = F.linear(x2, self.weight, self.bias)
+            elif bool(in_base.any()):
+                rows = in_base.nonzero().squeeze(1)
+                y = x2.new_empty(x2.shape[0], self.out_features)
+                y[rows] = F.linear(x2[rows], self.weight, self.bias)
         for s in own:  # DeltaDQ slots with their own bias are here too, with the base weight
             if s in sign:
                 weight = self.slot_weight(s, batch.views[s].planes)
@@ -137,11 +144,7 @@ class DeltaLinear(nn.Module):
             if y is None:
                 y = x2.new_empty(x2.shape[0], self.out_features)
             y[tok] = F.linear(x2[tok], weight, b)
-        for s in lut:
-            tok = seg.slot_tokens[s]
-            planes = batch.views[s].planes
-            delta = sign_matmul_lut(x2[tok], self.sign_words[s, :planes], self.sign_scales[s, :planes])
-            y[tok] = (y[tok].float() + delta).to(y.dtype)
+        sign_delta_add_(y, x2, self.sign_words, self.sign_scales, seg, [(s, batch.views[s].planes) for s in lut])
         for s in batch.with_dq(self.weight_key):
             add_dq_matmul_(y, x2, seg.slot_tokens[s], batch.views[s].dq[self.weight_key])
         return y

@@ -38,10 +38,19 @@ class Segments:
     tile_start: torch.Tensor  # int32 [n_tiles]
     tile_len: torch.Tensor  # int32 [n_tiles]
     slot_tokens: Mapping[int, torch.Tensor]  # slot -> int64 token indices (for the torch path)
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_tiles(self) -> int:
         return int(self.tile_slot.shape[0])
+
+    def memo(self, key, build):
+        """`build()`, computed once per key for this forward: what a path derives from the segments
+        (the CPU kernel's group table) is then shared by every layer."""
+        value = self._memo.get(key)
+        if value is None:
+            value = self._memo[key] = build()
+        return value
 
 
 def choose_block_m(max_segment_tokens: int) -> int:

@@ -13,7 +13,8 @@ Layout (slot pool): words int32 [S, P, out, ceil(in/32)], bit j of word w = inpu
 [S, P, out] (per row) or [S, P, 1] (per matrix); active int32 [≥ S] (0 = slot has no sign delta
 here; slots ≥ S, table-only, are always 0).
 
-`sgmv_sign_reference` is the pure-torch path (CPU and test oracle); `sgmv_sign` picks one.
+This file holds the kernel, its configs and its launcher; the torch reference is
+`sgmv_reference.sgmv_sign_reference` (CPU and test oracle); `sgmv_sign` picks one.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import os
 
 import torch
 
-from codec.bitdelta import decode, pm1_lut
-
+from .layout import words_per_row
 from .segments import Segments
+from .sgmv_reference import sgmv_sign_reference
 
 try:  # triton is optional: the torch path serves without it
     import triton
@@ -48,107 +49,6 @@ def triton_available(device: torch.device) -> bool:
     if device.type == "cuda":
         return not triton_interpreting()
     return device.type == "cpu" and triton_interpreting()
-
-
-# --------------------------------------------------------------------------------------------
-# Layout helpers
-# --------------------------------------------------------------------------------------------
-def words_per_row(in_features: int) -> int:
-    return (in_features + 31) // 32
-
-
-def pack_words(sign: torch.Tensor) -> torch.Tensor:
-    """File signs uint8 [..., ceil(in/8)] -> int32 words [..., ceil(in/32)] (zero padding bytes)."""
-    if sign.dtype != torch.uint8:
-        raise TypeError(f"pack_words expects uint8 signs, got {sign.dtype}")
-    nb = sign.shape[-1]
-    pad = -nb % 4
-    if pad:
-        sign = torch.nn.functional.pad(sign, (0, pad))
-    return sign.contiguous().view(torch.int32)
-
-
-def unpack_words_pm1(words: torch.Tensor, in_features: int) -> torch.Tensor:
-    """int32 words [..., W] -> fp32 ±1 [..., in_features] (bit 1 = +1)."""
-    by = words.contiguous().view(torch.uint8)
-    pm1 = pm1_lut(words.device)[by.long()]
-    return pm1.reshape(*words.shape[:-1], -1)[..., :in_features]
-
-
-def decode_words(words: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Δ̂ in fp32 from one slot's words [P, out, W] and scales [P, out | 1]: the words are the
-    file's sign bytes viewed as int32 (`pack_words`), so this is `codec.bitdelta.decode` on their bytes."""
-    return decode(words.contiguous().view(torch.uint8), scales, in_features)
-
-
-def reconstruct_words(base: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`out ← (base.float() + Δ̂).to(out.dtype)` for a block of rows (words [P, rows, W], scales
-    [P, rows | 1]), bit-identical to `codec.bitdelta.reconstruct`, in three passes over the block.
-
-    `reconstruct` sums the planes onto +0.0; a first plane with scale 0 would give −0.0 here
-    instead, which differs only for base values of −0.0, so those rows are set to +0.0 explicitly.
-    """
-    planes, rows, _ = words.shape
-    inn = base.shape[1]
-    lut = pm1_lut(words.device)
-    delta = None
-    for p in range(planes):
-        by = words[p].contiguous().view(torch.uint8)
-        pm1 = torch.nn.functional.embedding(by.to(torch.int32), lut).reshape(rows, -1)[:, :inn]
-        s = scales[p].to(torch.float32).reshape(-1, 1)
-        if delta is None:
-            delta = pm1.mul(s)
-            zero = s.reshape(-1) == 0
-            if bool(zero.any()):
-                delta[zero.expand(rows) if zero.numel() == 1 else zero] = 0.0
-        else:
-            delta.add_(pm1.mul_(s))
-    return torch.add(delta, base, out=out)
-
-
-def sign_matmul_lut(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """`x·Δ̂ᵀ` in fp32 for one slot (words [P, out, W], scales [P, out | 1]) without decoding Δ̂.
-
-    For every group of 8 input columns the 256 possible ±1 dot products of each token are
-    tabulated once (`T[b·256 + v, n]`); each packed sign byte then selects its entry, so an output
-    costs in/8 table look-ups instead of `in` multiply-adds, and no ±1 matrix is ever built.
-    The CPU path for decode-sized token groups (the table grows with the tokens).
-    """
-    n, inn = x.shape
-    planes, out, _ = words.shape
-    nb = (inn + 7) // 8
-    xp = torch.nn.functional.pad(x.float(), (0, nb * 8 - inn)).view(n, nb, 8)
-    table = (xp @ pm1_lut(x.device).T).reshape(n, nb * 256).T.contiguous()  # [nb*256, n]
-    offsets = torch.arange(nb, dtype=torch.int32, device=x.device) * 256
-    y = torch.zeros(out, n, dtype=torch.float32, device=x.device)
-    for p in range(planes):
-        index = words[p].view(torch.uint8)[:, :nb].to(torch.int32) + offsets  # [out, nb]
-        picked = torch.nn.functional.embedding(index, table)  # [out, nb, n]
-        y += picked.sum(1) * scales[p].to(torch.float32).reshape(-1, 1)
-    return y.T
-
-
-# --------------------------------------------------------------------------------------------
-# Pure-torch reference (test oracle)
-# --------------------------------------------------------------------------------------------
-def sgmv_sign_reference(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    words: torch.Tensor,
-    scales: torch.Tensor,
-    segments: Segments,
-    slots: "list[int] | None" = None,
-) -> torch.Tensor:
-    """`y[t] += x[t]·Δ̂[slot(t)]ᵀ` for the tokens of `slots` (default: every slot in `segments`),
-    in fp32, rounded once to y's dtype. Modifies and returns `y`."""
-    in_features = x.shape[1]
-    for slot in segments.slot_tokens if slots is None else slots:
-        tokens = segments.slot_tokens.get(slot)
-        if tokens is None:
-            continue
-        delta = decode_words(words[slot], scales[slot], in_features)
-        y[tokens] = (y[tokens].float() + x[tokens].float() @ delta.T).to(y.dtype)
-    return y
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""The delta slot pool: fixed device buffers (packed sign words + scales per layer, small dense
-tables per slot) allocated once, room beside them for what a delta brings beyond that (dense
-`.full` tensors, DeltaDQ payloads), LRU eviction of unpinned slots, pinning, pinned host staging
-and loading on a side CUDA stream with events, so a forward never reads a half-written slot.
+"""The delta slot pool's state machine: fixed device buffers allocated once (sizes from
+`pool_layout`), slots that go free -> loading -> ready, LRU eviction of unpinned slots, pinning,
+leases held by forwards, and installs of staged deltas (`staging`) on a side CUDA stream with
+events, so a forward never reads a half-written slot.
 
 Thread-safe: `load` may run on any thread while forwards lease slots on another.
 """
@@ -15,76 +15,19 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import torch
 
-from codec.checkpoint import TORCH_TO_ST
 from codec.format import DeltaFile
 
 from .deltadq import DQSource, DQWeight
 from .errors import BudgetError, DeltaDoesNotFitError, NotLoadedError, SlotPoolFullError, StaleSlotError
+from .layout import words_per_row
+from .pool_layout import PoolLayout, slot_counts
 from .segments import SlotView
-from .sgmv import words_per_row
 from .sizes import format_size, parse_size
-
-_ALIGN = 64  # staging views start on cache-line boundaries (and on any element size)
-
-
-@dataclass(frozen=True)
-class PoolLayout:
-    """What every slot holds, by base tensor name.
-
-    sign:  2-D float weights that may carry a sign delta -> (out, in); per slot int32 words
-           [planes, out, ceil(in/32)] and f32 scales [planes, out].
-    table: small tensors copied per slot (norm weights, biases) -> (shape, dtype).
-    dense: 2-D weights whose `.full` replacement (kept-dense embeddings, lm_head) is allocated
-           on demand from the budget left over by the fixed slots -> (shape, dtype).
-    """
-
-    sign: Mapping[str, tuple[int, int]]
-    table: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
-    dense: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
-    planes: int = 1
-
-    def __post_init__(self) -> None:
-        if self.planes < 1:
-            raise ValueError("planes must be >= 1")
-
-    def sign_bytes(self, name: str) -> int:
-        out, inn = self.sign[name]
-        return self.planes * out * (words_per_row(inn) * 4 + 4)
-
-    @property
-    def slot_bytes(self) -> int:
-        """Device bytes of one slot's fixed part (words, scales, tables, active flags)."""
-        return sum(self.sign_bytes(n) for n in self.sign) + self.table_slot_bytes
-
-    @property
-    def table_slot_bytes(self) -> int:
-        """Device bytes of a table-only slot (tables and active flags, no sign space): what a
-        slot holding a DeltaDQ delta needs beside its payload."""
-        total = 4 * len(self.sign)
-        for shape, dtype in self.table.values():
-            total += _numel(shape) * _itemsize(dtype)
-        return total
-
-    def base_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """(safetensors dtype, shape) per name, for layouts built without a model (benchmarks)."""
-        specs = {n: ("F16", (o, i)) for n, (o, i) in self.sign.items()}
-        specs.update({n: (TORCH_TO_ST[d], tuple(s)) for n, (s, d) in {**self.dense, **self.table}.items()})
-        return specs
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+from .staging import StagedDelta, stage_file, stage_tensors
 
 
 class SlotHandle(int):
@@ -105,54 +48,6 @@ class SlotHandle(int):
 
     def __reduce__(self):
         return (SlotHandle, (int(self), self.generation, self.key))
-
-
-@dataclass
-class StagedDelta:
-    """A delta read into (pinned, on CUDA) host memory in the pool's slot layout, ready to copy."""
-
-    key: str
-    info: dict
-    words: dict[str, torch.Tensor]
-    scales: dict[str, torch.Tensor]
-    tables: dict[str, torch.Tensor]
-    dense: dict[str, torch.Tensor]
-    nbytes: int
-    _arena: torch.Tensor | None = field(default=None, repr=False)
-    dq: dict[str, DQWeight] = field(default_factory=dict)
-
-    @property
-    def dense_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.dense.values())
-
-    @property
-    def dq_bytes(self) -> int:
-        return sum(w.nbytes for w in self.dq.values())
-
-    @property
-    def room_bytes(self) -> int:
-        """Device bytes this delta needs beside the fixed slots (allocated per load)."""
-        return self.dense_bytes + self.dq_bytes
-
-
-class _HostArena:
-    """One host buffer (pinned when CUDA is used) carved into aligned tensor views."""
-
-    def __init__(self, specs: list[tuple[tuple[int, ...], torch.dtype]], pin: bool):
-        self.offsets, total = [], 0
-        for shape, dtype in specs:
-            total = -(-total // _ALIGN) * _ALIGN
-            self.offsets.append(total)
-            total += _numel(shape) * _itemsize(dtype)
-        self.buffer = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin)
-        self.specs = specs
-
-    def views(self) -> list[torch.Tensor]:
-        out = []
-        for off, (shape, dtype) in zip(self.offsets, self.specs):
-            n = _numel(shape) * _itemsize(dtype)
-            out.append(self.buffer[off:off + n].view(dtype).view(shape))
-        return out
 
 
 _FREE, _LOADING, _READY = "free", "loading", "ready"
@@ -224,10 +119,6 @@ class SlotPool:
         wait_timeout: float = 30.0,
         sign_slots: int | None = None,
     ) -> None:
-        if max_slots < 1:
-            raise BudgetError(f"max_slots must be >= 1, got {max_slots}")
-        if sign_slots is not None and not 0 <= sign_slots <= max_slots:
-            raise BudgetError(f"sign_slots must be between 0 and max_slots ({max_slots}), got {sign_slots}")
         self.layout = layout
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -240,28 +131,12 @@ class SlotPool:
         if missing:
             raise ValueError(f"base_tables lacks {sorted(missing)[:3]}")
 
-        slot_bytes, table_bytes = layout.slot_bytes, layout.table_slot_bytes
-        if sign_slots is None:
-            n = n_sign = min(max_slots, self.budget // max(slot_bytes, 1))
-            if n < 1:
-                raise BudgetError(
-                    f"memory budget {format_size(self.budget)} holds no delta slot: one slot needs "
-                    f"{format_size(slot_bytes)} ({layout.planes} plane(s)); raise memory_budget"
-                )
-        else:
-            n, n_sign = max_slots, sign_slots
-            fixed = n_sign * slot_bytes + (n - n_sign) * table_bytes
-            if fixed > self.budget:
-                raise BudgetError(
-                    f"memory budget {format_size(self.budget)} does not hold {n_sign} slot(s) with sign space "
-                    f"({format_size(slot_bytes)} each) and {n - n_sign} table-only slot(s) "
-                    f"({format_size(table_bytes)} each): {format_size(fixed)} needed; raise memory_budget "
-                    "or lower sign_slots / max_slots"
-                )
+        counts = slot_counts(layout, self.budget, max_slots, sign_slots)
+        n, n_sign = counts.slots, counts.sign_slots
         self.num_slots = n
         self.num_sign_slots = n_sign
-        self.fixed_bytes = n_sign * slot_bytes + (n - n_sign) * table_bytes
-        self.dense_budget = self.budget - self.fixed_bytes  # the room: dense tensors and DeltaDQ payloads
+        self.fixed_bytes = counts.fixed_bytes
+        self.dense_budget = counts.room_bytes  # the room: dense tensors and DeltaDQ payloads
         self._allocate(n, n_sign)
 
         self.wait_timeout = wait_timeout
@@ -348,21 +223,10 @@ class SlotPool:
         t0 = time.perf_counter()
         delta = DeltaFile.open(path)
         self.check_fits(delta)
-        signs = {n: e for n, e in delta.entries.items() if e.kind == "bitdelta"}
-        fulls = {n: e for n, e in delta.entries.items() if e.kind == "full"}
-        dqs = {n: DQSource(delta, n, self.layout.sign[n]) for n, e in delta.entries.items() if e.kind == "deltadq"}
-        info = {
-            "path": str(path), "base_model": delta.base_model, "dtype": delta.dtype_name, "codec": delta.codec,
-            "planes": max((e.planes for e in signs.values()), default=0),
-            "per_row": any(e.per_row for e in signs.values()),
-            "file_bytes": Path(path).stat().st_size,
-        }
-        staged = self.stage_tensors(
-            key or str(Path(path).resolve()),
-            sign=_Lazy(delta.sign, signs), scale=_Lazy(delta.scale, signs), full=_Lazy(delta.full, fulls),
-            dq=dqs, info=info,
-        )
-        delta.close()
+        try:
+            staged = stage_file(self.layout, delta, path, key=key or str(Path(path).resolve()), pin=self._pin)
+        finally:
+            delta.close()
         with self._lock:
             self.counters["stage_seconds"] += time.perf_counter() - t0
         return staged
@@ -377,54 +241,13 @@ class SlotPool:
         dq: Mapping[str, DQSource | DQWeight] | None = None,
         info: dict | None = None,
     ) -> StagedDelta:
-        """Stage in-memory tensors in the file's layout (sign uint8 [P, out, ceil(in/8)], scale
-        f32 [P, 1|out], full tensors) and DeltaDQ tensors (sources whose mask is decoded into the
-        staging buffer, or ready `DQWeight`s) — the path `stage()` takes after reading a file."""
-        lay = self.layout
-        full = full if full is not None else {}
-        dq = dq if dq is not None else {}
-        specs: list[tuple[tuple[int, ...], torch.dtype]] = []
-        for name in sign:
-            out, inn = lay.sign[name]
-            specs += [((lay.planes, out, words_per_row(inn)), torch.int32), ((lay.planes, out), torch.float32)]
-        tables = [n for n in full if n in lay.table]
-        denses = [n for n in full if n not in lay.table]
-        specs += [lay.table[n] for n in tables] + [lay.dense[n] for n in denses]
-        for name in dq:
-            w = dq[name]
-            shapes = w.payload_shapes() if isinstance(w, DQSource) else [t.shape for t in w.tensors()]
-            specs += list(zip(shapes, (torch.int32, torch.uint8, torch.float32)))
-        arena = _HostArena(specs, pin=self.device.type == "cuda")
-        views = iter(arena.views())
-        words, scales, tabs, dense = {}, {}, {}, {}
-        for name in sign:
-            w, s = next(views), next(views)
-            sg, sc = sign[name], scale[name]
-            planes, _, nb = sg.shape
-            wb = w.view(torch.uint8)  # [P_pool, out, 4W], little-endian words
-            wb[:planes, :, :nb].copy_(sg)
-            wb[:planes, :, nb:].zero_()
-            wb[planes:].zero_()
-            s[:planes].copy_(sc.to(torch.float32).expand(planes, s.shape[1]))
-            s[planes:].zero_()
-            words[name], scales[name] = w, s
-        for name in tables:
-            tabs[name] = next(views).copy_(full[name])
-        for name in denses:
-            dense[name] = next(views).copy_(full[name])
-        dqs = {}
-        for name, src in dq.items():
-            mask, codes, step = next(views), next(views), next(views)
-            if isinstance(src, DQSource):
-                p = src.params
-                dqs[name] = DQWeight(mask, codes, step, p.bits, p.kept_per_row(src.shape[1]), src.shape[1])
-                src.fill(dqs[name])
-            else:
-                dqs[name] = src.replace(mask.copy_(src.mask), codes.copy_(src.codes), step.copy_(src.step))
-        return StagedDelta(
-            key=key, info=dict(info or {}), words=words, scales=scales, tables=tabs, dense=dense,
-            nbytes=int(arena.buffer.numel()), _arena=arena.buffer, dq=dqs,
-        )
+        """Stage in-memory tensors in the file's layout (`staging.stage_tensors`), pinned when
+        this pool is on CUDA."""
+        return stage_tensors(self.layout, key, sign=sign, scale=scale, full=full, dq=dq, info=info, pin=self._pin)
+
+    @property
+    def _pin(self) -> bool:
+        return self.device.type == "cuda"
 
     # ---------------------------------------------------------------------------------------
     # loading
@@ -687,7 +510,7 @@ class SlotPool:
     # ---------------------------------------------------------------------------------------
     # management
     # ---------------------------------------------------------------------------------------
-    def find(self, key_or_ref: str | int) -> _Slot:
+    def _find(self, key_or_ref: str | int) -> _Slot:
         with self._lock:
             if isinstance(key_or_ref, int):
                 if 0 <= key_or_ref < self.num_slots and self._slots[key_or_ref].state == _READY:
@@ -700,15 +523,27 @@ class SlotPool:
                     return slot
         raise NotLoadedError(f"{key_or_ref!r} is not resident in the slot pool")
 
+    def find(self, key_or_ref: str | int) -> SlotHandle:
+        """The handle of the resident delta with this key (resolved path), ref or slot index;
+        NotLoadedError when none is resident."""
+        with self._lock:
+            slot = self._find(key_or_ref)
+            return SlotHandle(slot.index, slot.generation, slot.key)
+
+    def view(self, key_or_ref: str | int) -> SlotView:
+        """What a resident delta's slot holds now (frozen): sign and table names, dense and DeltaDQ tensors."""
+        with self._lock:
+            return self._find(key_or_ref).view()
+
     def pin(self, key_or_ref: str | int, pinned: bool = True) -> None:
         with self._lock:
-            self.find(key_or_ref).pinned = pinned
+            self._find(key_or_ref).pinned = pinned
             self._freed.notify_all()
 
     def unload(self, key_or_ref: str | int) -> None:
         """Free the delta's slot now, or when the forwards using it finish."""
         with self._lock:
-            slot = self.find(key_or_ref)
+            slot = self._find(key_or_ref)
             if slot.leases:
                 if slot.key is not None:
                     self._by_key.pop(slot.key, None)
@@ -752,21 +587,3 @@ class SlotPool:
                 **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.counters.items()},
                 "resident": self.resident(),
             }
-
-
-class _Lazy(Mapping):
-    """Name -> tensor, read from the delta file only when the stager asks for it."""
-
-    def __init__(self, getter, names: Mapping[str, object]):
-        self._getter, self._names = getter, list(names)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._names:
-            raise KeyError(name)
-        return self._getter(name)
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)

@@ -12,6 +12,8 @@ import torch
 
 from codec.apply import apply_delta
 from codec.compress import CompressOptions, compress
+from gpu_loader import DeltaModel
+from gpu_loader.sgmv import triton_available
 from tests.support.model_pairs import make_llama_pair
 
 VOCAB = 384
@@ -156,3 +158,29 @@ def qwen_family(tmp_path_factory) -> Family:
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(5))
+
+
+#: Backends every end-to-end test runs on (the Triton one interpreted on CPU).
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+def make_dm(family, **kw) -> DeltaModel:
+    if kw.get("backend") == "triton" and not triton_available(torch.device("cpu")):
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    kw.setdefault("max_slots", 4)
+    kw.setdefault("memory_budget", "64MiB")
+    kw.setdefault("max_planes", 2)
+    kw.setdefault("backend", "torch")
+    return DeltaModel.from_pretrained(family.base, device="cpu", **kw)
+
+
+def assert_rows_match(logits, refs, dtype, mask=None):
+    for row, ref in enumerate(refs):
+        got = logits[row] if mask is None else logits[row][mask[row].bool()]
+        want = ref if mask is None else ref[mask[row].bool()]
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=LOGIT_ATOL[dtype],
+                                   msg=lambda m: f"row {row}: {m}")
+
+
+def bits(state: dict) -> dict:
+    return {k: v.detach().clone().contiguous().view(torch.uint8) for k, v in state.items()}

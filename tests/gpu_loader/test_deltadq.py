@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from codec import deltadq as codec_dq
-from codec.compress import CompressOptions, compress
 from codec.apply import apply_delta
+from codec.compress import CompressOptions, compress
 from codec.deltadq import DQParams
 from codec.format import DeltaFile
 from gpu_loader import BudgetError, DeltaDoesNotFitError, DeltaModel, SlotPoolFullError
@@ -21,8 +21,7 @@ from gpu_loader.deltadq import DQSource, payload_bytes, unpack_codes, unpack_mas
 from gpu_loader.merge import dq_rows, merge_, unmerge_
 from gpu_loader.modules import DeltaEmbedding, add_dq_matmul_
 
-from .conftest import LOGIT_ATOL, VOCAB, Family
-from .test_delta_model import BACKENDS, assert_rows_match, bits, make_dm
+from .conftest import BACKENDS, LOGIT_ATOL, VOCAB, Family, assert_rows_match, bits, make_dm
 
 INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
@@ -208,7 +207,7 @@ def test_a_deltadq_slot_holds_the_file_decoded_and_counts_its_payload(dq_family)
     q = dm.load(dq_family.deltas["q"])
     delta = DeltaFile.open(dq_family.deltas["q"])
     name = "model.layers.1.mlp.down_proj.weight"
-    resident = dm.pool.find(int(q)).dq[name]
+    resident = dm.pool.view(int(q)).dq[name]
     want = codec_dq.decode(delta.dq_codes(name), delta.dq_step(name), name, delta.dq_seed, delta.dq_params(name), 184)
     assert torch.equal(resident.decode(), want)
     assert not dm.pool.words[name][q].any() and dm.pool.active[name][q] == 0  # the kernel skips it

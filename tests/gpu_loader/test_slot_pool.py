@@ -13,8 +13,14 @@ from codec.bitdelta import packed_width
 from codec.errors import BaseMismatchError, InvalidDeltaError
 from codec.format import DeltaFile
 from gpu_loader import (
-    BudgetError, DeltaDoesNotFitError, DeltaModel, NotLoadedError, SlotHandle, SlotPoolFullError,
-    StaleSlotError, UnresolvedRefError, format_size, parse_size,
+    BudgetError,
+    DeltaDoesNotFitError,
+    DeltaModel,
+    NotLoadedError,
+    SlotHandle,
+    SlotPoolFullError,
+    StaleSlotError,
+    UnresolvedRefError,
 )
 
 
@@ -27,24 +33,6 @@ def make_dm(family, **kw) -> DeltaModel:
 
 def resident_keys(dm) -> set[str]:
     return {r["key"] for r in dm.stats()["resident"]}
-
-
-@pytest.mark.parametrize("text,expected", [
-    ("8GiB", 8 << 30), ("512MiB", 512 << 20), ("2GB", 2 * 10**9), ("1.5G", 3 << 29),
-    ("100", 100), (4096, 4096), (" 64 KiB ", 64 << 10),
-])
-def test_parse_size(text, expected):
-    assert parse_size(text) == expected
-
-
-@pytest.mark.parametrize("bad", ["8 parsecs", "", "GiB", -1, "1e3MB"])
-def test_parse_size_rejects_nonsense(bad):
-    with pytest.raises(BudgetError):
-        parse_size(bad)
-
-
-def test_format_size():
-    assert format_size(3 << 30) == "3.00 GiB" and format_size(10) == "10 B"
 
 
 def test_slot_count_follows_budget_and_max_slots(family):

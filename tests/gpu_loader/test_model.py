@@ -15,30 +15,9 @@ from transformers import AutoModelForCausalLM
 from codec.checkpoint import Checkpoint
 from codec.errors import BaseMismatchError
 from gpu_loader import DeltaModel, MergedModeError
-from gpu_loader.modules import DeltaEmbedding, DeltaLinear, DeltaNorm
-from gpu_loader.sgmv import triton_available
+from gpu_loader.modules import DeltaLinear
 
-from .conftest import LOGIT_ATOL, VOCAB
-
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
-
-
-def make_dm(family, **kw) -> DeltaModel:
-    if kw.get("backend") == "triton" and not triton_available(torch.device("cpu")):
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
-    kw.setdefault("max_slots", 4)
-    kw.setdefault("memory_budget", "64MiB")
-    kw.setdefault("max_planes", 2)
-    kw.setdefault("backend", "torch")
-    return DeltaModel.from_pretrained(family.base, device="cpu", **kw)
-
-
-def assert_rows_match(logits, refs, dtype, mask=None):
-    for row, ref in enumerate(refs):
-        got = logits[row] if mask is None else logits[row][mask[row].bool()]
-        want = ref if mask is None else ref[mask[row].bool()]
-        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=LOGIT_ATOL[dtype],
-                                   msg=lambda m: f"row {row}: {m}")
+from .conftest import BACKENDS, LOGIT_ATOL, VOCAB, assert_rows_match, bits, make_dm
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -79,59 +58,6 @@ def test_qwen2_biases_switch_per_slot(qwen_family, ids):
     assert_rows_match(logits, qwen_family.reference_logits(["base", "a", "a"], ids), torch.float32)
 
 
-def test_norms_without_the_fused_path_run_per_slot_group(family, ids, monkeypatch):
-    import gpu_loader.modules as modules
-
-    monkeypatch.setattr(modules, "_rms_eps_if_llama_style", lambda m: None)
-    dm = make_dm(family)
-    assert all(m.rms_eps is None for m in dm.model.modules() if isinstance(m, DeltaNorm))
-    a, b = dm.load(family.deltas["a"]), dm.load(family.deltas["b"])
-    logits = dm(ids, delta_ids=[a, -1, b])
-    assert_rows_match(logits, family.reference_logits(["a", "base", "b"], ids), torch.float32)
-
-
-def test_llama_norms_take_the_fused_path(family):
-    dm = make_dm(family)
-    norms = [m for m in dm.model.modules() if isinstance(m, DeltaNorm)]
-    assert len(norms) == 2 * 2 + 1 and all(m.rms_eps is not None for m in norms)
-
-
-def test_binarized_embedding_rows_are_bit_exact(family, ids):
-    dm = make_dm(family)
-    a = dm.load(family.deltas["a"])
-    captured = []
-    emb = dm.model.get_input_embeddings()
-    assert isinstance(emb, DeltaEmbedding)
-    emb.register_forward_hook(lambda mod, inp, out: captured.append(out.clone()))
-    dm(ids, delta_ids=[a, -1, a])
-    want = family.model("a").get_input_embeddings().weight[ids]
-    base = family.model("base").get_input_embeddings().weight[ids]
-    assert torch.equal(captured[0][0], want[0]) and torch.equal(captured[0][2], want[2])
-    assert torch.equal(captured[0][1], base[1])
-
-
-def test_torch_path_rebuilds_slot_weights_exactly_like_apply(family):
-    dm = make_dm(family)
-    a = dm.load(family.deltas["a"])
-    lin = dm.model.get_submodule("model.layers.1.mlp.down_proj")
-    applied = family.model("a").get_submodule("model.layers.1.mlp.down_proj").weight
-    assert torch.equal(lin.slot_weight(a), applied)
-    assert torch.equal(lin.slot_weight(a, planes=2), applied)
-
-
-def test_prefill_and_decode_sized_groups_agree(family, monkeypatch):
-    """A slot with few tokens takes the table look-up path, with many the rebuilt-weight path."""
-    import gpu_loader.modules as modules
-
-    dm = make_dm(family)
-    a = dm.load(family.deltas["a"])
-    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
-    lookup = dm(ids, delta_ids=[a, -1])
-    monkeypatch.setattr(modules, "LUT_MAX_TOKENS", 0)
-    rebuilt = dm(ids, delta_ids=[a, -1])
-    torch.testing.assert_close(lookup, rebuilt, rtol=0, atol=LOGIT_ATOL[torch.float32])
-
-
 def test_attention_mask_with_left_padding(family, ids):
     dm = make_dm(family)
     a, b = dm.load(family.deltas["a"]), dm.load(family.deltas["b"])
@@ -153,8 +79,8 @@ def test_incremental_decoding_with_kv_cache(family, ids):
     for i, name in enumerate(["b", "base", "a"]):
         model = family.model(name)
         with torch.no_grad():
-            first = model(ids[i:i + 1], use_cache=True)
-            second = model(step[i:i + 1], cache=first.cache, use_cache=True)
+            first = model(ids[i : i + 1], use_cache=True)
+            second = model(step[i : i + 1], cache=first.cache, use_cache=True)
         torch.testing.assert_close(out2.logits[i], second.logits[0], rtol=0, atol=LOGIT_ATOL[torch.float32])
 
 
@@ -164,7 +90,7 @@ def test_greedy_generation_per_row(family, ids):
     out = dm.generate(ids, delta_ids=[a, -1, b], max_new_tokens=4, do_sample=False)
     for i, name in enumerate(["a", "base", "b"]):
         with torch.no_grad():
-            want = family.model(name).generate(ids[i:i + 1], max_new_tokens=4, do_sample=False)
+            want = family.model(name).generate(ids[i : i + 1], max_new_tokens=4, do_sample=False)
         assert torch.equal(out[i], want[0])
     with pytest.raises(ValueError, match="num_beams"):
         dm.generate(ids, delta_ids=[a, -1, b], num_beams=2)
@@ -179,16 +105,6 @@ def test_delta_ids_may_be_a_tensor_and_all_base(family, ids):
         dm(ids, delta_ids=[-1, -1])
 
 
-def test_patching_keeps_the_base_state_dict(family):
-    reference = AutoModelForCausalLM.from_pretrained(family.base).state_dict()
-    dm = make_dm(family)
-    state = dm.model.state_dict()
-    assert list(state) == list(reference)
-    assert all(torch.equal(state[k], reference[k]) for k in reference)
-    kinds = {type(m) for m in dm.model.modules()}
-    assert {DeltaLinear, DeltaEmbedding, DeltaNorm} <= kinds and torch.nn.Linear not in kinds
-
-
 @pytest.mark.parametrize("which", ["family", "tied_family"])
 def test_in_memory_model_is_fingerprinted_like_its_checkpoint(which, request):
     fam = request.getfixturevalue(which)
@@ -196,10 +112,6 @@ def test_in_memory_model_is_fingerprinted_like_its_checkpoint(which, request):
     dm = DeltaModel.from_pretrained(model, device="cpu", max_planes=2, memory_budget="64MiB", backend="torch")
     assert dm.base_fingerprint == Checkpoint.open(fam.base).fingerprint()
     dm.load(fam.deltas["a"])  # accepted: same base
-
-
-def bits(state: dict) -> dict:
-    return {k: v.detach().clone().contiguous().view(torch.uint8) for k, v in state.items()}
 
 
 @pytest.mark.parametrize("which", ["family", "tied_family"])
@@ -264,8 +176,9 @@ def test_triton_backend_on_cpu_needs_the_interpreter(family, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fp16_mixed_batch_with_prefetch(tied_family, ids):
-    dm = DeltaModel.from_pretrained(tied_family.base, device="cuda", dtype=torch.float16, max_planes=2,
-                                    memory_budget="256MiB")
+    dm = DeltaModel.from_pretrained(
+        tied_family.base, device="cuda", dtype=torch.float16, max_planes=2, memory_budget="256MiB"
+    )
     assert dm.backend == "triton"
     try:
         a = dm.prefetch(tied_family.deltas["a"]).result(timeout=60)

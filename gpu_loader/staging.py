@@ -1,0 +1,188 @@
+"""Host staging of a delta: its tensors read (or decoded, for DeltaDQ masks) into one host buffer
+(pinned when the pool is on CUDA) in the pool's slot layout, so installing it is plain copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from codec.format import DeltaFile
+
+from .deltadq import DQSource, DQWeight
+from .layout import words_per_row
+from .pool_layout import PoolLayout, dtype_itemsize, shape_numel
+
+_ALIGN = 64  # staging views start on cache-line boundaries (and on any element size)
+
+
+@dataclass
+class StagedDelta:
+    """A delta read into (pinned, on CUDA) host memory in the pool's slot layout, ready to copy."""
+
+    key: str
+    info: dict
+    words: dict[str, torch.Tensor]
+    scales: dict[str, torch.Tensor]
+    tables: dict[str, torch.Tensor]
+    dense: dict[str, torch.Tensor]
+    nbytes: int
+    _arena: torch.Tensor | None = field(default=None, repr=False)
+    dq: dict[str, DQWeight] = field(default_factory=dict)
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.dense.values())
+
+    @property
+    def dq_bytes(self) -> int:
+        return sum(w.nbytes for w in self.dq.values())
+
+    @property
+    def room_bytes(self) -> int:
+        """Device bytes this delta needs beside the fixed slots (allocated per load)."""
+        return self.dense_bytes + self.dq_bytes
+
+
+class _HostArena:
+    """One host buffer (pinned when CUDA is used) carved into aligned tensor views."""
+
+    def __init__(self, specs: list[tuple[tuple[int, ...], torch.dtype]], pin: bool):
+        self.offsets, total = [], 0
+        for shape, dtype in specs:
+            total = -(-total // _ALIGN) * _ALIGN
+            self.offsets.append(total)
+            total += shape_numel(shape) * dtype_itemsize(dtype)
+        self.buffer = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin)
+        self.specs = specs
+
+    def views(self) -> list[torch.Tensor]:
+        out = []
+        for off, (shape, dtype) in zip(self.offsets, self.specs, strict=True):
+            n = shape_numel(shape) * dtype_itemsize(dtype)
+            out.append(self.buffer[off : off + n].view(dtype).view(shape))
+        return out
+
+
+class _Lazy(Mapping):
+    """Name -> tensor, read from the delta file only when the stager asks for it."""
+
+    def __init__(self, getter, names: Mapping[str, object]):
+        self._getter, self._names = getter, list(names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._getter(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def stage_tensors(
+    layout: PoolLayout,
+    key: str,
+    *,
+    sign: Mapping[str, torch.Tensor],
+    scale: Mapping[str, torch.Tensor],
+    full: Mapping[str, torch.Tensor] | None = None,
+    dq: Mapping[str, DQSource | DQWeight] | None = None,
+    info: dict | None = None,
+    pin: bool = False,
+) -> StagedDelta:
+    """Stage in-memory tensors in the file's layout (sign uint8 [P, out, ceil(in/8)], scale
+    f32 [P, 1|out], full tensors) and DeltaDQ tensors (sources whose mask is decoded into the
+    staging buffer, or ready `DQWeight`s) — the path `stage_file` takes after reading a file;
+    `pin` allocates the buffer in pinned memory (for async copies to CUDA)."""
+    lay = layout
+    full = full if full is not None else {}
+    dq = dq if dq is not None else {}
+    specs: list[tuple[tuple[int, ...], torch.dtype]] = []
+    for name in sign:
+        out, inn = lay.sign[name]
+        specs += [((lay.planes, out, words_per_row(inn)), torch.int32), ((lay.planes, out), torch.float32)]
+    tables = [n for n in full if n in lay.table]
+    denses = [n for n in full if n not in lay.table]
+    specs += [lay.table[n] for n in tables] + [lay.dense[n] for n in denses]
+    for name in dq:
+        w = dq[name]
+        shapes = w.payload_shapes() if isinstance(w, DQSource) else [t.shape for t in w.tensors()]
+        specs += list(zip(shapes, (torch.int32, torch.uint8, torch.float32), strict=True))
+    arena = _HostArena(specs, pin=pin)
+    views = iter(arena.views())
+    words, scales, tabs, dense = {}, {}, {}, {}
+    for name in sign:
+        w, s = next(views), next(views)
+        sg, sc = sign[name], scale[name]
+        planes, _, nb = sg.shape
+        wb = w.view(torch.uint8)  # [P_pool, out, 4W], little-endian words
+        wb[:planes, :, :nb].copy_(sg)
+        wb[:planes, :, nb:].zero_()
+        wb[planes:].zero_()
+        s[:planes].copy_(sc.to(torch.float32).expand(planes, s.shape[1]))
+        s[planes:].zero_()
+        words[name], scales[name] = w, s
+    for name in tables:
+        tabs[name] = next(views).copy_(full[name])
+    for name in denses:
+        dense[name] = next(views).copy_(full[name])
+    dqs = {}
+    for name, src in dq.items():
+        mask, codes, step = next(views), next(views), next(views)
+        if isinstance(src, DQSource):
+            p = src.params
+            dqs[name] = DQWeight(mask, codes, step, p.bits, p.kept_per_row(src.shape[1]), src.shape[1])
+            src.fill(dqs[name])
+        else:
+            dqs[name] = src.replace(mask.copy_(src.mask), codes.copy_(src.codes), step.copy_(src.step))
+    return StagedDelta(
+        key=key,
+        info=dict(info or {}),
+        words=words,
+        scales=scales,
+        tables=tabs,
+        dense=dense,
+        nbytes=int(arena.buffer.numel()),
+        _arena=arena.buffer,
+        dq=dqs,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+
+
+def stage_file(
+    layout: PoolLayout, delta: DeltaFile, path: str | Path, *, key: str, pin: bool = False
+) -> StagedDelta:
+    """Read an opened, validated delta file (opened from `path`) into host memory in slot layout
+    (`stage_tensors`); sign, scale and full tensors are read from the file only as the stager
+    reaches them."""
+    signs = {n: e for n, e in delta.entries.items() if e.kind == "bitdelta"}
+    fulls = {n: e for n, e in delta.entries.items() if e.kind == "full"}
+    dqs = {n: DQSource(delta, n, layout.sign[n]) for n, e in delta.entries.items() if e.kind == "deltadq"}
+    info = {
+        "path": str(path),
+        "base_model": delta.base_model,
+        "dtype": delta.dtype_name,
+        "codec": delta.codec,
+        "planes": max((e.planes for e in signs.values()), default=0),
+        "per_row": any(e.per_row for e in signs.values()),
+        "file_bytes": Path(path).stat().st_size,
+    }
+    return stage_tensors(
+        layout,
+        key,
+        sign=_Lazy(delta.sign, signs),
+        scale=_Lazy(delta.scale, signs),
+        full=_Lazy(delta.full, fulls),
+        dq=dqs,
+        info=info,
+        pin=pin,
+    )
