@@ -37,7 +37,7 @@ def registry_base_name(api, fingerprint: str, base: Path) -> str:
 def serve_model_cmd(
     base: Annotated[
         Path,
-        typer.Argument(help="Local Hugging Face model directory of the base.", exists=True, file_okay=False),
+        typer.Argument(help="The base: a local Hugging Face model directory, or a Hub id (org/name[@rev])."),
     ],
     registry: Annotated[
         str | None,
@@ -110,6 +110,7 @@ def serve_model_cmd(
     import uvicorn
 
     from codec.checkpoint import Checkpoint
+    from codec.hub import resolve_model
     from gpu_loader import parse_size
     from gpu_loader.serving.app import build_serving, create_app
     from gpu_loader.serving.engine import EngineConfig
@@ -117,6 +118,8 @@ def serve_model_cmd(
     parse_size(memory_budget)  # a bad size fails here, before the model loads
     if threads:
         torch.set_num_threads(threads)
+    resolved = resolve_model(base)  # a Hub id becomes its snapshot directory in the Hub cache
+    base = resolved.path
     fingerprint = Checkpoint.open(base).fingerprint()
     api = None
     if registry is not None:
@@ -125,6 +128,8 @@ def serve_model_cmd(
         api = RegistryApi(registry)
         registry_name = registry_base_name(api, fingerprint, base)
         name = name or registry_name
+    if name is None and resolved.source is not None:
+        name = resolved.source.repo_id
     config = EngineConfig(
         max_batch_size=max_batch_size,
         max_batch_tokens=max_batch_tokens,

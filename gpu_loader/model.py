@@ -123,7 +123,7 @@ class DeltaModel:
     ) -> "DeltaModel":
         """Load (or adopt) the base model, patch it in place and allocate the slot pool.
 
-        `base` is a HF model directory (its fingerprint is hashed from the checkpoint files,
+        `base` is a HF model directory or Hub id (its fingerprint is hashed from the checkpoint files,
         so deltas made against it are accepted even if `dtype` casts the resident copy) or an
         in-memory causal LM (fingerprinted from its tensors before any cast). `max_planes` is the
         most bit-planes a delta may have (each plane costs one bit per weight per slot).
@@ -147,7 +147,8 @@ class DeltaModel:
             ckpt = Checkpoint.open(base)
             specs = {n: (ckpt.entry(n).dtype, tuple(ckpt.entry(n).shape)) for n in ckpt.names}
             fingerprint = base_fingerprint or ckpt.fingerprint()
-            model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype or "auto", **hf_kwargs)
+            # ckpt.root: a Hub id (org/name[@rev]) resolved to its snapshot in the Hub cache
+            model = AutoModelForCausalLM.from_pretrained(str(ckpt.root), dtype=dtype or "auto", **hf_kwargs)
         model = model.to(device)
         return cls(
             model, base_fingerprint=fingerprint, base_specs=specs, max_slots=max_slots,

@@ -17,6 +17,8 @@ from codec.errors import BaseMismatchError
 from gpu_loader import DeltaModel, MergedModeError
 from gpu_loader.modules import DeltaLinear
 
+from tests.support.fake_hub import hub, hub_repos  # noqa: F401  (fixtures)
+
 from .conftest import BACKENDS, LOGIT_ATOL, VOCAB, assert_rows_match, bits, make_dm
 
 
@@ -187,3 +189,14 @@ def test_cuda_fp16_mixed_batch_with_prefetch(tied_family, ids):
         assert_rows_match(logits.cpu(), tied_family.reference_logits(["b", "base", "a"], ids), torch.float16)
     finally:
         dm.close()
+
+
+def test_from_pretrained_takes_a_hub_id(hub, llama_pair):
+    """A Hub id resolves through the Hub cache to the same base as its local directory."""
+    base_dir, _ = llama_pair
+    dm = DeltaModel.from_pretrained("org/base", device="cpu", memory_budget="16MiB", backend="torch")
+    assert dm.base_fingerprint == Checkpoint.open(base_dir).fingerprint()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    reference = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dm(ids), reference(ids).logits, rtol=0, atol=LOGIT_ATOL[torch.float32])
