@@ -182,15 +182,16 @@ class _Run:
         if self.finish is None:
             self.serving.engine.cancel(self.req.request_id)
 
-    async def events(self, request: Request) -> AsyncIterator[tuple[str, list[int]]]:
-        """(new text, new token ids) until the request finishes; cancels it if the client leaves."""
+    async def events(self, request: Request | None) -> AsyncIterator[tuple[str, list[int]]]:
+        """(new text, new token ids) until the request finishes. With `request`, polls for the
+        client leaving (a streamed response is cancelled by Starlette itself when it does)."""
         hold = max((len(s) for s in self.stops), default=1) - 1
         pending: list[int] = []
         while self.finish is None:
             try:
                 event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
+                if request is not None and await request.is_disconnected():
                     self.cancel()
                     raise asyncio.CancelledError from None
                 continue
@@ -432,7 +433,7 @@ def create_app(serving: Serving) -> FastAPI:
             try:
                 if chat:
                     yield _sse(chunk("", [], None, first=True))
-                async for text, ids in run.events(request):
+                async for text, ids in run.events(None):
                     yield _sse(chunk(text, ids, None))
                 final = chunk(None if chat else "", [], run.reason)
                 final["usage"] = run.usage().model_dump()

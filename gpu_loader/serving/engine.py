@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -163,6 +164,7 @@ class Engine:
         self._stopping = False
         self.steps = 0
         self.joined_mid_batch = 0  # admissions while other sequences were decoding
+        self.finished: dict[str, int] = {}  # finish reason -> requests
         self.last_plan = ""
         self._ids = itertools.count()
 
@@ -208,6 +210,7 @@ class Engine:
                 "kv_bytes": self.kv.bytes,
                 "steps": self.steps,
                 "joined_mid_batch": self.joined_mid_batch,
+                "finished": dict(self.finished),
                 "last_plan": self.last_plan,
                 "merged_delta": self._merged_delta,
                 "tenant_cap": self.tenant_cap,
@@ -357,6 +360,16 @@ class Engine:
         self._reap()
 
     def _prefetch(self, delta: str) -> Future:
+        """A future of the delta's slot handle: already resolved when it is resident (a hit costs
+        no round trip through the loader thread), else a background load."""
+        key = str(Path(delta).resolve())
+        if any(r["key"] == key for r in self.dm.pool.resident()):
+            fut: Future = Future()
+            try:  # a hit; only if it was evicted since the check above does this read the file
+                fut.set_result(self.dm.load(delta))
+            except Exception as exc:
+                fut.set_exception(exc)
+            return fut
         t0 = time.perf_counter()
         fut = self.dm.prefetch(delta)
         if self.metrics is not None:
@@ -481,6 +494,7 @@ class Engine:
         if seq.state == DONE:
             return
         seq.state = DONE
+        self.finished[reason] = self.finished.get(reason, 0) + 1
         if seq.slot is not None:
             self.dm.pool.release([int(seq.slot)])
             seq.slot = None

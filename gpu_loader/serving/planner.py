@@ -68,7 +68,7 @@ class StepPlanner:
     def group_order(deltas: list[str | None], merged: str | None) -> list[str | None]:
         """The merged delta's rows first (no merge needed), then base rows, then the others."""
         distinct = list(dict.fromkeys(deltas))
-        head = [merged] if merged in distinct else []
+        head = [merged] if merged is not None and merged in distinct else []
         rest = [d for d in distinct if d is not None and d != merged]
         return head + ([None] if None in distinct else []) + rest
 
