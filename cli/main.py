@@ -8,7 +8,7 @@ import typer
 
 from codec import __version__
 
-from . import cache_commands, codec_commands, demo, registry_commands, server_commands
+from . import cache_commands, codec_commands, demo, registry_commands, serve_model_commands, server_commands
 from .errors import state
 
 app = typer.Typer(
@@ -40,6 +40,7 @@ app.command("inspect")(codec_commands.inspect_cmd)
 server_commands.register(app)
 registry_commands.register(app)
 cache_commands.register(app)
+serve_model_commands.register(app)
 app.command("demo")(demo.demo_cmd)
 
 

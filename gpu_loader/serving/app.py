@@ -566,6 +566,7 @@ def build_serving(
     api_key: str | None = None,
     allow_paths: bool = False,
     calibrate: bool = True,
+    base_fingerprint: str | None = None,
 ) -> Serving:
     """Load the base into a `DeltaModel`, measure the step planner's costs (unless `calibrate` is
     False or the schedule is fixed) and wire engine, tokenizer and resolver together."""
@@ -576,7 +577,12 @@ def build_serving(
 
     resolver_api = registry_api
     dm = DeltaModel.from_pretrained(
-        base, device=device, dtype=dtype, max_slots=max_slots, memory_budget=memory_budget
+        base,
+        device=device,
+        dtype=dtype,
+        max_slots=max_slots,
+        memory_budget=memory_budget,
+        base_fingerprint=base_fingerprint,
     )
     config = engine_config or EngineConfig()
     planner = (
