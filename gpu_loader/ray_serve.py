@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -32,7 +32,9 @@ from ray.serve import metrics as serve_metrics
 from .errors import NotLoadedError
 
 REPLICA_HEADER = "x-deltastore-replica"  # the replica's Ray actor name (SERVE_REPLICA::app#deployment#id)
-DELTA_CACHE_HEADER = "x-deltastore-delta-cache"  # "hit": the replica held the delta when the request came
+# "hit": the replica held the delta (or was loading it for another request) when the request came;
+# "miss": this request had it load the delta.
+DELTA_CACHE_HEADER = "x-deltastore-delta-cache"
 ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/pin_lora_adapter")  # routed by lora_name: Ray learns the holder
 REPLICA_ATTEMPTS = 3  # tries on replicas that died before answering (a request that never started)
@@ -51,11 +53,15 @@ class ServeArgs(BaseModel):
     cache_dir: str | None = Field(None, description="client cache (DELTACTL_HOME) of every replica")
     device: str | None = Field(None, description="cuda or cpu (default: cuda when the replica has a GPU)")
     dtype: str | None = None
+    base_fingerprint: str | None = Field(None, description="skips hashing the base in every replica")
     max_slots: int = Field(16, ge=1, description="slot pool size; also Ray's max_num_models_per_replica")
     memory_budget: str = "4GiB"
-    max_batch_size: int = Field(8, ge=1)
-    max_batch_tokens: int = Field(256, ge=1)
-    max_queue: int = Field(64, ge=1)
+    max_batch_size: int = Field(16, ge=1)
+    max_batch_tokens: int = Field(512, ge=1)
+    max_queue: int = Field(256, ge=0)
+    max_running_per_tenant: int | None = Field(None, ge=1)
+    request_timeout: float = 600.0
+    schedule: Literal["auto", "mixed", "grouped"] = "auto"
     api_key: str | None = None
     allow_paths: bool = False
     calibrate: bool = True
@@ -179,6 +185,7 @@ class DeltaReplica:
         context = serve.get_replica_context()
         self.name = context.replica_id.to_full_id_str()
         self._holders: dict[str, set[str]] = {}  # delta path -> refs Ray holds for it here
+        self._in_flight: dict[str, int] = {}  # delta path -> requests for it running here
         self._loads_seen = 0
 
         async def load_delta(ref: str) -> ResidentDelta:
@@ -187,7 +194,7 @@ class DeltaReplica:
         self.load_delta = serve.multiplexed(max_num_models_per_replica=self.dm.pool.num_slots)(load_delta)
         self.requests_metric = serve_metrics.Counter(
             "deltastore_replica_delta_requests",
-            description="Delta requests by whether this replica held the delta when they came (hit/miss).",
+            description="Delta requests: hit (the replica held or was loading the delta) or miss.",
             tag_keys=("outcome",),
         )
         self.loads_metric = serve_metrics.Counter(
@@ -234,26 +241,27 @@ class DeltaReplica:
             return False
         return True
 
-    async def _delta_cache(self, model: str) -> str | None:
-        """ "hit" or "miss" for a servable delta ref; None for anything the app will refuse."""
+    async def _delta_path(self, model: str) -> str | None:
+        """The local file of a servable delta ref; None for anything the app will refuse."""
         try:
             resolved = await asyncio.to_thread(self.serving.resolver.resolve, model)
         except Exception:
             return None
-        if resolved.path is None:
-            return None
-        return "hit" if self._resident(str(resolved.path)) else "miss"
+        return None if resolved.path is None else str(resolved.path)
 
     async def handle_request(self, request: ForwardedRequest) -> AsyncIterator[ResponseStart | bytes]:
         """Run one HTTP request through the single-node app; yields ResponseStart, then the body."""
-        outcome = None
+        outcome = path = None
         if request.model is not None:
-            outcome = await self._delta_cache(request.model)
-            if outcome is not None:
-                self.requests_metric.inc(tags={"outcome": outcome})
-            if serve.get_multiplexed_model_id():
-                with contextlib.suppress(Exception):  # the app answers the same error in OpenAI's shape
-                    await self.load_delta(request.model)
+            path = await self._delta_path(request.model)
+        if path is not None:
+            # A hit: the delta is resident, or another request in flight here is already loading it.
+            outcome = "hit" if self._in_flight.get(path) or self._resident(path) else "miss"
+            self._in_flight[path] = self._in_flight.get(path, 0) + 1
+            self.requests_metric.inc(tags={"outcome": outcome})
+        if request.model is not None and serve.get_multiplexed_model_id():
+            with contextlib.suppress(Exception):  # the app answers the same error in OpenAI's shape
+                await self.load_delta(request.model)
         try:
             async for item in asgi_stream(self.app, request.scope(), request.body):
                 if isinstance(item, ResponseStart):
@@ -263,6 +271,8 @@ class DeltaReplica:
                     item = ResponseStart(item.status, item.headers + extra)
                 yield item
         finally:
+            if path is not None:
+                self._in_flight[path] -= 1
             self._update_pool_metrics()
 
     def _update_pool_metrics(self) -> None:
@@ -278,10 +288,12 @@ class DeltaReplica:
             raise RuntimeError("the engine thread is not running")
 
     async def __del__(self) -> None:
-        await self._lifespan.__aexit__(None, None, None)  # stops the engine
-        api = self.serving.resolver.api
-        if api is not None:
-            api.close()
+        # Ray calls this on shutdown, also after a constructor that failed half-way.
+        lifespan, serving = getattr(self, "_lifespan", None), getattr(self, "serving", None)
+        if lifespan is not None:
+            await lifespan.__aexit__(None, None, None)  # stops the engine
+        if serving is not None and serving.resolver.api is not None:
+            serving.resolver.api.close()
 
 
 def _build_serving(args: ServeArgs):
@@ -306,11 +318,15 @@ def _build_serving(args: ServeArgs):
             max_batch_size=args.max_batch_size,
             max_batch_tokens=args.max_batch_tokens,
             max_queue=args.max_queue,
+            max_running_per_tenant=args.max_running_per_tenant,
+            request_timeout=args.request_timeout,
+            schedule=args.schedule,
         ),
         registry_api=api,
         api_key=args.api_key,
         allow_paths=args.allow_paths,
         calibrate=args.calibrate,
+        base_fingerprint=args.base_fingerprint,
     )
 
 
@@ -448,6 +464,7 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
         max_ongoing_requests=per_replica,  # the engine answers 429 beyond its own queue
         ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.gpus_per_replica},
         health_check_period_s=5,
+        max_constructor_retry_count=2,  # a base that cannot load fails the deployment, not 20 retries
     )
     ingress = serve.deployment(
         Ingress,
