@@ -6,7 +6,8 @@ reports sizes, reconstruction error and how much of the fine-tune's loss gain su
 the registry: `deltactl serve` (SQLite + local blob store) in the background on a free loopback
 port, the base registered, the delta pushed (its measured fidelity with it) and pushed again
 (deduplicated), listed, pulled into a fresh cache, checked byte for byte against the pushed
-file and loaded against the base; the server is stopped at the end.
+file and loaded against the base. Last, `deltactl serve-model` on the base with the registry
+behind it answers chat requests for two pushed deltas and the base at once; servers are stopped.
 """
 
 from __future__ import annotations
@@ -143,6 +144,85 @@ def registry_round_trip(workdir: Path, base_dir: Path, delta: Path, *, base_name
     return figures
 
 
+SERVE_PROMPTS = (
+    ("demo/python-stdlib", "Write a Python function that returns the n-th Fibonacci number."),
+    ("demo/python-stdlib-embed", "Show how to read a JSON file in Python."),
+    (BASE_NAME, "Write a Python function that returns the n-th Fibonacci number."),
+)
+
+
+@contextlib.contextmanager
+def background_inference_server(base_dir: Path, registry: str, home: Path, log_path: Path) -> Iterator[str]:
+    """`deltactl serve-model` on the demo's base in a child process on a free loopback port;
+    yields its URL once /readyz answers, stops it after."""
+    import httpx
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DELTASTORE_")}
+    env["DELTACTL_HOME"] = str(home)
+    cmd = [sys.executable, "-m", "cli.main", "serve-model", str(base_dir), "--registry", registry,
+           "--device", "cpu", "--dtype", "float32", "--max-slots", "4", "--memory-budget", "1GiB",
+           "--port", str(port)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the inference server did not start; see {log_path}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def serving_round_trip(workdir: Path, base_dir: Path, second_delta: Path) -> list[dict]:
+    """Push a second delta, start the inference server on the base with the registry behind it,
+    and ask two deltas and the base concurrently over the OpenAI API; returns each answer."""
+    import concurrent.futures
+
+    import httpx
+
+    from registry.client.api import RegistryApi
+
+    with background_registry(workdir / "registry", workdir / "registry.log") as registry:
+        _say(f"deltactl push {second_delta.name} demo/python-stdlib-embed")
+        with RegistryApi(registry, home=workdir / "push-home") as api:
+            api.push(second_delta, "demo/python-stdlib-embed", tags=["demo"])
+        serve_home = workdir / "serve-home"
+        shutil.rmtree(serve_home, ignore_errors=True)
+        _say(f"deltactl serve-model {base_dir.name} --registry {registry} --device cpu   (OpenAI API)")
+        with background_inference_server(base_dir, registry, serve_home, workdir / "serve-model.log") as url:
+            def ask(model: str, prompt: str) -> dict:
+                started = time.perf_counter()
+                body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 48,
+                        "temperature": 0}
+                r = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
+                r.raise_for_status()
+                data = r.json()
+                return {"model": model, "prompt": prompt, "answer": data["choices"][0]["message"]["content"],
+                        "tokens": data["usage"]["completion_tokens"],
+                        "seconds": time.perf_counter() - started}
+
+            _say(f"POST {url}/v1/chat/completions  x3 at once: two deltas (pulled on first use) and the base")
+            with concurrent.futures.ThreadPoolExecutor(len(SERVE_PROMPTS)) as pool:
+                answers = list(pool.map(lambda mp: ask(*mp), SERVE_PROMPTS))
+            listed = httpx.get(url + "/v1/models", timeout=60).json()["data"]
+            resident = [m["id"] for m in listed if m.get("resident")]
+            for a in answers:
+                a["resident_after"] = resident
+    return answers
+
+
 @handle_errors
 def demo_cmd(
     workdir: Annotated[Path, typer.Option("--workdir", help="Where the model pair and outputs are kept.")] = Path(".data/demo"),
@@ -151,7 +231,8 @@ def demo_cmd(
     """Run the whole product on a real small model pair (SmolLM2-135M + a Python fine-tune).
 
     The codec (compress, inspect, apply, fidelity), then the registry: serve, base add, push,
-    list, pull into a fresh cache, check and load, stop.
+    list, pull into a fresh cache, check and load; then the inference server on the base answers
+    two pushed deltas and the base at once over the OpenAI API.
     """
     import torch
 
@@ -212,6 +293,7 @@ def demo_cmd(
         **({"gain_recovered": (losses["base"] - losses["1-bit delta"]) / gain} if gain > 0 else {}),
     })
     registry = registry_round_trip(workdir, base_dir, path)
+    answers = serving_round_trip(workdir, base_dir, outputs["embeddings binarized too"][0])
 
     out.print()
     out.print("[bold]result[/]")
@@ -232,6 +314,10 @@ def demo_cmd(
     verdict = "byte-identical to" if registry["identical"] else "DIFFERENT FROM"
     out.print(f"        pulled delta {verdict} the pushed one ({registry['raw_digest']}), "
               f"loads against the base ({registry['loaded_tensors']} tensors)")
+    out.print("    inference server (one base + deltas from the registry, OpenAI API, one batch):")
+    for a in answers:
+        answer = " ".join(a["answer"].split())
+        out.print(f"      [bold]{a['model']}[/] ({a['tokens']} tokens, {a['seconds']:.1f}s): {answer[:160]}")
     out.print(f"    total {time.perf_counter() - t0:.0f}s; everything is under {workdir}")
     del torch
     if not registry["identical"]:
