@@ -36,7 +36,10 @@ REPLICA_HEADER = "x-deltastore-replica"  # the replica's Ray actor name (SERVE_R
 # "miss": this request had it load the delta.
 DELTA_CACHE_HEADER = "x-deltastore-delta-cache"
 ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")
-ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/pin_lora_adapter")  # routed by lora_name: Ray learns the holder
+# Admin calls are routed by their lora_name: a load or pin lands where Ray then sends the delta's
+# requests, an unload or unpin on a replica holding it (the replica loads nothing for those).
+LOADING_ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/pin_lora_adapter")
+ADMIN_PATHS = (*LOADING_ADMIN_PATHS, "/v1/unload_lora_adapter", "/v1/unpin_lora_adapter")
 REPLICA_ATTEMPTS = 3  # tries on replicas that died before answering (a request that never started)
 
 
@@ -252,17 +255,18 @@ class DeltaReplica:
     async def handle_request(self, request: ForwardedRequest) -> AsyncIterator[ResponseStart | bytes]:
         """Run one HTTP request through the single-node app; yields ResponseStart, then the body."""
         outcome = path = None
-        if request.model is not None:
+        loads = request.path in ROUTED_PATHS or request.path in LOADING_ADMIN_PATHS
+        if request.model is not None and loads:
             path = await self._delta_path(request.model)
         if path is not None:
             # A hit: the delta is resident, or another request in flight here is already loading it.
             outcome = "hit" if self._in_flight.get(path) or self._resident(path) else "miss"
             self._in_flight[path] = self._in_flight.get(path, 0) + 1
             self.requests_metric.inc(tags={"outcome": outcome})
-        if request.model is not None and serve.get_multiplexed_model_id():
-            with contextlib.suppress(Exception):  # the app answers the same error in OpenAI's shape
-                await self.load_delta(request.model)
         try:
+            if path is not None and serve.get_multiplexed_model_id():
+                with contextlib.suppress(Exception):  # the app answers the same error in OpenAI's shape
+                    await self.load_delta(request.model)
             async for item in asgi_stream(self.app, request.scope(), request.body):
                 if isinstance(item, ResponseStart):
                     extra = [(REPLICA_HEADER.encode(), self.name.encode())]

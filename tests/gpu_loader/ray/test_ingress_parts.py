@@ -96,7 +96,8 @@ def test_an_app_error_is_its_500_response():
         ("/v1/completions", ["not", "an", "object"], None),
         ("/v1/load_lora_adapter", {"lora_name": "acme/math"}, "acme/math"),
         ("/v1/pin_lora_adapter", {"lora_name": "acme/math"}, "acme/math"),
-        ("/v1/unload_lora_adapter", {"lora_name": "acme/math"}, None),
+        ("/v1/unload_lora_adapter", {"lora_name": "acme/math"}, "acme/math"),
+        ("/v1/unpin_lora_adapter", {"lora_name": "base/llama"}, None),
         ("/v1/models", {"model": "acme/math"}, None),
     ],
 )

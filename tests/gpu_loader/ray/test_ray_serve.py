@@ -180,3 +180,15 @@ def test_replica_killed_mid_request_fails_cleanly_and_later_requests_succeed(ray
         assert tokens(got) == tokens(want)
         later, replica, _ = complete(ray_client, model, prompt, 100)
         assert replica != victim and tokens(later) == tokens(want)
+
+
+def test_an_admin_load_lands_where_the_deltas_requests_then_go(ray_app):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    loaded = httpx.post(
+        ray_app.url + "/v1/load_lora_adapter", json={"lora_name": "acme/once"}, headers=headers, timeout=120
+    )
+    assert loaded.status_code == 200 and loaded.json()["status"] == "loaded", loaded.text
+    with openai_client(ray_app.url) as client:
+        for seed in (1, 2):
+            _, replica, outcome = complete(client, "acme/once", prompt_ids(seed, 5), 4)
+            assert (replica, outcome) == (loaded.headers[REPLICA_HEADER], "hit")
