@@ -35,6 +35,7 @@ def test_refuses_a_registry_that_does_not_know_the_base_before_starting_ray(worl
     assert time.monotonic() - t0 < 10, "refused after starting Ray rather than before"
 
 
+@pytest.mark.ray
 def test_serves_on_ray_and_stops_on_ctrl_c(world, registry, tmp_path):  # noqa: F811
     port = free_port()
     env = {**os.environ, "DELTACTL_HOME": str(tmp_path / "home")}

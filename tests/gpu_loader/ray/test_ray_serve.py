@@ -19,6 +19,7 @@ from tests.gpu_loader.ray.conftest import openai_client
 from tests.gpu_loader.serving.conftest import API_KEY, BASE_NAME, REPOS, prompt_ids
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
 
 SEEN: dict[str, list[tuple[str, str | None]]] = {}  # replica -> (model, cache outcome) of every answer
 
