@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import metrics as serve_metrics
+from ray.serve.exceptions import BackPressureError
 
 from .errors import NotLoadedError
 
@@ -68,6 +69,12 @@ class ServeArgs(BaseModel):
     api_key: str | None = None
     allow_paths: bool = False
     calibrate: bool = True
+    max_ongoing_requests: int | None = Field(
+        None,
+        ge=1,
+        description="requests a replica takes at once (default: twice max_batch_size); beyond it Ray "
+        "sends a delta's requests to another replica, which loads the delta too: hot deltas spread",
+    )
     num_cpus_per_replica: float = 1.0
     num_gpus_per_replica: float | None = Field(None, description="default: 1 with device=cuda, else 0")
     route_by_model: bool = Field(True, description="False: Ray's default routing, ignoring the delta ref")
@@ -401,6 +408,16 @@ class Ingress:
             except RayActorError as exc:  # the replica died before answering: nothing was generated for
                 last = exc  # the client yet, so another replica can take the request
                 await asyncio.sleep(0.2 * (attempt + 1))
+            except BackPressureError as exc:  # max_queue requests already wait for a replica
+                num_queued, max_queued = exc.args[:2]
+                return _error(
+                    429,
+                    f"the wait queue is full ({num_queued} of {max_queued} requests waiting for a "
+                    "replica); retry later",
+                    type="rate_limit_error",
+                    code="queue_full",
+                    headers={"Retry-After": "1"},
+                )
             except asyncio.CancelledError:
                 stream.cancel()
                 return Response(status_code=499)
@@ -460,12 +477,13 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
     """The Serve application: `args.replicas` DeltaReplica deployments behind the Ingress. This is
     the `import_path` of a Serve config file (`gpu_loader.ray_serve:build_app`)."""
     args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
-    per_replica = args.max_batch_size + args.max_queue
+    per_replica = args.max_ongoing_requests or 2 * args.max_batch_size
     replica = serve.deployment(
         DeltaReplica,
         name="DeltaReplica",
         num_replicas=args.replicas,
-        max_ongoing_requests=per_replica,  # the engine answers 429 beyond its own queue
+        max_ongoing_requests=per_replica,  # a full replica makes Ray try another one
+        max_queued_requests=args.max_queue,  # per ingress replica; beyond it: 429 like the engine's queue
         ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.gpus_per_replica},
         health_check_period_s=5,
         max_constructor_retry_count=2,  # a base that cannot load fails the deployment, not 20 retries

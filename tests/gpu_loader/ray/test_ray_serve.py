@@ -193,3 +193,49 @@ def test_an_admin_load_lands_where_the_deltas_requests_then_go(ray_app):
         for seed in (1, 2):
             _, replica, outcome = complete(client, "acme/once", prompt_ids(seed, 5), 4)
             assert (replica, outcome) == (loaded.headers[REPLICA_HEADER], "hit")
+
+
+def test_a_full_wait_queue_is_429_behind_ray(world, registry, ray_app, tmp_path):  # noqa: F811
+    """One replica taking one request at a time with room for one waiting: a burst of four gets the
+    engine's 429 shape from the ingress (this app lives under a route prefix, too)."""
+    from ray import serve
+
+    from gpu_loader.ray_serve import ServeArgs, build_app
+
+    args = ServeArgs(
+        base=str(world.base),
+        base_name=BASE_NAME,
+        replicas=1,
+        registry=registry.url,
+        cache_dir=str(tmp_path / "cache"),
+        device="cpu",
+        max_slots=2,
+        memory_budget="64MiB",
+        max_batch_size=1,
+        max_queue=1,
+        max_ongoing_requests=1,
+        api_key=API_KEY,
+        calibrate=False,
+        num_cpus_per_replica=0,
+    )
+    serve.run(build_app(args), name="small", route_prefix="/small")
+    try:
+        body = {"model": BASE_NAME, "prompt": prompt_ids(9, 8), "max_tokens": 60, "temperature": 0}
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(
+                pool.map(
+                    lambda _: httpx.post(
+                        ray_app.url + "/small/v1/completions", json=body, headers=headers, timeout=120
+                    ),
+                    range(4),
+                )
+            )
+        codes = sorted(r.status_code for r in answers)
+        assert codes[0] == 200 and codes[-1] == 429, codes
+        refused = next(r for r in answers if r.status_code == 429)
+        assert refused.headers["Retry-After"] == "1"
+        assert refused.json()["error"]["code"] == "queue_full"
+        assert "wait queue is full" in refused.json()["error"]["message"]
+    finally:
+        serve.delete("small")
