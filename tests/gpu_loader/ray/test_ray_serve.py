@@ -21,8 +21,6 @@ from tests.gpu_loader.serving.conftest import API_KEY, BASE_NAME, REPOS, prompt_
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
-SEEN: dict[str, list[tuple[str, str | None]]] = {}  # replica -> (model, cache outcome) of every answer
-
 
 def complete(client, model: str, prompt: list[int], max_tokens: int, **kw):
     """(parsed completion, serving replica, delta cache outcome) of one greedy request."""
@@ -30,7 +28,6 @@ def complete(client, model: str, prompt: list[int], max_tokens: int, **kw):
         model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, **kw
     )
     replica, outcome = raw.headers.get(REPLICA_HEADER), raw.headers.get(DELTA_CACHE_HEADER)
-    SEEN.setdefault(replica, []).append((model, outcome))
     return raw.parse(), replica, outcome
 
 
@@ -134,25 +131,41 @@ def _scrape(url: str, metric: str) -> dict[tuple[str, str], float]:
     return out
 
 
+def _settled(url: str, metric: str) -> dict[tuple[str, str], float]:
+    """The metric once two scrapes 1.5 s apart agree (Ray's agent exports every 0.5 s)."""
+    last = _scrape(url, metric)
+    for _ in range(20):
+        time.sleep(1.5)
+        now = _scrape(url, metric)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def test_per_replica_hits_and_misses_reach_rays_metrics(ray_app):
-    expected: dict[tuple[str, str], float] = {}
-    for replica, answers in SEEN.items():
-        for _, outcome in answers:
+    metric = "ray_deltastore_replica_delta_requests_total"
+    before = _settled(ray_app.metrics_url, metric)
+    sent: dict[tuple[str, str], int] = {}
+    with openai_client(ray_app.url) as client:
+        for i, model in enumerate([REPOS["d2"], REPOS["d2"], "acme/once", REPOS["d3"], BASE_NAME]):
+            _, replica, outcome = complete(client, model, prompt_ids(200 + i, 5), 3)
             if outcome is not None:
                 key = (_replica_tag(replica), outcome)
-                expected[key] = expected.get(key, 0) + 1
-    assert expected, "run after the routing test"
+                sent[key] = sent.get(key, 0) + 1
+    assert sum(sent.values()) == 4, "the base request is not a delta request"
     deadline = time.monotonic() + 20
     while True:
-        got = _scrape(ray_app.metrics_url, "ray_deltastore_replica_delta_requests_total")
-        if all(got.get(k, 0) >= v for k, v in expected.items()) or time.monotonic() > deadline:
+        got = _scrape(ray_app.metrics_url, metric)
+        counted = {k: got.get(k, 0) - before.get(k, 0) for k in set(got) | set(before)}
+        counted = {k: v for k, v in counted.items() if v}
+        if counted == sent or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    for key, count in expected.items():  # streaming and chat answers were counted too
-        assert got.get(key, 0) >= count, f"replica {key[0]}: {key[1]} count {got.get(key)} < {count}"
+    assert counted == sent  # each answer counted once, under the replica and outcome its headers named
     resident = _scrape(ray_app.metrics_url, "ray_deltastore_replica_resident_deltas")
-    assert {r for r, _ in resident} == {_replica_tag(r) for r in SEEN}
-    assert sum(resident.values()) >= len(REPOS)
+    assert {r for r, _ in sent} <= {r for r, _ in resident}
+    assert all(v >= 1 for (r, _), v in resident.items() if r in {r for r, _ in sent})
 
 
 def test_replica_killed_mid_request_fails_cleanly_and_later_requests_succeed(ray_app, single_node):
