@@ -8,7 +8,7 @@ with Gaussian noise on every weight (std 2% of the tensor's), compressed with `c
 Arrivals are Poisson, tenants Zipf-popular, prompt and output lengths mixed, all from one seed; the
 trace is replayed in real time and every request generates exactly its output length (no EOS).
 
-    python bench/serve_bench.py --quick                 # a few minutes on 2 CPU cores
+    python bench/serve_bench.py --quick --threads 1     # a few minutes on a shared 2-core machine
     python bench/serve_bench.py --device cuda           # the same script on a GPU
 """
 
@@ -33,6 +33,8 @@ from gpu_loader import DeltaModel  # noqa: E402
 from gpu_loader.serving.engine import Engine, EngineConfig, EngineRequest, SamplingParams, TokenEvent  # noqa: E402
 from gpu_loader.serving.planner import StepPlanner  # noqa: E402
 
+BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
 
 @dataclass(frozen=True)
 class TraceRequest:
@@ -48,6 +50,8 @@ class Outcome:
     first: float | None = None
     done: float | None = None
     tokens: int = 0
+    reason: str | None = None
+    error: str | None = None
 
 
 def make_trace(
@@ -70,13 +74,23 @@ def make_trace(
 
 
 # --- models on disk ------------------------------------------------------------------------------
-def prepare(workdir: Path, tenants: int, log=print) -> tuple[Path, list[Path], list[Path]]:
-    """(base dir, fine-tune checkpoint dirs, deltas), built once under `workdir`."""
+def prepare(
+    workdir: Path, tenants: int, log=print, smoke: bool = False
+) -> tuple[Path, list[Path], list[Path]]:
+    """(base dir, fine-tune checkpoint dirs, deltas), built once under `workdir`. `smoke`: a tiny
+    random Llama instead of SmolLM2 (checks the script in seconds; its figures mean nothing)."""
     from transformers import AutoModelForCausalLM
 
     from eval import pair
 
-    base = pair.build_base(workdir / "base", dtype="float32", log=log)
+    if smoke:
+        from tests.support.model_pairs import make_llama_pair
+
+        base = workdir / "base"
+        if not (base / "config.json").exists():
+            make_llama_pair(workdir)
+    else:
+        base = pair.build_base(workdir / "base", dtype="float32", log=log)
     fts, deltas = [], []
     for i in range(tenants):
         ft, delta = workdir / f"ft{i:02d}", workdir / f"tenant{i:02d}.bdelta"
@@ -94,7 +108,7 @@ def prepare(workdir: Path, tenants: int, log=print) -> tuple[Path, list[Path], l
             log(f"compress {ft.name}")
             # The embedding (tied to lm_head) is binarized too: kept dense it would add a full
             # 49152 x 576 lm_head GEMM per distinct delta per step, and 113 MB per delta.
-            options = CompressOptions(base_name="HuggingFaceTB/SmolLM2-135M-Instruct", include=("*embed_tokens*",))
+            options = CompressOptions(base_name=BASE_NAME, include=("*embed_tokens*",))
             compress(base, ft, delta, options)
         fts.append(ft)
         deltas.append(delta)
@@ -122,7 +136,8 @@ def replay_engine(engine: Engine, trace: list[TraceRequest], deltas: list[Path] 
                 if o.first is None:
                     o.first = now
             else:
-                o.done = now
+                o.done, o.reason = now, event.reason
+                o.error = None if event.error is None else f"{type(event.error).__name__}: {event.error}"
                 done.release()
 
         return sink
@@ -173,6 +188,10 @@ def replay_swap(trace: list[TraceRequest], fts: list[Path], device: torch.device
 
 
 def summarize(name: str, outcomes: list[Outcome]) -> dict:
+    failed = [o for o in outcomes if o.first is None or o.reason not in (None, "length", "stop")]
+    for o in failed:
+        print(f"  FAILED request (arrival {o.arrival:.1f} s): {o.reason} {o.error}", flush=True)
+    outcomes = [o for o in outcomes if o not in failed]
     ttft = np.array([o.first - o.arrival for o in outcomes])
     tpot = np.array([(o.done - o.first) / (o.tokens - 1) for o in outcomes if o.tokens > 1])
     span = max(o.done for o in outcomes) - min(o.arrival for o in outcomes)
@@ -180,6 +199,7 @@ def summarize(name: str, outcomes: list[Outcome]) -> dict:
     return {
         "system": name,
         "requests": len(outcomes),
+        "failed": len(failed),
         "tokens": tokens,
         "seconds": round(span, 2),
         "tokens_per_s": round(tokens / span, 2),
@@ -194,10 +214,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="a short trace (a few minutes on 2 CPU cores)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny random Llama, 4 tenants: checks the script only"
+    )
     ap.add_argument("--tenants", type=int, default=16)
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--rate", type=float, default=None, help="mean arrivals per second")
+    ap.add_argument("--max-prompt", type=int, default=None, help="longest prompt (tokens)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (use 1 on a shared machine: oversubscribed threads spin)",
+    )
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--schedule", default="auto", choices=("auto", "mixed", "grouped"))
     ap.add_argument(
@@ -207,13 +237,22 @@ def main() -> None:
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    n = args.requests or (24 if args.quick else 64)
-    rate = args.rate or (1.0 if args.quick else 1.5)
-    prompt_range, output_range = ((16, 64), (8, 24)) if args.quick else ((16, 256), (16, 96))
+    n = args.requests or (16 if args.quick else 64)
+    rate = args.rate or (2.0 if args.quick else 1.5)
+    prompt_range, output_range = ((8, 48), (4, 16)) if args.quick else ((16, 256), (16, 96))
 
-    base, fts, deltas = prepare(args.workdir, args.tenants, log=lambda m: print(f"  [setup] {m}", flush=True))
+    if args.max_prompt:
+        prompt_range = (prompt_range[0], args.max_prompt)
+    if args.smoke:
+        args.workdir, args.tenants = args.workdir.with_name(args.workdir.name + "-smoke"), 4
+        n, prompt_range, output_range = 8, (4, 16), (2, 6)
+    base, fts, deltas = prepare(
+        args.workdir, args.tenants, log=lambda m: print(f"  [setup] {m}", flush=True), smoke=args.smoke
+    )
     dm = DeltaModel.from_pretrained(
         base, device=device, dtype=dtype, max_slots=args.tenants, memory_budget="4GiB"
     )
@@ -236,7 +275,7 @@ def main() -> None:
     )
 
     planner = (
-        StepPlanner.measure(dm, rows=min(8, args.max_batch_size))
+        StepPlanner.measure(dm, rows=min(8, args.max_batch_size), reps=2)
         if args.schedule == "auto"
         else StepPlanner.fixed(args.schedule)
     )
@@ -262,9 +301,10 @@ def main() -> None:
 
     engine.metrics = Plans()
     engine.start()
-    print("deltastore (16 deltas in slots, continuous batching) ...", flush=True)
+    print(f"deltastore ({args.tenants} deltas in slots, continuous batching) ...", flush=True)
     results.append(summarize("deltastore", replay_engine(engine, trace, deltas)))
     print(f"  steps by plan: {plans}", flush=True)
+    deltastore_plans = dict(plans)
     print("all-base ceiling (same trace, every request on the base) ...", flush=True)
     results.append(summarize("all-base ceiling", replay_engine(engine, trace, None)))
     engine.stop()
@@ -294,7 +334,7 @@ def main() -> None:
                 {
                     "results": results,
                     "ratios": ratios,
-                    "plans": plans,
+                    "plans": deltastore_plans,
                     "costs": planner.costs.as_dict() if planner.costs else None,
                 },
                 indent=2,

@@ -84,6 +84,10 @@ def serve_model_cmd(
     allow_paths: Annotated[
         bool, typer.Option("--allow-paths", help="Let `model` name a local .bdelta file on this host.")
     ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=1, help="torch CPU threads (default: torch's; 1 on a shared machine)."),
+    ] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8080,
     api_key: Annotated[
@@ -118,6 +122,8 @@ def serve_model_cmd(
     from gpu_loader.serving.engine import EngineConfig
 
     parse_size(memory_budget)  # a bad size fails here, before the model loads
+    if threads:
+        torch.set_num_threads(threads)
     fingerprint = Checkpoint.open(base).fingerprint()
     api = None
     if registry is not None:

@@ -467,7 +467,8 @@ class Engine:
         p = seq.req.params
         if p.temperature <= 0:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits / p.temperature, dim=-1)
+        # On the host: the request's seeded generator is a CPU one (same draws on any device).
+        probs = torch.softmax(logits.cpu() / p.temperature, dim=-1)
         if p.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             keep = torch.cumsum(sorted_p, 0) - sorted_p < p.top_p

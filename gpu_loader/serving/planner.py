@@ -93,7 +93,7 @@ class StepPlanner:
     # start-up measurement
     # ---------------------------------------------------------------------------------------
     @classmethod
-    def measure(cls, dm, *, rows: int = 8, context: int = 32, reps: int = 3) -> StepPlanner:
+    def measure(cls, dm, *, rows: int = 8, context: int = 32, reps: int = 2) -> StepPlanner:
         """Time decode steps of this model on synthetic deltas of it (random signs, small scales):
         base-only at `rows` and `rows // 2` rows, all rows on one delta, rows split over two, and
         one merge + restore. Takes a few base steps' time; the deltas are unloaded afterwards."""
@@ -141,7 +141,6 @@ class StepPlanner:
             paths = [write_synthetic_delta(dm, Path(tmp) / f"calib{i}.bdelta", seed=i) for i in range(2)]
             handles = [dm.load(p) for p in paths]
             try:
-                step(rows, [-1] * rows)  # warm-up
                 half = rows // 2
                 t_full, t_half = step(rows, [-1] * rows), step(half, [-1] * half)
                 one = step(rows, [handles[0]] * rows)
