@@ -49,6 +49,7 @@ def serve_args(params: dict):
         schedule=params["schedule"],
         api_key=params["api_key"],
         allow_paths=params["allow_paths"],
+        threads=params.get("threads"),
     )
 
 

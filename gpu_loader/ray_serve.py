@@ -75,6 +75,7 @@ class ServeArgs(BaseModel):
         description="requests a replica takes at once (default: twice max_batch_size); beyond it Ray "
         "sends a delta's requests to another replica, which loads the delta too: hot deltas spread",
     )
+    threads: int | None = Field(None, ge=1, description="torch CPU threads per replica (default: Ray's)")
     num_cpus_per_replica: float = 1.0
     num_gpus_per_replica: float | None = Field(None, description="default: 1 with device=cuda, else 0")
     route_by_model: bool = Field(True, description="False: Ray's default routing, ignoring the delta ref")
@@ -313,6 +314,8 @@ def _build_serving(args: ServeArgs):
     from .serving.app import build_serving
     from .serving.engine import EngineConfig
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     api = None
     if args.registry is not None:
         from registry.client.api import RegistryApi
