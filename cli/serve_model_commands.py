@@ -35,6 +35,7 @@ def registry_base_name(api, fingerprint: str, base: Path) -> str:
 
 @handle_errors
 def serve_model_cmd(
+    ctx: typer.Context,
     base: Annotated[
         Path,
         typer.Argument(help="The base: a local Hugging Face model directory, or a Hub id (org/name[@rev])."),
@@ -97,6 +98,8 @@ def serve_model_cmd(
             help="Required as `Authorization: Bearer KEY` on /v1.",
         ),
     ] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Run --replicas copies on Ray Serve.")] = False,
+    replicas: Annotated[int, typer.Option("--replicas", min=1, help="With --ray: replicas to run.")] = 1,
 ) -> None:
     """Serve BASE and its deltas over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models).
 
@@ -106,6 +109,10 @@ def serve_model_cmd(
         raise typer.BadParameter(f"--dtype must be one of {', '.join(DTYPES)}", param_hint="--dtype")
     if schedule not in ("auto", "mixed", "grouped"):
         raise typer.BadParameter("--schedule must be auto, mixed or grouped", param_hint="--schedule")
+    if ray:
+        from .ray_commands import serve_model_on_ray
+
+        return serve_model_on_ray(ctx.params)
     import torch
     import uvicorn
 
