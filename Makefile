@@ -31,7 +31,7 @@ lint: install
 # The registry's PostgreSQL tests run on a throwaway PostgreSQL 15 that the script starts (they
 # skip, with the reason printed, only where PostgreSQL is not installed).
 test: install
-	.ci/with-postgres.sh env TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
+	.ci/with-postgres.sh env TRITON_INTERPRET=1 $(PY) -m pytest -n 2 --dist loadscope -q $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/codec_bench.py
