@@ -3,6 +3,8 @@ decodes, timeouts, load errors, and the grouped (merged weights) schedule giving
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from codec.errors import BaseMismatchError
@@ -97,9 +99,18 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_decode(world, dm):
 def test_timeout_finishes_the_request_and_frees_its_lease(world, dm):
     engine = Engine(dm, EngineConfig())
     sink = Collect()
-    engine.submit(request("t", "acme/math", prompt_ids(3, 5), 100, world.deltas["d1"], timeout=0.3), sink)
+    # No stop tokens: only the deadline can end it before its 100 tokens, however fast a step is.
+    req = EngineRequest("t", "acme/math", tuple(prompt_ids(3, 5)), SamplingParams(100, temperature=0),
+                        delta=str(world.deltas["d1"]), timeout=0.5)
+    engine.submit(req, sink)
+    for _ in range(50):
+        engine.step()
+        if engine.stats()["leases"] == 1:
+            break
+    assert engine.stats()["leases"] == 1 and sink.finish is None  # running, holding its slot lease
+    time.sleep(0.6)
     run_until_done(engine, [sink])
-    assert sink.finish.reason == "timeout"
+    assert sink.finish.reason == "timeout" and len(sink.tokens) < 100
     assert engine.stats()["leases"] == 0 and engine.stats()["running"] == 0
 
 
