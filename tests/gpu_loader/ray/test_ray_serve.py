@@ -183,7 +183,7 @@ def test_replica_killed_mid_request_fails_cleanly_and_later_requests_succeed(ray
             target=lambda: background.update(answer=complete(ray_client, model, prompt, 100))
         )
         worker.start()
-        time.sleep(0.5)  # the non-streaming request is in the victim's batch
+        time.sleep(0.05)  # the non-streaming request reaches the victim (its stream has ~99 tokens to go)
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         with pytest.raises(openai.APIError, match="replica"):
             for _ in stream:
