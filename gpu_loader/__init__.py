@@ -9,19 +9,39 @@
 """
 
 from .errors import (
-    BudgetError, DeltaDoesNotFitError, GpuLoaderError, MergedModeError, NotLoadedError,
-    SlotPoolFullError, StaleSlotError, UnresolvedRefError,
+    BudgetError,
+    DeltaDoesNotFitError,
+    GpuLoaderError,
+    MergedModeError,
+    NotLoadedError,
+    SlotPoolFullError,
+    StaleSlotError,
+    UnresolvedRefError,
 )
 from .model import DeltaModel
-from .resolver import RefResolver, is_registry_ref, resolve_ref
 from .pool_layout import PoolLayout
-from .slot_pool import SlotHandle, SlotPool
+from .resolver import RefResolver, is_registry_ref, resolve_ref
 from .sizes import format_size, parse_size
+from .slot_pool import SlotHandle, SlotPool
 from .staging import StagedDelta
 
 __all__ = [
-    "DeltaModel", "SlotPool", "SlotHandle", "PoolLayout", "StagedDelta",
-    "RefResolver", "resolve_ref", "is_registry_ref", "parse_size", "format_size",
-    "GpuLoaderError", "BudgetError", "SlotPoolFullError", "DeltaDoesNotFitError",
-    "UnresolvedRefError", "NotLoadedError", "StaleSlotError", "MergedModeError",
+    "DeltaModel",
+    "SlotPool",
+    "SlotHandle",
+    "PoolLayout",
+    "StagedDelta",
+    "RefResolver",
+    "resolve_ref",
+    "is_registry_ref",
+    "parse_size",
+    "format_size",
+    "GpuLoaderError",
+    "BudgetError",
+    "SlotPoolFullError",
+    "DeltaDoesNotFitError",
+    "UnresolvedRefError",
+    "NotLoadedError",
+    "StaleSlotError",
+    "MergedModeError",
 ]

@@ -92,7 +92,9 @@ def parse_version_ref(ref: str) -> int | str:
             raise InvalidNameError(f"version number {ref} is out of range")
         return number
     if ref.isascii() and ref.isdigit():
-        raise InvalidNameError(f"invalid version number {_show(ref)}: use 1 to {MAX_VERSION} without leading zeros")
+        raise InvalidNameError(
+            f"invalid version number {_show(ref)}: use 1 to {MAX_VERSION} without leading zeros"
+        )
     return check_tag(ref)
 
 

@@ -8,8 +8,19 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import (
-    JSON, BigInteger, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text,
-    TypeDecorator, UniqueConstraint,
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -124,7 +135,8 @@ class Version(Base):
         UniqueConstraint("repository_id", "number"),
         CheckConstraint("state IN ('pending', 'ready')", name="state"),
         CheckConstraint(
-            "state = 'pending' OR (number IS NOT NULL AND blob_digest IS NOT NULL)", name="ready_has_number_and_blob"
+            "state = 'pending' OR (number IS NOT NULL AND blob_digest IS NOT NULL)",
+            name="ready_has_number_and_blob",
         ),
         Index(None, "blob_digest"),
         Index(None, "upload_id", unique=True),

@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from .conftest import BACKENDS
 from tests.support.harness import ROOT
 from tests.support.load import check_pushes, push_load
+
+from .conftest import BACKENDS
 
 pytestmark = pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 

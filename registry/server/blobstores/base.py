@@ -7,9 +7,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from registry.common.names import DIGEST_RE
 
