@@ -20,6 +20,7 @@ Writes results.json and results.md under --out (default $OUT, else ./gpu_bench_o
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -242,6 +243,43 @@ def build_dq_layers(cfg: Config, deltas: int, gen: torch.Generator) -> list[list
     ]
 
 
+# One decode step over the timed layers, three ways; bound to their arguments with
+# functools.partial so each timed call sees exactly the tensors of its (batch, deltas) point.
+def base_step(layers: list[list[Matrix]], xs: dict[int, torch.Tensor]) -> None:
+    for mats in layers:
+        for m in mats:
+            F.linear(xs[m.weight.shape[1]], m.weight)
+
+
+def slots_step(
+    layers: list[list[Matrix]],
+    xs: dict[int, torch.Tensor],
+    row_slots: list[int],
+    device: torch.device,
+    backend: str,
+) -> None:
+    seg = build_segments(row_slots, 1, device)  # once per step, as in a forward
+    for mats in layers:
+        for m in mats:
+            x = xs[m.weight.shape[1]]
+            y = F.linear(x, m.weight)
+            sgmv_sign(x, y, m.words, m.scales, m.active, seg, backend=backend)
+
+
+def dq_step(
+    layers: list[list[Matrix]],
+    dq_layers: list[list[list[DQWeight]]],
+    xs: dict[int, torch.Tensor],
+    tenant_rows: list[torch.Tensor],
+) -> None:
+    for mats, dq_mats in zip(layers, dq_layers, strict=True):
+        for m, dqs in zip(mats, dq_mats, strict=True):
+            x = xs[m.weight.shape[1]]
+            y = F.linear(x, m.weight)
+            for t, rows in enumerate(tenant_rows):  # decode-then-GEMM, one distinct delta at a time
+                add_dq_matmul_(y, x, rows, dqs[t])
+
+
 def bench_decode(cfg: Config, backend: str) -> list[dict]:
     gen = torch.Generator(device=cfg.device).manual_seed(0)
     max_d = max(cfg.distinct)
@@ -267,37 +305,15 @@ def bench_decode(cfg: Config, backend: str) -> list[dict]:
                 continue
             xs = inputs[batch]
             act_bytes = sum(batch * (o + i) * itemsize for _, o, i in shapes)
-
-            def base_step():
-                for mats in layers:
-                    for m in mats:
-                        F.linear(xs[m.weight.shape[1]], m.weight)
-
             if batch not in base_times:
-                base_times[batch] = time_step(base_step, cfg)
+                base_times[batch] = time_step(functools.partial(base_step, layers, xs), cfg)
             t_base = base_times[batch]
             row_slots = [r % d for r in range(batch)]
-
-            def delta_step():
-                seg = build_segments(row_slots, 1, cfg.device)  # once per step, as in a forward
-                for mats in layers:
-                    for m in mats:
-                        x = xs[m.weight.shape[1]]
-                        y = F.linear(x, m.weight)
-                        sgmv_sign(x, y, m.words, m.scales, m.active, seg, backend=backend)
-
             tenant_rows = [torch.arange(t, batch, d, device=cfg.device) for t in range(d)]
-
-            def dq_step():
-                for mats, dq_mats in zip(layers, dq_layers):
-                    for m, dqs in zip(mats, dq_mats):
-                        x = xs[m.weight.shape[1]]
-                        y = F.linear(x, m.weight)
-                        for t in range(d):  # decode-then-GEMM, one distinct delta at a time
-                            add_dq_matmul_(y, x, tenant_rows[t], dqs[t])
-
-            t_delta = time_step(delta_step, cfg)
-            t_dq = time_step(dq_step, cfg)
+            t_delta = time_step(
+                functools.partial(slots_step, layers, xs, row_slots, cfg.device, backend), cfg
+            )
+            t_dq = time_step(functools.partial(dq_step, layers, dq_layers, xs, tenant_rows), cfg)
             t_naive = bench_naive(cfg, batch, d, xs, gen)
             per_layer = lambda t: t / cfg.timed_layers  # noqa: E731
             read = base_bytes + d * delta_bytes + act_bytes
@@ -321,10 +337,11 @@ def bench_decode(cfg: Config, backend: str) -> list[dict]:
                 }
             )
             r = rows[-1]
+            naive = r["naive_ms_per_layer"]
             print(
                 f"[decode] batch {batch:>2} deltas {d:>2}: base {r['base_ms_per_layer']:.3f} ms/layer, "
                 f"slots {r['deltas_ms_per_layer']:.3f}, deltadq {r['deltadq_ms_per_layer']:.3f}, naive "
-                f"{r['naive_ms_per_layer'] if r['naive_ms_per_layer'] is None else round(r['naive_ms_per_layer'], 3)}, "
+                f"{naive if naive is None else round(naive, 3)}, "
                 f"{r['effective_GBps']:.0f} GB/s"
                 + (f" ({r['fraction_of_peak']:.0%} of peak)" if peak else "")
             )
@@ -375,19 +392,19 @@ def bench_naive(cfg: Config, batch: int, d: int, xs: dict, gen: torch.Generator)
 # 3. hot-swap and 4. capacity
 # ------------------------------------------------------------------------------------------
 def model_layout(cfg: Config, planes: int = 1) -> PoolLayout:
+    def block(n: str) -> str:
+        return "self_attn" if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+
     sign = {
-        f"model.layers.{l}.{'self_attn' if n.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{n}.weight": (
-            o,
-            i,
-        )
-        for l in range(cfg.model_layers)
+        f"model.layers.{layer}.{block(n)}.{n}.weight": (o, i)
+        for layer in range(cfg.model_layers)
         for n, o, i in cfg.shapes()
     }
     sign["model.embed_tokens.weight"] = (cfg.vocab, cfg.hidden)
     sign["lm_head.weight"] = (cfg.vocab, cfg.hidden)
     table = {
-        f"model.layers.{l}.{n}.weight": ((cfg.hidden,), cfg.dtype)
-        for l in range(cfg.model_layers)
+        f"model.layers.{layer}.{n}.weight": ((cfg.hidden,), cfg.dtype)
+        for layer in range(cfg.model_layers)
         for n in ("input_layernorm", "post_attention_layernorm")
     }
     table["model.norm.weight"] = ((cfg.hidden,), cfg.dtype)
@@ -540,7 +557,8 @@ def write_report(out_dir: Path, results: dict) -> None:
     if t:
         lines += [f"Tests: `{t['command']}` → {t['summary']} (rc {t['returncode']})", ""]
     lines += [
-        f"## Decode step: the 7 projections of a decoder layer, ms per layer (step = x{sh['model_layers']} layers)",
+        "## Decode step: the 7 projections of a decoder layer, ms per layer "
+        f"(step = x{sh['model_layers']} layers)",
         "",
         "| batch | distinct deltas | base alone | base + delta slots | naive dense per tenant | "
         "slots, whole step | effective GB/s | of HBM peak | base alone, of HBM peak | "
@@ -564,7 +582,8 @@ def write_report(out_dir: Path, results: dict) -> None:
             "",
             "| bytes | slot install | plain pinned copy_ | install / copy |",
             "|---:|---:|---:|---:|",
-            f"| {format_size(h['delta_bytes'])} | {h['hot_swap_ms']:.1f} ms ({h['hot_swap_GBps']:.1f} GB/s) | "
+            f"| {format_size(h['delta_bytes'])} | "
+            f"{h['hot_swap_ms']:.1f} ms ({h['hot_swap_GBps']:.1f} GB/s) | "
             f"{h['plain_copy_ms']:.1f} ms ({h['plain_copy_GBps']:.1f} GB/s) | {h['swap_over_copy']:.2f} |",
         ]
     c = results.get("capacity")
@@ -578,8 +597,9 @@ def write_report(out_dir: Path, results: dict) -> None:
             f"- **{c['deltas_fit']} deltas fit** (verified by allocation: {c['verified_by_allocation']}); "
             f"{c['deltas_fit_with_dense_embed_lm_head']} if each keeps embeddings + lm_head dense; "
             f"{c['deltas_in_8GiB']} in an 8 GiB budget",
-            f"- DeltaDQ at ratio 32 in table-only slots (`sign_slots`): {format_size(c['deltadq_slot_bytes'])} "
-            f"each, **{c['deltadq_fit']} fit** (computed); {c['deltadq_fit_with_dense_embed_lm_head']} if each "
+            "- DeltaDQ at ratio 32 in table-only slots (`sign_slots`): "
+            f"{format_size(c['deltadq_slot_bytes'])} each, **{c['deltadq_fit']} fit** (computed); "
+            f"{c['deltadq_fit_with_dense_embed_lm_head']} if each "
             "keeps embeddings + lm_head dense",
         ]
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
