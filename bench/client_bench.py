@@ -56,7 +56,7 @@ class PhaseClock:
     def durations(self) -> dict[str, float]:
         out: dict[str, float] = {}
         names = ["validate + repository check"] + [m[0] for m in self.marks[1:-1]]
-        for name, (_, t0), (_, t1) in zip(names, self.marks, self.marks[1:]):
+        for name, (_, t0), (_, t1) in zip(names, self.marks, self.marks[1:], strict=False):
             out[name] = out.get(name, 0.0) + t1 - t0
         return out
 

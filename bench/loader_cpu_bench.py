@@ -136,7 +136,7 @@ def main() -> None:
             with torch.inference_mode():
                 return [
                     m(step[i : i + 1], cache=o.cache, use_cache=True)
-                    for i, (m, o) in enumerate(zip(models, outs))
+                    for i, (m, o) in enumerate(zip(models, outs, strict=True))
                 ]
 
         dec = best_of(

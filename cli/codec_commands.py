@@ -42,14 +42,14 @@ def compress_cmd(
     ] = 1,
     scale: Annotated[str, typer.Option("--scale", help="per-matrix or per-row scales.")] = "per-matrix",
     include: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--include", help="Glob of tensors to binarize too (e.g. '*embed_tokens*'); repeatable."
         ),
-    ] = [],
+    ] = None,
     exclude: Annotated[
-        list[str], typer.Option("--exclude", help="Glob of tensors to keep dense; repeatable.")
-    ] = [],
+        list[str] | None, typer.Option("--exclude", help="Glob of tensors to keep dense; repeatable.")
+    ] = None,
     codec: Annotated[
         str,
         typer.Option(
@@ -176,8 +176,8 @@ def compress_cmd(
     options = CompressOptions(
         planes=bits,
         scale_mode=scale,
-        include=tuple(include),
-        exclude=tuple(exclude),
+        include=tuple(include or ()),
+        exclude=tuple(exclude or ()),
         base_name=base_name,  # type: ignore[arg-type]
         codec=codec,
         dq_ratio=ratio,

@@ -378,7 +378,7 @@ def demo_cmd(
 
     out.print()
     out.print("[bold]result[/]")
-    for label, (p, r, s) in outputs.items():
+    for label, (_path, r, s) in outputs.items():
         out.print(
             f"    {label:34s} {human_bytes(r.delta_bytes):>10}  ratio {r.ratio:5.2f}x vs the "
             f"{human_bytes(r.finetuned_bytes)} fp16 fine-tune  (compressed in {s:.1f}s)"

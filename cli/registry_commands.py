@@ -227,7 +227,7 @@ def push_cmd(
             "--base-path", help="Local base checkpoint: registers the base first when the registry lacks it."
         ),
     ] = None,
-    tag: Annotated[list[str], typer.Option("--tag", help="Tag the new version (repeatable).")] = [],
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag the new version (repeatable).")] = None,
     description: Annotated[
         str, typer.Option("--description", help="Description of a new repository and of this version.")
     ] = "",
@@ -253,7 +253,7 @@ def push_cmd(
                 repo,
                 base=base,
                 base_path=base_path,
-                tags=tag,
+                tags=tag or [],
                 description=description,
                 visibility="private" if private else "public",
                 progress=bars,

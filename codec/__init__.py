@@ -19,3 +19,20 @@ from .errors import (  # noqa: E402
     UnsupportedFormatError,
 )
 from .format import FILE_SUFFIX, FORMAT, FORMAT_VERSION, DeltaFile  # noqa: E402
+
+__all__ = [
+    "DeltaFile",
+    "FILE_SUFFIX",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "BaseMismatchError",
+    "CheckpointError",
+    "CodecError",
+    "DeltaStoreError",
+    "HeaderError",
+    "IncompatibleDeltaError",
+    "InvalidDeltaError",
+    "TruncatedFileError",
+    "UnsupportedFormatError",
+    "__version__",
+]

@@ -95,7 +95,7 @@ def apply_delta(
     written = 0
     try:
         done = 0
-        for shard_name, shard in zip(names, shards):
+        for shard_name, shard in zip(names, shards, strict=True):
             with (
                 SafetensorsWriter(tmp / shard_name, shard, {"format": "pt"}) as writer,
                 OrderedWorker() as io,
@@ -140,7 +140,7 @@ def apply_delta(
         if len(shards) > 1:
             index = {
                 "metadata": {"total_size": written},
-                "weight_map": {s.name: n for n, shard in zip(names, shards) for s in shard},
+                "weight_map": {s.name: n for n, shard in zip(names, shards, strict=True) for s in shard},
             }
             write_atomic(
                 tmp / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True).encode()

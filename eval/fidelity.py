@@ -238,7 +238,7 @@ def evaluate(
         """(held-out loss, mean KL(fine-tune ‖ model) per token, top-1 agreement with the fine-tune)."""
         loss = kl = top1 = 0.0
         with torch.no_grad():
-            for chunk, ref in zip(chunks, ref_logprobs):
+            for chunk, ref in zip(chunks, ref_logprobs, strict=True):
                 out = model(chunk, labels=chunk)
                 loss += out.loss.item() * len(chunk)
                 got = torch.log_softmax(out.logits.float(), -1)

@@ -74,7 +74,7 @@ def build_segments(
     if block_m is None:
         block_m = choose_block_m(int(counts.max()) if counts.size else 1)
     tile_slot, tile_start, tile_len = [], [], []
-    for slot, start, count in zip(slots.tolist(), starts.tolist(), counts.tolist()):
+    for slot, start, count in zip(slots.tolist(), starts.tolist(), counts.tolist(), strict=True):
         for off in range(0, count, block_m):
             tile_slot.append(slot)
             tile_start.append(start + off)
@@ -92,7 +92,7 @@ def build_segments(
     tiles = small[n_perm:]
     slot_tokens = {
         int(s): perm64[int(st) : int(st) + int(c)]
-        for s, st, c in zip(slots.tolist(), starts.tolist(), counts.tolist())
+        for s, st, c in zip(slots.tolist(), starts.tolist(), counts.tolist(), strict=True)
     }
     return Segments(
         n_tokens=n_tok,

@@ -204,8 +204,13 @@ def assert_rows_match(logits, refs, dtype, mask=None):
     for row, ref in enumerate(refs):
         got = logits[row] if mask is None else logits[row][mask[row].bool()]
         want = ref if mask is None else ref[mask[row].bool()]
+        # assert_close calls msg before it returns, so the lambda sees this iteration's row
         torch.testing.assert_close(
-            got.float(), want.float(), rtol=0, atol=LOGIT_ATOL[dtype], msg=lambda m: f"row {row}: {m}"
+            got.float(),
+            want.float(),
+            rtol=0,
+            atol=LOGIT_ATOL[dtype],
+            msg=lambda m: f"row {row}: {m}",  # noqa: B023
         )
 
 

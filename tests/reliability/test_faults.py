@@ -154,23 +154,23 @@ def test_sigkill_at_random_moments_under_concurrent_pushes(registry_process, mak
         setup_repo(c, "acme/math")
     confirmed: dict[str, int] = {}
     pending = list(blobs)
+
+    def pusher(url, blob):
+        with httpx.Client(base_url=url, timeout=30) as pc:
+            try:
+                r = http_push(pc, "acme/math", blob)
+                return (
+                    blob.digest,
+                    r.status_code,
+                    (r.json().get("number") if r.status_code == 201 else None),
+                )
+            except httpx.HTTPError:
+                return blob.digest, None, None
+
     for round_ in range(4):
-        url = server.url
-
-        def pusher(blob):
-            with httpx.Client(base_url=url, timeout=30) as pc:
-                try:
-                    r = http_push(pc, "acme/math", blob)
-                    return (
-                        blob.digest,
-                        r.status_code,
-                        (r.json().get("number") if r.status_code == 201 else None),
-                    )
-                except httpx.HTTPError:
-                    return blob.digest, None, None
-
+        url = server.url  # of this round's process: `server` is replaced after the kill
         with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(pusher, b) for b in pending]
+            futures = [pool.submit(pusher, url, b) for b in pending]
             if round_ < 3:
                 time.sleep(rng.uniform(0.05, 0.4))
                 server.kill()

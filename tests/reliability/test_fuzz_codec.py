@@ -203,7 +203,7 @@ def test_metadata_json_must_be_strict_json(tmp_path, key, value):
     meta[key] = value
     tensors = [(n, i["dtype"], i["shape"], b"") for n, i in doc.items()]
     body = data[8 + struct.unpack("<Q", data[:8])[0] :]
-    parts, off = [], 0
+    parts = []
     for n, dtype, shape, _ in tensors:
         b, e = doc[n]["data_offsets"]
         parts.append((n, dtype, shape, body[b:e]))

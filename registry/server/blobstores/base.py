@@ -101,6 +101,7 @@ class BlobStore(ABC):
 
     def finish_parts(self, ref: UploadRef, *, expected_parts: int) -> None:
         """Assemble the parts of a multipart upload (stores that have them)."""
+        return None  # a store without multipart uploads has nothing to assemble
 
     @abstractmethod
     def open_staged(self, ref: UploadRef) -> contextlib.AbstractContextManager[StagedBlob]:
