@@ -164,7 +164,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rows.items()}
     mb = stored.size / 1e6
     print(
-        f"\ndeltactl push/pull of a {args.size_mb} MB delta ({mb:.1f} MB stored) via the registry to moto S3 on loopback, "
+        f"\ndeltactl push/pull of a {args.size_mb} MB delta ({mb:.1f} "
+        "MB stored) via the registry to moto S3 on loopback, "
         f"median of {args.repeat} interleaved rounds; `deltactl --version` start-up {startup:.2f} s"
     )
     print(

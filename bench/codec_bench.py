@@ -190,7 +190,8 @@ def main() -> None:
     print("| operation | ours GB/s | limit GB/s | ours / limit |")
     print("|---|---|---|---|")
     print(
-        f"| compress ({gb:.2f} GB fine-tune) | {gb / comp:.2f} | {gb / limit:.2f} (read+sha256 base+fine-tune) | {limit / comp:.2f} |"
+        f"| compress ({gb:.2f} GB fine-tune) | {gb / comp:.2f} | "
+        f"{gb / limit:.2f} (read+sha256 base+fine-tune) | {limit / comp:.2f} |"
     )
 
     # --- apply throughput ------------------------------------------------------------------------
@@ -204,10 +205,12 @@ def main() -> None:
     limit_read = best_of(args.repeat, lambda: read_and_hash(base_dir, out))
     limit_copy = best_of(args.repeat, lambda: copy_files(base_dir, args.workdir / "copy"))
     print(
-        f"| apply ({gb:.2f} GB written) | {gb / app:.2f} | {gb / limit_read:.2f} (read+sha256 base+delta) | {limit_read / app:.2f} |"
+        f"| apply ({gb:.2f} GB written) | {gb / app:.2f} | {gb / limit_read:.2f} "
+        f"(read+sha256 base+delta) | {limit_read / app:.2f} |"
     )
     print(
-        f"| apply vs copying the base | {gb / app:.2f} | {gb / limit_copy:.2f} (read+write+fsync base) | {limit_copy / app:.2f} |"
+        f"| apply vs copying the base | {gb / app:.2f} | {gb / limit_copy:.2f} "
+        f"(read+write+fsync base) | {limit_copy / app:.2f} |"
     )
     shutil.rmtree(args.workdir / "copy", ignore_errors=True)
     shutil.rmtree(applied, ignore_errors=True)

@@ -152,9 +152,11 @@ def main() -> None:
         dec_base, dec_dm, dec_sep = dec["base"], dec["dm"], dec["sep"]
         tokens_pre = n * args.prompt
         n_params = sum(p.numel() for p in models[0].parameters())
+        kind = "DeltaDQ deltas (ratio 32" if args.codec == "deltadq" else "deltas (1 plane, per-matrix scales"
         print(
-            f"\nLlama hidden={args.hidden} layers={args.layers} vocab=384 ({n_params / 1e6:.1f}M params, fp32), "
-            f"{n} {'DeltaDQ deltas (ratio 32' if args.codec == 'deltadq' else 'deltas (1 plane, per-matrix scales'}, "
+            f"\nLlama hidden={args.hidden} layers={args.layers} "
+            f"vocab=384 ({n_params / 1e6:.1f}M params, fp32), "
+            f"{n} {kind}, "
             f"embeddings/lm_head dense), batch {n} rows x "
             f"{args.prompt} prompt tokens, torch threads={torch.get_num_threads()}, backend=torch, "
             f"load average {load_before:.1f} -> {load_after:.1f}; best of {args.reps} (prefill) / "

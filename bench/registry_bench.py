@@ -433,14 +433,17 @@ def main() -> None:
     if args.only in (None, "transfer"):
         rows = bench_transfer(args.size_mb, args.repeat)
         print(
-            f"\npush/pull of a {args.size_mb} MB delta via the registry to moto S3 (loopback), median of {args.repeat} interleaved rounds"
+            f"\npush/pull of a {args.size_mb} MB delta via the registry to "
+            f"moto S3 (loopback), median of {args.repeat} interleaved rounds"
         )
         print(
-            f"{'op':<6} {'MB':>7} {'registry s':>11} {'registry MB/s':>14} {'raw boto3 s':>12} {'raw MB/s':>9} {'ratio':>6}  goal"
+            f"{'op':<6} {'MB':>7} {'registry s':>11} {'registry MB/s':>14} "
+            f"{'raw boto3 s':>12} {'raw MB/s':>9} {'ratio':>6}  goal"
         )
         for op, mb, ours, raw, note in rows:
             print(
-                f"{op:<6} {mb:>7.1f} {ours:>11.2f} {mb / ours:>14.1f} {raw:>12.2f} {mb / raw:>9.1f} {raw / ours:>6.2f}  >= 0.90  {note}"
+                f"{op:<6} {mb:>7.1f} {ours:>11.2f} {mb / ours:>14.1f} {raw:>12.2f} "
+                f"{mb / raw:>9.1f} {raw / ours:>6.2f}  >= 0.90  {note}"
             )
 
     if args.only in (None, "latency"):
@@ -467,7 +470,8 @@ def main() -> None:
         else:
             print("\n(PostgreSQL skipped: set DELTASTORE_TEST_PG_URL or --pg-url)")
         print(
-            f"\nlist/show latency over HTTP (uvicorn, loopback), 10,000 versions in 1,000 repos across 20 bases, {args.requests} requests each"
+            "\nlist/show latency over HTTP (uvicorn, loopback), 10,000 versions "
+            f"in 1,000 repos across 20 bases, {args.requests} requests each"
         )
         print(f"{'db':<9} {'operation':<32} {'p50 ms':>7} {'p99 ms':>7}  goal p99")
         for db, op, p50, p99 in rows:

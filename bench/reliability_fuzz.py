@@ -238,13 +238,15 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     print(f"\nfuzzing campaign ({engine})")
     print(
-        f"{'target':<8} {'cases':>8} {'accepted':>9} {'rejected':>9} {'cov':>6} {'crashes':>8} {'hangs':>6} {'no round trip':>14} {'s':>7}"
+        f"{'target':<8} {'cases':>8} {'accepted':>9} {'rejected':>9} "
+        f"{'cov':>6} {'crashes':>8} {'hangs':>6} {'no round trip':>14} {'s':>7}"
         "   goal: >= 10,000 cases, 0 / 0 / 0"
     )
     for r in rows:
         print(
             f"{r['target']:<8} {r['cases'] or 0:>8} {r.get('accepted') or 0:>9} {r.get('rejected') or 0:>9} "
-            f"{r.get('coverage_edges') or '-':>6} {r['crashes']:>8} {r['hangs']:>6} {r['round_trip_failures']:>14} {r['seconds']:>7}"
+            f"{r.get('coverage_edges') or '-':>6} {r['crashes']:>8} "
+            f"{r['hangs']:>6} {r['round_trip_failures']:>14} {r['seconds']:>7}"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

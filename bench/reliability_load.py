@@ -90,7 +90,8 @@ def bench_reads(
         repos = [(f"ns{i // batch}/r{i % batch}", per_repo) for i in range(repos_n)]
         code = (
             "import json, sys; from tests.support.load import read_load; "
-            f"r = read_load({server.url!r}, {repos!r}, requests={requests}, concurrency={concurrency}, time_limit={time_limit}); "
+            f"r = read_load({server.url!r}, {repos!r}, requests={requests}, "
+            f"concurrency={concurrency}, time_limit={time_limit}); "
             "print(json.dumps(r.summary()))"
         )
         proc = subprocess.run(
@@ -135,16 +136,20 @@ def main() -> None:
     if args.only in (None, "push"):
         results["push"] = bench_pushes(kinds, args.pg_url, args.pushers, args.per_pusher)
         print(
-            f"\npush load: {args.pushers} pushers x {args.per_pusher} versions (uvicorn, one worker, loopback)"
+            f"\npush load: {args.pushers} pushers x {args.per_pusher} "
+            "versions (uvicorn, one worker, loopback)"
         )
         print(
-            f"{'db':<9} {'target':<22} {'pushes':>6} {'push/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'lost':>5} {'dup':>4} "
+            f"{'db':<9} {'target':<22} {'pushes':>6} {'push/s':>7} "
+            f"{'p50 ms':>7} {'p99 ms':>7} {'lost':>5} {'dup':>4} "
             f"{'digest bad':>10} {'fsck':>5}   goal: lost = dup = bad = 0"
         )
         for r in results["push"]:
             print(
-                f"{r['database']:<9} {r['target']:<22} {r['pushes']:>6} {r['pushes_per_second']:>7} {r['p50_ms']:>7} "
-                f"{r['p99_ms']:>7} {r['lost']:>5} {r['duplicates']:>4} {r['download_mismatches'] + r['fsck_digest_mismatches']:>10} "
+                f"{r['database']:<9} {r['target']:<22} {r['pushes']:>6} "
+                f"{r['pushes_per_second']:>7} {r['p50_ms']:>7} "
+                f"{r['p99_ms']:>7} {r['lost']:>5} {r['duplicates']:>4} "
+                f"{r['download_mismatches'] + r['fsck_digest_mismatches']:>10} "
                 f"{'ok' if r['fsck_ok'] else 'BAD':>5}"
             )
     if args.only in (None, "read"):
@@ -157,7 +162,8 @@ def main() -> None:
             f"at {args.stored} stored deltas"
         )
         print(
-            f"{'db':<9} {'stored':>7} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'errors':>7}   goal: errors = 0"
+            f"{'db':<9} {'stored':>7} {'req/s':>7} {'p50 ms':>7} "
+            f"{'p99 ms':>7} {'errors':>7}   goal: errors = 0"
         )
         for r in results["read"]:
             print(

@@ -93,12 +93,14 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     print(f"\nschemathesis, {args.max_examples} examples per operation and phase (seed {args.seed})")
     print(
-        f"{'db':<9} {'run':<22} {'ops':>4} {'cases':>7} {'5xx':>4} {'other failures':>15}   goal: 0 server errors, all responses conform"
+        f"{'db':<9} {'run':<22} {'ops':>4} {'cases':>7} {'5xx':>4} "
+        f"{'other failures':>15}   goal: 0 server errors, all responses conform"
     )
     for r in rows:
         other = sum(n for name, n in r["failures"].items() if not name.startswith("ST101"))
         print(
-            f"{r['database']:<9} {r['run']:<22} {r['operations'] or '-':>4} {r['cases']:>7} {r['server_errors']:>4} {other:>15}"
+            f"{r['database']:<9} {r['run']:<22} {r['operations'] or '-':>4} "
+            f"{r['cases']:>7} {r['server_errors']:>4} {other:>15}"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -82,7 +82,8 @@ def cache_verify_cmd(
             refs = ", ".join(bad["refs"]) or "no version"
             action = "removed; pull again to restore it" if bad["removed"] else "kept (--keep)"
             _note(
-                f"[red]corrupt[/] {bad['path']} ({refs}): sha256 is {bad['actual']}, expected {bad['expected']}; {action}"
+                f"[red]corrupt[/] {bad['path']} ({refs}): sha256 is "
+                f"{bad['actual']}, expected {bad['expected']}; {action}"
             )
         for ref in report.missing:
             _note(f"[yellow]missing[/] {ref}: its delta is no longer in the cache; pull again to restore it")
@@ -114,7 +115,8 @@ def cache_prune_cmd(
         return
     for item in report.removed:
         _note(
-            f"{'would remove' if dry_run else 'removed'} {item['kind']}: {item['path']} ({human_bytes(item['bytes'])})"
+            f"{'would remove' if dry_run else 'removed'} {item['kind']}: "
+            f"{item['path']} ({human_bytes(item['bytes'])})"
         )
     verb = "would free" if dry_run else "freed"
     _line(f"{verb} {human_bytes(report.freed)} ({len(report.removed)} file(s))")

@@ -34,7 +34,10 @@ def compress_cmd(
         bool,
         typer.Option(
             "--allow-dense",
-            help="Write the delta even if no tensor can be compressed because every shape differs from the base's.",
+            help=(
+                "Write the delta even if no tensor can be compressed because every shape differs "
+                "from the base's."
+            ),
         ),
     ] = False,
     bits: Annotated[
@@ -105,7 +108,11 @@ def compress_cmd(
         Path | None,
         typer.Option(
             "--calibrate",
-            help="Calibration text (a file, a directory of text files, or JSONL with a 'text' field): bitdelta distills the scales on it; deltadq chooses each tensor's group size and bits by the output error on its activations.",
+            help=(
+                "Calibration text (a file, a directory of text files, or JSONL with a 'text' field): "
+                "bitdelta distills the scales on it; deltadq chooses each tensor's group size and bits "
+                "by the output error on its activations."
+            ),
             rich_help_panel="Scale distillation",
         ),
     ] = None,
@@ -265,7 +272,8 @@ def compress_cmd(
     out.print(
         f"wrote {output}: {human_bytes(report.delta_bytes)} "
         f"({report.ratio:.2f}x smaller than the {human_bytes(report.finetuned_bytes)} fine-tune); "
-        f"{len(report.binarized)} binarized, {len(report.dense)} dense, {len(report.unchanged)} unchanged tensors"
+        f"{len(report.binarized)} binarized, {len(report.dense)} "
+        f"dense, {len(report.unchanged)} unchanged tensors"
     )
     if calibration:
         out.print(
@@ -289,7 +297,8 @@ def _registry_base_name(base: Path, given: str | None) -> str:
     recorded = registry_base_name(Checkpoint.open(base))
     if recorded is None:
         raise BaseNameError(
-            f"the base {base} does not record its registry name (config.json has no _name_or_path of the form "
+            f"the base {base} does not record its registry name "
+            "(config.json has no _name_or_path of the form "
             "org/model), so the delta could not be pushed"
         )
     return recorded
@@ -330,7 +339,8 @@ def apply_cmd(
         )
         return
     out.print(
-        f"wrote {report.out_dir}: {report.tensors} tensors, {human_bytes(report.bytes_written)} in {report.shards} shard(s)"
+        f"wrote {report.out_dir}: {report.tensors} tensors, "
+        f"{human_bytes(report.bytes_written)} in {report.shards} shard(s)"
     )
 
 
@@ -357,7 +367,8 @@ def inspect_cmd(
         ("dtype", info["dtype"]),
         (
             "tensors",
-            f"{info['counts']['bitdelta'] + info['counts']['deltadq']} compressed, {info['counts']['full']} dense",
+            f"{info['counts']['bitdelta'] + info['counts']['deltadq']} "
+            f"compressed, {info['counts']['full']} dense",
         ),
         ("size", human_bytes(info["file_bytes"])),
         ("fine-tune size", human_bytes(info["finetuned_bytes"])),

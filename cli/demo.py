@@ -100,13 +100,15 @@ def registry_round_trip(
     figures: dict = {}
     with background_registry(workdir / "registry", workdir / "registry" / "serve.log") as url:
         _say(
-            f"deltactl serve --port {url.rsplit(':', 1)[1]} --data-dir {workdir / 'registry'}   (background: SQLite + local blob store)"
+            f"deltactl serve --port {url.rsplit(':', 1)[1]} --data-dir "
+            f"{workdir / 'registry'}   (background: SQLite + local blob store)"
         )
         with RegistryApi(url, home=workdir / "push-home") as api:
             _say(f"deltactl base add {base_name} {base_dir}")
             base, _ = api.register_base_from_checkpoint(base_name, base_dir)
             out.print(
-                f"    registered {base.name}: {base.architecture}, {base.parameter_count / 1e6:.1f}M parameters, {base.fingerprint[:19]}…"
+                f"    registered {base.name}: {base.architecture}, "
+                f"{base.parameter_count / 1e6:.1f}M parameters, {base.fingerprint[:19]}…"
             )
 
             _say(f"deltactl push {delta.name} {repo} --tag demo")
@@ -118,14 +120,16 @@ def registry_round_trip(
             )
             v = pushed.version
             out.print(
-                f"    {v.repository}@{v.number}: {human_bytes(pushed.sent_bytes)} sent in {pushed.seconds:.1f}s, "
+                f"    {v.repository}@{v.number}: {human_bytes(pushed.sent_bytes)} "
+                f"sent in {pushed.seconds:.1f}s, "
                 f"digest {v.digest[:19]}…, fidelity recorded: {fidelity_summary(v.fidelity)}"
             )
             _say(f"deltactl push {delta.name} {repo}   (the same bytes again)")
             again = api.push(delta, repo)
             out.print(
                 f"    {again.version.repository}@{again.version.number}: "
-                f"{'deduplicated, ' if again.deduplicated else ''}{human_bytes(again.sent_bytes)} sent in {again.seconds:.2f}s"
+                f"{'deduplicated, ' if again.deduplicated else ''}{human_bytes(again.sent_bytes)} "
+                f"sent in {again.seconds:.2f}s"
             )
 
             _say("deltactl list")
@@ -145,11 +149,14 @@ def registry_round_trip(
         with RegistryApi(url, home=workdir / "pull-home") as api:
             pulled = api.pull(f"{repo}:demo")
             out.print(
-                f"    downloaded {human_bytes(pulled.downloaded_bytes)} in {pulled.seconds:.2f}s -> {pulled.path}"
+                f"    downloaded {human_bytes(pulled.downloaded_bytes)} "
+                f"in {pulled.seconds:.2f}s -> {pulled.path}"
             )
             hit = api.pull(f"{repo}:demo")
             out.print(
-                f"    pulled again: {'cache hit, nothing downloaded' if hit.cache_hit else 'downloaded again'} ({hit.seconds * 1000:.0f} ms)"
+                "    pulled again: "
+                f"{'cache hit, nothing downloaded' if hit.cache_hit else 'downloaded again'} "
+                f"({hit.seconds * 1000:.0f} ms)"
             )
         _say("stopping the registry")
 
@@ -317,7 +324,8 @@ def demo_cmd(
     base_dir = pair.build_base(workdir / "base", log=lambda m: err.print(f"    {m}"))
     recipe = pair.Recipe(steps=steps, batch=4, seq_len=128, lr=1e-4)
     _say(
-        f"fine-tune: {recipe.steps} full AdamW steps on Python stdlib sources (batch {recipe.batch}×{recipe.seq_len})"
+        f"fine-tune: {recipe.steps} full AdamW steps on Python "
+        f"stdlib sources (batch {recipe.batch}×{recipe.seq_len})"
     )
     ft_dir = pair.finetune(
         base_dir, workdir / f"finetuned-{steps}", recipe, log=lambda m: err.print(f"    {m}")
@@ -388,11 +396,14 @@ def demo_cmd(
         out.print(f"    held-out loss  {label:12s} {value:.4f}")
     if gain > 0:
         out.print(
-            f"    fine-tune gain recovered by the 1-bit delta: {100 * (losses['base'] - losses['1-bit delta']) / gain:.1f}%"
+            "    fine-tune gain recovered by the 1-bit delta: "
+            f"{100 * (losses['base'] - losses['1-bit delta']) / gain:.1f}%"
         )
     out.print(
-        f"    registry: fp16 fine-tune {human_bytes(report.finetuned_bytes)} -> delta {human_bytes(registry['delta_bytes'])} "
-        f"-> stored {human_bytes(registry['stored_bytes'])} (zstd); the registry part took {registry['seconds']:.0f}s"
+        f"    registry: fp16 fine-tune {human_bytes(report.finetuned_bytes)} "
+        f"-> delta {human_bytes(registry['delta_bytes'])} "
+        f"-> stored {human_bytes(registry['stored_bytes'])} "
+        f"(zstd); the registry part took {registry['seconds']:.0f}s"
     )
     out.print(
         f"        push {registry['push_seconds']:.1f}s; the same bytes again "

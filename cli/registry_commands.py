@@ -218,7 +218,10 @@ def push_cmd(
         typer.Option(
             "--base",
             "--base-name",
-            help="Base model of a new repository (default: the delta's base_model); overrides a recorded name that is not org/model.",
+            help=(
+                "Base model of a new repository (default: the delta's base_model); overrides a "
+                "recorded name that is not org/model."
+            ),
         ),
     ] = None,
     base_path: Annotated[
@@ -267,7 +270,8 @@ def push_cmd(
     where = f"{v.repository}@{v.number}"
     if result.already_published:
         _line(
-            f"{where}: published by an earlier run of this push whose answer was lost, nothing uploaded — {v.digest}"
+            f"{where}: published by an earlier run of this push "
+            f"whose answer was lost, nothing uploaded — {v.digest}"
         )
     elif result.completed_earlier_upload:
         _line(
@@ -278,7 +282,8 @@ def push_cmd(
     else:
         resumed = f", resumed: {result.skipped_parts} part(s) were already stored" if result.resumed else ""
         _line(
-            f"pushed {where}: {human_bytes(result.sent_bytes)} sent in {result.seconds:.1f}s{resumed} — {v.digest}"
+            f"pushed {where}: {human_bytes(result.sent_bytes)} "
+            f"sent in {result.seconds:.1f}s{resumed} — {v.digest}"
         )
     tags = ", ".join(t for t in v.tags) or "-"
     _line(
@@ -562,14 +567,18 @@ def rm_cmd(
     parsed = parse_ref(ref)
     if parsed.tag is not None:
         raise InvalidRequestError(
-            f"delete a version by its number ({parsed.repo}@N), or remove a tag with `deltactl tag {parsed.repo} {parsed.tag} --delete`"
+            f"delete a version by its number ({parsed.repo}@N), or remove "
+            f"a tag with `deltactl tag {parsed.repo} {parsed.tag} --delete`"
         )
     with _api(registry) as api:
         if parsed.digest is not None:  # the version of that digest, never the whole repository
             parsed = Ref(parsed.namespace, parsed.name, version=api.version(parsed).number)
         if parsed.version is None:
             repo = api.repo(parsed.repo)
-            what = f"repository {repo.full_name} with all its versions (latest v{repo.latest_version or 0}) and tags"
+            what = (
+                f"repository {repo.full_name} with all its versions "
+                f"(latest v{repo.latest_version or 0}) and tags"
+            )
         else:
             tags = [
                 t for t in api.version(parsed).tags if t != "latest"

@@ -251,11 +251,15 @@ def fsck_cmd(
             typer.echo(line, err=True)
         verified = f", {report.bytes_verified} bytes re-verified" if digests else " (digests not checked)"
         typer.echo(
-            f"{report.versions} version(s), {report.blobs} blob(s), {report.objects} stored object(s){verified}: "
+            f"{report.versions} version(s), {report.blobs} blob(s), "
+            f"{report.objects} stored object(s){verified}: "
             + ("consistent" if report.ok else "INCONSISTENT")
-            + f"; problems: {report.missing_objects} missing object(s), {report.digest_mismatches} digest mismatch(es), "
-            f"{report.dangling_versions} dangling version(s), {report.number_errors} numbering error(s), {report.tag_errors} tag error(s)"
-            f"; leftovers for gc: {report.orphan_objects} orphan object(s), {report.staging_leftovers} staging leftover(s), "
+            + f"; problems: {report.missing_objects} missing object(s), "
+            f"{report.digest_mismatches} digest mismatch(es), "
+            f"{report.dangling_versions} dangling version(s), {report.number_errors} "
+            f"numbering error(s), {report.tag_errors} tag error(s)"
+            f"; leftovers for gc: {report.orphan_objects} orphan "
+            f"object(s), {report.staging_leftovers} staging leftover(s), "
             f"{report.unreferenced_blobs} unreferenced blob(s), {report.stale_uploads} stale upload(s)"
             f"; {report.pending_uploads} upload(s) pending"
         )

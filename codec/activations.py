@@ -34,7 +34,8 @@ class InputMoments:
             return None
         if w.shape != (in_features,):
             raise CodecError(
-                f"{name}: calibration moments have shape {tuple(w.shape)}, the tensor has {in_features} inputs"
+                f"{name}: calibration moments have shape "
+                f"{tuple(w.shape)}, the tensor has {in_features} inputs"
             )
         return w
 

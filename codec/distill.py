@@ -105,7 +105,8 @@ def _student(base_dir: Path, delta: DeltaFile, device: str) -> tuple[nn.Module, 
             full = delta.full(name)
             if full.shape != target.shape:
                 raise CodecError(
-                    f"{name}: dense tensor shape {tuple(full.shape)} differs from the model's {tuple(target.shape)}"
+                    f"{name}: dense tensor shape {tuple(full.shape)} "
+                    f"differs from the model's {tuple(target.shape)}"
                 )
             with torch.no_grad():
                 target.copy_(full)

@@ -100,7 +100,8 @@ def split_name(tensor_name: str) -> tuple[str, str]:
     base, dot, kind = tensor_name.rpartition(".")
     if not dot or kind not in KINDS or not base:
         raise InvalidDeltaError(
-            f"tensor {tensor_name!r}: name must end in one of .{', .'.join(KINDS)} (format version {FORMAT_VERSION})"
+            f"tensor {tensor_name!r}: name must end in one of "
+            f".{', .'.join(KINDS)} (format version {FORMAT_VERSION})"
         )
     return base, kind
 
@@ -122,7 +123,8 @@ def validate_metadata(metadata: Mapping[str, str]) -> None:
         raise UnsupportedFormatError(f"format is {_show(metadata['format'])}, expected {FORMAT!r}")
     if metadata["format_version"] != FORMAT_VERSION:
         raise UnsupportedFormatError(
-            f"format_version {_show(metadata['format_version'])} is not supported (this reader knows {FORMAT_VERSION!r}); "
+            f"format_version {_show(metadata['format_version'])} is "
+            f"not supported (this reader knows {FORMAT_VERSION!r}); "
             "upgrade deltastore"
         )
     if metadata["codec"] not in KNOWN_CODECS:
@@ -217,7 +219,8 @@ def _dq_entry(name: str, p: dict[str, TensorEntry], codec: str) -> DeltaEntry:
         )
     if required - set(p):
         raise InvalidDeltaError(
-            f"{name}: deltadq tensor needs .dq_codes, .dq_step and .dq_params (missing {', '.join(sorted(required - set(p)))})"
+            f"{name}: deltadq tensor needs .dq_codes, .dq_step and "
+            f".dq_params (missing {', '.join(sorted(required - set(p)))})"
         )
     codes, step, params = p["dq_codes"], p["dq_step"], p["dq_params"]
     if codes.dtype != "U8" or len(codes.shape) != 3 or codes.shape[0] < 1:
@@ -230,7 +233,8 @@ def _dq_entry(name: str, p: dict[str, TensorEntry], codec: str) -> DeltaEntry:
         )
     if params.dtype != "I32" or list(params.shape) != [3]:
         raise InvalidDeltaError(
-            f"{name}.dq_params must be I32 [3] (group_size, keep, bits), got {params.dtype}{list(params.shape)}"
+            f"{name}.dq_params must be I32 [3] (group_size, "
+            f"keep, bits), got {params.dtype}{list(params.shape)}"
         )
     return DeltaEntry(name, dq_codes=codes, dq_step=step, dq_params=params)
 
@@ -273,7 +277,8 @@ def _check_digest(fh, path: Path, expected: str) -> None:
     fh.seek(0)
     if actual != expected:
         raise CorruptFileError(
-            f"{path}: content has sha256 {actual}, but {expected} was recorded for it (corrupted or replaced; fetch it again)"
+            f"{path}: content has sha256 {actual}, but {expected} was "
+            "recorded for it (corrupted or replaced; fetch it again)"
         )
 
 

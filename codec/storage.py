@@ -169,7 +169,8 @@ def decompress_stream(
     expected_raw_digest: str | None = None,
 ) -> tuple[int, str]:
     """Decompress one zstd frame from `src` into `dst`, never writing more than `max_output_size`
-    bytes; the frame must declare its content size and nothing may follow it. Returns (bytes written, sha256 of them)."""
+    bytes; the frame must declare its content size and nothing may follow it. Returns (bytes
+    written, sha256 of them)."""
     if getattr(src, "seekable", None) and src.seekable():
         here = src.tell()
         total = src.seek(0, os.SEEK_END) - here

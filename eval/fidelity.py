@@ -168,11 +168,14 @@ class Report:
         base, ft = self.rows[0], self.rows[1]
         ft_bytes, gain = ft.bytes, base.loss - ft.loss
         lines = [
-            f"Held-out: {self.heldout_blocks} blocks × {s.seq_len} tokens of stdlib sources never trained on. KL and "
-            f"top-1: against the fine-tune's next-token distribution at every held-out position; greedy agreement: "
+            f"Held-out: {self.heldout_blocks} blocks × {s.seq_len} "
+            "tokens of stdlib sources never trained on. KL and "
+            "top-1: against the fine-tune's next-token distribution "
+            "at every held-out position; greedy agreement: "
             f"{s.prompts} prompts × {s.new_tokens} generated tokens.",
             "",
-            "| variant | size | ratio vs fp16 fine-tune | ratio on compressed tensors | held-out loss | perplexity "
+            "| variant | size | ratio vs fp16 fine-tune | ratio "
+            "on compressed tensors | held-out loss | perplexity "
             "| gain recovered | KL to fine-tune | top-1 agreement | greedy agreement |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -181,14 +184,17 @@ class Report:
             rec = f"{100 * (base.loss - r.loss) / gain:.1f}%" if gain > 0 else "-"
             lin = f"{r.linear_ratio:.1f}x" if r.linear_ratio else "-"
             lines.append(
-                f"| {r.variant} | {r.bytes / 2**20:.1f} MiB | {ratio} | {lin} | {r.loss:.4f} | {math.exp(r.loss):.3f} "
+                f"| {r.variant} | {r.bytes / 2**20:.1f} MiB | {ratio} "
+                f"| {lin} | {r.loss:.4f} | {math.exp(r.loss):.3f} "
                 f"| {rec} | {r.kl:.4f} | {100 * r.top1:.1f}% | {100 * r.agreement:.1f}% |"
             )
         lines.append("")
         for label, f in self.distill_figures.items():
             lines.append(
-                f"distillation '{label}': {f['seconds'] / 60:.1f} min, {s.distill.steps} steps, calibration loss "
-                f"{f['initial_loss']:.4g} -> {f['final_loss']:.4g}, peak RSS of the evaluation process so far "
+                f"distillation '{label}': {f['seconds'] / 60:.1f} "
+                f"min, {s.distill.steps} steps, calibration loss "
+                f"{f['initial_loss']:.4g} -> {f['final_loss']:.4g}, "
+                "peak RSS of the evaluation process so far "
                 f"{f['peak_rss_bytes'] / 2**30:.2f} GiB"
             )
         return "\n".join(lines)

@@ -3,7 +3,9 @@
 (docs/gpu_loader.md).
 
     from gpu_loader import DeltaModel
-    dm = DeltaModel.from_pretrained("base/", device="cuda", dtype=torch.float16, max_slots=64, memory_budget="8GiB")
+    dm = DeltaModel.from_pretrained(
+        "base/", device="cuda", dtype=torch.float16, max_slots=64, memory_budget="8GiB"
+    )
     slot = dm.load("math.bdelta")
     logits = dm(input_ids, delta_ids=[slot, -1])
 """

@@ -186,7 +186,8 @@ def _check_args(x, y, words, scales, active):
         or words.shape[3] != words_per_row(K)
     ):
         raise ValueError(
-            f"words must be int32 [S, P, {N}, {words_per_row(K)}] for x {tuple(x.shape)} and y {tuple(y.shape)}, "
+            f"words must be int32 [S, P, {N}, {words_per_row(K)}] "
+            f"for x {tuple(x.shape)} and y {tuple(y.shape)}, "
             f"got {words.dtype}{list(words.shape)}"
         )
     if words.stride(3) != 1:

@@ -197,8 +197,10 @@ class SlotPool:
             if e.kind in ("bitdelta", "deltadq"):
                 if name not in lay.sign:
                     raise DeltaDoesNotFitError(
-                        f"{name}: a {'sign' if e.kind == 'bitdelta' else 'DeltaDQ'} delta on a tensor of a module "
-                        "the loader does not patch (only nn.Linear and nn.Embedding weights carry compressed deltas)"
+                        f"{name}: a {'sign' if e.kind == 'bitdelta' else 'DeltaDQ'} "
+                        "delta on a tensor of a module "
+                        "the loader does not patch (only nn.Linear and "
+                        "nn.Embedding weights carry compressed deltas)"
                     )
                 if e.kind == "deltadq":
                     continue
@@ -544,7 +546,8 @@ class SlotPool:
             return SlotHandle(slot.index, slot.generation, slot.key)
 
     def view(self, key_or_ref: str | int) -> SlotView:
-        """What a resident delta's slot holds now (frozen): sign and table names, dense and DeltaDQ tensors."""
+        """What a resident delta's slot holds now (frozen): sign and table names, dense and DeltaDQ
+        tensors."""
         with self._lock:
             return self._find(key_or_ref).view()
 

@@ -7,8 +7,8 @@ memory-mapped, and the state of pushes in progress.
     repos/<registry>/<namespace>/<name>/<n>.bdelta      symlink to its blob
     uploads/<file key>.json, <file key>.zst             a push: digests, pending upload ids, storage form
 
-Every file is written to a fresh temp file and renamed (codec.files.AtomicWriter); a file lock per blob (and per pushed
-file) keeps concurrent commands from writing the same thing twice.
+Every file is written to a fresh temp file and renamed (codec.files.AtomicWriter); a file lock
+per blob (and per pushed file) keeps concurrent commands from writing the same thing twice.
 """
 
 from __future__ import annotations

@@ -105,7 +105,8 @@ def upload_parts(
         r = put_range(http, part["url"], path, part["offset"], part["size"], advance=locked)
         if r.status_code != 200:
             raise NetworkError(
-                f"the blob store at {netloc(part['url'])} refused part {part['number']}: HTTP {r.status_code} {s3_error(r)}"
+                f"the blob store at {netloc(part['url'])} refused part "
+                f"{part['number']}: HTTP {r.status_code} {s3_error(r)}"
             )
         on_part(part)
 
@@ -196,7 +197,8 @@ def receive_blob(
         if failure is not None and not stream.complete:
             raise CorruptDownloadError(f"the downloaded bytes are not the recorded delta: {failure}")
         raise CorruptDownloadError(
-            f"downloaded {stream.n} bytes with digest {digest}, but the registry recorded {expected.size} bytes "
+            f"downloaded {stream.n} bytes with digest {digest}, "
+            f"but the registry recorded {expected.size} bytes "
             f"with digest {expected.digest}"
         )
     out.commit()

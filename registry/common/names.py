@@ -48,7 +48,8 @@ def check_segment(value: str, *, what: str = "name") -> str:
 def check_base_segment(value: str, *, what: str = "base model name") -> str:
     if not BASE_SEGMENT_RE.fullmatch(value):
         raise InvalidNameError(
-            f"invalid {what} segment {_show(value)}: use 1-96 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+            f"invalid {what} segment {_show(value)}: use 1-96 of "
+            "A-Z a-z 0-9 . _ -, starting with a letter or digit"
         )
     return value
 

@@ -58,7 +58,8 @@ class Principal:
             return
         if not self.authenticated:
             raise AuthenticationError(
-                f"this needs a token with {permission} access to namespace {namespace!r}; send 'Authorization: Bearer <token>'"
+                f"this needs a token with {permission} access to namespace "
+                f"{namespace!r}; send 'Authorization: Bearer <token>'"
             )
         raise PermissionDeniedError(f"{self.name} has no {permission} access to namespace {namespace!r}")
 

@@ -111,7 +111,8 @@ def create_base(
     if existing is not None:
         if existing.fingerprint != fingerprint:
             raise ConflictError(
-                f"base model {name!r} is already registered with fingerprint {existing.fingerprint}, not {fingerprint}"
+                f"base model {name!r} is already registered with "
+                f"fingerprint {existing.fingerprint}, not {fingerprint}"
             )
         return existing, False
     base = BaseModel(
@@ -174,7 +175,8 @@ def get_repo(session: Session, *, namespace: str, name: str) -> Repository:
 
 
 def lock_repo(session: Session, *, repo_id: int) -> None:
-    """Serialize writers of one repository (row lock on PostgreSQL; SQLite writers already hold the database lock)."""
+    """Serialize writers of one repository (row lock on PostgreSQL; SQLite writers already hold the
+    database lock)."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(select(Repository.id).where(Repository.id == repo_id).with_for_update())
 
@@ -216,7 +218,8 @@ def list_repos(
     cursor: str | None,
     limit: int,
 ) -> tuple[list[Repository], str | None]:
-    """Repositories by id, filtered; `visible_namespaces` (None = all) adds private repos of those namespaces."""
+    """Repositories by id, filtered; `visible_namespaces` (None = all) adds private repos of those
+    namespaces."""
     stmt = select(Repository).order_by(Repository.id).limit(limit + 1)
     if base_name is not None:
         stmt = stmt.where(Repository.base_model_id == get_base(session, name=base_name).id)

@@ -137,8 +137,10 @@ PositionCursor = Annotated[
     Query(
         max_length=20,
         json_schema_extra={"pattern": "^[0-9]*$"},
-        description="The next_cursor of the previous page: the position (decimal) the next page starts after. "
-        "Empty or absent: the first page.",
+        description=(
+            "The next_cursor of the previous page: the position (decimal) the next page starts "
+            "after. Empty or absent: the first page."
+        ),
     ),
 ]
 #: An opaque cursor (crud.encode_cursor), for listings whose position is more than one number.

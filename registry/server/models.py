@@ -144,7 +144,8 @@ class Version(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     repository_id: Mapped[int] = mapped_column(ForeignKey("repositories.id", ondelete="CASCADE"))
-    #: The upload this version comes from: completing it again returns this version (NULL before migration 0003).
+    #: The upload this version comes from: completing it again returns this version (NULL before
+    #: migration 0003).
     upload_id: Mapped[str | None] = mapped_column(String(32))
     number: Mapped[int | None] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16), default=PENDING)

@@ -295,7 +295,9 @@ class GcOut(Schema):
 class FsckOut(Schema):
     ok: bool = Field(description="The index and the blob store agree: no problem below is non-zero.")
     clean: bool = Field(
-        description="ok, and no leftovers (orphan objects, staging leftovers, unreferenced blobs, stale uploads)."
+        description=(
+            "ok, and no leftovers (orphan objects, staging leftovers, unreferenced blobs, stale uploads)."
+        )
     )
     versions: int
     blobs: int

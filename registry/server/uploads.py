@@ -3,7 +3,8 @@ store's staging area, and `complete` verifies them and publishes the version in 
 
     upload, target = pushes.create(namespace="acme", name="math", declared=..., principal=p)
     ... client sends the bytes to `target` ...
-    version, published = pushes.complete(upload_id=upload.id, principal=p)   # again: the same version, published False
+    version, published = pushes.complete(upload_id=upload.id, principal=p)
+    # completing it again: the same version, published False
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class PushService:
             )
         if request.raw_size > self.settings.max_raw_bytes:
             raise UploadTooLargeError(
-                f"delta of {request.raw_size} bytes (decompressed) exceeds this registry's limit of {self.settings.max_raw_bytes} bytes"
+                f"delta of {request.raw_size} bytes (decompressed) exceeds "
+                f"this registry's limit of {self.settings.max_raw_bytes} bytes"
             )
         with self.db.read() as session:
             crud.get_repo(session, namespace=namespace, name=name)
@@ -79,8 +81,10 @@ class PushService:
                 request.raw_size,
             ):
                 raise DigestMismatchError(
-                    f"blob {request.digest} is stored with size {blob.size}, raw digest {blob.raw_digest} and raw size "
-                    f"{blob.raw_size}; the upload declared {request.size}, {request.raw_digest}, {request.raw_size}"
+                    f"blob {request.digest} is stored with size {blob.size}, "
+                    f"raw digest {blob.raw_digest} and raw size "
+                    f"{blob.raw_size}; the upload declared {request.size}, "
+                    f"{request.raw_digest}, {request.raw_size}"
                 )
             target = UploadTarget(method="exists")  # dedup: the client skips sending the bytes
         else:
@@ -142,7 +146,8 @@ class PushService:
             self.metrics.pushes.labels(exc.code).inc()
             raise
         except ConflictError as exc:
-            # A concurrent `complete` of this upload took its staged bytes; if it has published them, that is the answer.
+            # A concurrent `complete` of this upload took its staged bytes; if it has published
+            # them, that is the answer.
             return self._published(upload_id, principal, otherwise=exc), False
         meta = header.metadata
         try:

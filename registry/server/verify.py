@@ -139,7 +139,8 @@ def verify_stream(
     reader.drain()  # a stored-digest mismatch explains a corrupt stream better than the stream error does
     if reader.overflow or reader.n != declared.size:
         raise SizeMismatchError(
-            f"received {'more than ' if reader.overflow else ''}{reader.n} bytes but the upload declared {declared.size}"
+            f"received {'more than ' if reader.overflow else ''}{reader.n} "
+            f"bytes but the upload declared {declared.size}"
         )
     if reader.digest != declared.digest:
         raise DigestMismatchError(
@@ -154,7 +155,8 @@ def verify_stream(
             ) from None
         if "does not match the expected" in str(failure):
             raise DigestMismatchError(
-                f"the blob does not decompress to the declared {declared.raw_size} bytes with digest {declared.raw_digest}: {failure}"
+                f"the blob does not decompress to the declared {declared.raw_size} "
+                f"bytes with digest {declared.raw_digest}: {failure}"
             ) from None
         raise InvalidUploadError(f"upload is not a zstd-compressed delta: {failure}") from None
     if written != declared.raw_size:

@@ -49,7 +49,8 @@ def database_url(request, tmp_path) -> Iterator[str]:
     admin_url = os.environ.get(PG_URL_ENV)
     if backend == "postgres" and not admin_url:
         pytest.skip(
-            f"PostgreSQL tests need {PG_URL_ENV} (`make test` sets it: .ci/with-postgres.sh starts a throwaway PostgreSQL 15)"
+            f"PostgreSQL tests need {PG_URL_ENV} (`make test` sets it: "
+            ".ci/with-postgres.sh starts a throwaway PostgreSQL 15)"
         )
     with fresh_database(
         backend, sqlite_dir=tmp_path, admin_url=admin_url, prefix=f"ds_{xdist_worker()}"

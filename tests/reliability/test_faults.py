@@ -56,7 +56,8 @@ def _downloads_verify(c: httpx.Client, repo: str = "acme/math") -> None:
 def _send_partial(port: int, upload: dict, data: bytes, fraction: float) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(
-        f"PUT {upload['upload_url']} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+        f"PUT {upload['upload_url']} HTTP/1.1\r\nHost: "
+        "127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
         f"Content-Length: {len(data)}\r\n\r\n".encode()
         + data[: int(len(data) * fraction)]
     )
@@ -723,7 +724,8 @@ def test_client_push_with_the_blob_store_down_names_the_blob_store(live_server, 
         api.push(small, "acme/math")
     message = str(info.value)
     assert message.startswith(f"cannot reach the blob store at {store} (") and message.endswith(
-        f") for the upload; the registry at {server.url} answered, but the store it points to did not: retry when "
+        f") for the upload; the registry at {server.url} answered, "
+        "but the store it points to did not: retry when "
         "the store is reachable again (running the same push again resumes it)"
     ), message
     r = _deltactl(home, server.url, "push", small, "acme/math")

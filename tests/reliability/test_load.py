@@ -34,7 +34,8 @@ def test_read_load_from_a_second_process(registry_process):
     assert load.pushes == 20
     code = (
         "import json, sys; from tests.support.load import read_load; "
-        f"r = read_load({server.url!r}, [('reads/r%d' % i, 5) for i in range(4)], requests=400, concurrency=4, time_limit=60); "
+        f"r = read_load({server.url!r}, [('reads/r%d' % i, 5) for i "
+        "in range(4)], requests=400, concurrency=4, time_limit=60); "
         "print(json.dumps(r.summary()))"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -52,8 +52,10 @@ def test_a_proxy_page_instead_of_the_registry_is_registry_unavailable(tmp_path, 
 
         def expected(path: str) -> str:
             return (
-                f"the registry at {front.url} is unavailable: GET {front.url}{path} answered HTTP {status} {reason} "
-                "without the registry's error body (a proxy or load balancer in front of the registry answered "
+                f"the registry at {front.url} is unavailable: GET "
+                f"{front.url}{path} answered HTTP {status} {reason} "
+                "without the registry's error body (a proxy or "
+                "load balancer in front of the registry answered "
                 "for it); retry shortly"
             )
 

@@ -458,7 +458,8 @@ def m_values(rng, data, seeds):
 
 
 def m_relayout(rng, data, seeds):
-    """Tensors in another order, possibly with a gap, an overlap or trailing bytes (only the order is valid)."""
+    """Tensors in another order, possibly with a gap, an overlap or trailing bytes (only the order
+    is valid)."""
     doc, body = split(data)
     names = _tensor_names(doc)
     rng.shuffle(names)

@@ -408,7 +408,8 @@ class PostgresCluster:
 
     def start(self) -> PostgresCluster:
         opts = (
-            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off -c synchronous_commit=off "
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -k "
+            f"{self.dir} -c fsync=off -c synchronous_commit=off "
             "-c full_page_writes=off -c max_connections=200"
         )
         self._run(

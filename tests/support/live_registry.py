@@ -35,7 +35,8 @@ import uvicorn  # noqa: E402
 if TYPE_CHECKING:
     from registry.server.settings import Settings
 
-#: Where the PostgreSQL tests find a server to create their databases on (set by .ci/with-postgres.sh, which `make test` runs under).
+#: Where the PostgreSQL tests find a server to create their databases on (set by
+#: .ci/with-postgres.sh, which `make test` runs under).
 PG_URL_ENV = "DELTASTORE_TEST_PG_URL"
 
 

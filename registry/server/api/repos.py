@@ -89,7 +89,8 @@ def show_repo(repo_name: RepoPath, session: ReadSessionDep, principal: Principal
 
 @router.delete("/{namespace}/{name}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_repo(repo_name: RepoPath, db: DatabaseDep, principal: PrincipalDep) -> None:
-    """Delete the repository, its versions and tags (blobs go at the next GC). Needs admin in the namespace."""
+    # The docstring is this operation's OpenAPI description: kept on one line, byte for byte.
+    """Delete the repository, its versions and tags (blobs go at the next GC). Needs admin in the namespace."""  # noqa: E501
     principal.require("admin", repo_name.namespace)
     with db.write() as session:
         repo = crud.get_repo(session, namespace=repo_name.namespace, name=repo_name.name)

@@ -177,7 +177,8 @@ class S3BlobStore(BlobStore):
         except ClientError as exc:
             if _code(exc) in _NOT_FOUND:
                 raise ConflictError(
-                    f"upload {ref.upload_id} can no longer take parts (its multipart upload was completed or aborted)"
+                    f"upload {ref.upload_id} can no longer take parts "
+                    "(its multipart upload was completed or aborted)"
                 ) from None
             raise BlobStoreError(f"S3 ListParts failed: {_code(exc)}") from None
         except BotoCoreError as exc:
@@ -202,7 +203,8 @@ class S3BlobStore(BlobStore):
         if numbers != list(range(1, expected_parts + 1)):
             missing = sorted(set(range(1, expected_parts + 1)) - set(numbers))
             raise ConflictError(
-                f"upload {ref.upload_id} is missing part(s) {', '.join(map(str, missing[:10]))} of {expected_parts}; "
+                f"upload {ref.upload_id} is missing part(s) "
+                f"{', '.join(map(str, missing[:10]))} of {expected_parts}; "
                 "upload every part before completing"
             )
         with _store_errors("CompleteMultipartUpload"):

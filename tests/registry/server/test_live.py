@@ -58,7 +58,8 @@ def test_interrupted_upload_leaves_no_version_and_gc_removes_it(
     # send the headers and half of the body, then drop the connection
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(
-        f"PUT {upload['upload_url']} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+        f"PUT {upload['upload_url']} HTTP/1.1\r\nHost: "
+        "127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
         f"Content-Length: {a.size}\r\n\r\n".encode()
         + a.data[: a.size // 2]
     )

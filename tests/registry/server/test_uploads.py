@@ -113,7 +113,8 @@ def test_a_delta_of_another_checkpoint_under_the_same_base_name_is_refused_sayin
     assert error_of(r) == {
         "code": "base_mismatch",
         "message": (
-            f"acme/math holds deltas of base {BASE_NAME!r} (fingerprint {other}); this upload was made for another "
+            f"acme/math holds deltas of base {BASE_NAME!r} "
+            f"(fingerprint {other}); this upload was made for another "
             f"checkpoint of that name (fingerprint {delta_blobs[0].base_fingerprint})"
         ),
     }
