@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from registry_bench import BASE, FINGERPRINT, make_delta, moto_server, registry_server  # noqa: E402
+
 from codec.storage import compress_blob  # noqa: E402
 from registry.client.api import RegistryApi  # noqa: E402
-from registry_bench import BASE, FINGERPRINT, make_delta, moto_server, registry_server  # noqa: E402
 
 DELTACTL = str(Path(sys.executable).with_name("deltactl"))
 
@@ -55,7 +56,7 @@ class PhaseClock:
     def durations(self) -> dict[str, float]:
         out: dict[str, float] = {}
         names = ["validate + repository check"] + [m[0] for m in self.marks[1:-1]]
-        for name, (_, t0), (_, t1) in zip(names, self.marks, self.marks[1:]):
+        for name, (_, t0), (_, t1) in zip(names, self.marks, self.marks[1:], strict=False):
             out[name] = out.get(name, 0.0) + t1 - t0
         return out
 
@@ -71,7 +72,9 @@ def run_cli(*args: str, home: Path, url: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size-mb", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
@@ -89,19 +92,37 @@ def main() -> None:
         subprocess.run([DELTACTL, "--version"], capture_output=True, check=True)
         startup = time.perf_counter() - t0
 
-        rows: dict[str, list[float]] = {k: [] for k in (
-            "push proc", "push api", "push raw", "pull proc", "pull api", "pull raw", "hit proc", "hit api")}
+        rows: dict[str, list[float]] = {
+            k: []
+            for k in (
+                "push proc",
+                "push api",
+                "push raw",
+                "pull proc",
+                "pull api",
+                "pull raw",
+                "hit proc",
+                "hit api",
+            )
+        }
         phases: list[dict[str, float]] = []
         with moto_server() as endpoint:
             s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
             s3.create_bucket(Bucket="bench")
-            env = {"DELTASTORE_DATA_DIR": str(work / "data"), "DELTASTORE_BLOB_URL": "s3://bench/registry",
-                   "DELTASTORE_S3_ENDPOINT_URL": endpoint}
+            env = {
+                "DELTASTORE_DATA_DIR": str(work / "data"),
+                "DELTASTORE_BLOB_URL": "s3://bench/registry",
+                "DELTASTORE_S3_ENDPOINT_URL": endpoint,
+            }
             with registry_server(env) as url:
-                httpx.post(f"{url}/v1/bases", json={"name": BASE, "fingerprint": FINGERPRINT}).raise_for_status()
+                httpx.post(
+                    f"{url}/v1/bases", json={"name": BASE, "fingerprint": FINGERPRINT}
+                ).raise_for_status()
                 for i in range(args.repeat):
                     # push: executable, in-process, raw boto3 of the same byte count
-                    rows["push proc"].append(run_cli("push", str(deltas[2 * i]), f"bench/p{i}", home=work / f"hp{i}", url=url))
+                    rows["push proc"].append(
+                        run_cli("push", str(deltas[2 * i]), f"bench/p{i}", home=work / f"hp{i}", url=url)
+                    )
                     clock = PhaseClock()
                     with RegistryApi(url, home=work / f"ha{i}") as api:
                         t0 = time.perf_counter()
@@ -113,8 +134,12 @@ def main() -> None:
                     rows["push raw"].append(time.perf_counter() - t0)
 
                     # pull into fresh caches, then the cache hit, then raw boto3 of the stored object
-                    rows["pull proc"].append(run_cli("pull", f"bench/p{i}", home=work / f"fresh-p{i}", url=url))
-                    rows["hit proc"].append(run_cli("pull", f"bench/p{i}", home=work / f"fresh-p{i}", url=url))
+                    rows["pull proc"].append(
+                        run_cli("pull", f"bench/p{i}", home=work / f"fresh-p{i}", url=url)
+                    )
+                    rows["hit proc"].append(
+                        run_cli("pull", f"bench/p{i}", home=work / f"fresh-p{i}", url=url)
+                    )
                     with RegistryApi(url, home=work / f"fresh-a{i}") as api:
                         t0 = time.perf_counter()
                         pulled = api.pull(f"bench/a{i}")
@@ -123,8 +148,11 @@ def main() -> None:
                         t0 = time.perf_counter()
                         assert api.pull(f"bench/a{i}").cache_hit
                         rows["hit api"].append(time.perf_counter() - t0)
-                    key = next(o["Key"] for o in s3.list_objects_v2(Bucket="bench", Prefix="registry/blobs/")["Contents"]
-                               if pulled.version.digest.removeprefix("sha256:") in o["Key"])
+                    key = next(
+                        o["Key"]
+                        for o in s3.list_objects_v2(Bucket="bench", Prefix="registry/blobs/")["Contents"]
+                        if pulled.version.digest.removeprefix("sha256:") in o["Key"]
+                    )
                     t0 = time.perf_counter()
                     s3.download_file("bench", key, str(work / "peer-download"))
                     rows["pull raw"].append(time.perf_counter() - t0)
@@ -135,18 +163,29 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in rows.items()}
     mb = stored.size / 1e6
-    print(f"\ndeltactl push/pull of a {args.size_mb} MB delta ({mb:.1f} MB stored) via the registry to moto S3 on loopback, "
-          f"median of {args.repeat} interleaved rounds; `deltactl --version` start-up {startup:.2f} s")
-    print(f"{'op':<16} {'deltactl s':>11} {'in-process s':>13} {'MB/s':>7} {'raw boto3 s':>12} {'MB/s':>7} "
-          f"{'ratio':>6} {'ratio (exe)':>12}  goal")
+    print(
+        f"\ndeltactl push/pull of a {args.size_mb} MB delta ({mb:.1f} "
+        "MB stored) via the registry to moto S3 on loopback, "
+        f"median of {args.repeat} interleaved rounds; `deltactl --version` start-up {startup:.2f} s"
+    )
+    print(
+        f"{'op':<16} {'deltactl s':>11} {'in-process s':>13} {'MB/s':>7} {'raw boto3 s':>12} {'MB/s':>7} "
+        f"{'ratio':>6} {'ratio (exe)':>12}  goal"
+    )
     for op, label in (("push", "push"), ("pull", "pull")):
         proc, api, raw = med[f"{op} proc"], med[f"{op} api"], med[f"{op} raw"]
-        print(f"{label:<16} {proc:>11.2f} {api:>13.2f} {mb / api:>7.1f} {raw:>12.2f} {mb / raw:>7.1f} "
-              f"{raw / api:>6.2f} {raw / proc:>12.2f}  >= 0.90")
+        print(
+            f"{label:<16} {proc:>11.2f} {api:>13.2f} {mb / api:>7.1f} {raw:>12.2f} {mb / raw:>7.1f} "
+            f"{raw / api:>6.2f} {raw / proc:>12.2f}  >= 0.90"
+        )
     print(f"{'pull (cache hit)':<16} {med['hit proc']:>11.2f} {med['hit api'] * 1000:>11.1f}ms")
-    print("\npush phases (in-process, median s): " + ", ".join(
-        f"{name} {statistics.median(p.get(name, 0.0) for p in phases):.2f}" for name in phases[0]))
-    print("ratio = raw boto3 time / our in-process time; ratio (exe) uses the deltactl executable's wall time.")
+    print(
+        "\npush phases (in-process, median s): "
+        + ", ".join(f"{name} {statistics.median(p.get(name, 0.0) for p in phases):.2f}" for name in phases[0])
+    )
+    print(
+        "ratio = raw boto3 time / our in-process time; ratio (exe) uses the deltactl executable's wall time."
+    )
 
 
 if __name__ == "__main__":

@@ -41,16 +41,24 @@ PAPER_RATIO = 10.87
 def layer_shapes(i: int) -> dict[str, tuple[int, ...]]:
     p = f"model.layers.{i}."
     return {
-        p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (HIDDEN, HIDDEN),
-        p + "self_attn.v_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-        p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN),
+        p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+        p + "self_attn.k_proj.weight": (HIDDEN, HIDDEN),
+        p + "self_attn.v_proj.weight": (HIDDEN, HIDDEN),
+        p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+        p + "mlp.gate_proj.weight": (INTER, HIDDEN),
+        p + "mlp.up_proj.weight": (INTER, HIDDEN),
         p + "mlp.down_proj.weight": (HIDDEN, INTER),
-        p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,),
+        p + "input_layernorm.weight": (HIDDEN,),
+        p + "post_attention_layernorm.weight": (HIDDEN,),
     }
 
 
 def outer_shapes() -> dict[str, tuple[int, ...]]:
-    return {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
+    return {
+        "model.embed_tokens.weight": (VOCAB, HIDDEN),
+        "model.norm.weight": (HIDDEN,),
+        "lm_head.weight": (VOCAB, HIDDEN),
+    }
 
 
 def build_pair(root: Path, layers: int) -> tuple[Path, Path]:
@@ -78,11 +86,22 @@ def build_pair(root: Path, layers: int) -> tuple[Path, Path]:
         save_file(ft, ft_dir / fname)
         del base, ft
     for d in (base_dir, ft_dir):
-        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                                                  "hidden_size": HIDDEN, "intermediate_size": INTER,
-                                                  "num_hidden_layers": layers, "vocab_size": VOCAB,
-                                                  "torch_dtype": "float16"}))
+        (d / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
+        (d / "config.json").write_text(
+            json.dumps(
+                {
+                    "architectures": ["LlamaForCausalLM"],
+                    "model_type": "llama",
+                    "hidden_size": HIDDEN,
+                    "intermediate_size": INTER,
+                    "num_hidden_layers": layers,
+                    "vocab_size": VOCAB,
+                    "torch_dtype": "float16",
+                }
+            )
+        )
     marker.write_text("{}")
     return base_dir, ft_dir
 
@@ -130,14 +149,18 @@ def main() -> None:
 
     t = time.perf_counter()
     base_dir, ft_dir = build_pair(args.workdir, args.layers)
-    print(f"# Llama-2-7B-shaped fp16 pair with {args.layers}/{LAYERS} layers at {args.workdir} "
-          f"(built in {time.perf_counter() - t:.0f}s); torch threads={torch.get_num_threads()}")
+    print(
+        f"# Llama-2-7B-shaped fp16 pair with {args.layers}/{LAYERS} layers at {args.workdir} "
+        f"(built in {time.perf_counter() - t:.0f}s); torch threads={torch.get_num_threads()}"
+    )
     ft_bytes = dir_bytes(ft_dir)
 
     # --- size ratios -------------------------------------------------------------------------
     rows = []
-    for label, opts in (("BitDelta setting (embed/lm_head dense)", CompressOptions()),
-                        ("embed + lm_head binarized too", CompressOptions(include=("*embed_tokens*", "*lm_head*")))):
+    for label, opts in (
+        ("BitDelta setting (embed/lm_head dense)", CompressOptions()),
+        ("embed + lm_head binarized too", CompressOptions(include=("*embed_tokens*", "*lm_head*"))),
+    ):
         out = args.workdir / "delta.bdelta"
         report = compress(base_dir, ft_dir, out, opts)
         delta = DeltaFile.open(out)
@@ -150,7 +173,9 @@ def main() -> None:
         full_delta = outer + LAYERS * per_layer + header
         rows.append((label, report.ratio, full_ft / full_delta, full_delta))
     print()
-    print("| variant | ratio (measured, this file) | ratio (32 layers, 7B) | delta size (7B) | paper anchor |")
+    print(
+        "| variant | ratio (measured, this file) | ratio (32 layers, 7B) | delta size (7B) | paper anchor |"
+    )
     print("|---|---|---|---|---|")
     for label, measured, full, size in rows:
         print(f"| {label} | {measured:.2f}x | {full:.2f}x | {size / 1e9:.2f} GB | {PAPER_RATIO}x |")
@@ -162,9 +187,12 @@ def main() -> None:
     limit = min(limit, read_and_hash(base_dir, ft_dir))
     gb = ft_bytes / 1e9
     print()
-    print(f"| operation | ours GB/s | limit GB/s | ours / limit |")
+    print("| operation | ours GB/s | limit GB/s | ours / limit |")
     print("|---|---|---|---|")
-    print(f"| compress ({gb:.2f} GB fine-tune) | {gb / comp:.2f} | {gb / limit:.2f} (read+sha256 base+fine-tune) | {limit / comp:.2f} |")
+    print(
+        f"| compress ({gb:.2f} GB fine-tune) | {gb / comp:.2f} | "
+        f"{gb / limit:.2f} (read+sha256 base+fine-tune) | {limit / comp:.2f} |"
+    )
 
     # --- apply throughput ------------------------------------------------------------------------
     applied = args.workdir / "applied"
@@ -176,8 +204,14 @@ def main() -> None:
     app = best_of(args.repeat, run_apply)
     limit_read = best_of(args.repeat, lambda: read_and_hash(base_dir, out))
     limit_copy = best_of(args.repeat, lambda: copy_files(base_dir, args.workdir / "copy"))
-    print(f"| apply ({gb:.2f} GB written) | {gb / app:.2f} | {gb / limit_read:.2f} (read+sha256 base+delta) | {limit_read / app:.2f} |")
-    print(f"| apply vs copying the base | {gb / app:.2f} | {gb / limit_copy:.2f} (read+write+fsync base) | {limit_copy / app:.2f} |")
+    print(
+        f"| apply ({gb:.2f} GB written) | {gb / app:.2f} | {gb / limit_read:.2f} "
+        f"(read+sha256 base+delta) | {limit_read / app:.2f} |"
+    )
+    print(
+        f"| apply vs copying the base | {gb / app:.2f} | {gb / limit_copy:.2f} "
+        f"(read+write+fsync base) | {limit_copy / app:.2f} |"
+    )
     shutil.rmtree(args.workdir / "copy", ignore_errors=True)
     shutil.rmtree(applied, ignore_errors=True)
     if not args.keep:

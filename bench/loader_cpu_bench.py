@@ -77,8 +77,12 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    ap.add_argument("--codec", choices=["bitdelta", "deltadq"], default="bitdelta",
-                    help="deltadq: ratio 32, served by decode-then-GEMM from table-only slots")
+    ap.add_argument(
+        "--codec",
+        choices=["bitdelta", "deltadq"],
+        default="bitdelta",
+        help="deltadq: ratio 32, served by decode-then-GEMM from table-only slots",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,8 +99,14 @@ def main() -> None:
             deltas.append(compress(base, ft, root / f"d{i}.bdelta", opts).path)
             applied.append(apply_delta(base, deltas[-1], root / f"m{i}").out_dir)
 
-        dm = DeltaModel.from_pretrained(base, device="cpu", max_slots=n, memory_budget="4GiB", backend="torch",
-                                        sign_slots=0 if args.codec == "deltadq" else None)
+        dm = DeltaModel.from_pretrained(
+            base,
+            device="cpu",
+            max_slots=n,
+            memory_budget="4GiB",
+            backend="torch",
+            sign_slots=0 if args.codec == "deltadq" else None,
+        )
         slots = [dm.load(d) for d in deltas]
         models = [AutoModelForCausalLM.from_pretrained(p, dtype="auto").eval() for p in applied]
         stats = dm.stats()
@@ -112,40 +122,57 @@ def main() -> None:
 
         def sep_prefill():
             with torch.inference_mode():
-                return [m(ids[i:i + 1], use_cache=True) for i, m in enumerate(models)]
+                return [m(ids[i : i + 1], use_cache=True) for i, m in enumerate(models)]
 
         load_before = os.getloadavg()[0]
-        pre = best_of({"base": lambda: dm_prefill(None), "dm": lambda: dm_prefill(slots), "sep": sep_prefill},
-                      args.reps)
+        pre = best_of(
+            {"base": lambda: dm_prefill(None), "dm": lambda: dm_prefill(slots), "sep": sep_prefill}, args.reps
+        )
 
         def dm_step(delta_ids):
             return lambda out: dm.forward(step, delta_ids=delta_ids, cache=out.cache, use_cache=True)
 
         def sep_step(outs):
             with torch.inference_mode():
-                return [m(step[i:i + 1], cache=o.cache, use_cache=True) for i, (m, o) in enumerate(zip(models, outs))]
+                return [
+                    m(step[i : i + 1], cache=o.cache, use_cache=True)
+                    for i, (m, o) in enumerate(zip(models, outs, strict=True))
+                ]
 
-        dec = best_of({
-            "base": Decoder(lambda: dm_prefill(None), dm_step(None)),
-            "dm": Decoder(lambda: dm_prefill(slots), dm_step(slots)),
-            "sep": Decoder(sep_prefill, sep_step),
-        }, args.decode_steps)
+        dec = best_of(
+            {
+                "base": Decoder(lambda: dm_prefill(None), dm_step(None)),
+                "dm": Decoder(lambda: dm_prefill(slots), dm_step(slots)),
+                "sep": Decoder(sep_prefill, sep_step),
+            },
+            args.decode_steps,
+        )
         load_after = os.getloadavg()[0]
         pre_base, pre_dm, pre_sep = pre["base"], pre["dm"], pre["sep"]
         dec_base, dec_dm, dec_sep = dec["base"], dec["dm"], dec["sep"]
         tokens_pre = n * args.prompt
         n_params = sum(p.numel() for p in models[0].parameters())
-        print(f"\nLlama hidden={args.hidden} layers={args.layers} vocab=384 ({n_params / 1e6:.1f}M params, fp32), "
-              f"{n} {'DeltaDQ deltas (ratio 32' if args.codec == 'deltadq' else 'deltas (1 plane, per-matrix scales'}, "
-              f"embeddings/lm_head dense), batch {n} rows x "
-              f"{args.prompt} prompt tokens, torch threads={torch.get_num_threads()}, backend=torch, "
-              f"load average {load_before:.1f} -> {load_after:.1f}; best of {args.reps} (prefill) / "
-              f"{args.decode_steps} (decode) round-robin runs")
+        kind = "DeltaDQ deltas (ratio 32" if args.codec == "deltadq" else "deltas (1 plane, per-matrix scales"
+        print(
+            f"\nLlama hidden={args.hidden} layers={args.layers} "
+            f"vocab=384 ({n_params / 1e6:.1f}M params, fp32), "
+            f"{n} {kind}, "
+            f"embeddings/lm_head dense), batch {n} rows x "
+            f"{args.prompt} prompt tokens, torch threads={torch.get_num_threads()}, backend=torch, "
+            f"load average {load_before:.1f} -> {load_after:.1f}; best of {args.reps} (prefill) / "
+            f"{args.decode_steps} (decode) round-robin runs"
+        )
         fixed = stats["table_slot_bytes"] if args.codec == "deltadq" else stats["slot_bytes"]
-        print(f"delta file size: {format_size(deltas[0].stat().st_size)} each; one slot: "
-              f"{format_size(fixed)} fixed + {format_size(stats['dense_bytes_used'] // n)} dense"
-              + (f" + {format_size(stats['dq_bytes_used'] // n)} DeltaDQ payload" if args.codec == "deltadq" else "")
-              + f"; load (stage + install) {stats['stage_seconds'] + stats['install_seconds']:.2f} s for {n}\n")
+        print(
+            f"delta file size: {format_size(deltas[0].stat().st_size)} each; one slot: "
+            f"{format_size(fixed)} fixed + {format_size(stats['dense_bytes_used'] // n)} dense"
+            + (
+                f" + {format_size(stats['dq_bytes_used'] // n)} DeltaDQ payload"
+                if args.codec == "deltadq"
+                else ""
+            )
+            + f"; load (stage + install) {stats['stage_seconds'] + stats['install_seconds']:.2f} s for {n}\n"
+        )
         header = f"{'setup':<40} {'weights held':>14} {'prefill ms/token':>17} {'decode ms/token':>16}"
         print(header)
         print("-" * len(header))
@@ -155,9 +182,13 @@ def main() -> None:
             (f"{n} separately applied full models", held_sep, pre_sep, dec_sep),
         ]
         for name, held, pre, dec in rows:
-            print(f"{name:<40} {format_size(held):>14} {pre / tokens_pre * 1e3:>17.3f} {dec / n * 1e3:>16.3f}")
-        print(f"\nmemory: {held_sep / held_dm:.2f}x less with slots; "
-              f"prefill: {pre_sep / pre_dm:.2f}x, decode: {dec_sep / dec_dm:.2f}x the speed of separate models")
+            print(
+                f"{name:<40} {format_size(held):>14} {pre / tokens_pre * 1e3:>17.3f} {dec / n * 1e3:>16.3f}"
+            )
+        print(
+            f"\nmemory: {held_sep / held_dm:.2f}x less with slots; "
+            f"prefill: {pre_sep / pre_dm:.2f}x, decode: {dec_sep / dec_dm:.2f}x the speed of separate models"
+        )
 
 
 if __name__ == "__main__":

@@ -58,7 +58,9 @@ def wait_http(url: str, timeout: float = 30) -> None:
 
 @contextmanager
 def process(args: list[str], env: dict | None = None, ready_url: str | None = None):
-    proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        args, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         if ready_url:
             wait_http(ready_url)
@@ -71,7 +73,10 @@ def process(args: list[str], env: dict | None = None, ready_url: str | None = No
 @contextmanager
 def moto_server():
     port = free_port()
-    with process([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], ready_url=f"http://127.0.0.1:{port}/moto-api/"):
+    with process(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        ready_url=f"http://127.0.0.1:{port}/moto-api/",
+    ):
         yield f"http://127.0.0.1:{port}"
 
 
@@ -81,12 +86,26 @@ def registry_server(env: dict):
     from registry.server.migrate import upgrade
     from registry.server.settings import Settings
 
-    engine = create_db_engine(Settings(**{k.removeprefix("DELTASTORE_").lower(): v for k, v in env.items()}).resolved_database_url)
+    engine = create_db_engine(
+        Settings(**{k.removeprefix("DELTASTORE_").lower(): v for k, v in env.items()}).resolved_database_url
+    )
     upgrade(engine)
     engine.dispose()
     port = free_port()
-    args = [sys.executable, "-m", "uvicorn", "--factory", "registry.server.app:create_app", "--host", "127.0.0.1",
-            "--port", str(port), "--log-level", "warning", "--no-access-log"]
+    args = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "registry.server.app:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
     with process(args, env={**env, "PYTHONPATH": str(ROOT)}, ready_url=f"http://127.0.0.1:{port}/healthz"):
         yield f"http://127.0.0.1:{port}"
 
@@ -97,9 +116,16 @@ def make_delta(path: Path, size_mb: int, seed: int = 0) -> Path:
     cols_bytes = size_mb * (1 << 20) // rows
     n = rows * cols_bytes
     header = {
-        "__metadata__": {"format": "deltastore.delta", "format_version": "1", "codec": "bitdelta", "base_model": BASE,
-                         "base_fingerprint": FINGERPRINT, "dtype": "float16", "x-planes": "1",
-                         "x-finetuned-bytes": str(n * 16)},
+        "__metadata__": {
+            "format": "deltastore.delta",
+            "format_version": "1",
+            "codec": "bitdelta",
+            "base_model": BASE,
+            "base_fingerprint": FINGERPRINT,
+            "dtype": "float16",
+            "x-planes": "1",
+            "x-finetuned-bytes": str(n * 16),
+        },
         "model.w.scale": {"dtype": "F32", "shape": [1, 1], "data_offsets": [0, 4]},
         "model.w.sign": {"dtype": "U8", "shape": [1, rows, cols_bytes], "data_offsets": [4, 4 + n]},
     }
@@ -142,11 +168,24 @@ def bench_transfer(size_mb: int, repeat: int) -> list[tuple]:
     with moto_server() as endpoint:
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         s3.create_bucket(Bucket="bench")
-        env = {"DELTASTORE_DATA_DIR": str(work / "data"), "DELTASTORE_BLOB_URL": "s3://bench/registry",
-               "DELTASTORE_S3_ENDPOINT_URL": endpoint, "DELTASTORE_UPLOAD_TTL_SECONDS": "3600"}
-        with registry_server(env) as url, httpx.Client(base_url=url, timeout=600) as api, httpx.Client(timeout=600) as s3http:
+        env = {
+            "DELTASTORE_DATA_DIR": str(work / "data"),
+            "DELTASTORE_BLOB_URL": "s3://bench/registry",
+            "DELTASTORE_S3_ENDPOINT_URL": endpoint,
+            "DELTASTORE_UPLOAD_TTL_SECONDS": "3600",
+        }
+        with (
+            registry_server(env) as url,
+            httpx.Client(base_url=url, timeout=600) as api,
+            httpx.Client(timeout=600) as s3http,
+        ):
             api.post("/v1/bases", json={"name": BASE, "fingerprint": FINGERPRINT}).raise_for_status()
-            declaration = {"digest": info.digest, "size": info.size, "raw_digest": info.raw_digest, "raw_size": info.raw_size}
+            declaration = {
+                "digest": info.digest,
+                "size": info.size,
+                "raw_digest": info.raw_digest,
+                "raw_size": info.raw_size,
+            }
 
             last_repo: list[str] = []
 
@@ -154,7 +193,9 @@ def bench_transfer(size_mb: int, repeat: int) -> list[tuple]:
                 """Returns the time spent in `complete` (the server's verification)."""
                 repo = f"r{uuid.uuid4().hex[:8]}"
                 last_repo[:] = [repo]
-                api.post("/v1/repos", json={"namespace": "bench", "name": repo, "base": BASE}).raise_for_status()
+                api.post(
+                    "/v1/repos", json={"namespace": "bench", "name": repo, "base": BASE}
+                ).raise_for_status()
                 upload = api.post(f"/v1/repos/bench/{repo}/uploads", json=declaration).json()
                 assert not upload["exists"]
                 parts = upload["parts"] or [{"url": upload["upload_url"], "offset": 0, "size": info.size}]
@@ -181,9 +222,15 @@ def bench_transfer(size_mb: int, repeat: int) -> list[tuple]:
 
             raw_key = "raw/pull-source"
             s3.upload_file(str(pull_path), "bench", raw_key)
-            api.post("/v1/repos", json={"namespace": "bench", "name": "pull", "base": BASE}).raise_for_status()
-            pull_declaration = {"digest": pull_info.digest, "size": pull_info.size, "raw_digest": pull_info.raw_digest,
-                                "raw_size": pull_info.raw_size}
+            api.post(
+                "/v1/repos", json={"namespace": "bench", "name": "pull", "base": BASE}
+            ).raise_for_status()
+            pull_declaration = {
+                "digest": pull_info.digest,
+                "size": pull_info.size,
+                "raw_digest": pull_info.raw_digest,
+                "raw_size": pull_info.raw_size,
+            }
             upload = api.post("/v1/repos/bench/pull/uploads", json=pull_declaration).json()
             for part in upload["parts"]:
                 with open(pull_path, "rb") as fh:
@@ -198,66 +245,134 @@ def bench_transfer(size_mb: int, repeat: int) -> list[tuple]:
                 complete_t.append(registry_push())
                 push_t.append(time.perf_counter() - t0)
                 api.delete(f"/v1/repos/bench/{last_repo[0]}")
-                raw_up_t.append(timed(lambda: s3.upload_file(str(blob_path), "bench", f"raw/{uuid.uuid4().hex}"), 1))
+                raw_up_t.append(
+                    timed(lambda: s3.upload_file(str(blob_path), "bench", f"raw/{uuid.uuid4().hex}"), 1)
+                )
                 pull_t.append(timed(registry_pull, 1))
-                raw_down_t.append(timed(lambda: s3.download_file("bench", raw_key, str(work / "pulled-raw")), 1))
+                raw_down_t.append(
+                    timed(lambda: s3.download_file("bench", raw_key, str(work / "pulled-raw")), 1)
+                )
                 _gc(env)
     med = statistics.median
     mb = info.size / 1e6
-    rows.append(("push", mb, med(push_t), med(raw_up_t), f"of which complete (server verifies) {med(complete_t):.2f} s"))
+    rows.append(
+        (
+            "push",
+            mb,
+            med(push_t),
+            med(raw_up_t),
+            f"of which complete (server verifies) {med(complete_t):.2f} s",
+        )
+    )
     rows.append(("pull", mb, med(pull_t), med(raw_down_t), ""))
     return rows
 
 
 def _gc(env: dict) -> None:
+    import datetime as dt
+
     from registry.server.blobstores import open_blob_store
     from registry.server.db import Database
     from registry.server.gc import collect_garbage
     from registry.server.models import utcnow
     from registry.server.settings import Settings
-    import datetime as dt
 
     settings = Settings(**{k.removeprefix("DELTASTORE_").lower(): v for k, v in env.items()})
     db = Database.from_url(settings.resolved_database_url)
-    collect_garbage(db=db, store=open_blob_store(settings), settings=settings, now=utcnow() + dt.timedelta(days=2))
+    collect_garbage(
+        db=db, store=open_blob_store(settings), settings=settings, now=utcnow() + dt.timedelta(days=2)
+    )
     db.dispose()
 
 
 # --- 2. list / show latency ------------------------------------------------------------------
-def populate(database_url: str, *, bases: int, repos_per_base: int, versions_per_repo: int) -> list[tuple[str, str]]:
+def populate(
+    database_url: str, *, bases: int, repos_per_base: int, versions_per_repo: int
+) -> list[tuple[str, str]]:
     from sqlalchemy import insert
 
     from registry.server.db import Database
-    from registry.server.models import BaseModel, Blob, Repository, Tag, Version, utcnow
     from registry.server.migrate import upgrade
+    from registry.server.models import BaseModel, Blob, Repository, Tag, Version, utcnow
 
     db = Database.from_url(database_url)
     upgrade(db.engine)
     now = utcnow()
     repos = []
     with db.write() as s:
-        s.execute(insert(BaseModel), [
-            {"id": b + 1, "name": f"org{b}/base{b}", "fingerprint": "sha256:" + f"{b:064x}", "created_by": "bench", "created_at": now}
-            for b in range(bases)
-        ])
+        s.execute(
+            insert(BaseModel),
+            [
+                {
+                    "id": b + 1,
+                    "name": f"org{b}/base{b}",
+                    "fingerprint": "sha256:" + f"{b:064x}",
+                    "created_by": "bench",
+                    "created_at": now,
+                }
+                for b in range(bases)
+            ],
+        )
         repo_rows, blob_rows, version_rows, tag_rows = [], [], [], []
         vid = 0
         for b in range(bases):
             for r in range(repos_per_base):
                 rid = b * repos_per_base + r + 1
                 repos.append((f"ns{b}", f"delta-{r}"))
-                repo_rows.append({"id": rid, "namespace": f"ns{b}", "name": f"delta-{r}", "base_model_id": b + 1,
-                                  "description": "", "visibility": "public", "next_version": versions_per_repo + 1,
-                                  "created_by": "bench", "created_at": now})
+                repo_rows.append(
+                    {
+                        "id": rid,
+                        "namespace": f"ns{b}",
+                        "name": f"delta-{r}",
+                        "base_model_id": b + 1,
+                        "description": "",
+                        "visibility": "public",
+                        "next_version": versions_per_repo + 1,
+                        "created_by": "bench",
+                        "created_at": now,
+                    }
+                )
                 for n in range(1, versions_per_repo + 1):
                     vid += 1
                     digest = "sha256:" + hashlib.sha256(str(vid).encode()).hexdigest()
-                    blob_rows.append({"digest": digest, "store_key": "sha256/" + digest[7:9] + "/" + digest[7:], "size": 10_000_000, "raw_digest": digest, "raw_size": 20_000_000, "created_at": now})
-                    version_rows.append({"id": vid, "repository_id": rid, "number": n, "state": "ready", "blob_digest": digest,
-                                         "codec": "bitdelta", "dtype": "bfloat16", "bits": 1, "size_ratio": 15.9,
-                                         "fidelity": {"kl": 0.01}, "header_metadata": {"codec": "bitdelta"}, "description": "",
-                                         "created_by": "bench", "created_at": now, "ready_at": now})
-                tag_rows.append({"repository_id": rid, "name": "latest", "version_id": vid, "updated_by": "bench", "updated_at": now})
+                    blob_rows.append(
+                        {
+                            "digest": digest,
+                            "store_key": "sha256/" + digest[7:9] + "/" + digest[7:],
+                            "size": 10_000_000,
+                            "raw_digest": digest,
+                            "raw_size": 20_000_000,
+                            "created_at": now,
+                        }
+                    )
+                    version_rows.append(
+                        {
+                            "id": vid,
+                            "repository_id": rid,
+                            "number": n,
+                            "state": "ready",
+                            "blob_digest": digest,
+                            "codec": "bitdelta",
+                            "dtype": "bfloat16",
+                            "bits": 1,
+                            "size_ratio": 15.9,
+                            "fidelity": {"kl": 0.01},
+                            "header_metadata": {"codec": "bitdelta"},
+                            "description": "",
+                            "created_by": "bench",
+                            "created_at": now,
+                            "ready_at": now,
+                        }
+                    )
+                tag_rows.append(
+                    {
+                        "repository_id": rid,
+                        "name": "latest",
+                        "version_id": vid,
+                        "updated_by": "bench",
+                        "updated_at": now,
+                    }
+                )
         s.execute(insert(Repository), repo_rows)
         s.execute(insert(Blob), blob_rows)
         s.execute(insert(Version), version_rows)
@@ -279,6 +394,7 @@ def bench_latency(database_url: str, label: str, requests: int) -> list[tuple]:
     rng = random.Random(1)
     rows = []
     with registry_server(env) as url, httpx.Client(base_url=url, timeout=30) as c:
+
         def base_repos() -> str:
             b = rng.randrange(bases)
             return f"/v1/bases/org{b}/base{b}/repos?limit=50"
@@ -304,7 +420,9 @@ def bench_latency(database_url: str, label: str, requests: int) -> list[tuple]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", choices=["transfer", "latency"])
     parser.add_argument("--size-mb", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=5)
@@ -314,13 +432,24 @@ def main() -> None:
 
     if args.only in (None, "transfer"):
         rows = bench_transfer(args.size_mb, args.repeat)
-        print(f"\npush/pull of a {args.size_mb} MB delta via the registry to moto S3 (loopback), median of {args.repeat} interleaved rounds")
-        print(f"{'op':<6} {'MB':>7} {'registry s':>11} {'registry MB/s':>14} {'raw boto3 s':>12} {'raw MB/s':>9} {'ratio':>6}  goal")
+        print(
+            f"\npush/pull of a {args.size_mb} MB delta via the registry to "
+            f"moto S3 (loopback), median of {args.repeat} interleaved rounds"
+        )
+        print(
+            f"{'op':<6} {'MB':>7} {'registry s':>11} {'registry MB/s':>14} "
+            f"{'raw boto3 s':>12} {'raw MB/s':>9} {'ratio':>6}  goal"
+        )
         for op, mb, ours, raw, note in rows:
-            print(f"{op:<6} {mb:>7.1f} {ours:>11.2f} {mb / ours:>14.1f} {raw:>12.2f} {mb / raw:>9.1f} {raw / ours:>6.2f}  >= 0.90  {note}")
+            print(
+                f"{op:<6} {mb:>7.1f} {ours:>11.2f} {mb / ours:>14.1f} {raw:>12.2f} "
+                f"{mb / raw:>9.1f} {raw / ours:>6.2f}  >= 0.90  {note}"
+            )
 
     if args.only in (None, "latency"):
-        rows = bench_latency(f"sqlite:///{tempfile.mkdtemp(prefix='ds-bench-sqlite-')}/registry.db", "sqlite", args.requests)
+        rows = bench_latency(
+            f"sqlite:///{tempfile.mkdtemp(prefix='ds-bench-sqlite-')}/registry.db", "sqlite", args.requests
+        )
         if args.pg_url:
             from sqlalchemy import create_engine, text
             from sqlalchemy.engine import make_url
@@ -330,14 +459,20 @@ def main() -> None:
             with admin.connect() as conn:
                 conn.execute(text(f'CREATE DATABASE "{name}"'))
             try:
-                rows += bench_latency(make_url(args.pg_url).set(database=name).render_as_string(hide_password=False),
-                                      "postgres", args.requests)
+                rows += bench_latency(
+                    make_url(args.pg_url).set(database=name).render_as_string(hide_password=False),
+                    "postgres",
+                    args.requests,
+                )
             finally:
                 with admin.connect() as conn:
                     conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         else:
             print("\n(PostgreSQL skipped: set DELTASTORE_TEST_PG_URL or --pg-url)")
-        print(f"\nlist/show latency over HTTP (uvicorn, loopback), 10,000 versions in 1,000 repos across 20 bases, {args.requests} requests each")
+        print(
+            "\nlist/show latency over HTTP (uvicorn, loopback), 10,000 versions "
+            f"in 1,000 repos across 20 bases, {args.requests} requests each"
+        )
         print(f"{'db':<9} {'operation':<32} {'p50 ms':>7} {'p99 ms':>7}  goal p99")
         for db, op, p50, p99 in rows:
             print(f"{db:<9} {op:<32} {p50:>7.2f} {p99:>7.2f}  < 20 ms")

@@ -36,11 +36,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", "1024")  # moto: small parts, so blobs of a few MiB have several
+os.environ.setdefault(
+    "S3_UPLOAD_PART_MIN_SIZE", "1024"
+)  # moto: small parts, so blobs of a few MiB have several
 
 from tests.support.corpus import delta_bytes, sha256, storage_form  # noqa: E402
 from tests.support.harness import (  # noqa: E402
-    PostgresCluster, RegistryProcess, http_push, migrate, postgres_available, send_bytes, settings_from_env, setup_repo,
+    PostgresCluster,
+    RegistryProcess,
+    http_push,
+    migrate,
+    postgres_available,
+    settings_from_env,
+    setup_repo,
 )
 
 
@@ -62,7 +70,9 @@ def gc_later(env: dict) -> dict:
 def listed(c: httpx.Client, repo: str) -> list[dict]:
     items, cursor = [], None
     while True:
-        r = c.get(f"/v1/repos/{repo}/versions", params={"limit": 500, **({"cursor": cursor} if cursor else {})})
+        r = c.get(
+            f"/v1/repos/{repo}/versions", params={"limit": 500, **({"cursor": cursor} if cursor else {})}
+        )
         r.raise_for_status()
         page = r.json()
         items += page["items"]
@@ -71,7 +81,9 @@ def listed(c: httpx.Client, repo: str) -> list[dict]:
 
 
 # --- 1. SIGKILL at random moments ------------------------------------------------------------
-def campaign_kill(database_url: str, label: str, kills: int, pushers: int, per_pusher: int, seed: int) -> dict:
+def campaign_kill(
+    database_url: str, label: str, kills: int, pushers: int, per_pusher: int, seed: int
+) -> dict:
     rng = random.Random(seed)
     data = tempfile.mkdtemp(prefix="ds-kill-")
     env = {"DELTASTORE_DATA_DIR": data, "DELTASTORE_DATABASE_URL": database_url}
@@ -81,7 +93,9 @@ def campaign_kill(database_url: str, label: str, kills: int, pushers: int, per_p
     repo = "kill/shared"
     with httpx.Client(base_url=url, timeout=30) as c:
         setup_repo(c, repo)
-    blobs = [storage_form(delta_bytes(50_000 + i, rows=128, width_bytes=1024)) for i in range(pushers * per_pusher)]
+    blobs = [
+        storage_form(delta_bytes(50_000 + i, rows=128, width_bytes=1024)) for i in range(pushers * per_pusher)
+    ]
     confirmed: dict[str, int] = {}
     stats = {"attempts": 0, "failed_attempts": 0, "found_after_lost_answer": 0}
     lock = threading.Lock()
@@ -151,18 +165,37 @@ def campaign_kill(database_url: str, label: str, kills: int, pushers: int, per_p
         lost = sum(1 for b in blobs if b.digest not in by_digest)
         twice = sum(1 for n in by_digest.values() if len(n) > 1)
         renumbered = sum(1 for d, n in confirmed.items() if by_digest.get(d) != [n])
-        bad_downloads = sum(1 for v in items if sha256(c.get(f"/v1/repos/{repo}/versions/{v['number']}/download").content) != v["digest"])
+        bad_downloads = sum(
+            1
+            for v in items
+            if sha256(c.get(f"/v1/repos/{repo}/versions/{v['number']}/download").content) != v["digest"]
+        )
         before_gc = c.get("/v1/admin/fsck").json()
         gc_report = gc_later(env)
         after_gc = c.get("/v1/admin/fsck").json()
     server.stop()
-    return {"campaign": "SIGKILL during pushes", "database": label, "faults_injected": restarts, "pushes": len(blobs),
-            "pusher_threads": pushers, "seconds": round(seconds, 1), **stats, "lost": lost, "stored_twice": twice,
-            "renumbered": renumbered, "duplicate_numbers": len(numbers) - len(set(numbers)),
-            "numbers_contiguous": sorted(numbers) == list(range(1, len(numbers) + 1)), "bad_downloads": bad_downloads,
-            "fsck_problems_after_restarts": fsck_problems, "fsck_ok_at_end": before_gc["ok"],
-            "leftovers_before_gc": before_gc["orphan_objects"] + before_gc["staging_leftovers"] + before_gc["pending_uploads"],
-            "gc": gc_report, "clean_after_gc": after_gc["clean"]}
+    return {
+        "campaign": "SIGKILL during pushes",
+        "database": label,
+        "faults_injected": restarts,
+        "pushes": len(blobs),
+        "pusher_threads": pushers,
+        "seconds": round(seconds, 1),
+        **stats,
+        "lost": lost,
+        "stored_twice": twice,
+        "renumbered": renumbered,
+        "duplicate_numbers": len(numbers) - len(set(numbers)),
+        "numbers_contiguous": sorted(numbers) == list(range(1, len(numbers) + 1)),
+        "bad_downloads": bad_downloads,
+        "fsck_problems_after_restarts": fsck_problems,
+        "fsck_ok_at_end": before_gc["ok"],
+        "leftovers_before_gc": before_gc["orphan_objects"]
+        + before_gc["staging_leftovers"]
+        + before_gc["pending_uploads"],
+        "gc": gc_report,
+        "clean_after_gc": after_gc["clean"],
+    }
 
 
 # --- 2. S3 endpoint outages ------------------------------------------------------------------
@@ -185,11 +218,18 @@ def campaign_s3(outages: int, seed: int) -> dict:
     endpoint = f"http://127.0.0.1:{port}"
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="outage")
     data = tempfile.mkdtemp(prefix="ds-s3-")
-    env = {"DELTASTORE_DATA_DIR": data, "DELTASTORE_BLOB_URL": "s3://outage/reg", "DELTASTORE_S3_ENDPOINT_URL": endpoint,
-           "DELTASTORE_S3_MAX_ATTEMPTS": "2", "DELTASTORE_MULTIPART_THRESHOLD": str(256 << 10),
-           "DELTASTORE_MULTIPART_PART_SIZE": str(128 << 10)}
+    env = {
+        "DELTASTORE_DATA_DIR": data,
+        "DELTASTORE_BLOB_URL": "s3://outage/reg",
+        "DELTASTORE_S3_ENDPOINT_URL": endpoint,
+        "DELTASTORE_S3_MAX_ATTEMPTS": "2",
+        "DELTASTORE_MULTIPART_THRESHOLD": str(256 << 10),
+        "DELTASTORE_MULTIPART_PART_SIZE": str(128 << 10),
+    }
     migrate(env)
-    blobs = [storage_form(delta_bytes(60_000 + i, rows=256 if i % 2 else 2048, width_bytes=512)) for i in range(40)]
+    blobs = [
+        storage_form(delta_bytes(60_000 + i, rows=256 if i % 2 else 2048, width_bytes=512)) for i in range(40)
+    ]
     stats = {"attempts": 0, "errors_seen": {}, "server_errors": 0, "pulls": 0, "pull_failures": 0}
     lock = threading.Lock()
     done = threading.Event()
@@ -221,7 +261,11 @@ def campaign_s3(outages: int, seed: int) -> dict:
                     if r.status_code == 201:
                         break
                     if r.status_code >= 500:
-                        code = r.json().get("error", {}).get("code", "?") if r.headers.get("content-type", "").startswith("application/json") else "?"
+                        code = (
+                            r.json().get("error", {}).get("code", "?")
+                            if r.headers.get("content-type", "").startswith("application/json")
+                            else "?"
+                        )
                         note(f"{r.status_code} {code}")
                         if r.status_code != 502:
                             with lock:
@@ -237,7 +281,10 @@ def campaign_s3(outages: int, seed: int) -> dict:
                         r = c.get("/v1/repos/s3/outage/versions/latest/download", follow_redirects=False)
                         if r.status_code == 307:
                             got = httpx.get(r.headers["location"], timeout=30)
-                            ok = got.status_code == 200 and sha256(got.content) == r.headers["x-deltastore-digest"]
+                            ok = (
+                                got.status_code == 200
+                                and sha256(got.content) == r.headers["x-deltastore-digest"]
+                            )
                         else:
                             ok = r.status_code == 404  # nothing pushed yet
                 except httpx.HTTPError:
@@ -270,9 +317,17 @@ def campaign_s3(outages: int, seed: int) -> dict:
             clean = c.get("/v1/admin/fsck").json()["clean"]
     moto.stop()
     digests = [v["digest"] for v in items]
-    return {"campaign": "S3 endpoint stopped during pushes and pulls", "faults_injected": injected, "pushes": len(blobs), **stats,
-            "lost": sum(1 for b in blobs if b.digest not in digests), "stored_twice": len(digests) - len(set(digests)),
-            "fsck_ok": fsck["ok"], "gc": gc_report, "clean_after_gc": clean}
+    return {
+        "campaign": "S3 endpoint stopped during pushes and pulls",
+        "faults_injected": injected,
+        "pushes": len(blobs),
+        **stats,
+        "lost": sum(1 for b in blobs if b.digest not in digests),
+        "stored_twice": len(digests) - len(set(digests)),
+        "fsck_ok": fsck["ok"],
+        "gc": gc_report,
+        "clean_after_gc": clean,
+    }
 
 
 # --- 3. PostgreSQL restarts ------------------------------------------------------------------
@@ -318,7 +373,9 @@ def campaign_pg(restarts: int, seed: int) -> dict:
                         except httpx.HTTPError:
                             pass
 
-            threads = [threading.Thread(target=reader) for _ in range(4)] + [threading.Thread(target=writer) for _ in range(2)]
+            threads = [threading.Thread(target=reader) for _ in range(4)] + [
+                threading.Thread(target=writer) for _ in range(2)
+            ]
             for t in threads:
                 t.start()
             windows, recoveries = [], []
@@ -351,13 +408,21 @@ def campaign_pg(restarts: int, seed: int) -> dict:
                 fsck = c.get("/v1/admin/fsck").json()
             tracebacks = (Path(data) / "server.log").read_text().count("Traceback")
         numbers = sorted(v["number"] for v in items)
-        return {"campaign": "PostgreSQL restarted under load", "faults_injected": restarts, "requests": sum(statuses.values()),
-                "statuses": {str(k): v for k, v in sorted(statuses.items())}, "server_errors_500": statuses.get(500, 0),
-                "max_outage_window_s": round(max(windows), 2) if windows else None,
-                "max_recovery_after_db_back_s": round(max(recoveries), 2) if recoveries else None,
-                "server_restarted": not alive, "pushes_confirmed": len(pushed),
-                "lost": len(set(pushed) - set(numbers)), "numbers_contiguous": numbers == list(range(1, len(numbers) + 1)),
-                "fsck_ok": fsck["ok"], "tracebacks_in_log": tracebacks}
+        return {
+            "campaign": "PostgreSQL restarted under load",
+            "faults_injected": restarts,
+            "requests": sum(statuses.values()),
+            "statuses": {str(k): v for k, v in sorted(statuses.items())},
+            "server_errors_500": statuses.get(500, 0),
+            "max_outage_window_s": round(max(windows), 2) if windows else None,
+            "max_recovery_after_db_back_s": round(max(recoveries), 2) if recoveries else None,
+            "server_restarted": not alive,
+            "pushes_confirmed": len(pushed),
+            "lost": len(set(pushed) - set(numbers)),
+            "numbers_contiguous": numbers == list(range(1, len(numbers) + 1)),
+            "fsck_ok": fsck["ok"],
+            "tracebacks_in_log": tracebacks,
+        }
     finally:
         cluster.destroy()
 
@@ -374,7 +439,10 @@ def campaign_disk(rounds: int) -> dict:
         env = {"DELTASTORE_DATA_DIR": data, "DELTASTORE_BLOB_URL": mount.as_uri()}
         migrate(env)
         refused = accepted = partial_files = corrupt = 0
-        with RegistryProcess(env, log_path=Path(data) / "server.log") as server, server.client(timeout=120) as c:
+        with (
+            RegistryProcess(env, log_path=Path(data) / "server.log") as server,
+            server.client(timeout=120) as c,
+        ):
             setup_repo(c, "disk/full")
             for k in range(rounds):
                 # fill: 6 MiB deltas until the disk refuses one
@@ -397,15 +465,24 @@ def campaign_disk(rounds: int) -> dict:
                     c.delete(f"/v1/repos/disk/full/versions/{v['number']}")
                 gc_later(env)
             clean = c.get("/v1/admin/fsck").json()["clean"]
-        return {"campaign": "disk full (16 MiB tmpfs)", "faults_injected": refused, "rounds": rounds, "accepted_pushes": accepted,
-                "refused_507": refused, "partial_files_left": partial_files, "corrupt_or_missing_blobs": corrupt,
-                "clean_at_end": clean}
+        return {
+            "campaign": "disk full (16 MiB tmpfs)",
+            "faults_injected": refused,
+            "rounds": rounds,
+            "accepted_pushes": accepted,
+            "refused_507": refused,
+            "partial_files_left": partial_files,
+            "corrupt_or_missing_blobs": corrupt,
+            "clean_at_end": clean,
+        }
     finally:
         subprocess.run(["umount", "-l", str(mount)])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", choices=["kill", "s3", "pg", "disk"])
     parser.add_argument("--kills", type=int, default=30, help="SIGKILLs per database")
     parser.add_argument("--pushers", type=int, default=8)
@@ -424,8 +501,16 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     if args.only in (None, "kill"):
-        emit(campaign_kill(f"sqlite:///{tempfile.mkdtemp(prefix='ds-kill-db-')}/registry.db", "sqlite", args.kills,
-                           args.pushers, args.per_pusher, args.seed))
+        emit(
+            campaign_kill(
+                f"sqlite:///{tempfile.mkdtemp(prefix='ds-kill-db-')}/registry.db",
+                "sqlite",
+                args.kills,
+                args.pushers,
+                args.per_pusher,
+                args.seed,
+            )
+        )
         if args.pg_url:
             from sqlalchemy import create_engine, text
             from sqlalchemy.engine import make_url
@@ -435,8 +520,16 @@ def main() -> None:
             with admin.connect() as conn:
                 conn.execute(text(f'CREATE DATABASE "{name}"'))
             try:
-                emit(campaign_kill(make_url(args.pg_url).set(database=name).render_as_string(hide_password=False), "postgres",
-                                   args.kills, args.pushers, args.per_pusher, args.seed + 1))
+                emit(
+                    campaign_kill(
+                        make_url(args.pg_url).set(database=name).render_as_string(hide_password=False),
+                        "postgres",
+                        args.kills,
+                        args.pushers,
+                        args.per_pusher,
+                        args.seed + 1,
+                    )
+                )
             finally:
                 with admin.connect() as conn:
                     conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -444,7 +537,11 @@ def main() -> None:
         emit(campaign_s3(args.outages, args.seed))
     if args.only in (None, "pg"):
         why = postgres_available()
-        emit(campaign_pg(args.pg_restarts, args.seed) if why is None else {"campaign": "PostgreSQL restarts", "skipped": why})
+        emit(
+            campaign_pg(args.pg_restarts, args.seed)
+            if why is None
+            else {"campaign": "PostgreSQL restarts", "skipped": why}
+        )
     if args.only in (None, "disk"):
         emit(campaign_disk(args.disk_rounds))
     if args.json:

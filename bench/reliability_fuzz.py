@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import random
 import re
 import subprocess
@@ -92,11 +91,34 @@ def run_atheris(target: str, runs: int, max_time: int, timeout: int, out: Path) 
     stats = out / f"{target}-stats.json"
     corpus = out / f"{target}-corpus"
     corpus.mkdir(parents=True, exist_ok=True)
-    args = [f"-runs={runs}", f"-max_total_time={max_time}", f"-timeout={timeout}", "-max_len=8388608",
-            "-rss_limit_mb=6144", f"-artifact_prefix={out}/{target}-", "-print_final_stats=1", "-seed=20261125"]
+    args = [
+        f"-runs={runs}",
+        f"-max_total_time={max_time}",
+        f"-timeout={timeout}",
+        "-max_len=8388608",
+        "-rss_limit_mb=6144",
+        f"-artifact_prefix={out}/{target}-",
+        "-print_final_stats=1",
+        "-seed=20261125",
+    ]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", target, "--stats", str(stats), "--corpus", str(corpus), "--", *args],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            target,
+            "--stats",
+            str(stats),
+            "--corpus",
+            str(corpus),
+            "--",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     seconds = time.perf_counter() - t0
     log = proc.stdout + proc.stderr
     (out / f"{target}-libfuzzer.log").write_text(log)
@@ -105,12 +127,20 @@ def run_atheris(target: str, runs: int, max_time: int, timeout: int, out: Path) 
     counts = json.loads(stats.read_text()) if stats.exists() else {}
     crashed = proc.returncode != 0
     return {
-        "target": target, "engine": "atheris (libFuzzer, coverage-guided)", "cases": int(done[-1][0]) if done else counts.get("cases"),
-        "seconds": round(seconds, 1), "accepted": counts.get("accepted"), "rejected": counts.get("rejected"),
-        "coverage_edges": int(cov[-1][0]) if cov else None, "features": int(cov[-1][1]) if cov else None,
-        "crashes": int(crashed and "timeout" not in log.lower()), "hangs": int("ERROR: libFuzzer: timeout" in log),
-        "round_trip_failures": int("FuzzFailure" in log), "exit_code": proc.returncode,
-        "artifacts": sorted(p.name for p in out.glob(f"{target}-crash-*")) + sorted(p.name for p in out.glob(f"{target}-timeout-*")),
+        "target": target,
+        "engine": "atheris (libFuzzer, coverage-guided)",
+        "cases": int(done[-1][0]) if done else counts.get("cases"),
+        "seconds": round(seconds, 1),
+        "accepted": counts.get("accepted"),
+        "rejected": counts.get("rejected"),
+        "coverage_edges": int(cov[-1][0]) if cov else None,
+        "features": int(cov[-1][1]) if cov else None,
+        "crashes": int(crashed and "timeout" not in log.lower()),
+        "hangs": int("ERROR: libFuzzer: timeout" in log),
+        "round_trip_failures": int("FuzzFailure" in log),
+        "exit_code": proc.returncode,
+        "artifacts": sorted(p.name for p in out.glob(f"{target}-crash-*"))
+        + sorted(p.name for p in out.glob(f"{target}-timeout-*")),
         "tail": log[-1500:] if crashed else "",
     }
 
@@ -131,7 +161,11 @@ def run_seeded(target: str, runs: int, max_time: int, seed: int, out: Path) -> d
     while n < runs and time.perf_counter() - t0 < max_time:
         n += 1
         raw = rng.choice(raws)
-        case = delta_fuzz.mutate(rng, raw, seeds) if target == "file" else delta_fuzz.mutate_blob(rng, storage_form(raw).data)
+        case = (
+            delta_fuzz.mutate(rng, raw, seeds)
+            if target == "file"
+            else delta_fuzz.mutate_blob(rng, storage_form(raw).data)
+        )
         started = time.perf_counter()
         try:
             if target == "file":
@@ -147,10 +181,20 @@ def run_seeded(target: str, runs: int, max_time: int, seed: int, out: Path) -> d
         took = time.perf_counter() - started
         if took > slowest[0]:
             slowest[:] = [took, n, len(case)]
-    return {"target": target, "engine": "seeded structure-aware mutation", "cases": n, "seconds": round(time.perf_counter() - t0, 1),
-            **counts, "coverage_edges": None, "crashes": sum("crash" in f for f in failures), "hangs": hangs,
-            "slowest_case_s": round(slowest[0], 2), "slowest_case_bytes": slowest[2],
-            "round_trip_failures": sum("crash" not in f for f in failures), "first_failures": failures[:5]}
+    return {
+        "target": target,
+        "engine": "seeded structure-aware mutation",
+        "cases": n,
+        "seconds": round(time.perf_counter() - t0, 1),
+        **counts,
+        "coverage_edges": None,
+        "crashes": sum("crash" in f for f in failures),
+        "hangs": hangs,
+        "slowest_case_s": round(slowest[0], 2),
+        "slowest_case_bytes": slowest[2],
+        "round_trip_failures": sum("crash" not in f for f in failures),
+        "first_failures": failures[:5],
+    }
 
 
 def main() -> None:
@@ -161,7 +205,9 @@ def main() -> None:
         corpus = Path(sys.argv[sys.argv.index("--corpus") + 1])
         _child(target, stats, corpus, sys.argv[sys.argv.index("--") + 1 :])
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--target", choices=["file", "blob", "both"], default="both")
     parser.add_argument("--runs", type=int, default=20_000, help="cases per target")
     parser.add_argument("--max-time", type=int, default=1800, help="seconds per target at most")
@@ -183,16 +229,25 @@ def main() -> None:
     targets = ["file", "blob"] if args.target == "both" else [args.target]
     rows = []
     for target in targets:
-        row = (run_atheris(target, args.runs, args.max_time, args.timeout, args.out) if engine == "atheris"
-               else run_seeded(target, args.runs, args.max_time, args.seed, args.out))
+        row = (
+            run_atheris(target, args.runs, args.max_time, args.timeout, args.out)
+            if engine == "atheris"
+            else run_seeded(target, args.runs, args.max_time, args.seed, args.out)
+        )
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\nfuzzing campaign ({engine})")
-    print(f"{'target':<8} {'cases':>8} {'accepted':>9} {'rejected':>9} {'cov':>6} {'crashes':>8} {'hangs':>6} {'no round trip':>14} {'s':>7}"
-          "   goal: >= 10,000 cases, 0 / 0 / 0")
+    print(
+        f"{'target':<8} {'cases':>8} {'accepted':>9} {'rejected':>9} "
+        f"{'cov':>6} {'crashes':>8} {'hangs':>6} {'no round trip':>14} {'s':>7}"
+        "   goal: >= 10,000 cases, 0 / 0 / 0"
+    )
     for r in rows:
-        print(f"{r['target']:<8} {r['cases'] or 0:>8} {r.get('accepted') or 0:>9} {r.get('rejected') or 0:>9} "
-              f"{r.get('coverage_edges') or '-':>6} {r['crashes']:>8} {r['hangs']:>6} {r['round_trip_failures']:>14} {r['seconds']:>7}")
+        print(
+            f"{r['target']:<8} {r['cases'] or 0:>8} {r.get('accepted') or 0:>9} {r.get('rejected') or 0:>9} "
+            f"{r.get('coverage_edges') or '-':>6} {r['crashes']:>8} "
+            f"{r['hangs']:>6} {r['round_trip_failures']:>14} {r['seconds']:>7}"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     if any(r["crashes"] or r["hangs"] or r["round_trip_failures"] for r in rows):

@@ -25,14 +25,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.live_registry import fresh_database, migrate  # noqa: E402
 from tests.support.harness import RegistryProcess  # noqa: E402
+from tests.support.live_registry import fresh_database, migrate  # noqa: E402
 from tests.support.load import check_pushes, push_load, summarize_pushes  # noqa: E402
 
 
 def database(kind: str, pg_url: str | None):
     """A fresh SQLite or PostgreSQL database (dropped afterwards) for one run."""
-    return fresh_database(kind, sqlite_dir=tempfile.mkdtemp(prefix="ds-load-"), admin_url=pg_url, prefix="ds_load")
+    return fresh_database(
+        kind, sqlite_dir=tempfile.mkdtemp(prefix="ds-load-"), admin_url=pg_url, prefix="ds_load"
+    )
 
 
 @contextmanager
@@ -50,14 +52,22 @@ def bench_pushes(kinds: list[str], pg_url: str | None, pushers: int, per_pusher:
             with database(kind, pg_url) as url, registry(url) as server:
                 load = push_load(server.url, pushers=pushers, per_pusher=per_pusher, same_repo=same_repo)
                 checked = check_pushes(server.url, load)
-            row = {"database": kind, "target": "one repository" if same_repo else "one repository each",
-                   "pushers": pushers, "per_pusher": per_pusher, **summarize_pushes(load), **checked}
+            row = {
+                "database": kind,
+                "target": "one repository" if same_repo else "one repository each",
+                "pushers": pushers,
+                "per_pusher": per_pusher,
+                **summarize_pushes(load),
+                **checked,
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
 
 
-def bench_reads(kind: str, pg_url: str | None, stored: int, requests: int, concurrency: int, time_limit: float) -> dict:
+def bench_reads(
+    kind: str, pg_url: str | None, stored: int, requests: int, concurrency: int, time_limit: float
+) -> dict:
     repos_n, per_repo = max(1, stored // 50), 50
     with database(kind, pg_url) as url, registry(url) as server:
         t0 = time.perf_counter()
@@ -66,33 +76,51 @@ def bench_reads(kind: str, pg_url: str | None, stored: int, requests: int, concu
         batch = 8
         for start in range(0, repos_n, batch):
             n = min(batch, repos_n - start)
-            load = push_load(server.url, pushers=n, per_pusher=per_repo, same_repo=False, namespace=f"ns{start // batch}",
-                             blob_offset=1_000_000 + start * per_repo)
+            load = push_load(
+                server.url,
+                pushers=n,
+                per_pusher=per_repo,
+                same_repo=False,
+                namespace=f"ns{start // batch}",
+                blob_offset=1_000_000 + start * per_repo,
+            )
             assert not load.errors, load.errors[:3]
             pushed += load.pushes
         fill_seconds = time.perf_counter() - t0
         repos = [(f"ns{i // batch}/r{i % batch}", per_repo) for i in range(repos_n)]
         code = (
             "import json, sys; from tests.support.load import read_load; "
-            f"r = read_load({server.url!r}, {repos!r}, requests={requests}, concurrency={concurrency}, time_limit={time_limit}); "
+            f"r = read_load({server.url!r}, {repos!r}, requests={requests}, "
+            f"concurrency={concurrency}, time_limit={time_limit}); "
             "print(json.dumps(r.summary()))"
         )
-        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=time_limit + 120)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=time_limit + 120
+        )
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr)
         summary = json.loads(proc.stdout)
         import httpx
 
         fsck = httpx.get(server.url + "/v1/admin/fsck", params={"digests": "true"}, timeout=600).json()
-    row = {"database": kind, "stored_deltas": pushed, "fill_seconds": round(fill_seconds, 1),
-           "fill_pushes_per_second": round(pushed / fill_seconds, 1), "concurrency": concurrency, **summary,
-           "fsck_ok": fsck["ok"], "fsck_blobs": fsck["blobs"]}
+    row = {
+        "database": kind,
+        "stored_deltas": pushed,
+        "fill_seconds": round(fill_seconds, 1),
+        "fill_pushes_per_second": round(pushed / fill_seconds, 1),
+        "concurrency": concurrency,
+        **summary,
+        "fsck_ok": fsck["ok"],
+        "fsck_blobs": fsck["blobs"],
+    }
     print(json.dumps(row), flush=True)
     return row
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", choices=["push", "read"])
     parser.add_argument("--pushers", type=int, default=8)
     parser.add_argument("--per-pusher", type=int, default=50)
@@ -107,22 +135,41 @@ def main() -> None:
     results: dict = {}
     if args.only in (None, "push"):
         results["push"] = bench_pushes(kinds, args.pg_url, args.pushers, args.per_pusher)
-        print(f"\npush load: {args.pushers} pushers x {args.per_pusher} versions (uvicorn, one worker, loopback)")
-        print(f"{'db':<9} {'target':<22} {'pushes':>6} {'push/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'lost':>5} {'dup':>4} "
-              f"{'digest bad':>10} {'fsck':>5}   goal: lost = dup = bad = 0")
+        print(
+            f"\npush load: {args.pushers} pushers x {args.per_pusher} "
+            "versions (uvicorn, one worker, loopback)"
+        )
+        print(
+            f"{'db':<9} {'target':<22} {'pushes':>6} {'push/s':>7} "
+            f"{'p50 ms':>7} {'p99 ms':>7} {'lost':>5} {'dup':>4} "
+            f"{'digest bad':>10} {'fsck':>5}   goal: lost = dup = bad = 0"
+        )
         for r in results["push"]:
-            print(f"{r['database']:<9} {r['target']:<22} {r['pushes']:>6} {r['pushes_per_second']:>7} {r['p50_ms']:>7} "
-                  f"{r['p99_ms']:>7} {r['lost']:>5} {r['duplicates']:>4} {r['download_mismatches'] + r['fsck_digest_mismatches']:>10} "
-                  f"{'ok' if r['fsck_ok'] else 'BAD':>5}")
+            print(
+                f"{r['database']:<9} {r['target']:<22} {r['pushes']:>6} "
+                f"{r['pushes_per_second']:>7} {r['p50_ms']:>7} "
+                f"{r['p99_ms']:>7} {r['lost']:>5} {r['duplicates']:>4} "
+                f"{r['download_mismatches'] + r['fsck_digest_mismatches']:>10} "
+                f"{'ok' if r['fsck_ok'] else 'BAD':>5}"
+            )
     if args.only in (None, "read"):
-        results["read"] = [bench_reads(kind, args.pg_url, args.stored, args.requests, args.concurrency, args.time_limit)
-                           for kind in kinds]
-        print(f"\nread load from a second process: {args.requests} requests, {args.concurrency} connections, "
-              f"at {args.stored} stored deltas")
-        print(f"{'db':<9} {'stored':>7} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'errors':>7}   goal: errors = 0")
+        results["read"] = [
+            bench_reads(kind, args.pg_url, args.stored, args.requests, args.concurrency, args.time_limit)
+            for kind in kinds
+        ]
+        print(
+            f"\nread load from a second process: {args.requests} requests, {args.concurrency} connections, "
+            f"at {args.stored} stored deltas"
+        )
+        print(
+            f"{'db':<9} {'stored':>7} {'req/s':>7} {'p50 ms':>7} "
+            f"{'p99 ms':>7} {'errors':>7}   goal: errors = 0"
+        )
         for r in results["read"]:
-            print(f"{r['database']:<9} {r['stored_deltas']:>7} {r['requests_per_second']:>7} {r['p50_ms']:>7} "
-                  f"{r['p99_ms']:>7} {r['errors']:>7}")
+            print(
+                f"{r['database']:<9} {r['stored_deltas']:>7} {r['requests_per_second']:>7} {r['p50_ms']:>7} "
+                f"{r['p99_ms']:>7} {r['errors']:>7}"
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

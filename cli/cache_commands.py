@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -52,7 +52,9 @@ def cache_ls_cmd(as_json: Json = False) -> None:
     table = Table("ref", "registry", "codec", "size", "last used", "path")
     for e in entries:
         size = human_bytes(e.raw_size) if e.present else "[red]missing[/]"
-        table.add_row(e.ref, e.registry, e.codec or "-", size, e.last_used.strftime("%Y-%m-%d %H:%M"), str(e.path))
+        table.add_row(
+            e.ref, e.registry, e.codec or "-", size, e.last_used.strftime("%Y-%m-%d %H:%M"), str(e.path)
+        )
     out.print(table)
     _line(f"{len(entries)} version(s), {human_bytes(total)} of deltas under {cache.root}")
 
@@ -60,7 +62,9 @@ def cache_ls_cmd(as_json: Json = False) -> None:
 @cache_app.command("verify")
 @handle_errors
 def cache_verify_cmd(
-    keep: Annotated[bool, typer.Option("--keep", help="Only report corrupt deltas; do not remove them.")] = False,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Only report corrupt deltas; do not remove them.")
+    ] = False,
     as_json: Json = False,
 ) -> None:
     """Re-hash every cached delta against its sha256 and report corruption.
@@ -77,7 +81,10 @@ def cache_verify_cmd(
         for bad in report.corrupt:
             refs = ", ".join(bad["refs"]) or "no version"
             action = "removed; pull again to restore it" if bad["removed"] else "kept (--keep)"
-            _note(f"[red]corrupt[/] {bad['path']} ({refs}): sha256 is {bad['actual']}, expected {bad['expected']}; {action}")
+            _note(
+                f"[red]corrupt[/] {bad['path']} ({refs}): sha256 is "
+                f"{bad['actual']}, expected {bad['expected']}; {action}"
+            )
         for ref in report.missing:
             _note(f"[yellow]missing[/] {ref}: its delta is no longer in the cache; pull again to restore it")
         verdict = "all intact" if report.ok else f"{len(report.corrupt)} corrupt"
@@ -89,7 +96,10 @@ def cache_verify_cmd(
 @cache_app.command("prune")
 @handle_errors
 def cache_prune_cmd(
-    older_than: Annotated[Optional[float], typer.Option("--older-than", min=0, help="Also drop versions not pulled for this many days.")] = None,
+    older_than: Annotated[
+        float | None,
+        typer.Option("--older-than", min=0, help="Also drop versions not pulled for this many days."),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be removed.")] = False,
     as_json: Json = False,
 ) -> None:
@@ -104,7 +114,10 @@ def cache_prune_cmd(
         emit_json(report.as_dict())
         return
     for item in report.removed:
-        _note(f"{'would remove' if dry_run else 'removed'} {item['kind']}: {item['path']} ({human_bytes(item['bytes'])})")
+        _note(
+            f"{'would remove' if dry_run else 'removed'} {item['kind']}: "
+            f"{item['path']} ({human_bytes(item['bytes'])})"
+        )
     verb = "would free" if dry_run else "freed"
     _line(f"{verb} {human_bytes(report.freed)} ({len(report.removed)} file(s))")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -23,29 +23,149 @@ def compress_cmd(
     base: Annotated[Path, typer.Argument(help="Base model: HF directory or .safetensors file.")],
     finetuned: Annotated[Path, typer.Argument(help="Fine-tuned model: HF directory or .safetensors file.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Delta file to write (.bdelta).")],
-    base_name: Annotated[Optional[str], typer.Option("--base-name", help="Registry name of the base, org/model (default: the _name_or_path of its config.json).")] = None,
-    allow_dense: Annotated[bool, typer.Option("--allow-dense", help="Write the delta even if no tensor can be compressed because every shape differs from the base's.")] = False,
-    bits: Annotated[int, typer.Option("--bits", min=1, max=8, help="Sign planes per weight (residual binarization).")] = 1,
+    base_name: Annotated[
+        str | None,
+        typer.Option(
+            "--base-name",
+            help="Registry name of the base, org/model (default: the _name_or_path of its config.json).",
+        ),
+    ] = None,
+    allow_dense: Annotated[
+        bool,
+        typer.Option(
+            "--allow-dense",
+            help=(
+                "Write the delta even if no tensor can be compressed because every shape differs "
+                "from the base's."
+            ),
+        ),
+    ] = False,
+    bits: Annotated[
+        int, typer.Option("--bits", min=1, max=8, help="Sign planes per weight (residual binarization).")
+    ] = 1,
     scale: Annotated[str, typer.Option("--scale", help="per-matrix or per-row scales.")] = "per-matrix",
-    include: Annotated[list[str], typer.Option("--include", help="Glob of tensors to binarize too (e.g. '*embed_tokens*'); repeatable.")] = [],
-    exclude: Annotated[list[str], typer.Option("--exclude", help="Glob of tensors to keep dense; repeatable.")] = [],
-    codec: Annotated[str, typer.Option("--codec", help="bitdelta (1-bit signs) or deltadq (group-wise dropout + quantization).")] = "bitdelta",
-    ratio: Annotated[Optional[float], typer.Option("--ratio", help="deltadq: target ratio vs fp16 for the compressed tensors (16-16384).", rich_help_panel="DeltaDQ")] = None,
-    dq_bits: Annotated[Optional[int], typer.Option("--dq-bits", help="deltadq: bits per surviving value (with --keep).", rich_help_panel="DeltaDQ")] = None,
-    keep: Annotated[Optional[float], typer.Option("--keep", help="deltadq: fraction of delta weights kept per group (with --dq-bits).", rich_help_panel="DeltaDQ")] = None,
-    group_size: Annotated[str, typer.Option("--group-size", help="deltadq: dropout group size, or 'auto' to search per tensor.", rich_help_panel="DeltaDQ")] = "auto",
-    parts: Annotated[int, typer.Option("--parts", min=1, help="deltadq: separate parts the codes are split into.", rich_help_panel="DeltaDQ")] = 1,
-    dq_seed: Annotated[int, typer.Option("--dq-seed", min=0, help="deltadq: seed of the dropout mask.", rich_help_panel="DeltaDQ")] = 0,
-    calibrate: Annotated[Optional[Path], typer.Option("--calibrate", help="Calibration text (a file, a directory of text files, or JSONL with a 'text' field): bitdelta distills the scales on it; deltadq chooses each tensor's group size and bits by the output error on its activations.", rich_help_panel="Scale distillation")] = None,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Distillation steps.", rich_help_panel="Scale distillation")] = 200,
-    batch: Annotated[int, typer.Option("--batch", min=1, help="Sequences per step.", rich_help_panel="Scale distillation")] = 4,
-    seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="Tokens per sequence.", rich_help_panel="Scale distillation")] = 128,
-    samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration sequences drawn from DATA.", rich_help_panel="Scale distillation")] = 800,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (cosine decay).", rich_help_panel="Scale distillation")] = 1e-4,
-    loss: Annotated[str, typer.Option("--loss", help="mse or kl between teacher and student logits.", rich_help_panel="Scale distillation")] = "mse",
-    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling and order.", rich_help_panel="Scale distillation")] = 0,
-    offload_teacher: Annotated[bool, typer.Option("--offload-teacher", help="Precompute teacher logits to disk and free the teacher.", rich_help_panel="Scale distillation")] = False,
-    device: Annotated[str, typer.Option("--device", help="Device for distillation (cpu, cuda).", rich_help_panel="Scale distillation")] = "cpu",
+    include: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--include", help="Glob of tensors to binarize too (e.g. '*embed_tokens*'); repeatable."
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="Glob of tensors to keep dense; repeatable.")
+    ] = None,
+    codec: Annotated[
+        str,
+        typer.Option(
+            "--codec", help="bitdelta (1-bit signs) or deltadq (group-wise dropout + quantization)."
+        ),
+    ] = "bitdelta",
+    ratio: Annotated[
+        float | None,
+        typer.Option(
+            "--ratio",
+            help="deltadq: target ratio vs fp16 for the compressed tensors (16-16384).",
+            rich_help_panel="DeltaDQ",
+        ),
+    ] = None,
+    dq_bits: Annotated[
+        int | None,
+        typer.Option(
+            "--dq-bits", help="deltadq: bits per surviving value (with --keep).", rich_help_panel="DeltaDQ"
+        ),
+    ] = None,
+    keep: Annotated[
+        float | None,
+        typer.Option(
+            "--keep",
+            help="deltadq: fraction of delta weights kept per group (with --dq-bits).",
+            rich_help_panel="DeltaDQ",
+        ),
+    ] = None,
+    group_size: Annotated[
+        str,
+        typer.Option(
+            "--group-size",
+            help="deltadq: dropout group size, or 'auto' to search per tensor.",
+            rich_help_panel="DeltaDQ",
+        ),
+    ] = "auto",
+    parts: Annotated[
+        int,
+        typer.Option(
+            "--parts",
+            min=1,
+            help="deltadq: separate parts the codes are split into.",
+            rich_help_panel="DeltaDQ",
+        ),
+    ] = 1,
+    dq_seed: Annotated[
+        int,
+        typer.Option(
+            "--dq-seed", min=0, help="deltadq: seed of the dropout mask.", rich_help_panel="DeltaDQ"
+        ),
+    ] = 0,
+    calibrate: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibrate",
+            help=(
+                "Calibration text (a file, a directory of text files, or JSONL with a 'text' field): "
+                "bitdelta distills the scales on it; deltadq chooses each tensor's group size and bits "
+                "by the output error on its activations."
+            ),
+            rich_help_panel="Scale distillation",
+        ),
+    ] = None,
+    steps: Annotated[
+        int, typer.Option("--steps", min=1, help="Distillation steps.", rich_help_panel="Scale distillation")
+    ] = 200,
+    batch: Annotated[
+        int, typer.Option("--batch", min=1, help="Sequences per step.", rich_help_panel="Scale distillation")
+    ] = 4,
+    seq_len: Annotated[
+        int,
+        typer.Option("--seq-len", min=1, help="Tokens per sequence.", rich_help_panel="Scale distillation"),
+    ] = 128,
+    samples: Annotated[
+        int,
+        typer.Option(
+            "--samples",
+            min=1,
+            help="Calibration sequences drawn from DATA.",
+            rich_help_panel="Scale distillation",
+        ),
+    ] = 800,
+    lr: Annotated[
+        float,
+        typer.Option(
+            "--lr", help="AdamW learning rate (cosine decay).", rich_help_panel="Scale distillation"
+        ),
+    ] = 1e-4,
+    loss: Annotated[
+        str,
+        typer.Option(
+            "--loss",
+            help="mse or kl between teacher and student logits.",
+            rich_help_panel="Scale distillation",
+        ),
+    ] = "mse",
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed for sampling and order.", rich_help_panel="Scale distillation")
+    ] = 0,
+    offload_teacher: Annotated[
+        bool,
+        typer.Option(
+            "--offload-teacher",
+            help="Precompute teacher logits to disk and free the teacher.",
+            rich_help_panel="Scale distillation",
+        ),
+    ] = False,
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device", help="Device for distillation (cpu, cuda).", rich_help_panel="Scale distillation"
+        ),
+    ] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Compress FINETUNED against BASE into a 1-bit delta, optionally distilling its scales.
@@ -61,9 +181,18 @@ def compress_cmd(
     if group_size != "auto" and not group_size.isdigit():
         raise typer.BadParameter(f"--group-size must be a positive integer or 'auto', got {group_size!r}")
     options = CompressOptions(
-        planes=bits, scale_mode=scale, include=tuple(include), exclude=tuple(exclude), base_name=base_name,  # type: ignore[arg-type]
-        codec=codec, dq_ratio=ratio, dq_bits=dq_bits, dq_keep=keep,  # type: ignore[arg-type]
-        dq_group_size=None if group_size == "auto" else int(group_size), dq_parts=parts, dq_seed=dq_seed,
+        planes=bits,
+        scale_mode=scale,
+        include=tuple(include or ()),
+        exclude=tuple(exclude or ()),
+        base_name=base_name,  # type: ignore[arg-type]
+        codec=codec,
+        dq_ratio=ratio,
+        dq_bits=dq_bits,
+        dq_keep=keep,  # type: ignore[arg-type]
+        dq_group_size=None if group_size == "auto" else int(group_size),
+        dq_parts=parts,
+        dq_seed=dq_seed,
         allow_dense=allow_dense,
     )
     options = dataclasses.replace(options, base_name=_registry_base_name(base, base_name))
@@ -74,13 +203,29 @@ def compress_cmd(
         from codec.activations import input_moments
 
         with err.status("measuring layer inputs on the calibration text"):
-            moments = input_moments(finetuned, calibrate, samples=min(samples, 128), seq_len=seq_len, batch=batch,
-                                    seed=seed, device=device, base_dir=base)
+            moments = input_moments(
+                finetuned,
+                calibrate,
+                samples=min(samples, 128),
+                seq_len=seq_len,
+                batch=batch,
+                seed=seed,
+                device=device,
+                base_dir=base,
+            )
     if distill:
         from codec.distill import DistillOptions
 
-        distill_options = DistillOptions(steps=steps, batch=batch, seq_len=seq_len, samples=samples, lr=lr,
-                                         loss=loss, seed=seed, offload_teacher=offload_teacher)  # type: ignore[arg-type]
+        distill_options = DistillOptions(
+            steps=steps,
+            batch=batch,
+            seq_len=seq_len,
+            samples=samples,
+            lr=lr,
+            loss=loss,
+            seed=seed,
+            offload_teacher=offload_teacher,
+        )  # type: ignore[arg-type]
     target = output.with_name(output.name + ".init") if distill else output
     try:
         with tensor_progress("compressing") as progress:
@@ -90,18 +235,35 @@ def compress_cmd(
             from codec.distill import distill_scales
 
             with loss_progress("distilling scales", distill_options.steps) as progress:
-                distilled = distill_scales(base, finetuned, target, output, calibrate, distill_options,
-                                           device=device, progress=progress)
+                distilled = distill_scales(
+                    base,
+                    finetuned,
+                    target,
+                    output,
+                    calibrate,
+                    distill_options,
+                    device=device,
+                    progress=progress,
+                )
             report.delta_bytes = output.stat().st_size
-            calibration = {"initial_loss": distilled.initial_loss, "final_loss": distilled.final_loss,
-                           "steps": distill_options.steps, "seconds": round(distilled.seconds, 1)}
+            calibration = {
+                "initial_loss": distilled.initial_loss,
+                "final_loss": distilled.final_loss,
+                "steps": distill_options.steps,
+                "seconds": round(distilled.seconds, 1),
+            }
     finally:
         if distill:
             target.unlink(missing_ok=True)
     result = {
-        "path": str(output), "base_fingerprint": report.base_fingerprint,
-        "binarized": len(report.binarized), "dense": len(report.dense), "unchanged": len(report.unchanged),
-        "finetuned_bytes": report.finetuned_bytes, "delta_bytes": report.delta_bytes, "ratio": report.ratio,
+        "path": str(output),
+        "base_fingerprint": report.base_fingerprint,
+        "binarized": len(report.binarized),
+        "dense": len(report.dense),
+        "unchanged": len(report.unchanged),
+        "finetuned_bytes": report.finetuned_bytes,
+        "delta_bytes": report.delta_bytes,
+        "ratio": report.ratio,
         "calibration": calibration,
     }
     if as_json:
@@ -110,11 +272,14 @@ def compress_cmd(
     out.print(
         f"wrote {output}: {human_bytes(report.delta_bytes)} "
         f"({report.ratio:.2f}x smaller than the {human_bytes(report.finetuned_bytes)} fine-tune); "
-        f"{len(report.binarized)} binarized, {len(report.dense)} dense, {len(report.unchanged)} unchanged tensors"
+        f"{len(report.binarized)} binarized, {len(report.dense)} "
+        f"dense, {len(report.unchanged)} unchanged tensors"
     )
     if calibration:
-        out.print(f"distilled scales: calibration loss {calibration['initial_loss']:.4g} -> "
-                  f"{calibration['final_loss']:.4g} in {calibration['steps']} steps ({calibration['seconds']}s)")
+        out.print(
+            f"distilled scales: calibration loss {calibration['initial_loss']:.4g} -> "
+            f"{calibration['final_loss']:.4g} in {calibration['steps']} steps ({calibration['seconds']}s)"
+        )
 
 
 def _registry_base_name(base: Path, given: str | None) -> str:
@@ -125,12 +290,15 @@ def _registry_base_name(base: Path, given: str | None) -> str:
 
     if given is not None:
         if not is_registry_base_name(given):
-            raise BaseNameError(f"--base-name {given!r} is not a registry name (org/model, e.g. meta-llama/Llama-3.1-8B)")
+            raise BaseNameError(
+                f"--base-name {given!r} is not a registry name (org/model, e.g. meta-llama/Llama-3.1-8B)"
+            )
         return given
     recorded = registry_base_name(Checkpoint.open(base))
     if recorded is None:
         raise BaseNameError(
-            f"the base {base} does not record its registry name (config.json has no _name_or_path of the form "
+            f"the base {base} does not record its registry name "
+            "(config.json has no _name_or_path of the form "
             "org/model), so the delta could not be pushed"
         )
     return recorded
@@ -141,8 +309,12 @@ def apply_cmd(
     base: Annotated[Path, typer.Argument(help="Base model the delta was made against.")],
     delta: Annotated[Path, typer.Argument(help="Delta file (.bdelta).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the reconstructed model.")],
-    force: Annotated[bool, typer.Option("--force", help="Apply even if the base fingerprint differs.")] = False,
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = "5GB",
+    force: Annotated[
+        bool, typer.Option("--force", help="Apply even if the base fingerprint differs.")
+    ] = False,
+    max_shard_size: Annotated[
+        str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")
+    ] = "5GB",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Reconstruct the fine-tuned model from BASE + DELTA into a HF model directory.
@@ -152,12 +324,24 @@ def apply_cmd(
     from codec.apply import apply_delta  # torch: imported only when applying
 
     with tensor_progress("applying") as progress:
-        report = apply_delta(base, delta, output, force=force, max_shard_bytes=parse_size(max_shard_size), progress=progress)
+        report = apply_delta(
+            base, delta, output, force=force, max_shard_bytes=parse_size(max_shard_size), progress=progress
+        )
     if as_json:
-        emit_json({"out_dir": str(report.out_dir), "shards": report.shards, "tensors": report.tensors,
-                   "bytes": report.bytes_written, "base_fingerprint": report.base_fingerprint})
+        emit_json(
+            {
+                "out_dir": str(report.out_dir),
+                "shards": report.shards,
+                "tensors": report.tensors,
+                "bytes": report.bytes_written,
+                "base_fingerprint": report.base_fingerprint,
+            }
+        )
         return
-    out.print(f"wrote {report.out_dir}: {report.tensors} tensors, {human_bytes(report.bytes_written)} in {report.shards} shard(s)")
+    out.print(
+        f"wrote {report.out_dir}: {report.tensors} tensors, "
+        f"{human_bytes(report.bytes_written)} in {report.shards} shard(s)"
+    )
 
 
 @handle_errors
@@ -176,13 +360,23 @@ def inspect_cmd(
         return
     grid = Table.grid(padding=(0, 2))
     for key, value in (
-        ("file", info["path"]), ("codec", info["codec"]), ("base model", info["base_model"]),
-        ("base fingerprint", info["base_fingerprint"]), ("dtype", info["dtype"]),
-        ("tensors", f"{info['counts']['bitdelta'] + info['counts']['deltadq']} compressed, {info['counts']['full']} dense"),
+        ("file", info["path"]),
+        ("codec", info["codec"]),
+        ("base model", info["base_model"]),
+        ("base fingerprint", info["base_fingerprint"]),
+        ("dtype", info["dtype"]),
+        (
+            "tensors",
+            f"{info['counts']['bitdelta'] + info['counts']['deltadq']} "
+            f"compressed, {info['counts']['full']} dense",
+        ),
         ("size", human_bytes(info["file_bytes"])),
         ("fine-tune size", human_bytes(info["finetuned_bytes"])),
         ("ratio", f"{info['ratio']:.2f}x" if info["ratio"] else "-"),
-        ("bits/weight (compressed)", f"{info['bits_per_binarized_weight']:.3f}" if info["bits_per_binarized_weight"] else "-"),
+        (
+            "bits/weight (compressed)",
+            f"{info['bits_per_binarized_weight']:.3f}" if info["bits_per_binarized_weight"] else "-",
+        ),
     ):
         grid.add_row(f"[bold]{key}", str(value))
     for key, value in sorted(info["metadata"].items()):
@@ -195,10 +389,21 @@ def inspect_cmd(
             if t["kind"] == "full":
                 table.add_row(t["name"], "full", f"{t['dtype']}{t['shape']}", "", human_bytes(t["bytes"]))
             elif t["kind"] == "deltadq":
-                table.add_row(t["name"], "deltadq", f"g={t['group_size']} keep={t['keep']} bits={t['bits']}×{t['parts']}",
-                              "per-row", human_bytes(t["bytes"]))
+                table.add_row(
+                    t["name"],
+                    "deltadq",
+                    f"g={t['group_size']} keep={t['keep']} bits={t['bits']}×{t['parts']}",
+                    "per-row",
+                    human_bytes(t["bytes"]),
+                )
             else:
-                table.add_row(t["name"], "bitdelta", f"P={t['planes']} rows={t['rows']}", t["scale"], human_bytes(t["bytes"]))
+                table.add_row(
+                    t["name"],
+                    "bitdelta",
+                    f"P={t['planes']} rows={t['rows']}",
+                    t["scale"],
+                    human_bytes(t["bytes"]),
+                )
         out.print(table)
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated
 
 import typer
 from rich.progress import (
@@ -28,7 +29,13 @@ from . import errors as exit_codes
 from .console import emit_json, err, human_bytes, out
 from .errors import handle_errors
 
-Registry = Annotated[Optional[str], typer.Option("--registry", help="Registry URL (default: DELTACTL_REGISTRY, the saved login, or http://127.0.0.1:8000).")]
+Registry = Annotated[
+    str | None,
+    typer.Option(
+        "--registry",
+        help="Registry URL (default: DELTACTL_REGISTRY, the saved login, or http://127.0.0.1:8000).",
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 
@@ -41,7 +48,10 @@ def _note(text: str) -> None:
     """A note for humans on stderr."""
     err.print(text, soft_wrap=True)
 
-base_app = typer.Typer(help="Base models the registry knows (deltas are indexed per base).", no_args_is_help=True)
+
+base_app = typer.Typer(
+    help="Base models the registry knows (deltas are indexed per base).", no_args_is_help=True
+)
 
 
 class _IfSized(ProgressColumn):
@@ -68,8 +78,13 @@ class _Bars:
             return
         if self._progress is None:
             self._progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), _IfSized(DownloadColumn()),
-                _IfSized(TransferSpeedColumn()), _IfSized(TimeRemainingColumn()), console=err, transient=True,
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                _IfSized(DownloadColumn()),
+                _IfSized(TransferSpeedColumn()),
+                _IfSized(TimeRemainingColumn()),
+                console=err,
+                transient=True,
             )
             self._progress.start()
         if self._task is not None:
@@ -87,7 +102,7 @@ class _Bars:
 
 
 @contextlib.contextmanager
-def _api(registry: Optional[str]) -> Iterator[RegistryApi]:
+def _api(registry: str | None) -> Iterator[RegistryApi]:
     api = RegistryApi(registry)
     try:
         yield api
@@ -113,7 +128,9 @@ def fidelity_summary(fidelity: dict | None) -> str:
     if not fidelity:
         return "-"
     preferred = ("gain_recovered", "kl_to_finetuned", "top1_agreement", "greedy_agreement", "loss", "kl")
-    keys = [k for k in preferred if k in fidelity] or [k for k, v in fidelity.items() if isinstance(v, (int, float))]
+    keys = [k for k in preferred if k in fidelity] or [
+        k for k, v in fidelity.items() if isinstance(v, (int, float))
+    ]
     cells = []
     for key in keys[:3]:
         value = fidelity[key]
@@ -125,7 +142,10 @@ def fidelity_summary(fidelity: dict | None) -> str:
 @handle_errors
 def login_cmd(
     registry: Registry = None,
-    token: Annotated[Optional[str], typer.Option("--token", help="API token; asked for when omitted (DELTACTL_TOKEN is used if set).")] = None,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", help="API token; asked for when omitted (DELTACTL_TOKEN is used if set)."),
+    ] = None,
     as_json: Json = False,
 ) -> None:
     """Log in: check a token against the registry and save it (mode 0600 under DELTACTL_HOME).
@@ -138,8 +158,13 @@ def login_cmd(
 
     with _api(registry) as api:
         if token is None:
-            token = os.environ.get("DELTACTL_TOKEN") or typer.prompt("Token (empty for a registry without auth)", default="",
-                                                                      hide_input=True, show_default=False, err=True)
+            token = os.environ.get("DELTACTL_TOKEN") or typer.prompt(
+                "Token (empty for a registry without auth)",
+                default="",
+                hide_input=True,
+                show_default=False,
+                err=True,
+            )
         who = api.login(token or None)
         if as_json:
             emit_json({"registry": api.endpoint, **who})
@@ -158,7 +183,11 @@ def logout_cmd(registry: Registry = None) -> None:
     """
     with _api(registry) as api:
         removed = api.logout()
-        _line(f"removed the saved token for {api.endpoint}" if removed else f"no token was saved for {api.endpoint}")
+        _line(
+            f"removed the saved token for {api.endpoint}"
+            if removed
+            else f"no token was saved for {api.endpoint}"
+        )
 
 
 @handle_errors
@@ -181,11 +210,30 @@ def whoami_cmd(registry: Registry = None, as_json: Json = False) -> None:
 @handle_errors
 def push_cmd(
     file: Annotated[Path, typer.Argument(help="The delta (.bdelta) to push.")],
-    repo: Annotated[str, typer.Argument(metavar="NAMESPACE/NAME", help="Repository to push to (created if missing).")],
-    base: Annotated[Optional[str], typer.Option("--base", "--base-name", help="Base model of a new repository (default: the delta's base_model); overrides a recorded name that is not org/model.")] = None,
-    base_path: Annotated[Optional[Path], typer.Option("--base-path", help="Local base checkpoint: registers the base first when the registry lacks it.")] = None,
-    tag: Annotated[list[str], typer.Option("--tag", help="Tag the new version (repeatable).")] = [],
-    description: Annotated[str, typer.Option("--description", help="Description of a new repository and of this version.")] = "",
+    repo: Annotated[
+        str, typer.Argument(metavar="NAMESPACE/NAME", help="Repository to push to (created if missing).")
+    ],
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            "--base-name",
+            help=(
+                "Base model of a new repository (default: the delta's base_model); overrides a "
+                "recorded name that is not org/model."
+            ),
+        ),
+    ] = None,
+    base_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--base-path", help="Local base checkpoint: registers the base first when the registry lacks it."
+        ),
+    ] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag the new version (repeatable).")] = None,
+    description: Annotated[
+        str, typer.Option("--description", help="Description of a new repository and of this version.")
+    ] = "",
     private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
     registry: Registry = None,
     as_json: Json = False,
@@ -203,8 +251,16 @@ def push_cmd(
     bars = _Bars()
     with _api(registry) as api:
         try:
-            result = api.push(file, repo, base=base, base_path=base_path, tags=tag, description=description,
-                              visibility="private" if private else "public", progress=bars)
+            result = api.push(
+                file,
+                repo,
+                base=base,
+                base_path=base_path,
+                tags=tag or [],
+                description=description,
+                visibility="private" if private else "public",
+                progress=bars,
+            )
         finally:
             bars.stop()
     if as_json:
@@ -213,34 +269,66 @@ def push_cmd(
     v = result.version
     where = f"{v.repository}@{v.number}"
     if result.already_published:
-        _line(f"{where}: published by an earlier run of this push whose answer was lost, nothing uploaded — {v.digest}")
+        _line(
+            f"{where}: published by an earlier run of this push "
+            f"whose answer was lost, nothing uploaded — {v.digest}"
+        )
     elif result.completed_earlier_upload:
-        _line(f"pushed {where}: an interrupted earlier run had sent every byte; published them now — {v.digest}")
+        _line(
+            f"pushed {where}: an interrupted earlier run had sent every byte; published them now — {v.digest}"
+        )
     elif result.deduplicated:
         _line(f"{where}: identical bytes already in the registry, nothing uploaded (dedup) — {v.digest}")
     else:
         resumed = f", resumed: {result.skipped_parts} part(s) were already stored" if result.resumed else ""
-        _line(f"pushed {where}: {human_bytes(result.sent_bytes)} sent in {result.seconds:.1f}s{resumed} — {v.digest}")
+        _line(
+            f"pushed {where}: {human_bytes(result.sent_bytes)} "
+            f"sent in {result.seconds:.1f}s{resumed} — {v.digest}"
+        )
     tags = ", ".join(t for t in v.tags) or "-"
-    _line(f"    codec {v.codec}, {human_bytes(v.size)} stored ({human_bytes(v.raw_size)} delta), "
-              f"ratio {_ratio(v.size_ratio)}, tags {tags}, fidelity {fidelity_summary(v.fidelity)}")
+    _line(
+        f"    codec {v.codec}, {human_bytes(v.size)} stored ({human_bytes(v.raw_size)} delta), "
+        f"ratio {_ratio(v.size_ratio)}, tags {tags}, fidelity {fidelity_summary(v.fidelity)}"
+    )
 
 
 def _push_json(result: PushResult) -> dict:
     v = result.version
-    return {"repository": v.repository, "version": v.number, "digest": v.digest, "raw_digest": v.raw_digest,
-            "size": v.size, "raw_size": v.raw_size, "codec": v.codec, "tags": v.tags, "fidelity": v.fidelity,
-            "deduplicated": result.deduplicated, "already_published": result.already_published,
-            "completed_earlier_upload": result.completed_earlier_upload,
-            "sent_bytes": result.sent_bytes, "resumed": result.resumed,
-            "skipped_parts": result.skipped_parts, "created_repository": result.created_repo,
-            "seconds": round(result.seconds, 3)}
+    return {
+        "repository": v.repository,
+        "version": v.number,
+        "digest": v.digest,
+        "raw_digest": v.raw_digest,
+        "size": v.size,
+        "raw_size": v.raw_size,
+        "codec": v.codec,
+        "tags": v.tags,
+        "fidelity": v.fidelity,
+        "deduplicated": result.deduplicated,
+        "already_published": result.already_published,
+        "completed_earlier_upload": result.completed_earlier_upload,
+        "sent_bytes": result.sent_bytes,
+        "resumed": result.resumed,
+        "skipped_parts": result.skipped_parts,
+        "created_repository": result.created_repo,
+        "seconds": round(result.seconds, 3),
+    }
 
 
 @handle_errors
 def pull_cmd(
-    ref: Annotated[str, typer.Argument(metavar="REF", help="namespace/name, namespace/name:TAG or namespace/name@VERSION.")],
-    output: Annotated[Optional[str], typer.Option("-o", "--output", help="Also copy the delta to this file (or into this directory; a trailing slash makes one).")] = None,
+    ref: Annotated[
+        str,
+        typer.Argument(metavar="REF", help="namespace/name, namespace/name:TAG or namespace/name@VERSION."),
+    ],
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="Also copy the delta to this file (or into this directory; a trailing slash makes one).",
+        ),
+    ] = None,
     registry: Registry = None,
     as_json: Json = False,
 ) -> None:
@@ -263,7 +351,11 @@ def pull_cmd(
         emit_json(_pull_json(result))
         return
     v = result.version
-    how = "cache hit, nothing downloaded" if result.cache_hit else f"downloaded {human_bytes(result.downloaded_bytes)} in {result.seconds:.1f}s"
+    how = (
+        "cache hit, nothing downloaded"
+        if result.cache_hit
+        else f"downloaded {human_bytes(result.downloaded_bytes)} in {result.seconds:.1f}s"
+    )
     if result.repaired:
         how = "cached copy failed its digest check; " + how
     if result.offline:
@@ -274,18 +366,32 @@ def pull_cmd(
 
 def _pull_json(result: PullResult) -> dict:
     v = result.version
-    return {"repository": v.repository, "version": v.number, "tags": v.tags, "digest": v.digest, "raw_digest": v.raw_digest,
-            "raw_size": v.raw_size, "codec": v.codec, "path": str(result.path), "blob": str(result.blob),
-            "cache_hit": result.cache_hit, "repaired": result.repaired, "offline": result.offline, "downloaded_bytes": result.downloaded_bytes,
-            "seconds": round(result.seconds, 3)}
+    return {
+        "repository": v.repository,
+        "version": v.number,
+        "tags": v.tags,
+        "digest": v.digest,
+        "raw_digest": v.raw_digest,
+        "raw_size": v.raw_size,
+        "codec": v.codec,
+        "path": str(result.path),
+        "blob": str(result.blob),
+        "cache_hit": result.cache_hit,
+        "repaired": result.repaired,
+        "offline": result.offline,
+        "downloaded_bytes": result.downloaded_bytes,
+        "seconds": round(result.seconds, 3),
+    }
 
 
 # --- browse --------------------------------------------------------------------------------------
 @handle_errors
 def list_cmd(
-    base: Annotated[Optional[str], typer.Option("--base", help="Only repositories of this base model.")] = None,
-    namespace: Annotated[Optional[str], typer.Option("--namespace", help="Only this namespace.")] = None,
-    search: Annotated[Optional[str], typer.Option("--search", "-s", help="Substring of namespace or name.")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Only repositories of this base model.")] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", help="Only this namespace.")] = None,
+    search: Annotated[
+        str | None, typer.Option("--search", "-s", help="Substring of namespace or name.")
+    ] = None,
     registry: Registry = None,
     as_json: Json = False,
 ) -> None:
@@ -305,8 +411,12 @@ def list_cmd(
     for r in repos:
         latest = r.latest
         table.add_row(
-            r.full_name, r.base, (latest.codec or "-") if latest else "-", f"v{latest.number}" if latest else "-",
-            human_bytes(latest.size) if latest else "-", _ratio(latest.size_ratio) if latest else "-",
+            r.full_name,
+            r.base,
+            (latest.codec or "-") if latest else "-",
+            f"v{latest.number}" if latest else "-",
+            human_bytes(latest.size) if latest else "-",
+            _ratio(latest.size_ratio) if latest else "-",
             _when(latest.ready_at if latest else r.created_at),
         )
     out.print(table)
@@ -314,7 +424,10 @@ def list_cmd(
 
 @handle_errors
 def show_cmd(
-    ref: Annotated[str, typer.Argument(metavar="REF", help="namespace/name, or a version of it (:TAG, @VERSION) to detail.")],
+    ref: Annotated[
+        str,
+        typer.Argument(metavar="REF", help="namespace/name, or a version of it (:TAG, @VERSION) to detail."),
+    ],
     registry: Registry = None,
     as_json: Json = False,
 ) -> None:
@@ -331,8 +444,14 @@ def show_cmd(
         tags = api.tags(parsed.repo)
         selected = api.version(parsed) if parsed.explicit else (versions[0] if versions else None)
     if as_json:
-        emit_json({"repository": repo.as_dict(), "versions": [v.as_dict() for v in versions],
-                   "tags": [t.as_dict() for t in tags], "selected": selected.number if selected else None})
+        emit_json(
+            {
+                "repository": repo.as_dict(),
+                "versions": [v.as_dict() for v in versions],
+                "tags": [t.as_dict() for t in tags],
+                "selected": selected.number if selected else None,
+            }
+        )
         return
     _print_repo(repo, len(versions))
     if not versions:
@@ -340,8 +459,15 @@ def show_cmd(
         return
     table = Table("version", "tags", "codec", "size", "ratio", "fidelity", "created")
     for v in versions:
-        table.add_row(f"v{v.number}", ", ".join(v.tags) or "-", v.codec or "-", human_bytes(v.size), _ratio(v.size_ratio),
-                      fidelity_summary(v.fidelity), _when(v.ready_at))
+        table.add_row(
+            f"v{v.number}",
+            ", ".join(v.tags) or "-",
+            v.codec or "-",
+            human_bytes(v.size),
+            _ratio(v.size_ratio),
+            fidelity_summary(v.fidelity),
+            _when(v.ready_at),
+        )
     out.print(table)
     if selected is not None:
         _print_version(selected)
@@ -356,19 +482,26 @@ def _grid() -> Table:
 
 def _print_repo(repo: RepoInfo, count: int) -> None:
     grid = _grid()
-    for key, value in (("repository", repo.full_name), ("base", f"{repo.base} ({repo.base_fingerprint})"),
-                       ("description", repo.description or "-"), ("visibility", repo.visibility),
-                       ("versions", str(count)), ("created", f"{_when(repo.created_at)} by {repo.created_by}")):
+    for key, value in (
+        ("repository", repo.full_name),
+        ("base", f"{repo.base} ({repo.base_fingerprint})"),
+        ("description", repo.description or "-"),
+        ("visibility", repo.visibility),
+        ("versions", str(count)),
+        ("created", f"{_when(repo.created_at)} by {repo.created_by}"),
+    ):
         grid.add_row(f"[bold]{key}", value)
     out.print(grid)
 
 
 def _print_version(v: VersionInfo) -> None:
     grid = _grid()
-    rows = [("version", f"{v.repository}@{v.number}" + (f" ({', '.join(v.tags)})" if v.tags else "")),
-            ("codec", f"{v.codec} ({v.dtype}, {v.bits or '-'} plane(s))"),
-            ("digest", f"{v.digest} ({human_bytes(v.size)} stored)"),
-            ("delta", f"{v.raw_digest} ({human_bytes(v.raw_size)})")]
+    rows = [
+        ("version", f"{v.repository}@{v.number}" + (f" ({', '.join(v.tags)})" if v.tags else "")),
+        ("codec", f"{v.codec} ({v.dtype}, {v.bits or '-'} plane(s))"),
+        ("digest", f"{v.digest} ({human_bytes(v.size)} stored)"),
+        ("delta", f"{v.raw_digest} ({human_bytes(v.raw_size)})"),
+    ]
     for key, value in sorted((v.fidelity or {}).items()):
         rows.append((f"fidelity.{key}", f"{value:.4g}" if isinstance(value, float) else str(value)))
     for key, value in sorted((v.calibration or {}).items()):
@@ -381,7 +514,12 @@ def _print_version(v: VersionInfo) -> None:
 # --- change ----------------------------------------------------------------------------------------
 @handle_errors
 def tag_cmd(
-    ref: Annotated[str, typer.Argument(metavar="REF", help="The version to tag: namespace/name@VERSION, :TAG, or the latest.")],
+    ref: Annotated[
+        str,
+        typer.Argument(
+            metavar="REF", help="The version to tag: namespace/name@VERSION, :TAG, or the latest."
+        ),
+    ],
     tag: Annotated[str, typer.Argument(help="Tag name (e.g. prod, v2).")],
     delete: Annotated[bool, typer.Option("--delete", help="Remove TAG from the repository instead.")] = False,
     registry: Registry = None,
@@ -410,7 +548,12 @@ def tag_cmd(
 
 @handle_errors
 def rm_cmd(
-    ref: Annotated[str, typer.Argument(metavar="REF", help="namespace/name (the whole repository) or namespace/name@VERSION.")],
+    ref: Annotated[
+        str,
+        typer.Argument(
+            metavar="REF", help="namespace/name (the whole repository) or namespace/name@VERSION."
+        ),
+    ],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     registry: Registry = None,
     as_json: Json = False,
@@ -424,16 +567,22 @@ def rm_cmd(
     parsed = parse_ref(ref)
     if parsed.tag is not None:
         raise InvalidRequestError(
-            f"delete a version by its number ({parsed.repo}@N), or remove a tag with `deltactl tag {parsed.repo} {parsed.tag} --delete`"
+            f"delete a version by its number ({parsed.repo}@N), or remove "
+            f"a tag with `deltactl tag {parsed.repo} {parsed.tag} --delete`"
         )
     with _api(registry) as api:
         if parsed.digest is not None:  # the version of that digest, never the whole repository
             parsed = Ref(parsed.namespace, parsed.name, version=api.version(parsed).number)
         if parsed.version is None:
             repo = api.repo(parsed.repo)
-            what = f"repository {repo.full_name} with all its versions (latest v{repo.latest_version or 0}) and tags"
+            what = (
+                f"repository {repo.full_name} with all its versions "
+                f"(latest v{repo.latest_version or 0}) and tags"
+            )
         else:
-            tags = [t for t in api.version(parsed).tags if t != "latest"]  # fails with 'not found' before asking
+            tags = [
+                t for t in api.version(parsed).tags if t != "latest"
+            ]  # fails with 'not found' before asking
             what = f"{parsed}" + (f" and its tag(s) {', '.join(tags)}" if tags else "")
         if not yes and not typer.confirm(f"Delete {what}?", default=False, err=True):
             exit_codes.fail("nothing deleted", exit_codes.EXIT_ERROR)
@@ -444,7 +593,9 @@ def rm_cmd(
             removed = api.delete_version(parsed.repo, parsed.version)
             what = f"{parsed}" + (f" and its tag(s) {', '.join(removed)}" if removed else "")
     if as_json:
-        emit_json({"deleted": str(parsed), **({"removed_tags": removed} if parsed.version is not None else {})})
+        emit_json(
+            {"deleted": str(parsed), **({"removed_tags": removed} if parsed.version is not None else {})}
+        )
     else:
         _line(f"deleted {what}")
 
@@ -473,7 +624,9 @@ def base_add_cmd(
         return
     params = f", {base.parameter_count / 1e6:.1f}M parameters" if base.parameter_count else ""
     verb = "registered" if created else "already registered:"
-    _line(f"{verb} base {base.name} ({base.architecture or 'unknown architecture'}{params}) {base.fingerprint}")
+    _line(
+        f"{verb} base {base.name} ({base.architecture or 'unknown architecture'}{params}) {base.fingerprint}"
+    )
 
 
 @base_app.command("ls")
@@ -512,7 +665,9 @@ def base_rm_cmd(
     """
     with _api(registry) as api:
         base = api.base(name)  # fails with 'not found' before asking
-        if not yes and not typer.confirm(f"Remove base {base.name} ({base.fingerprint})?", default=False, err=True):
+        if not yes and not typer.confirm(
+            f"Remove base {base.name} ({base.fingerprint})?", default=False, err=True
+        ):
             exit_codes.fail("nothing removed", exit_codes.EXIT_ERROR)
         api.delete_base(base.name)
     if as_json:

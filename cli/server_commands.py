@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import socket
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,8 +15,11 @@ from .console import emit_json, err, out
 from .errors import fail, handle_errors
 
 DataDir = Annotated[
-    Optional[Path],
-    typer.Option("--data-dir", help="Registry data directory (embedded SQLite database and blobs). Env: DELTASTORE_DATA_DIR."),
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Registry data directory (embedded SQLite database and blobs). Env: DELTASTORE_DATA_DIR.",
+    ),
 ]
 
 db_app = typer.Typer(help="Registry database schema (migrations).", no_args_is_help=True)
@@ -26,7 +29,7 @@ db_app = typer.Typer(help="Registry database schema (migrations).", no_args_is_h
 _UNQUOTED_SETTINGS = {"admin_token", "database_url", "blob_url", "s3_endpoint_url"}
 
 
-def _settings(data_dir: Optional[Path]):
+def _settings(data_dir: Path | None):
     """The registry's settings, or one `error: invalid configuration: …` line naming each bad
     variable (exit 7) instead of pydantic's report."""
     from pydantic import ValidationError
@@ -129,8 +132,10 @@ def serve_cmd(
     except InvalidRequestError as exc:
         fail(f"invalid configuration: DELTASTORE_BLOB_URL: {exc}", exit_codes.EXIT_INVALID)
     sock = _listen(host, port)
-    err.print(f"deltastore registry on http://{host}:{port} "
-              f"(database {_shown(engine)}, blobs {settings.resolved_blob_url})")
+    err.print(
+        f"deltastore registry on http://{host}:{port} "
+        f"(database {_shown(engine)}, blobs {settings.resolved_blob_url})"
+    )
     server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="info"))
     try:
         server.run(sockets=[sock])
@@ -194,7 +199,9 @@ def gc_cmd(
     db = Database.from_url(settings.resolved_database_url)
     try:
         migrate.check_schema(db.engine)
-        report = collect_garbage(db=db, store=open_blob_store(settings), settings=settings, actor="deltactl gc", dry_run=dry_run)
+        report = collect_garbage(
+            db=db, store=open_blob_store(settings), settings=settings, actor="deltactl gc", dry_run=dry_run
+        )
     finally:
         db.dispose()
     if as_json:
@@ -209,7 +216,12 @@ def gc_cmd(
 
 @handle_errors
 def fsck_cmd(
-    digests: Annotated[bool, typer.Option("--digests/--no-digests", help="Re-read every blob and verify its digests (slow on large stores).")] = True,
+    digests: Annotated[
+        bool,
+        typer.Option(
+            "--digests/--no-digests", help="Re-read every blob and verify its digests (slow on large stores)."
+        ),
+    ] = True,
     data_dir: DataDir = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -239,11 +251,15 @@ def fsck_cmd(
             typer.echo(line, err=True)
         verified = f", {report.bytes_verified} bytes re-verified" if digests else " (digests not checked)"
         typer.echo(
-            f"{report.versions} version(s), {report.blobs} blob(s), {report.objects} stored object(s){verified}: "
+            f"{report.versions} version(s), {report.blobs} blob(s), "
+            f"{report.objects} stored object(s){verified}: "
             + ("consistent" if report.ok else "INCONSISTENT")
-            + f"; problems: {report.missing_objects} missing object(s), {report.digest_mismatches} digest mismatch(es), "
-            f"{report.dangling_versions} dangling version(s), {report.number_errors} numbering error(s), {report.tag_errors} tag error(s)"
-            f"; leftovers for gc: {report.orphan_objects} orphan object(s), {report.staging_leftovers} staging leftover(s), "
+            + f"; problems: {report.missing_objects} missing object(s), "
+            f"{report.digest_mismatches} digest mismatch(es), "
+            f"{report.dangling_versions} dangling version(s), {report.number_errors} "
+            f"numbering error(s), {report.tag_errors} tag error(s)"
+            f"; leftovers for gc: {report.orphan_objects} orphan "
+            f"object(s), {report.staging_leftovers} staging leftover(s), "
             f"{report.unreferenced_blobs} unreferenced blob(s), {report.stale_uploads} stale upload(s)"
             f"; {report.pending_uploads} upload(s) pending"
         )

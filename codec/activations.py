@@ -33,7 +33,10 @@ class InputMoments:
         if w is None:
             return None
         if w.shape != (in_features,):
-            raise CodecError(f"{name}: calibration moments have shape {tuple(w.shape)}, the tensor has {in_features} inputs")
+            raise CodecError(
+                f"{name}: calibration moments have shape "
+                f"{tuple(w.shape)}, the tensor has {in_features} inputs"
+            )
         return w
 
 
@@ -42,8 +45,10 @@ def tokenizer_for(finetuned_dir: Path, base_dir: Path | None = None):
     from transformers import AutoTokenizer
 
     candidates = [finetuned_dir] + ([base_dir] if base_dir is not None else [])
-    d = next((c for c in candidates if (c / "tokenizer_config.json").exists() or (c / "tokenizer.json").exists()),
-             candidates[-1])
+    d = next(
+        (c for c in candidates if (c / "tokenizer_config.json").exists() or (c / "tokenizer.json").exists()),
+        candidates[-1],
+    )
     try:
         return AutoTokenizer.from_pretrained(d)
     except (OSError, ValueError) as exc:
@@ -61,7 +66,9 @@ def token_samples(tokenizer, docs: list[str], seq_len: int, samples: int, seed: 
             break
     blocks = len(ids) // seq_len
     if blocks == 0:
-        raise CalibrationDataError(f"calibration data has {len(ids)} tokens, fewer than one {seq_len}-token sample")
+        raise CalibrationDataError(
+            f"calibration data has {len(ids)} tokens, fewer than one {seq_len}-token sample"
+        )
     data = torch.tensor(ids[: blocks * seq_len]).view(blocks, seq_len)
     order = torch.randperm(blocks, generator=torch.Generator().manual_seed(seed))
     return data[order[: min(samples, blocks)]]
@@ -84,8 +91,9 @@ def input_moments(
 
     text = read_calibration_text(data)
     model_dir = Path(model_dir)
-    tokens = token_samples(tokenizer_for(model_dir, Path(base_dir) if base_dir else None), text.documents,
-                           seq_len, samples, seed)
+    tokens = token_samples(
+        tokenizer_for(model_dir, Path(base_dir) if base_dir else None), text.documents, seq_len, samples, seed
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -95,10 +103,14 @@ def input_moments(
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
             counts[name] = counts.get(name, 0) + x.shape[0]
+
         return hook
 
-    handles = [m.register_forward_pre_hook(hook_for(f"{n}.weight" if n else "weight"))
-               for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    handles = [
+        m.register_forward_pre_hook(hook_for(f"{n}.weight" if n else "weight"))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    ]
     try:
         for i in range(0, len(tokens), batch):
             model(tokens[i : i + batch].to(device))

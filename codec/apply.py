@@ -9,9 +9,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from . import deltadq
 from .background import OrderedWorker
@@ -95,8 +95,11 @@ def apply_delta(
     written = 0
     try:
         done = 0
-        for shard_name, shard in zip(names, shards):
-            with SafetensorsWriter(tmp / shard_name, shard, {"format": "pt"}) as writer, OrderedWorker() as io:
+        for shard_name, shard in zip(names, shards, strict=True):
+            with (
+                SafetensorsWriter(tmp / shard_name, shard, {"format": "pt"}) as writer,
+                OrderedWorker() as io,
+            ):
                 for spec in shard:
                     if progress:
                         progress(spec.name, done, len(specs))
@@ -111,10 +114,19 @@ def apply_delta(
                         writer.write(spec.name, tensor_bytes(delta.full(spec.name)))
                     else:
                         if e.dq_codes is not None:
-                            blocks = deltadq.reconstruct_blocks(b, delta.dq_codes(spec.name), delta.dq_step(spec.name), spec.name,
-                                                                delta.dq_seed, delta.dq_params(spec.name), model_dtype)
+                            blocks = deltadq.reconstruct_blocks(
+                                b,
+                                delta.dq_codes(spec.name),
+                                delta.dq_step(spec.name),
+                                spec.name,
+                                delta.dq_seed,
+                                delta.dq_params(spec.name),
+                                model_dtype,
+                            )
                         else:
-                            blocks = reconstruct_blocks(b, delta.sign(spec.name), delta.scale(spec.name), model_dtype)
+                            blocks = reconstruct_blocks(
+                                b, delta.sign(spec.name), delta.scale(spec.name), model_dtype
+                            )
                         writer.write_parts(spec.name, (tensor_bytes(block) for block in blocks))
                     written += spec.nbytes
         fingerprint = "sha256:" + fp.hexdigest()
@@ -128,9 +140,11 @@ def apply_delta(
         if len(shards) > 1:
             index = {
                 "metadata": {"total_size": written},
-                "weight_map": {s.name: n for n, shard in zip(names, shards) for s in shard},
+                "weight_map": {s.name: n for n, shard in zip(names, shards, strict=True) for s in shard},
             }
-            write_atomic(tmp / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True).encode())
+            write_atomic(
+                tmp / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True).encode()
+            )
         _write_config(base, delta, tmp)
         _write_model_card(delta, Path(delta_path), tmp)
         if out_dir.exists():
@@ -187,7 +201,9 @@ def _write_model_card(delta: DeltaFile, delta_path: Path, dest: Path) -> None:
     if source:
         lines.append(f"- base revision: `{source['revision']}` (commit `{source['commit']}`)")
     if delta.codec == "bitdelta":
-        lines.append(f"- sign planes: {meta.get('x-planes', '1')}, scales {meta.get('x-scale', 'per-matrix')}")
+        lines.append(
+            f"- sign planes: {meta.get('x-planes', '1')}, scales {meta.get('x-scale', 'per-matrix')}"
+        )
     if "calibration" in meta:
         lines.append(f"- scales distilled on calibration text: `{meta['calibration']}`")
     if "fidelity" in meta:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 
 class OrderedWorker:
@@ -58,7 +58,7 @@ class OrderedWorker:
             self._thread.join()
         self._error = None
 
-    def __enter__(self) -> "OrderedWorker":
+    def __enter__(self) -> OrderedWorker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -6,7 +6,8 @@ Everything here is plain torch and runs on any device.
 
 from __future__ import annotations
 
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import numpy as np
 import torch
@@ -145,8 +146,9 @@ def decode(sign: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.T
     return delta
 
 
-
-def reconstruct(base: torch.Tensor, sign: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def reconstruct(
+    base: torch.Tensor, sign: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """The fine-tuned weight as the format defines it: `(W_base.float() + Δ̂).to(dtype)`."""
     return (base.to(torch.float32) + decode(sign, scale, base.shape[-1])).to(dtype)
 
@@ -193,7 +195,9 @@ def reconstruct_blocks(
         yield target
 
 
-def reconstruct_cpu(base: torch.Tensor, sign: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def reconstruct_cpu(
+    base: torch.Tensor, sign: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """`reconstruct` for CPU tensors, computed in cache-sized row blocks (bit-identical)."""
     result = torch.empty(base.shape, dtype=dtype)
     for _ in reconstruct_blocks(base, sign, scale, dtype, out=result):

@@ -11,7 +11,21 @@ from pathlib import Path
 
 from .errors import CalibrationDataError
 
-TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".csv", ".tsv", ".html", ".xml", ".yaml", ".yml", ""}
+TEXT_SUFFIXES = {
+    ".txt",
+    ".md",
+    ".py",
+    ".rst",
+    ".json",
+    ".jsonl",
+    ".csv",
+    ".tsv",
+    ".html",
+    ".xml",
+    ".yaml",
+    ".yml",
+    "",
+}
 MAX_BYTES = 1 << 30
 
 
@@ -51,7 +65,11 @@ def read_calibration_text(source: str | os.PathLike[str]) -> CalibrationText:
     path = Path(source)
     if not path.exists():
         raise CalibrationDataError(f"{path}: no such file or directory")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
+    files = (
+        sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if path.is_dir()
+        else [path]
+    )
     if not files:
         raise CalibrationDataError(f"{path}: directory holds no text files")
     docs: list[str] = []

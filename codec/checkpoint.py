@@ -8,8 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -21,9 +21,16 @@ from .format import FORMAT as DELTA_FORMAT
 from .hub import ModelSource, resolve_model
 
 TORCH_TO_ST: dict[torch.dtype, str] = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8",
-    torch.int16: "I16", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int32: "I32", torch.float32: "F32", torch.int64: "I64", torch.float64: "F64",
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int32: "I32",
+    torch.float32: "F32",
+    torch.int64: "I64",
+    torch.float64: "F64",
 }
 ST_TO_TORCH: dict[str, torch.dtype] = {v: k for k, v in TORCH_TO_ST.items()}
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
@@ -61,12 +68,18 @@ def fingerprint_tensors(items: Iterable[tuple[str, torch.Tensor]]) -> str:
 class Checkpoint:
     """A set of named tensors in one or more safetensors files, opened lazily (memory-mapped).
 
-        ckpt = Checkpoint.open("path/to/model_dir")     # or a Hub id: "org/name@main"
-        for name in ckpt.names: ckpt.get(name)
+    ckpt = Checkpoint.open("path/to/model_dir")     # or a Hub id: "org/name@main"
+    for name in ckpt.names: ckpt.get(name)
     """
 
-    def __init__(self, root: Path, files: dict[str, Path], headers: dict[Path, Header], config: dict | None,
-                 source: ModelSource | None = None):
+    def __init__(
+        self,
+        root: Path,
+        files: dict[str, Path],
+        headers: dict[Path, Header],
+        config: dict | None,
+        source: ModelSource | None = None,
+    ):
         self.root = root
         self.source = source  # the Hub repository and commit it was resolved from, None for a local path
         self._file_of = files  # tensor name -> file
@@ -76,7 +89,7 @@ class Checkpoint:
 
     # --- construction -------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, revision: str | None = None) -> "Checkpoint":
+    def open(cls, path: str | os.PathLike[str], *, revision: str | None = None) -> Checkpoint:
         """Open a local checkpoint, or a Hub model id (a local path of the same spelling wins)."""
         resolved = resolve_model(path, revision=revision)
         root = resolved.path
@@ -127,7 +140,9 @@ class Checkpoint:
             headers[f] = header
             for name in header.tensors:
                 if name in file_of:
-                    raise CheckpointError(f"tensor {name!r} appears in both {file_of[name].name} and {f.name}")
+                    raise CheckpointError(
+                        f"tensor {name!r} appears in both {file_of[name].name} and {f.name}"
+                    )
                 file_of[name] = f
         if not any(h.tensors[n].dtype in FLOAT_DTYPES for h in headers.values() for n in h.tensors):
             raise CheckpointError(f"{root} holds no model weights (no floating-point tensors)")
@@ -190,4 +205,6 @@ class Checkpoint:
     @property
     def tied_embeddings(self) -> bool:
         cfg = self.config or {}
-        return bool(cfg.get("tie_word_embeddings", cfg.get("text_config", {}).get("tie_word_embeddings", False)))
+        return bool(
+            cfg.get("tie_word_embeddings", cfg.get("text_config", {}).get("tie_word_embeddings", False))
+        )

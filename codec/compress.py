@@ -11,9 +11,10 @@ import hashlib
 import json
 import os
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -31,8 +32,15 @@ Progress = Callable[[str, int, int], None]
 
 #: Tensors kept dense by default, as in BitDelta: embeddings and the LM head (and any 1-D tensor).
 DEFAULT_DENSE_PATTERNS = (
-    "*embed_tokens*", "*lm_head*", "*wte*", "*wpe*", "*embed_in*", "*embed_out*",
-    "*word_embeddings*", "*position_embeddings*", "*output.weight",
+    "*embed_tokens*",
+    "*lm_head*",
+    "*wte*",
+    "*wpe*",
+    "*embed_in*",
+    "*embed_out*",
+    "*word_embeddings*",
+    "*position_embeddings*",
+    "*output.weight",
 )
 MAX_PLANES = 8
 
@@ -83,8 +91,14 @@ class CompressOptions:
             raise CodecError(f"deltadq bits must be between 1 and 8, got {self.dq_bits}")
         if self.dq_group_size is not None and self.dq_group_size < 1:
             raise CodecError(f"group size must be >= 1 (or auto), got {self.dq_group_size}")
-        if self.dq_group_size is not None and self.dq_keep is not None and self.dq_group_size * self.dq_keep < 1:
-            raise CodecError(f"group size {self.dq_group_size} × keep {self.dq_keep} keeps nothing: use a larger group")
+        if (
+            self.dq_group_size is not None
+            and self.dq_keep is not None
+            and self.dq_group_size * self.dq_keep < 1
+        ):
+            raise CodecError(
+                f"group size {self.dq_group_size} × keep {self.dq_keep} keeps nothing: use a larger group"
+            )
         if self.dq_parts < 1 or (self.dq_bits is not None and self.dq_bits % self.dq_parts):
             raise CodecError(f"parts must be >= 1 and divide the bits, got {self.dq_parts}")
         if not 0 <= self.dq_seed < 2**64:
@@ -98,7 +112,9 @@ class CompressOptions:
             return False
         if any(fnmatch.fnmatchcase(name, p) for p in self.include):
             return True
-        return name.endswith(".weight") and not any(fnmatch.fnmatchcase(name, p) for p in DEFAULT_DENSE_PATTERNS)
+        return name.endswith(".weight") and not any(
+            fnmatch.fnmatchcase(name, p) for p in DEFAULT_DENSE_PATTERNS
+        )
 
 
 @dataclass
@@ -124,7 +140,9 @@ def _model_dtype(ft: Checkpoint, options: CompressOptions) -> str:
         if options.binarizes(name, e.shape, e.dtype):
             counts[e.dtype] += e.nbytes
     if not counts:
-        counts.update({ft.entry(n).dtype: ft.entry(n).nbytes for n in ft.names if ft.entry(n).dtype in FLOAT_CODES})
+        counts.update(
+            {ft.entry(n).dtype: ft.entry(n).nbytes for n in ft.names if ft.entry(n).dtype in FLOAT_CODES}
+        )
     if not counts:
         raise CodecError("the fine-tuned checkpoint has no floating-point tensors")
     code = counts.most_common(1)[0][0]
@@ -138,7 +156,9 @@ def _check_names(base: Checkpoint, ft: Checkpoint) -> None:
             f"the fine-tune has {len(extra)} tensor(s) the base lacks (e.g. {extra[0]!r}); "
             "a delta can only change tensors of its base"
         )
-    missing = [n for n in base.names if n not in ft and not (n.endswith("lm_head.weight") and ft.tied_embeddings)]
+    missing = [
+        n for n in base.names if n not in ft and not (n.endswith("lm_head.weight") and ft.tied_embeddings)
+    ]
     if missing:
         raise IncompatibleDeltaError(
             f"the fine-tune lacks {len(missing)} tensor(s) of the base (e.g. {missing[0]!r})"
@@ -199,15 +219,36 @@ def compress(
             f = ft.get(name)
             fe = ft.entry(name)
             same_layout = fe.shape == be.shape and fe.dtype == be.dtype
-            if fe.shape == be.shape and fe.dtype == model_code and options.binarizes(name, fe.shape, fe.dtype):
+            if (
+                fe.shape == be.shape
+                and fe.dtype == model_code
+                and options.binarizes(name, fe.shape, fe.dtype)
+            ):
                 if options.codec == "deltadq":
-                    params = deltadq.choose(f, b, name, options.dq_seed, ratio=options.dq_ratio, bits=options.dq_bits,
-                                            keep_ratio=options.dq_keep, group_size=options.dq_group_size,
-                                            parts=options.dq_parts,
-                                            channel_weight=input_moments.weight_for(name, fe.shape[-1]) if input_moments else None)
+                    params = deltadq.choose(
+                        f,
+                        b,
+                        name,
+                        options.dq_seed,
+                        ratio=options.dq_ratio,
+                        bits=options.dq_bits,
+                        keep_ratio=options.dq_keep,
+                        group_size=options.dq_group_size,
+                        parts=options.dq_parts,
+                        channel_weight=input_moments.weight_for(name, fe.shape[-1])
+                        if input_moments
+                        else None,
+                    )
                     codes, step = deltadq.encode(f, b, name, options.dq_seed, params)
-                    pieces = [(".dq_codes", "U8", codes), (".dq_step", "F32", step),
-                              (".dq_params", "I32", torch.tensor([params.group_size, params.keep, params.bits], dtype=torch.int32))]
+                    pieces = [
+                        (".dq_codes", "U8", codes),
+                        (".dq_step", "F32", step),
+                        (
+                            ".dq_params",
+                            "I32",
+                            torch.tensor([params.group_size, params.keep, params.bits], dtype=torch.int32),
+                        ),
+                    ]
                     zero = not bool(step.any())
                 else:
                     sign, scale = binarize(f, b, options.planes, options.scale_mode)
@@ -217,12 +258,24 @@ def compress(
                     report.unchanged.append(name)
                     continue
                 for suffix, code, tensor in pieces:
-                    io.submit(functools.partial(writer.add, TensorSpec(name + suffix, code, tuple(tensor.shape)), tensor_bytes(tensor)))
+                    io.submit(
+                        functools.partial(
+                            writer.add,
+                            TensorSpec(name + suffix, code, tuple(tensor.shape)),
+                            tensor_bytes(tensor),
+                        )
+                    )
                 report.binarized.append(name)
             elif same_layout and torch.equal(f, b):
                 report.unchanged.append(name)
             else:
-                io.submit(functools.partial(writer.add, TensorSpec(name + ".full", TORCH_TO_ST[f.dtype], tuple(f.shape)), tensor_bytes(f)))
+                io.submit(
+                    functools.partial(
+                        writer.add,
+                        TensorSpec(name + ".full", TORCH_TO_ST[f.dtype], tuple(f.shape)),
+                        tensor_bytes(f),
+                    )
+                )
                 report.dense.append(name)
         io.join()
         report.base_fingerprint = "sha256:" + fp.hexdigest()
@@ -239,13 +292,27 @@ def compress(
         if options.codec == "bitdelta":
             metadata.update({"x-planes": str(options.planes), "x-scale": options.scale_mode})
         else:
-            metadata["deltadq"] = json.dumps({
-                "seed": options.dq_seed, "mask": DQ_MASK, "ratio": options.dq_ratio, "bits": options.dq_bits,
-                "keep": options.dq_keep, "group_size": options.dq_group_size or "auto", "parts": options.dq_parts,
-                "search": ({"error": "output, weighted by calibration E[x^2]", "tokens": input_moments.tokens,
-                            "data_fingerprint": input_moments.data_fingerprint}
-                           if input_moments else {"error": "weights (isotropic inputs)"}),
-            }, sort_keys=True)
+            metadata["deltadq"] = json.dumps(
+                {
+                    "seed": options.dq_seed,
+                    "mask": DQ_MASK,
+                    "ratio": options.dq_ratio,
+                    "bits": options.dq_bits,
+                    "keep": options.dq_keep,
+                    "group_size": options.dq_group_size or "auto",
+                    "parts": options.dq_parts,
+                    "search": (
+                        {
+                            "error": "output, weighted by calibration E[x^2]",
+                            "tokens": input_moments.tokens,
+                            "data_fingerprint": input_moments.data_fingerprint,
+                        }
+                        if input_moments
+                        else {"error": "weights (isotropic inputs)"}
+                    ),
+                },
+                sort_keys=True,
+            )
         if base.source is not None:
             metadata["x-base-source"] = base.source.to_json()
         if ft.source is not None:

@@ -12,9 +12,10 @@ import os
 import struct
 import sys
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable, Mapping
+from typing import IO
 
 from .errors import HeaderError, TruncatedFileError
 from .files import AtomicWriter, check_output
@@ -24,10 +25,21 @@ MAX_HEADER_SIZE = 100_000_000
 
 #: safetensors dtype code -> item size in bytes.
 DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 
 if sys.byteorder != "little":  # the format is little-endian and we write native bytes
@@ -173,18 +185,24 @@ def parse_header_bytes(prefix: bytes, file_size: int) -> Header:
             or not all(_is_uint(o) for o in offsets)
             or offsets[0] > offsets[1]
         ):
-            raise HeaderError(f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end < 2**64")
+            raise HeaderError(
+                f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end < 2**64"
+            )
         # Multiplied left to right as the stock library does, stopping at 2**64 (so a forged
         # shape of millions of huge dimensions costs nothing); Python integers cannot overflow.
         if not _numel_fits(shape, DTYPE_SIZES[dtype]):
-            raise HeaderError(f"tensor {name!r}: {dtype} shape needs more elements than a 64-bit size can count")
+            raise HeaderError(
+                f"tensor {name!r}: {dtype} shape needs more elements than a 64-bit size can count"
+            )
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
         if offsets[1] - offsets[0] != expected:
             raise HeaderError(
                 f"tensor {name!r}: {dtype}{_short(shape)} needs {expected} bytes but offsets span "
                 f"{offsets[1] - offsets[0]}"
             )
-        tensors[name] = TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+        tensors[name] = TensorEntry(
+            name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1]
+        )
 
     cursor = data_start
     for entry in sorted(tensors.values(), key=lambda e: (e.start, e.end)):
@@ -247,7 +265,11 @@ def encode_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | Non
     for spec in specs:
         if spec.name in doc:
             raise ValueError(f"duplicate tensor name {spec.name!r}")
-        doc[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        doc[spec.name] = {
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
         offset += spec.nbytes
     raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
@@ -269,8 +291,12 @@ class SafetensorsWriter:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], specs: list[TensorSpec], metadata: Mapping[str, str] | None = None,
-        *, inputs: Iterable[str | os.PathLike[str]] = (),
+        self,
+        path: str | os.PathLike[str],
+        specs: list[TensorSpec],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        inputs: Iterable[str | os.PathLike[str]] = (),
     ):
         self.path = Path(path)
         self._specs = list(specs)
@@ -284,7 +310,7 @@ class SafetensorsWriter:
             self.abort()
             raise
 
-    def write_parts(self, name: str, parts: Iterable["memoryview | bytes"]) -> None:
+    def write_parts(self, name: str, parts: Iterable[memoryview | bytes]) -> None:
         """Write one tensor given as consecutive pieces (e.g. row blocks as they are computed)."""
         assert self._fh is not None, "writer is closed"
         if self._next >= len(self._specs) or self._specs[self._next].name != name:
@@ -295,13 +321,17 @@ class SafetensorsWriter:
             mv = memoryview(part).cast("B")
             total += mv.nbytes
             if total > self._specs[self._next].nbytes:
-                raise ValueError(f"tensor {name!r}: more bytes than the header's {self._specs[self._next].nbytes}")
+                raise ValueError(
+                    f"tensor {name!r}: more bytes than the header's {self._specs[self._next].nbytes}"
+                )
             self._fh.write(mv)
         if total != self._specs[self._next].nbytes:
-            raise ValueError(f"tensor {name!r}: got {total} bytes, header says {self._specs[self._next].nbytes}")
+            raise ValueError(
+                f"tensor {name!r}: got {total} bytes, header says {self._specs[self._next].nbytes}"
+            )
         self._next += 1
 
-    def write(self, name: str, data: "memoryview | bytes") -> None:
+    def write(self, name: str, data: memoryview | bytes) -> None:
         self.write_parts(name, (data,))
 
     def write_rest_from(self, src: IO[bytes], chunk: int = 16 << 20) -> None:
@@ -330,7 +360,7 @@ class SafetensorsWriter:
             self._out.abort()
         self._out = self._fh = None
 
-    def __enter__(self) -> "SafetensorsWriter":
+    def __enter__(self) -> SafetensorsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -354,7 +384,7 @@ class SpooledSafetensorsWriter:
         self._specs: list[TensorSpec] = []
         self._spool = tempfile.TemporaryFile(dir=self.path.parent, prefix=".spool-")
 
-    def add(self, spec: TensorSpec, data: "memoryview | bytes") -> None:
+    def add(self, spec: TensorSpec, data: memoryview | bytes) -> None:
         mv = memoryview(data).cast("B")
         if mv.nbytes != spec.nbytes:
             raise ValueError(f"tensor {spec.name!r}: got {mv.nbytes} bytes, spec says {spec.nbytes}")

@@ -79,14 +79,18 @@ def kept_positions(seed: int, name: str, shape: tuple[int, int], params: DQParam
     g, k = params.group_size, params.keep
     full, last = divmod(inn, g)
     ngroups = full + (1 if last else 0)
-    counters = (np.arange(r0, r1, dtype=np.uint64)[:, None] << np.uint64(32)) | np.arange(ngroups, dtype=np.uint64)[None, :]
+    counters = (np.arange(r0, r1, dtype=np.uint64)[:, None] << np.uint64(32)) | np.arange(
+        ngroups, dtype=np.uint64
+    )[None, :]
     gkeys = splitmix64(counters ^ key)
     full_pos = _partial_shuffle_keep(gkeys[:, :full], g, k) if full else np.zeros((r1 - r0, 0, k), np.int16)
     last_pos = _partial_shuffle_keep(gkeys[:, full], last, math.ceil(last * k / g)) if last else None
     return full_pos, last_pos
 
 
-def keep_mask(seed: int, name: str, shape: tuple[int, int], params: DQParams, rows: slice | None = None) -> np.ndarray:
+def keep_mask(
+    seed: int, name: str, shape: tuple[int, int], params: DQParams, rows: slice | None = None
+) -> np.ndarray:
     """Boolean mask [rows, in] of the surviving positions (for tests and inspection)."""
     full_pos, last_pos = kept_positions(seed, name, shape, params, rows)
     n, inn = full_pos.shape[0], shape[1]
@@ -100,16 +104,26 @@ def keep_mask(seed: int, name: str, shape: tuple[int, int], params: DQParams, ro
 
 def _gather(delta: np.ndarray, full_pos: np.ndarray, last_pos: np.ndarray | None, g: int) -> np.ndarray:
     n, full = delta.shape[0], full_pos.shape[1]
-    vals = np.take_along_axis(delta[:, : full * g].reshape(n, full, g), full_pos.astype(np.intp), axis=-1).reshape(n, -1)
+    vals = np.take_along_axis(
+        delta[:, : full * g].reshape(n, full, g), full_pos.astype(np.intp), axis=-1
+    ).reshape(n, -1)
     if last_pos is not None:
-        vals = np.concatenate([vals, np.take_along_axis(delta[:, full * g :], last_pos.astype(np.intp), axis=-1)], axis=1)
+        vals = np.concatenate(
+            [vals, np.take_along_axis(delta[:, full * g :], last_pos.astype(np.intp), axis=-1)], axis=1
+        )
     return vals
 
 
-def _scatter(out: np.ndarray, values: np.ndarray, full_pos: np.ndarray, last_pos: np.ndarray | None, g: int) -> None:
+def _scatter(
+    out: np.ndarray, values: np.ndarray, full_pos: np.ndarray, last_pos: np.ndarray | None, g: int
+) -> None:
     n, full, k = full_pos.shape
-    np.put_along_axis(out[:, : full * g].reshape(n, full, g), full_pos.astype(np.intp),
-                      values[:, : full * k].reshape(n, full, k), axis=-1)
+    np.put_along_axis(
+        out[:, : full * g].reshape(n, full, g),
+        full_pos.astype(np.intp),
+        values[:, : full * k].reshape(n, full, k),
+        axis=-1,
+    )
     if last_pos is not None:
         np.put_along_axis(out[:, full * g :], last_pos.astype(np.intp), values[:, full * k :], axis=-1)
 
@@ -141,11 +155,15 @@ def pack_codes(codes: np.ndarray, width: int) -> np.ndarray:
 
 
 def unpack_codes(packed: np.ndarray, width: int, count: int) -> np.ndarray:
-    bits = np.unpackbits(packed, axis=-1, count=count * width, bitorder="little").reshape(packed.shape[0], count, width)
+    bits = np.unpackbits(packed, axis=-1, count=count * width, bitorder="little").reshape(
+        packed.shape[0], count, width
+    )
     return (bits.astype(np.uint8) << np.arange(width, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
 
 
-def encode(finetuned: torch.Tensor, base: torch.Tensor, name: str, seed: int, params: DQParams) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(
+    finetuned: torch.Tensor, base: torch.Tensor, name: str, seed: int, params: DQParams
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Compress one 2-D delta: returns (parts uint8 [parts, out, packed_width], step f32 [out])."""
     out, inn = finetuned.shape
     width = params.packed_width(inn)
@@ -168,8 +186,15 @@ def encode(finetuned: torch.Tensor, base: torch.Tensor, name: str, seed: int, pa
     return torch.from_numpy(parts), torch.from_numpy(steps)
 
 
-def decode(parts: torch.Tensor, step: torch.Tensor, name: str, seed: int, params: DQParams, in_features: int,
-           rows: slice | None = None) -> torch.Tensor:
+def decode(
+    parts: torch.Tensor,
+    step: torch.Tensor,
+    name: str,
+    seed: int,
+    params: DQParams,
+    in_features: int,
+    rows: slice | None = None,
+) -> torch.Tensor:
     """Δ̂ in fp32 [out, in] (or the given row range): zeros except the surviving positions."""
     out = parts.shape[1]
     r0, r1 = (rows.start or 0, rows.stop if rows.stop is not None else out) if rows else (0, out)
@@ -187,8 +212,15 @@ def decode(parts: torch.Tensor, step: torch.Tensor, name: str, seed: int, params
     return torch.from_numpy(delta)
 
 
-def reconstruct_blocks(base: torch.Tensor, parts: torch.Tensor, step: torch.Tensor, name: str, seed: int,
-                       params: DQParams, dtype: torch.dtype):
+def reconstruct_blocks(
+    base: torch.Tensor,
+    parts: torch.Tensor,
+    step: torch.Tensor,
+    name: str,
+    seed: int,
+    params: DQParams,
+    dtype: torch.dtype,
+):
     """Row blocks of `(W_base.float() + Δ̂).to(dtype)`, as `bitdelta.reconstruct_blocks` does."""
     out, inn = base.shape
     for r in range(0, out, _ROW_CHUNK):
@@ -199,14 +231,17 @@ def reconstruct_blocks(base: torch.Tensor, parts: torch.Tensor, step: torch.Tens
 
 # --- choosing parameters ---------------------------------------------------------------------
 
+
 #: For a target ratio vs fp16 (16 bits/weight): (bits, keep ratio) candidates of that budget.
 def candidates_for_ratio(ratio: float, in_features: int | None = None) -> list[tuple[int, float]]:
     """(bits, keep ratio) pairs spending a tensor's budget of 16/ratio bits per weight, after the
     per-row fp32 step (32/in bits per weight) when `in_features` is given."""
     budget = 16.0 / ratio - (32.0 / in_features if in_features else 0.0)
     if budget <= 0:
-        raise CodecError(f"ratio {ratio} is out of reach for a tensor {in_features} wide: its per-row step alone "
-                         f"takes 32/{in_features} bits per weight (at most ratio {in_features / 2:g})")
+        raise CodecError(
+            f"ratio {ratio} is out of reach for a tensor {in_features} wide: its per-row step alone "
+            f"takes 32/{in_features} bits per weight (at most ratio {in_features / 2:g})"
+        )
     out = []
     for bits in (1, 2, 3, 4, 6, 8):
         keep = budget / bits
@@ -223,10 +258,20 @@ def params_for(in_features: int, bits: int, keep_ratio: float, group_size: int, 
     return DQParams(group_size=g, keep=keep, bits=bits, parts=parts if bits % parts == 0 else 1)
 
 
-def choose(finetuned: torch.Tensor, base: torch.Tensor, name: str, seed: int, *, ratio: float | None,
-           bits: int | None, keep_ratio: float | None, group_size: int | None, parts: int,
-           group_candidates: tuple[int, ...] = (16, 32, 64, 128, 256, 512),
-           channel_weight: torch.Tensor | None = None) -> DQParams:
+def choose(
+    finetuned: torch.Tensor,
+    base: torch.Tensor,
+    name: str,
+    seed: int,
+    *,
+    ratio: float | None,
+    bits: int | None,
+    keep_ratio: float | None,
+    group_size: int | None,
+    parts: int,
+    group_candidates: tuple[int, ...] = (16, 32, 64, 128, 256, 512),
+    channel_weight: torch.Tensor | None = None,
+) -> DQParams:
     """Pick parameters for one tensor. Explicit values are used as given; `ratio` chooses among
     (bits, keep) pairs whose stored size (codes and per-row step) is within that budget, and
     `group_size=None` ("auto") among group sizes, by the error of Δ̂ on a sample of rows: the
@@ -257,5 +302,7 @@ def choose(finetuned: torch.Tensor, base: torch.Tensor, name: str, seed: int, *,
     if best is None and ratio is not None:
         raise CodecError(f"{name}: no (bits, keep, group size) reaches ratio {ratio} on a tensor {inn} wide")
     if best is None:
-        raise CodecError(f"{name}: no group size fits keep ratio {keep_ratio} (group size × keep must be >= 1)")
+        raise CodecError(
+            f"{name}: no group size fits keep ratio {keep_ratio} (group size × keep must be >= 1)"
+        )
     return best

@@ -12,9 +12,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -45,7 +46,12 @@ class DistillOptions:
     offload_teacher: bool = False  # precompute teacher logits to disk, then free the teacher
 
     def __post_init__(self) -> None:
-        for field, value in (("steps", self.steps), ("batch", self.batch), ("seq_len", self.seq_len), ("samples", self.samples)):
+        for field, value in (
+            ("steps", self.steps),
+            ("batch", self.batch),
+            ("seq_len", self.seq_len),
+            ("samples", self.samples),
+        ):
             if value < 1:
                 raise CodecError(f"{field} must be >= 1, got {value}")
         if not self.lr > 0:
@@ -69,7 +75,7 @@ class SignScale(nn.Module):
     def __init__(self, sign_pm1: torch.Tensor, scale: torch.Tensor):
         super().__init__()
         self.register_buffer("sign", sign_pm1, persistent=False)  # int8 ±1, [P, out, in]
-        self.scale = nn.Parameter(scale.clone().float())          # [P, 1] or [P, out]
+        self.scale = nn.Parameter(scale.clone().float())  # [P, 1] or [P, out]
 
     def forward(self, base: torch.Tensor) -> torch.Tensor:
         delta = (self.scale.unsqueeze(-1) * self.sign).sum(0)
@@ -98,7 +104,10 @@ def _student(base_dir: Path, delta: DeltaFile, device: str) -> tuple[nn.Module, 
             target = params[name]
             full = delta.full(name)
             if full.shape != target.shape:
-                raise CodecError(f"{name}: dense tensor shape {tuple(full.shape)} differs from the model's {tuple(target.shape)}")
+                raise CodecError(
+                    f"{name}: dense tensor shape {tuple(full.shape)} "
+                    f"differs from the model's {tuple(target.shape)}"
+                )
             with torch.no_grad():
                 target.copy_(full)
     scales: dict[str, SignScale] = {}
@@ -138,7 +147,8 @@ def _loss(student: torch.Tensor, teacher: torch.Tensor, kind: LossKind) -> torch
     return nn.functional.kl_div(
         nn.functional.log_softmax(student, -1).flatten(0, -2),
         nn.functional.log_softmax(teacher, -1).flatten(0, -2),
-        log_target=True, reduction="batchmean",
+        log_target=True,
+        reduction="batchmean",
     )
 
 
@@ -161,15 +171,19 @@ def distill_scales(
     if not any(e.sign is not None for e in delta.entries.values()):
         raise CodecError("the delta has no binarized tensors: there are no scales to distill")
     base_dir, finetuned_dir = Path(base_dir), Path(finetuned_dir)
-    samples = token_samples(tokenizer_for(finetuned_dir, base_dir), text.documents, options.seq_len, options.samples,
-                            options.seed)
+    samples = token_samples(
+        tokenizer_for(finetuned_dir, base_dir), text.documents, options.seq_len, options.samples, options.seed
+    )
     torch.manual_seed(options.seed)
     gen = torch.Generator().manual_seed(options.seed)
-    batches = [
-        samples[torch.randint(len(samples), (options.batch,), generator=gen)] for _ in range(options.steps)
-    ] if len(samples) < options.batch else [
-        samples[(torch.arange(options.batch) + s * options.batch) % len(samples)] for s in range(options.steps)
-    ]
+    batches = (
+        [samples[torch.randint(len(samples), (options.batch,), generator=gen)] for _ in range(options.steps)]
+        if len(samples) < options.batch
+        else [
+            samples[(torch.arange(options.batch) + s * options.batch) % len(samples)]
+            for s in range(options.steps)
+        ]
+    )
 
     start = time.perf_counter()
     teacher = AutoModelForCausalLM.from_pretrained(finetuned_dir, dtype=torch.float32).to(device).eval()
@@ -182,8 +196,12 @@ def distill_scales(
         vocab = teacher.config.vocab_size
         spool = tempfile.NamedTemporaryFile(prefix="deltastore-teacher-", suffix=".f16", delete=False)
         spool.close()
-        teacher_cache = np.memmap(spool.name, dtype=np.float16, mode="w+",
-                                  shape=(options.steps, options.batch, options.seq_len, vocab))
+        teacher_cache = np.memmap(
+            spool.name,
+            dtype=np.float16,
+            mode="w+",
+            shape=(options.steps, options.batch, options.seq_len, vocab),
+        )
         with torch.no_grad():
             for s, b in enumerate(batches):
                 teacher_cache[s] = teacher(b.to(device)).logits.to(torch.float16).cpu().numpy()
@@ -204,7 +222,9 @@ def distill_scales(
     initial = probe_loss()
     params = [m.scale for m in scales.values()]
     opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / options.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / options.steps))
+    )
     losses: list[float] = []
     try:
         for step, batch in enumerate(batches):
@@ -231,12 +251,21 @@ def distill_scales(
     seconds = time.perf_counter() - start
 
     calibration = {
-        "dataset": text.source and Path(text.source).name, "data_fingerprint": text.fingerprint,
-        "samples": len(samples), "initial_loss": initial, "final_loss": final, **asdict(options),
+        "dataset": text.source and Path(text.source).name,
+        "data_fingerprint": text.fingerprint,
+        "samples": len(samples),
+        "initial_loss": initial,
+        "final_loss": final,
+        **asdict(options),
         "seconds": round(seconds, 1),
     }
-    _write_with_scales(delta, Path(out_path), {n: m.scale.detach().cpu() for n, m in scales.items()}, calibration,
-                       inputs=[base_dir, finetuned_dir, delta_path, data])
+    _write_with_scales(
+        delta,
+        Path(out_path),
+        {n: m.scale.detach().cpu() for n, m in scales.items()},
+        calibration,
+        inputs=[base_dir, finetuned_dir, delta_path, data],
+    )
     return DistillReport(initial, final, losses, seconds, _peak_rss())
 
 
@@ -250,7 +279,11 @@ def _write_with_scales(
     try:
         for tensor_name in delta.header.tensors:  # same tensors, same order; only .scale data changes
             base_name, _, kind = tensor_name.rpartition(".")
-            t = scales[base_name].to(torch.float32).contiguous() if kind == "scale" else delta.tensor(tensor_name)
+            t = (
+                scales[base_name].to(torch.float32).contiguous()
+                if kind == "scale"
+                else delta.tensor(tensor_name)
+            )
             writer.add(TensorSpec(tensor_name, TORCH_TO_ST[t.dtype], tuple(t.shape)), tensor_bytes(t))
         metadata = dict(delta.metadata)
         metadata["calibration"] = json.dumps(calibration, sort_keys=True)

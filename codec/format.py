@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -52,6 +53,8 @@ def is_registry_base_name(name: object) -> bool:
     """Whether `name` is a valid registry base name `org/model` (what `base_model` should hold)."""
     parts = name.split("/") if isinstance(name, str) else []
     return len(parts) == 2 and all(BASE_SEGMENT_RE.fullmatch(p) for p in parts)
+
+
 #: What the byte after a safetensors file's 8-byte length can be: its JSON header's '{' or whitespace.
 _JSON_STARTS = frozenset({b"{", b" ", b"\t", b"\n", b"\r"})
 _MAX_SCALE_BYTES = 1 << 30  # scales are F32 [P, out]: a GiB of them is a forged file
@@ -85,7 +88,11 @@ class DeltaEntry:
 
     @property
     def nbytes(self) -> int:
-        return sum(e.nbytes for e in (self.sign, self.scale, self.full, self.dq_codes, self.dq_step, self.dq_params) if e is not None)
+        return sum(
+            e.nbytes
+            for e in (self.sign, self.scale, self.full, self.dq_codes, self.dq_step, self.dq_params)
+            if e is not None
+        )
 
 
 def split_name(tensor_name: str) -> tuple[str, str]:
@@ -93,7 +100,8 @@ def split_name(tensor_name: str) -> tuple[str, str]:
     base, dot, kind = tensor_name.rpartition(".")
     if not dot or kind not in KINDS or not base:
         raise InvalidDeltaError(
-            f"tensor {tensor_name!r}: name must end in one of .{', .'.join(KINDS)} (format version {FORMAT_VERSION})"
+            f"tensor {tensor_name!r}: name must end in one of "
+            f".{', .'.join(KINDS)} (format version {FORMAT_VERSION})"
         )
     return base, kind
 
@@ -115,7 +123,8 @@ def validate_metadata(metadata: Mapping[str, str]) -> None:
         raise UnsupportedFormatError(f"format is {_show(metadata['format'])}, expected {FORMAT!r}")
     if metadata["format_version"] != FORMAT_VERSION:
         raise UnsupportedFormatError(
-            f"format_version {_show(metadata['format_version'])} is not supported (this reader knows {FORMAT_VERSION!r}); "
+            f"format_version {_show(metadata['format_version'])} is "
+            f"not supported (this reader knows {FORMAT_VERSION!r}); "
             "upgrade deltastore"
         )
     if metadata["codec"] not in KNOWN_CODECS:
@@ -125,9 +134,13 @@ def validate_metadata(metadata: Mapping[str, str]) -> None:
     if not metadata["base_model"].strip():
         raise InvalidDeltaError("metadata 'base_model' is empty")
     if not FINGERPRINT_RE.match(metadata["base_fingerprint"]):
-        raise InvalidDeltaError(f"metadata 'base_fingerprint' {_show(metadata['base_fingerprint'])} is not sha256:<64 hex>")
+        raise InvalidDeltaError(
+            f"metadata 'base_fingerprint' {_show(metadata['base_fingerprint'])} is not sha256:<64 hex>"
+        )
     if metadata["dtype"] not in DTYPE_NAMES:
-        raise InvalidDeltaError(f"metadata 'dtype' {_show(metadata['dtype'])} is not one of {', '.join(DTYPE_NAMES)}")
+        raise InvalidDeltaError(
+            f"metadata 'dtype' {_show(metadata['dtype'])} is not one of {', '.join(DTYPE_NAMES)}"
+        )
     if metadata["codec"] == "deltadq":
         try:
             dq = strict_json_loads(metadata.get("deltadq", ""))
@@ -137,7 +150,9 @@ def validate_metadata(metadata: Mapping[str, str]) -> None:
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
             raise InvalidDeltaError("deltadq metadata needs an integer 'seed' in [0, 2^64)")
         if dq.get("mask") != DQ_MASK:
-            raise UnsupportedFormatError(f"deltadq mask algorithm {_show(dq.get('mask'))} is not supported (known: {DQ_MASK!r})")
+            raise UnsupportedFormatError(
+                f"deltadq mask algorithm {_show(dq.get('mask'))} is not supported (known: {DQ_MASK!r})"
+            )
     for key in ("calibration", "fidelity", "x-hf-config"):
         if key in metadata:
             try:
@@ -158,7 +173,9 @@ def group_entries(header: Header) -> dict[str, DeltaEntry]:
         full = p.get("full")
         if full is not None:
             if len(p) > 1:
-                raise InvalidDeltaError(f"{name}: has both .full and other parts ({', '.join(sorted(set(p) - {'full'}))})")
+                raise InvalidDeltaError(
+                    f"{name}: has both .full and other parts ({', '.join(sorted(set(p) - {'full'}))})"
+                )
             out[name] = DeltaEntry(name, full=full)
         elif any(k.startswith("dq_") for k in p):
             out[name] = _dq_entry(name, p, codec)
@@ -176,9 +193,13 @@ def _sign_entry(name: str, p: dict[str, TensorEntry], codec: str) -> DeltaEntry:
     if scale is None:
         raise InvalidDeltaError(f"{name}: .sign has no matching .scale")
     if sign.dtype != "U8" or len(sign.shape) != 3 or sign.shape[0] < 1:
-        raise InvalidDeltaError(f"{name}.sign must be U8 [P>=1, out, ceil(in/8)], got {sign.dtype}{list(sign.shape)}")
+        raise InvalidDeltaError(
+            f"{name}.sign must be U8 [P>=1, out, ceil(in/8)], got {sign.dtype}{list(sign.shape)}"
+        )
     if scale.dtype != "F32" or len(scale.shape) != 2:
-        raise InvalidDeltaError(f"{name}.scale must be F32 [P, 1] or [P, out], got {scale.dtype}{list(scale.shape)}")
+        raise InvalidDeltaError(
+            f"{name}.scale must be F32 [P, 1] or [P, out], got {scale.dtype}{list(scale.shape)}"
+        )
     planes, rows = sign.shape[0], sign.shape[1]
     if scale.shape[0] != planes or scale.shape[1] not in (1, rows):
         raise InvalidDeltaError(
@@ -193,16 +214,28 @@ def _dq_entry(name: str, p: dict[str, TensorEntry], codec: str) -> DeltaEntry:
         raise InvalidDeltaError(f"{name}: .dq_* tensors in a {codec!r} delta")
     required = {"dq_codes", "dq_step", "dq_params"}
     if set(p) - required:
-        raise InvalidDeltaError(f"{name}: deltadq tensor has unexpected part(s) .{', .'.join(sorted(set(p) - required))}")
+        raise InvalidDeltaError(
+            f"{name}: deltadq tensor has unexpected part(s) .{', .'.join(sorted(set(p) - required))}"
+        )
     if required - set(p):
-        raise InvalidDeltaError(f"{name}: deltadq tensor needs .dq_codes, .dq_step and .dq_params (missing {', '.join(sorted(required - set(p)))})")
+        raise InvalidDeltaError(
+            f"{name}: deltadq tensor needs .dq_codes, .dq_step and "
+            f".dq_params (missing {', '.join(sorted(required - set(p)))})"
+        )
     codes, step, params = p["dq_codes"], p["dq_step"], p["dq_params"]
     if codes.dtype != "U8" or len(codes.shape) != 3 or codes.shape[0] < 1:
-        raise InvalidDeltaError(f"{name}.dq_codes must be U8 [parts>=1, out, packed], got {codes.dtype}{list(codes.shape)}")
+        raise InvalidDeltaError(
+            f"{name}.dq_codes must be U8 [parts>=1, out, packed], got {codes.dtype}{list(codes.shape)}"
+        )
     if step.dtype != "F32" or list(step.shape) != [codes.shape[1]]:
-        raise InvalidDeltaError(f"{name}.dq_step must be F32 [{codes.shape[1]}], got {step.dtype}{list(step.shape)}")
+        raise InvalidDeltaError(
+            f"{name}.dq_step must be F32 [{codes.shape[1]}], got {step.dtype}{list(step.shape)}"
+        )
     if params.dtype != "I32" or list(params.shape) != [3]:
-        raise InvalidDeltaError(f"{name}.dq_params must be I32 [3] (group_size, keep, bits), got {params.dtype}{list(params.shape)}")
+        raise InvalidDeltaError(
+            f"{name}.dq_params must be I32 [3] (group_size, "
+            f"keep, bits), got {params.dtype}{list(params.shape)}"
+        )
     return DeltaEntry(name, dq_codes=codes, dq_step=step, dq_params=params)
 
 
@@ -244,16 +277,17 @@ def _check_digest(fh, path: Path, expected: str) -> None:
     fh.seek(0)
     if actual != expected:
         raise CorruptFileError(
-            f"{path}: content has sha256 {actual}, but {expected} was recorded for it (corrupted or replaced; fetch it again)"
+            f"{path}: content has sha256 {actual}, but {expected} was "
+            "recorded for it (corrupted or replaced; fetch it again)"
         )
 
 
 class DeltaFile:
     """A validated format-v1 delta on disk.
 
-        delta = DeltaFile.open("math.bdelta")     # raises InvalidDeltaError subclasses
-        delta.check_base(base_specs, fingerprint)  # raises BaseMismatchError / IncompatibleDeltaError
-        sign, scale = delta.sign(name), delta.scale(name)
+    delta = DeltaFile.open("math.bdelta")     # raises InvalidDeltaError subclasses
+    delta.check_base(base_specs, fingerprint)  # raises BaseMismatchError / IncompatibleDeltaError
+    sign, scale = delta.sign(name), delta.scale(name)
     """
 
     def __init__(self, path: Path, header: Header, entries: dict[str, DeltaEntry], dq: dict | None = None):
@@ -264,7 +298,7 @@ class DeltaFile:
         self._handle = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, expected_digest: str | None = None) -> "DeltaFile":
+    def open(cls, path: str | os.PathLike[str], *, expected_digest: str | None = None) -> DeltaFile:
         """Validate and open a delta. With `expected_digest` (`sha256:<hex>` of the file, as the
         registry records it), the whole file is hashed first and a mismatch (a cached copy
         corrupted or replaced) raises CorruptFileError before any byte of it is interpreted."""
@@ -282,7 +316,9 @@ class DeltaFile:
             except (HeaderError, TruncatedFileError):
                 fh.seek(8)
                 if size > 8 and fh.read(1) not in _JSON_STARTS:  # not even the start of a safetensors header
-                    raise NotSafetensorsError(f"{path} is not a deltastore delta (not a safetensors file)") from None
+                    raise NotSafetensorsError(
+                        f"{path} is not a deltastore delta (not a safetensors file)"
+                    ) from None
                 raise
             entries = group_entries(header)
             dq = _check_tensor_values(fh, entries)
@@ -292,7 +328,7 @@ class DeltaFile:
         """Release the memory map (tensors already returned stay valid)."""
         self._handle = None
 
-    def __enter__(self) -> "DeltaFile":
+    def __enter__(self) -> DeltaFile:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -362,7 +398,9 @@ class DeltaFile:
             if base_dtype not in FLOAT_CODES:
                 raise IncompatibleDeltaError(f"{name}: cannot add a {e.kind} delta to a {base_dtype} tensor")
             if len(shape) != 2:
-                raise IncompatibleDeltaError(f"{name}: .{part} needs a 2-D base tensor, base has shape {list(shape)}")
+                raise IncompatibleDeltaError(
+                    f"{name}: .{part} needs a 2-D base tensor, base has shape {list(shape)}"
+                )
             out, inn = shape
             if e.sign is not None:
                 got, expected = list(e.sign.shape), [e.planes, out, (inn + 7) // 8]
@@ -375,7 +413,7 @@ class DeltaFile:
                 )
 
     # --- tensors ---------------------------------------------------------------------------
-    def tensor(self, key: str) -> "torch.Tensor":
+    def tensor(self, key: str) -> torch.Tensor:
         """A stored tensor by its full name (e.g. `N.sign`), memory-mapped."""
         if self._handle is None:
             from safetensors import safe_open
@@ -383,19 +421,19 @@ class DeltaFile:
             self._handle = safe_open(str(self.path), framework="pt")
         return self._handle.get_tensor(key)
 
-    def sign(self, name: str) -> "torch.Tensor":
+    def sign(self, name: str) -> torch.Tensor:
         return self.tensor(name + ".sign")
 
-    def scale(self, name: str) -> "torch.Tensor":
+    def scale(self, name: str) -> torch.Tensor:
         return self.tensor(name + ".scale")
 
-    def full(self, name: str) -> "torch.Tensor":
+    def full(self, name: str) -> torch.Tensor:
         return self.tensor(name + ".full")
 
-    def dq_codes(self, name: str) -> "torch.Tensor":
+    def dq_codes(self, name: str) -> torch.Tensor:
         return self.tensor(name + ".dq_codes")
 
-    def dq_step(self, name: str) -> "torch.Tensor":
+    def dq_step(self, name: str) -> torch.Tensor:
         return self.tensor(name + ".dq_step")
 
 
@@ -416,6 +454,14 @@ def validate_delta_header(prefix: bytes, file_size: int) -> tuple[Header, dict[s
 
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "KNOWN_CODECS", "FILE_SUFFIX", "DeltaEntry", "DeltaFile",
-    "validate_metadata", "validate_delta_header", "group_entries", "read_header",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "KNOWN_CODECS",
+    "FILE_SUFFIX",
+    "DeltaEntry",
+    "DeltaFile",
+    "validate_metadata",
+    "validate_delta_header",
+    "group_entries",
+    "read_header",
 ]

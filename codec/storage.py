@@ -54,7 +54,9 @@ class _HashingWriter:
         return self.fh.write(buf)
 
 
-def compress_blob(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, level: int = DEFAULT_LEVEL, threads: int = 0) -> BlobInfo:
+def compress_blob(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, level: int = DEFAULT_LEVEL, threads: int = 0
+) -> BlobInfo:
     """zstd-compress the file `src` into `dst` (atomically, see codec.files.AtomicWriter)."""
     raw_size = os.stat(src).st_size
     cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, threads=threads)
@@ -63,7 +65,9 @@ def compress_blob(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, l
         cctx.copy_stream(reader, writer, size=raw_size, read_size=CHUNK, write_size=CHUNK)
         if reader.n != raw_size:
             raise OSError(f"{src} changed size while being compressed")
-    return BlobInfo("sha256:" + writer.sha.hexdigest(), writer.n, "sha256:" + reader.sha.hexdigest(), reader.n)
+    return BlobInfo(
+        "sha256:" + writer.sha.hexdigest(), writer.n, "sha256:" + reader.sha.hexdigest(), reader.n
+    )
 
 
 def declared_content_size(prefix: bytes) -> int | None:
@@ -165,13 +169,16 @@ def decompress_stream(
     expected_raw_digest: str | None = None,
 ) -> tuple[int, str]:
     """Decompress one zstd frame from `src` into `dst`, never writing more than `max_output_size`
-    bytes; the frame must declare its content size and nothing may follow it. Returns (bytes written, sha256 of them)."""
+    bytes; the frame must declare its content size and nothing may follow it. Returns (bytes
+    written, sha256 of them)."""
     if getattr(src, "seekable", None) and src.seekable():
         here = src.tell()
         total = src.seek(0, os.SEEK_END) - here
         src.seek(here)
         if frame_compressed_size(src) != total:
-            raise BlobCorruptError("blob is not exactly one zstd frame (data follows the frame, or it is cut short)")
+            raise BlobCorruptError(
+                "blob is not exactly one zstd frame (data follows the frame, or it is cut short)"
+            )
     head = src.read(18)  # the largest possible frame header
     if not head.startswith(ZSTD_MAGIC):
         raise BlobCorruptError("not a zstd frame (bad magic number)")
@@ -179,9 +186,13 @@ def decompress_stream(
     if declared is None:
         raise BlobCorruptError("zstd frame header does not declare the content size")
     if declared > max_output_size:
-        raise BlobTooLargeError(f"blob declares {declared} decompressed bytes, above the allowed {max_output_size}")
+        raise BlobTooLargeError(
+            f"blob declares {declared} decompressed bytes, above the allowed {max_output_size}"
+        )
     try:
-        tracker = _FrameTracker(zstandard.frame_header_size(head), zstandard.get_frame_parameters(head).has_checksum)
+        tracker = _FrameTracker(
+            zstandard.frame_header_size(head), zstandard.get_frame_parameters(head).has_checksum
+        )
     except zstandard.ZstdError as exc:
         raise BlobCorruptError(f"not a zstd frame: {exc}") from None
     dctx = zstandard.ZstdDecompressor()
@@ -210,7 +221,9 @@ def decompress_stream(
                 if written > declared:
                     raise BlobCorruptError(f"blob decompresses to more than the {declared} bytes it declares")
                 if written > max_output_size:
-                    raise BlobTooLargeError(f"blob decompresses to more than the allowed {max_output_size} bytes")
+                    raise BlobTooLargeError(
+                        f"blob decompresses to more than the allowed {max_output_size} bytes"
+                    )
                 sha.update(buf)
                 dst.write(buf)
     except zstandard.ZstdError as exc:
@@ -222,7 +235,9 @@ def decompress_stream(
         raise BlobCorruptError(f"blob is not exactly one zstd frame of {declared} bytes")
     digest = "sha256:" + sha.hexdigest()
     if expected_raw_digest is not None and digest != expected_raw_digest:
-        raise BlobCorruptError(f"decompressed digest {digest} does not match the expected {expected_raw_digest}")
+        raise BlobCorruptError(
+            f"decompressed digest {digest} does not match the expected {expected_raw_digest}"
+        )
     return written, digest
 
 
@@ -235,4 +250,6 @@ def decompress_blob(
 ) -> tuple[int, str]:
     """File-to-file `decompress_stream`, written atomically (see codec.files.AtomicWriter)."""
     with open(src, "rb") as fin, AtomicWriter(dst, inputs=[src]) as fout:
-        return decompress_stream(fin, fout, max_output_size=max_output_size, expected_raw_digest=expected_raw_digest)
+        return decompress_stream(
+            fin, fout, max_output_size=max_output_size, expected_raw_digest=expected_raw_digest
+        )

@@ -19,7 +19,15 @@ def summarize(path: str | os.PathLike[str]) -> dict:
         e = delta.entries[name]
         if e.full is not None:
             full_bytes += e.full.nbytes
-            tensors.append({"name": name, "kind": "full", "dtype": e.full.dtype, "shape": list(e.full.shape), "bytes": e.nbytes})
+            tensors.append(
+                {
+                    "name": name,
+                    "kind": "full",
+                    "dtype": e.full.dtype,
+                    "shape": list(e.full.shape),
+                    "bytes": e.nbytes,
+                }
+            )
         elif e.dq_codes is not None:
             p = delta.dq_params(name)
             sign_bytes += e.dq_codes.nbytes
@@ -28,19 +36,35 @@ def summarize(path: str | os.PathLike[str]) -> dict:
             # Columns follow from the kept count: in ≈ kept / keep ratio (exact for whole groups).
             kept = e.dq_codes.shape[2] * 8 // p.part_bits
             binarized_weights += rows * round(kept / p.keep_ratio)
-            tensors.append({
-                "name": name, "kind": "deltadq", "rows": rows, "group_size": p.group_size, "keep": p.keep,
-                "keep_ratio": p.keep_ratio, "bits": p.bits, "parts": p.parts, "bytes": e.nbytes,
-            })
+            tensors.append(
+                {
+                    "name": name,
+                    "kind": "deltadq",
+                    "rows": rows,
+                    "group_size": p.group_size,
+                    "keep": p.keep,
+                    "keep_ratio": p.keep_ratio,
+                    "bits": p.bits,
+                    "parts": p.parts,
+                    "bytes": e.nbytes,
+                }
+            )
         else:
             planes, out, packed = e.sign.shape
             sign_bytes += e.sign.nbytes
             scale_bytes += e.scale.nbytes
             binarized_weights += out * packed * 8  # upper bound: the last byte may hold padding
-            tensors.append({
-                "name": name, "kind": "bitdelta", "planes": planes, "rows": out, "packed_cols": packed,
-                "scale": "per-row" if e.per_row else "per-matrix", "bytes": e.nbytes,
-            })
+            tensors.append(
+                {
+                    "name": name,
+                    "kind": "bitdelta",
+                    "planes": planes,
+                    "rows": out,
+                    "packed_cols": packed,
+                    "scale": "per-row" if e.per_row else "per-matrix",
+                    "bytes": e.nbytes,
+                }
+            )
     meta = dict(delta.metadata)
     hf_config = meta.pop("x-hf-config", None)
     for key in ("calibration", "fidelity", "deltadq"):
@@ -64,6 +88,8 @@ def summarize(path: str | os.PathLike[str]) -> dict:
             "full": sum(1 for t in tensors if t["kind"] == "full"),
         },
         "bytes": {"sign": sign_bytes, "scale": scale_bytes, "full": full_bytes},
-        "bits_per_binarized_weight": ((sign_bytes + scale_bytes) * 8 / binarized_weights) if binarized_weights else None,
+        "bits_per_binarized_weight": ((sign_bytes + scale_bytes) * 8 / binarized_weights)
+        if binarized_weights
+        else None,
         "tensors": tensors,
     }

@@ -8,7 +8,17 @@ import hashlib
 import sysconfig
 from pathlib import Path
 
-SKIP_PARTS = {"test", "tests", "idlelib", "encodings", "lib2to3", "ensurepip", "turtledemo", "site-packages", "__pycache__"}
+SKIP_PARTS = {
+    "test",
+    "tests",
+    "idlelib",
+    "encodings",
+    "lib2to3",
+    "ensurepip",
+    "turtledemo",
+    "site-packages",
+    "__pycache__",
+}
 HELDOUT_PERCENT = 5
 
 
@@ -51,7 +61,7 @@ def _texts(split: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def token_blocks(tokenizer, docs: list[str], seq_len: int, limit: int | None = None) -> "list[list[int]]":
+def token_blocks(tokenizer, docs: list[str], seq_len: int, limit: int | None = None) -> list[list[int]]:
     """Concatenate documents (separated by EOS) and cut them into blocks of `seq_len` tokens."""
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     blocks: list[list[int]] = []

@@ -21,12 +21,11 @@ from pathlib import Path
 import torch
 
 from codec import deltadq
-from codec.bitdelta import reconstruct
 from codec.activations import input_moments
-from codec.checkpoint import Checkpoint, ST_TO_TORCH
+from codec.bitdelta import reconstruct
+from codec.checkpoint import ST_TO_TORCH, TORCH_TO_ST, Checkpoint, tensor_bytes
 from codec.compress import CompressOptions, compress
 from codec.container import SpooledSafetensorsWriter, TensorSpec
-from codec.checkpoint import TORCH_TO_ST, tensor_bytes
 from codec.distill import DistillOptions, distill_scales
 from codec.format import DTYPE_CODE, DeltaFile
 
@@ -69,9 +68,19 @@ def model_with_delta(base_dir: Path, delta_path: Path):
             if e.full is not None:
                 value = delta.full(name)
             elif e.kind == "deltadq":
-                value = torch.cat(list(deltadq.reconstruct_blocks(
-                    base.get(name), delta.dq_codes(name), delta.dq_step(name), name, delta.dq_seed,
-                    delta.dq_params(name), dtype)))
+                value = torch.cat(
+                    list(
+                        deltadq.reconstruct_blocks(
+                            base.get(name),
+                            delta.dq_codes(name),
+                            delta.dq_step(name),
+                            name,
+                            delta.dq_seed,
+                            delta.dq_params(name),
+                            dtype,
+                        )
+                    )
+                )
             else:
                 value = reconstruct(base.get(name), delta.sign(name), delta.scale(name), dtype)
             state[name].copy_(value.to(torch.float32))
@@ -107,9 +116,14 @@ def model_with_lowrank(base_dir: Path, ft_dir: Path, names: list[str], dtype: to
 @torch.no_grad()
 def greedy_agreement(model, reference_tokens: torch.Tensor, prompts: torch.Tensor, new_tokens: int) -> float:
     """Fraction of generated positions where greedy decoding matches the fine-tune's."""
-    out = model.generate(prompts, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                         attention_mask=torch.ones_like(prompts))
-    got = out[:, prompts.shape[1]:]
+    out = model.generate(
+        prompts,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(prompts),
+    )
+    got = out[:, prompts.shape[1] :]
     n = min(got.shape[1], reference_tokens.shape[1])
     return float((got[:, :n] == reference_tokens[:, :n]).float().mean())
 
@@ -129,8 +143,11 @@ def write_fidelity(delta_path: Path, summary: dict) -> None:
 @dataclass
 class Settings:
     """What to evaluate and on how much text (defaults: the full run on SmolLM2)."""
+
     only: str = "all"  # "all", "bitdelta" or "deltadq"
-    distill: DistillOptions = field(default_factory=lambda: DistillOptions(steps=200, batch=4, seq_len=128, samples=800, lr=1e-4))
+    distill: DistillOptions = field(
+        default_factory=lambda: DistillOptions(steps=200, batch=4, seq_len=128, samples=800, lr=1e-4)
+    )
     heldout_blocks: int = 32
     seq_len: int = 256
     prompts: int = 16
@@ -151,11 +168,14 @@ class Report:
         base, ft = self.rows[0], self.rows[1]
         ft_bytes, gain = ft.bytes, base.loss - ft.loss
         lines = [
-            f"Held-out: {self.heldout_blocks} blocks × {s.seq_len} tokens of stdlib sources never trained on. KL and "
-            f"top-1: against the fine-tune's next-token distribution at every held-out position; greedy agreement: "
+            f"Held-out: {self.heldout_blocks} blocks × {s.seq_len} "
+            "tokens of stdlib sources never trained on. KL and "
+            "top-1: against the fine-tune's next-token distribution "
+            "at every held-out position; greedy agreement: "
             f"{s.prompts} prompts × {s.new_tokens} generated tokens.",
             "",
-            "| variant | size | ratio vs fp16 fine-tune | ratio on compressed tensors | held-out loss | perplexity "
+            "| variant | size | ratio vs fp16 fine-tune | ratio "
+            "on compressed tensors | held-out loss | perplexity "
             "| gain recovered | KL to fine-tune | top-1 agreement | greedy agreement |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -163,13 +183,20 @@ class Report:
             ratio = f"{ft_bytes / r.bytes:.2f}x" if r.bytes else "-"
             rec = f"{100 * (base.loss - r.loss) / gain:.1f}%" if gain > 0 else "-"
             lin = f"{r.linear_ratio:.1f}x" if r.linear_ratio else "-"
-            lines.append(f"| {r.variant} | {r.bytes / 2**20:.1f} MiB | {ratio} | {lin} | {r.loss:.4f} | {math.exp(r.loss):.3f} "
-                         f"| {rec} | {r.kl:.4f} | {100 * r.top1:.1f}% | {100 * r.agreement:.1f}% |")
+            lines.append(
+                f"| {r.variant} | {r.bytes / 2**20:.1f} MiB | {ratio} "
+                f"| {lin} | {r.loss:.4f} | {math.exp(r.loss):.3f} "
+                f"| {rec} | {r.kl:.4f} | {100 * r.top1:.1f}% | {100 * r.agreement:.1f}% |"
+            )
         lines.append("")
         for label, f in self.distill_figures.items():
-            lines.append(f"distillation '{label}': {f['seconds'] / 60:.1f} min, {s.distill.steps} steps, calibration loss "
-                         f"{f['initial_loss']:.4g} -> {f['final_loss']:.4g}, peak RSS of the evaluation process so far "
-                         f"{f['peak_rss_bytes'] / 2**30:.2f} GiB")
+            lines.append(
+                f"distillation '{label}': {f['seconds'] / 60:.1f} "
+                f"min, {s.distill.steps} steps, calibration loss "
+                f"{f['initial_loss']:.4g} -> {f['final_loss']:.4g}, "
+                "peak RSS of the evaluation process so far "
+                f"{f['peak_rss_bytes'] / 2**30:.2f} GiB"
+            )
         return "\n".join(lines)
 
 
@@ -184,20 +211,28 @@ def variants_for(settings: Settings) -> list[tuple[str, CompressOptions, bool | 
         ("2 planes, per-matrix, distilled", CompressOptions(planes=2), True),
         ("1-bit, embeddings binarized too", CompressOptions(include=("*embed_tokens*",)), False),
     ]
-    dq = [(f"DeltaDQ {r}x (auto)", CompressOptions(codec="deltadq", dq_ratio=r), False) for r in settings.ratios]
-    dq += [(f"DeltaDQ {r}x (calibrated search)", CompressOptions(codec="deltadq", dq_ratio=r), "search")
-           for r in settings.ratios]
+    dq = [
+        (f"DeltaDQ {r}x (auto)", CompressOptions(codec="deltadq", dq_ratio=r), False) for r in settings.ratios
+    ]
+    dq += [
+        (f"DeltaDQ {r}x (calibrated search)", CompressOptions(codec="deltadq", dq_ratio=r), "search")
+        for r in settings.ratios
+    ]
     return {"all": bitdelta + dq, "bitdelta": bitdelta, "deltadq": [bitdelta[0]] + dq}[settings.only]
 
 
-def evaluate(base_dir: Path, ft_dir: Path, work: Path, calibration: Path, settings: Settings = Settings()) -> Report:
+def evaluate(
+    base_dir: Path, ft_dir: Path, work: Path, calibration: Path, settings: Settings = Settings()
+) -> Report:
     """Compress `ft_dir` against `base_dir` in every variant (cached by name under `work`), score
     each on the held-out split and write its fidelity summary into its file."""
     from transformers import AutoTokenizer
 
     work.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(base_dir)
-    heldout = torch.tensor(corpus.token_blocks(tok, corpus.texts("heldout"), settings.seq_len, limit=settings.heldout_blocks))
+    heldout = torch.tensor(
+        corpus.token_blocks(tok, corpus.texts("heldout"), settings.seq_len, limit=settings.heldout_blocks)
+    )
     prompts = heldout[: settings.prompts, : settings.prompt_len]
     base_model, ft_model = _load(base_dir), _load(ft_dir)
 
@@ -209,7 +244,7 @@ def evaluate(base_dir: Path, ft_dir: Path, work: Path, calibration: Path, settin
         """(held-out loss, mean KL(fine-tune ‖ model) per token, top-1 agreement with the fine-tune)."""
         loss = kl = top1 = 0.0
         with torch.no_grad():
-            for chunk, ref in zip(chunks, ref_logprobs):
+            for chunk, ref in zip(chunks, ref_logprobs, strict=True):
                 out = model(chunk, labels=chunk)
                 loss += out.loss.item() * len(chunk)
                 got = torch.log_softmax(out.logits.float(), -1)
@@ -219,10 +254,23 @@ def evaluate(base_dir: Path, ft_dir: Path, work: Path, calibration: Path, settin
 
     def row(label: str, nbytes: int, model, **extra) -> Row:
         loss, kl, top1 = score(model)
-        return Row(label, nbytes, loss, greedy_agreement(model, ref_tokens, prompts, settings.new_tokens), kl, top1, **extra)
+        return Row(
+            label,
+            nbytes,
+            loss,
+            greedy_agreement(model, ref_tokens, prompts, settings.new_tokens),
+            kl,
+            top1,
+            **extra,
+        )
 
-    ref_tokens = ft_model.generate(prompts, max_new_tokens=settings.new_tokens, do_sample=False, pad_token_id=0,
-                                   attention_mask=torch.ones_like(prompts))[:, prompts.shape[1]:]
+    ref_tokens = ft_model.generate(
+        prompts,
+        max_new_tokens=settings.new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(prompts),
+    )[:, prompts.shape[1] :]
     ft_ckpt = Checkpoint.open(ft_dir)
     ft_bytes = ft_ckpt.total_bytes
     rows = [row("base", 0, base_model), row("fine-tuned (fp16)", ft_bytes, ft_model)]
@@ -240,9 +288,17 @@ def evaluate(base_dir: Path, ft_dir: Path, work: Path, calibration: Path, settin
         path = work / f"{slug}.bdelta"
         if not path.exists():  # variants are cached by name: delete the directory to redo them
             if distilled == "search" and moments is None:
-                moments = input_moments(ft_dir, calib, samples=min(distill.samples, 128), seq_len=distill.seq_len,
-                                        seed=distill.seed, base_dir=base_dir)
-            compress(base_dir, ft_dir, path, options, input_moments=moments if distilled == "search" else None)
+                moments = input_moments(
+                    ft_dir,
+                    calib,
+                    samples=min(distill.samples, 128),
+                    seq_len=distill.seq_len,
+                    seed=distill.seed,
+                    base_dir=base_dir,
+                )
+            compress(
+                base_dir, ft_dir, path, options, input_moments=moments if distilled == "search" else None
+            )
         if not binarized_names and not options.include:
             binarized_names = [n for n, e in DeltaFile.open(path).entries.items() if e.kind != "full"]
         if distilled is True:  # cached by step count, with the run's figures beside it
@@ -251,19 +307,34 @@ def evaluate(base_dir: Path, ft_dir: Path, work: Path, calibration: Path, settin
             if not (out.exists() and figures.exists()):
                 start = time.perf_counter()
                 d = distill_scales(base_dir, ft_dir, path, out, calib, distill)
-                figures.write_text(json.dumps({
-                    "seconds": time.perf_counter() - start, "initial_loss": d.initial_loss, "final_loss": d.final_loss,
-                    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                figures.write_text(
+                    json.dumps(
+                        {
+                            "seconds": time.perf_counter() - start,
+                            "initial_loss": d.initial_loss,
+                            "final_loss": d.final_loss,
+                            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                        }
+                    )
+                )
             distill_figures[label] = json.loads(figures.read_text())
             path = out
         model = model_with_delta(base_dir, path)
         r = row(label, path.stat().st_size, model, linear_ratio=linear_ratio(path, ft_ckpt))
         rows.append(r)
-        write_fidelity(path, {
-            "eval": "python stdlib held-out split, next-token loss", "loss_base": loss_base, "loss_finetuned": loss_ft,
-            "loss": r.loss, "gain_recovered": (loss_base - r.loss) / (loss_base - loss_ft),
-            "greedy_agreement": r.agreement, "kl_to_finetuned": r.kl, "top1_agreement": r.top1,
-        })
+        write_fidelity(
+            path,
+            {
+                "eval": "python stdlib held-out split, next-token loss",
+                "loss_base": loss_base,
+                "loss_finetuned": loss_ft,
+                "loss": r.loss,
+                "gain_recovered": (loss_base - r.loss) / (loss_base - loss_ft),
+                "greedy_agreement": r.agreement,
+                "kl_to_finetuned": r.kl,
+                "top1_agreement": r.top1,
+            },
+        )
         del model
     if settings.only in ("all", "bitdelta"):
         model, lr_bytes = model_with_lowrank(base_dir, ft_dir, binarized_names)
@@ -280,8 +351,12 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--quick", action="store_true", help="tiny recipe for a smoke run")
-    ap.add_argument("--only", choices=("all", "bitdelta", "deltadq"), default="all",
-                    help="which variant family to evaluate (the pair and reference rows always)")
+    ap.add_argument(
+        "--only",
+        choices=("all", "bitdelta", "deltadq"),
+        default="all",
+        help="which variant family to evaluate (the pair and reference rows always)",
+    )
     args = ap.parse_args()
 
     root = args.data_dir / "pair"
@@ -293,8 +368,13 @@ def main() -> None:
     calibration = root / "calibration.txt"
     if not calibration.exists():
         calibration.write_text("\n\n".join(corpus.texts("train")[::7]))
-    settings = Settings(only=args.only, heldout_blocks=args.heldout_blocks, prompts=args.prompts, new_tokens=args.new_tokens,
-                        distill=DistillOptions(steps=args.distill_steps, batch=4, seq_len=128, samples=800, lr=1e-4))
+    settings = Settings(
+        only=args.only,
+        heldout_blocks=args.heldout_blocks,
+        prompts=args.prompts,
+        new_tokens=args.new_tokens,
+        distill=DistillOptions(steps=args.distill_steps, batch=4, seq_len=128, samples=800, lr=1e-4),
+    )
     work = root / ("variants-quick" if args.quick else "variants")  # cached by variant name, shared by --only
     report = evaluate(base_dir, ft_dir, work, calibration, settings)
     print()

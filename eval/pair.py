@@ -13,9 +13,9 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -88,7 +88,9 @@ def finetune(base_dir: Path, dest: Path, recipe: Recipe = Recipe(), log: Log = p
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model.train()
-    blocks = corpus.token_blocks(tok, corpus.texts("train"), recipe.seq_len, limit=recipe.steps * recipe.batch)
+    blocks = corpus.token_blocks(
+        tok, corpus.texts("train"), recipe.seq_len, limit=recipe.steps * recipe.batch
+    )
     if len(blocks) < recipe.steps * recipe.batch:
         raise RuntimeError(f"only {len(blocks)} training blocks for {recipe.steps}×{recipe.batch}")
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(recipe.seed)).tolist()
@@ -119,10 +121,18 @@ def finetune(base_dir: Path, dest: Path, recipe: Recipe = Recipe(), log: Log = p
     tmp = _atomic_dir(dest)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "deltastore-recipe.json").write_text(json.dumps({
-        "recipe": asdict(recipe), "base": str(base_dir), "losses": losses, "seconds": round(elapsed, 1),
-        "data": "python stdlib sources, train split (sha256(path) % 100 >= 5)",
-    }, indent=2))
+    (tmp / "deltastore-recipe.json").write_text(
+        json.dumps(
+            {
+                "recipe": asdict(recipe),
+                "base": str(base_dir),
+                "losses": losses,
+                "seconds": round(elapsed, 1),
+                "data": "python stdlib sources, train split (sha256(path) % 100 >= 5)",
+            },
+            indent=2,
+        )
+    )
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     return dest

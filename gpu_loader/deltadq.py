@@ -34,12 +34,20 @@ def _executor() -> ThreadPoolExecutor:
     global _EXECUTOR
     with _EXECUTOR_LOCK:
         if _EXECUTOR is None:
-            workers = max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+            workers = max(
+                1,
+                min(
+                    16,
+                    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+                ),
+            )
             _EXECUTOR = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltastore-dq-mask")
         return _EXECUTOR
 
 
-def payload_shapes(out: int, inn: int, params: DQParams) -> tuple[tuple[int, int], tuple[int, int], tuple[int]]:
+def payload_shapes(
+    out: int, inn: int, params: DQParams
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int]]:
     """Shapes of one tensor's mask words (int32), packed column-order codes (uint8) and steps (f32)."""
     kept = params.kept_per_row(inn)
     return (out, words_per_row(inn)), (out, (kept * params.bits + 7) // 8), (out,)
@@ -59,7 +67,9 @@ def _byte_bits(device: torch.device) -> torch.Tensor:
     lut = _BYTE_BITS.get(device)
     if lut is None:
         b = torch.arange(256, dtype=torch.int32)
-        lut = _BYTE_BITS[device] = ((b.unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1).to(torch.uint8).to(device)
+        lut = _BYTE_BITS[device] = (
+            ((b.unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1).to(torch.uint8).to(device)
+        )
     return lut
 
 
@@ -114,10 +124,10 @@ class DQWeight:
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.mask, self.codes, self.step
 
-    def replace(self, mask: torch.Tensor, codes: torch.Tensor, step: torch.Tensor) -> "DQWeight":
+    def replace(self, mask: torch.Tensor, codes: torch.Tensor, step: torch.Tensor) -> DQWeight:
         return DQWeight(mask, codes, step, self.bits, self.kept, self.in_features)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "DQWeight":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> DQWeight:
         """A copy on `device` (allocated there, then copied: on a side stream the copy is async)."""
         copies = []
         for t in self.tensors():
@@ -126,11 +136,15 @@ class DQWeight:
             copies.append(d)
         return self.replace(*copies)
 
-    def decode(self, rows: slice | torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def decode(
+        self, rows: slice | torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """Δ̂ of rows `rows` (a slice or an index tensor; default all) as `dtype`, on this weight's
         device. In fp32 it is bit-identical to `codec.deltadq.decode`: the same f32 product
         step·(q − centre) lands on the same positions, and every other entry is +0.0."""
-        mask, codes, step = self.tensors() if rows is None else (self.mask[rows], self.codes[rows], self.step[rows])
+        mask, codes, step = (
+            self.tensors() if rows is None else (self.mask[rows], self.codes[rows], self.step[rows])
+        )
         keep = unpack_mask(mask, self.in_features)
         q = unpack_codes(codes, self.bits, self.kept)
         values = step.to(torch.float32).unsqueeze(-1) * (q.to(torch.float32) - (2**self.bits - 1) / 2)
@@ -161,8 +175,12 @@ class DQSource:
     def empty(self, pin: bool = False) -> DQWeight:
         (mshape, cshape, sshape), p = self.payload_shapes(), self.params
         return DQWeight(
-            torch.empty(mshape, dtype=torch.int32, pin_memory=pin), torch.empty(cshape, dtype=torch.uint8, pin_memory=pin),
-            torch.empty(sshape, dtype=torch.float32, pin_memory=pin), p.bits, p.kept_per_row(self.shape[1]), self.shape[1],
+            torch.empty(mshape, dtype=torch.int32, pin_memory=pin),
+            torch.empty(cshape, dtype=torch.uint8, pin_memory=pin),
+            torch.empty(sshape, dtype=torch.float32, pin_memory=pin),
+            p.bits,
+            p.kept_per_row(self.shape[1]),
+            self.shape[1],
         )
 
     def build(self) -> DQWeight:
@@ -189,7 +207,9 @@ class DQSource:
         p = self.params
         kept, g, n = p.kept_per_row(inn), p.group_size, r1 - r0
         full = inn // g
-        full_pos, last_pos = codec_dq.kept_positions(self.delta.dq_seed, self.name, (out, inn), p, slice(r0, r1))
+        full_pos, last_pos = codec_dq.kept_positions(
+            self.delta.dq_seed, self.name, (out, inn), p, slice(r0, r1)
+        )
         cols = ((np.arange(full, dtype=np.int64) * g)[None, :, None] + full_pos).reshape(n, -1)
         if last_pos is not None:
             cols = np.concatenate([cols, full * g + last_pos.astype(np.int64)], axis=1)

@@ -10,8 +10,8 @@ restore and comparing bit patterns, are recorded with their original values (6 b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -22,7 +22,12 @@ from .deltadq import DQWeight
 #: `(r0, r1) -> Δ̂[r0:r1]` in fp32 on the weight's device; called once at merge, once at restore.
 DeltaRows = Callable[[int, int], torch.Tensor]
 
-_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+_BITS = {
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
 _CHUNK_BYTES = 64 << 20  # fp32 temporaries per step
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -81,19 +81,31 @@ class DeltaModel:
         elif backend == "triton" and not triton_available(self.device):
             raise RuntimeError(
                 f"the Triton kernel cannot run on {self.device}"
-                + (" without TRITON_INTERPRET=1" if self.device.type == "cpu" and not triton_interpreting() else "")
+                + (
+                    " without TRITON_INTERPRET=1"
+                    if self.device.type == "cpu" and not triton_interpreting()
+                    else ""
+                )
             )
         self.backend = backend
         self.model = model.eval()
         self.base_fingerprint = base_fingerprint
         if base_specs is None:
             base_specs = {n: (TORCH_TO_ST[t.dtype], tuple(t.shape)) for n, t in module_tensors(model)}
-        self.base_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+        self.base_bytes = sum(
+            p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+        )
         self.plan: PatchPlan = patch_model(model, target_modules=target_modules)
         self.pool = SlotPool(
-            self.plan.layout(max_planes), device=self.device, max_slots=max_slots, memory_budget=memory_budget,
-            base_fingerprint=base_fingerprint, base_specs=base_specs, base_tables=self.plan.base_tables(),
-            wait_timeout=wait_timeout, sign_slots=sign_slots,
+            self.plan.layout(max_planes),
+            device=self.device,
+            max_slots=max_slots,
+            memory_budget=memory_budget,
+            base_fingerprint=base_fingerprint,
+            base_specs=base_specs,
+            base_tables=self.plan.base_tables(),
+            wait_timeout=wait_timeout,
+            sign_slots=sign_slots,
         )
         self.plan.attach(self.pool, backend)
         self._resolver = resolver
@@ -120,7 +132,7 @@ class DeltaModel:
         wait_timeout: float = 30.0,
         sign_slots: int | None = None,
         **hf_kwargs,
-    ) -> "DeltaModel":
+    ) -> DeltaModel:
         """Load (or adopt) the base model, patch it in place and allocate the slot pool.
 
         `base` is a HF model directory or Hub id (its fingerprint is hashed from the checkpoint files,
@@ -151,9 +163,17 @@ class DeltaModel:
             model = AutoModelForCausalLM.from_pretrained(str(ckpt.root), dtype=dtype or "auto", **hf_kwargs)
         model = model.to(device)
         return cls(
-            model, base_fingerprint=fingerprint, base_specs=specs, max_slots=max_slots,
-            memory_budget=memory_budget, max_planes=max_planes, resolver=resolver, backend=backend,
-            target_modules=target_modules, wait_timeout=wait_timeout, sign_slots=sign_slots,
+            model,
+            base_fingerprint=fingerprint,
+            base_specs=specs,
+            max_slots=max_slots,
+            memory_budget=memory_budget,
+            max_planes=max_planes,
+            resolver=resolver,
+            backend=backend,
+            target_modules=target_modules,
+            wait_timeout=wait_timeout,
+            sign_slots=sign_slots,
         )
 
     # ---------------------------------------------------------------------------------------
@@ -167,7 +187,7 @@ class DeltaModel:
         path = resolve_ref(ref, self._resolver)
         return self.pool.load(path, ref=os.fspath(ref))
 
-    def prefetch(self, ref: DeltaRef) -> "Future[SlotHandle]":
+    def prefetch(self, ref: DeltaRef) -> Future[SlotHandle]:
         """Load in the background (a worker thread; on CUDA the copies run on the pool's side
         stream). The future's result is the slot handle, or the load's error."""
         with self._executor_lock:
@@ -205,8 +225,11 @@ class DeltaModel:
         """Pool occupancy, counters and the resident deltas (most recently used first)."""
         out = self.pool.stats()
         out.update(
-            backend=self.backend, base_fingerprint=self.base_fingerprint, base_bytes=self.base_bytes,
-            merged=self._merged, prefetches=self._prefetches,
+            backend=self.backend,
+            base_fingerprint=self.base_fingerprint,
+            base_bytes=self.base_bytes,
+            merged=self._merged,
+            prefetches=self._prefetches,
         )
         return out
 
@@ -220,14 +243,26 @@ class DeltaModel:
     # ---------------------------------------------------------------------------------------
     # forwards
     # ---------------------------------------------------------------------------------------
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 delta_ids: Sequence[DeltaId] | torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        delta_ids: Sequence[DeltaId] | torch.Tensor | None = None,
+        **model_kwargs,
+    ) -> torch.Tensor:
         """Logits `[batch, seq, vocab]`; row i uses `delta_ids[i]` (a slot handle or index, a ref
         or path that is loaded on demand, or -1 / None for the base model alone)."""
-        return self.forward(input_ids, attention_mask=attention_mask, delta_ids=delta_ids, **model_kwargs).logits
+        return self.forward(
+            input_ids, attention_mask=attention_mask, delta_ids=delta_ids, **model_kwargs
+        ).logits
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                delta_ids: Sequence[DeltaId] | torch.Tensor | None = None, **model_kwargs):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        delta_ids: Sequence[DeltaId] | torch.Tensor | None = None,
+        **model_kwargs,
+    ):
         """Like `__call__`, returning the model's whole output (logits, past_key_values, ...)."""
         ids = self._delta_list(delta_ids, input_ids.shape[0])
         row_slots, views = self._acquire(ids)
@@ -240,8 +275,13 @@ class DeltaModel:
         finally:
             self.pool.release(views)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 delta_ids: Sequence[DeltaId] | torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        delta_ids: Sequence[DeltaId] | torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
         """`model.generate` (greedy or sampling, one sequence per row) with row i using
         `delta_ids[i]` at every step. Beam search and several sequences per row change the
         rows between steps and are refused."""
@@ -262,16 +302,20 @@ class DeltaModel:
 
     @staticmethod
     def _delta_list(delta_ids, rows: int) -> list:
-        ids = [-1] * rows if delta_ids is None else (
-            delta_ids.tolist() if isinstance(delta_ids, torch.Tensor) else list(delta_ids)
+        ids = (
+            [-1] * rows
+            if delta_ids is None
+            else (delta_ids.tolist() if isinstance(delta_ids, torch.Tensor) else list(delta_ids))
         )
         if len(ids) != rows:
             raise ValueError(f"delta_ids has {len(ids)} entries for a batch of {rows} rows")
         return ids
 
     def _acquire(self, ids: list) -> tuple[list[int], dict]:
-        uses_delta = any(d is not None and not (isinstance(d, int) and not isinstance(d, SlotHandle) and d == -1)
-                         for d in ids)
+        uses_delta = any(
+            d is not None and not (isinstance(d, int) and not isinstance(d, SlotHandle) and d == -1)
+            for d in ids
+        )
         if uses_delta and self._merged is not None:
             raise MergedModeError(
                 f"{self._merged!r} is merged into the base weights: forwards inside `merged()` take "
@@ -301,7 +345,7 @@ class DeltaModel:
     # merge mode
     # ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def merged(self, ref: DeltaRef) -> Iterator["DeltaModel"]:
+    def merged(self, ref: DeltaRef) -> Iterator[DeltaModel]:
         """Single-tenant mode: add the delta into the base weights in place (`W ← (W.float() +
         Δ̂).to(dtype)`, dense tensors swapped in) and restore the base bit for bit on exit.
         Forwards inside take no slot deltas; slots may still be loaded."""

@@ -8,8 +8,8 @@ buffers; with no active `SlotBatch` it computes exactly what the original module
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,14 @@ LUT_MAX_TOKENS = 8
 REBUILD_BLOCK = 1 << 18  # elements per row block when rebuilding a slot's weight
 
 
-def add_dq_matmul_(y: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor, weight: DQWeight,
-                   *, in_activation_dtype: bool | None = None) -> None:
+def add_dq_matmul_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    tokens: torch.Tensor,
+    weight: DQWeight,
+    *,
+    in_activation_dtype: bool | None = None,
+) -> None:
     """Decode-then-GEMM for one DeltaDQ slot: `y[tokens] += x[tokens]·Δ̂ᵀ`, with Δ̂ decoded densely
     for this call only. On CPU, or with fp32 activations, Δ̂ stays fp32 and the product is added
     in fp32 before one rounding to y's dtype; on CUDA with fp16/bf16 activations
@@ -102,8 +108,16 @@ class DeltaLinear(nn.Module):
             y = F.linear(x2, self.weight, self.bias)
         sign_slots = batch.with_sign(self.weight_key)
         if sign_slots:
-            sgmv_sign(x2, y, self.sign_words, self.sign_scales, self.slot_active, seg,
-                      backend=self.backend, slots=sign_slots)
+            sgmv_sign(
+                x2,
+                y,
+                self.sign_words,
+                self.sign_scales,
+                self.slot_active,
+                seg,
+                backend=self.backend,
+                slots=sign_slots,
+            )
         for s in batch.with_dense(self.weight_key):
             tok = seg.slot_tokens[s]
             bias = self.slot_bias[s] if self.bias_key is not None else None
@@ -144,7 +158,9 @@ class DeltaLinear(nn.Module):
             if y is None:
                 y = x2.new_empty(x2.shape[0], self.out_features)
             y[tok] = F.linear(x2[tok], weight, b)
-        sign_delta_add_(y, x2, self.sign_words, self.sign_scales, seg, [(s, batch.views[s].planes) for s in lut])
+        sign_delta_add_(
+            y, x2, self.sign_words, self.sign_scales, seg, [(s, batch.views[s].planes) for s in lut]
+        )
         for s in batch.with_dq(self.weight_key):
             add_dq_matmul_(y, x2, seg.slot_tokens[s], batch.views[s].dq[self.weight_key])
         return y
@@ -164,7 +180,9 @@ class DeltaLinear(nn.Module):
         return weight
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
 
 
 class DeltaEmbedding(nn.Module):
@@ -186,8 +204,9 @@ class DeltaEmbedding(nn.Module):
         self.register_buffer("sign_scales", pool.scales[self.weight_key], persistent=False)
 
     def _lookup(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, weight, self.padding_idx, self.max_norm, self.norm_type,
-                           self.scale_grad_by_freq, self.sparse)
+        return F.embedding(
+            ids, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self._lookup(ids, self.weight)
@@ -210,7 +229,7 @@ class DeltaEmbedding(nn.Module):
             scales = self.sign_scales[slots, :, vocab_rows]  # [n, P]
             delta = torch.zeros(tok.numel(), self.embedding_dim, dtype=torch.float32, device=out.device)
             for p in range(words.shape[1]):  # planes in order, as codec.bitdelta.decode sums them
-                delta.add_(unpack_words_pm1(words[:, p], self.embedding_dim) * scales[:, p:p + 1])
+                delta.add_(unpack_words_pm1(words[:, p], self.embedding_dim) * scales[:, p : p + 1])
             flat[tok] = (flat[tok].float() + delta).to(flat.dtype)
         for s in dense_slots:
             tok = seg.slot_tokens[s]
@@ -280,7 +299,9 @@ class DeltaNorm(nn.Module):
         for s in slots:
             rows = seg.slot_tokens[s]
             base_rows[rows] = False
-            params = {p: (getattr(self, f"slot_{p}")[s] if s in changed[p] else getattr(self, p)) for p in self.keys}
+            params = {
+                p: (getattr(self, f"slot_{p}")[s] if s in changed[p] else getattr(self, p)) for p in self.keys
+            }
             parts.append((rows, functional_call(self.inner, params, (x[rows], *args), kwargs)))
         rest = base_rows.nonzero().squeeze(1)
         if rest.numel():

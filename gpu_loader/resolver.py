@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Union
+from typing import Union
+
+from codec.errors import DeltaStoreError
 
 from .errors import UnresolvedRefError
-from codec.errors import DeltaStoreError
 
 #: ref -> local path of the decompressed `.bdelta` (for instance the registry client cache).
 RefResolver = Callable[[str], Union[str, "os.PathLike[str]"]]

@@ -8,9 +8,10 @@ the patched modules read; it is shared by every layer of that forward.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import torch
 if TYPE_CHECKING:
     from .deltadq import DQWeight
 
-_ACTIVE: ContextVar["SlotBatch | None"] = ContextVar("deltastore_slot_batch", default=None)
+_ACTIVE: ContextVar[SlotBatch | None] = ContextVar("deltastore_slot_batch", default=None)
 
 
 @dataclass(frozen=True)
@@ -73,26 +74,34 @@ def build_segments(
     if block_m is None:
         block_m = choose_block_m(int(counts.max()) if counts.size else 1)
     tile_slot, tile_start, tile_len = [], [], []
-    for slot, start, count in zip(slots.tolist(), starts.tolist(), counts.tolist()):
+    for slot, start, count in zip(slots.tolist(), starts.tolist(), counts.tolist(), strict=True):
         for off in range(0, count, block_m):
             tile_slot.append(slot)
             tile_start.append(start + off)
             tile_len.append(min(block_m, count - off))
     n_tok, n_perm, n_tiles = token_slots.size, perm.size, len(tile_slot)
     # One host->device copy for the whole table.
-    packed = np.concatenate([token_slots, perm, np.asarray(tile_slot + tile_start + tile_len, dtype=np.int64)])
+    packed = np.concatenate(
+        [token_slots, perm, np.asarray(tile_slot + tile_start + tile_len, dtype=np.int64)]
+    )
     dev = torch.from_numpy(packed).to(device)
     token_slots_t = dev[:n_tok]
-    perm64 = dev[n_tok:n_tok + n_perm]
+    perm64 = dev[n_tok : n_tok + n_perm]
     small = dev[n_tok:].to(torch.int32)
     perm32 = small[:n_perm]
     tiles = small[n_perm:]
     slot_tokens = {
-        int(s): perm64[int(st):int(st) + int(c)] for s, st, c in zip(slots.tolist(), starts.tolist(), counts.tolist())
+        int(s): perm64[int(st) : int(st) + int(c)]
+        for s, st, c in zip(slots.tolist(), starts.tolist(), counts.tolist(), strict=True)
     }
     return Segments(
-        n_tokens=n_tok, block_m=block_m, token_slots=token_slots_t, perm=perm32,
-        tile_slot=tiles[:n_tiles], tile_start=tiles[n_tiles:2 * n_tiles], tile_len=tiles[2 * n_tiles:],
+        n_tokens=n_tok,
+        block_m=block_m,
+        token_slots=token_slots_t,
+        perm=perm32,
+        tile_slot=tiles[:n_tiles],
+        tile_start=tiles[n_tiles : 2 * n_tiles],
+        tile_len=tiles[2 * n_tiles :],
         slot_tokens=slot_tokens,
     )
 
@@ -106,7 +115,7 @@ class SlotView:
     tables: frozenset[str]  # small dense tensors this delta replaces (norm weights, biases)
     dense: Mapping[str, torch.Tensor]  # large dense replacements (embeddings, lm_head), on device
     planes: int = 1  # bit-planes of this delta (pool planes beyond it hold zeros)
-    dq: Mapping[str, "DQWeight"] = field(default_factory=dict)  # DeltaDQ tensors, on device
+    dq: Mapping[str, DQWeight] = field(default_factory=dict)  # DeltaDQ tensors, on device
 
 
 @dataclass

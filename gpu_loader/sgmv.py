@@ -57,8 +57,14 @@ def triton_available(device: torch.device) -> bool:
 def _gpu_configs():
     cfg = []
     for bn, bk, warps, stages in (
-        (32, 256, 4, 3), (64, 128, 4, 3), (64, 256, 4, 3), (64, 512, 8, 3),
-        (128, 128, 4, 3), (128, 256, 8, 3), (32, 512, 4, 4), (128, 64, 4, 4),
+        (32, 256, 4, 3),
+        (64, 128, 4, 3),
+        (64, 256, 4, 3),
+        (64, 512, 8, 3),
+        (128, 128, 4, 3),
+        (128, 256, 8, 3),
+        (32, 512, 4, 4),
+        (128, 64, 4, 4),
     ):
         cfg.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
     return cfg
@@ -72,18 +78,38 @@ if triton is not None:
     @triton.jit
     def _sgmv_sign_kernel(
         # tensors
-        x_ptr, y_ptr, words_ptr, scales_ptr, active_ptr,
+        x_ptr,
+        y_ptr,
+        words_ptr,
+        scales_ptr,
+        active_ptr,
         # segment table
-        perm_ptr, tile_slot_ptr, tile_start_ptr, tile_len_ptr,
+        perm_ptr,
+        tile_slot_ptr,
+        tile_start_ptr,
+        tile_len_ptr,
         # sizes
-        N, K, P,
+        N,
+        K,
+        P,
         # strides
-        stride_xm, stride_xk, stride_ym, stride_yn,
-        stride_ws, stride_wp, stride_wn,
-        stride_ss, stride_sp, stride_sn, stride_active,
+        stride_xm,
+        stride_xk,
+        stride_ym,
+        stride_yn,
+        stride_ws,
+        stride_wp,
+        stride_wn,
+        stride_ss,
+        stride_sp,
+        stride_sn,
+        stride_active,
         # meta
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        DOT_F32: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         tile = tl.program_id(1)
@@ -111,10 +137,16 @@ if triton is not None:
             xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + offs_k
-                x = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
+                x = tl.load(
+                    x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & (kk[None, :] < K), other=0.0
+                )
                 ww = k0 // 32 + offs_w
                 # [BLOCK_K/32, BLOCK_N] packed words -> [BLOCK_K, BLOCK_N] bits, in registers
-                w = tl.load(w_base + p * stride_wp + ww[:, None], mask=(ww[:, None] < n_words) & n_mask[None, :], other=0)
+                w = tl.load(
+                    w_base + p * stride_wp + ww[:, None],
+                    mask=(ww[:, None] < n_words) & n_mask[None, :],
+                    other=0,
+                )
                 bits = (w[:, None, :] >> shifts[None, :, None]) & 1
                 bits = tl.reshape(bits, (BLOCK_K, BLOCK_N))
                 if DOT_F32:
@@ -122,7 +154,9 @@ if triton is not None:
                 else:
                     acc = tl.dot(x, bits.to(x.dtype), acc, input_precision=PRECISION)
                 xsum += tl.sum(x.to(tl.float32), axis=1)
-            s = tl.load(scales_ptr + slot * stride_ss + p * stride_sp + offs_n * stride_sn, mask=n_mask, other=0.0)
+            s = tl.load(
+                scales_ptr + slot * stride_ss + p * stride_sp + offs_n * stride_sn, mask=n_mask, other=0.0
+            )
             out += s[None, :] * (2.0 * acc - xsum[:, None])
 
         y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -140,19 +174,34 @@ def _check_args(x, y, words, scales, active):
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"x must be [T, in] and y [T, out], got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.dtype not in ACTIVATION_DTYPES or y.dtype != x.dtype:
-        raise TypeError(f"x and y must share an activation dtype {ACTIVATION_DTYPES}, got {x.dtype} and {y.dtype}")
+        raise TypeError(
+            f"x and y must share an activation dtype {ACTIVATION_DTYPES}, got {x.dtype} and {y.dtype}"
+        )
     T, K = x.shape
     N = y.shape[1]
-    if words.dtype != torch.int32 or words.dim() != 4 or words.shape[2] != N or words.shape[3] != words_per_row(K):
+    if (
+        words.dtype != torch.int32
+        or words.dim() != 4
+        or words.shape[2] != N
+        or words.shape[3] != words_per_row(K)
+    ):
         raise ValueError(
-            f"words must be int32 [S, P, {N}, {words_per_row(K)}] for x {tuple(x.shape)} and y {tuple(y.shape)}, "
+            f"words must be int32 [S, P, {N}, {words_per_row(K)}] "
+            f"for x {tuple(x.shape)} and y {tuple(y.shape)}, "
             f"got {words.dtype}{list(words.shape)}"
         )
     if words.stride(3) != 1:
         raise ValueError("words must be contiguous along the word axis")
     S, P = words.shape[:2]
-    if scales.dtype != torch.float32 or scales.dim() != 3 or tuple(scales.shape[:2]) != (S, P) or scales.shape[2] not in (1, N):
-        raise ValueError(f"scales must be float32 [{S}, {P}, {N} or 1], got {scales.dtype}{list(scales.shape)}")
+    if (
+        scales.dtype != torch.float32
+        or scales.dim() != 3
+        or tuple(scales.shape[:2]) != (S, P)
+        or scales.shape[2] not in (1, N)
+    ):
+        raise ValueError(
+            f"scales must be float32 [{S}, {P}, {N} or 1], got {scales.dtype}{list(scales.shape)}"
+        )
     # Table-only slots (indices >= S) have flags but no words; their flags are 0, so the kernel
     # returns before it would read words of theirs.
     if active.dim() != 1 or active.shape[0] < S or active.dtype != torch.int32:
@@ -182,18 +231,36 @@ def sgmv_sign_triton(
     dot_f32 = interpret and x.dtype == torch.bfloat16
     precision = "ieee" if x.dtype == torch.float32 or dot_f32 else "tf32"  # fp32 stays fp32 (no tf32)
     args = (
-        x, y, words, scales, active,
-        segments.perm, segments.tile_slot, segments.tile_start, segments.tile_len,
-        N, K, words.shape[1],
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        words.stride(0), words.stride(1), words.stride(2),
-        scales.stride(0), scales.stride(1), scales.stride(2) if scales.shape[2] != 1 else 0, active.stride(0),
+        x,
+        y,
+        words,
+        scales,
+        active,
+        segments.perm,
+        segments.tile_slot,
+        segments.tile_start,
+        segments.tile_len,
+        N,
+        K,
+        words.shape[1],
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        y.stride(1),
+        words.stride(0),
+        words.stride(1),
+        words.stride(2),
+        scales.stride(0),
+        scales.stride(1),
+        scales.stride(2) if scales.shape[2] != 1 else 0,
+        active.stride(0),
     )
     if interpret:
         cfg = INTERPRETER_CONFIG
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), segments.n_tiles)
         _sgmv_sign_kernel[grid](*args, BLOCK_M=segments.block_m, DOT_F32=dot_f32, PRECISION=precision, **cfg)
     else:
+
         def grid(meta):
             return (triton.cdiv(N, meta["BLOCK_N"]), segments.n_tiles)
 
@@ -210,7 +277,7 @@ def sgmv_sign(
     segments: Segments,
     *,
     backend: str = "auto",
-    slots: "list[int] | None" = None,
+    slots: list[int] | None = None,
 ) -> torch.Tensor:
     """`y += Σ_p scale·(x·signᵀ)` per token slot, with the Triton kernel or the torch reference.
 

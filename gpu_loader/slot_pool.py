@@ -12,10 +12,10 @@ import contextlib
 import itertools
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 
@@ -37,7 +37,7 @@ class SlotHandle(int):
     generation: int
     key: str
 
-    def __new__(cls, index: int, generation: int, key: str) -> "SlotHandle":
+    def __new__(cls, index: int, generation: int, key: str) -> SlotHandle:
         obj = super().__new__(cls, index)
         obj.generation = generation
         obj.key = key
@@ -82,8 +82,14 @@ class _Slot:
         return self.dense_bytes + self.dq_bytes
 
     def view(self) -> SlotView:
-        return SlotView(self.index, self.sign, self.tables, dict(self.dense), max(self.info.get("planes", 1), 1),
-                        dict(self.dq))
+        return SlotView(
+            self.index,
+            self.sign,
+            self.tables,
+            dict(self.dense),
+            max(self.info.get("planes", 1), 1),
+            dict(self.dq),
+        )
 
 
 class SlotPool:
@@ -169,7 +175,8 @@ class SlotPool:
             }
             self._active = torch.zeros(n, max(len(lay.sign), 1), dtype=torch.int32, device=dev)
             self.tables = {
-                name: torch.zeros(n, *shape, dtype=dtype, device=dev) for name, (shape, dtype) in lay.table.items()
+                name: torch.zeros(n, *shape, dtype=dtype, device=dev)
+                for name, (shape, dtype) in lay.table.items()
             }
         except torch.OutOfMemoryError as exc:
             raise BudgetError(
@@ -190,8 +197,10 @@ class SlotPool:
             if e.kind in ("bitdelta", "deltadq"):
                 if name not in lay.sign:
                     raise DeltaDoesNotFitError(
-                        f"{name}: a {'sign' if e.kind == 'bitdelta' else 'DeltaDQ'} delta on a tensor of a module "
-                        "the loader does not patch (only nn.Linear and nn.Embedding weights carry compressed deltas)"
+                        f"{name}: a {'sign' if e.kind == 'bitdelta' else 'DeltaDQ'} "
+                        "delta on a tensor of a module "
+                        "the loader does not patch (only nn.Linear and "
+                        "nn.Embedding weights carry compressed deltas)"
                     )
                 if e.kind == "deltadq":
                     continue
@@ -243,7 +252,9 @@ class SlotPool:
     ) -> StagedDelta:
         """Stage in-memory tensors in the file's layout (`staging.stage_tensors`), pinned when
         this pool is on CUDA."""
-        return stage_tensors(self.layout, key, sign=sign, scale=scale, full=full, dq=dq, info=info, pin=self._pin)
+        return stage_tensors(
+            self.layout, key, sign=sign, scale=scale, full=full, dq=dq, info=info, pin=self._pin
+        )
 
     @property
     def _pin(self) -> bool:
@@ -437,7 +448,9 @@ class SlotPool:
     # ---------------------------------------------------------------------------------------
     # forwards
     # ---------------------------------------------------------------------------------------
-    def acquire(self, ids: Iterable[int | SlotHandle | None], *, leased: Iterable[int] = ()) -> tuple[list[int], dict[int, SlotView]]:
+    def acquire(
+        self, ids: Iterable[int | SlotHandle | None], *, leased: Iterable[int] = ()
+    ) -> tuple[list[int], dict[int, SlotView]]:
         """Lease the slots a batch uses: returns the row -> slot list (-1 = base) and a frozen view
         of each distinct slot. Slots named in `leased` are already leased by `load(lease=True)`.
         On CUDA the current stream waits for each slot's copies."""
@@ -451,7 +464,9 @@ class SlotPool:
                 if isinstance(d, bool) or not isinstance(d, int):
                     raise TypeError(f"delta id must be a slot (int), -1 or None, got {d!r}")
                 if not 0 <= d < self.num_slots:
-                    raise NotLoadedError(f"slot {int(d)} does not exist (the pool has {self.num_slots} slots)")
+                    raise NotLoadedError(
+                        f"slot {int(d)} does not exist (the pool has {self.num_slots} slots)"
+                    )
                 slot = self._slots[d]
                 if isinstance(d, SlotHandle) and (slot.generation != d.generation or slot.state != _READY):
                     raise StaleSlotError(
@@ -531,7 +546,8 @@ class SlotPool:
             return SlotHandle(slot.index, slot.generation, slot.key)
 
     def view(self, key_or_ref: str | int) -> SlotView:
-        """What a resident delta's slot holds now (frozen): sign and table names, dense and DeltaDQ tensors."""
+        """What a resident delta's slot holds now (frozen): sign and table names, dense and DeltaDQ
+        tensors."""
         with self._lock:
             return self._find(key_or_ref).view()
 
@@ -558,9 +574,16 @@ class SlotPool:
         with self._lock:
             return [
                 {
-                    "slot": s.index, "key": s.key, "refs": sorted(s.refs), "pinned": s.pinned,
-                    "in_use": s.leases > 0, "last_used": s.last_used, "hits": s.hits,
-                    "dense_bytes": s.dense_bytes, "dq_bytes": s.dq_bytes, "sign_space": s.index < self.num_sign_slots,
+                    "slot": s.index,
+                    "key": s.key,
+                    "refs": sorted(s.refs),
+                    "pinned": s.pinned,
+                    "in_use": s.leases > 0,
+                    "last_used": s.last_used,
+                    "hits": s.hits,
+                    "dense_bytes": s.dense_bytes,
+                    "dq_bytes": s.dq_bytes,
+                    "sign_space": s.index < self.num_sign_slots,
                     **s.info,
                 }
                 for s in sorted(self._slots, key=lambda s: -s.last_used)

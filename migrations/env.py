@@ -32,8 +32,10 @@ def _sqlite_foreign_keys(connection, on: bool) -> None:
     raw.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
     (state,) = raw.execute("PRAGMA foreign_keys").fetchone()
     if bool(state) != on:
-        raise RuntimeError(f"could not turn SQLite foreign keys {'on' if on else 'off'} for the migrations "
-                           "(was a transaction open on the connection?)")
+        raise RuntimeError(
+            f"could not turn SQLite foreign keys {'on' if on else 'off'} for the migrations "
+            "(was a transaction open on the connection?)"
+        )
 
 
 def _check_foreign_keys(connection) -> None:
@@ -79,7 +81,9 @@ def run_migrations_online() -> None:
 
 
 if context.is_offline_mode():
-    context.configure(url=config.get_main_option("sqlalchemy.url"), target_metadata=target_metadata, literal_binds=True)
+    context.configure(
+        url=config.get_main_option("sqlalchemy.url"), target_metadata=target_metadata, literal_binds=True
+    )
     with context.begin_transaction():
         context.run_migrations()
 else:

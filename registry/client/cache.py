@@ -7,8 +7,8 @@ memory-mapped, and the state of pushes in progress.
     repos/<registry>/<namespace>/<name>/<n>.bdelta      symlink to its blob
     uploads/<file key>.json, <file key>.zst             a push: digests, pending upload ids, storage form
 
-Every file is written to a fresh temp file and renamed (codec.files.AtomicWriter); a file lock per blob (and per pushed
-file) keeps concurrent commands from writing the same thing twice.
+Every file is written to a fresh temp file and renamed (codec.files.AtomicWriter); a file lock
+per blob (and per pushed file) keeps concurrent commands from writing the same thing twice.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit
 
 from filelock import FileLock, Timeout
@@ -82,7 +82,9 @@ class CacheEntry:
 
     def as_dict(self) -> dict:
         out = asdict(self)
-        out.update(path=str(self.path), blob=str(self.blob), last_used=self.last_used.isoformat(), ref=self.ref)
+        out.update(
+            path=str(self.path), blob=str(self.blob), last_used=self.last_used.isoformat(), ref=self.ref
+        )
         return out
 
 
@@ -98,7 +100,13 @@ class VerifyReport:
         return not self.corrupt
 
     def as_dict(self) -> dict:
-        return {"checked": self.checked, "bytes": self.bytes, "corrupt": self.corrupt, "missing": self.missing, "ok": self.ok}
+        return {
+            "checked": self.checked,
+            "bytes": self.bytes,
+            "corrupt": self.corrupt,
+            "missing": self.missing,
+            "ok": self.ok,
+        }
 
 
 @dataclass
@@ -163,7 +171,10 @@ class DeltaCache:
         folder = self._version_dir(registry, version["repository"])
         folder.mkdir(parents=True, exist_ok=True)
         number = int(version["number"])
-        record = {key: version.get(key) for key in ("repository", "number", "digest", "size", "raw_digest", "raw_size", "codec", "tags")}
+        record = {
+            key: version.get(key)
+            for key in ("repository", "number", "digest", "size", "raw_digest", "raw_size", "codec", "tags")
+        }
         record["registry"] = registry
         _write_json(folder / f"{number}.json", record)
         link = folder / f"{number}.bdelta"
@@ -187,7 +198,11 @@ class DeltaCache:
         paths = [folder / f"{number}.json"] if number is not None else sorted(folder.glob("*.json"))
         for path in paths:
             record = _read_json(path)
-            if record and record.get("repository") == repository and (digest is None or record.get("digest") == digest):
+            if (
+                record
+                and record.get("repository") == repository
+                and (digest is None or record.get("digest") == digest)
+            ):
                 return record
         return None
 
@@ -204,13 +219,21 @@ class DeltaCache:
             try:
                 blob = self.blob_path(record["raw_digest"])
                 size = blob.stat().st_size if blob.exists() else -1
-                out.append(CacheEntry(
-                    registry=record["registry"], repository=record["repository"], number=int(record["number"]),
-                    digest=record["digest"], raw_digest=record["raw_digest"], raw_size=int(record["raw_size"]),
-                    codec=record.get("codec"), path=record_path.with_suffix(".bdelta"), blob=blob,
-                    present=size == int(record["raw_size"]),
-                    last_used=dt.datetime.fromtimestamp(record_path.stat().st_mtime, dt.timezone.utc),
-                ))
+                out.append(
+                    CacheEntry(
+                        registry=record["registry"],
+                        repository=record["repository"],
+                        number=int(record["number"]),
+                        digest=record["digest"],
+                        raw_digest=record["raw_digest"],
+                        raw_size=int(record["raw_size"]),
+                        codec=record.get("codec"),
+                        path=record_path.with_suffix(".bdelta"),
+                        blob=blob,
+                        present=size == int(record["raw_size"]),
+                        last_used=dt.datetime.fromtimestamp(record_path.stat().st_mtime, dt.timezone.utc),
+                    )
+                )
             except (KeyError, TypeError, ValueError, CacheError, FileNotFoundError):
                 continue  # a record from elsewhere or half-written: prune removes it
         out.sort(key=lambda e: (e.registry, e.repository, e.number))
@@ -242,8 +265,15 @@ class DeltaCache:
                 if actual != expected:
                     if remove_corrupt:
                         blob.unlink(missing_ok=True)
-                    report.corrupt.append({"path": str(blob), "expected": expected, "actual": actual,
-                                           "refs": refs.get(blob.name, []), "removed": remove_corrupt})
+                    report.corrupt.append(
+                        {
+                            "path": str(blob),
+                            "expected": expected,
+                            "actual": actual,
+                            "refs": refs.get(blob.name, []),
+                            "removed": remove_corrupt,
+                        }
+                    )
         return report
 
     def prune(self, *, older_than_days: float | None = None, dry_run: bool = False) -> PruneReport:
@@ -294,10 +324,17 @@ class DeltaCache:
 
     # --- pushes ----------------------------------------------------------------------------
     @contextlib.contextmanager
-    def push_state(self, path: Path) -> Iterator["PushState"]:
+    def push_state(self, path: Path) -> Iterator[PushState]:
         """The state of pushing the file at `path` as it is now (a changed file is a new push)."""
         st = os.stat(path)
-        identity = [str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        identity = [
+            str(Path(path).resolve()),
+            st.st_dev,
+            st.st_ino,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+        ]
         key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
         self.upload_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(self.upload_dir / f"{key}.lock"):
@@ -328,7 +365,11 @@ class PushState:
 
     def stage(self, source: Path) -> BlobInfo:
         """Make sure the storage form is on disk (zstd, one frame) and return its digests."""
-        if self.staged_path.exists() and self.blob is not None and self.staged_path.stat().st_size == self.blob.size:
+        if (
+            self.staged_path.exists()
+            and self.blob is not None
+            and self.staged_path.stat().st_size == self.blob.size
+        ):
             return self.blob
         info = compress_blob(source, self.staged_path)
         if self.blob is not None and info != self.blob:

@@ -62,7 +62,11 @@ def resolve_registry(
 
 
 def resolve_token(
-    registry: str, explicit: str | None, home: Path | None = None, *, env: settings.ClientSettings | None = None
+    registry: str,
+    explicit: str | None,
+    home: Path | None = None,
+    *,
+    env: settings.ClientSettings | None = None,
 ) -> str | None:
     env = env or settings.load()
     return explicit or env.token or saved_token(registry, home)

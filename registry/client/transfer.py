@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import httpx
 
@@ -46,8 +46,15 @@ def _file_chunks(path: Path, offset: int, size: int, advance: Advance, sent: lis
 
 
 def put_range(
-    http: httpx.Client, url: str, path: Path, offset: int, size: int, *, headers: dict | None = None,
-    advance: Advance = _no_progress, attempts: int | None = None,
+    http: httpx.Client,
+    url: str,
+    path: Path,
+    offset: int,
+    size: int,
+    *,
+    headers: dict | None = None,
+    advance: Advance = _no_progress,
+    attempts: int | None = None,
 ) -> httpx.Response:
     """PUT bytes [offset, offset+size) of `path` to `url`, streamed with a fixed Content-Length;
     transient failures (connection errors, 5xx, 429) are retried with backoff (the client's one
@@ -57,8 +64,11 @@ def put_range(
 
     def put() -> httpx.Response:
         sent[0] = 0
-        return http.put(url, content=_file_chunks(path, offset, size, advance, sent),
-                        headers={**(headers or {}), "Content-Length": str(size)})
+        return http.put(
+            url,
+            content=_file_chunks(path, offset, size, advance, sent),
+            headers={**(headers or {}), "Content-Length": str(size)},
+        )
 
     try:
         return retrying(
@@ -74,7 +84,12 @@ def put_range(
 
 
 def upload_parts(
-    http: httpx.Client, path: Path, parts: Iterable[dict], *, concurrency: int, advance: Advance = _no_progress,
+    http: httpx.Client,
+    path: Path,
+    parts: Iterable[dict],
+    *,
+    concurrency: int,
+    advance: Advance = _no_progress,
     on_part: Callable[[dict], None] = lambda part: None,
 ) -> None:
     """PUT each part (`{number, url, offset, size}`) of the file at `path` to its presigned blob-store
@@ -90,12 +105,15 @@ def upload_parts(
         r = put_range(http, part["url"], path, part["offset"], part["size"], advance=locked)
         if r.status_code != 200:
             raise NetworkError(
-                f"the blob store at {netloc(part['url'])} refused part {part['number']}: HTTP {r.status_code} {s3_error(r)}"
+                f"the blob store at {netloc(part['url'])} refused part "
+                f"{part['number']}: HTTP {r.status_code} {s3_error(r)}"
             )
         on_part(part)
 
     parts = list(parts)
-    pool = ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(parts) or 1)), thread_name_prefix="part")
+    pool = ThreadPoolExecutor(
+        max_workers=max(1, min(concurrency, len(parts) or 1)), thread_name_prefix="part"
+    )
     try:
         futures = [pool.submit(send, part) for part in parts]
         wait(futures, return_when=FIRST_EXCEPTION)
@@ -123,7 +141,9 @@ class _Received(ReadAhead):
         self.n += len(buf)
         return buf
 
-    def _chunks(self, chunks: Iterable[bytes], partial: Path, offset: int, advance: Advance) -> Iterator[bytes]:
+    def _chunks(
+        self, chunks: Iterable[bytes], partial: Path, offset: int, advance: Advance
+    ) -> Iterator[bytes]:
         with open(partial, "r+b" if offset else "wb") as fh:
             while fh.tell() < offset and (buf := fh.read(min(CHUNK, offset - fh.tell()))):
                 yield self._take(buf)
@@ -137,7 +157,12 @@ class _Received(ReadAhead):
 
 
 def receive_blob(
-    chunks: Iterable[bytes], *, partial: Path, offset: int, dest: Path, expected: BlobInfo,
+    chunks: Iterable[bytes],
+    *,
+    partial: Path,
+    offset: int,
+    dest: Path,
+    expected: BlobInfo,
     advance: Advance = _no_progress,
 ) -> None:
     """Take a blob's compressed bytes from `chunks` (those after `offset`; the first `offset` are
@@ -149,11 +174,15 @@ def receive_blob(
     stream = _Received(chunks, partial, offset, advance)
     failure: BaseException | None = None
     try:
-        decompress_stream(stream, out.file, max_output_size=expected.raw_size, expected_raw_digest=expected.raw_digest)
+        decompress_stream(
+            stream, out.file, max_output_size=expected.raw_size, expected_raw_digest=expected.raw_digest
+        )
     except BaseException as exc:
         failure = exc
     stream.close()
-    if stream.error is not None or (failure is not None and not isinstance(failure, (BlobCorruptError, BlobTooLargeError))):
+    if stream.error is not None or (
+        failure is not None and not isinstance(failure, (BlobCorruptError, BlobTooLargeError))
+    ):
         out.abort()
         cause = stream.error or failure
         if isinstance(cause, (httpx.TransportError, NetworkError)):
@@ -168,7 +197,8 @@ def receive_blob(
         if failure is not None and not stream.complete:
             raise CorruptDownloadError(f"the downloaded bytes are not the recorded delta: {failure}")
         raise CorruptDownloadError(
-            f"downloaded {stream.n} bytes with digest {digest}, but the registry recorded {expected.size} bytes "
+            f"downloaded {stream.n} bytes with digest {digest}, "
+            f"but the registry recorded {expected.size} bytes "
             f"with digest {expected.digest}"
         )
     out.commit()

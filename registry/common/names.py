@@ -48,7 +48,8 @@ def check_segment(value: str, *, what: str = "name") -> str:
 def check_base_segment(value: str, *, what: str = "base model name") -> str:
     if not BASE_SEGMENT_RE.fullmatch(value):
         raise InvalidNameError(
-            f"invalid {what} segment {_show(value)}: use 1-96 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+            f"invalid {what} segment {_show(value)}: use 1-96 of "
+            "A-Z a-z 0-9 . _ -, starting with a letter or digit"
         )
     return value
 
@@ -92,7 +93,9 @@ def parse_version_ref(ref: str) -> int | str:
             raise InvalidNameError(f"version number {ref} is out of range")
         return number
     if ref.isascii() and ref.isdigit():
-        raise InvalidNameError(f"invalid version number {_show(ref)}: use 1 to {MAX_VERSION} without leading zeros")
+        raise InvalidNameError(
+            f"invalid version number {_show(ref)}: use 1 to {MAX_VERSION} without leading zeros"
+        )
     return check_tag(ref)
 
 

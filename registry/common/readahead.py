@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from codec.files import CHUNK
 
@@ -31,7 +31,9 @@ class ReadAhead:
         self._stop = threading.Event()
         self._buf = memoryview(b"")
         self._eof = False
-        self._thread = threading.Thread(target=self._fill, args=(iter(chunks),), name="deltastore-readahead", daemon=True)
+        self._thread = threading.Thread(
+            target=self._fill, args=(iter(chunks),), name="deltastore-readahead", daemon=True
+        )
         self._thread.start()
 
     def _put(self, item: bytes | BaseException) -> bool:

@@ -20,26 +20,34 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from codec import __version__
-
+from registry.common.errors import DatabaseUnavailableError, RegistryError, StorageFullError
 from registry.server.api import ROUTERS
 from registry.server.blobstores import open_blob_store
 from registry.server.db import Database
 from registry.server.deps import AppState
-from registry.common.errors import DatabaseUnavailableError, RegistryError, StorageFullError
 from registry.server.metrics import MetricsMiddleware, RegistryMetrics
-from registry.server.uploads import PushService
 from registry.server.migrate import check_schema, running_schema_error
 from registry.server.schemas import ErrorBody
 from registry.server.settings import Settings
+from registry.server.uploads import PushService
 from registry.server.web import html_error, mount_web, web_router
 
 log = logging.getLogger("deltastore.registry")
-_HTTP_CODES = {400: "invalid_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 409: "conflict", 413: "too_large", 416: "range_not_satisfiable",
-               422: "invalid_request"}
+_HTTP_CODES = {
+    400: "invalid_request",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    416: "range_not_satisfiable",
+    422: "invalid_request",
+}
 #: Every error an API operation can answer, documented with the one error body.
 ERROR_RESPONSES = {
-    status: {"model": ErrorBody, "description": text} for status, text in {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
         400: "Invalid request or name (`invalid_request`, `invalid_name`)",
         401: "No token, or an unknown, revoked or expired one (`unauthenticated`)",
         403: "The token lacks the permission (`forbidden`)",
@@ -47,7 +55,7 @@ ERROR_RESPONSES = {
         409: "Conflicts with the current state (`conflict`, `base_mismatch`)",
         413: "Over a size limit (`too_large`)",
         422: "Invalid body or parameters, or an upload that fails verification (`invalid_request`, "
-             "`digest_mismatch`, `size_mismatch`, `invalid_delta`)",
+        "`digest_mismatch`, `size_mismatch`, `invalid_delta`)",
         502: "The blob store failed or is unreachable (`blob_store_error`)",
         503: "The database is unavailable or not migrated (`database_unavailable`, `schema_out_of_date`)",
         507: "Storage is full; nothing was stored (`insufficient_storage`)",
@@ -62,7 +70,9 @@ _UPLOAD_BYTES_PATH = re.compile(r"/v1/uploads/[0-9a-f]{32}")
 
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message}}, headers=headers)
+    return JSONResponse(
+        status_code=status, content={"error": {"code": code, "message": message}}, headers=headers
+    )
 
 
 def _registry_error(request: Request, exc: RegistryError) -> JSONResponse:
@@ -86,7 +96,9 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
     if exc.status_code in (404, 405) and (page := html_error(request, exc.status_code, str(exc.detail))):
         return page
-    return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail), headers)
+    return error_response(
+        exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail), headers
+    )
 
 
 def _allowed_methods(request: Request) -> list[str]:
@@ -128,17 +140,28 @@ def _database_error(request: Request, exc: Exception) -> JSONResponse:
         return schema
     cause = getattr(exc, "orig", None) or exc
     if "disk is full" in str(cause) or getattr(cause, "sqlstate", None) == "53100":
-        return error_response(StorageFullError.status, StorageFullError.code,
-                              "the registry database is out of disk space; nothing was changed")
+        return error_response(
+            StorageFullError.status,
+            StorageFullError.code,
+            "the registry database is out of disk space; nothing was changed",
+        )
     log.warning("database unavailable on %s %s: %s", request.method, request.url.path, type(cause).__name__)
-    return error_response(DatabaseUnavailableError.status, DatabaseUnavailableError.code,
-                          "the registry database is unavailable; retry shortly", headers={"Retry-After": "2"})
+    return error_response(
+        DatabaseUnavailableError.status,
+        DatabaseUnavailableError.code,
+        "the registry database is unavailable; retry shortly",
+        headers={"Retry-After": "2"},
+    )
 
 
 def _os_error(request: Request, exc: OSError) -> JSONResponse:
     if exc.errno in _DISK_FULL:
         log.error("storage full on %s %s", request.method, request.url.path)
-        return error_response(StorageFullError.status, StorageFullError.code, "the registry's storage is full; nothing was stored")
+        return error_response(
+            StorageFullError.status,
+            StorageFullError.code,
+            "the registry's storage is full; nothing was stored",
+        )
     return _unexpected_error(request, exc)
 
 
@@ -158,7 +181,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             check_schema(db.engine)
             store = open_blob_store(settings)
             app.state.registry = AppState(
-                settings=settings, db=db, store=store, metrics=metrics,
+                settings=settings,
+                db=db,
+                store=store,
+                metrics=metrics,
                 pushes=PushService(db=db, store=store, settings=settings, metrics=metrics),
             )
             yield
@@ -170,7 +196,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Index and storage of 1-bit compressed deltas of fine-tuned LLMs, per base model.",
         lifespan=lifespan,
-        docs_url=None, redoc_url=None,  # served offline by the web pages (no CDN)
+        docs_url=None,
+        redoc_url=None,  # served offline by the web pages (no CDN)
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -214,12 +241,16 @@ class BodyLimitMiddleware:
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or (scope["method"] == "PUT" and _UPLOAD_BYTES_PATH.fullmatch(scope["path"])):
+        if scope["type"] != "http" or (
+            scope["method"] == "PUT" and _UPLOAD_BYTES_PATH.fullmatch(scope["path"])
+        ):
             await self.app(scope, receive, send)
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            response = error_response(413, "too_large", f"request body exceeds this registry's limit of {self.max_bytes} bytes")
+            response = error_response(
+                413, "too_large", f"request body exceeds this registry's limit of {self.max_bytes} bytes"
+            )
             await response(scope, receive, send)
             return
         received = 0
@@ -230,7 +261,9 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise StarletteHTTPException(413, f"request body exceeds this registry's limit of {self.max_bytes} bytes")
+                    raise StarletteHTTPException(
+                        413, f"request body exceeds this registry's limit of {self.max_bytes} bytes"
+                    )
             return message
 
         await self.app(scope, limited_receive, send)

@@ -42,7 +42,9 @@ class Principal:
     token_id: int | None = None
 
     def level_in(self, namespace: str) -> int:
-        return max(LEVEL.get(self.scopes.get(namespace, ""), 0), LEVEL.get(self.scopes.get(ALL_NAMESPACES, ""), 0))
+        return max(
+            LEVEL.get(self.scopes.get(namespace, ""), 0), LEVEL.get(self.scopes.get(ALL_NAMESPACES, ""), 0)
+        )
 
     def can(self, permission: str, namespace: str) -> bool:
         return self.level_in(namespace) >= LEVEL[permission]
@@ -55,7 +57,10 @@ class Principal:
         if self.can(permission, namespace):
             return
         if not self.authenticated:
-            raise AuthenticationError(f"this needs a token with {permission} access to namespace {namespace!r}; send 'Authorization: Bearer <token>'")
+            raise AuthenticationError(
+                f"this needs a token with {permission} access to namespace "
+                f"{namespace!r}; send 'Authorization: Bearer <token>'"
+            )
         raise PermissionDeniedError(f"{self.name} has no {permission} access to namespace {namespace!r}")
 
     def require_admin(self) -> None:
@@ -90,5 +95,7 @@ def authenticate(session: Session, settings: Settings, authorization: str | None
     if token.expires_at is not None and token.expires_at <= utcnow():
         raise AuthenticationError("token expired; ask an administrator for a new one")
     return Principal(
-        name=f"token:{token.name}", scopes={s.namespace: s.permission for s in token.scopes}, token_id=token.id
+        name=f"token:{token.name}",
+        scopes={s.namespace: s.permission for s in token.scopes},
+        token_id=token.id,
     )

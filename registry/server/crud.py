@@ -14,10 +14,21 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from registry.server.auth import hash_token, new_token_secret
 from registry.common.errors import ConflictError, InvalidRequestError, NotFoundError
+from registry.server.auth import hash_token, new_token_secret
 from registry.server.models import (
-    PENDING, READY, ApiToken, AuditEvent, BaseModel, Blob, Repository, Tag, TokenScope, Upload, Version, utcnow,
+    PENDING,
+    READY,
+    ApiToken,
+    AuditEvent,
+    BaseModel,
+    Blob,
+    Repository,
+    Tag,
+    TokenScope,
+    Upload,
+    Version,
+    utcnow,
 )
 
 LATEST = "latest"
@@ -59,11 +70,15 @@ def _int_cursor(cursor: str | None) -> int | None:
 
 
 # --- audit -----------------------------------------------------------------------------------
-def record_event(session: Session, *, actor: str, action: str, target: str, detail: dict | None = None) -> None:
+def record_event(
+    session: Session, *, actor: str, action: str, target: str, detail: dict | None = None
+) -> None:
     session.add(AuditEvent(actor=actor, action=action, target=target, detail=detail))
 
 
-def list_events(session: Session, *, target: str | None = None, cursor: str | None = None, limit: int) -> tuple[list[AuditEvent], str | None]:
+def list_events(
+    session: Session, *, target: str | None = None, cursor: str | None = None, limit: int
+) -> tuple[list[AuditEvent], str | None]:
     query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit + 1)
     if target:
         query = query.where(AuditEvent.target == target)
@@ -82,19 +97,32 @@ def get_base(session: Session, *, name: str) -> BaseModel:
 
 
 def create_base(
-    session: Session, *, name: str, fingerprint: str, architecture: str | None, parameter_count: int | None,
-    config: dict | None, actor: str,
+    session: Session,
+    *,
+    name: str,
+    fingerprint: str,
+    architecture: str | None,
+    parameter_count: int | None,
+    config: dict | None,
+    actor: str,
 ) -> tuple[BaseModel, bool]:
     """Register a base; registering the same name and fingerprint again is a no-op (created=False)."""
     existing = session.scalar(select(BaseModel).where(BaseModel.name == name))
     if existing is not None:
         if existing.fingerprint != fingerprint:
             raise ConflictError(
-                f"base model {name!r} is already registered with fingerprint {existing.fingerprint}, not {fingerprint}"
+                f"base model {name!r} is already registered with "
+                f"fingerprint {existing.fingerprint}, not {fingerprint}"
             )
         return existing, False
-    base = BaseModel(name=name, fingerprint=fingerprint, architecture=architecture, parameter_count=parameter_count,
-                     config=config, created_by=actor)
+    base = BaseModel(
+        name=name,
+        fingerprint=fingerprint,
+        architecture=architecture,
+        parameter_count=parameter_count,
+        config=config,
+        created_by=actor,
+    )
     session.add(base)
     _flush_unique(session, f"base model {name!r} already exists")
     record_event(session, actor=actor, action="create_base", target=name, detail={"fingerprint": fingerprint})
@@ -106,14 +134,18 @@ def delete_base(session: Session, *, name: str, actor: str) -> None:
     base = get_base(session, name=name)
     if session.get_bind().dialect.name == "postgresql":  # a repository created meanwhile waits for this row
         session.execute(select(BaseModel.id).where(BaseModel.id == base.id).with_for_update())
-    used = session.scalar(select(func.count()).select_from(Repository).where(Repository.base_model_id == base.id))
+    used = session.scalar(
+        select(func.count()).select_from(Repository).where(Repository.base_model_id == base.id)
+    )
     if used:
         raise ConflictError(
             f"base model {name!r} is used by {used} repositor{'y' if used == 1 else 'ies'}; delete "
             f"{'it' if used == 1 else 'them'} first (GET /v1/bases/{name}/repos lists them)"
         )
     session.execute(delete(BaseModel).where(BaseModel.id == base.id))
-    record_event(session, actor=actor, action="delete_base", target=name, detail={"fingerprint": base.fingerprint})
+    record_event(
+        session, actor=actor, action="delete_base", target=name, detail={"fingerprint": base.fingerprint}
+    )
 
 
 def list_bases(session: Session, *, cursor: str | None, limit: int) -> tuple[list[BaseModel], str | None]:
@@ -134,35 +166,60 @@ def _flush_unique(session: Session, message: str) -> None:
 
 # --- repositories ----------------------------------------------------------------------------
 def get_repo(session: Session, *, namespace: str, name: str) -> Repository:
-    repo = session.scalar(select(Repository).where(Repository.namespace == namespace, Repository.name == name))
+    repo = session.scalar(
+        select(Repository).where(Repository.namespace == namespace, Repository.name == name)
+    )
     if repo is None:
         raise NotFoundError(f"repository {namespace}/{name} does not exist")
     return repo
 
 
 def lock_repo(session: Session, *, repo_id: int) -> None:
-    """Serialize writers of one repository (row lock on PostgreSQL; SQLite writers already hold the database lock)."""
+    """Serialize writers of one repository (row lock on PostgreSQL; SQLite writers already hold the
+    database lock)."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(select(Repository.id).where(Repository.id == repo_id).with_for_update())
 
 
 def create_repo(
-    session: Session, *, namespace: str, name: str, base_name: str, description: str, visibility: str, actor: str
+    session: Session,
+    *,
+    namespace: str,
+    name: str,
+    base_name: str,
+    description: str,
+    visibility: str,
+    actor: str,
 ) -> Repository:
     base = get_base(session, name=base_name)
-    repo = Repository(namespace=namespace, name=name, base_model=base, description=description,
-                      visibility=visibility, created_by=actor)
+    repo = Repository(
+        namespace=namespace,
+        name=name,
+        base_model=base,
+        description=description,
+        visibility=visibility,
+        created_by=actor,
+    )
     session.add(repo)
     _flush_unique(session, f"repository {namespace}/{name} already exists")
-    record_event(session, actor=actor, action="create_repo", target=f"{namespace}/{name}", detail={"base": base_name})
+    record_event(
+        session, actor=actor, action="create_repo", target=f"{namespace}/{name}", detail={"base": base_name}
+    )
     return repo
 
 
 def list_repos(
-    session: Session, *, base_name: str | None = None, namespace: str | None = None, query: str | None = None,
-    visible_namespaces: Sequence[str] | None = None, cursor: str | None, limit: int,
+    session: Session,
+    *,
+    base_name: str | None = None,
+    namespace: str | None = None,
+    query: str | None = None,
+    visible_namespaces: Sequence[str] | None = None,
+    cursor: str | None,
+    limit: int,
 ) -> tuple[list[Repository], str | None]:
-    """Repositories by id, filtered; `visible_namespaces` (None = all) adds private repos of those namespaces."""
+    """Repositories by id, filtered; `visible_namespaces` (None = all) adds private repos of those
+    namespaces."""
     stmt = select(Repository).order_by(Repository.id).limit(limit + 1)
     if base_name is not None:
         stmt = stmt.where(Repository.base_model_id == get_base(session, name=base_name).id)
@@ -170,9 +227,13 @@ def list_repos(
         stmt = stmt.where(Repository.namespace == namespace)
     if query:
         pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        stmt = stmt.where(or_(Repository.name.like(pattern, escape="\\"), Repository.namespace.like(pattern, escape="\\")))
+        stmt = stmt.where(
+            or_(Repository.name.like(pattern, escape="\\"), Repository.namespace.like(pattern, escape="\\"))
+        )
     if visible_namespaces is not None:
-        stmt = stmt.where(or_(Repository.visibility == "public", Repository.namespace.in_(list(visible_namespaces))))
+        stmt = stmt.where(
+            or_(Repository.visibility == "public", Repository.namespace.in_(list(visible_namespaces)))
+        )
     if (after := _int_cursor(cursor)) is not None:
         stmt = stmt.where(Repository.id > after)
     rows = list(session.scalars(stmt))
@@ -184,7 +245,8 @@ def latest_versions(session: Session, *, repo_ids: Sequence[int]) -> dict[int, V
     if not repo_ids:
         return {}
     rows = session.scalars(
-        select(Version).join(Tag, Tag.version_id == Version.id)
+        select(Version)
+        .join(Tag, Tag.version_id == Version.id)
         .where(Tag.repository_id.in_(list(repo_ids)), Tag.name == LATEST)
     )
     return {version.repository_id: version for version in rows}
@@ -199,24 +261,34 @@ def delete_repo(session: Session, *, repo: Repository, actor: str) -> None:
 def get_version(session: Session, *, repo: Repository, ref: int | str) -> Version:
     if isinstance(ref, int):
         version = session.scalar(
-            select(Version).where(Version.repository_id == repo.id, Version.number == ref, Version.state == READY)
+            select(Version).where(
+                Version.repository_id == repo.id, Version.number == ref, Version.state == READY
+            )
         )
         if version is None:
             raise NotFoundError(f"{repo.full_name} has no version {ref}")
         return version
     version = session.scalar(
-        select(Version).join(Tag, Tag.version_id == Version.id).where(Tag.repository_id == repo.id, Tag.name == ref)
+        select(Version)
+        .join(Tag, Tag.version_id == Version.id)
+        .where(Tag.repository_id == repo.id, Tag.name == ref)
     )
     if version is None:
-        raise NotFoundError(f"{repo.full_name} has no tag {ref!r}" + (" (nothing pushed yet)" if ref == LATEST else ""))
+        raise NotFoundError(
+            f"{repo.full_name} has no tag {ref!r}" + (" (nothing pushed yet)" if ref == LATEST else "")
+        )
     return version
 
 
 def list_versions(
     session: Session, *, repo: Repository, cursor: str | None, limit: int, digest: str | None = None
 ) -> tuple[list[Version], str | None]:
-    stmt = (select(Version).where(Version.repository_id == repo.id, Version.state == READY)
-            .order_by(Version.number.desc()).limit(limit + 1))
+    stmt = (
+        select(Version)
+        .where(Version.repository_id == repo.id, Version.state == READY)
+        .order_by(Version.number.desc())
+        .limit(limit + 1)
+    )
     if digest is not None:
         stmt = stmt.where(Version.blob_digest == digest)
     if (before := _int_cursor(cursor)) is not None:
@@ -235,28 +307,39 @@ def tags_by_version(session: Session, *, version_ids: Sequence[int]) -> dict[int
     return out
 
 
-def delete_version(session: Session, *, repo: Repository, number: int, actor: str) -> tuple[list[str], int | None]:
+def delete_version(
+    session: Session, *, repo: Repository, number: int, actor: str
+) -> tuple[list[str], int | None]:
     """Delete version `number` and the tags that point at it; `latest` moves back to the newest
     remaining version. Returns the removed tags (`latest` is not one: it moves) and the number
     `latest` points at now (None when no version remains)."""
     lock_repo(session, repo_id=repo.id)
     version = get_version(session, repo=repo, ref=number)
-    removed = list(session.scalars(
-        select(Tag.name).where(Tag.version_id == version.id, Tag.name != LATEST).order_by(Tag.name)
-    ))
+    removed = list(
+        session.scalars(
+            select(Tag.name).where(Tag.version_id == version.id, Tag.name != LATEST).order_by(Tag.name)
+        )
+    )
     session.execute(delete(Tag).where(Tag.version_id == version.id))
     session.execute(delete(Version).where(Version.id == version.id))
     latest = _point_latest_at_newest(session, repo_id=repo.id, actor=actor)
-    record_event(session, actor=actor, action="delete_version", target=repo.full_name,
-                 detail={"version": number, "removed_tags": removed})
+    record_event(
+        session,
+        actor=actor,
+        action="delete_version",
+        target=repo.full_name,
+        detail={"version": number, "removed_tags": removed},
+    )
     return removed, latest
 
 
 def _point_latest_at_newest(session: Session, *, repo_id: int, actor: str) -> int | None:
     """Move `latest` to the newest ready version; returns its number (None: no version left)."""
     newest = session.execute(
-        select(Version.id, Version.number).where(Version.repository_id == repo_id, Version.state == READY)
-        .order_by(Version.number.desc()).limit(1)
+        select(Version.id, Version.number)
+        .where(Version.repository_id == repo_id, Version.state == READY)
+        .order_by(Version.number.desc())
+        .limit(1)
     ).first()
     if newest is None:
         session.execute(delete(Tag).where(Tag.repository_id == repo_id, Tag.name == LATEST))
@@ -270,7 +353,9 @@ def _upsert_tag(session: Session, *, repo_id: int, name: str, version_id: int, a
     dialect = session.get_bind().dialect.name
     insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
     now = utcnow()
-    stmt = insert(Tag).values(repository_id=repo_id, name=name, version_id=version_id, updated_by=actor, updated_at=now)
+    stmt = insert(Tag).values(
+        repository_id=repo_id, name=name, version_id=version_id, updated_by=actor, updated_at=now
+    )
     stmt = stmt.on_conflict_do_update(
         index_elements=[Tag.repository_id, Tag.name],
         set_={"version_id": version_id, "updated_by": actor, "updated_at": now},
@@ -286,7 +371,9 @@ def set_tag(session: Session, *, repo: Repository, name: str, number: int, actor
     lock_repo(session, repo_id=repo.id)
     version = get_version(session, repo=repo, ref=number)
     _upsert_tag(session, repo_id=repo.id, name=name, version_id=version.id, actor=actor)
-    record_event(session, actor=actor, action="tag", target=repo.full_name, detail={"tag": name, "version": number})
+    record_event(
+        session, actor=actor, action="tag", target=repo.full_name, detail={"tag": name, "version": number}
+    )
     session.expire_all()
     return session.scalars(select(Tag).where(Tag.repository_id == repo.id, Tag.name == name)).one()
 
@@ -304,15 +391,43 @@ def get_blob(session: Session, *, digest: str) -> Blob | None:
 
 
 def create_upload(
-    session: Session, *, upload_id: str, repo: Repository, digest: str, size: int, raw_digest: str, raw_size: int,
-    method: str, multipart_id: str | None, part_size: int | None, description: str, fidelity: dict | None,
-    actor: str, expires_at: dt.datetime,
+    session: Session,
+    *,
+    upload_id: str,
+    repo: Repository,
+    digest: str,
+    size: int,
+    raw_digest: str,
+    raw_size: int,
+    method: str,
+    multipart_id: str | None,
+    part_size: int | None,
+    description: str,
+    fidelity: dict | None,
+    actor: str,
+    expires_at: dt.datetime,
 ) -> Upload:
-    version = Version(repository_id=repo.id, upload_id=upload_id, state=PENDING, created_by=actor, description=description,
-                      fidelity=fidelity)
-    upload = Upload(id=upload_id, version=version, digest=digest, size=size, raw_digest=raw_digest, raw_size=raw_size,
-                    method=method, multipart_id=multipart_id, part_size=part_size, created_by=actor,
-                    expires_at=expires_at)
+    version = Version(
+        repository_id=repo.id,
+        upload_id=upload_id,
+        state=PENDING,
+        created_by=actor,
+        description=description,
+        fidelity=fidelity,
+    )
+    upload = Upload(
+        id=upload_id,
+        version=version,
+        digest=digest,
+        size=size,
+        raw_digest=raw_digest,
+        raw_size=raw_size,
+        method=method,
+        multipart_id=multipart_id,
+        part_size=part_size,
+        created_by=actor,
+        expires_at=expires_at,
+    )
     session.add_all([version, upload])
     session.flush()
     return upload
@@ -334,7 +449,9 @@ def published_version(session: Session, *, upload_id: str) -> Version | None:
 
 
 def record_received(session: Session, *, upload_id: str, size: int, digest: str) -> None:
-    session.execute(update(Upload).where(Upload.id == upload_id).values(received_size=size, received_digest=digest))
+    session.execute(
+        update(Upload).where(Upload.id == upload_id).values(received_size=size, received_digest=digest)
+    )
 
 
 def delete_upload(session: Session, *, upload: Upload) -> None:
@@ -343,8 +460,17 @@ def delete_upload(session: Session, *, upload: Upload) -> None:
 
 
 def publish_version(
-    session: Session, *, upload: Upload, store_key: str | None, codec: str, dtype: str, bits: int | None, size_ratio: float | None,
-    fidelity: dict | None, header_metadata: dict, actor: str,
+    session: Session,
+    *,
+    upload: Upload,
+    store_key: str | None,
+    codec: str,
+    dtype: str,
+    bits: int | None,
+    size_ratio: float | None,
+    fidelity: dict | None,
+    header_metadata: dict,
+    actor: str,
 ) -> Version:
     """The commit point of a push: record the blob (unless deduplicated: `store_key` None), number
     the version, mark it ready, move `latest`."""
@@ -355,27 +481,54 @@ def publish_version(
         # A concurrent push of the same bytes may have recorded them first; its copy wins and
         # ours becomes an orphan object that GC removes.
         session.execute(
-            insert(Blob).values(digest=upload.digest, store_key=store_key, size=upload.size,
-                                raw_digest=upload.raw_digest, raw_size=upload.raw_size, created_at=utcnow())
+            insert(Blob)
+            .values(
+                digest=upload.digest,
+                store_key=store_key,
+                size=upload.size,
+                raw_digest=upload.raw_digest,
+                raw_size=upload.raw_size,
+                created_at=utcnow(),
+            )
             .on_conflict_do_nothing(index_elements=[Blob.digest])
         )
     # The counter row is the allocation lock: concurrent pushes queue here and get consecutive numbers.
-    number = session.execute(
-        update(Repository).where(Repository.id == repo_id)
-        .values(next_version=Repository.next_version + 1).returning(Repository.next_version)
-    ).scalar_one() - 1
+    number = (
+        session.execute(
+            update(Repository)
+            .where(Repository.id == repo_id)
+            .values(next_version=Repository.next_version + 1)
+            .returning(Repository.next_version)
+        ).scalar_one()
+        - 1
+    )
     now = utcnow()
     session.execute(
-        update(Version).where(Version.id == upload.version_id, Version.state == PENDING).values(
-            state=READY, number=number, blob_digest=upload.digest, codec=codec, dtype=dtype, bits=bits,
-            size_ratio=size_ratio, fidelity=fidelity, header_metadata=header_metadata, ready_at=now,
+        update(Version)
+        .where(Version.id == upload.version_id, Version.state == PENDING)
+        .values(
+            state=READY,
+            number=number,
+            blob_digest=upload.digest,
+            codec=codec,
+            dtype=dtype,
+            bits=bits,
+            size_ratio=size_ratio,
+            fidelity=fidelity,
+            header_metadata=header_metadata,
+            ready_at=now,
         )
     )
     session.execute(delete(Upload).where(Upload.id == upload.id))
     _upsert_tag(session, repo_id=repo_id, name=LATEST, version_id=upload.version_id, actor=actor)
     repo = session.get(Repository, repo_id)
-    record_event(session, actor=actor, action="push", target=repo.full_name,
-                 detail={"version": number, "digest": upload.digest, "size": upload.size})
+    record_event(
+        session,
+        actor=actor,
+        action="push",
+        target=repo.full_name,
+        detail={"version": number, "digest": upload.digest, "size": upload.size},
+    )
     session.expire_all()
     return session.get(Version, upload.version_id)
 
@@ -389,13 +542,15 @@ def live_upload_ids(session: Session) -> set[str]:
 
 
 def unreferenced_blobs(session: Session, *, older_than: dt.datetime) -> list[Blob]:
-    return list(session.scalars(
-        select(Blob).where(
-            Blob.created_at < older_than,
-            ~exists().where(Version.blob_digest == Blob.digest),
-            ~exists().where(Upload.digest == Blob.digest),
+    return list(
+        session.scalars(
+            select(Blob).where(
+                Blob.created_at < older_than,
+                ~exists().where(Version.blob_digest == Blob.digest),
+                ~exists().where(Upload.digest == Blob.digest),
+            )
         )
-    ))
+    )
 
 
 def delete_blob_if_unreferenced(session: Session, *, digest: str) -> bool:
@@ -410,20 +565,38 @@ def delete_blob_if_unreferenced(session: Session, *, digest: str) -> bool:
 
 
 def known_blob_keys(session: Session, *, keys: Sequence[str]) -> set[str]:
-    return set(session.scalars(select(Blob.store_key).where(Blob.store_key.in_(list(keys))))) if keys else set()
+    return (
+        set(session.scalars(select(Blob.store_key).where(Blob.store_key.in_(list(keys))))) if keys else set()
+    )
 
 
 # --- tokens ----------------------------------------------------------------------------------
 def create_token(
-    session: Session, *, name: str, scopes: Sequence[tuple[str, str]], actor: str, expires_at: dt.datetime | None = None,
+    session: Session,
+    *,
+    name: str,
+    scopes: Sequence[tuple[str, str]],
+    actor: str,
+    expires_at: dt.datetime | None = None,
 ) -> tuple[ApiToken, str]:
     secret = new_token_secret()
-    token = ApiToken(name=name, token_hash=hash_token(secret), prefix=secret[:10], created_by=actor, expires_at=expires_at,
-                     scopes=[TokenScope(namespace=ns, permission=perm) for ns, perm in scopes])
+    token = ApiToken(
+        name=name,
+        token_hash=hash_token(secret),
+        prefix=secret[:10],
+        created_by=actor,
+        expires_at=expires_at,
+        scopes=[TokenScope(namespace=ns, permission=perm) for ns, perm in scopes],
+    )
     session.add(token)
     session.flush()
-    record_event(session, actor=actor, action="create_token", target=f"token:{name}",
-                 detail={"id": token.id, "scopes": [list(s) for s in scopes]})
+    record_event(
+        session,
+        actor=actor,
+        action="create_token",
+        target=f"token:{name}",
+        detail={"id": token.id, "scopes": [list(s) for s in scopes]},
+    )
     return token, secret
 
 
@@ -437,7 +610,9 @@ def revoke_token(session: Session, *, token_id: int, actor: str) -> ApiToken:
         raise NotFoundError(f"token {token_id} does not exist")
     if token.revoked_at is None:
         token.revoked_at = utcnow()
-        record_event(session, actor=actor, action="revoke_token", target=f"token:{token.name}", detail={"id": token_id})
+        record_event(
+            session, actor=actor, action="revoke_token", target=f"token:{token.name}", detail={"id": token_id}
+        )
     return token
 
 

@@ -9,8 +9,8 @@ PostgreSQL (psycopg 3), and the schema check the server runs before it starts.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
@@ -24,7 +24,9 @@ def _sqlite_engine(url: str, *, echo: bool) -> Engine:
     parsed = make_url(url)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, echo=echo, connect_args={"timeout": 60, "check_same_thread": False}, pool_size=8, max_overflow=16)
+    engine = create_engine(
+        url, echo=echo, connect_args={"timeout": 60, "check_same_thread": False}, pool_size=8, max_overflow=16
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:
@@ -63,7 +65,7 @@ class Database:
         self._write = sessionmaker(writer, expire_on_commit=False, autoflush=False)
 
     @classmethod
-    def from_url(cls, url: str, *, echo: bool = False) -> "Database":
+    def from_url(cls, url: str, *, echo: bool = False) -> Database:
         return cls(create_db_engine(url, echo=echo))
 
     @property

@@ -1,12 +1,13 @@
 """FastAPI dependencies: the app's state, sessions, the calling principal, and validated path names.
 
-    def show(repo: RepoPath, session: ReadSessionDep, principal: PrincipalDep): ...
+def show(repo: RepoPath, session: ReadSessionDep, principal: PrincipalDep): ...
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated, Iterator
+from typing import Annotated
 
 from fastapi import Depends, Header, Path, Query, Request
 from sqlalchemy.orm import Session
@@ -16,8 +17,8 @@ from registry.server.auth import LOCAL_USER, Principal, authenticate
 from registry.server.blobstores import BlobStore
 from registry.server.db import Database
 from registry.server.metrics import RegistryMetrics
-from registry.server.uploads import PushService
 from registry.server.settings import Settings
+from registry.server.uploads import PushService
 
 
 @dataclass
@@ -87,7 +88,9 @@ BaseSegment = Annotated[str, Path(json_schema_extra=_documented(names.BASE_SEGME
 
 
 def repo_path(namespace: Segment, name: Segment) -> RepoName:
-    return RepoName(names.check_segment(namespace, what="namespace"), names.check_segment(name, what="repository name"))
+    return RepoName(
+        names.check_segment(namespace, what="namespace"), names.check_segment(name, what="repository name")
+    )
 
 
 def base_path(org: BaseSegment, model: BaseSegment) -> str:
@@ -95,14 +98,21 @@ def base_path(org: BaseSegment, model: BaseSegment) -> str:
 
 
 def version_ref(
-    ref: Annotated[str, Path(description="A version number or a tag (latest, prod, ...).",
-                             json_schema_extra=_documented(names.REF_PATTERN, 64))],
+    ref: Annotated[
+        str,
+        Path(
+            description="A version number or a tag (latest, prod, ...).",
+            json_schema_extra=_documented(names.REF_PATTERN, 64),
+        ),
+    ],
 ) -> int | str:
     return names.parse_version_ref(ref)
 
 
 def version_number(
-    ref: Annotated[str, Path(description="A version number.", json_schema_extra=_documented("^[1-9][0-9]{0,8}$", 10))],
+    ref: Annotated[
+        str, Path(description="A version number.", json_schema_extra=_documented("^[1-9][0-9]{0,8}$", 10))
+    ],
 ) -> int | str:
     return names.parse_version_ref(ref)
 
@@ -122,11 +132,23 @@ VersionNumber = Annotated[int | str, Depends(version_number)]
 TagPath = Annotated[str, Depends(tag_path)]
 PageLimit = Annotated[int, Depends(page_limit)]
 #: The API listings' cursor (crud.encode_position): every string the schema allows is a position.
-PositionCursor = Annotated[str | None, Query(
-    max_length=20, json_schema_extra={"pattern": "^[0-9]*$"},
-    description="The next_cursor of the previous page: the position (decimal) the next page starts after. "
-                "Empty or absent: the first page.",
-)]
+PositionCursor = Annotated[
+    str | None,
+    Query(
+        max_length=20,
+        json_schema_extra={"pattern": "^[0-9]*$"},
+        description=(
+            "The next_cursor of the previous page: the position (decimal) the next page starts "
+            "after. Empty or absent: the first page."
+        ),
+    ),
+]
 #: An opaque cursor (crud.encode_cursor), for listings whose position is more than one number.
-Cursor = Annotated[str | None, Query(max_length=200, json_schema_extra={"pattern": "^[A-Za-z0-9_-]*$"},
-                                     description="The next_cursor of the previous page.")]
+Cursor = Annotated[
+    str | None,
+    Query(
+        max_length=200,
+        json_schema_extra={"pattern": "^[A-Za-z0-9_-]*$"},
+        description="The next_cursor of the previous page.",
+    ),
+]

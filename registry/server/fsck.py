@@ -14,11 +14,10 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.orm import aliased
 
 from codec.container import MAX_HEADER_SIZE
-
+from registry.common.errors import RegistryError
 from registry.server.blobstores import BlobStore
 from registry.server.crud import LATEST
 from registry.server.db import Database
-from registry.common.errors import RegistryError
 from registry.server.models import READY, Blob, Repository, Tag, Upload, Version, utcnow
 from registry.server.settings import Settings
 from registry.server.verify import Declared, verify_stream
@@ -52,14 +51,20 @@ class FsckReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.missing_objects or self.digest_mismatches or self.dangling_versions or self.number_errors
-                    or self.tag_errors)
+        return not (
+            self.missing_objects
+            or self.digest_mismatches
+            or self.dangling_versions
+            or self.number_errors
+            or self.tag_errors
+        )
 
     @property
     def clean(self) -> bool:
         """Consistent and without leftovers (what GC leaves once nothing is in flight)."""
-        return self.ok and not (self.orphan_objects or self.staging_leftovers or self.unreferenced_blobs
-                                or self.stale_uploads)
+        return self.ok and not (
+            self.orphan_objects or self.staging_leftovers or self.unreferenced_blobs or self.stale_uploads
+        )
 
     def note(self, text: str) -> None:
         if len(self.details) < MAX_DETAILS:
@@ -70,7 +75,12 @@ class FsckReport:
 
 
 def check_consistency(
-    *, db: Database, store: BlobStore, settings: Settings, digests: bool = True, now: dt.datetime | None = None,
+    *,
+    db: Database,
+    store: BlobStore,
+    settings: Settings,
+    digests: bool = True,
+    now: dt.datetime | None = None,
 ) -> FsckReport:
     """Check every blob row against the store (and, with `digests`, re-verify the stored bytes:
     size, sha256, one zstd frame decompressing to the recorded raw size and digest, a valid
@@ -84,9 +94,15 @@ def check_consistency(
     report.objects = len(objects)
 
     with db.read() as session:
-        rows = [(b.digest, b.store_key, b.size, b.raw_digest, b.raw_size) for b in session.scalars(select(Blob))]
-        report.versions = session.scalar(select(func.count()).select_from(Version).where(Version.state == READY))
-        referenced = set(session.scalars(select(Version.blob_digest).where(Version.blob_digest.is_not(None)).distinct()))
+        rows = [
+            (b.digest, b.store_key, b.size, b.raw_digest, b.raw_size) for b in session.scalars(select(Blob))
+        ]
+        report.versions = session.scalar(
+            select(func.count()).select_from(Version).where(Version.state == READY)
+        )
+        referenced = set(
+            session.scalars(select(Version.blob_digest).where(Version.blob_digest.is_not(None)).distinct())
+        )
         referenced |= set(session.scalars(select(Upload.digest).distinct()))
         uploads = list(session.execute(select(Upload.id, Upload.created_at)))
         _check_index(session, report)
@@ -154,10 +170,16 @@ def _check_index(session, report: FsckReport) -> None:
     ).all()
     for ns, name, number, next_version in too_high:
         report.number_errors += 1
-        report.note(f"{ns}/{name} version {number} is at or above the next number {next_version} (it would be reused)")
+        report.note(
+            f"{ns}/{name} version {number} is at or above the next number {next_version} (it would be reused)"
+        )
 
-    newest = (select(Version.repository_id, func.max(Version.number).label("number"))
-              .where(Version.state == READY).group_by(Version.repository_id).subquery())
+    newest = (
+        select(Version.repository_id, func.max(Version.number).label("number"))
+        .where(Version.state == READY)
+        .group_by(Version.repository_id)
+        .subquery()
+    )
     latest = aliased(Tag)
     wrong_latest = session.execute(
         select(Repository.namespace, Repository.name, newest.c.number, Version.number)
@@ -179,13 +201,17 @@ def _check_index(session, report: FsckReport) -> None:
     ).all()
     for ns, name, tag in bad_tags:
         report.tag_errors += 1
-        report.note(f"{ns}/{name}: tag {tag!r} points at a version that is not a ready version of this repository")
+        report.note(
+            f"{ns}/{name}: tag {tag!r} points at a version that is not a ready version of this repository"
+        )
 
     orphan_latest = session.execute(
         select(Repository.namespace, Repository.name)
         .select_from(Repository)
         .join(Tag, and_(Tag.repository_id == Repository.id, Tag.name == LATEST))
-        .where(~select(Version.id).where(Version.repository_id == Repository.id, Version.state == READY).exists())
+        .where(
+            ~select(Version.id).where(Version.repository_id == Repository.id, Version.state == READY).exists()
+        )
     ).all()
     for ns, name in orphan_latest:
         report.tag_errors += 1

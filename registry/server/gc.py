@@ -28,8 +28,14 @@ class GcReport:
 
 
 def collect_garbage(
-    *, db: Database, store: BlobStore, settings: Settings, actor: str = "gc", now: dt.datetime | None = None,
-    dry_run: bool = False, metrics: RegistryMetrics | None = None,
+    *,
+    db: Database,
+    store: BlobStore,
+    settings: Settings,
+    actor: str = "gc",
+    now: dt.datetime | None = None,
+    dry_run: bool = False,
+    metrics: RegistryMetrics | None = None,
 ) -> GcReport:
     now = now or utcnow()
     upload_cutoff = now - dt.timedelta(seconds=settings.upload_ttl_seconds)
@@ -55,7 +61,9 @@ def collect_garbage(
 
     # 3. blobs no version references
     with db.read() as session:
-        candidates = [(b.digest, b.store_key) for b in crud.unreferenced_blobs(session, older_than=grace_cutoff)]
+        candidates = [
+            (b.digest, b.store_key) for b in crud.unreferenced_blobs(session, older_than=grace_cutoff)
+        ]
     for digest, key in candidates:
         if dry_run:
             report.blobs += 1

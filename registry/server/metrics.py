@@ -12,15 +12,27 @@ class RegistryMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "deltastore_http_requests", "HTTP requests served", ["method", "route", "status"], registry=self.registry
+            "deltastore_http_requests",
+            "HTTP requests served",
+            ["method", "route", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
-            "deltastore_http_request_duration_seconds", "HTTP request latency", ["method", "route"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry,
+            "deltastore_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
         )
-        self.pushes = Counter("deltastore_pushes", "Completed pushes by outcome", ["outcome"], registry=self.registry)
-        self.upload_bytes = Counter("deltastore_upload_bytes", "Bytes verified by completed pushes", registry=self.registry)
-        self.gc_removed = Counter("deltastore_gc_removed", "Objects removed by garbage collection", ["kind"], registry=self.registry)
+        self.pushes = Counter(
+            "deltastore_pushes", "Completed pushes by outcome", ["outcome"], registry=self.registry
+        )
+        self.upload_bytes = Counter(
+            "deltastore_upload_bytes", "Bytes verified by completed pushes", registry=self.registry
+        )
+        self.gc_removed = Counter(
+            "deltastore_gc_removed", "Objects removed by garbage collection", ["kind"], registry=self.registry
+        )
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

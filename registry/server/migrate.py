@@ -47,7 +47,8 @@ def check_schema(engine: Engine) -> None:
     current, head = current_revision(engine), head_revision()
     if current != head:
         raise SchemaOutOfDateError(
-            f"the database {engine.url.render_as_string(hide_password=True)} {_state(current)}, but this server needs "
+            f"the database {engine.url.render_as_string(hide_password=True)} "
+            f"{_state(current)}, but this server needs "
             f"revision {head}; run `{FIX_COMMAND}` (with the same DELTASTORE_DATABASE_URL) and start again"
         )
 
@@ -59,7 +60,8 @@ def running_schema_error(engine: Engine) -> SchemaOutOfDateError | None:
     if current == head:
         return None
     return SchemaOutOfDateError(
-        f"the registry's database {_state(current)}, but this server needs revision {head}; run `{FIX_COMMAND}` "
+        f"the registry's database {_state(current)}, but this "
+        f"server needs revision {head}; run `{FIX_COMMAND}` "
         "with this server's DELTASTORE_DATABASE_URL"
     )
 

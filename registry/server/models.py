@@ -8,8 +8,19 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import (
-    JSON, BigInteger, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text,
-    TypeDecorator, UniqueConstraint,
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -124,7 +135,8 @@ class Version(Base):
         UniqueConstraint("repository_id", "number"),
         CheckConstraint("state IN ('pending', 'ready')", name="state"),
         CheckConstraint(
-            "state = 'pending' OR (number IS NOT NULL AND blob_digest IS NOT NULL)", name="ready_has_number_and_blob"
+            "state = 'pending' OR (number IS NOT NULL AND blob_digest IS NOT NULL)",
+            name="ready_has_number_and_blob",
         ),
         Index(None, "blob_digest"),
         Index(None, "upload_id", unique=True),
@@ -132,7 +144,8 @@ class Version(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     repository_id: Mapped[int] = mapped_column(ForeignKey("repositories.id", ondelete="CASCADE"))
-    #: The upload this version comes from: completing it again returns this version (NULL before migration 0003).
+    #: The upload this version comes from: completing it again returns this version (NULL before
+    #: migration 0003).
     upload_id: Mapped[str | None] = mapped_column(String(32))
     number: Mapped[int | None] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16), default=PENDING)

@@ -91,7 +91,8 @@ class ErrorBody(Schema):
 class Page(Schema, Generic[T]):
     items: list[T]
     next_cursor: str | None = Field(
-        None, pattern="^[0-9]+$",
+        None,
+        pattern="^[0-9]+$",
         description="Pass as ?cursor= for the next page (decimal digits); null on the last page.",
     )
 
@@ -121,7 +122,10 @@ class BaseOut(Schema):
 class RepoCreate(RequestBody):
     namespace: SegmentName
     name: SegmentName
-    base: str = Field(description="Registered base model name, e.g. org/model.", json_schema_extra={"pattern": BASE_NAME_PATTERN})
+    base: str = Field(
+        description="Registered base model name, e.g. org/model.",
+        json_schema_extra={"pattern": BASE_NAME_PATTERN},
+    )
     description: Text = Field("", max_length=10_000)
     visibility: Literal["public", "private"] = "public"
 
@@ -147,7 +151,9 @@ class RepoOut(Schema):
     description: str
     visibility: str
     latest_version: int | None
-    latest: LatestVersionOut | None = Field(None, description="The version `latest` points at; null before the first push.")
+    latest: LatestVersionOut | None = Field(
+        None, description="The version `latest` points at; null before the first push."
+    )
     created_by: str
     created_at: dt.datetime
 
@@ -177,7 +183,9 @@ class VersionOut(Schema):
 class VersionDeleted(Schema):
     repository: str
     number: int = Field(description="The version deleted.")
-    removed_tags: list[str] = Field(description="The tags that pointed at it, removed with it (`latest` moves instead).")
+    removed_tags: list[str] = Field(
+        description="The tags that pointed at it, removed with it (`latest` moves instead)."
+    )
     latest: int | None = Field(description="The version `latest` points at now; null when none remains.")
 
 
@@ -208,7 +216,9 @@ class UploadPartOut(Schema):
     url: str
     offset: int
     size: int
-    received: bool = Field(False, description="The store already holds this part (GET of a pending upload): skip it.")
+    received: bool = Field(
+        False, description="The store already holds this part (GET of a pending upload): skip it."
+    )
 
 
 class UploadOut(Schema):
@@ -216,9 +226,13 @@ class UploadOut(Schema):
     repository: str
     state: Literal["pending"] = "pending"
     method: Literal["exists", "stream", "s3-put", "s3-multipart"]
-    exists: bool = Field(description="The registry already holds these bytes: skip sending them and complete.")
+    exists: bool = Field(
+        description="The registry already holds these bytes: skip sending them and complete."
+    )
     upload_url: str | None = Field(None, description="PUT the whole blob here (methods stream and s3-put).")
-    parts: list[UploadPartOut] = Field(default_factory=list, description="PUT each byte range to its URL (s3-multipart).")
+    parts: list[UploadPartOut] = Field(
+        default_factory=list, description="PUT each byte range to its URL (s3-multipart)."
+    )
     part_size: int | None = None
     complete_url: str
     expires_at: dt.datetime
@@ -232,8 +246,10 @@ class UploadReceived(Schema):
 
 # --- tokens ----------------------------------------------------------------------------------
 class ScopeIn(Schema):
-    namespace: str = Field(description="A namespace, or * for every namespace.",
-                           json_schema_extra={"pattern": "^(?:\\*|[a-z0-9][a-z0-9._-]{0,63})$"})
+    namespace: str = Field(
+        description="A namespace, or * for every namespace.",
+        json_schema_extra={"pattern": "^(?:\\*|[a-z0-9][a-z0-9._-]{0,63})$"},
+    )
     permission: Literal["read", "write", "admin"]
 
 
@@ -241,7 +257,8 @@ class TokenCreate(RequestBody):
     name: Text = Field(min_length=1, max_length=128)
     scopes: list[ScopeIn] = Field(min_length=1)
     expires_in_seconds: json_int(ge=1, le=10 * 365 * 86400) | None = Field(
-        None, description="Lifetime; omit for a token that never expires.")
+        None, description="Lifetime; omit for a token that never expires."
+    )
 
 
 class TokenOut(Schema):
@@ -277,7 +294,11 @@ class GcOut(Schema):
 
 class FsckOut(Schema):
     ok: bool = Field(description="The index and the blob store agree: no problem below is non-zero.")
-    clean: bool = Field(description="ok, and no leftovers (orphan objects, staging leftovers, unreferenced blobs, stale uploads).")
+    clean: bool = Field(
+        description=(
+            "ok, and no leftovers (orphan objects, staging leftovers, unreferenced blobs, stale uploads)."
+        )
+    )
     versions: int
     blobs: int
     objects: int

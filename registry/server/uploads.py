@@ -3,7 +3,8 @@ store's staging area, and `complete` verifies them and publishes the version in 
 
     upload, target = pushes.create(namespace="acme", name="math", declared=..., principal=p)
     ... client sends the bytes to `target` ...
-    version, published = pushes.complete(upload_id=upload.id, principal=p)   # again: the same version, published False
+    version, published = pushes.complete(upload_id=upload.id, principal=p)
+    # completing it again: the same version, published False
 """
 
 from __future__ import annotations
@@ -17,15 +18,20 @@ from dataclasses import dataclass
 from sqlalchemy.exc import IntegrityError
 
 from codec.container import Header
-
+from registry.common.errors import (
+    BaseMismatchUploadError,
+    ConflictError,
+    DigestMismatchError,
+    InvalidUploadError,
+    NotFoundError,
+    RegistryError,
+    SizeMismatchError,
+    UploadTooLargeError,
+)
 from registry.server import crud
 from registry.server.auth import Principal
 from registry.server.blobstores import BlobStore, UploadRef, UploadTarget
 from registry.server.db import Database
-from registry.common.errors import (
-    BaseMismatchUploadError, ConflictError, DigestMismatchError, InvalidUploadError, NotFoundError, RegistryError,
-    SizeMismatchError, UploadTooLargeError,
-)
 from registry.server.metrics import RegistryMetrics
 from registry.server.models import Repository, Upload, Version, utcnow
 from registry.server.settings import Settings
@@ -43,29 +49,42 @@ class UploadRequest:
 
 
 class PushService:
-    def __init__(self, *, db: Database, store: BlobStore, settings: Settings, metrics: RegistryMetrics | None = None):
+    def __init__(
+        self, *, db: Database, store: BlobStore, settings: Settings, metrics: RegistryMetrics | None = None
+    ):
         self.db, self.store, self.settings = db, store, settings
         self.metrics = metrics or RegistryMetrics()
 
     # --- phase 1: declare ------------------------------------------------------------------
-    def create(self, *, namespace: str, name: str, request: UploadRequest, principal: Principal) -> tuple[Upload, UploadTarget]:
+    def create(
+        self, *, namespace: str, name: str, request: UploadRequest, principal: Principal
+    ) -> tuple[Upload, UploadTarget]:
         principal.require("write", namespace)
         limit = self.settings.max_upload_bytes
         if request.size > limit:
-            raise UploadTooLargeError(f"upload of {request.size} bytes exceeds this registry's limit of {limit} bytes")
+            raise UploadTooLargeError(
+                f"upload of {request.size} bytes exceeds this registry's limit of {limit} bytes"
+            )
         if request.raw_size > self.settings.max_raw_bytes:
             raise UploadTooLargeError(
-                f"delta of {request.raw_size} bytes (decompressed) exceeds this registry's limit of {self.settings.max_raw_bytes} bytes"
+                f"delta of {request.raw_size} bytes (decompressed) exceeds "
+                f"this registry's limit of {self.settings.max_raw_bytes} bytes"
             )
         with self.db.read() as session:
             crud.get_repo(session, namespace=namespace, name=name)
             blob = crud.get_blob(session, digest=request.digest)
         upload_id = uuid.uuid4().hex
         if blob is not None:
-            if (blob.size, blob.raw_digest, blob.raw_size) != (request.size, request.raw_digest, request.raw_size):
+            if (blob.size, blob.raw_digest, blob.raw_size) != (
+                request.size,
+                request.raw_digest,
+                request.raw_size,
+            ):
                 raise DigestMismatchError(
-                    f"blob {request.digest} is stored with size {blob.size}, raw digest {blob.raw_digest} and raw size "
-                    f"{blob.raw_size}; the upload declared {request.size}, {request.raw_digest}, {request.raw_size}"
+                    f"blob {request.digest} is stored with size {blob.size}, "
+                    f"raw digest {blob.raw_digest} and raw size "
+                    f"{blob.raw_size}; the upload declared {request.size}, "
+                    f"{request.raw_digest}, {request.raw_size}"
                 )
             target = UploadTarget(method="exists")  # dedup: the client skips sending the bytes
         else:
@@ -74,10 +93,19 @@ class PushService:
             with self.db.write() as session:
                 repo = crud.get_repo(session, namespace=namespace, name=name)
                 upload = crud.create_upload(
-                    session, upload_id=upload_id, repo=repo, digest=request.digest, size=request.size,
-                    raw_digest=request.raw_digest, raw_size=request.raw_size, method=target.method,
-                    multipart_id=target.multipart_id, part_size=target.part_size,
-                    description=request.description, fidelity=request.fidelity, actor=principal.name,
+                    session,
+                    upload_id=upload_id,
+                    repo=repo,
+                    digest=request.digest,
+                    size=request.size,
+                    raw_digest=request.raw_digest,
+                    raw_size=request.raw_size,
+                    method=target.method,
+                    multipart_id=target.multipart_id,
+                    part_size=target.part_size,
+                    description=request.description,
+                    fidelity=request.fidelity,
+                    actor=principal.name,
                     expires_at=utcnow() + dt.timedelta(seconds=self.settings.upload_ttl_seconds),
                 )
         except BaseException:
@@ -91,7 +119,9 @@ class PushService:
         upload = self.get(upload_id=upload_id, principal=principal)
         if upload.method == "exists":
             return upload, UploadTarget(method="exists")
-        return upload, self.store.resume_upload(_ref(upload), method=upload.method, size=upload.size, part_size=upload.part_size)
+        return upload, self.store.resume_upload(
+            _ref(upload), method=upload.method, size=upload.size, part_size=upload.part_size
+        )
 
     def get(self, *, upload_id: str, principal: Principal) -> Upload:
         with self.db.read() as session:
@@ -116,16 +146,23 @@ class PushService:
             self.metrics.pushes.labels(exc.code).inc()
             raise
         except ConflictError as exc:
-            # A concurrent `complete` of this upload took its staged bytes; if it has published them, that is the answer.
+            # A concurrent `complete` of this upload took its staged bytes; if it has published
+            # them, that is the answer.
             return self._published(upload_id, principal, otherwise=exc), False
         meta = header.metadata
         try:
             with self.db.write() as session:
                 locked = crud.get_upload(session, upload_id=upload_id, for_update=True)
                 version = crud.publish_version(
-                    session, upload=locked, store_key=store_key, codec=meta["codec"], dtype=meta["dtype"], bits=_int(meta.get("x-planes")),
+                    session,
+                    upload=locked,
+                    store_key=store_key,
+                    codec=meta["codec"],
+                    dtype=meta["dtype"],
+                    bits=_int(meta.get("x-planes")),
                     size_ratio=_ratio(meta.get("x-finetuned-bytes"), upload.raw_size),
-                    fidelity=_json(meta.get("fidelity")) or upload.version.fidelity, header_metadata=dict(meta),
+                    fidelity=_json(meta.get("fidelity")) or upload.version.fidelity,
+                    header_metadata=dict(meta),
                     actor=principal.name,
                 )
         except NotFoundError:
@@ -133,17 +170,23 @@ class PushService:
         except IntegrityError:
             # The blob row a deduplicated upload relied on was collected in between.
             self._abandon(upload)
-            raise ConflictError(f"blob {upload.digest} was garbage-collected during the push; push again") from None
+            raise ConflictError(
+                f"blob {upload.digest} was garbage-collected during the push; push again"
+            ) from None
         self.metrics.pushes.labels("ready").inc()
         self.metrics.upload_bytes.inc(upload.size)
         return version, True
 
-    def _published(self, upload_id: str, principal: Principal, otherwise: RegistryError | None = None) -> Version:
+    def _published(
+        self, upload_id: str, principal: Principal, otherwise: RegistryError | None = None
+    ) -> Version:
         """The version `upload_id` was published as; else `otherwise` (default: not found) is raised."""
         with self.db.read() as session:
             version = crud.published_version(session, upload_id=upload_id)
         if version is None:
-            raise otherwise or NotFoundError(f"upload {upload_id} does not exist (aborted or expired, or its version was deleted)")
+            raise otherwise or NotFoundError(
+                f"upload {upload_id} does not exist (aborted or expired, or its version was deleted)"
+            )
         principal.require("write", version.repository.namespace)
         return version
 
@@ -189,7 +232,11 @@ class PushService:
 def _check_base(header: Header, repo: Repository) -> None:
     meta, base = header.metadata, repo.base_model
     if meta["base_fingerprint"] != base.fingerprint:
-        made_for = "another checkpoint of that name" if meta["base_model"] == base.name else f"base {meta['base_model']!r}"
+        made_for = (
+            "another checkpoint of that name"
+            if meta["base_model"] == base.name
+            else f"base {meta['base_model']!r}"
+        )
         raise BaseMismatchUploadError(
             f"{repo.full_name} holds deltas of base {base.name!r} (fingerprint {base.fingerprint}); "
             f"this upload was made for {made_for} (fingerprint {meta['base_fingerprint']})"

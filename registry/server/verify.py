@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Iterator
+from typing import IO
 
 import zstandard
 
@@ -15,7 +16,6 @@ from codec.container import MAX_HEADER_SIZE, Header
 from codec.errors import InvalidDeltaError
 from codec.format import DeltaEntry, validate_delta_header
 from codec.storage import BlobCorruptError, BlobTooLargeError, decompress_stream
-
 from registry.common.errors import DigestMismatchError, InvalidUploadError, SizeMismatchError
 from registry.common.readahead import CHUNK, ReadAhead
 from registry.server.settings import DEFAULT_MAX_HEADER_BYTES
@@ -97,7 +97,7 @@ class _HeaderSink:
         while view and self.parsed is None:
             take = view[: self.want - len(self.prefix)]
             self.prefix += take
-            view = view[len(take):]
+            view = view[len(take) :]
             if self.want == 8:
                 if len(self.prefix) == 8:
                     self.want = 8 + _header_length(self.prefix, self.raw_size, self.limit)
@@ -131,16 +131,21 @@ def verify_stream(
     failure: Exception | None = None
     written = -1
     try:
-        written, _ = decompress_stream(reader, sink, max_output_size=declared.raw_size, expected_raw_digest=declared.raw_digest)
+        written, _ = decompress_stream(
+            reader, sink, max_output_size=declared.raw_size, expected_raw_digest=declared.raw_digest
+        )
     except (BlobCorruptError, BlobTooLargeError, InvalidUploadError) as exc:
         failure = exc
     reader.drain()  # a stored-digest mismatch explains a corrupt stream better than the stream error does
     if reader.overflow or reader.n != declared.size:
         raise SizeMismatchError(
-            f"received {'more than ' if reader.overflow else ''}{reader.n} bytes but the upload declared {declared.size}"
+            f"received {'more than ' if reader.overflow else ''}{reader.n} "
+            f"bytes but the upload declared {declared.size}"
         )
     if reader.digest != declared.digest:
-        raise DigestMismatchError(f"received bytes have digest {reader.digest}, but the upload declared {declared.digest}")
+        raise DigestMismatchError(
+            f"received bytes have digest {reader.digest}, but the upload declared {declared.digest}"
+        )
     if isinstance(failure, InvalidUploadError):
         raise failure
     if failure is not None:
@@ -150,7 +155,8 @@ def verify_stream(
             ) from None
         if "does not match the expected" in str(failure):
             raise DigestMismatchError(
-                f"the blob does not decompress to the declared {declared.raw_size} bytes with digest {declared.raw_digest}: {failure}"
+                f"the blob does not decompress to the declared {declared.raw_size} "
+                f"bytes with digest {declared.raw_digest}: {failure}"
             ) from None
         raise InvalidUploadError(f"upload is not a zstd-compressed delta: {failure}") from None
     if written != declared.raw_size:

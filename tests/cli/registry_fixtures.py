@@ -5,9 +5,9 @@ Typer's CliRunner. Test modules import what they use from here."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 from typer.testing import CliRunner
@@ -16,7 +16,11 @@ from cli.main import app
 from codec.compress import CompressOptions, compress
 from registry.server.settings import Settings
 from tests.support.live_registry import (  # importing it sets the AWS and moto test environment
-    LiveServer, moto_s3, new_bucket, start_live_registry, xdist_worker,
+    LiveServer,
+    moto_s3,
+    new_bucket,
+    start_live_registry,
+    xdist_worker,
 )
 from tests.support.live_registry import s3_client as _s3_client
 
@@ -55,12 +59,28 @@ def deltas(llama_pair, llama_pair_fp16_tied, tmp_path_factory) -> Deltas:
     opts = CompressOptions(base_name=BASE)
     compress(base_dir, ft_dir, out / "plain.bdelta", opts)
     compress(base_dir, ft_dir, out / "other.bdelta", CompressOptions(base_name=BASE, scale_mode="per-row"))
-    compress(base_dir, ft_dir, out / "fid.bdelta", opts,
-             extra_metadata={"fidelity": json.dumps(FIDELITY), "calibration": json.dumps(CALIBRATION)})
-    compress(base_dir, ft_dir, out / "dq.bdelta", CompressOptions(base_name=BASE, codec="deltadq", dq_bits=1, dq_keep=0.5))
+    compress(
+        base_dir,
+        ft_dir,
+        out / "fid.bdelta",
+        opts,
+        extra_metadata={"fidelity": json.dumps(FIDELITY), "calibration": json.dumps(CALIBRATION)},
+    )
+    compress(
+        base_dir,
+        ft_dir,
+        out / "dq.bdelta",
+        CompressOptions(base_name=BASE, codec="deltadq", dq_bits=1, dq_keep=0.5),
+    )
     compress(*llama_pair_fp16_tied, out / "foreign.bdelta", CompressOptions(base_name=BASE))
-    return Deltas(base_dir, out / "plain.bdelta", out / "other.bdelta", out / "fid.bdelta", out / "dq.bdelta",
-                  out / "foreign.bdelta")
+    return Deltas(
+        base_dir,
+        out / "plain.bdelta",
+        out / "other.bdelta",
+        out / "fid.bdelta",
+        out / "dq.bdelta",
+        out / "foreign.bdelta",
+    )
 
 
 @pytest.fixture

@@ -21,8 +21,22 @@ def run(*args: str):
 def test_compress_inspect_apply(llama_pair, tmp_path):
     base_dir, ft_dir = llama_pair
     delta = tmp_path / "d.bdelta"
-    res = run("compress", base_dir, ft_dir, "-o", delta, "--base-name", "org/tiny", "--bits", "2",
-              "--scale", "per-row", "--include", "*embed_tokens*", "--json")
+    res = run(
+        "compress",
+        base_dir,
+        ft_dir,
+        "-o",
+        delta,
+        "--base-name",
+        "org/tiny",
+        "--bits",
+        "2",
+        "--scale",
+        "per-row",
+        "--include",
+        "*embed_tokens*",
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["delta_bytes"] == delta.stat().st_size and out["ratio"] > 1
@@ -54,12 +68,27 @@ def test_human_output(llama_pair, tmp_path):
     ("args", "code", "message"),
     [
         (["inspect", "{tmp}/missing.bdelta"], exit_codes.EXIT_INVALID, "invalid delta file: "),
-        (["inspect", "{tmp}/garbage.bdelta"], exit_codes.EXIT_INVALID,
-         r"garbage.bdelta is not a deltastore delta \(not a safetensors file\)"),
+        (
+            ["inspect", "{tmp}/garbage.bdelta"],
+            exit_codes.EXIT_INVALID,
+            r"garbage.bdelta is not a deltastore delta \(not a safetensors file\)",
+        ),
         (["compress", "{tmp}/nope", "{ft}", "-o", "{tmp}/x.bdelta"], exit_codes.EXIT_INVALID, "no such file"),
-        (["compress", "{base}", "{ft}", "-o", "{tmp}/x.bdelta", "--scale", "diagonal"], exit_codes.EXIT_INVALID, "scale mode"),
-        (["apply", "{other}", "{tmp}/good.bdelta", "-o", "{tmp}/o"], exit_codes.EXIT_BASE_MISMATCH, "base mismatch: .*--force"),
-        (["apply", "{base}", "{tmp}/good.bdelta", "-o", "{tmp}/o", "--max-shard-size", "lots"], exit_codes.EXIT_USAGE, "not a size"),
+        (
+            ["compress", "{base}", "{ft}", "-o", "{tmp}/x.bdelta", "--scale", "diagonal"],
+            exit_codes.EXIT_INVALID,
+            "scale mode",
+        ),
+        (
+            ["apply", "{other}", "{tmp}/good.bdelta", "-o", "{tmp}/o"],
+            exit_codes.EXIT_BASE_MISMATCH,
+            "base mismatch: .*--force",
+        ),
+        (
+            ["apply", "{base}", "{tmp}/good.bdelta", "-o", "{tmp}/o", "--max-shard-size", "lots"],
+            exit_codes.EXIT_USAGE,
+            "not a size",
+        ),
     ],
 )
 def test_errors_are_one_line_with_distinct_exit_codes(llama_pair, tmp_path, args, code, message):
@@ -146,7 +175,9 @@ def test_compress_takes_the_base_name_from_its_config_or_refuses(llama_pair, tmp
     assert res.stderr.startswith(f"error: base name: the base {base_dir} does not record its registry name")
     assert res.stderr.rstrip().endswith("(pass --base-name ORG/MODEL)") and not out.exists()
     bad = run("compress", base_dir, ft_dir, "-o", out, "--base-name", "base")
-    assert bad.exit_code == exit_codes.EXIT_INVALID and "--base-name 'base' is not a registry name" in bad.stderr
+    assert (
+        bad.exit_code == exit_codes.EXIT_INVALID and "--base-name 'base' is not a registry name" in bad.stderr
+    )
 
     named = tmp_path / "named-base"
     shutil.copytree(base_dir, named)
@@ -165,9 +196,17 @@ def test_compress_refuses_a_base_of_another_shape_unless_allowed_dense(llama_pai
     out = tmp_path / "d.bdelta"
     res = run("compress", base_dir, wide_ft, "-o", out, "--base-name", "org/tiny")
     assert res.exit_code == exit_codes.EXIT_BASE_MISMATCH, res.output
-    assert "no tensor can be compressed: every weight's shape differs from the base's (first: model." in res.stderr
-    assert "in the fine-tune, [" in res.stderr and "] in the base); is this the fine-tune's base model?" in res.stderr
+    assert (
+        "no tensor can be compressed: every weight's shape differs from the base's (first: model."
+        in res.stderr
+    )
+    assert (
+        "in the fine-tune, [" in res.stderr
+        and "] in the base); is this the fine-tune's base model?" in res.stderr
+    )
     assert "(pass --allow-dense to store every tensor dense anyway)" in res.stderr and not out.exists()
-    dense = run("compress", base_dir, wide_ft, "-o", out, "--base-name", "org/tiny", "--allow-dense", "--json")
+    dense = run(
+        "compress", base_dir, wide_ft, "-o", out, "--base-name", "org/tiny", "--allow-dense", "--json"
+    )
     assert dense.exit_code == 0, dense.output
     assert json.loads(dense.stdout)["binarized"] == 0 and json.loads(dense.stdout)["dense"] > 0

@@ -18,7 +18,15 @@ from registry.client import pull as pulling
 from registry.client.api import RegistryApi
 
 from .registry_fixtures import (  # noqa: F401  (fixtures)
-    BASE, CALIBRATION, FIDELITY, deltactl, deltactl_json, deltas, registry, start_registry, with_base,
+    BASE,
+    CALIBRATION,
+    FIDELITY,
+    deltactl,
+    deltactl_json,
+    deltas,
+    registry,
+    start_registry,
+    with_base,
 )
 
 
@@ -56,9 +64,14 @@ def test_login_stores_a_checked_token_0600_and_env_overrides_it(start_registry, 
 
 
 def test_push_list_show_pull_round_trip(deltas, with_base, monkeypatch, tmp_path):
-    pushed = deltactl_json("push", deltas.with_fidelity, "acme/math", "--tag", "prod", "--description", "math tune")
+    pushed = deltactl_json(
+        "push", deltas.with_fidelity, "acme/math", "--tag", "prod", "--description", "math tune"
+    )
     assert pushed["version"] == 1 and pushed["created_repository"] and not pushed["deduplicated"]
-    assert pushed["raw_digest"] == sha256(deltas.with_fidelity) and pushed["raw_size"] == deltas.with_fidelity.stat().st_size
+    assert (
+        pushed["raw_digest"] == sha256(deltas.with_fidelity)
+        and pushed["raw_size"] == deltas.with_fidelity.stat().st_size
+    )
     assert pushed["sent_bytes"] == pushed["size"] and sorted(pushed["tags"]) == ["latest", "prod"]
     assert pushed["fidelity"] == FIDELITY and pushed["codec"] == "bitdelta"
 
@@ -68,10 +81,20 @@ def test_push_list_show_pull_round_trip(deltas, with_base, monkeypatch, tmp_path
     listed = deltactl_json("list")
     assert [r["full_name"] for r in listed] == ["acme/math"]
     latest = listed[0]["latest"]
-    assert listed[0]["base"] == BASE and latest["number"] == 2 and latest["codec"] == "bitdelta" and latest["size_ratio"] > 1
+    assert (
+        listed[0]["base"] == BASE
+        and latest["number"] == 2
+        and latest["codec"] == "bitdelta"
+        and latest["size_ratio"] > 1
+    )
     assert deltactl_json("list", "--base", BASE) == listed
     table = deltactl("list")
-    assert table.exit_code == 0 and "acme/math" in table.stdout and "bitdelta" in table.stdout and "v2" in table.stdout
+    assert (
+        table.exit_code == 0
+        and "acme/math" in table.stdout
+        and "bitdelta" in table.stdout
+        and "v2" in table.stdout
+    )
 
     shown = deltactl_json("show", "acme/math:prod")
     assert shown["repository"]["description"] == "math tune" and shown["selected"] == 1
@@ -81,7 +104,9 @@ def test_push_list_show_pull_round_trip(deltas, with_base, monkeypatch, tmp_path
     assert {t["name"]: t["version"] for t in shown["tags"]} == {"latest": 2, "prod": 1}
     text = deltactl("show", "acme/math@1")
     assert text.exit_code == 0
-    assert "fidelity.gain_recovered    0.91" in text.stdout and "fidelity.greedy_agreement  0.75" in text.stdout
+    assert (
+        "fidelity.gain_recovered    0.91" in text.stdout and "fidelity.greedy_agreement  0.75" in text.stdout
+    )
     assert "calibration.dataset" in text.stdout and "stdlib" in text.stdout
 
     pulled = deltactl_json("pull", "acme/math:prod")
@@ -108,7 +133,9 @@ def test_pushing_identical_bytes_again_is_deduplicated_without_recompressing(del
     monkeypatch.setattr("registry.client.cache.compress_blob", no_compression)
     again = deltactl("push", deltas.plain, "acme/math")
     assert again.exit_code == 0, again.output
-    assert "acme/math@2: identical bytes already in the registry, nothing uploaded (dedup)" in " ".join(again.stdout.split())
+    assert "acme/math@2: identical bytes already in the registry, nothing uploaded (dedup)" in " ".join(
+        again.stdout.split()
+    )
     same = deltactl_json("push", deltas.plain, "acme/code")  # another repository, same bytes
     assert same["deduplicated"] and same["sent_bytes"] == 0 and same["digest"] == first["digest"]
 
@@ -131,12 +158,16 @@ def test_push_checks_the_file_and_the_base_before_uploading(deltas, registry, tm
     foreign = DeltaFile.open(deltas.foreign).metadata["base_fingerprint"]
     r = deltactl("push", deltas.foreign, "acme/math")  # same base name, other weights
     assert r.exit_code == exit_codes.EXIT_BASE_MISMATCH
-    assert r.stderr == (f"error: base mismatch: acme/math holds deltas of base '{BASE}' with fingerprint {registered}, "
-                        f"but this delta was made for another checkpoint of that name (fingerprint {foreign})\n")
+    assert r.stderr == (
+        f"error: base mismatch: acme/math holds deltas of base '{BASE}' with fingerprint {registered}, "
+        f"but this delta was made for another checkpoint of that name (fingerprint {foreign})\n"
+    )
     r = deltactl("push", deltas.foreign, "acme/other-ft")  # a repository to create: only the base is named
     assert r.exit_code == exit_codes.EXIT_BASE_MISMATCH
-    assert r.stderr == (f"error: base mismatch: base '{BASE}' is registered with fingerprint {registered}, "
-                        f"but this delta was made for another checkpoint of that name (fingerprint {foreign})\n")
+    assert r.stderr == (
+        f"error: base mismatch: base '{BASE}' is registered with fingerprint {registered}, "
+        f"but this delta was made for another checkpoint of that name (fingerprint {foreign})\n"
+    )
     assert deltactl("show", "acme/other-ft").exit_code == exit_codes.EXIT_NOT_FOUND
     r = deltactl("push", deltas.plain, "acme/math", "--tag", "latest")
     assert r.exit_code == exit_codes.EXIT_INVALID and "maintained by the registry" in r.stderr
@@ -149,7 +180,9 @@ def test_base_rm_removes_a_base_no_repository_uses(deltas, registry):
     fingerprint = deltactl_json("base", "ls")[0]["fingerprint"]
     r = deltactl("base", "rm", BASE, "--yes")
     assert r.exit_code == exit_codes.EXIT_CONFLICT
-    assert r.stderr.startswith(f"error: conflict: base model '{BASE}' is used by 1 repository; delete it first")
+    assert r.stderr.startswith(
+        f"error: conflict: base model '{BASE}' is used by 1 repository; delete it first"
+    )
     r = deltactl("base", "rm", BASE, input="n\n")
     assert r.exit_code == exit_codes.EXIT_ERROR and f"Remove base {BASE} ({fingerprint})?" in r.stderr
     deltactl("rm", "acme/math", "--yes")
@@ -157,7 +190,10 @@ def test_base_rm_removes_a_base_no_repository_uses(deltas, registry):
     assert r.exit_code == 0 and r.stdout.splitlines()[-1] == f"removed base {BASE} ({fingerprint})"
     assert deltactl_json("base", "ls") == []
     r = deltactl("base", "rm", BASE, "--yes")
-    assert r.exit_code == exit_codes.EXIT_NOT_FOUND and r.stderr == f"error: not found: base model '{BASE}' is not registered\n"
+    assert (
+        r.exit_code == exit_codes.EXIT_NOT_FOUND
+        and r.stderr == f"error: not found: base model '{BASE}' is not registered\n"
+    )
 
 
 def test_base_add_registers_the_checkpoints_fingerprint(deltas, registry):
@@ -184,7 +220,11 @@ def test_list_and_show_name_the_codec(deltas, with_base):
 def test_tag_and_rm(deltas, with_base):
     deltactl_json("push", deltas.plain, "acme/math")
     deltactl_json("push", deltas.other, "acme/math")
-    assert deltactl_json("tag", "acme/math@1", "stable") == {"repository": "acme/math", "tag": "stable", "version": 1}
+    assert deltactl_json("tag", "acme/math@1", "stable") == {
+        "repository": "acme/math",
+        "tag": "stable",
+        "version": 1,
+    }
     assert deltactl("tag", "acme/math", "newest").stdout.strip() == "acme/math:newest -> version 2"
     assert deltactl_json("pull", "acme/math:stable")["version"] == 1
     assert deltactl_json("tag", "acme/math", "newest", "--delete")["deleted"]
@@ -201,7 +241,10 @@ def test_tag_and_rm(deltas, with_base):
     assert deltactl_json("rm", "acme/math@2", "--yes") == {"deleted": "acme/math@2", "removed_tags": []}
     assert deltactl_json("rm", "acme/math", "--yes") == {"deleted": "acme/math"}
     r = deltactl("show", "acme/math")
-    assert r.exit_code == exit_codes.EXIT_NOT_FOUND and r.stderr == "error: not found: repository acme/math does not exist\n"
+    assert (
+        r.exit_code == exit_codes.EXIT_NOT_FOUND
+        and r.stderr == "error: not found: repository acme/math does not exist\n"
+    )
 
 
 def _free_port() -> int:
@@ -213,13 +256,28 @@ def _free_port() -> int:
 def test_pull_errors_have_distinct_exit_codes_and_one_line(deltas, with_base, start_registry):
     deltactl_json("push", deltas.plain, "acme/math")
     cases = [
-        (["pull", "acme/unknown"], exit_codes.EXIT_NOT_FOUND, "error: not found: repository acme/unknown does not exist"),
+        (
+            ["pull", "acme/unknown"],
+            exit_codes.EXIT_NOT_FOUND,
+            "error: not found: repository acme/unknown does not exist",
+        ),
         (["pull", "acme/math@9"], exit_codes.EXIT_NOT_FOUND, "error: not found: acme/math has no version 9"),
-        (["pull", "acme/math:nope"], exit_codes.EXIT_NOT_FOUND, "error: not found: acme/math has no tag 'nope'"),
+        (
+            ["pull", "acme/math:nope"],
+            exit_codes.EXIT_NOT_FOUND,
+            "error: not found: acme/math has no tag 'nope'",
+        ),
         (["pull", "Acme/Math"], exit_codes.EXIT_INVALID, "error: invalid request: invalid namespace 'Acme'"),
-        (["pull", "acme/math@x"], exit_codes.EXIT_INVALID, "error: invalid request: 'acme/math@x': a version after '@' is a number"),
-        (["pull", "acme/math", "--registry", f"http://127.0.0.1:{_free_port()}"], exit_codes.EXIT_NETWORK,
-         "error: network: cannot reach the registry at http://127.0.0.1:"),
+        (
+            ["pull", "acme/math@x"],
+            exit_codes.EXIT_INVALID,
+            "error: invalid request: 'acme/math@x': a version after '@' is a number",
+        ),
+        (
+            ["pull", "acme/math", "--registry", f"http://127.0.0.1:{_free_port()}"],
+            exit_codes.EXIT_NETWORK,
+            "error: network: cannot reach the registry at http://127.0.0.1:",
+        ),
     ]
     for args, code, message in cases:
         r = deltactl(*args)
@@ -229,7 +287,9 @@ def test_pull_errors_have_distinct_exit_codes_and_one_line(deltas, with_base, st
 
     start_registry(auth_enabled=True, admin_token="dst_right", anonymous_read=False)
     r = deltactl("pull", "acme/math", env={"DELTACTL_TOKEN": "dst_wrong"})
-    assert r.exit_code == exit_codes.EXIT_AUTH and r.stderr.startswith("error: authentication: unknown or revoked token")
+    assert r.exit_code == exit_codes.EXIT_AUTH and r.stderr.startswith(
+        "error: authentication: unknown or revoked token"
+    )
 
     debug = deltactl("--debug", "pull", "acme/unknown")
     assert debug.exit_code != 0 and type(debug.exception).__name__ == "NotFoundError"
@@ -305,7 +365,9 @@ def test_concurrent_pulls_of_one_blob_download_it_once(deltas, with_base, isolat
         except BaseException as exc:  # reported below
             failures.append(exc)
 
-    threads = [threading.Thread(target=pull, args=(ref,)) for ref in ("acme/math@1", "acme/math:prod", "acme/math")]
+    threads = [
+        threading.Thread(target=pull, args=(ref,)) for ref in ("acme/math@1", "acme/math:prod", "acme/math")
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -329,11 +391,17 @@ def test_a_version_is_found_by_its_digest(deltas, with_base, registry, tmp_path)
     assert (tmp_path / "new" / "acme-math-v1.bdelta").read_bytes() == deltas.plain.read_bytes()
     unknown = "sha256:" + "0" * 64
     r = deltactl("pull", f"acme/math@{unknown}")
-    assert r.exit_code == exit_codes.EXIT_NOT_FOUND and f"acme/math has no version with digest {unknown}" in r.stderr
+    assert (
+        r.exit_code == exit_codes.EXIT_NOT_FOUND
+        and f"acme/math has no version with digest {unknown}" in r.stderr
+    )
     # the server's filter: exactly the version of that digest, and a malformed digest is a 422
     page = httpx.get(f"{registry.url}/v1/repos/acme/math/versions", params={"digest": first["digest"]}).json()
     assert [v["number"] for v in page["items"]] == [1]
-    assert httpx.get(f"{registry.url}/v1/repos/acme/math/versions", params={"digest": "sha256:xyz"}).status_code == 422
+    assert (
+        httpx.get(f"{registry.url}/v1/repos/acme/math/versions", params={"digest": "sha256:xyz"}).status_code
+        == 422
+    )
     # rm by digest removes that version, not the repository
     assert deltactl("rm", f"acme/math@{first['digest']}", "--yes").exit_code == 0
     assert [v["number"] for v in deltactl_json("show", "acme/math")["versions"]] == [2]
@@ -344,14 +412,19 @@ def test_pushing_a_file_that_is_not_a_delta_names_it(tmp_path):
     path.write_bytes(b"PK\x03\x04" + b"\x00" * 200)  # a zip archive (torch.save), not safetensors
     r = deltactl("push", path, "acme/math", "--registry", f"http://127.0.0.1:{_free_port()}")
     assert r.exit_code == exit_codes.EXIT_INVALID
-    assert r.stderr == f"error: invalid delta file: {path} is not a deltastore delta (not a safetensors file)\n"
+    assert (
+        r.stderr == f"error: invalid delta file: {path} is not a deltastore delta (not a safetensors file)\n"
+    )
 
 
 def test_push_with_the_wrong_base_path_registers_nothing(deltas, registry, llama_pair_fp16_tied):
     other_base, _ = llama_pair_fp16_tied
     r = deltactl("push", deltas.plain, "acme/math", "--base-path", other_base)
     assert r.exit_code == exit_codes.EXIT_BASE_MISMATCH, r.output
-    assert f"{other_base} is not the base this delta was made for" in r.stderr and "nothing was registered" in r.stderr
+    assert (
+        f"{other_base} is not the base this delta was made for" in r.stderr
+        and "nothing was registered" in r.stderr
+    )
     assert deltactl_json("base", "ls") == [] and deltactl_json("list") == []
     # the right base can still be registered under the delta's name
     r = deltactl("push", deltas.plain, "acme/math", "--base-path", deltas.base_dir)
@@ -386,7 +459,9 @@ def test_push_names_the_base_when_the_delta_records_no_registry_name(deltas, reg
     assert pushed["version"] == 1 and [b["name"] for b in deltactl_json("base", "ls")] == [BASE]
 
 
-def test_a_pinned_version_in_the_cache_is_served_without_the_registry(deltas, with_base, registry, isolated_home):
+def test_a_pinned_version_in_the_cache_is_served_without_the_registry(
+    deltas, with_base, registry, isolated_home
+):
     pushed = deltactl_json("push", deltas.plain, "acme/math")
     assert not deltactl_json("pull", "acme/math@1")["cache_hit"]
     registry.stop()
@@ -412,9 +487,14 @@ def test_a_pinned_version_in_the_cache_is_served_without_the_registry(deltas, wi
         assert r.exit_code == 0, r.output
         assert json.loads(r.stdout)["offline"]
         tag = deltactl("pull", "acme/math:latest", env=offline)
-        assert tag.exit_code == exit_codes.EXIT_NETWORK and tag.stderr.startswith("error: offline: acme/math:latest can move")
+        assert tag.exit_code == exit_codes.EXIT_NETWORK and tag.stderr.startswith(
+            "error: offline: acme/math:latest can move"
+        )
         listed = deltactl("list", env=offline)
-        assert listed.exit_code == exit_codes.EXIT_NETWORK and "the client is offline (DELTACTL_OFFLINE)" in listed.stderr
+        assert (
+            listed.exit_code == exit_codes.EXIT_NETWORK
+            and "the client is offline (DELTACTL_OFFLINE)" in listed.stderr
+        )
         with pytest.raises(socket.timeout):
             listener.accept()
     finally:
@@ -423,8 +503,14 @@ def test_a_pinned_version_in_the_cache_is_served_without_the_registry(deltas, wi
 
 @pytest.mark.parametrize(
     ("name", "value", "says"),
-    [("DELTACTL_UPLOAD_CONCURRENCY", "abc", "Input should be a valid integer, unable to parse string as an integer"),
-     ("DELTACTL_UNAVAILABLE_MAX_WAIT", "-5", "Input should be greater than or equal to 0")],
+    [
+        (
+            "DELTACTL_UPLOAD_CONCURRENCY",
+            "abc",
+            "Input should be a valid integer, unable to parse string as an integer",
+        ),
+        ("DELTACTL_UNAVAILABLE_MAX_WAIT", "-5", "Input should be greater than or equal to 0"),
+    ],
 )
 def test_a_bad_setting_is_one_line_naming_the_variable(name, value, says):
     for command in (["list"], ["cache", "ls"]):

@@ -12,11 +12,17 @@ import pytest
 from cli import errors as exit_codes
 from registry.client import pull as pulling
 from registry.client import transfer
-from registry.client.api import RegistryApi
 from registry.client.errors import TransferInterruptedError
 
 from .registry_fixtures import (  # noqa: F401  (fixtures)
-    BASE, deltactl, deltactl_json, deltas, s3_bucket, s3_client, s3_endpoint, start_registry,
+    BASE,
+    deltactl,
+    deltactl_json,
+    deltas,
+    s3_bucket,
+    s3_client,
+    s3_endpoint,
+    start_registry,
 )
 
 PART = 16 * 1024
@@ -24,8 +30,12 @@ PART = 16 * 1024
 
 @pytest.fixture
 def s3_registry(start_registry, s3_endpoint, s3_bucket, deltas):
-    server = start_registry(blob_url=f"s3://{s3_bucket}/registry", s3_endpoint_url=s3_endpoint,
-                            multipart_threshold=PART, multipart_part_size=PART)
+    server = start_registry(
+        blob_url=f"s3://{s3_bucket}/registry",
+        s3_endpoint_url=s3_endpoint,
+        multipart_threshold=PART,
+        multipart_part_size=PART,
+    )
     assert deltactl("base", "add", BASE, deltas.base_dir).exit_code == 0
     return server
 
@@ -49,20 +59,26 @@ def sent_parts(monkeypatch) -> list[str]:
     return urls
 
 
-def test_push_and_pull_go_straight_to_s3_in_parallel_parts(s3_registry, deltas, s3_client, s3_bucket, s3_endpoint, sent_parts):
+def test_push_and_pull_go_straight_to_s3_in_parallel_parts(
+    s3_registry, deltas, s3_client, s3_bucket, s3_endpoint, sent_parts
+):
     pushed = deltactl_json("push", deltas.plain, "acme/math")
     parts = math.ceil(pushed["size"] / PART)
     assert parts >= 10 and len(sent_parts) == parts
     assert all(url.startswith(s3_endpoint) and "partNumber=" in url for url in sent_parts)
     [obj] = _blob_objects(s3_client, s3_bucket)
-    assert obj["Size"] == pushed["size"] and obj["ETag"].strip('"').endswith(f"-{parts}")  # a multipart object
+    assert obj["Size"] == pushed["size"] and obj["ETag"].strip('"').endswith(
+        f"-{parts}"
+    )  # a multipart object
 
     pulled = deltactl_json("pull", "acme/math")
     assert not pulled["cache_hit"] and pulled["downloaded_bytes"] == pushed["size"]
     assert open(pulled["path"], "rb").read() == deltas.plain.read_bytes()
 
 
-def test_an_interrupted_push_resumes_with_the_missing_parts(s3_registry, deltas, s3_client, s3_bucket, monkeypatch, sent_parts):
+def test_an_interrupted_push_resumes_with_the_missing_parts(
+    s3_registry, deltas, s3_client, s3_bucket, monkeypatch, sent_parts
+):
     monkeypatch.setattr("registry.client.settings.TRANSFER_ATTEMPTS", 2)
     monkeypatch.setenv("DELTACTL_UPLOAD_CONCURRENCY", "1")  # parts in order: exactly four get through
     real = transfer.put_range  # the recording wrapper
@@ -94,7 +110,11 @@ def test_an_interrupted_push_resumes_with_the_missing_parts(s3_registry, deltas,
     assert "resumed: 4 part(s) were already stored" in resumed.stdout
     total = math.ceil(deltactl_json("show", "acme/math")["versions"][0]["size"] / PART)
     assert len(sent_parts) == total - 4 and total <= parts
-    assert not any(f"partNumber={n}&" in url or url.endswith(f"partNumber={n}") for url in sent_parts for n in (1, 2, 3, 4))
+    assert not any(
+        f"partNumber={n}&" in url or url.endswith(f"partNumber={n}")
+        for url in sent_parts
+        for n in (1, 2, 3, 4)
+    )
     assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
     assert open(deltactl_json("pull", "acme/math")["path"], "rb").read() == deltas.plain.read_bytes()
 

@@ -13,7 +13,6 @@ import httpx
 from typer.testing import CliRunner
 
 from cli.main import app as cli_app
-
 from tests.registry.conftest import base_fingerprint, delta_blobs  # noqa: F401  (fixtures)
 from tests.registry.helpers import push, setup_repo
 
@@ -30,7 +29,10 @@ def test_serve_embedded_default_then_gc(tmp_path, delta_blobs, base_fingerprint)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELTASTORE_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--data-dir", str(data_dir)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"

@@ -42,8 +42,9 @@ def test_moments_are_the_mean_square_of_each_linear_input(pair):
     tokens = token_samples(tokenizer_for(ft), [open(root / "cal.txt").read()], 32, 6, 1)
     with torch.no_grad():
         hidden = model(tokens, output_hidden_states=True).hidden_states[-1]
-    torch.testing.assert_close(m.moments["lm_head.weight"], hidden.pow(2).reshape(-1, hidden.shape[-1]).mean(0),
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        m.moments["lm_head.weight"], hidden.pow(2).reshape(-1, hidden.shape[-1]).mean(0), rtol=1e-5, atol=1e-7
+    )
     with pytest.raises(CodecError, match="calibration moments have shape"):
         m.weight_for("lm_head.weight", 7)
     with pytest.raises(CalibrationDataError, match="no such file"):
@@ -83,17 +84,56 @@ def test_compress_records_the_calibrated_search_and_cli_runs_it(pair, tmp_path):
     assert search["tokens"] == 128 and search["data_fingerprint"] == m.data_fingerprint
     plain = tmp_path / "p.bdelta"
     compress(base, ft, plain, CompressOptions(codec="deltadq", dq_ratio=16))
-    assert json.loads(DeltaFile.open(plain).metadata["deltadq"])["search"] == {"error": "weights (isotropic inputs)"}
+    assert json.loads(DeltaFile.open(plain).metadata["deltadq"])["search"] == {
+        "error": "weights (isotropic inputs)"
+    }
 
     out = tmp_path / "cli.bdelta"
-    res = CliRunner().invoke(app, ["compress", str(base), str(ft), "-o", str(out), "--base-name", "org/tiny", "--codec", "deltadq", "--ratio", "16",
-                                   "--calibrate", str(root / "cal.txt"), "--samples", "4", "--seq-len", "32", "--json"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "compress",
+            str(base),
+            str(ft),
+            "-o",
+            str(out),
+            "--base-name",
+            "org/tiny",
+            "--codec",
+            "deltadq",
+            "--ratio",
+            "16",
+            "--calibrate",
+            str(root / "cal.txt"),
+            "--samples",
+            "4",
+            "--seq-len",
+            "32",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(DeltaFile.open(out).metadata["deltadq"])["search"]["tokens"] == 128
     assert not list(tmp_path.glob("*.init"))
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01binary")
-    res = CliRunner().invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "x.bdelta"), "--base-name", "org/tiny", "--codec", "deltadq",
-                                   "--ratio", "16", "--calibrate", str(tmp_path / "bin.txt")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "compress",
+            str(base),
+            str(ft),
+            "-o",
+            str(tmp_path / "x.bdelta"),
+            "--base-name",
+            "org/tiny",
+            "--codec",
+            "deltadq",
+            "--ratio",
+            "16",
+            "--calibrate",
+            str(tmp_path / "bin.txt"),
+        ],
+    )
     assert res.exit_code == 7 and "NUL bytes" in res.output and not (tmp_path / "x.bdelta").exists()
 
 

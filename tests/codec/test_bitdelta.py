@@ -19,7 +19,9 @@ def _np_expected(ft: torch.Tensor, base: torch.Tensor, planes: int, per_row: boo
     for _ in range(planes):
         bits = residual >= 0
         absval = np.abs(residual).astype(np.float64)
-        scale = (absval.sum(axis=1) / residual.shape[1]) if per_row else np.array([absval.sum() / residual.size])
+        scale = (
+            (absval.sum(axis=1) / residual.shape[1]) if per_row else np.array([absval.sum() / residual.size])
+        )
         scale = scale.astype(np.float32)
         # LSB-first along the input axis: bit j of byte b is column 8b + j.
         packed = np.zeros((residual.shape[0], (residual.shape[1] + 7) // 8), dtype=np.uint8)

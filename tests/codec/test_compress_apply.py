@@ -26,7 +26,9 @@ def _state(dir_):
 @pytest.mark.parametrize("planes,scale", [(1, "per-matrix"), (2, "per-row")])
 def test_round_trip_reproduces_base_plus_sign_scale(llama_pair, tmp_path, planes, scale):
     base_dir, ft_dir = llama_pair
-    report = compress(base_dir, ft_dir, tmp_path / "d.bdelta", CompressOptions(planes=planes, scale_mode=scale))
+    report = compress(
+        base_dir, ft_dir, tmp_path / "d.bdelta", CompressOptions(planes=planes, scale_mode=scale)
+    )
     delta = DeltaFile.open(tmp_path / "d.bdelta")
     base, ft = _state(base_dir), _state(ft_dir)
     out = apply_delta(base_dir, tmp_path / "d.bdelta", tmp_path / "out")
@@ -104,7 +106,10 @@ def test_unchanged_tensors_are_omitted(llama_pair, tmp_path):
     report = compress(base_dir, mixed / "model.safetensors", tmp_path / "d.bdelta")
     assert report.binarized == ["model.layers.0.mlp.up_proj.weight"]
     assert report.dense == ["model.norm.weight"]
-    assert set(DeltaFile.open(tmp_path / "d.bdelta").entries) == {"model.layers.0.mlp.up_proj.weight", "model.norm.weight"}
+    assert set(DeltaFile.open(tmp_path / "d.bdelta").entries) == {
+        "model.layers.0.mlp.up_proj.weight",
+        "model.norm.weight",
+    }
 
 
 def test_sharded_input_and_output(llama_pair, tmp_path):
@@ -151,7 +156,9 @@ def test_resized_vocabulary_is_stored_full(llama_pair, tmp_path):
     ft["lm_head.weight"] = torch.cat([ft["lm_head.weight"], torch.randn(8, 64)])
     (tmp_path / "ft").mkdir()
     save_file(ft, tmp_path / "ft" / "model.safetensors")
-    report = compress(base_dir, tmp_path / "ft", tmp_path / "d.bdelta", CompressOptions(include=("*embed_tokens*",)))
+    report = compress(
+        base_dir, tmp_path / "ft", tmp_path / "d.bdelta", CompressOptions(include=("*embed_tokens*",))
+    )
     assert "model.embed_tokens.weight" in report.dense  # shapes differ: cannot be a sign delta
     got = _state(apply_delta(base_dir, tmp_path / "d.bdelta", tmp_path / "out").out_dir)
     assert got["model.embed_tokens.weight"].shape == (392, 64)

@@ -12,7 +12,12 @@ from safetensors.numpy import load_file as st_load_numpy
 from safetensors.torch import save_file as st_save
 
 from codec.container import (
-    MAX_HEADER_SIZE, SafetensorsWriter, SpooledSafetensorsWriter, TensorSpec, encode_header, read_header,
+    MAX_HEADER_SIZE,
+    SafetensorsWriter,
+    SpooledSafetensorsWriter,
+    TensorSpec,
+    encode_header,
+    read_header,
 )
 from codec.errors import HeaderError, TruncatedFileError
 
@@ -27,8 +32,10 @@ def _raw_file(header: dict, data: bytes = b"", pad: bool = True) -> bytes:
 def test_encode_header_golden_bytes():
     specs = [TensorSpec("a", "U8", (2, 3)), TensorSpec("b", "F32", (1,))]
     got = encode_header(specs, {"k": "v"})
-    doc = b'{"__metadata__":{"k":"v"},"a":{"dtype":"U8","shape":[2,3],"data_offsets":[0,6]},' \
-          b'"b":{"dtype":"F32","shape":[1],"data_offsets":[6,10]}}'
+    doc = (
+        b'{"__metadata__":{"k":"v"},"a":{"dtype":"U8","shape":[2,3],"data_offsets":[0,6]},'
+        b'"b":{"dtype":"F32","shape":[1],"data_offsets":[6,10]}}'
+    )
     doc += b" " * (-len(doc) % 8)
     assert got == struct.pack("<Q", len(doc)) + doc
     assert len(got) % 8 == 0
@@ -49,7 +56,10 @@ def test_writer_output_loads_with_stock_library(tmp_path):
 
 
 def test_spooled_writer_matches_direct_writer(tmp_path):
-    tensors = {"w": np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32), "z": np.zeros((0,), np.uint8)}
+    tensors = {
+        "w": np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32),
+        "z": np.zeros((0,), np.uint8),
+    }
     specs = [TensorSpec(k, "F32" if v.dtype == np.float32 else "U8", v.shape) for k, v in tensors.items()]
     spool = SpooledSafetensorsWriter(tmp_path / "s.safetensors")
     for spec in specs:
@@ -92,23 +102,72 @@ def test_reads_files_written_by_stock_library(tmp_path):
         (struct.pack("<Q", 100) + b"{}", TruncatedFileError, "header claims 100 bytes"),
         (struct.pack("<Q", MAX_HEADER_SIZE + 1) + b" " * 16, HeaderError, "exceeds"),
         (struct.pack("<Q", 2**64 - 1), HeaderError, "exceeds"),
-        (_raw_file({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}, b"ab"), TruncatedFileError, "needs 4 bytes"),
-        (_raw_file({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}}, b"abcd"), HeaderError, "trailing"),
-        (_raw_file({"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 2]}}, b"ab"), HeaderError, "needs 3 bytes"),
-        (_raw_file({"a": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 2]}}, b"ab"), HeaderError, "unknown dtype"),
-        (_raw_file({"a": {"dtype": "U8", "shape": [-2], "data_offsets": [0, 2]}}, b"ab"), HeaderError, "non-negative"),
-        (_raw_file({"a": {"dtype": "U8", "shape": [True], "data_offsets": [0, 1]}}, b"a"), HeaderError, "non-negative"),
-        (_raw_file({"a": {"dtype": "U8", "shape": [2], "data_offsets": [2, 0]}}, b"ab"), HeaderError, "data_offsets"),
-        (_raw_file({"a": {"dtype": "U8", "shape": [2], "data_offsets": [-1, 1]}}, b"ab"), HeaderError, "data_offsets"),
-        (_raw_file({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
-                    "b": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]}}, b"abc"), HeaderError, "overlapping"),
-        (_raw_file({"a": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]}}, b"abc"), HeaderError, "overlapping or gapped"),
+        (
+            _raw_file({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}, b"ab"),
+            TruncatedFileError,
+            "needs 4 bytes",
+        ),
+        (
+            _raw_file({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}}, b"abcd"),
+            HeaderError,
+            "trailing",
+        ),
+        (
+            _raw_file({"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 2]}}, b"ab"),
+            HeaderError,
+            "needs 3 bytes",
+        ),
+        (
+            _raw_file({"a": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 2]}}, b"ab"),
+            HeaderError,
+            "unknown dtype",
+        ),
+        (
+            _raw_file({"a": {"dtype": "U8", "shape": [-2], "data_offsets": [0, 2]}}, b"ab"),
+            HeaderError,
+            "non-negative",
+        ),
+        (
+            _raw_file({"a": {"dtype": "U8", "shape": [True], "data_offsets": [0, 1]}}, b"a"),
+            HeaderError,
+            "non-negative",
+        ),
+        (
+            _raw_file({"a": {"dtype": "U8", "shape": [2], "data_offsets": [2, 0]}}, b"ab"),
+            HeaderError,
+            "data_offsets",
+        ),
+        (
+            _raw_file({"a": {"dtype": "U8", "shape": [2], "data_offsets": [-1, 1]}}, b"ab"),
+            HeaderError,
+            "data_offsets",
+        ),
+        (
+            _raw_file(
+                {
+                    "a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+                    "b": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]},
+                },
+                b"abc",
+            ),
+            HeaderError,
+            "overlapping",
+        ),
+        (
+            _raw_file({"a": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]}}, b"abc"),
+            HeaderError,
+            "overlapping or gapped",
+        ),
         (_raw_file({"a": {"dtype": "U8", "shape": [2]}}, b"ab"), HeaderError, "exactly dtype"),
         (_raw_file({"__metadata__": {"k": 1}}), HeaderError, "__metadata__"),
         (_raw_file([1, 2]), HeaderError, "JSON object"),  # type: ignore[arg-type]
         (struct.pack("<Q", 8) + b"\xff\xfe{}    ", HeaderError, "UTF-8 JSON"),
         (struct.pack("<Q", 16) + b'{"a":1, "a":2}  ', HeaderError, "duplicate key"),
-        (_raw_file({"a": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 4]}}, b"abcd"), HeaderError, "needs"),
+        (
+            _raw_file({"a": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 4]}}, b"abcd"),
+            HeaderError,
+            "needs",
+        ),
     ],
 )
 def test_malformed_containers_are_refused(tmp_path, blob, error, message):

@@ -22,12 +22,18 @@ from codec.summary import summarize
 def test_splitmix64_reference_values():
     # SplitMix64 seeded with 0: the well-known first outputs of the generator.
     state = np.array([0, 0x9E3779B97F4A7C15, 2 * 0x9E3779B97F4A7C15 % 2**64], dtype=np.uint64)
-    assert [hex(int(v)) for v in splitmix64(state)] == ["0xe220a8397b1dcdaf", "0x6e789e6aa1b965f4", "0x6c45d188009454f"]
+    assert [hex(int(v)) for v in splitmix64(state)] == [
+        "0xe220a8397b1dcdaf",
+        "0x6e789e6aa1b965f4",
+        "0x6c45d188009454f",
+    ]
 
 
 def test_mask_golden():
     """The same mask on every run and machine: a fixed digest of the packed mask bits."""
-    mask = keep_mask(1234, "model.layers.0.mlp.up_proj.weight", (64, 100), DQParams(group_size=16, keep=4, bits=2))
+    mask = keep_mask(
+        1234, "model.layers.0.mlp.up_proj.weight", (64, 100), DQParams(group_size=16, keep=4, bits=2)
+    )
     digest = hashlib.sha256(np.packbits(mask, axis=-1, bitorder="little").tobytes()).hexdigest()
     assert mask.sum(axis=1).tolist() == [6 * 4 + 1] * 64  # 6 full groups + ceil(4·4/16) in the last 4 columns
     assert digest == GOLDEN_MASK_DIGEST
@@ -81,7 +87,9 @@ def test_encode_decode_round_trip(bits, parts, in_features):
     g = torch.Generator().manual_seed(in_features)
     base = torch.randn(9, in_features, generator=g)
     ft = base + 0.05 * torch.randn(9, in_features, generator=g)
-    p = DQParams(group_size=min(16, in_features), keep=max(1, min(16, in_features) // 4), bits=bits, parts=parts)
+    p = DQParams(
+        group_size=min(16, in_features), keep=max(1, min(16, in_features) // 4), bits=bits, parts=parts
+    )
     codes, step = encode(ft, base, "t", 5, p)
     assert codes.shape == (parts, 9, p.packed_width(in_features)) and step.shape == (9,)
     d = decode(codes, step, "t", 5, p, in_features)
@@ -145,8 +153,10 @@ def test_compress_apply_round_trip_at_each_ratio(wide_pair, tmp_path, ratio):
     got, base, ft = Checkpoint.open(out), Checkpoint.open(base_dir), Checkpoint.open(ft_dir)
     for name in report.binarized:
         p = delta.dq_params(name)
-        want = (base.get(name).float() + decode(delta.dq_codes(name), delta.dq_step(name), name, 9, p,
-                                                  base.entry(name).shape[1])).to(torch.float32)
+        want = (
+            base.get(name).float()
+            + decode(delta.dq_codes(name), delta.dq_step(name), name, 9, p, base.entry(name).shape[1])
+        ).to(torch.float32)
         assert torch.equal(got.get(name), want), name
     for name in report.dense:
         assert torch.equal(got.get(name), ft.get(name))
@@ -155,7 +165,12 @@ def test_compress_apply_round_trip_at_each_ratio(wide_pair, tmp_path, ratio):
 def test_ratio_choice_and_explicit_parameters(llama_pair, tmp_path):
     base_dir, ft_dir = llama_pair
     path = tmp_path / "d.bdelta"
-    compress(base_dir, ft_dir, path, CompressOptions(codec="deltadq", dq_bits=4, dq_keep=0.25, dq_group_size=32, dq_parts=2))
+    compress(
+        base_dir,
+        ft_dir,
+        path,
+        CompressOptions(codec="deltadq", dq_bits=4, dq_keep=0.25, dq_group_size=32, dq_parts=2),
+    )
     delta = DeltaFile.open(path)
     for name, e in delta.entries.items():
         if e.kind == "deltadq":
@@ -204,15 +219,50 @@ W = "model.layers.0.mlp.up_proj.weight"
     ("meta_change", "tensor_change", "error", "message"),
     [
         ({"deltadq": None}, {}, InvalidDeltaError, "needs a 'deltadq' metadata key"),
-        ({"deltadq": json.dumps({"seed": -1, "mask": "splitmix64-v1"})}, {}, InvalidDeltaError, "integer 'seed'"),
-        ({"deltadq": json.dumps({"seed": 1, "mask": "mt19937"})}, {}, UnsupportedFormatError, "mask algorithm"),
-        ({}, {W + ".dq_params": torch.tensor([0, 1, 2], dtype=torch.int32)}, InvalidDeltaError, "group size must be >= 1"),
-        ({}, {W + ".dq_params": torch.tensor([16, 17, 2], dtype=torch.int32)}, InvalidDeltaError, "keep per group"),
-        ({}, {W + ".dq_params": torch.tensor([16, 4, 12], dtype=torch.int32)}, InvalidDeltaError, "bits must be between"),
-        ({}, {W + ".dq_params": torch.tensor([16, 4, 2], dtype=torch.int64)}, InvalidDeltaError, "must be I32"),
+        (
+            {"deltadq": json.dumps({"seed": -1, "mask": "splitmix64-v1"})},
+            {},
+            InvalidDeltaError,
+            "integer 'seed'",
+        ),
+        (
+            {"deltadq": json.dumps({"seed": 1, "mask": "mt19937"})},
+            {},
+            UnsupportedFormatError,
+            "mask algorithm",
+        ),
+        (
+            {},
+            {W + ".dq_params": torch.tensor([0, 1, 2], dtype=torch.int32)},
+            InvalidDeltaError,
+            "group size must be >= 1",
+        ),
+        (
+            {},
+            {W + ".dq_params": torch.tensor([16, 17, 2], dtype=torch.int32)},
+            InvalidDeltaError,
+            "keep per group",
+        ),
+        (
+            {},
+            {W + ".dq_params": torch.tensor([16, 4, 12], dtype=torch.int32)},
+            InvalidDeltaError,
+            "bits must be between",
+        ),
+        (
+            {},
+            {W + ".dq_params": torch.tensor([16, 4, 2], dtype=torch.int64)},
+            InvalidDeltaError,
+            "must be I32",
+        ),
         ({}, {W + ".dq_step": torch.full((184,), float("nan"))}, InvalidDeltaError, "NaN or Inf"),
         ({}, {W + ".dq_step": None}, InvalidDeltaError, "missing dq_step"),
-        ({}, {W + ".sign": torch.zeros(1, 184, 8, dtype=torch.uint8)}, InvalidDeltaError, "unexpected part\\(s\\) .sign"),
+        (
+            {},
+            {W + ".sign": torch.zeros(1, 184, 8, dtype=torch.uint8)},
+            InvalidDeltaError,
+            "unexpected part\\(s\\) .sign",
+        ),
         ({"codec": "bitdelta"}, {}, InvalidDeltaError, "dq_\\* tensors in a 'bitdelta' delta"),
     ],
 )
@@ -237,7 +287,10 @@ def test_codes_shape_checked_against_base(llama_pair, dq_file, tmp_path):
     base_dir, _ = llama_pair
     metadata, tensors = dq_file
     codes = tensors[W + ".dq_codes"]
-    tensors = {**tensors, W + ".dq_codes": torch.zeros(codes.shape[0], codes.shape[1], codes.shape[2] + 1, dtype=torch.uint8)}
+    tensors = {
+        **tensors,
+        W + ".dq_codes": torch.zeros(codes.shape[0], codes.shape[1], codes.shape[2] + 1, dtype=torch.uint8),
+    }
     from codec.errors import IncompatibleDeltaError
 
     with pytest.raises(IncompatibleDeltaError, match="dq_codes has shape"):
@@ -251,16 +304,59 @@ def test_cli_deltadq(wide_pair, tmp_path):
     from cli.main import app
 
     base_dir, ft_dir = wide_pair
-    res = CliRunner().invoke(app, ["compress", str(base_dir), str(ft_dir), "-o", str(tmp_path / "d.bdelta"), "--base-name", "org/tiny",
-                                   "--codec", "deltadq", "--ratio", "64", "--json"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "compress",
+            str(base_dir),
+            str(ft_dir),
+            "-o",
+            str(tmp_path / "d.bdelta"),
+            "--base-name",
+            "org/tiny",
+            "--codec",
+            "deltadq",
+            "--ratio",
+            "64",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(app, ["inspect", str(tmp_path / "d.bdelta"), "--json"])
     assert json.loads(res.stdout)["codec"] == "deltadq"
-    res = CliRunner().invoke(app, ["compress", str(base_dir), str(ft_dir), "-o", str(tmp_path / "e.bdelta"), "--base-name", "org/tiny",
-                                   "--codec", "deltadq", "--group-size", "big", "--ratio", "32"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "compress",
+            str(base_dir),
+            str(ft_dir),
+            "-o",
+            str(tmp_path / "e.bdelta"),
+            "--base-name",
+            "org/tiny",
+            "--codec",
+            "deltadq",
+            "--group-size",
+            "big",
+            "--ratio",
+            "32",
+        ],
+    )
     assert res.exit_code == 2 and "--group-size" in res.output
-    res = CliRunner().invoke(app, ["compress", str(base_dir), str(ft_dir), "-o", str(tmp_path / "e.bdelta"), "--base-name", "org/tiny",
-                                   "--codec", "zip"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "compress",
+            str(base_dir),
+            str(ft_dir),
+            "-o",
+            str(tmp_path / "e.bdelta"),
+            "--base-name",
+            "org/tiny",
+            "--codec",
+            "zip",
+        ],
+    )
     assert res.exit_code == 7 and "codec must be" in res.output
     assert not (tmp_path / "e.bdelta").exists()
 
@@ -274,7 +370,9 @@ def test_candidates_for_ratio_spend_the_budget():
 
 
 def test_a_ratio_out_of_reach_for_a_narrow_tensor_is_refused(llama_pair, tmp_path):
-    with pytest.raises(CodecError, match=r"ratio 64 is out of reach for a tensor 64 wide: .*at most ratio 32"):
+    with pytest.raises(
+        CodecError, match=r"ratio 64 is out of reach for a tensor 64 wide: .*at most ratio 32"
+    ):
         deltadq.candidates_for_ratio(64, 64)
     base_dir, ft_dir = llama_pair  # 64 wide
     with pytest.raises(CodecError, match="out of reach"):

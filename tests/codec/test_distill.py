@@ -117,7 +117,9 @@ def test_missing_calibration_file_and_bad_options(pair, tmp_path):
     root, base, ft = pair
     compress(base, ft, tmp_path / "init.bdelta")
     with pytest.raises(CalibrationDataError, match="no such file"):
-        distill_scales(base, ft, tmp_path / "init.bdelta", tmp_path / "o.bdelta", tmp_path / "missing.txt", FAST)
+        distill_scales(
+            base, ft, tmp_path / "init.bdelta", tmp_path / "o.bdelta", tmp_path / "missing.txt", FAST
+        )
     with pytest.raises(CodecError, match="steps must be >= 1"):
         DistillOptions(steps=0)
     with pytest.raises(CodecError, match="loss must be"):
@@ -131,16 +133,50 @@ def test_cli_compress_with_calibration(pair, tmp_path):
 
     root, base, ft = pair
     out = tmp_path / "d.bdelta"
-    res = CliRunner().invoke(app, ["compress", str(base), str(ft), "-o", str(out), "--base-name", "org/tiny", "--calibrate", str(root / "cal.txt"),
-                                   "--steps", "6", "--batch", "2", "--seq-len", "32", "--samples", "12", "--lr", "1e-4",
-                                   "--json"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "compress",
+            str(base),
+            str(ft),
+            "-o",
+            str(out),
+            "--base-name",
+            "org/tiny",
+            "--calibrate",
+            str(root / "cal.txt"),
+            "--steps",
+            "6",
+            "--batch",
+            "2",
+            "--seq-len",
+            "32",
+            "--samples",
+            "12",
+            "--lr",
+            "1e-4",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     result = json.loads(res.stdout)
     assert result["calibration"]["final_loss"] < result["calibration"]["initial_loss"]
     assert json.loads(DeltaFile.open(out).metadata["calibration"])["steps"] == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bdelta"]  # the undistilled temp is gone
 
-    res = CliRunner().invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "e.bdelta"), "--base-name", "org/tiny",
-                                   "--calibrate", str(tmp_path / "nope.txt")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "compress",
+            str(base),
+            str(ft),
+            "-o",
+            str(tmp_path / "e.bdelta"),
+            "--base-name",
+            "org/tiny",
+            "--calibrate",
+            str(tmp_path / "nope.txt"),
+        ],
+    )
     assert res.exit_code == 7 and "bad calibration data" in res.output
     assert not (tmp_path / "e.bdelta").exists() and not (tmp_path / "e.bdelta.init").exists()

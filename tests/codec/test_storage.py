@@ -11,7 +11,11 @@ import zstandard
 
 from codec.files import sha256_file
 from codec.storage import (
-    BlobCorruptError, BlobTooLargeError, compress_blob, decompress_blob, decompress_stream,
+    BlobCorruptError,
+    BlobTooLargeError,
+    compress_blob,
+    decompress_blob,
+    decompress_stream,
 )
 
 
@@ -31,8 +35,9 @@ def test_round_trip_and_digests(payload, tmp_path):
     assert (info.size, info.raw_size) == (len(stored), len(raw))
     assert info.size < info.raw_size
     assert zstandard.frame_content_size(stored) == len(raw)  # content size is in the frame header
-    n, digest = decompress_blob(tmp_path / "blob.zst", tmp_path / "out", max_output_size=len(raw),
-                                expected_raw_digest=info.raw_digest)
+    n, digest = decompress_blob(
+        tmp_path / "blob.zst", tmp_path / "out", max_output_size=len(raw), expected_raw_digest=info.raw_digest
+    )
     assert (n, digest) == (len(raw), info.raw_digest)
     assert (tmp_path / "out").read_bytes() == raw
 
@@ -76,8 +81,9 @@ def test_corrupt_and_non_zstd_input(payload, tmp_path):
     blob = bytearray((tmp_path / "blob.zst").read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     with pytest.raises(BlobCorruptError):
-        decompress_stream(io.BytesIO(bytes(blob)), io.BytesIO(), max_output_size=10**8,
-                          expected_raw_digest=info.raw_digest)
+        decompress_stream(
+            io.BytesIO(bytes(blob)), io.BytesIO(), max_output_size=10**8, expected_raw_digest=info.raw_digest
+        )
     with pytest.raises(BlobCorruptError, match="not a zstd frame"):
         decompress_stream(io.BytesIO(b"PK\x03\x04 not zstd at all......"), io.BytesIO(), max_output_size=10)
 
@@ -85,8 +91,12 @@ def test_corrupt_and_non_zstd_input(payload, tmp_path):
 def test_wrong_expected_digest(payload, tmp_path):
     compress_blob(payload, tmp_path / "blob.zst")
     with pytest.raises(BlobCorruptError, match="does not match"):
-        decompress_blob(tmp_path / "blob.zst", tmp_path / "out", max_output_size=10**8,
-                        expected_raw_digest="sha256:" + "0" * 64)
+        decompress_blob(
+            tmp_path / "blob.zst",
+            tmp_path / "out",
+            max_output_size=10**8,
+            expected_raw_digest="sha256:" + "0" * 64,
+        )
     assert not (tmp_path / "out").exists()
 
 

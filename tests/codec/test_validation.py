@@ -154,13 +154,17 @@ def test_sign_on_one_dimensional_base_tensor(valid, tmp_path):
 def test_tensor_absent_from_base(valid, tmp_path):
     base_dir, meta, tensors = valid
     tensors = {**tensors, "model.layers.9.mlp.up_proj.weight.full": torch.zeros(2, 2)}
-    _refused_by_apply(tmp_path, base_dir, tensors, meta, IncompatibleDeltaError, "that the base does not have")
+    _refused_by_apply(
+        tmp_path, base_dir, tensors, meta, IncompatibleDeltaError, "that the base does not have"
+    )
 
 
 def test_full_tensor_with_non_float_dtype(valid, tmp_path):
     base_dir, meta, tensors = valid
     tensors = {**tensors, "model.norm.weight.full": torch.zeros(64, dtype=torch.int64)}
-    _refused_by_apply(tmp_path, base_dir, tensors, meta, IncompatibleDeltaError, "dtype I64 but the base tensor is F32")
+    _refused_by_apply(
+        tmp_path, base_dir, tensors, meta, IncompatibleDeltaError, "dtype I64 but the base tensor is F32"
+    )
 
 
 @pytest.mark.parametrize("keep", [0, 7, 100, -1])
@@ -185,7 +189,9 @@ def test_missing_file(tmp_path):
         DeltaFile.open(tmp_path / "nope.bdelta")
 
 
-@pytest.mark.parametrize("content", [b"PK\x03\x04 a zip archive, not a delta" * 4, b"\x28\xb5\x2f\xfd" + b"\0" * 64])
+@pytest.mark.parametrize(
+    "content", [b"PK\x03\x04 a zip archive, not a delta" * 4, b"\x28\xb5\x2f\xfd" + b"\0" * 64]
+)
 def test_a_file_that_is_not_safetensors_is_named_as_such(tmp_path, content):
     path = tmp_path / "weights.bin"
     path.write_bytes(content)

@@ -40,7 +40,9 @@ def deltactl(*args, env: dict) -> subprocess.CompletedProcess:
 def test_the_deltactl_executable_against_deltactl_serve(tmp_path, llama_pair, delta):
     with background_registry(tmp_path / "registry", tmp_path / "serve.log") as url:
         env = {**os.environ, "DELTACTL_REGISTRY": url, "DELTACTL_HOME": str(tmp_path / "home")}
-        r = deltactl("push", delta, "acme/math", "--base-path", llama_pair[0], "--tag", "prod", "--json", env=env)
+        r = deltactl(
+            "push", delta, "acme/math", "--base-path", llama_pair[0], "--tag", "prod", "--json", env=env
+        )
         assert r.returncode == 0, r.stderr
         pushed = json.loads(r.stdout)
         r = deltactl("pull", "acme/math:prod", env={**env, "DELTACTL_HOME": str(tmp_path / "fresh")})

@@ -89,8 +89,11 @@ def test_lowrank_baseline_stays_within_the_one_bit_budget(tiny, tmp_path):
     names = [n for n, e in entries.items() if e.kind != "full"]
     model, total = fidelity.model_with_lowrank(base, ft, names)
     ckpt_ft, ckpt_base = Checkpoint.open(ft), Checkpoint.open(base)
-    dense = sum(ckpt_ft.entry(n).nbytes for n in ckpt_ft.names
-                if n not in names and not torch.equal(ckpt_ft.get(n), ckpt_base.get(n)))
+    dense = sum(
+        ckpt_ft.entry(n).nbytes
+        for n in ckpt_ft.names
+        if n not in names and not torch.equal(ckpt_ft.get(n), ckpt_base.get(n))
+    )
     one_bit = sum(ckpt_ft.get(n).shape[0] * ((ckpt_ft.get(n).shape[1] + 7) // 8) + 4 for n in names)
     assert 0 < total - dense <= one_bit
     # The low-rank model is closer to the fine-tune than the base is, matrix by matrix.
@@ -108,13 +111,20 @@ def test_the_whole_fidelity_table_on_the_tiny_pair(tiny, tmp_path):
     calibration.write_text("\n\n".join(corpus.texts("train")[:40]))
     settings = fidelity.Settings(
         distill=DistillOptions(steps=3, batch=2, seq_len=16, samples=8, lr=1e-3),
-        heldout_blocks=4, seq_len=32, prompts=2, prompt_len=8, new_tokens=4, ratios=(16,))
+        heldout_blocks=4,
+        seq_len=32,
+        prompts=2,
+        prompt_len=8,
+        new_tokens=4,
+        ratios=(16,),
+    )
     work = tmp_path / "variants"
     report = fidelity.evaluate(base, ft, work, calibration, settings)
 
     labels = [r.variant for r in report.rows]
     assert labels == ["base", "fine-tuned (fp16)"] + [v[0] for v in fidelity.variants_for(settings)] + [
-        "SVD low-rank delta, same bytes as 1-bit"]
+        "SVD low-rank delta, same bytes as 1-bit"
+    ]
     base_row, ft_row = report.rows[:2]
     assert ft_row.kl == pytest.approx(0, abs=1e-6) and ft_row.top1 == 1 and ft_row.agreement == 1
     assert base_row.kl > 0 and base_row.loss > ft_row.loss
@@ -127,16 +137,30 @@ def test_the_whole_fidelity_table_on_the_tiny_pair(tiny, tmp_path):
     assert "1-bit-per-matrix-distilled.distilled-3.bdelta" in files and "DeltaDQ16xauto.bdelta" in files
     stored = json.loads(DeltaFile.open(files["DeltaDQ16xauto.bdelta"]).metadata["fidelity"])
     dq_row = next(r for r in report.rows if r.variant == "DeltaDQ 16x (auto)")
-    assert (stored["loss"], stored["kl_to_finetuned"], stored["top1_agreement"]) == (dq_row.loss, dq_row.kl, dq_row.top1)
+    assert (stored["loss"], stored["kl_to_finetuned"], stored["top1_agreement"]) == (
+        dq_row.loss,
+        dq_row.kl,
+        dq_row.top1,
+    )
     assert stored["loss_base"] == base_row.loss and stored["loss_finetuned"] == ft_row.loss
-    searched = json.loads(DeltaFile.open(files["DeltaDQ16xcalibratedsearch.bdelta"]).metadata["deltadq"])["search"]
-    assert searched["tokens"] > 0 and stored.keys() <= json.loads(
-        DeltaFile.open(files["DeltaDQ16xcalibratedsearch.bdelta"]).metadata["fidelity"]).keys()
+    searched = json.loads(DeltaFile.open(files["DeltaDQ16xcalibratedsearch.bdelta"]).metadata["deltadq"])[
+        "search"
+    ]
+    assert (
+        searched["tokens"] > 0
+        and stored.keys()
+        <= json.loads(DeltaFile.open(files["DeltaDQ16xcalibratedsearch.bdelta"]).metadata["fidelity"]).keys()
+    )
     # Distillation ran; its figures are cached beside the file and agree with its metadata.
     assert set(report.distill_figures) == {"1-bit, per-matrix, distilled", "2 planes, per-matrix, distilled"}
-    calibrated = json.loads(DeltaFile.open(files["1-bit-per-matrix-distilled.distilled-3.bdelta"]).metadata["calibration"])
+    calibrated = json.loads(
+        DeltaFile.open(files["1-bit-per-matrix-distilled.distilled-3.bdelta"]).metadata["calibration"]
+    )
     figures = report.distill_figures["1-bit, per-matrix, distilled"]
-    assert (figures["initial_loss"], figures["final_loss"]) == (calibrated["initial_loss"], calibrated["final_loss"])
+    assert (figures["initial_loss"], figures["final_loss"]) == (
+        calibrated["initial_loss"],
+        calibrated["final_loss"],
+    )
     assert calibrated["steps"] == 3 and figures["seconds"] > 0 and figures["peak_rss_bytes"] > 0
     cached = {p: p.read_text() for p in work.glob("*.json")}
     again = fidelity.evaluate(base, ft, work, calibration, settings)

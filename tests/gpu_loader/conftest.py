@@ -56,7 +56,9 @@ class Family:
         out = []
         for i, name in enumerate(names):
             with torch.no_grad():
-                out.append(self.model(name)(ids[i:i + 1], **{k: v[i:i + 1] for k, v in kw.items()}).logits[0])
+                out.append(
+                    self.model(name)(ids[i : i + 1], **{k: v[i : i + 1] for k, v in kw.items()}).logits[0]
+                )
         return out
 
 
@@ -79,12 +81,16 @@ def family(tmp_path_factory) -> Family:
     base, ft1 = make_llama_pair(root, seed=0)
     ft2 = perturb(base, root / "ft2", seed=11)
     ft3 = perturb(base, root / "ft3", seed=12)
-    return _family(root, base, {
-        "a": (ft1, CompressOptions(planes=2, scale_mode="per-row", include=("*embed_tokens*",))),
-        "b": (ft2, CompressOptions()),
-        "c": (ft2, CompressOptions(scale_mode="per-row", include=("*embed_tokens*", "*lm_head*"))),
-        "d": (ft3, CompressOptions()),
-    })
+    return _family(
+        root,
+        base,
+        {
+            "a": (ft1, CompressOptions(planes=2, scale_mode="per-row", include=("*embed_tokens*",))),
+            "b": (ft2, CompressOptions()),
+            "c": (ft2, CompressOptions(scale_mode="per-row", include=("*embed_tokens*", "*lm_head*"))),
+            "d": (ft3, CompressOptions()),
+        },
+    )
 
 
 #: DeltaDQ with 1-bit codes, half of each group kept (the 32x budget of a wide model; these
@@ -92,8 +98,15 @@ def family(tmp_path_factory) -> Family:
 DQ_1BIT_HALF = CompressOptions(codec="deltadq", dq_bits=1, dq_keep=0.5)
 #: DeltaDQ with 3-bit codes in 3 parts (codes straddle bytes), groups of 32 (a partial last group
 #: in the 184-wide down_proj), embeddings and lm_head compressed too.
-DQ_3BIT = CompressOptions(codec="deltadq", dq_bits=3, dq_keep=0.25, dq_group_size=32, dq_parts=3,
-                          dq_seed=2**63 + 12345, include=("*embed_tokens*", "*lm_head*"))
+DQ_3BIT = CompressOptions(
+    codec="deltadq",
+    dq_bits=3,
+    dq_keep=0.25,
+    dq_group_size=32,
+    dq_parts=3,
+    dq_seed=2**63 + 12345,
+    include=("*embed_tokens*", "*lm_head*"),
+)
 
 
 @pytest.fixture(scope="session")
@@ -114,10 +127,14 @@ def tied_family(llama_pair_fp16_tied, tmp_path_factory) -> Family:
     base, ft = llama_pair_fp16_tied
     root = tmp_path_factory.mktemp("tied_family")
     ft2 = perturb(base, root / "ft2", seed=21)
-    return _family(root, base, {
-        "a": (ft, CompressOptions(planes=2, scale_mode="per-row", include=("*embed_tokens*",))),
-        "b": (ft2, CompressOptions()),
-    })
+    return _family(
+        root,
+        base,
+        {
+            "a": (ft, CompressOptions(planes=2, scale_mode="per-row", include=("*embed_tokens*",))),
+            "b": (ft2, CompressOptions()),
+        },
+    )
 
 
 @pytest.fixture(scope="session")
@@ -125,7 +142,9 @@ def tied_dq_family(tied_family, llama_pair_fp16_tied) -> Family:
     """`tied_family` (fp16, tied embeddings) plus q: fine-tune 1 as DeltaDQ with the shared
     embedding compressed, so the DeltaDQ embedding delta reaches the logits through lm_head."""
     root = tied_family.root
-    opts = CompressOptions(codec="deltadq", dq_bits=2, dq_keep=0.25, dq_group_size=16, include=("*embed_tokens*",))
+    opts = CompressOptions(
+        codec="deltadq", dq_bits=2, dq_keep=0.25, dq_group_size=16, include=("*embed_tokens*",)
+    )
     fam = _family(root, tied_family.base, {"q": (llama_pair_fp16_tied[1], opts)})
     fam.deltas = {**tied_family.deltas, **fam.deltas}
     fam.applied = {**tied_family.applied, **fam.applied}
@@ -147,9 +166,16 @@ def qwen_family(tmp_path_factory) -> Family:
 
     root = tmp_path_factory.mktemp("qwen")
     torch.manual_seed(3)
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     Qwen2ForCausalLM(cfg).save_pretrained(root / "base")
     ft = perturb(root / "base", root / "ft", seed=31)
     return _family(root, root / "base", {"a": (ft, CompressOptions(scale_mode="per-row"))})
@@ -178,8 +204,14 @@ def assert_rows_match(logits, refs, dtype, mask=None):
     for row, ref in enumerate(refs):
         got = logits[row] if mask is None else logits[row][mask[row].bool()]
         want = ref if mask is None else ref[mask[row].bool()]
-        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=LOGIT_ATOL[dtype],
-                                   msg=lambda m: f"row {row}: {m}")
+        # assert_close calls msg before it returns, so the lambda sees this iteration's row
+        torch.testing.assert_close(
+            got.float(),
+            want.float(),
+            rtol=0,
+            atol=LOGIT_ATOL[dtype],
+            msg=lambda m: f"row {row}: {m}",  # noqa: B023
+        )
 
 
 def bits(state: dict) -> dict:

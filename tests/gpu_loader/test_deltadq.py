@@ -52,8 +52,14 @@ def encoded(out, inn, params, seed=42, base=None, gen_seed=0):
 
 # (out, in, group size, kept per group, bits, parts): partial last groups (45 % 16, 33 % 16,
 # 70 % 32), in = 1, codes straddling bytes (3 and 5 bits), 8-bit codes in 2 parts.
-SHAPES = [(9, 45, 16, 4, 3, 3), (5, 1, 1, 1, 1, 1), (300, 70, 32, 8, 8, 2), (7, 100, 64, 16, 2, 1),
-          (4, 33, 16, 8, 5, 1), (3, 64, 64, 32, 4, 2)]
+SHAPES = [
+    (9, 45, 16, 4, 3, 3),
+    (5, 1, 1, 1, 1, 1),
+    (300, 70, 32, 8, 8, 2),
+    (7, 100, 64, 16, 2, 1),
+    (4, 33, 16, 8, 5, 1),
+    (3, 64, 64, 32, 4, 2),
+]
 
 
 @pytest.mark.parametrize("out,inn,g,keep,nbits,parts", SHAPES)
@@ -66,7 +72,9 @@ def test_slot_form_decodes_bit_identically_to_the_codec(out, inn, g, keep, nbits
     rows = torch.tensor([out - 1, 0, out - 1])
     assert torch.equal(weight.decode(rows), want[rows])
     assert torch.equal(weight.decode(slice(1, None)), want[1:])
-    assert torch.equal(unpack_mask(weight.mask, inn), torch.from_numpy(codec_dq.keep_mask(42, "w", (out, inn), params)))
+    assert torch.equal(
+        unpack_mask(weight.mask, inn), torch.from_numpy(codec_dq.keep_mask(42, "w", (out, inn), params))
+    )
     assert weight.nbytes == payload_bytes(out, inn, params) == source.nbytes
 
 
@@ -170,7 +178,7 @@ def test_greedy_generation_with_mixed_codecs(dq_family, ids):
     out = dm.generate(ids, delta_ids=[q, b, -1], max_new_tokens=3, do_sample=False)
     for i, name in enumerate(["q", "b", "base"]):
         with torch.no_grad():
-            want = dq_family.model(name).generate(ids[i:i + 1], max_new_tokens=3, do_sample=False)
+            want = dq_family.model(name).generate(ids[i : i + 1], max_new_tokens=3, do_sample=False)
         assert torch.equal(out[i], want[0])
 
 
@@ -178,7 +186,9 @@ def test_greedy_generation_with_mixed_codecs(dq_family, ids):
 def qwen_dq_family(qwen_family) -> Family:
     root = qwen_family.root
     fam = Family(root, qwen_family.base, dict(qwen_family.deltas), dict(qwen_family.applied))
-    fam.deltas["q"] = compress(fam.base, root / "ft", root / "q.bdelta", CompressOptions(codec="deltadq", dq_ratio=16)).path
+    fam.deltas["q"] = compress(
+        fam.base, root / "ft", root / "q.bdelta", CompressOptions(codec="deltadq", dq_ratio=16)
+    ).path
     fam.applied["q"] = apply_delta(fam.base, fam.deltas["q"], root / "q-model").out_dir
     return fam
 
@@ -199,7 +209,11 @@ DENSE_EMBED_LM_HEAD = 2 * VOCAB * 64 * 4  # embed_tokens + lm_head kept dense (f
 def dq_payload(layout, path) -> int:
     """What a DeltaDQ delta's payload takes in a slot, from the file's parameters."""
     delta = DeltaFile.open(path)
-    return sum(payload_bytes(*layout.sign[n], delta.dq_params(n)) for n, e in delta.entries.items() if e.kind == "deltadq")
+    return sum(
+        payload_bytes(*layout.sign[n], delta.dq_params(n))
+        for n, e in delta.entries.items()
+        if e.kind == "deltadq"
+    )
 
 
 def test_a_deltadq_slot_holds_the_file_decoded_and_counts_its_payload(dq_family):
@@ -208,12 +222,17 @@ def test_a_deltadq_slot_holds_the_file_decoded_and_counts_its_payload(dq_family)
     delta = DeltaFile.open(dq_family.deltas["q"])
     name = "model.layers.1.mlp.down_proj.weight"
     resident = dm.pool.view(int(q)).dq[name]
-    want = codec_dq.decode(delta.dq_codes(name), delta.dq_step(name), name, delta.dq_seed, delta.dq_params(name), 184)
+    want = codec_dq.decode(
+        delta.dq_codes(name), delta.dq_step(name), name, delta.dq_seed, delta.dq_params(name), 184
+    )
     assert torch.equal(resident.decode(), want)
     assert not dm.pool.words[name][q].any() and dm.pool.active[name][q] == 0  # the kernel skips it
     stats = dm.stats()
     (entry,) = stats["resident"]
-    assert entry["codec"] == "deltadq" and entry["dq_bytes"] == dq_payload(dm.pool.layout, dq_family.deltas["q"]) > 0
+    assert (
+        entry["codec"] == "deltadq"
+        and entry["dq_bytes"] == dq_payload(dm.pool.layout, dq_family.deltas["q"]) > 0
+    )
     assert stats["dq_bytes_used"] == entry["dq_bytes"]
     assert stats["dense_bytes_used"] == DENSE_EMBED_LM_HEAD  # q keeps embed_tokens and lm_head dense
     dm.unload(q)
@@ -223,7 +242,11 @@ def test_a_deltadq_slot_holds_the_file_decoded_and_counts_its_payload(dq_family)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_table_only_slots_serve_deltadq_beside_sign_slots(dq_family, backend):
     probe = make_dm(dq_family).pool.layout
-    room = dq_payload(probe, dq_family.deltas["q"]) + DENSE_EMBED_LM_HEAD + dq_payload(probe, dq_family.deltas["r"])
+    room = (
+        dq_payload(probe, dq_family.deltas["q"])
+        + DENSE_EMBED_LM_HEAD
+        + dq_payload(probe, dq_family.deltas["r"])
+    )
     room += DENSE_EMBED_LM_HEAD  # then a (lm_head dense), later b (embed_tokens and lm_head dense)
     budget = probe.slot_bytes + 2 * probe.table_slot_bytes + room
     dm = make_dm(dq_family, backend=backend, max_slots=3, sign_slots=1, memory_budget=budget)
@@ -252,13 +275,17 @@ def test_a_pool_without_sign_space_refuses_sign_deltas(dq_family):
 def test_a_deltadq_payload_must_fit_the_room_beside_the_slots(dq_family):
     layout = make_dm(dq_family).pool.layout
     need = dq_payload(layout, dq_family.deltas["r"])  # r has no dense tensors
-    small = make_dm(dq_family, max_slots=2, sign_slots=0, memory_budget=2 * layout.table_slot_bytes + need - 1)
+    small = make_dm(
+        dq_family, max_slots=2, sign_slots=0, memory_budget=2 * layout.table_slot_bytes + need - 1
+    )
     with pytest.raises(SlotPoolFullError, match="DeltaDQ payload"):
         small.load(dq_family.deltas["r"])
     assert small.stats()["slots_used"] == 0 and small.stats()["dq_bytes_used"] == 0
     # room for r alone: loading q (payload + dense tensors) evicts r, the least recently used holder
     q_room = dq_payload(layout, dq_family.deltas["q"]) + DENSE_EMBED_LM_HEAD
-    dm = make_dm(dq_family, max_slots=2, sign_slots=0, memory_budget=2 * layout.table_slot_bytes + max(need, q_room))
+    dm = make_dm(
+        dq_family, max_slots=2, sign_slots=0, memory_budget=2 * layout.table_slot_bytes + max(need, q_room)
+    )
     dm.load(dq_family.deltas["r"])
     dm.load(dq_family.deltas["q"])
     assert [e["key"] for e in dm.stats()["resident"]] == [str(dq_family.deltas["q"])]
@@ -268,7 +295,12 @@ def test_a_deltadq_payload_must_fit_the_room_beside_the_slots(dq_family):
 def test_budget_must_hold_the_slots_asked_for(dq_family):
     layout = make_dm(dq_family).pool.layout
     with pytest.raises(BudgetError, match="table-only"):
-        make_dm(dq_family, max_slots=4, sign_slots=1, memory_budget=layout.slot_bytes + 2 * layout.table_slot_bytes)
+        make_dm(
+            dq_family,
+            max_slots=4,
+            sign_slots=1,
+            memory_budget=layout.slot_bytes + 2 * layout.table_slot_bytes,
+        )
     with pytest.raises(BudgetError, match="between 0 and max_slots"):
         make_dm(dq_family, max_slots=2, sign_slots=3)
 
@@ -276,14 +308,23 @@ def test_budget_must_hold_the_slots_asked_for(dq_family):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fp16_mixed_codecs_table_only_slots_and_merge(tied_dq_family, ids):
-    dm = DeltaModel.from_pretrained(tied_dq_family.base, device="cuda", dtype=torch.float16, max_planes=2,
-                                    max_slots=3, sign_slots=1, memory_budget="256MiB")
+    dm = DeltaModel.from_pretrained(
+        tied_dq_family.base,
+        device="cuda",
+        dtype=torch.float16,
+        max_planes=2,
+        max_slots=3,
+        sign_slots=1,
+        memory_budget="256MiB",
+    )
     assert dm.backend == "triton"
     try:
         q = dm.prefetch(tied_dq_family.deltas["q"]).result(timeout=120)
         a = dm.load(tied_dq_family.deltas["a"])
         logits = dm(ids.cuda(), delta_ids=[q, -1, a])
-        assert_rows_match(logits.cpu(), tied_dq_family.reference_logits(["q", "base", "a"], ids), torch.float16)
+        assert_rows_match(
+            logits.cpu(), tied_dq_family.reference_logits(["q", "base", "a"], ids), torch.float16
+        )
         with dm.merged(tied_dq_family.deltas["q"]):
             merged = dm(ids.cuda())
         with torch.no_grad():

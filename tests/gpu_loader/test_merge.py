@@ -21,7 +21,9 @@ def test_merge_is_reconstruct_and_unmerge_restores_every_bit(dtype, planes, mode
     sign, scale = binarize(ft, base, planes=planes, scale_mode=mode)
     weight = base.clone()
     record = merge_sign_(weight, sign, scale)
-    assert torch.equal(weight.view(INT_VIEW[dtype]), reconstruct(base, sign, scale, dtype).view(INT_VIEW[dtype]))
+    assert torch.equal(
+        weight.view(INT_VIEW[dtype]), reconstruct(base, sign, scale, dtype).view(INT_VIEW[dtype])
+    )
     unmerge_sign_(weight, record)
     assert torch.equal(weight.view(INT_VIEW[dtype]), base.view(INT_VIEW[dtype]))
 
@@ -52,4 +54,6 @@ def test_merge_preserves_signed_zeros_and_works_in_row_chunks(monkeypatch):
 
 def test_merge_refuses_integer_weights():
     with pytest.raises(TypeError, match="2-D float weight"):
-        merge_sign_(torch.zeros(2, 8, dtype=torch.int32), torch.zeros(1, 2, 1, dtype=torch.uint8), torch.ones(1, 1))
+        merge_sign_(
+            torch.zeros(2, 8, dtype=torch.int32), torch.zeros(1, 2, 1, dtype=torch.uint8), torch.ones(1, 1)
+        )

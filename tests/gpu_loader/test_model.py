@@ -16,7 +16,6 @@ from codec.checkpoint import Checkpoint
 from codec.errors import BaseMismatchError
 from gpu_loader import DeltaModel, MergedModeError
 from gpu_loader.modules import DeltaLinear
-
 from tests.support.fake_hub import hub, hub_repos  # noqa: F401  (fixtures)
 
 from .conftest import BACKENDS, LOGIT_ATOL, VOCAB, assert_rows_match, bits, make_dm

@@ -53,7 +53,7 @@ def test_slot_holds_packed_words_and_scales_of_the_file(family):
     sign = delta.sign(name)  # [2, out, ceil(in/8)]
     words = dm.pool.words[name][slot]
     assert words.shape == (2, 64, 2)
-    assert torch.equal(words.contiguous().view(torch.uint8)[:, :, :packed_width(64)], sign)
+    assert torch.equal(words.contiguous().view(torch.uint8)[:, :, : packed_width(64)], sign)
     assert torch.equal(dm.pool.scales[name][slot], delta.scale(name))
     assert dm.pool.active[name][slot] == 1
 
@@ -188,7 +188,11 @@ def test_registry_refs_need_a_resolver(family):
 
 
 def test_registry_refs_go_through_the_resolver(family, ids):
-    table = {"acme/math:prod": family.deltas["a"], "acme/math@1": family.deltas["a"], "acme/chat": family.deltas["b"]}
+    table = {
+        "acme/math:prod": family.deltas["a"],
+        "acme/math@1": family.deltas["a"],
+        "acme/chat": family.deltas["b"],
+    }
     dm = make_dm(family, resolver=lambda ref: table[ref])
     slot = dm.load("acme/math:prod")
     assert int(dm.load("acme/math@1")) == int(slot)  # same file, same slot

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,7 +13,14 @@ from fastapi.testclient import TestClient
 from registry.server.app import create_app
 from registry.server.settings import Settings
 from tests.support.live_registry import (  # importing it sets the AWS and moto test environment
-    PG_URL_ENV, LiveServer, fresh_database, migrate, moto_s3, new_bucket, start_live_registry, xdist_worker,
+    PG_URL_ENV,
+    LiveServer,
+    fresh_database,
+    migrate,
+    moto_s3,
+    new_bucket,
+    start_live_registry,
+    xdist_worker,
 )
 from tests.support.live_registry import s3_client as _s3_client
 
@@ -41,8 +48,13 @@ def database_url(request, tmp_path) -> Iterator[str]:
     backend = getattr(request, "param", "sqlite")
     admin_url = os.environ.get(PG_URL_ENV)
     if backend == "postgres" and not admin_url:
-        pytest.skip(f"PostgreSQL tests need {PG_URL_ENV} (`make test` sets it: .ci/with-postgres.sh starts a throwaway PostgreSQL 15)")
-    with fresh_database(backend, sqlite_dir=tmp_path, admin_url=admin_url, prefix=f"ds_{xdist_worker()}") as url:
+        pytest.skip(
+            f"PostgreSQL tests need {PG_URL_ENV} (`make test` sets it: "
+            ".ci/with-postgres.sh starts a throwaway PostgreSQL 15)"
+        )
+    with fresh_database(
+        backend, sqlite_dir=tmp_path, admin_url=admin_url, prefix=f"ds_{xdist_worker()}"
+    ) as url:
         yield url
 
 

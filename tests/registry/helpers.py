@@ -29,17 +29,34 @@ class DeltaBlob:
         return self.path.read_bytes()
 
     def declaration(self, **overrides) -> dict:
-        return {"digest": self.digest, "size": self.size, "raw_digest": self.raw_digest, "raw_size": self.raw_size, **overrides}
+        return {
+            "digest": self.digest,
+            "size": self.size,
+            "raw_digest": self.raw_digest,
+            "raw_size": self.raw_size,
+            **overrides,
+        }
 
 
 def make_delta_blobs(base_dir: Path, ft_dir: Path, out: Path, *, count: int) -> list[DeltaBlob]:
     blobs = []
     for i in range(count):
         raw = out / f"delta{i}.bdelta"
-        report = compress(base_dir, ft_dir, raw, CompressOptions(base_name=BASE_NAME), extra_metadata={"x-variant": str(i)})
+        report = compress(
+            base_dir, ft_dir, raw, CompressOptions(base_name=BASE_NAME), extra_metadata={"x-variant": str(i)}
+        )
         info = compress_blob(raw, out / f"delta{i}.bdelta.zst")
-        blobs.append(DeltaBlob(out / f"delta{i}.bdelta.zst", raw, info.digest, info.size, info.raw_digest, info.raw_size,
-                               report.base_fingerprint))
+        blobs.append(
+            DeltaBlob(
+                out / f"delta{i}.bdelta.zst",
+                raw,
+                info.digest,
+                info.size,
+                info.raw_digest,
+                info.raw_size,
+                report.base_fingerprint,
+            )
+        )
     return blobs
 
 
@@ -52,7 +69,9 @@ def error_of(response: httpx.Response) -> dict:
     return body["error"]
 
 
-def setup_repo(client, fingerprint: str, repo: str = "acme/math", *, base: str = BASE_NAME, headers=None, **extra) -> None:
+def setup_repo(
+    client, fingerprint: str, repo: str = "acme/math", *, base: str = BASE_NAME, headers=None, **extra
+) -> None:
     r = client.post("/v1/bases", json={"name": base, "fingerprint": fingerprint}, headers=headers)
     assert r.status_code in (200, 201), r.text
     ns, name = repo.split("/")
@@ -77,7 +96,9 @@ def send_bytes(client, upload: dict, data: bytes, *, headers=None) -> None:
             assert r.status_code == 200, r.text
 
 
-def push(client, blob: DeltaBlob, repo: str = "acme/math", *, headers=None, data: bytes | None = None, **declared) -> httpx.Response:
+def push(
+    client, blob: DeltaBlob, repo: str = "acme/math", *, headers=None, data: bytes | None = None, **declared
+) -> httpx.Response:
     """The whole two-phase push; returns the response of `complete` (or of the failing step)."""
     r = client.post(f"/v1/repos/{repo}/uploads", json=blob.declaration(**declared), headers=headers)
     if r.status_code != 201:

@@ -3,16 +3,25 @@ registry processes that can be killed and a PostgreSQL cluster that can be resta
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
 from tests.registry.conftest import (  # noqa: F401  (fixtures re-exported for this package)
-    BACKENDS, PG_URL_ENV, client, data_dir, database_url, live_server, make_client, make_settings, migrated_url,
-    s3_bucket, s3_client, s3_endpoint,
+    BACKENDS,
+    PG_URL_ENV,
+    client,
+    data_dir,
+    database_url,
+    live_server,
+    make_client,
+    make_settings,
+    migrated_url,
+    s3_bucket,
+    s3_client,
+    s3_endpoint,
 )
-
 from tests.support.harness import PostgresCluster, RegistryProcess, postgres_available
 
 
@@ -23,8 +32,11 @@ def registry_process(tmp_path, migrated_url) -> Iterator[Callable[..., RegistryP
     started: list[RegistryProcess] = []
 
     def start(**env) -> RegistryProcess:
-        full = {"DELTASTORE_DATA_DIR": str(tmp_path / "data"), "DELTASTORE_DATABASE_URL": migrated_url,
-                **{f"DELTASTORE_{k.upper()}": str(v) for k, v in env.items()}}
+        full = {
+            "DELTASTORE_DATA_DIR": str(tmp_path / "data"),
+            "DELTASTORE_DATABASE_URL": migrated_url,
+            **{f"DELTASTORE_{k.upper()}": str(v) for k, v in env.items()},
+        }
         server = RegistryProcess(full, log_path=tmp_path / f"registry-{len(started)}.log")
         started.append(server)
         return server.start()

@@ -24,10 +24,10 @@ from registry.server.blobstores import open_blob_store
 from registry.server.db import Database
 from registry.server.gc import collect_garbage
 from registry.server.models import utcnow
-
-from .conftest import BACKENDS
 from tests.support.corpus import delta_bytes, sha256, storage_form
 from tests.support.harness import RegistryProcess, http_push, migrate, send_bytes, setup_repo, wait_until
+
+from .conftest import BACKENDS
 
 
 def _gc_later(settings, *, expire_uploads: bool = True) -> dict:
@@ -42,7 +42,9 @@ def _gc_later(settings, *, expire_uploads: bool = True) -> dict:
 
 
 def _numbers(c: httpx.Client, repo: str = "acme/math") -> list[int]:
-    return sorted(v["number"] for v in c.get(f"/v1/repos/{repo}/versions", params={"limit": 500}).json()["items"])
+    return sorted(
+        v["number"] for v in c.get(f"/v1/repos/{repo}/versions", params={"limit": 500}).json()["items"]
+    )
 
 
 def _downloads_verify(c: httpx.Client, repo: str = "acme/math") -> None:
@@ -53,8 +55,12 @@ def _downloads_verify(c: httpx.Client, repo: str = "acme/math") -> None:
 
 def _send_partial(port: int, upload: dict, data: bytes, fraction: float) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(f"PUT {upload['upload_url']} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
-                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data[: int(len(data) * fraction)])
+    sock.sendall(
+        f"PUT {upload['upload_url']} HTTP/1.1\r\nHost: "
+        "127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data[: int(len(data) * fraction)]
+    )
     return sock
 
 
@@ -62,7 +68,9 @@ def _send_partial(port: int, upload: dict, data: bytes, fraction: float) -> sock
 def test_sigkill_mid_upload_and_mid_verification(registry_process, make_settings):
     settings = make_settings()
     staging = settings.data_dir / "blobs" / "staging"
-    big = [storage_form(delta_bytes(100 + i, rows=1024, width_bytes=16 << 10)) for i in range(2)]  # 16 MiB each
+    big = [
+        storage_form(delta_bytes(100 + i, rows=1024, width_bytes=16 << 10)) for i in range(2)
+    ]  # 16 MiB each
     server = registry_process()
     with server.client() as c:
         setup_repo(c, "acme/math")
@@ -73,7 +81,11 @@ def test_sigkill_mid_upload_and_mid_verification(registry_process, make_settings
 
     # 1. SIGKILL while the body of an upload is half received
     sock = _send_partial(server.port, cut, big[0].data, 0.5)
-    wait_until(lambda: any(p.name.endswith(".part") and p.stat().st_size > 0 for p in staging.iterdir()), 30, "bytes to arrive")
+    wait_until(
+        lambda: any(p.name.endswith(".part") and p.stat().st_size > 0 for p in staging.iterdir()),
+        30,
+        "bytes to arrive",
+    )
     server.kill()
     sock.close()
 
@@ -87,15 +99,21 @@ def test_sigkill_mid_upload_and_mid_verification(registry_process, make_settings
 
         # 3. SIGKILL while `complete` is verifying the second upload's 16 MiB
         done: list = []
-        t = threading.Thread(target=lambda: done.append(_try(lambda: c.post(verifying["complete_url"], timeout=60))))
+        t = threading.Thread(
+            target=lambda: done.append(_try(lambda: c.post(verifying["complete_url"], timeout=60)))
+        )
         t.start()
         # On a fast machine verification may finish before the poll sees it: then the kill lands
         # just after the commit, a case the checks below accept as well.
-        wait_until(lambda: (staging / f"{verifying['id']}.claimed").exists() or done, 60, "verification to start")
+        wait_until(
+            lambda: (staging / f"{verifying['id']}.claimed").exists() or done, 60, "verification to start"
+        )
         time.sleep(0.05)
         server.kill()
         t.join()
-    assert not isinstance(done[0], httpx.Response) or done[0].status_code == 201  # the client saw the connection drop
+    assert (
+        not isinstance(done[0], httpx.Response) or done[0].status_code == 201
+    )  # the client saw the connection drop
 
     server = registry_process()
     with server.client() as c:
@@ -137,19 +155,23 @@ def test_sigkill_at_random_moments_under_concurrent_pushes(registry_process, mak
         setup_repo(c, "acme/math")
     confirmed: dict[str, int] = {}
     pending = list(blobs)
+
+    def pusher(url, blob):
+        with httpx.Client(base_url=url, timeout=30) as pc:
+            try:
+                r = http_push(pc, "acme/math", blob)
+                return (
+                    blob.digest,
+                    r.status_code,
+                    (r.json().get("number") if r.status_code == 201 else None),
+                )
+            except httpx.HTTPError:
+                return blob.digest, None, None
+
     for round_ in range(4):
-        url = server.url
-
-        def pusher(blob):
-            with httpx.Client(base_url=url, timeout=30) as pc:
-                try:
-                    r = http_push(pc, "acme/math", blob)
-                    return blob.digest, r.status_code, (r.json().get("number") if r.status_code == 201 else None)
-                except httpx.HTTPError:
-                    return blob.digest, None, None
-
+        url = server.url  # of this round's process: `server` is replaced after the kill
         with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(pusher, b) for b in pending]
+            futures = [pool.submit(pusher, url, b) for b in pending]
             if round_ < 3:
                 time.sleep(rng.uniform(0.05, 0.4))
                 server.kill()
@@ -159,7 +181,10 @@ def test_sigkill_at_random_moments_under_concurrent_pushes(registry_process, mak
                 confirmed[digest] = number
         server = registry_process()
         with server.client() as c:
-            listed = {v["digest"]: v["number"] for v in c.get("/v1/repos/acme/math/versions", params={"limit": 500}).json()["items"]}
+            listed = {
+                v["digest"]: v["number"]
+                for v in c.get("/v1/repos/acme/math/versions", params={"limit": 500}).json()["items"]
+            }
             numbers = sorted(listed.values())
             assert numbers == list(range(1, len(numbers) + 1)) or len(set(numbers)) == len(numbers), numbers
             for digest, number in confirmed.items():
@@ -171,7 +196,9 @@ def test_sigkill_at_random_moments_under_concurrent_pushes(registry_process, mak
     assert not pending, f"{len(pending)} pushes never succeeded"
     with server.client() as c:
         items = c.get("/v1/repos/acme/math/versions", params={"limit": 500}).json()["items"]
-        assert len({v["number"] for v in items}) == len(items) == len(blobs)  # no duplicate numbers, none lost
+        assert (
+            len({v["number"] for v in items}) == len(items) == len(blobs)
+        )  # no duplicate numbers, none lost
         assert {v["digest"] for v in items} == {b.digest for b in blobs}
         _gc_later(settings)
         report = c.get("/v1/admin/fsck").json()
@@ -206,7 +233,11 @@ def test_completing_a_published_upload_again_returns_its_version(registry_proces
         assert [r.status_code for r in answers] == [201, 200, 200]
         assert {r.json()["number"] for r in answers} == {1} and _numbers(c, "acme/code") == [1]
         # nothing else moved: one push event each, and the next push gets the next number
-        pushes = [e["target"] for e in c.get("/v1/audit", params={"limit": 100}).json()["items"] if e["action"] == "push"]
+        pushes = [
+            e["target"]
+            for e in c.get("/v1/audit", params={"limit": 100}).json()["items"]
+            if e["action"] == "push"
+        ]
         assert sorted(pushes) == ["acme/code", "acme/math"]
         assert http_push(c, "acme/math", storage_form(delta_bytes(2))).json()["number"] == 2
         r = c.post(upload["complete_url"])
@@ -221,7 +252,6 @@ def test_client_push_whose_complete_answer_is_lost_publishes_one_version(live_se
     running it again returns that same version. Never a second version."""
     from registry.client.api import RegistryApi
     from registry.client.errors import NetworkError
-
     from tests.support.harness import AnswerLosingProxy
 
     server = live_server()
@@ -232,14 +262,20 @@ def test_client_push_whose_complete_answer_is_lost_publishes_one_version(live_se
     second.write_bytes(delta_bytes(2))
     home = tmp_path / "home"
 
-    with AnswerLosingProxy(server.port, _COMPLETE, drops=1) as proxy, RegistryApi(proxy.url, home=home) as api:
+    with (
+        AnswerLosingProxy(server.port, _COMPLETE, drops=1) as proxy,
+        RegistryApi(proxy.url, home=home) as api,
+    ):
         pushed = api.push(first, "acme/math")
         assert proxy.dropped == 1  # the registry did answer the first `complete`; the client never saw it
     assert pushed.version.number == 1 and pushed.sent_bytes > 0 and not pushed.already_published
     with server.client() as c:
         assert _numbers(c) == [1]
 
-    with AnswerLosingProxy(server.port, _COMPLETE, drops=2) as proxy, RegistryApi(proxy.url, home=home) as api:
+    with (
+        AnswerLosingProxy(server.port, _COMPLETE, drops=2) as proxy,
+        RegistryApi(proxy.url, home=home) as api,
+    ):
         with pytest.raises(NetworkError):
             api.push(second, "acme/math")
         assert proxy.dropped == 2
@@ -294,8 +330,13 @@ def test_s3_endpoint_down_during_push_and_pull(make_client, moto_endpoint):
     import boto3
 
     boto3.client("s3", endpoint_url=moto_endpoint.url, region_name="us-east-1").create_bucket(Bucket="down")
-    client = make_client(blob_url="s3://down/reg", s3_endpoint_url=moto_endpoint.url, s3_max_attempts=2,
-                         multipart_threshold=64 << 10, multipart_part_size=32 << 10)
+    client = make_client(
+        blob_url="s3://down/reg",
+        s3_endpoint_url=moto_endpoint.url,
+        s3_max_attempts=2,
+        multipart_threshold=64 << 10,
+        multipart_part_size=32 << 10,
+    )
     setup_repo(client, "acme/math")
     small, big = storage_form(delta_bytes(1)), storage_form(delta_bytes(2, rows=1024, width_bytes=128))
     assert small.size < 64 << 10 < big.size
@@ -303,7 +344,12 @@ def test_s3_endpoint_down_during_push_and_pull(make_client, moto_endpoint):
     upload = client.post("/v1/repos/acme/math/uploads", json=big.declaration()).json()
     assert upload["method"] == "s3-multipart"
     first = upload["parts"][0]
-    assert httpx.put(first["url"], content=big.data[first["offset"] : first["offset"] + first["size"]]).status_code == 200
+    assert (
+        httpx.put(
+            first["url"], content=big.data[first["offset"] : first["offset"] + first["size"]]
+        ).status_code
+        == 200
+    )
 
     moto_endpoint.stop()
     # push: the client cannot reach the store, and completing says why, registering nothing
@@ -312,7 +358,10 @@ def test_s3_endpoint_down_during_push_and_pull(make_client, moto_endpoint):
     r = client.post(upload["complete_url"])
     assert r.status_code == 502 and r.json()["error"]["code"] == "blob_store_error", r.text
     assert "S3" in r.json()["error"]["message"] and "connect" in r.json()["error"]["message"].lower()
-    r = client.post("/v1/repos/acme/math/uploads", json=storage_form(delta_bytes(3, rows=1024, width_bytes=128)).declaration())
+    r = client.post(
+        "/v1/repos/acme/math/uploads",
+        json=storage_form(delta_bytes(3, rows=1024, width_bytes=128)).declaration(),
+    )
     assert r.status_code == 502  # a new multipart upload cannot even be created
     assert client.get("/readyz").status_code == 503
     assert [v["number"] for v in client.get("/v1/repos/acme/math/versions").json()["items"]] == [1]
@@ -327,7 +376,12 @@ def test_s3_endpoint_down_during_push_and_pull(make_client, moto_endpoint):
     resumed = client.get(f"/v1/uploads/{upload['id']}").json()
     assert resumed["parts"][0]["received"] is True
     for part in resumed["parts"][1:]:
-        assert httpx.put(part["url"], content=big.data[part["offset"] : part["offset"] + part["size"]]).status_code == 200
+        assert (
+            httpx.put(
+                part["url"], content=big.data[part["offset"] : part["offset"] + part["size"]]
+            ).status_code
+            == 200
+        )
     r = client.post(upload["complete_url"])
     assert r.status_code == 201 and r.json()["number"] == 2, r.text
     for number, blob in ((1, small), (2, big)):
@@ -384,7 +438,9 @@ def test_postgres_restart_under_load_recovers_without_a_server_restart(tmp_path,
         for t in threads:
             t.join()
         after = statuses[recovered_from:]
-        assert down and set(down) <= {200, 503}, sorted(set(down))  # a clean 503 while it is down, never a 500
+        assert down and set(down) <= {200, 503}, sorted(
+            set(down)
+        )  # a clean 503 while it is down, never a 500
         assert 503 in down
         assert after and set(after) == {200}, sorted(set(after))  # the same server process serves again
         assert server.proc.poll() is None
@@ -442,8 +498,10 @@ def test_client_and_cli_name_an_unavailable_database_and_lose_nothing(tmp_path, 
         assert pushed.exit_code == 0, pushed.output
 
         pg_cluster.stop("fast")
-        expected = (f"the registry at {server.url} cannot use its database right now: the registry database is "
-                    "unavailable; retry shortly. Nothing was changed and nothing already stored is lost; retry in 2 s")
+        expected = (
+            f"the registry at {server.url} cannot use its database right now: the registry database is "
+            "unavailable; retry shortly. Nothing was changed and nothing already stored is lost; retry in 2 s"
+        )
         with RegistryApi(server.url, home=home) as api:
             for call in (lambda: api.push(second, "acme/math"), lambda: api.pull("acme/math"), api.repos):
                 with pytest.raises(DatabaseUnavailableError) as info:
@@ -469,7 +527,9 @@ def small_tmpfs(tmp_path):
     mount.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
     yield mount
@@ -486,7 +546,11 @@ def test_disk_full_is_a_clear_error_and_leaves_no_corrupt_blob(make_client, smal
     r = client.put(upload["upload_url"], content=too_big.data)
     assert r.status_code == 507, r.text
     body = r.json()["error"]
-    assert body["code"] == "insufficient_storage" and "full" in body["message"] and str(small_tmpfs) not in body["message"]
+    assert (
+        body["code"] == "insufficient_storage"
+        and "full" in body["message"]
+        and str(small_tmpfs) not in body["message"]
+    )
     staging = small_tmpfs / "staging"
     assert list(staging.iterdir()) == []  # the partial bytes were removed, and their space freed
     assert client.post(upload["complete_url"]).status_code == 409  # nothing to complete
@@ -516,15 +580,19 @@ def test_client_and_cli_name_a_full_blob_store_and_lose_nothing(live_server, sma
     home = tmp_path / "home"
     first, big = tmp_path / "first.bdelta", tmp_path / "big.bdelta"
     first.write_bytes(delta_bytes(1))
-    big.write_bytes(delta_bytes(2, rows=512, width_bytes=4 << 10))  # 2 MiB of random signs: zstd cannot shrink it
+    big.write_bytes(
+        delta_bytes(2, rows=512, width_bytes=4 << 10)
+    )  # 2 MiB of random signs: zstd cannot shrink it
     assert _deltactl(home, server.url, "push", first, "acme/math").exit_code == 0
     disk = os.statvfs(small_tmpfs)
     filler = small_tmpfs / "filler"  # beside the blob store: leaves it 1 MiB
     filler.write_bytes(bytes(disk.f_bavail * disk.f_frsize - (1 << 20)))
 
-    expected = (f"the registry at {server.url} is out of storage: the blob store is full; nothing was stored (free "
-                "space, then push again). Nothing already stored is lost; retry once space has been freed there "
-                "(re-running a push resumes it)")
+    expected = (
+        f"the registry at {server.url} is out of storage: the blob store is full; nothing was stored (free "
+        "space, then push again). Nothing already stored is lost; retry once space has been freed there "
+        "(re-running a push resumes it)"
+    )
     with RegistryApi(server.url, home=home) as api:
         with pytest.raises(StorageFullError) as info:
             api.push(big, "acme/math")
@@ -609,7 +677,7 @@ class _StopStoreWhenUploading:
     """A push's progress watcher that stops the S3 endpoint the moment the bytes start to move:
     the registry has answered (and begun the multipart upload), the store is then gone."""
 
-    def __init__(self, endpoint: "MotoEndpoint"):
+    def __init__(self, endpoint: MotoEndpoint):
         self.endpoint = endpoint
 
     def start(self, phase: str, total, completed: int = 0) -> None:
@@ -635,8 +703,13 @@ def test_client_push_with_the_blob_store_down_names_the_blob_store(live_server, 
     from registry.client.errors import BlobStoreUnreachableError, TransferInterruptedError
 
     boto3.client("s3", endpoint_url=moto_endpoint.url, region_name="us-east-1").create_bucket(Bucket="pushes")
-    server = live_server(blob_url="s3://pushes/reg", s3_endpoint_url=moto_endpoint.url, s3_max_attempts=2,
-                         multipart_threshold=64 << 10, multipart_part_size=32 << 10)
+    server = live_server(
+        blob_url="s3://pushes/reg",
+        s3_endpoint_url=moto_endpoint.url,
+        s3_max_attempts=2,
+        multipart_threshold=64 << 10,
+        multipart_part_size=32 << 10,
+    )
     with server.client() as c:
         setup_repo(c, "acme/math")
     small, big = tmp_path / "small.bdelta", tmp_path / "big.bdelta"
@@ -651,8 +724,10 @@ def test_client_push_with_the_blob_store_down_names_the_blob_store(live_server, 
         api.push(small, "acme/math")
     message = str(info.value)
     assert message.startswith(f"cannot reach the blob store at {store} (") and message.endswith(
-        f") for the upload; the registry at {server.url} answered, but the store it points to did not: retry when "
-        "the store is reachable again (running the same push again resumes it)"), message
+        f") for the upload; the registry at {server.url} answered, "
+        "but the store it points to did not: retry when "
+        "the store is reachable again (running the same push again resumes it)"
+    ), message
     r = _deltactl(home, server.url, "push", small, "acme/math")
     assert r.exit_code == exit_codes.EXIT_NETWORK == 6, r.output
     assert r.stderr.startswith(f"error: network: cannot reach the blob store at {store} ("), r.stderr
@@ -666,7 +741,12 @@ def test_client_push_with_the_blob_store_down_names_the_blob_store(live_server, 
     with RegistryApi(server.url, home=home) as api, pytest.raises(TransferInterruptedError) as info:
         api.push(big, "acme/math", progress=_StopStoreWhenUploading(moto_endpoint))
     message = str(info.value)
-    assert message.startswith(f"push interrupted with 0 of ") and f"parts stored (cannot reach the blob store at {store} (" in message
-    assert message.endswith(") for the upload); run the same command again to send only the missing parts"), message
+    assert (
+        message.startswith("push interrupted with 0 of ")
+        and f"parts stored (cannot reach the blob store at {store} (" in message
+    )
+    assert message.endswith(") for the upload); run the same command again to send only the missing parts"), (
+        message
+    )
     moto_endpoint.start()
     _push_lands(home, server, big, 2)

@@ -16,10 +16,10 @@ from registry.server.db import Database
 from registry.server.fsck import check_consistency
 from registry.server.gc import collect_garbage
 from registry.server.models import Tag, utcnow
-
-from .conftest import BACKENDS
 from tests.support.corpus import delta_bytes, storage_form
 from tests.support.harness import http_push, setup_repo
+
+from .conftest import BACKENDS
 
 pytestmark = pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 
@@ -59,16 +59,33 @@ def test_fsck_reports_each_kind_of_disagreement(client, make_settings):
 
     report = _fsck(settings)
     assert not report.ok
-    assert (report.digest_mismatches, report.missing_objects, report.orphan_objects, report.tag_errors) == (1, 1, 1, 1)
+    assert (report.digest_mismatches, report.missing_objects, report.orphan_objects, report.tag_errors) == (
+        1,
+        1,
+        1,
+        1,
+    )
     text = "\n".join(report.details)
-    assert blobs[0].digest in text and blobs[1].digest in text and orphan.digest[7:] in text and "latest is at 1" in text
+    assert (
+        blobs[0].digest in text
+        and blobs[1].digest in text
+        and orphan.digest[7:] in text
+        and "latest is at 1" in text
+    )
 
     api = client.get("/v1/admin/fsck").json()
     assert api["ok"] is False and api["digest_mismatches"] == 1
     quick = client.get("/v1/admin/fsck", params={"digests": "false"}).json()
-    assert quick["digests_checked"] is False and quick["digest_mismatches"] == 0 and quick["missing_objects"] == 1
+    assert (
+        quick["digests_checked"] is False
+        and quick["digest_mismatches"] == 0
+        and quick["missing_objects"] == 1
+    )
 
-    env = {"DELTASTORE_DATABASE_URL": settings.resolved_database_url, "DELTASTORE_DATA_DIR": str(settings.data_dir)}
+    env = {
+        "DELTASTORE_DATABASE_URL": settings.resolved_database_url,
+        "DELTASTORE_DATA_DIR": str(settings.data_dir),
+    }
     result = CliRunner().invoke(cli_app, ["fsck", "--json"], env=env)
     assert result.exit_code == 1, result.output
     assert json.loads(result.stdout)["missing_objects"] == 1

@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 from codec.container import parse_header_bytes
 from codec.errors import CorruptFileError, HeaderError, InvalidDeltaError
 from codec.format import DeltaFile
-
 from tests.support.corpus import encode, seed_deltas, storage_form
 from tests.support.delta_fuzz import check_blob, check_delta, mutate, mutate_blob
 
@@ -66,21 +65,47 @@ def test_mutated_storage_blobs_never_decompress_to_other_bytes(chunk):
 
 # --- headers built from scratch (hypothesis) -------------------------------------------------
 _dim = st.one_of(st.integers(0, 8), st.sampled_from([2**32, 2**63, 2**64 - 1, 2**64, -1]))
-_record = st.fixed_dictionaries({
-    "dtype": st.sampled_from(["U8", "F32", "F16", "I32", "BF16", "F64", "X", 1]),
-    "shape": st.lists(_dim, max_size=4),
-    "data_offsets": st.lists(st.one_of(st.integers(0, 64), st.sampled_from([2**64, -1, 2**63])), min_size=0, max_size=3),
-})
-_names = st.sampled_from(["a.weight.sign", "a.weight.scale", "a.weight.full", "b.weight.full", "b.weight.sign",
-                          "c.weight.dq_codes", "c.weight.dq_step", "c.weight.dq_params", "d", "e.weight.bias"])
+_record = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["U8", "F32", "F16", "I32", "BF16", "F64", "X", 1]),
+        "shape": st.lists(_dim, max_size=4),
+        "data_offsets": st.lists(
+            st.one_of(st.integers(0, 64), st.sampled_from([2**64, -1, 2**63])), min_size=0, max_size=3
+        ),
+    }
+)
+_names = st.sampled_from(
+    [
+        "a.weight.sign",
+        "a.weight.scale",
+        "a.weight.full",
+        "b.weight.full",
+        "b.weight.sign",
+        "c.weight.dq_codes",
+        "c.weight.dq_step",
+        "c.weight.dq_params",
+        "d",
+        "e.weight.bias",
+    ]
+)
 
 
 @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(tensors=st.dictionaries(_names, _record, max_size=5), body=st.binary(max_size=96),
-       codec=st.sampled_from(["bitdelta", "deltadq"]))
+@given(
+    tensors=st.dictionaries(_names, _record, max_size=5),
+    body=st.binary(max_size=96),
+    codec=st.sampled_from(["bitdelta", "deltadq"]),
+)
 def test_headers_from_scratch(tmp_path_factory, tensors, body, codec):
-    meta = {"format": "deltastore.delta", "format_version": "1", "codec": codec, "base_model": "org/base",
-            "base_fingerprint": "sha256:" + "5a" * 32, "dtype": "float16", "deltadq": '{"seed": 1, "mask": "splitmix64-v1"}'}
+    meta = {
+        "format": "deltastore.delta",
+        "format_version": "1",
+        "codec": codec,
+        "base_model": "org/base",
+        "base_fingerprint": "sha256:" + "5a" * 32,
+        "dtype": "float16",
+        "deltadq": '{"seed": 1, "mask": "splitmix64-v1"}',
+    }
     raw = json.dumps({"__metadata__": meta, **tensors}).encode()
     data = struct.pack("<Q", len(raw)) + raw + body
     check_delta(data, tmp_path_factory.mktemp("scratch") / "case.bdelta")
@@ -95,36 +120,82 @@ def _with_header(text: bytes, body: bytes = b"") -> bytes:
     "data, message",
     [
         # a list as dtype raised TypeError (unhashable) instead of HeaderError
-        (_with_header(b'{"a.weight.full":{"dtype":["F32"],"shape":[1],"data_offsets":[0,4]}}', b"abcd"), "unknown dtype"),
+        (
+            _with_header(b'{"a.weight.full":{"dtype":["F32"],"shape":[1],"data_offsets":[0,4]}}', b"abcd"),
+            "unknown dtype",
+        ),
         # an integer of 5,000 digits raised the interpreter's ValueError for long int conversion
-        (_with_header(b'{"a.weight.full":{"dtype":"U8","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,1]}}', b"a"), "UTF-8 JSON"),
+        (
+            _with_header(
+                b'{"a.weight.full":{"dtype":"U8","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,1]}}', b"a"
+            ),
+            "UTF-8 JSON",
+        ),
         # deep nesting raised RecursionError
         (_with_header(b'{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"), "nested too deeply"),
         # NaN is not JSON (the stock library refuses it)
         (_with_header(b'{"__metadata__":{"k":"v"},"x":NaN}'), "NaN is not JSON"),
         # a lone surrogate is not Unicode: the stock library refuses it, so must we
         (_with_header(b'{"__metadata__":{"k":"\\ud800"}}'), "surrogate"),
-        (_with_header(b'{"\\udc00.full":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}', b"a"), "surrogate"),
+        (
+            _with_header(b'{"\\udc00.full":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}', b"a"),
+            "surrogate",
+        ),
         # dims beyond 64 bits (with a zero dim, so the byte count is 0): the stock library cannot load it
-        (_with_header(b'{"a.weight.full":{"dtype":"F32","shape":[0,' + str(10**30).encode() + b'],"data_offsets":[0,0]}}'), "non-negative integers below 2\\*\\*63"),
-        (_with_header(b'{"a.weight.full":{"dtype":"F32","shape":[' + str(2**62).encode() + b',' + str(2**62).encode() + b',0],"data_offsets":[0,0]}}'), "64-bit"),
+        (
+            _with_header(
+                b'{"a.weight.full":{"dtype":"F32","shape":[0,'
+                + str(10**30).encode()
+                + b'],"data_offsets":[0,0]}}'
+            ),
+            "non-negative integers below 2\\*\\*63",
+        ),
+        (
+            _with_header(
+                b'{"a.weight.full":{"dtype":"F32","shape":['
+                + str(2**62).encode()
+                + b","
+                + str(2**62).encode()
+                + b',0],"data_offsets":[0,0]}}'
+            ),
+            "64-bit",
+        ),
         # a dimension torch cannot hold (int64), in a zero-size tensor the stock header check lets through
-        (_with_header(b'{"a.weight.full":{"dtype":"U8","shape":[0,' + str(2**63 + 5).encode() + b'],"data_offsets":[0,0]}}'), "below 2\\*\\*63"),
+        (
+            _with_header(
+                b'{"a.weight.full":{"dtype":"U8","shape":[0,'
+                + str(2**63 + 5).encode()
+                + b'],"data_offsets":[0,0]}}'
+            ),
+            "below 2\\*\\*63",
+        ),
     ],
-    ids=["list-dtype", "long-int", "deep-nesting", "nan", "surrogate-meta", "surrogate-name", "dim-over-u64", "numel-overflow",
-         "dim-over-i64"],
+    ids=[
+        "list-dtype",
+        "long-int",
+        "deep-nesting",
+        "nan",
+        "surrogate-meta",
+        "surrogate-name",
+        "dim-over-u64",
+        "numel-overflow",
+        "dim-over-i64",
+    ],
 )
 def test_regressions_are_header_errors(data, message):
     with pytest.raises(HeaderError, match=message):
         parse_header_bytes(data, len(data))
 
 
-@pytest.mark.parametrize("key, value", [
-    ("calibration", '{"loss": NaN}'),
-    ("fidelity", '{"kl": Infinity}'),
-    ("fidelity", "[" * 5000 + "]" * 5000),
-    ("x-hf-config", "{not json"),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("calibration", '{"loss": NaN}'),
+        ("fidelity", '{"kl": Infinity}'),
+        ("fidelity", "[" * 5000 + "]" * 5000),
+        ("x-hf-config", "{not json"),
+    ],
+)
 def test_metadata_json_must_be_strict_json(tmp_path, key, value):
     data = SEEDS["per_matrix"]
     doc = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
@@ -132,7 +203,7 @@ def test_metadata_json_must_be_strict_json(tmp_path, key, value):
     meta[key] = value
     tensors = [(n, i["dtype"], i["shape"], b"") for n, i in doc.items()]
     body = data[8 + struct.unpack("<Q", data[:8])[0] :]
-    parts, off = [], 0
+    parts = []
     for n, dtype, shape, _ in tensors:
         b, e = doc[n]["data_offsets"]
         parts.append((n, dtype, shape, body[b:e]))
@@ -165,8 +236,12 @@ def test_flipped_byte_in_a_cached_delta_is_caught_by_the_digest_before_it_is_rea
     from codec.storage import BlobCorruptError, decompress_stream
 
     with pytest.raises(BlobCorruptError):
-        decompress_stream(io.BytesIO(bytes(bad)), io.BytesIO(), max_output_size=stored.raw_size,
-                          expected_raw_digest=stored.raw_digest)
+        decompress_stream(
+            io.BytesIO(bytes(bad)),
+            io.BytesIO(),
+            max_output_size=stored.raw_size,
+            expected_raw_digest=stored.raw_digest,
+        )
 
 
 def test_zstd_checksum_and_size_lies_are_refused():

@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from .conftest import BACKENDS
 from tests.support.harness import ROOT
 from tests.support.load import check_pushes, push_load
+
+from .conftest import BACKENDS
 
 pytestmark = pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 
@@ -33,7 +34,8 @@ def test_read_load_from_a_second_process(registry_process):
     assert load.pushes == 20
     code = (
         "import json, sys; from tests.support.load import read_load; "
-        f"r = read_load({server.url!r}, [('reads/r%d' % i, 5) for i in range(4)], requests=400, concurrency=4, time_limit=60); "
+        f"r = read_load({server.url!r}, [('reads/r%d' % i, 5) for i "
+        "in range(4)], requests=400, concurrency=4, time_limit=60); "
         "print(json.dumps(r.summary()))"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -55,20 +57,20 @@ def test_racing_completes_of_one_upload_publish_it_once(registry_process):
     from tests.support.harness import send_bytes, setup_repo
 
     server = registry_process()
+
+    def complete(upload):
+        with httpx.Client(base_url=server.url, timeout=60) as rc:
+            r = rc.post(upload["complete_url"])
+            return r.status_code, r.json().get("number")
+
     with server.client() as c:
         setup_repo(c, "race/one")
         for i in range(6):
             blob = storage_form(delta_bytes(500 + i, rows=512, width_bytes=2048))
             upload = c.post("/v1/repos/race/one/uploads", json=blob.declaration()).json()
             assert send_bytes(c, upload, blob.data) is None
-
-            def complete(_):
-                with httpx.Client(base_url=server.url, timeout=60) as rc:
-                    r = rc.post(upload["complete_url"])
-                    return r.status_code, r.json().get("number")
-
             with ThreadPoolExecutor(4) as pool:
-                answers = list(pool.map(complete, range(4)))
+                answers = list(pool.map(complete, [upload] * 4))
             statuses = sorted(status for status, _ in answers)
             assert statuses.count(201) == 1 and all(s in (200, 201, 404, 409) for s in statuses), statuses
             assert {number for status, number in answers if status in (200, 201)} == {i + 1}, answers

@@ -15,15 +15,17 @@ from alembic.script import ScriptDirectory
 from cli import errors as exit_codes
 from registry.client.api import RegistryApi
 from registry.client.errors import RegistryUnavailableError
-from registry.server.db import Database
 from registry.common.errors import NotFoundError, SchemaOutOfDateError
+from registry.server.db import Database
 from registry.server.migrate import alembic_config, current_revision, head_revision
-
-from .conftest import BACKENDS
 from tests.support.corpus import delta_bytes, sha256
 from tests.support.harness import FrontServer, setup_repo
 
-PROXY_PAGE = b"<html><head><title>Service Unavailable</title></head><body><h1>No healthy upstream</h1></body></html>"
+from .conftest import BACKENDS
+
+PROXY_PAGE = (
+    b"<html><head><title>Service Unavailable</title></head><body><h1>No healthy upstream</h1></body></html>"
+)
 
 
 def _deltactl(home: Path, registry: str, *args, env: dict | None = None):
@@ -37,8 +39,9 @@ def _deltactl(home: Path, registry: str, *args, env: dict | None = None):
 
 
 # --- a proxy answers instead of the registry ------------------------------------------------
-@pytest.mark.parametrize(("status", "reason"), [(502, "Bad Gateway"), (503, "Service Unavailable"),
-                                                (504, "Gateway Timeout")])
+@pytest.mark.parametrize(
+    ("status", "reason"), [(502, "Bad Gateway"), (503, "Service Unavailable"), (504, "Gateway Timeout")]
+)
 def test_a_proxy_page_instead_of_the_registry_is_registry_unavailable(tmp_path, status, reason):
     """A 502/503/504 whose body is a proxy's HTML page, not the registry's error: the client
     raises RegistryUnavailableError naming the URL and the status, and deltactl exits with the
@@ -48,9 +51,13 @@ def test_a_proxy_page_instead_of_the_registry_is_registry_unavailable(tmp_path, 
         front.answer("GET", r"/v1/.*", status, PROXY_PAGE, times=100)
 
         def expected(path: str) -> str:
-            return (f"the registry at {front.url} is unavailable: GET {front.url}{path} answered HTTP {status} {reason} "
-                    "without the registry's error body (a proxy or load balancer in front of the registry answered "
-                    "for it); retry shortly")
+            return (
+                f"the registry at {front.url} is unavailable: GET "
+                f"{front.url}{path} answered HTTP {status} {reason} "
+                "without the registry's error body (a proxy or "
+                "load balancer in front of the registry answered "
+                "for it); retry shortly"
+            )
 
         with RegistryApi(front.url, home=home) as api:
             with pytest.raises(RegistryUnavailableError) as info:
@@ -93,12 +100,16 @@ def test_a_registry_whose_schema_fell_behind_says_to_run_db_upgrade(live_server,
     with server.client() as c:
         r = c.get("/v1/repos")
     assert r.status_code == 503 and "retry-after" not in r.headers, r.text
-    server_message = (f"the registry's database is at schema revision {behind}, but this server needs revision {head}; "
-                      "run `deltactl db upgrade` with this server's DELTASTORE_DATABASE_URL")
+    server_message = (
+        f"the registry's database is at schema revision {behind}, but this server needs revision {head}; "
+        "run `deltactl db upgrade` with this server's DELTASTORE_DATABASE_URL"
+    )
     assert r.json() == {"error": {"code": "schema_out_of_date", "message": server_message}}
-    expected = (f"the registry at {server.url} cannot serve requests until its database schema is upgraded: "
-                f"{server_message}. Nothing was changed; retrying fails the same way until the registry's operator "
-                "has done so")
+    expected = (
+        f"the registry at {server.url} cannot serve requests until its database schema is upgraded: "
+        f"{server_message}. Nothing was changed; retrying fails the same way until the registry's operator "
+        "has done so"
+    )
     with RegistryApi(server.url, home=tmp_path / "other-home") as api:
         for call in (api.repos, lambda: api.version("acme/math"), lambda: api.pull("acme/math")):
             with pytest.raises(SchemaOutOfDateError) as info:
@@ -109,8 +120,13 @@ def test_a_registry_whose_schema_fell_behind_says_to_run_db_upgrade(live_server,
         assert r.exit_code == exit_codes.EXIT_NETWORK == 6, r.output
         assert r.stderr == f"error: schema out of date: {expected}\n", r.stderr
 
-    fixed = _deltactl(home, server.url, "db", "upgrade", env={"DELTASTORE_DATABASE_URL": migrated_url,
-                                                              "DELTASTORE_DATA_DIR": str(tmp_path / "data")})
+    fixed = _deltactl(
+        home,
+        server.url,
+        "db",
+        "upgrade",
+        env={"DELTASTORE_DATABASE_URL": migrated_url, "DELTASTORE_DATA_DIR": str(tmp_path / "data")},
+    )
     assert fixed.exit_code == 0, fixed.output
     r = _deltactl(tmp_path / "other-home", server.url, "pull", "acme/math", "--json")
     assert r.exit_code == 0, r.output
@@ -119,8 +135,10 @@ def test_a_registry_whose_schema_fell_behind_says_to_run_db_upgrade(live_server,
 
 
 # --- 503 with Retry-After: idempotent requests wait it out, others never ---------------------
-DB_BLIP = (b'{"error": {"code": "database_unavailable", "message": "the registry database is unavailable; '
-           b'retry shortly"}}')
+DB_BLIP = (
+    b'{"error": {"code": "database_unavailable", "message": "the registry database is unavailable; '
+    b'retry shortly"}}'
+)
 
 
 @pytest.fixture
@@ -144,12 +162,30 @@ def test_idempotent_requests_wait_out_a_503_with_retry_after(registry_behind_a_f
     front = registry_behind_a_front
     with RegistryApi(front.url, home=tmp_path / "home") as api:
         calls = [
-            ("/v1/repos", PROXY_PAGE, "text/html", lambda: [r.full_name for r in api.repos()] == ["acme/math"]),
-            ("/v1/repos/acme/math", DB_BLIP, "application/json", lambda: api.repo("acme/math").latest_version == 1),
-            ("/v1/repos/acme/math/versions/latest", DB_BLIP, "application/json",
-             lambda: api.version("acme/math").number == 1),
-            ("/v1/repos/acme/math/versions/1/download", PROXY_PAGE, "text/html",
-             lambda: sha256(Path(api.pull("acme/math@1").blob).read_bytes()) == sha256(delta_bytes(1))),
+            (
+                "/v1/repos",
+                PROXY_PAGE,
+                "text/html",
+                lambda: [r.full_name for r in api.repos()] == ["acme/math"],
+            ),
+            (
+                "/v1/repos/acme/math",
+                DB_BLIP,
+                "application/json",
+                lambda: api.repo("acme/math").latest_version == 1,
+            ),
+            (
+                "/v1/repos/acme/math/versions/latest",
+                DB_BLIP,
+                "application/json",
+                lambda: api.version("acme/math").number == 1,
+            ),
+            (
+                "/v1/repos/acme/math/versions/1/download",
+                PROXY_PAGE,
+                "text/html",
+                lambda: sha256(Path(api.pull("acme/math@1").blob).read_bytes()) == sha256(delta_bytes(1)),
+            ),
         ]
         for path, body, content_type, call in calls:
             front.answer("GET", path, 503, body, {"Retry-After": "1"}, content_type=content_type)
@@ -167,8 +203,13 @@ def test_retries_on_503_are_bounded(registry_behind_a_front, tmp_path, monkeypat
 
     front = registry_behind_a_front
     path = "/v1/repos/acme/math"
-    cases = [({"Retry-After": "1"}, None, 3), ({"Retry-After": "11"}, None, 1), ({}, None, 1),
-             ({"Retry-After": "1"}, "0", 1), ({"Retry-After": "1"}, "1.5", 2)]
+    cases = [
+        ({"Retry-After": "1"}, None, 3),
+        ({"Retry-After": "11"}, None, 1),
+        ({}, None, 1),
+        ({"Retry-After": "1"}, "0", 1),
+        ({"Retry-After": "1"}, "1.5", 2),
+    ]
     for headers, max_wait, tries in cases:
         if max_wait is None:
             monkeypatch.delenv("DELTACTL_UNAVAILABLE_MAX_WAIT", raising=False)
@@ -176,13 +217,17 @@ def test_retries_on_503_are_bounded(registry_behind_a_front, tmp_path, monkeypat
             monkeypatch.setenv("DELTACTL_UNAVAILABLE_MAX_WAIT", max_wait)
         front.answer("GET", path, 503, PROXY_PAGE, headers, times=5)
         started = time.monotonic()
-        with RegistryApi(front.url, home=tmp_path / "home") as api, pytest.raises(RegistryUnavailableError) as info:
+        with (
+            RegistryApi(front.url, home=tmp_path / "home") as api,
+            pytest.raises(RegistryUnavailableError) as info,
+        ):
             api.repo("acme/math")
         took = time.monotonic() - started
         assert front.count("GET", path) == tries, (headers, max_wait, front.requests)
         assert tries - 1 <= took < tries + 2, (headers, max_wait, took)
         assert info.value.status == 503 and str(info.value).endswith(
-            f"; retry in {headers['Retry-After']} s" if headers else "; retry shortly"), str(info.value)
+            f"; retry in {headers['Retry-After']} s" if headers else "; retry shortly"
+        ), str(info.value)
         front.reset()
 
 

@@ -18,7 +18,6 @@ import zstandard
 from codec.storage import BlobCorruptError, BlobTooLargeError, decompress_stream
 from registry.common.errors import InvalidUploadError
 from registry.server.verify import Declared, verify_stream
-
 from tests.support.corpus import FINGERPRINT, StoredDelta, delta_bytes, sha256, storage_form
 from tests.support.harness import setup_repo
 
@@ -28,7 +27,9 @@ GiB = 1 << 30
 def bomb(path: Path, size: int, *, declare: int | None, window_log: int | None = None) -> Path:
     """`size` zero bytes as one zstd frame (a few KiB), declaring `declare` bytes in its header
     (None: no size; a value other than `size`: a frame that lies)."""
-    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=window_log or 0, write_content_size=1)
+    params = zstandard.ZstdCompressionParameters.from_level(
+        3, window_log=window_log or 0, write_content_size=1
+    )
     cctx = zstandard.ZstdCompressor(compression_params=params)
     zero = bytes(1 << 20)
     with open(path, "wb") as fh, cctx.stream_writer(fh, size=size, closefd=False) as writer:
@@ -79,7 +80,9 @@ def test_codec_stops_a_bomb_at_the_record_size_in_bounded_memory(bombs, declared
     tracemalloc.start()
     sink = _Sink()
     with open(path, "rb") as fh, pytest.raises((BlobTooLargeError, BlobCorruptError)):
-        decompress_stream(io.BufferedReader(_NoSeek(fh)), sink, max_output_size=1 << 20, expected_raw_digest=None)
+        decompress_stream(
+            io.BufferedReader(_NoSeek(fh)), sink, max_output_size=1 << 20, expected_raw_digest=None
+        )
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert sink.n <= 2 << 20 and peak < 8 << 20, (sink.n, peak)
@@ -116,16 +119,25 @@ def test_registry_refuses_a_bomb_upload_without_growing(registry_process, tmp_pa
         setup_repo(c, "acme/math")
         real = storage_form(delta_bytes(1))
         # the record says 1 MiB of raw delta: the blob must not decompress past it
-        declaration = {"digest": sha256(data), "size": len(data), "raw_digest": real.raw_digest, "raw_size": 1 << 20}
+        declaration = {
+            "digest": sha256(data),
+            "size": len(data),
+            "raw_digest": real.raw_digest,
+            "raw_size": 1 << 20,
+        }
         upload = c.post("/v1/repos/acme/math/uploads", json=declaration).json()
         assert c.put(upload["upload_url"], content=data).status_code == 200
         with PeakRss(server.pid) as rss:
             r = c.post(upload["complete_url"])
         assert r.status_code == 422, r.text
         if declared > 1 << 20:  # refused from the frame header alone, naming the record's size
-            assert r.json()["error"] == {"code": "size_mismatch", "message": (
-                "the blob decompresses to more than the declared 1048576 bytes: blob declares 4294967296 "
-                "decompressed bytes, above the allowed 1048576")}
+            assert r.json()["error"] == {
+                "code": "size_mismatch",
+                "message": (
+                    "the blob decompresses to more than the declared 1048576 bytes: blob declares 4294967296 "
+                    "decompressed bytes, above the allowed 1048576"
+                ),
+            }
         else:  # the frame lies about its size: corrupt
             assert r.json()["error"]["code"] == "invalid_delta", r.text
         assert rss.grew_mib < 64, f"the server grew by {rss.grew_mib:.0f} MiB refusing a 4 GiB bomb"
@@ -187,16 +199,23 @@ def test_a_header_that_is_not_a_json_object_is_refused_at_its_first_byte():
     raw = bytearray(delta_bytes(1))
     raw[8] = ord("[")
     failure, _ = _verify_cpu_seconds(storage_form(bytes(raw)))
-    assert str(failure) == ("upload is not a valid format-v1 delta: its header does not begin a JSON object "
-                            "(first byte 0x5b)")
+    assert str(failure) == (
+        "upload is not a valid format-v1 delta: its header does not begin a JSON object (first byte 0x5b)"
+    )
 
 
 def test_an_invalid_header_stops_the_decompression_of_a_large_body(tmp_path):
     """A complete header that is not format-v1 (an unknown format_version) is refused before the
     2 GiB of (zero) tensor data behind it are decompressed."""
     body = 2 * GiB
-    meta = {"format": "deltastore.delta", "format_version": "9", "codec": "bitdelta",
-            "base_model": "org/base", "base_fingerprint": FINGERPRINT, "dtype": "float16"}
+    meta = {
+        "format": "deltastore.delta",
+        "format_version": "9",
+        "codec": "bitdelta",
+        "base_model": "org/base",
+        "base_fingerprint": FINGERPRINT,
+        "dtype": "float16",
+    }
     sign = {"dtype": "U8", "shape": [1, 32768, 65536], "data_offsets": [0, body]}
     doc = {"__metadata__": meta, "w.sign": sign}
     header = json.dumps(doc, separators=(",", ":")).encode()
@@ -209,8 +228,9 @@ def test_an_invalid_header_stops_the_decompression_of_a_large_body(tmp_path):
         for _ in range(body >> 20):
             writer.write(zero)
     data = path.read_bytes()
-    failure, cpu = _verify_cpu_seconds(StoredDelta(data, sha256(data), len(data), "sha256:" + "0" * 64,
-                                                   8 + len(header) + body))
+    failure, cpu = _verify_cpu_seconds(
+        StoredDelta(data, sha256(data), len(data), "sha256:" + "0" * 64, 8 + len(header) + body)
+    )
     assert "format_version" in str(failure) and cpu < 0.5, (str(failure), cpu)
 
 
@@ -235,9 +255,13 @@ def test_registry_refuses_a_padded_giant_header_without_holding_it(registry_proc
                 r = c.post(upload["complete_url"])
             rss[name] = (r, peak.grew_mib)
         r, grew = rss["giant"]
-        assert r.status_code == 422 and r.json()["error"] == {"code": "invalid_delta", "message": (
-            "upload is not a valid format-v1 delta: its header would be 99000000 bytes, above this "
-            f"registry's limit of {16 << 20} bytes for a delta's header")}
+        assert r.status_code == 422 and r.json()["error"] == {
+            "code": "invalid_delta",
+            "message": (
+                "upload is not a valid format-v1 delta: its header would be 99000000 bytes, above this "
+                f"registry's limit of {16 << 20} bytes for a delta's header"
+            ),
+        }
         assert grew < 16, f"the server grew by {grew:.0f} MiB refusing a 99 MB header"
         r, grew = rss["near"]
         assert r.status_code == 201, r.text

@@ -25,12 +25,12 @@ import math
 import random
 import signal
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import zstandard
 
-from codec.container import MAX_HEADER_SIZE, TensorSpec, encode_header, parse_header_bytes
+from codec.container import MAX_HEADER_SIZE, TensorSpec, encode_header
 from codec.errors import InvalidDeltaError
 from codec.format import DeltaFile, validate_delta_header
 from codec.storage import decompress_stream
@@ -147,8 +147,25 @@ def m_random_bytes(rng, data, seeds):
 
 def m_header_length(rng, data, seeds):
     (n,) = struct.unpack("<Q", data[:8])
-    value = rng.choice([0, 1, 7, n - 1, n + 1, n + 8, len(data), len(data) - 8, MAX_HEADER_SIZE, MAX_HEADER_SIZE + 1,
-                        2**32, 2**63, 2**64 - 1, 2**64 - 8, rng.randrange(2**64)])
+    value = rng.choice(
+        [
+            0,
+            1,
+            7,
+            n - 1,
+            n + 1,
+            n + 8,
+            len(data),
+            len(data) - 8,
+            MAX_HEADER_SIZE,
+            MAX_HEADER_SIZE + 1,
+            2**32,
+            2**63,
+            2**64 - 1,
+            2**64 - 8,
+            rng.randrange(2**64),
+        ]
+    )
     return struct.pack("<Q", value % 2**64) + data[8:]
 
 
@@ -193,7 +210,9 @@ def m_offsets(rng, data, seeds):
     elif choice == 5:
         new = [begin, end + rng.choice([1, 8, len(body) + 1])]
     elif choice == 6:
-        new = rng.choice([[begin], [begin, end, end], [], [float(begin), float(end)], [str(begin), str(end)], None, begin])
+        new = rng.choice(
+            [[begin], [begin, end, end], [], [float(begin), float(end)], [str(begin), str(end)], None, begin]
+        )
     elif choice == 7:
         new = [begin, rng.choice(HUGE)]
     elif choice == 8:
@@ -240,8 +259,29 @@ def m_dtype(rng, data, seeds):
     name = _pick(rng, doc)
     if name is None:
         return data
-    doc[name]["dtype"] = rng.choice(["U8", "I8", "F16", "BF16", "F32", "I32", "U32", "F64", "I64", "BOOL", "F8_E4M3",
-                                     "F8_E5M2", "f32", "F4", "", "float32", 5, None, ["F32"]])
+    doc[name]["dtype"] = rng.choice(
+        [
+            "U8",
+            "I8",
+            "F16",
+            "BF16",
+            "F32",
+            "I32",
+            "U32",
+            "F64",
+            "I64",
+            "BOOL",
+            "F8_E4M3",
+            "F8_E5M2",
+            "f32",
+            "F4",
+            "",
+            "float32",
+            5,
+            None,
+            ["F32"],
+        ]
+    )
     return join(doc, body)
 
 
@@ -266,21 +306,66 @@ def m_entry(rng, data, seeds):
 def m_metadata(rng, data, seeds):
     doc, body = split(data)
     meta = dict(doc.get("__metadata__") or {})
-    key = rng.choice(["format", "format_version", "codec", "base_model", "base_fingerprint", "dtype", "calibration",
-                      "fidelity", "deltadq", "x-planes", "x-finetuned-bytes", "x-hf-config", "created_with"])
+    key = rng.choice(
+        [
+            "format",
+            "format_version",
+            "codec",
+            "base_model",
+            "base_fingerprint",
+            "dtype",
+            "calibration",
+            "fidelity",
+            "deltadq",
+            "x-planes",
+            "x-finetuned-bytes",
+            "x-hf-config",
+            "created_with",
+        ]
+    )
     choice = rng.randrange(4)
     if choice == 0:
         meta.pop(key, None)
     elif choice == 1:
-        meta[key] = rng.choice([
-            "", " ", "2", "1.0", "01", "deltastore.delta ", "bitdelta", "deltadq", "dense", "float16", "int8",
-            "sha256:" + "0" * 63, "sha256:" + "G" * 64, "SHA256:" + "a" * 64, "x" * 100_000, "\ud800", "a\x00b",
-            "NaN", "Infinity", '{"kl": NaN}', '{"kl": Infinity}', "[1, 2]", "{", '"s"', "1e999", "-0",
-            '{"seed": -1, "mask": "splitmix64-v1"}', '{"seed": 18446744073709551616, "mask": "splitmix64-v1"}',
-            '{"seed": true, "mask": "splitmix64-v1"}', '{"seed": 1.0, "mask": "splitmix64-v1"}',
-            '{"seed": 3, "mask": "other"}', '{"seed": 3}', "[]", '{"seed": ' + "9" * 5000 + "}",
-            "[" * 5000 + "]" * 5000,
-        ])
+        meta[key] = rng.choice(
+            [
+                "",
+                " ",
+                "2",
+                "1.0",
+                "01",
+                "deltastore.delta ",
+                "bitdelta",
+                "deltadq",
+                "dense",
+                "float16",
+                "int8",
+                "sha256:" + "0" * 63,
+                "sha256:" + "G" * 64,
+                "SHA256:" + "a" * 64,
+                "x" * 100_000,
+                "\ud800",
+                "a\x00b",
+                "NaN",
+                "Infinity",
+                '{"kl": NaN}',
+                '{"kl": Infinity}',
+                "[1, 2]",
+                "{",
+                '"s"',
+                "1e999",
+                "-0",
+                '{"seed": -1, "mask": "splitmix64-v1"}',
+                '{"seed": 18446744073709551616, "mask": "splitmix64-v1"}',
+                '{"seed": true, "mask": "splitmix64-v1"}',
+                '{"seed": 1.0, "mask": "splitmix64-v1"}',
+                '{"seed": 3, "mask": "other"}',
+                '{"seed": 3}',
+                "[]",
+                '{"seed": ' + "9" * 5000 + "}",
+                "[" * 5000 + "]" * 5000,
+            ]
+        )
     elif choice == 2:
         meta[key] = rng.choice([1, None, True, [], {}, 1.5])
     else:
@@ -302,7 +387,9 @@ def m_names(rng, data, seeds):
     elif choice == 1:
         new = stem
     elif choice == 2:
-        new = rng.choice(["", ".sign", "__metadata__", "a" * 10_000, "\ud800.full", "model/../x.full", "x\x00.full"])
+        new = rng.choice(
+            ["", ".sign", "__metadata__", "a" * 10_000, "\ud800.full", "model/../x.full", "x\x00.full"]
+        )
     elif choice == 3:
         # both .full and .sign (or a second part) for one base tensor
         new = stem + "." + rng.choice(["full", "sign", "scale", "dq_codes", "dq_step", "dq_params"])
@@ -340,7 +427,7 @@ def m_json_text(rng, data, seeds):
     elif choice == 5:
         new = text.rstrip() + b"garbage"
     elif choice == 6:
-        new = text.replace(b":", b":NaN,\"y\":", 1)
+        new = text.replace(b":", b':NaN,"y":', 1)
     elif choice == 7:
         new = text.replace(b'"', b"'", rng.choice([1, 2, 1000]))
     else:
@@ -364,12 +451,15 @@ def m_values(rng, data, seeds):
         out[begin:end] = struct.pack("<3i", *values)
     else:
         i = begin + 4 * rng.randrange((end - begin) // 4)
-        out[i : i + 4] = struct.pack("<f", rng.choice([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e38, 1e-45]))
+        out[i : i + 4] = struct.pack(
+            "<f", rng.choice([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e38, 1e-45])
+        )
     return data[: len(data) - len(body)] + bytes(out)
 
 
 def m_relayout(rng, data, seeds):
-    """Tensors in another order, possibly with a gap, an overlap or trailing bytes (only the order is valid)."""
+    """Tensors in another order, possibly with a gap, an overlap or trailing bytes (only the order
+    is valid)."""
     doc, body = split(data)
     names = _tensor_names(doc)
     rng.shuffle(names)
@@ -394,8 +484,24 @@ def m_splice(rng, data, seeds):
 
 
 MUTATORS: list[Callable] = [
-    m_truncate, m_extend, m_flip_bits, m_flip_header, m_flip_body, m_random_bytes, m_header_length, m_header_bomb,
-    m_offsets, m_shape, m_dtype, m_entry, m_metadata, m_names, m_json_text, m_values, m_relayout, m_splice,
+    m_truncate,
+    m_extend,
+    m_flip_bits,
+    m_flip_header,
+    m_flip_body,
+    m_random_bytes,
+    m_header_length,
+    m_header_bomb,
+    m_offsets,
+    m_shape,
+    m_dtype,
+    m_entry,
+    m_metadata,
+    m_names,
+    m_json_text,
+    m_values,
+    m_relayout,
+    m_splice,
 ]
 
 
@@ -405,7 +511,16 @@ def mutate(rng: random.Random, data: bytes, seeds: dict[str, bytes]) -> bytes:
     for _ in range(rng.choice([1, 1, 1, 2, 3])):
         try:
             data = rng.choice(MUTATORS)(rng, data, seeds)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error, UnicodeError, RecursionError):
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            IndexError,
+            AttributeError,
+            struct.error,
+            UnicodeError,
+            RecursionError,
+        ):
             break  # the previous mutant is no longer a parseable container: stop mutating it
         if len(data) < 8:
             break
@@ -436,8 +551,14 @@ def check_delta(data: bytes, path: Path) -> str:
                 header_refusal = None
             except InvalidDeltaError as exc:
                 header_refusal = exc
-            if delta is None and header_refusal is None and not any(s in str(refusal) for s in VALUE_REFUSALS):
-                raise FuzzFailure(f"header check accepted what the reader refused for a non-value reason: {refusal}")
+            if (
+                delta is None
+                and header_refusal is None
+                and not any(s in str(refusal) for s in VALUE_REFUSALS)
+            ):
+                raise FuzzFailure(
+                    f"header check accepted what the reader refused for a non-value reason: {refusal}"
+                )
             if delta is not None and header_refusal is not None:
                 raise FuzzFailure(f"reader accepted what the header check refused: {header_refusal}")
             if delta is not None:
@@ -452,10 +573,23 @@ def check_delta(data: bytes, path: Path) -> str:
 def _stock_dtypes() -> dict:
     import torch
 
-    return {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
-            "F8_E4M3": torch.float8_e4m3fn, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
-            "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
-            "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64}
+    return {
+        "BOOL": torch.bool,
+        "U8": torch.uint8,
+        "I8": torch.int8,
+        "F8_E5M2": torch.float8_e5m2,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "I16": torch.int16,
+        "U16": torch.uint16,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I32": torch.int32,
+        "U32": torch.uint32,
+        "F32": torch.float32,
+        "I64": torch.int64,
+        "U64": torch.uint64,
+        "F64": torch.float64,
+    }
 
 
 STOCK_DTYPES: dict = {}
@@ -485,14 +619,20 @@ def round_trip(delta: DeltaFile, data: bytes, path: Path) -> None:
                 raise FuzzFailure(f"{name}: stock bytes differ from the bytes at our offsets")
     # 2. our writer re-encodes the header to the same tensors and metadata
     ordered = sorted(header.tensors.values(), key=lambda e: (e.start, e.end))
-    again = encode_header([TensorSpec(e.name, e.dtype, e.shape) for e in ordered], header.metadata) + data[header.data_start :]
+    again = (
+        encode_header([TensorSpec(e.name, e.dtype, e.shape) for e in ordered], header.metadata)
+        + data[header.data_start :]
+    )
     reparsed, entries = validate_delta_header(_header_prefix(again), len(again))
     if reparsed.metadata != header.metadata:
         raise FuzzFailure("re-encoded metadata differs")
     for e in ordered:
         r = reparsed.tensors[e.name]
         if (r.dtype, r.shape, r.start - reparsed.data_start, r.end - reparsed.data_start) != (
-            e.dtype, e.shape, e.start - header.data_start, e.end - header.data_start
+            e.dtype,
+            e.shape,
+            e.start - header.data_start,
+            e.end - header.data_start,
         ):
             raise FuzzFailure(f"{e.name}: re-encoded record differs")
     if set(entries) != set(delta.entries):
@@ -542,7 +682,9 @@ def mutate_blob(rng: random.Random, blob: bytes) -> bytes:
     if choice == 0:
         return blob[: rng.randrange(len(blob))]
     if choice == 1:
-        return blob + rng.choice([blob, b"\x00", rng.randbytes(16), zstandard.ZstdCompressor().compress(b"x")])
+        return blob + rng.choice(
+            [blob, b"\x00", rng.randbytes(16), zstandard.ZstdCompressor().compress(b"x")]
+        )
     if choice == 2:
         return m_flip_bits(rng, blob, {})
     if choice == 3:  # the frame header's content size rewritten (a lying or absent size)
@@ -569,7 +711,9 @@ def check_blob(blob: bytes, raw: bytes) -> str:
             for src in (io.BytesIO(blob), io.BufferedReader(_Unseekable(blob))):
                 sink = _CappedSink(len(raw))
                 try:
-                    n, digest = decompress_stream(src, sink, max_output_size=len(raw), expected_raw_digest=_sha(raw))
+                    n, digest = decompress_stream(
+                        src, sink, max_output_size=len(raw), expected_raw_digest=_sha(raw)
+                    )
                 except InvalidDeltaError:
                     outcomes.add("rejected")
                     continue

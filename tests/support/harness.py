@@ -20,8 +20,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 
@@ -58,7 +58,9 @@ def migrate(env: dict[str, str]) -> None:
 def settings_from_env(env: dict[str, str]):
     from registry.server.settings import Settings
 
-    return Settings(**{k.removeprefix("DELTASTORE_").lower(): v for k, v in env.items() if k.startswith("DELTASTORE_")})
+    return Settings(
+        **{k.removeprefix("DELTASTORE_").lower(): v for k, v in env.items() if k.startswith("DELTASTORE_")}
+    )
 
 
 class RegistryProcess:
@@ -75,16 +77,29 @@ class RegistryProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60) -> "RegistryProcess":
-        args = [sys.executable, "-m", "uvicorn", "--factory", "registry.server.app:create_app", "--host", "127.0.0.1",
-                "--port", str(self.port), "--log-level", "info"]
+    def start(self, timeout: float = 60) -> RegistryProcess:
+        args = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "registry.server.app:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "info",
+        ]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         log.close()
 
         def up() -> bool:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"registry exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"registry exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}"
+                )
             try:
                 return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
             except httpx.HTTPError:
@@ -110,7 +125,7 @@ class RegistryProcess:
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60), **kwargs)
 
-    def __enter__(self) -> "RegistryProcess":
+    def __enter__(self) -> RegistryProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -144,7 +159,7 @@ class AnswerLosingProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "AnswerLosingProxy":
+    def start(self) -> AnswerLosingProxy:
         threading.Thread(target=self._accept, daemon=True).start()
         return self
 
@@ -152,7 +167,7 @@ class AnswerLosingProxy:
         self._closed = True
         self._listener.close()
 
-    def __enter__(self) -> "AnswerLosingProxy":
+    def __enter__(self) -> AnswerLosingProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -245,15 +260,32 @@ class FrontServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def answer(self, method: str, path: str, status: int, body: bytes = b"", headers: dict | None = None, *,
-               times: int = 1, content_type: str = "text/html") -> None:
+    def answer(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        body: bytes = b"",
+        headers: dict | None = None,
+        *,
+        times: int = 1,
+        content_type: str = "text/html",
+    ) -> None:
         """Answer the next `times` requests of `method` whose path (query left out) fully matches
         the regular expression `path` with `status`, `body` and `headers`."""
         import re
 
         with self._lock:
-            self._scripts.append({"method": method, "path": re.compile(path), "times": times, "status": status,
-                                  "headers": [("Content-Type", content_type), *(headers or {}).items()], "body": body})
+            self._scripts.append(
+                {
+                    "method": method,
+                    "path": re.compile(path),
+                    "times": times,
+                    "status": status,
+                    "headers": [("Content-Type", content_type), *(headers or {}).items()],
+                    "body": body,
+                }
+            )
 
     def reset(self) -> None:
         """Forget the scripted answers and the recorded requests."""
@@ -269,18 +301,27 @@ class FrontServer:
         with self._lock:
             self.requests.append((method, path))
             for script in self._scripts:
-                if script["times"] and script["method"] == method and script["path"].fullmatch(path.split("?", 1)[0]):
+                if (
+                    script["times"]
+                    and script["method"] == method
+                    and script["path"].fullmatch(path.split("?", 1)[0])
+                ):
                     script["times"] -= 1
                     return script["status"], script["headers"], script["body"]
         if self.upstream is None:
             return 404, [("Content-Type", "text/plain")], b"nothing here"
         skip = {"host", "content-length", "connection", "transfer-encoding", "accept-encoding"}
-        r = httpx.request(method, self.upstream + path, content=body, timeout=60,
-                          headers={k: v for k, v in headers.items() if k.lower() not in skip})
+        r = httpx.request(
+            method,
+            self.upstream + path,
+            content=body,
+            timeout=60,
+            headers={k: v for k, v in headers.items() if k.lower() not in skip},
+        )
         hop = {"content-length", "connection", "transfer-encoding", "content-encoding", "keep-alive"}
         return r.status_code, [(k, v) for k, v in r.headers.multi_items() if k.lower() not in hop], r.content
 
-    def __enter__(self) -> "FrontServer":
+    def __enter__(self) -> FrontServer:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
@@ -330,31 +371,58 @@ class PostgresCluster:
         import psycopg
 
         name = f"ds_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as conn:
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
+        ) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return name
 
-    def for_database(self, name: str) -> "PostgresCluster":
+    def for_database(self, name: str) -> PostgresCluster:
         """The same cluster, with `url` naming database `name`."""
         view = copy.copy(self)
         view.database = name
         return view
 
     def running(self) -> bool:
-        return self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.dir / "data"), "status", check=False).returncode == 0
+        return (
+            self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.dir / "data"), "status", check=False).returncode
+            == 0
+        )
 
     def start_if_stopped(self) -> None:
         if not self.running():
             self.start()
 
-    def init(self) -> "PostgresCluster":
-        self._run(str(PG_BIN / "initdb"), "-D", str(self.dir / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    def init(self) -> PostgresCluster:
+        self._run(
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(self.dir / "data"),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+        )
         return self.start()
 
-    def start(self) -> "PostgresCluster":
-        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off -c synchronous_commit=off "
-                "-c full_page_writes=off -c max_connections=200")
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "-o", opts, "start")
+    def start(self) -> PostgresCluster:
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -k "
+            f"{self.dir} -c fsync=off -c synchronous_commit=off "
+            "-c full_page_writes=off -c max_connections=200"
+        )
+        self._run(
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(self.dir / "data"),
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "-o",
+            opts,
+            "start",
+        )
         return self
 
     def stop(self, mode: str = "fast") -> None:
@@ -375,8 +443,15 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
 
 
 # --- the push protocol over plain HTTP -------------------------------------------------------
-def setup_repo(client: httpx.Client, repo: str, *, headers: dict | None = None, base: str = BASE_NAME,
-               fingerprint: str = FINGERPRINT, **extra) -> None:
+def setup_repo(
+    client: httpx.Client,
+    repo: str,
+    *,
+    headers: dict | None = None,
+    base: str = BASE_NAME,
+    fingerprint: str = FINGERPRINT,
+    **extra,
+) -> None:
     r = client.post("/v1/bases", json={"name": base, "fingerprint": fingerprint}, headers=headers)
     assert r.status_code in (200, 201), r.text
     ns, name = repo.split("/")
@@ -384,7 +459,9 @@ def setup_repo(client: httpx.Client, repo: str, *, headers: dict | None = None, 
     assert r.status_code in (201, 409), r.text
 
 
-def send_bytes(client: httpx.Client, upload: dict, data: bytes, *, headers: dict | None = None) -> httpx.Response | None:
+def send_bytes(
+    client: httpx.Client, upload: dict, data: bytes, *, headers: dict | None = None
+) -> httpx.Response | None:
     """Send an upload's bytes where the registry said; returns the failing response, if any."""
     method = upload["method"]
     if method == "exists":
@@ -392,9 +469,11 @@ def send_bytes(client: httpx.Client, upload: dict, data: bytes, *, headers: dict
     if method == "stream":
         r = client.put(upload["upload_url"], content=data, headers=headers)
         return None if r.status_code == 200 else r
-    targets = [(upload["upload_url"], 0, len(data))] if method == "s3-put" else [
-        (p["url"], p["offset"], p["size"]) for p in upload["parts"]
-    ]
+    targets = (
+        [(upload["upload_url"], 0, len(data))]
+        if method == "s3-put"
+        else [(p["url"], p["offset"], p["size"]) for p in upload["parts"]]
+    )
     with httpx.Client(timeout=60) as s3:
         for url, offset, size in targets:
             r = s3.put(url, content=data[offset : offset + size])
@@ -403,7 +482,9 @@ def send_bytes(client: httpx.Client, upload: dict, data: bytes, *, headers: dict
     return None
 
 
-def http_push(client: httpx.Client, repo: str, blob: StoredDelta, *, headers: dict | None = None) -> httpx.Response:
+def http_push(
+    client: httpx.Client, repo: str, blob: StoredDelta, *, headers: dict | None = None
+) -> httpx.Response:
     """The whole two-phase push; returns the response of `complete` or of the step that failed."""
     r = client.post(f"/v1/repos/{repo}/uploads", json=blob.declaration(), headers=headers)
     if r.status_code != 201:

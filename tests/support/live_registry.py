@@ -19,8 +19,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 # moto reads its minimum multipart part size at import: tests use tiny parts to get several.
 os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", "1024")
@@ -34,14 +35,16 @@ import uvicorn  # noqa: E402
 if TYPE_CHECKING:
     from registry.server.settings import Settings
 
-#: Where the PostgreSQL tests find a server to create their databases on (set by .ci/with-postgres.sh, which `make test` runs under).
+#: Where the PostgreSQL tests find a server to create their databases on (set by
+#: .ci/with-postgres.sh, which `make test` runs under).
 PG_URL_ENV = "DELTASTORE_TEST_PG_URL"
 
 
 # --- databases -------------------------------------------------------------------------------
 @contextlib.contextmanager
-def fresh_database(backend: str, *, sqlite_dir: str | os.PathLike[str], admin_url: str | None = None,
-                   prefix: str = "ds") -> Iterator[str]:
+def fresh_database(
+    backend: str, *, sqlite_dir: str | os.PathLike[str], admin_url: str | None = None, prefix: str = "ds"
+) -> Iterator[str]:
     """The URL of a new, empty database: `sqlite_dir`/registry.db, or on the PostgreSQL server of
     `admin_url` a database named `<prefix>_<random>`, dropped (connections and all) on exit."""
     if backend == "sqlite":
@@ -121,7 +124,9 @@ class LiveServer:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         sock.close()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -144,7 +149,7 @@ class LiveServer:
         return httpx.Client(base_url=self.url, timeout=60, **kwargs)
 
 
-def start_live_registry(settings: "Settings", *, migrate_first: bool = False) -> LiveServer:
+def start_live_registry(settings: Settings, *, migrate_first: bool = False) -> LiveServer:
     """The real registry app (`registry.app.create_app(settings)`) under uvicorn on loopback,
     started; with `migrate_first`, its database is brought to the schema head before."""
     from registry.server.app import create_app

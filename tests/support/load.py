@@ -44,8 +44,16 @@ def make_blobs(count: int, *, offset: int = 0, rows: int = 64, width_bytes: int 
     return [storage_form(delta_bytes(offset + i, rows=rows, width_bytes=width_bytes)) for i in range(count)]
 
 
-def push_load(url: str, *, pushers: int, per_pusher: int, same_repo: bool, blob_offset: int = 0,
-              namespace: str = "load", time_limit: float = 600.0) -> PushLoad:
+def push_load(
+    url: str,
+    *,
+    pushers: int,
+    per_pusher: int,
+    same_repo: bool,
+    blob_offset: int = 0,
+    namespace: str = "load",
+    time_limit: float = 600.0,
+) -> PushLoad:
     """`pushers` threads each push `per_pusher` distinct deltas, into one repository or one each."""
     repos = [f"{namespace}/shared"] if same_repo else [f"{namespace}/r{i}" for i in range(pushers)]
     with httpx.Client(base_url=url, timeout=60) as c:
@@ -95,7 +103,10 @@ def check_pushes(url: str, load: PushLoad, *, download: bool = True) -> dict:
         for repo, confirmed in load.confirmed.items():
             items, cursor = [], None
             while True:
-                page = c.get(f"/v1/repos/{repo}/versions", params={"limit": 500, **({"cursor": cursor} if cursor else {})}).json()
+                page = c.get(
+                    f"/v1/repos/{repo}/versions",
+                    params={"limit": 500, **({"cursor": cursor} if cursor else {})},
+                ).json()
                 items += page["items"]
                 cursor = page["next_cursor"]
                 if not cursor:
@@ -109,13 +120,23 @@ def check_pushes(url: str, load: PushLoad, *, download: bool = True) -> dict:
             if download:
                 for v in items:
                     r = c.get(f"/v1/repos/{repo}/versions/{v['number']}/download")
-                    if r.status_code != 200 or "sha256:" + hashlib.sha256(r.content).hexdigest() != v["digest"]:
+                    if (
+                        r.status_code != 200
+                        or "sha256:" + hashlib.sha256(r.content).hexdigest() != v["digest"]
+                    ):
                         mismatched += 1
                     verified += 1
         fsck = c.get("/v1/admin/fsck").json()
-    return {"lost": lost, "duplicates": duplicates, "download_mismatches": mismatched, "downloads_verified": verified,
-            "fsck_ok": fsck["ok"], "fsck_digest_mismatches": fsck["digest_mismatches"], "fsck_bytes_verified": fsck["bytes_verified"],
-            "fsck_blobs": fsck["blobs"]}
+    return {
+        "lost": lost,
+        "duplicates": duplicates,
+        "download_mismatches": mismatched,
+        "downloads_verified": verified,
+        "fsck_ok": fsck["ok"],
+        "fsck_digest_mismatches": fsck["digest_mismatches"],
+        "fsck_bytes_verified": fsck["bytes_verified"],
+        "fsck_blobs": fsck["blobs"],
+    }
 
 
 @dataclass
@@ -129,17 +150,33 @@ class ReadLoad:
     def summary(self) -> dict:
         everything = [x for values in self.latencies.values() for x in values]
         return {
-            "requests": self.requests, "errors": self.errors, "seconds": round(self.seconds, 2),
+            "requests": self.requests,
+            "errors": self.errors,
+            "seconds": round(self.seconds, 2),
             "requests_per_second": round(self.requests / self.seconds, 1) if self.seconds else 0,
-            "p50_ms": round(percentile(everything, 0.5) * 1000, 2), "p99_ms": round(percentile(everything, 0.99) * 1000, 2),
-            "by_operation": {op: {"n": len(v), "p50_ms": round(percentile(v, 0.5) * 1000, 2),
-                                  "p99_ms": round(percentile(v, 0.99) * 1000, 2)} for op, v in self.latencies.items()},
+            "p50_ms": round(percentile(everything, 0.5) * 1000, 2),
+            "p99_ms": round(percentile(everything, 0.99) * 1000, 2),
+            "by_operation": {
+                op: {
+                    "n": len(v),
+                    "p50_ms": round(percentile(v, 0.5) * 1000, 2),
+                    "p99_ms": round(percentile(v, 0.99) * 1000, 2),
+                }
+                for op, v in self.latencies.items()
+            },
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
         }
 
 
-def read_load(url: str, repos: list[tuple[str, int]], *, requests: int, concurrency: int, time_limit: float,
-              seed: int = 0) -> ReadLoad:
+def read_load(
+    url: str,
+    repos: list[tuple[str, int]],
+    *,
+    requests: int,
+    concurrency: int,
+    time_limit: float,
+    seed: int = 0,
+) -> ReadLoad:
     """A bounded mix of list / show / download-metadata (HEAD) requests over `repos` ((name, versions))."""
     rng = random.Random(seed)
     plan = []
@@ -187,8 +224,13 @@ def read_load(url: str, repos: list[tuple[str, int]], *, requests: int, concurre
 
 
 def summarize_pushes(load: PushLoad) -> dict:
-    return {"pushes": load.pushes, "seconds": round(load.seconds, 2), "pushes_per_second": round(load.per_second, 1),
-            "p50_ms": round(percentile(load.latencies, 0.5) * 1000, 1),
-            "p99_ms": round(percentile(load.latencies, 0.99) * 1000, 1),
-            "mean_ms": round(statistics.fmean(load.latencies) * 1000, 1) if load.latencies else None,
-            "errors": len(load.errors), "first_errors": load.errors[:3]}
+    return {
+        "pushes": load.pushes,
+        "seconds": round(load.seconds, 2),
+        "pushes_per_second": round(load.per_second, 1),
+        "p50_ms": round(percentile(load.latencies, 0.5) * 1000, 1),
+        "p99_ms": round(percentile(load.latencies, 0.99) * 1000, 1),
+        "mean_ms": round(statistics.fmean(load.latencies) * 1000, 1) if load.latencies else None,
+        "errors": len(load.errors),
+        "first_errors": load.errors[:3],
+    }

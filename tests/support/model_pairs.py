@@ -11,9 +11,14 @@ def tiny_llama_config(tied: bool = False, vocab: int = 384, hidden: int = 64, la
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 8 * 8 + 8,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=128, tie_word_embeddings=tied,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75) // 8 * 8 + 8,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
     )
 
 
@@ -35,13 +40,17 @@ def make_llama_pair(
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(tied=tied, hidden=hidden, layers=layers)).to(getattr(torch, dtype))
+    model = LlamaForCausalLM(tiny_llama_config(tied=tied, hidden=hidden, layers=layers)).to(
+        getattr(torch, dtype)
+    )
     base_dir, ft_dir = root / "base", root / "finetuned"
     model.save_pretrained(base_dir)
     gen = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():
         for p in model.parameters():
-            noise = torch.randn(p.shape, generator=gen) * delta_std * (p.float().std() if p.numel() > 1 else 1.0)
+            noise = (
+                torch.randn(p.shape, generator=gen) * delta_std * (p.float().std() if p.numel() > 1 else 1.0)
+            )
             p.add_(noise.to(p.dtype) + (0.01 if p.dim() == 1 else 0.0))
     model.save_pretrained(ft_dir)
     return base_dir, ft_dir

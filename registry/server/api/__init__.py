@@ -3,5 +3,12 @@
 from registry.server.api import admin, bases, health, repos, tags, tokens, uploads, versions
 
 ROUTERS = (
-    bases.router, repos.router, versions.router, tags.router, uploads.router, tokens.router, admin.router, health.router,
+    bases.router,
+    repos.router,
+    versions.router,
+    tags.router,
+    uploads.router,
+    tokens.router,
+    admin.router,
+    health.router,
 )

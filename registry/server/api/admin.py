@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from registry.server import crud
 from registry.common import names
+from registry.server import crud
 from registry.server.deps import PageLimit, PositionCursor, PrincipalDep, ReadSessionDep, StateDep
 from registry.server.fsck import check_consistency
 from registry.server.gc import collect_garbage
@@ -22,8 +22,14 @@ async def run_gc(state: StateDep, principal: PrincipalDep, dry_run: Annotated[bo
     """Remove stale pending uploads, staging leftovers, unreferenced blobs and orphan store objects."""
     principal.require_admin()
     report = await run_in_threadpool(
-        lambda: collect_garbage(db=state.db, store=state.store, settings=state.settings, actor=principal.name,
-                                dry_run=dry_run, metrics=state.metrics)
+        lambda: collect_garbage(
+            db=state.db,
+            store=state.store,
+            settings=state.settings,
+            actor=principal.name,
+            dry_run=dry_run,
+            metrics=state.metrics,
+        )
     )
     return GcOut(**report.as_dict())
 
@@ -40,9 +46,13 @@ async def run_fsck(state: StateDep, principal: PrincipalDep, digests: Annotated[
 
 
 @router.get("/audit", response_model=Page[AuditEventOut])
-def audit_log(session: ReadSessionDep, principal: PrincipalDep, limit: PageLimit,
-              cursor: PositionCursor = None,
-              target: Annotated[str | None, Query(max_length=256, pattern=names.TEXT_PATTERN)] = None):
+def audit_log(
+    session: ReadSessionDep,
+    principal: PrincipalDep,
+    limit: PageLimit,
+    cursor: PositionCursor = None,
+    target: Annotated[str | None, Query(max_length=256, pattern=names.TEXT_PATTERN)] = None,
+):
     """Who pushed, tagged or deleted what, newest first."""
     principal.require_admin()
     rows, next_cursor = crud.list_events(session, target=target, cursor=cursor, limit=limit)

@@ -6,8 +6,8 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from registry.server.deps import StateDep
 from registry.common.errors import RegistryError
+from registry.server.deps import StateDep
 from registry.server.migrate import check_schema
 from registry.server.schemas import NotReadyBody, ReadyOut
 
@@ -19,7 +19,9 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=ReadyOut, responses={503: {"model": NotReadyBody, "description": "Not ready"}})
+@router.get(
+    "/readyz", response_model=ReadyOut, responses={503: {"model": NotReadyBody, "description": "Not ready"}}
+)
 async def readyz(state: StateDep):
     checks: dict[str, str] = {}
     failure: RegistryError | None = None
@@ -36,10 +38,16 @@ async def readyz(state: StateDep):
     await run_in_threadpool(probe, "database", lambda: (state.db.ping(), check_schema(state.db.engine)))
     await run_in_threadpool(probe, "blob_store", state.store.check)
     if failure is not None:
-        return JSONResponse(status_code=503, content={
-            "error": {"code": "not_ready", "message": "; ".join(f"{k}: {v}" for k, v in checks.items() if v != "ok")},
-            "checks": checks,
-        })
+        return JSONResponse(
+            status_code=503,
+            content={
+                "error": {
+                    "code": "not_ready",
+                    "message": "; ".join(f"{k}: {v}" for k, v in checks.items() if v != "ok"),
+                },
+                "checks": checks,
+            },
+        )
     return {"status": "ready", "checks": checks}
 
 

@@ -4,23 +4,27 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from registry.server import crud
-from registry.server.deps import DatabaseDep, PrincipalDep, ReadSessionDep, RepoPath, SettingsDep, TagPath
 from registry.common.errors import InvalidRequestError
 from registry.common.names import RESERVED_TAGS
-from registry.server.schemas import TagOut, TagSet
+from registry.server import crud
 from registry.server.api.views import require_read
+from registry.server.deps import DatabaseDep, PrincipalDep, ReadSessionDep, RepoPath, SettingsDep, TagPath
+from registry.server.schemas import TagOut, TagSet
 
 router = APIRouter(prefix="/v1/repos/{namespace}/{name}/tags", tags=["tags"])
 
 
 def _out(tag) -> TagOut:
-    return TagOut(name=tag.name, version=tag.version.number, updated_by=tag.updated_by, updated_at=tag.updated_at)
+    return TagOut(
+        name=tag.name, version=tag.version.number, updated_by=tag.updated_by, updated_at=tag.updated_at
+    )
 
 
 def _not_reserved(tag: str) -> None:
     if tag in RESERVED_TAGS:
-        raise InvalidRequestError(f"tag {tag!r} is maintained by the registry (it follows the newest version)")
+        raise InvalidRequestError(
+            f"tag {tag!r} is maintained by the registry (it follows the newest version)"
+        )
 
 
 @router.get("", response_model=list[TagOut])

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-
 from typing import Annotated
 
 from fastapi import APIRouter, Path, status
 
-from registry.server import crud
 from registry.common import names
+from registry.server import crud
 from registry.server.auth import ALL_NAMESPACES, LEVEL
 from registry.server.deps import DatabaseDep, PrincipalDep, ReadSessionDep, SettingsDep
 from registry.server.models import utcnow
@@ -20,8 +19,14 @@ router = APIRouter(prefix="/v1", tags=["tokens"])
 
 def _out(token) -> dict:
     return dict(
-        id=token.id, name=token.name, prefix=token.prefix, created_by=token.created_by, created_at=token.created_at,
-        revoked_at=token.revoked_at, expires_at=token.expires_at, scopes=[ScopeIn(namespace=s.namespace, permission=s.permission) for s in token.scopes],
+        id=token.id,
+        name=token.name,
+        prefix=token.prefix,
+        created_by=token.created_by,
+        created_at=token.created_at,
+        revoked_at=token.revoked_at,
+        expires_at=token.expires_at,
+        scopes=[ScopeIn(namespace=s.namespace, permission=s.permission) for s in token.scopes],
     )
 
 
@@ -39,7 +44,9 @@ def create_token(body: TokenCreate, db: DatabaseDep, principal: PrincipalDep):
     scopes = list(granted.items())
     expires_at = utcnow() + dt.timedelta(seconds=body.expires_in_seconds) if body.expires_in_seconds else None
     with db.write() as session:
-        token, secret = crud.create_token(session, name=body.name, scopes=scopes, actor=principal.name, expires_at=expires_at)
+        token, secret = crud.create_token(
+            session, name=body.name, scopes=scopes, actor=principal.name, expires_at=expires_at
+        )
         return TokenCreated(token=secret, **_out(token))
 
 
@@ -50,7 +57,9 @@ def list_tokens(session: ReadSessionDep, principal: PrincipalDep):
 
 
 @router.delete("/tokens/{token_id}", status_code=status.HTTP_204_NO_CONTENT)
-def revoke_token(token_id: Annotated[int, Path(ge=1, le=2**31 - 1)], db: DatabaseDep, principal: PrincipalDep) -> None:
+def revoke_token(
+    token_id: Annotated[int, Path(ge=1, le=2**31 - 1)], db: DatabaseDep, principal: PrincipalDep
+) -> None:
     principal.require_admin()
     with db.write() as session:
         crud.revoke_token(session, token_id=token_id, actor=principal.name)
@@ -58,5 +67,9 @@ def revoke_token(token_id: Annotated[int, Path(ge=1, le=2**31 - 1)], db: Databas
 
 @router.get("/whoami", response_model=WhoAmI)
 def whoami(principal: PrincipalDep, settings: SettingsDep):
-    return WhoAmI(name=principal.name, authenticated=principal.authenticated, scopes=principal.scopes,
-                  auth_enabled=settings.auth_enabled)
+    return WhoAmI(
+        name=principal.name,
+        authenticated=principal.authenticated,
+        scopes=principal.scopes,
+        auth_enabled=settings.auth_enabled,
+    )

@@ -7,24 +7,42 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import FileResponse, RedirectResponse
 
-from registry.server import crud
-from registry.server.deps import (
-    DatabaseDep, PageLimit, PositionCursor, PrincipalDep, ReadSessionDep, RepoPath, SettingsDep, StateDep,
-    VersionNumber, VersionRef,
-)
 from registry.common import names
 from registry.common.errors import InvalidRequestError
-from registry.server.schemas import Page, VersionDeleted, VersionOut
+from registry.server import crud
 from registry.server.api.views import require_read, versions_out
+from registry.server.deps import (
+    DatabaseDep,
+    PageLimit,
+    PositionCursor,
+    PrincipalDep,
+    ReadSessionDep,
+    RepoPath,
+    SettingsDep,
+    StateDep,
+    VersionNumber,
+    VersionRef,
+)
+from registry.server.schemas import Page, VersionDeleted, VersionOut
 
 router = APIRouter(prefix="/v1/repos/{namespace}/{name}/versions", tags=["versions"])
 
 
 @router.get("", response_model=Page[VersionOut])
 def list_versions(
-    repo_name: RepoPath, session: ReadSessionDep, principal: PrincipalDep, settings: SettingsDep, limit: PageLimit,
+    repo_name: RepoPath,
+    session: ReadSessionDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    limit: PageLimit,
     cursor: PositionCursor = None,
-    digest: Annotated[str | None, Query(pattern=names.DIGEST_PATTERN, description="Only the version whose stored blob has this digest (a ref `ns/name@sha256:…`).")] = None,
+    digest: Annotated[
+        str | None,
+        Query(
+            pattern=names.DIGEST_PATTERN,
+            description="Only the version whose stored blob has this digest (a ref `ns/name@sha256:…`).",
+        ),
+    ] = None,
 ):
     """Ready versions, newest first; with `digest`, those whose stored bytes have that sha256."""
     repo = crud.get_repo(session, namespace=repo_name.namespace, name=repo_name.name)
@@ -34,7 +52,13 @@ def list_versions(
 
 
 @router.get("/{ref}", response_model=VersionOut)
-def show_version(repo_name: RepoPath, ref: VersionRef, session: ReadSessionDep, principal: PrincipalDep, settings: SettingsDep):
+def show_version(
+    repo_name: RepoPath,
+    ref: VersionRef,
+    session: ReadSessionDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+):
     repo = crud.get_repo(session, namespace=repo_name.namespace, name=repo_name.name)
     require_read(principal, settings, repo)
     return versions_out(session, [crud.get_version(session, repo=repo, ref=ref)])[0]
@@ -43,10 +67,18 @@ def show_version(repo_name: RepoPath, ref: VersionRef, session: ReadSessionDep, 
 _DOWNLOAD_RESPONSES = {200: {"content": {"application/zstd": {}}}, 206: {}, 304: {}, 307: {}, 416: {}}
 
 
-@router.head("/{ref}/download", response_class=Response, operation_id="head_version_download", include_in_schema=False)
-@router.get("/{ref}/download", response_class=Response, operation_id="download_version", responses=_DOWNLOAD_RESPONSES)
+@router.head(
+    "/{ref}/download", response_class=Response, operation_id="head_version_download", include_in_schema=False
+)
+@router.get(
+    "/{ref}/download", response_class=Response, operation_id="download_version", responses=_DOWNLOAD_RESPONSES
+)
 def download_version(
-    repo_name: RepoPath, ref: VersionRef, session: ReadSessionDep, principal: PrincipalDep, state: StateDep,
+    repo_name: RepoPath,
+    ref: VersionRef,
+    session: ReadSessionDep,
+    principal: PrincipalDep,
+    state: StateDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ):
     """The stored zstd blob: a redirect to a presigned URL (S3) or the bytes themselves, with
@@ -57,9 +89,12 @@ def download_version(
     blob = version.blob
     etag = f'"{blob.digest}"'
     headers = {
-        "ETag": etag, "Cache-Control": "no-cache",
-        "X-Deltastore-Digest": blob.digest, "X-Deltastore-Raw-Digest": blob.raw_digest,
-        "X-Deltastore-Raw-Size": str(blob.raw_size), "X-Deltastore-Version": str(version.number),
+        "ETag": etag,
+        "Cache-Control": "no-cache",
+        "X-Deltastore-Digest": blob.digest,
+        "X-Deltastore-Raw-Digest": blob.raw_digest,
+        "X-Deltastore-Raw-Size": str(blob.raw_size),
+        "X-Deltastore-Version": str(version.number),
     }
     if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)

@@ -1,6 +1,6 @@
 """Blob stores behind one small interface: the local filesystem (embedded default) and S3.
 
-    store = open_blob_store(settings)     # file:///srv/blobs or s3://bucket/prefix
+store = open_blob_store(settings)     # file:///srv/blobs or s3://bucket/prefix
 """
 
 from __future__ import annotations
@@ -8,9 +8,17 @@ from __future__ import annotations
 from urllib.parse import unquote, urlparse
 
 from registry.common.errors import InvalidRequestError
-from registry.server.settings import Settings
-from registry.server.blobstores.base import BlobStore, Download, StagedBlob, StoredObject, UploadPart, UploadRef, UploadTarget
+from registry.server.blobstores.base import (
+    BlobStore,
+    Download,
+    StagedBlob,
+    StoredObject,
+    UploadPart,
+    UploadRef,
+    UploadTarget,
+)
 from registry.server.blobstores.local import LocalBlobStore
+from registry.server.settings import Settings
 
 
 def open_blob_store(settings: Settings) -> BlobStore:
@@ -39,6 +47,13 @@ def open_blob_store(settings: Settings) -> BlobStore:
 
 
 __all__ = [
-    "BlobStore", "Download", "StagedBlob", "StoredObject", "UploadPart", "UploadRef", "UploadTarget",
-    "LocalBlobStore", "open_blob_store",
+    "BlobStore",
+    "Download",
+    "StagedBlob",
+    "StoredObject",
+    "UploadPart",
+    "UploadRef",
+    "UploadTarget",
+    "LocalBlobStore",
+    "open_blob_store",
 ]

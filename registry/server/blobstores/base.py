@@ -7,9 +7,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from registry.common.names import DIGEST_RE
 
@@ -100,6 +101,7 @@ class BlobStore(ABC):
 
     def finish_parts(self, ref: UploadRef, *, expected_parts: int) -> None:
         """Assemble the parts of a multipart upload (stores that have them)."""
+        return None  # a store without multipart uploads has nothing to assemble
 
     @abstractmethod
     def open_staged(self, ref: UploadRef) -> contextlib.AbstractContextManager[StagedBlob]:

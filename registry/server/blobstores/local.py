@@ -11,11 +11,21 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from registry.common.errors import BlobStoreError, ConflictError, StorageFullError
-from registry.server.blobstores.base import BlobStore, Download, StagedBlob, StoredObject, UploadRef, UploadTarget, check_upload_id, digest_hex
+from registry.server.blobstores.base import (
+    BlobStore,
+    Download,
+    StagedBlob,
+    StoredObject,
+    UploadRef,
+    UploadTarget,
+    check_upload_id,
+    digest_hex,
+)
 
 log = logging.getLogger("deltastore.registry")
 _CLAIMED = ".claimed"
@@ -81,7 +91,9 @@ class LocalBlobStore(BlobStore):
             tmp.unlink(missing_ok=True)  # no partial bytes stay behind, and their space is freed
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 log.error("blob store %s is full (upload %s refused)", self.root, upload_id)
-                raise StorageFullError("the blob store is full; nothing was stored (free space, then push again)") from None
+                raise StorageFullError(
+                    "the blob store is full; nothing was stored (free space, then push again)"
+                ) from None
             raise
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -183,4 +195,6 @@ class LocalBlobStore(BlobStore):
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise BlobStoreError(f"blob directory {self.root} is not writable: {exc.strerror or exc}") from None
+            raise BlobStoreError(
+                f"blob directory {self.root} is not writable: {exc.strerror or exc}"
+            ) from None

@@ -19,7 +19,8 @@ import contextlib
 import datetime as dt
 import math
 import re
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
 import boto3
 import urllib3
@@ -28,7 +29,15 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from registry.common.errors import BlobStoreError, ConflictError
 from registry.server.blobstores.base import (
-    BlobStore, Download, StagedBlob, StoredObject, UploadPart, UploadRef, UploadTarget, check_upload_id, digest_hex,
+    BlobStore,
+    Download,
+    StagedBlob,
+    StoredObject,
+    UploadPart,
+    UploadRef,
+    UploadTarget,
+    check_upload_id,
+    digest_hex,
 )
 
 MAX_PARTS = 10_000
@@ -105,7 +114,9 @@ class S3BlobStore(BlobStore):
             max_pool_connections=max_pool_connections,
             retries={"max_attempts": max_attempts, "mode": "standard"},
         )
-        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        self.client = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint_url, region_name=region, config=config
+        )
 
     # keys are relative to the prefix; the blob rows record them
     @staticmethod
@@ -125,7 +136,9 @@ class S3BlobStore(BlobStore):
         return {"Bucket": self.bucket, "Key": self.prefix + key}
 
     def _presign(self, method: str, key: str, **params) -> str:
-        return self.client.generate_presigned_url(method, Params={**self._object(key), **params}, ExpiresIn=self.presign_ttl)
+        return self.client.generate_presigned_url(
+            method, Params={**self._object(key), **params}, ExpiresIn=self.presign_ttl
+        )
 
     # --- uploads ---------------------------------------------------------------------------
     def begin_upload(self, upload_id: str, size: int, digest: str) -> UploadTarget:
@@ -137,25 +150,36 @@ class S3BlobStore(BlobStore):
             mpu_id = self.client.create_multipart_upload(**self._object(key))["UploadId"]
         return self._multipart_target(key, mpu_id, size, part_size, received={})
 
-    def _multipart_target(self, key: str, mpu_id: str, size: int, part_size: int, *, received: dict[int, int]) -> UploadTarget:
+    def _multipart_target(
+        self, key: str, mpu_id: str, size: int, part_size: int, *, received: dict[int, int]
+    ) -> UploadTarget:
         parts = []
         for i, offset in enumerate(range(0, size, part_size)):
             url = self._presign("upload_part", key, UploadId=mpu_id, PartNumber=i + 1)
             n = min(part_size, size - offset)
-            parts.append(UploadPart(number=i + 1, url=url, offset=offset, size=n, received=received.get(i + 1) == n))
+            parts.append(
+                UploadPart(number=i + 1, url=url, offset=offset, size=n, received=received.get(i + 1) == n)
+            )
         return UploadTarget(method="s3-multipart", parts=parts, part_size=part_size, multipart_id=mpu_id)
 
     def resume_upload(self, ref: UploadRef, *, method: str, size: int, part_size: int | None) -> UploadTarget:
         if method == "s3-put":
-            return UploadTarget(method=method, url=self._presign("put_object", self.staging_key(ref.upload_id)))
+            return UploadTarget(
+                method=method, url=self._presign("put_object", self.staging_key(ref.upload_id))
+            )
         key = self._upload_key(ref)
         received: dict[int, int] = {}
         try:
-            for page in self.client.get_paginator("list_parts").paginate(**self._object(key), UploadId=ref.multipart_id):
+            for page in self.client.get_paginator("list_parts").paginate(
+                **self._object(key), UploadId=ref.multipart_id
+            ):
                 received.update((p["PartNumber"], p["Size"]) for p in page.get("Parts", []))
         except ClientError as exc:
             if _code(exc) in _NOT_FOUND:
-                raise ConflictError(f"upload {ref.upload_id} can no longer take parts (its multipart upload was completed or aborted)") from None
+                raise ConflictError(
+                    f"upload {ref.upload_id} can no longer take parts "
+                    "(its multipart upload was completed or aborted)"
+                ) from None
             raise BlobStoreError(f"S3 ListParts failed: {_code(exc)}") from None
         except BotoCoreError as exc:
             raise BlobStoreError(f"S3 ListParts failed: {exc}") from None
@@ -166,7 +190,9 @@ class S3BlobStore(BlobStore):
         parts: list[dict] = []
         try:
             for page in self.client.get_paginator("list_parts").paginate(**obj, UploadId=ref.multipart_id):
-                parts.extend({"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in page.get("Parts", []))
+                parts.extend(
+                    {"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in page.get("Parts", [])
+                )
         except ClientError as exc:
             if _code(exc) in _NOT_FOUND:
                 return  # completed by an earlier call whose verification is being retried
@@ -177,12 +203,15 @@ class S3BlobStore(BlobStore):
         if numbers != list(range(1, expected_parts + 1)):
             missing = sorted(set(range(1, expected_parts + 1)) - set(numbers))
             raise ConflictError(
-                f"upload {ref.upload_id} is missing part(s) {', '.join(map(str, missing[:10]))} of {expected_parts}; "
+                f"upload {ref.upload_id} is missing part(s) "
+                f"{', '.join(map(str, missing[:10]))} of {expected_parts}; "
                 "upload every part before completing"
             )
         with _store_errors("CompleteMultipartUpload"):
             self.client.complete_multipart_upload(
-                **obj, UploadId=ref.multipart_id, MultipartUpload={"Parts": sorted(parts, key=lambda p: p["PartNumber"])}
+                **obj,
+                UploadId=ref.multipart_id,
+                MultipartUpload={"Parts": sorted(parts, key=lambda p: p["PartNumber"])},
             )
 
     @contextlib.contextmanager
@@ -193,7 +222,9 @@ class S3BlobStore(BlobStore):
             # Copied to its blob key by a `complete` that died before its commit: verified again there.
             obj, token_prefix = self._get_if_exists(self.blob_key(ref.digest)), _PROMOTED
         if obj is None:
-            raise ConflictError(f"no bytes were received for upload {ref.upload_id}; send them before completing")
+            raise ConflictError(
+                f"no bytes were received for upload {ref.upload_id}; send them before completing"
+            )
         body = _GuardedBody(obj["Body"], "GetObject")
         try:
             yield StagedBlob(stream=body, size=int(obj["ContentLength"]), token=token_prefix + obj["ETag"])
@@ -238,7 +269,9 @@ class S3BlobStore(BlobStore):
         for key, modified in self._list("uploads/"):
             yield StoredObject(key=key.rsplit("/", 1)[-1], modified=modified)
         with _store_errors("ListMultipartUploads"):
-            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.prefix + "blobs/")
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + "blobs/"
+            )
             for page in pages:
                 for up in page.get("Uploads", []):
                     yield StoredObject(key=up["Key"].rsplit(".", 1)[-1], modified=up["Initiated"])
@@ -251,12 +284,16 @@ class S3BlobStore(BlobStore):
                 removed += 1
         # multipart uploads never completed hold parts that no object listing shows
         with _store_errors("ListMultipartUploads"):
-            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.prefix + "blobs/")
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + "blobs/"
+            )
             for page in pages:
                 for up in page.get("Uploads", []):
                     upload_id = up["Key"].rsplit(".", 1)[-1]
                     if upload_id not in live_upload_ids and up["Initiated"] < older_than:
-                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                        self.client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"]
+                        )
                         removed += 1
         return removed
 
@@ -279,9 +316,11 @@ class S3BlobStore(BlobStore):
 
     def _list(self, sub: str) -> Iterator[tuple[str, dt.datetime]]:
         with _store_errors("ListObjectsV2"):
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + sub):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + sub
+            ):
                 for obj in page.get("Contents", []):
-                    yield obj["Key"][len(self.prefix):], obj["LastModified"]
+                    yield obj["Key"][len(self.prefix) :], obj["LastModified"]
 
     def list_blobs(self) -> Iterator[StoredObject]:
         for key, modified in self._list("blobs/sha256/"):

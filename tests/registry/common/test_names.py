@@ -5,11 +5,33 @@ from __future__ import annotations
 import pytest
 
 from registry.common.errors import InvalidNameError
-from registry.common.names import check_segment, check_tag, parse_base_name, parse_ref, parse_repo_name, parse_version_ref
-
+from registry.common.names import (
+    check_segment,
+    check_tag,
+    parse_base_name,
+    parse_ref,
+    parse_repo_name,
+    parse_version_ref,
+)
 from tests.registry.helpers import error_of
 
-BAD_SEGMENTS = ["..", ".", "../etc", "a/b", "a\\b", "a\x00b", "-abc", "_abc", "", "A", "Math", "a b", "a" * 65, "ä", "a%2fb"]
+BAD_SEGMENTS = [
+    "..",
+    ".",
+    "../etc",
+    "a/b",
+    "a\\b",
+    "a\x00b",
+    "-abc",
+    "_abc",
+    "",
+    "A",
+    "Math",
+    "a b",
+    "a" * 65,
+    "ä",
+    "a%2fb",
+]
 
 
 @pytest.mark.parametrize("bad", BAD_SEGMENTS)

@@ -62,7 +62,9 @@ def _delete_base(c, h, blobs):
 
 
 def _create_token(c, h, blobs):
-    return c.post("/v1/tokens", json={"name": "t", "scopes": [{"namespace": "acme", "permission": "read"}]}, headers=h)
+    return c.post(
+        "/v1/tokens", json={"name": "t", "scopes": [{"namespace": "acme", "permission": "read"}]}, headers=h
+    )
 
 
 def _gc(c, h, blobs):
@@ -86,8 +88,13 @@ MATRIX = {
 def _snapshot(client, admin) -> tuple:
     """Everything a refused write could have changed."""
     get = lambda path: client.get(path, headers=admin).json()  # noqa: E731
-    return (get("/v1/repos"), get("/v1/bases"), get("/v1/repos/acme/math/versions"), get("/v1/repos/acme/math/tags"),
-            len(get("/v1/tokens")))
+    return (
+        get("/v1/repos"),
+        get("/v1/bases"),
+        get("/v1/repos/acme/math/versions"),
+        get("/v1/repos/acme/math/tags"),
+        len(get("/v1/tokens")),
+    )
 
 
 @pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
@@ -118,24 +125,40 @@ def test_admin_allowed_everywhere(authed, delta_blobs):
 
 def test_uploads_cannot_be_driven_by_another_namespace(authed, delta_blobs):
     client, headers = authed
-    upload = client.post("/v1/repos/acme/math/uploads", json=delta_blobs[3].declaration(), headers=headers["write"]).json()
+    upload = client.post(
+        "/v1/repos/acme/math/uploads", json=delta_blobs[3].declaration(), headers=headers["write"]
+    ).json()
     for caller, status in (("none", 401), ("read", 403), ("other", 403)):
-        assert client.put(upload["upload_url"], content=delta_blobs[3].data, headers=headers[caller]).status_code == status
+        assert (
+            client.put(upload["upload_url"], content=delta_blobs[3].data, headers=headers[caller]).status_code
+            == status
+        )
         assert client.post(upload["complete_url"], headers=headers[caller]).status_code == status
         assert client.delete(f"/v1/uploads/{upload['id']}", headers=headers[caller]).status_code == status
-    assert client.put(upload["upload_url"], content=delta_blobs[3].data, headers=headers["write"]).status_code == 200
+    assert (
+        client.put(upload["upload_url"], content=delta_blobs[3].data, headers=headers["write"]).status_code
+        == 200
+    )
     assert client.post(upload["complete_url"], headers=headers["write"]).json()["created_by"] == "token:write"
 
 
 def test_private_repositories_need_a_read_scope(authed):
     client, headers = authed
     admin = headers["admin"]
-    assert client.post("/v1/repos", json={"namespace": "acme", "name": "secret", "base": BASE_NAME, "visibility": "private"},
-                       headers=admin).status_code == 201
+    assert (
+        client.post(
+            "/v1/repos",
+            json={"namespace": "acme", "name": "secret", "base": BASE_NAME, "visibility": "private"},
+            headers=admin,
+        ).status_code
+        == 201
+    )
     assert client.get("/v1/repos/acme/secret").status_code == 401
     assert client.get("/v1/repos/acme/secret", headers=headers["other"]).status_code == 403
     assert client.get("/v1/repos/acme/secret", headers=headers["read"]).status_code == 200
-    listed = lambda who: {r["full_name"] for r in client.get("/v1/repos", headers=headers[who]).json()["items"]}  # noqa: E731
+    listed = lambda who: {
+        r["full_name"] for r in client.get("/v1/repos", headers=headers[who]).json()["items"]
+    }  # noqa: E731
     assert listed("none") == listed("other") == {"acme/math"}
     assert listed("read") == listed("admin") == {"acme/math", "acme/secret"}
     # public repositories stay readable without a token (anonymous_read)
@@ -149,13 +172,19 @@ def test_tokens_are_stored_hashed_listed_without_secrets_and_revocable(authed, m
     listing = client.get("/v1/tokens", headers=admin)
     assert listing.status_code == 200 and secret not in listing.text
     from registry.server.db import Database
+
     db = Database.from_url(make_settings().resolved_database_url)
     with db.engine.connect() as conn:
         dump = str(conn.exec_driver_sql("SELECT * FROM api_tokens").fetchall())
     db.dispose()
     assert secret not in dump
     who = client.get("/v1/whoami", headers=headers["write"]).json()
-    assert who == {"name": "token:write", "authenticated": True, "scopes": {"acme": "write"}, "auth_enabled": True}
+    assert who == {
+        "name": "token:write",
+        "authenticated": True,
+        "scopes": {"acme": "write"},
+        "auth_enabled": True,
+    }
     token_id = next(t["id"] for t in listing.json() if t["name"] == "write")
     assert client.delete(f"/v1/tokens/{token_id}", headers=admin).status_code == 204
     r = client.get("/v1/whoami", headers=headers["write"])

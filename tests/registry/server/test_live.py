@@ -14,7 +14,6 @@ from registry.server.blobstores import open_blob_store
 from registry.server.db import Database
 from registry.server.gc import collect_garbage
 from registry.server.models import Upload, Version, utcnow
-
 from tests.registry.conftest import BACKENDS
 from tests.registry.helpers import error_of, push, setup_repo
 
@@ -42,11 +41,15 @@ def test_concurrent_pushes_get_distinct_consecutive_numbers(live_server, delta_b
         assert sorted(v["number"] for v in listed) == numbers
         assert {(v["number"], v["digest"]) for v in listed} == {(v["number"], v["digest"]) for v in results}
         assert c.get("/v1/repos/acme/math/versions/latest").json()["number"] == len(blobs)
-        pushes = [e for e in c.get("/v1/audit", params={"limit": 100}).json()["items"] if e["action"] == "push"]
+        pushes = [
+            e for e in c.get("/v1/audit", params={"limit": 100}).json()["items"] if e["action"] == "push"
+        ]
         assert len(pushes) == len(blobs)
 
 
-def test_interrupted_upload_leaves_no_version_and_gc_removes_it(live_server, make_settings, delta_blobs, base_fingerprint):
+def test_interrupted_upload_leaves_no_version_and_gc_removes_it(
+    live_server, make_settings, delta_blobs, base_fingerprint
+):
     server = live_server()
     a = delta_blobs[0]
     with server.client() as c:
@@ -55,8 +58,10 @@ def test_interrupted_upload_leaves_no_version_and_gc_removes_it(live_server, mak
     # send the headers and half of the body, then drop the connection
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(
-        f"PUT {upload['upload_url']} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
-        f"Content-Length: {a.size}\r\n\r\n".encode() + a.data[: a.size // 2]
+        f"PUT {upload['upload_url']} HTTP/1.1\r\nHost: "
+        "127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Length: {a.size}\r\n\r\n".encode()
+        + a.data[: a.size // 2]
     )
     time.sleep(0.3)
     sock.close()
@@ -98,8 +103,16 @@ def test_health_ready_metrics_and_error_bodies(live_server, delta_blobs, base_fi
             (c.get("/v1/repos/acme/nope"), 404, "not_found"),
             (c.delete("/v1/whoami"), 405, "method_not_allowed"),
             (c.post("/v1/repos", json={"namespace": "acme"}), 422, "invalid_request"),
-            (c.post("/v1/repos/acme/math/uploads", json={"digest": "md5:x", "size": -1}), 422, "invalid_request"),
-            (c.post("/v1/repos", json={"namespace": "acme", "name": "math", "base": "org/base"}), 409, "conflict"),
+            (
+                c.post("/v1/repos/acme/math/uploads", json={"digest": "md5:x", "size": -1}),
+                422,
+                "invalid_request",
+            ),
+            (
+                c.post("/v1/repos", json={"namespace": "acme", "name": "math", "base": "org/base"}),
+                409,
+                "conflict",
+            ),
             (c.get("/v1/repos/Bad/x"), 400, "invalid_name"),
         ]:
             assert response.status_code == status, response.text
@@ -110,7 +123,7 @@ def test_health_ready_metrics_and_error_bodies(live_server, delta_blobs, base_fi
         text = metrics.text
         assert 'deltastore_pushes_total{outcome="ready"} 1.0' in text
         assert 'route="/v1/repos/{namespace}/{name}/uploads",status="201"' in text
-        assert 'deltastore_http_request_duration_seconds_bucket' in text
+        assert "deltastore_http_request_duration_seconds_bucket" in text
 
     # readiness follows the blob store
     staging = make_settings().data_dir / "blobs" / "staging"

@@ -14,13 +14,12 @@ from sqlalchemy import inspect
 from typer.testing import CliRunner
 
 from cli.main import app as cli_app
+from registry.common.errors import SchemaOutOfDateError
 from registry.server.app import create_app
 from registry.server.db import Database
-from registry.common.errors import SchemaOutOfDateError
-from registry.server.models import Base
 from registry.server.migrate import alembic_config, check_schema, current_revision, head_revision, upgrade
+from registry.server.models import Base
 from registry.server.settings import Settings
-
 from tests.registry.conftest import BACKENDS
 
 pytestmark = pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
@@ -69,8 +68,9 @@ def test_replicas_upgrading_at_once_migrate_once(database_url):
     ctx = multiprocessing.get_context("spawn")
     n = 6
     ready, results = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=_upgrade_when_all_are_ready, args=(database_url, ready, results))
-             for _ in range(n)]
+    procs = [
+        ctx.Process(target=_upgrade_when_all_are_ready, args=(database_url, ready, results)) for _ in range(n)
+    ]
     for p in procs:
         p.start()
     outcomes = [results.get(timeout=120) for _ in range(n)]
@@ -128,69 +128,217 @@ def _fill_every_table(engine) -> None:
 
     from sqlalchemy.orm import Session
 
-    from registry.server.models import ApiToken, AuditEvent, BaseModel, Blob, Repository, Tag, TokenScope, Upload, Version
+    from registry.server.models import (
+        ApiToken,
+        AuditEvent,
+        BaseModel,
+        Blob,
+        Repository,
+        Tag,
+        TokenScope,
+        Upload,
+        Version,
+    )
 
     t0 = dt.datetime(2026, 11, 26, 9, 30, 15, 123456, tzinfo=dt.timezone.utc)
     at = [t0 + dt.timedelta(minutes=i) for i in range(20)]
     with Session(engine) as s, s.begin():
-        bases = [BaseModel(name="org/llama", fingerprint="sha256:" + "a" * 64, architecture="LlamaForCausalLM",
-                           parameter_count=8_030_261_248, config={"hidden_size": 4096, "rope": {"theta": 5e5}},
-                           created_by="admin", created_at=at[0]),
-                 BaseModel(name="org/tiny", fingerprint="sha256:" + "b" * 64, created_by="admin", created_at=at[1])]
+        bases = [
+            BaseModel(
+                name="org/llama",
+                fingerprint="sha256:" + "a" * 64,
+                architecture="LlamaForCausalLM",
+                parameter_count=8_030_261_248,
+                config={"hidden_size": 4096, "rope": {"theta": 5e5}},
+                created_by="admin",
+                created_at=at[0],
+            ),
+            BaseModel(
+                name="org/tiny", fingerprint="sha256:" + "b" * 64, created_by="admin", created_at=at[1]
+            ),
+        ]
         s.add_all(bases)
         s.flush()
-        repos = [Repository(namespace="acme", name="math", base_model_id=bases[0].id, description="maths — ünïcode",
-                            visibility="public", next_version=3, created_by="alice", created_at=at[2]),
-                 Repository(namespace="acme", name="code", base_model_id=bases[0].id, description="",
-                            visibility="private", next_version=2, created_by="bob", created_at=at[3]),
-                 Repository(namespace="other", name="tiny", base_model_id=bases[1].id, description="x",
-                            visibility="public", next_version=1, created_by="carol", created_at=at[4])]
-        blobs = [Blob(digest=f"sha256:{c * 64}", store_key=f"blobs/sha256/{c * 64}", size=100 + i,
-                      raw_digest=f"sha256:{c.upper() * 64}", raw_size=1000 + i, created_at=at[5 + i])
-                 for i, c in enumerate("cde")]
+        repos = [
+            Repository(
+                namespace="acme",
+                name="math",
+                base_model_id=bases[0].id,
+                description="maths — ünïcode",
+                visibility="public",
+                next_version=3,
+                created_by="alice",
+                created_at=at[2],
+            ),
+            Repository(
+                namespace="acme",
+                name="code",
+                base_model_id=bases[0].id,
+                description="",
+                visibility="private",
+                next_version=2,
+                created_by="bob",
+                created_at=at[3],
+            ),
+            Repository(
+                namespace="other",
+                name="tiny",
+                base_model_id=bases[1].id,
+                description="x",
+                visibility="public",
+                next_version=1,
+                created_by="carol",
+                created_at=at[4],
+            ),
+        ]
+        blobs = [
+            Blob(
+                digest=f"sha256:{c * 64}",
+                store_key=f"blobs/sha256/{c * 64}",
+                size=100 + i,
+                raw_digest=f"sha256:{c.upper() * 64}",
+                raw_size=1000 + i,
+                created_at=at[5 + i],
+            )
+            for i, c in enumerate("cde")
+        ]
         s.add_all(repos + blobs)
         s.flush()
         versions = [
-            Version(repository_id=repos[0].id, upload_id="1" * 32, number=1, state="ready", blob_digest=blobs[0].digest,
-                    codec="bitdelta", dtype="bfloat16", bits=1, size_ratio=10.5, fidelity={"loss": 2.25},
-                    header_metadata={"calibration": '{"steps": 20}'}, description="first", created_by="alice",
-                    created_at=at[6], ready_at=at[7]),
-            Version(repository_id=repos[0].id, upload_id=None, number=2, state="ready", blob_digest=blobs[1].digest,
-                    codec="deltadq", dtype="float16", bits=2, size_ratio=5.0, created_by="alice", created_at=at[8],
-                    ready_at=at[9]),
-            Version(repository_id=repos[1].id, upload_id="2" * 32, number=1, state="ready", blob_digest=blobs[0].digest,
-                    created_by="bob", created_at=at[10], ready_at=at[11]),
+            Version(
+                repository_id=repos[0].id,
+                upload_id="1" * 32,
+                number=1,
+                state="ready",
+                blob_digest=blobs[0].digest,
+                codec="bitdelta",
+                dtype="bfloat16",
+                bits=1,
+                size_ratio=10.5,
+                fidelity={"loss": 2.25},
+                header_metadata={"calibration": '{"steps": 20}'},
+                description="first",
+                created_by="alice",
+                created_at=at[6],
+                ready_at=at[7],
+            ),
+            Version(
+                repository_id=repos[0].id,
+                upload_id=None,
+                number=2,
+                state="ready",
+                blob_digest=blobs[1].digest,
+                codec="deltadq",
+                dtype="float16",
+                bits=2,
+                size_ratio=5.0,
+                created_by="alice",
+                created_at=at[8],
+                ready_at=at[9],
+            ),
+            Version(
+                repository_id=repos[1].id,
+                upload_id="2" * 32,
+                number=1,
+                state="ready",
+                blob_digest=blobs[0].digest,
+                created_by="bob",
+                created_at=at[10],
+                ready_at=at[11],
+            ),
             Version(repository_id=repos[0].id, state="pending", created_by="alice", created_at=at[12]),
             Version(repository_id=repos[2].id, state="pending", created_by="carol", created_at=at[13]),
         ]
         s.add_all(versions)
         s.flush()
-        s.add_all([
-            Tag(repository_id=repos[0].id, name="latest", version_id=versions[1].id, updated_by="alice", updated_at=at[9]),
-            Tag(repository_id=repos[0].id, name="prod", version_id=versions[0].id, updated_by="alice", updated_at=at[10]),
-            Tag(repository_id=repos[1].id, name="latest", version_id=versions[2].id, updated_by="bob", updated_at=at[11]),
-            Upload(id="3" * 32, version_id=versions[3].id, digest=blobs[2].digest, size=102, raw_digest=blobs[2].raw_digest,
-                   raw_size=1002, method="s3-multipart", multipart_id="mpu-1", part_size=8 << 20, received_size=None,
-                   received_digest=None, created_by="alice", created_at=at[12], expires_at=at[19]),
-            Upload(id="4" * 32, version_id=versions[4].id, digest=blobs[1].digest, size=101, raw_digest=blobs[1].raw_digest,
-                   raw_size=1001, method="stream", received_size=101, received_digest=blobs[1].digest,
-                   created_by="carol", created_at=at[13], expires_at=at[18]),
-        ])
-        tokens = [ApiToken(name="ci", token_hash="f" * 64, prefix="dst_ab", created_by="admin", created_at=at[14],
-                           expires_at=at[19]),
-                  ApiToken(name="old", token_hash="e" * 64, prefix="dst_cd", created_by="admin", created_at=at[15],
-                           revoked_at=at[16]),
-                  ApiToken(name="forever", token_hash="d" * 64, prefix="dst_ef", created_by="admin", created_at=at[16])]
+        s.add_all(
+            [
+                Tag(
+                    repository_id=repos[0].id,
+                    name="latest",
+                    version_id=versions[1].id,
+                    updated_by="alice",
+                    updated_at=at[9],
+                ),
+                Tag(
+                    repository_id=repos[0].id,
+                    name="prod",
+                    version_id=versions[0].id,
+                    updated_by="alice",
+                    updated_at=at[10],
+                ),
+                Tag(
+                    repository_id=repos[1].id,
+                    name="latest",
+                    version_id=versions[2].id,
+                    updated_by="bob",
+                    updated_at=at[11],
+                ),
+                Upload(
+                    id="3" * 32,
+                    version_id=versions[3].id,
+                    digest=blobs[2].digest,
+                    size=102,
+                    raw_digest=blobs[2].raw_digest,
+                    raw_size=1002,
+                    method="s3-multipart",
+                    multipart_id="mpu-1",
+                    part_size=8 << 20,
+                    received_size=None,
+                    received_digest=None,
+                    created_by="alice",
+                    created_at=at[12],
+                    expires_at=at[19],
+                ),
+                Upload(
+                    id="4" * 32,
+                    version_id=versions[4].id,
+                    digest=blobs[1].digest,
+                    size=101,
+                    raw_digest=blobs[1].raw_digest,
+                    raw_size=1001,
+                    method="stream",
+                    received_size=101,
+                    received_digest=blobs[1].digest,
+                    created_by="carol",
+                    created_at=at[13],
+                    expires_at=at[18],
+                ),
+            ]
+        )
+        tokens = [
+            ApiToken(
+                name="ci",
+                token_hash="f" * 64,
+                prefix="dst_ab",
+                created_by="admin",
+                created_at=at[14],
+                expires_at=at[19],
+            ),
+            ApiToken(
+                name="old",
+                token_hash="e" * 64,
+                prefix="dst_cd",
+                created_by="admin",
+                created_at=at[15],
+                revoked_at=at[16],
+            ),
+            ApiToken(
+                name="forever", token_hash="d" * 64, prefix="dst_ef", created_by="admin", created_at=at[16]
+            ),
+        ]
         s.add_all(tokens)
         s.flush()
-        s.add_all([
-            TokenScope(token_id=tokens[0].id, namespace="acme", permission="write"),
-            TokenScope(token_id=tokens[0].id, namespace="other", permission="read"),
-            TokenScope(token_id=tokens[1].id, namespace="*", permission="admin"),
-            TokenScope(token_id=tokens[2].id, namespace="acme", permission="read"),
-            AuditEvent(at=at[7], actor="alice", action="push", target="acme/math", detail={"version": 1}),
-            AuditEvent(at=at[16], actor="admin", action="revoke", target="token:2", detail=None),
-        ])
+        s.add_all(
+            [
+                TokenScope(token_id=tokens[0].id, namespace="acme", permission="write"),
+                TokenScope(token_id=tokens[0].id, namespace="other", permission="read"),
+                TokenScope(token_id=tokens[1].id, namespace="*", permission="admin"),
+                TokenScope(token_id=tokens[2].id, namespace="acme", permission="read"),
+                AuditEvent(at=at[7], actor="alice", action="push", target="acme/math", detail={"version": 1}),
+                AuditEvent(at=at[16], actor="admin", action="revoke", target="token:2", detail=None),
+            ]
+        )
 
 
 def _snapshot(engine) -> dict[str, list[dict]]:
@@ -208,14 +356,20 @@ def _snapshot(engine) -> dict[str, list[dict]]:
     return out
 
 
-def _project(snapshot: dict[str, list[dict]], columns: dict[str, set[str]], dropped_become_null=False) -> dict:
+def _project(
+    snapshot: dict[str, list[dict]], columns: dict[str, set[str]], dropped_become_null=False
+) -> dict:
     """`snapshot` as a schema with `columns` per table holds it (with `dropped_become_null`: the
     columns `columns` lacks come back as NULL, as after an upgrade re-adds them)."""
     out = {}
     for table, rows in snapshot.items():
         keep = columns[table]
-        out[table] = [{k: (v if k in keep else None) for k, v in row.items()} if dropped_become_null
-                      else {k: v for k, v in row.items() if k in keep} for row in rows]
+        out[table] = [
+            {k: (v if k in keep else None) for k, v in row.items()}
+            if dropped_become_null
+            else {k: v for k, v in row.items() if k in keep}
+            for row in rows
+        ]
     return out
 
 
@@ -231,11 +385,14 @@ def test_downgrades_and_upgrades_keep_every_row(database_url):
     _fill_every_table(db.engine)
     full = _snapshot(db.engine)
     assert all(len(rows) >= 2 for rows in full.values()) and len(full) == len(Base.metadata.tables), {
-        t: len(r) for t, r in full.items()}
+        t: len(r) for t, r in full.items()
+    }
     head_columns = {t: set(rows[0]) for t, rows in full.items()}
     cfg = alembic_config(db.engine)
-    for revision, gone in (("0002", {"versions": {"upload_id"}}),
-                           ("0001", {"versions": {"upload_id"}, "api_tokens": {"expires_at"}})):
+    for revision, gone in (
+        ("0002", {"versions": {"upload_id"}}),
+        ("0001", {"versions": {"upload_id"}, "api_tokens": {"expires_at"}}),
+    ):
         command.downgrade(cfg, revision)
         assert current_revision(db.engine) == revision
         columns = {t: cols - gone.get(t, set()) for t, cols in head_columns.items()}
@@ -249,5 +406,7 @@ def test_downgrades_and_upgrades_keep_every_row(database_url):
 
     # The migrations leave foreign keys enforced (SQLite: switched off only while they ran).
     with db.engine.connect() as conn, pytest.raises(IntegrityError):
-        conn.exec_driver_sql("INSERT INTO token_scopes (token_id, namespace, permission) VALUES (999, 'x', 'read')")
+        conn.exec_driver_sql(
+            "INSERT INTO token_scopes (token_id, namespace, permission) VALUES (999, 'x', 'read')"
+        )
     db.dispose()

@@ -10,7 +10,6 @@ import pytest
 
 from codec.compress import CompressOptions, compress
 from codec.storage import compress_blob
-
 from tests.registry.conftest import BACKENDS
 from tests.registry.helpers import BASE_NAME, error_of, push, setup_repo
 
@@ -20,7 +19,9 @@ def s3_settings(s3_endpoint, s3_bucket):
     return {"blob_url": f"s3://{s3_bucket}/registry", "s3_endpoint_url": s3_endpoint}
 
 
-def test_resumed_multipart_upload_lists_received_parts_with_fresh_urls(make_client, s3_settings, delta_blobs, base_fingerprint):
+def test_resumed_multipart_upload_lists_received_parts_with_fresh_urls(
+    make_client, s3_settings, delta_blobs, base_fingerprint
+):
     a = delta_blobs[2]
     part_size = a.size // 4 + 1
     client = make_client(**s3_settings, multipart_threshold=1024, multipart_part_size=part_size)
@@ -34,12 +35,18 @@ def test_resumed_multipart_upload_lists_received_parts_with_fresh_urls(make_clie
     r = client.get(f"/v1/uploads/{upload['id']}")
     assert r.status_code == 200, r.text
     resumed = r.json()
-    assert resumed["id"] == upload["id"] and resumed["method"] == "s3-multipart" and resumed["repository"] == "acme/math"
+    assert (
+        resumed["id"] == upload["id"]
+        and resumed["method"] == "s3-multipart"
+        and resumed["repository"] == "acme/math"
+    )
     assert [p["received"] for p in resumed["parts"]] == [True, False, True, False]
     assert [(p["offset"], p["size"]) for p in resumed["parts"]] == [(p["offset"], p["size"]) for p in parts]
     for p in resumed["parts"]:
         if not p["received"]:
-            assert httpx.put(p["url"], content=a.data[p["offset"] : p["offset"] + p["size"]]).status_code == 200
+            assert (
+                httpx.put(p["url"], content=a.data[p["offset"] : p["offset"] + p["size"]]).status_code == 200
+            )
     r = client.post(resumed["complete_url"])
     assert r.status_code == 201 and r.json()["digest"] == a.digest
 
@@ -74,23 +81,41 @@ def test_listing_carries_the_latest_versions_summary(client, delta_blobs, base_f
     latest = items["acme/math"]["latest"]
     b = delta_blobs[1]
     assert items["acme/math"]["latest_version"] == latest["number"] == 2
-    assert (latest["digest"], latest["size"], latest["raw_size"], latest["codec"]) == (b.digest, b.size, b.raw_size, "bitdelta")
+    assert (latest["digest"], latest["size"], latest["raw_size"], latest["codec"]) == (
+        b.digest,
+        b.size,
+        b.raw_size,
+        "bitdelta",
+    )
     assert latest["size_ratio"] > 1 and latest["ready_at"]
     by_base = client.get(f"/v1/bases/{BASE_NAME}/repos").json()["items"]
     assert {r["full_name"]: r["latest"] for r in by_base}["acme/math"] == latest
 
 
-def test_fidelity_is_recorded_from_the_delta_or_the_declaration(client, llama_pair, tmp_path, delta_blobs, base_fingerprint):
+def test_fidelity_is_recorded_from_the_delta_or_the_declaration(
+    client, llama_pair, tmp_path, delta_blobs, base_fingerprint
+):
     fidelity = {"heldout_loss": 2.5, "gain_recovered": 0.93}
     calibration = {"dataset": "stdlib", "steps": 10, "final_loss": 0.1}
     raw = tmp_path / "f.bdelta"
-    compress(*llama_pair, raw, CompressOptions(base_name=BASE_NAME),
-             extra_metadata={"fidelity": json.dumps(fidelity), "calibration": json.dumps(calibration)})
+    compress(
+        *llama_pair,
+        raw,
+        CompressOptions(base_name=BASE_NAME),
+        extra_metadata={"fidelity": json.dumps(fidelity), "calibration": json.dumps(calibration)},
+    )
     info = compress_blob(raw, tmp_path / "f.bdelta.zst")
     setup_repo(client, base_fingerprint)
-    declaration = {"digest": info.digest, "size": info.size, "raw_digest": info.raw_digest, "raw_size": info.raw_size}
+    declaration = {
+        "digest": info.digest,
+        "size": info.size,
+        "raw_digest": info.raw_digest,
+        "raw_size": info.raw_size,
+    }
     upload = client.post("/v1/repos/acme/math/uploads", json=declaration).json()
-    assert client.put(upload["upload_url"], content=(tmp_path / "f.bdelta.zst").read_bytes()).status_code == 200
+    assert (
+        client.put(upload["upload_url"], content=(tmp_path / "f.bdelta.zst").read_bytes()).status_code == 200
+    )
     version = client.post(upload["complete_url"]).json()
     assert version["fidelity"] == fidelity
     assert json.loads(version["metadata"]["calibration"]) == calibration
@@ -110,8 +135,12 @@ def test_every_cursor_the_schema_allows_is_answered(client, base_fingerprint):
     assert [r["name"] for r in first["items"]] == ["r0", "r1"] and first["next_cursor"].isdigit()
     rest = client.get("/v1/repos", params={"limit": 2, "cursor": first["next_cursor"]}).json()
     assert [r["name"] for r in rest["items"]] == ["r2"] and rest["next_cursor"] is None
-    for cursor, names in (("", ["r0", "r1", "r2"]), ("0", ["r0", "r1", "r2"]), ("0000", ["r0", "r1", "r2"]),
-                          ("9" * 20, [])):
+    for cursor, names in (
+        ("", ["r0", "r1", "r2"]),
+        ("0", ["r0", "r1", "r2"]),
+        ("0000", ["r0", "r1", "r2"]),
+        ("9" * 20, []),
+    ):
         r = client.get("/v1/repos", params={"cursor": cursor})
         assert r.status_code == 200 and [x["name"] for x in r.json()["items"]] == names, cursor
     # the audit log runs newest first: everything is before the largest position
@@ -123,6 +152,9 @@ def test_every_cursor_the_schema_allows_is_answered(client, base_fingerprint):
         assert error_of(r) == {"code": "invalid_request", "message": message}
     r = client.get("/v1/repos", params={"cursor": "9" * 21})
     assert r.status_code == 422 and error_of(r)["code"] == "invalid_request"
-    param = next(p for p in client.get("/openapi.json").json()["paths"]["/v1/repos"]["get"]["parameters"]
-                 if p["name"] == "cursor")
+    param = next(
+        p
+        for p in client.get("/openapi.json").json()["paths"]["/v1/repos"]["get"]["parameters"]
+        if p["name"] == "cursor"
+    )
     assert (param["schema"]["pattern"], param["schema"]["anyOf"][0]["maxLength"]) == ("^[0-9]*$", 20)

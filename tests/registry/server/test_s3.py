@@ -13,7 +13,6 @@ from registry.server.blobstores import open_blob_store
 from registry.server.db import Database
 from registry.server.gc import collect_garbage
 from registry.server.models import utcnow
-
 from tests.registry.conftest import BACKENDS
 from tests.registry.helpers import error_of, push, setup_repo
 
@@ -28,7 +27,9 @@ def _keys(s3_client, bucket) -> list[str]:
 
 
 @pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
-def test_presigned_single_put_then_presigned_get(make_client, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint):
+def test_presigned_single_put_then_presigned_get(
+    make_client, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint
+):
     client = make_client(**s3_settings)
     setup_repo(client, base_fingerprint)
     a = delta_blobs[0]
@@ -49,7 +50,9 @@ def test_presigned_single_put_then_presigned_get(make_client, s3_settings, s3_cl
     assert ranged.status_code == 206 and ranged.content == a.data[:100]
 
 
-def test_multipart_upload_with_tiny_parts(make_client, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint):
+def test_multipart_upload_with_tiny_parts(
+    make_client, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint
+):
     a = delta_blobs[1]
     part_size = a.size // 3 + 1
     client = make_client(**s3_settings, multipart_threshold=1024, multipart_part_size=part_size)
@@ -70,8 +73,12 @@ def test_multipart_upload_with_tiny_parts(make_client, s3_settings, s3_client, s
     r = client.post(upload["complete_url"])
     assert r.status_code == 201, r.text
     # the multipart object is the blob itself (no copy); its key derives from digest and upload id
-    assert _keys(s3_client, s3_bucket) == [f"registry/blobs/sha256/{a.digest.removeprefix('sha256:')}.{upload['id']}"]
-    body = httpx.get(client.get("/v1/repos/acme/math/versions/latest/download", follow_redirects=False).headers["location"]).content
+    assert _keys(s3_client, s3_bucket) == [
+        f"registry/blobs/sha256/{a.digest.removeprefix('sha256:')}.{upload['id']}"
+    ]
+    body = httpx.get(
+        client.get("/v1/repos/acme/math/versions/latest/download", follow_redirects=False).headers["location"]
+    ).content
     assert "sha256:" + hashlib.sha256(body).hexdigest() == a.digest
     assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
 
@@ -91,7 +98,9 @@ def test_s3_mismatch_and_dedup(make_client, s3_settings, s3_client, s3_bucket, d
     assert len(_keys(s3_client, s3_bucket)) == 1
 
 
-def test_gc_aborts_interrupted_multipart_uploads(make_client, make_settings, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint):
+def test_gc_aborts_interrupted_multipart_uploads(
+    make_client, make_settings, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint
+):
     a = delta_blobs[2]
     client = make_client(**s3_settings, multipart_threshold=1024, multipart_part_size=a.size // 3 + 1)
     setup_repo(client, base_fingerprint)

@@ -17,7 +17,6 @@ from registry.server.blobstores import LocalBlobStore
 from registry.server.db import Database
 from registry.server.gc import collect_garbage
 from registry.server.models import Blob, Upload, Version, utcnow
-
 from tests.registry.conftest import BACKENDS
 from tests.registry.helpers import BASE_NAME, error_of, push, send_bytes, setup_repo
 
@@ -51,8 +50,19 @@ def test_push_is_two_phase_and_latest_moves(client, delta_blobs, base_fingerprin
     r = client.post(upload["complete_url"])
     assert r.status_code == 201, r.text
     v1 = r.json()
-    assert (v1["number"], v1["digest"], v1["size"], v1["raw_digest"], v1["raw_size"]) == (1, a.digest, a.size, a.raw_digest, a.raw_size)
-    assert v1["tags"] == ["latest"] and v1["codec"] == "bitdelta" and v1["bits"] == 1 and v1["dtype"] == "float32"
+    assert (v1["number"], v1["digest"], v1["size"], v1["raw_digest"], v1["raw_size"]) == (
+        1,
+        a.digest,
+        a.size,
+        a.raw_digest,
+        a.raw_size,
+    )
+    assert (
+        v1["tags"] == ["latest"]
+        and v1["codec"] == "bitdelta"
+        and v1["bits"] == 1
+        and v1["dtype"] == "float32"
+    )
     assert v1["size_ratio"] > 1 and v1["description"] == "first"
     assert v1["metadata"]["base_fingerprint"] == base_fingerprint
 
@@ -100,9 +110,14 @@ def test_a_delta_of_another_checkpoint_under_the_same_base_name_is_refused_sayin
     setup_repo(client, other, "acme/math")  # the delta's own base name, other weights
     r = push(client, delta_blobs[0])
     assert r.status_code == 409
-    assert error_of(r) == {"code": "base_mismatch", "message": (
-        f"acme/math holds deltas of base {BASE_NAME!r} (fingerprint {other}); this upload was made for another "
-        f"checkpoint of that name (fingerprint {delta_blobs[0].base_fingerprint})")}
+    assert error_of(r) == {
+        "code": "base_mismatch",
+        "message": (
+            f"acme/math holds deltas of base {BASE_NAME!r} "
+            f"(fingerprint {other}); this upload was made for another "
+            f"checkpoint of that name (fingerprint {delta_blobs[0].base_fingerprint})"
+        ),
+    }
 
 
 def test_wrong_base_is_refused_naming_the_expected_base(client, delta_blobs, make_settings):
@@ -120,7 +135,9 @@ def test_wrong_base_is_refused_naming_the_expected_base(client, delta_blobs, mak
 
 
 @pytest.mark.parametrize("lie", ["digest", "size"])
-def test_declared_digest_or_size_mismatch_is_refused_and_leaves_nothing(client, delta_blobs, base_fingerprint, make_settings, lie):
+def test_declared_digest_or_size_mismatch_is_refused_and_leaves_nothing(
+    client, delta_blobs, base_fingerprint, make_settings, lie
+):
     setup_repo(client, base_fingerprint)
     a, b = delta_blobs[:2]
     declared = a.declaration(digest=b.digest) if lie == "digest" else a.declaration(size=a.size + 10)
@@ -159,8 +176,12 @@ def test_bytes_that_are_not_a_delta_are_refused(client, base_fingerprint):
     setup_repo(client, base_fingerprint)
     raw = os.urandom(4096)
     data = zstandard.ZstdCompressor(write_content_size=True).compress(raw)
-    decl = {"digest": "sha256:" + hashlib.sha256(data).hexdigest(), "size": len(data),
-            "raw_digest": "sha256:" + hashlib.sha256(raw).hexdigest(), "raw_size": len(raw)}
+    decl = {
+        "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "raw_digest": "sha256:" + hashlib.sha256(raw).hexdigest(),
+        "raw_size": len(raw),
+    }
     upload = client.post("/v1/repos/acme/math/uploads", json=decl).json()
     send_bytes(client, upload, data)
     r = client.post(upload["complete_url"])
@@ -168,7 +189,9 @@ def test_bytes_that_are_not_a_delta_are_refused(client, base_fingerprint):
     assert client.get("/v1/repos/acme/math/versions").json()["items"] == []
 
 
-def test_oversized_upload_is_refused_before_bytes_are_stored(make_client, delta_blobs, base_fingerprint, make_settings):
+def test_oversized_upload_is_refused_before_bytes_are_stored(
+    make_client, delta_blobs, base_fingerprint, make_settings
+):
     a = delta_blobs[0]
     client = make_client(max_upload_bytes=a.size - 1)
     setup_repo(client, base_fingerprint)
@@ -195,11 +218,15 @@ def test_more_bytes_than_declared_are_cut_off(client, delta_blobs, base_fingerpr
 
     r = client.put(upload["upload_url"], content=body())
     assert r.status_code == 422 and error_of(r) == {
-        "code": "size_mismatch", "message": f"received more than the {a.size} bytes the upload declared"}
+        "code": "size_mismatch",
+        "message": f"received more than the {a.size} bytes the upload declared",
+    }
     assert _staging_files(make_settings()) == []
 
 
-def test_gc_removes_unreferenced_blobs_and_stale_uploads(client, delta_blobs, base_fingerprint, make_settings):
+def test_gc_removes_unreferenced_blobs_and_stale_uploads(
+    client, delta_blobs, base_fingerprint, make_settings
+):
     setup_repo(client, base_fingerprint)
     a, b, c = delta_blobs[:3]
     assert push(client, a).status_code == 201
@@ -212,7 +239,9 @@ def test_gc_removes_unreferenced_blobs_and_stale_uploads(client, delta_blobs, ba
     settings = make_settings()
     db = Database.from_url(settings.resolved_database_url)
     store = LocalBlobStore(settings.resolved_blob_url.removeprefix("file://"))
-    now_report = collect_garbage(db=db, store=store, settings=settings)  # everything is within the grace period
+    now_report = collect_garbage(
+        db=db, store=store, settings=settings
+    )  # everything is within the grace period
     assert (now_report.blobs, now_report.stale_uploads) == (0, 0)
     later = utcnow() + dt.timedelta(seconds=settings.upload_ttl_seconds + settings.gc_grace_seconds + 60)
     report = collect_garbage(db=db, store=store, settings=settings, now=later)
@@ -231,18 +260,36 @@ def test_deleting_a_version_names_the_tags_that_went_with_it(client, delta_blobs
         assert client.put(f"/v1/repos/acme/math/tags/{tag}", json={"version": number}).status_code == 200
     r = client.delete("/v1/repos/acme/math/versions/1")
     assert r.status_code == 200
-    assert r.json() == {"repository": "acme/math", "number": 1, "removed_tags": ["prod", "stable"], "latest": 3}
-    assert {t["name"]: t["version"] for t in client.get("/v1/repos/acme/math/tags").json()} == {"latest": 3, "rc": 3}
+    assert r.json() == {
+        "repository": "acme/math",
+        "number": 1,
+        "removed_tags": ["prod", "stable"],
+        "latest": 3,
+    }
+    assert {t["name"]: t["version"] for t in client.get("/v1/repos/acme/math/tags").json()} == {
+        "latest": 3,
+        "rc": 3,
+    }
     # the newest: latest moves back (it is not one of the removed tags)
     assert client.delete("/v1/repos/acme/math/versions/3").json() == {
-        "repository": "acme/math", "number": 3, "removed_tags": ["rc"], "latest": 2}
+        "repository": "acme/math",
+        "number": 3,
+        "removed_tags": ["rc"],
+        "latest": 2,
+    }
     assert client.delete("/v1/repos/acme/math/versions/2").json() == {
-        "repository": "acme/math", "number": 2, "removed_tags": [], "latest": None}
+        "repository": "acme/math",
+        "number": 2,
+        "removed_tags": [],
+        "latest": None,
+    }
     assert client.get("/v1/repos/acme/math/tags").json() == []
     events = client.get("/v1/audit", params={"target": "acme/math"}).json()["items"]
     assert [e["detail"] for e in events if e["action"] == "delete_version"] == [
-        {"version": 2, "removed_tags": []}, {"version": 3, "removed_tags": ["rc"]},
-        {"version": 1, "removed_tags": ["prod", "stable"]}]
+        {"version": 2, "removed_tags": []},
+        {"version": 3, "removed_tags": ["rc"]},
+        {"version": 1, "removed_tags": ["prod", "stable"]},
+    ]
 
 
 def test_tags_move_and_resolve(client, delta_blobs, base_fingerprint):
@@ -254,7 +301,10 @@ def test_tags_move_and_resolve(client, delta_blobs, base_fingerprint):
     assert client.get("/v1/repos/acme/math/versions/prod").json()["number"] == 1
     assert client.put("/v1/repos/acme/math/tags/prod", json={"version": 3}).json()["version"] == 3
     assert client.get("/v1/repos/acme/math/versions/prod").json()["tags"] == ["latest", "prod"]
-    assert {t["name"]: t["version"] for t in client.get("/v1/repos/acme/math/tags").json()} == {"latest": 3, "prod": 3}
+    assert {t["name"]: t["version"] for t in client.get("/v1/repos/acme/math/tags").json()} == {
+        "latest": 3,
+        "prod": 3,
+    }
     assert client.put("/v1/repos/acme/math/tags/prod", json={"version": 9}).status_code == 404
     r = client.put("/v1/repos/acme/math/tags/latest", json={"version": 1})
     assert r.status_code == 400 and "latest" in error_of(r)["message"]
@@ -281,7 +331,9 @@ def test_download_has_length_etag_and_ranges(client, delta_blobs, base_fingerpri
     assert r.headers["x-deltastore-raw-digest"] == a.raw_digest
     assert "sha256:" + hashlib.sha256(r.content).hexdigest() == a.digest
     out = io.BytesIO()
-    n, raw_digest = decompress_stream(io.BytesIO(r.content), out, max_output_size=a.raw_size, expected_raw_digest=a.raw_digest)
+    n, raw_digest = decompress_stream(
+        io.BytesIO(r.content), out, max_output_size=a.raw_size, expected_raw_digest=a.raw_digest
+    )
     assert out.getvalue() == a.raw_path.read_bytes()
 
     r = client.get(url, headers={"Range": "bytes=10-19"})
@@ -298,7 +350,12 @@ def test_download_has_length_etag_and_ranges(client, delta_blobs, base_fingerpri
 def test_repositories_paginate_search_and_list_per_base(client, base_fingerprint):
     setup_repo(client, base_fingerprint, "acme/r0")
     for i in range(1, 7):
-        assert client.post("/v1/repos", json={"namespace": "acme", "name": f"r{i}", "base": BASE_NAME}).status_code == 201
+        assert (
+            client.post(
+                "/v1/repos", json={"namespace": "acme", "name": f"r{i}", "base": BASE_NAME}
+            ).status_code
+            == 201
+        )
     client.post("/v1/bases", json={"name": "org/other", "fingerprint": "sha256:" + "cd" * 32})
     client.post("/v1/repos", json={"namespace": "zeta", "name": "solo", "base": "org/other"})
     seen, cursor, pages = [], None, 0
@@ -310,11 +367,21 @@ def test_repositories_paginate_search_and_list_per_base(client, base_fingerprint
         if cursor is None:
             break
     assert pages == 3 and seen == [f"acme/r{i}" for i in range(7)]
-    assert [r["full_name"] for r in client.get("/v1/repos", params={"q": "sol"}).json()["items"]] == ["zeta/solo"]
-    assert [r["full_name"] for r in client.get("/v1/repos", params={"base": "org/other"}).json()["items"]] == ["zeta/solo"]
+    assert [r["full_name"] for r in client.get("/v1/repos", params={"q": "sol"}).json()["items"]] == [
+        "zeta/solo"
+    ]
+    assert [
+        r["full_name"] for r in client.get("/v1/repos", params={"base": "org/other"}).json()["items"]
+    ] == ["zeta/solo"]
     assert client.get("/v1/repos", params={"q": "%"}).json()["items"] == []
     assert client.get("/v1/repos", params={"cursor": "not-a-cursor"}).status_code == 400
-    assert client.post("/v1/repos", json={"namespace": "acme", "name": "r1", "base": BASE_NAME}).status_code == 409
-    assert client.post("/v1/repos", json={"namespace": "acme", "name": "x", "base": "org/none"}).status_code == 404
+    assert (
+        client.post("/v1/repos", json={"namespace": "acme", "name": "r1", "base": BASE_NAME}).status_code
+        == 409
+    )
+    assert (
+        client.post("/v1/repos", json={"namespace": "acme", "name": "x", "base": "org/none"}).status_code
+        == 404
+    )
     r = client.post("/v1/bases", json={"name": BASE_NAME, "fingerprint": "sha256:" + "ee" * 32})
     assert r.status_code == 409 and base_fingerprint in error_of(r)["message"]
