@@ -100,8 +100,14 @@ def test_timeout_finishes_the_request_and_frees_its_lease(world, dm):
     engine = Engine(dm, EngineConfig())
     sink = Collect()
     # No stop tokens: only the deadline can end it before its 100 tokens, however fast a step is.
-    req = EngineRequest("t", "acme/math", tuple(prompt_ids(3, 5)), SamplingParams(100, temperature=0),
-                        delta=str(world.deltas["d1"]), timeout=0.5)
+    req = EngineRequest(
+        "t",
+        "acme/math",
+        tuple(prompt_ids(3, 5)),
+        SamplingParams(100, temperature=0),
+        delta=str(world.deltas["d1"]),
+        timeout=0.5,
+    )
     engine.submit(req, sink)
     for _ in range(50):
         engine.step()
