@@ -96,12 +96,22 @@ def upload_parts(
     URL, `concurrency` at a time. The first part that fails for good stops the rest and is raised
     (a refusal as NetworkError, a connection failure as its httpx error)."""
     lock = threading.Lock()
+    stop = threading.Event()  # set by the first failure: a worker never starts another part after it
 
     def locked(n: int) -> None:
         with lock:
             advance(n)
 
     def send(part: dict) -> None:
+        if stop.is_set():
+            return
+        try:
+            _send(part)
+        except BaseException:
+            stop.set()
+            raise
+
+    def _send(part: dict) -> None:
         r = put_range(http, part["url"], path, part["offset"], part["size"], advance=locked)
         if r.status_code != 200:
             raise NetworkError(
