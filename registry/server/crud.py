@@ -123,8 +123,7 @@ def create_base(
         config=config,
         created_by=actor,
     )
-    session.add(base)
-    _flush_unique(session, f"base model {name!r} already exists")
+    _add_unique(session, base, f"base model {name!r} already exists")
     record_event(session, actor=actor, action="create_base", target=name, detail={"fingerprint": fingerprint})
     return base, True
 
@@ -156,9 +155,13 @@ def list_bases(session: Session, *, cursor: str | None, limit: int) -> tuple[lis
     return rows[:limit], encode_position(rows[limit - 1].id) if len(rows) > limit else None
 
 
-def _flush_unique(session: Session, message: str) -> None:
+def _add_unique(session: Session, row, message: str) -> None:
+    """Insert `row` inside a savepoint: a unique-name conflict becomes ConflictError and rolls back
+    only the savepoint, so the caller's transaction stays usable. (The row is added inside it:
+    `begin_nested()` flushes what is pending before it issues SAVEPOINT.)"""
     try:
         with session.begin_nested():
+            session.add(row)
             session.flush()
     except IntegrityError:
         raise ConflictError(message) from None
@@ -200,8 +203,7 @@ def create_repo(
         visibility=visibility,
         created_by=actor,
     )
-    session.add(repo)
-    _flush_unique(session, f"repository {namespace}/{name} already exists")
+    _add_unique(session, repo, f"repository {namespace}/{name} already exists")
     record_event(
         session, actor=actor, action="create_repo", target=f"{namespace}/{name}", detail={"base": base_name}
     )

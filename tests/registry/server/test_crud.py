@@ -450,6 +450,20 @@ def test_a_taken_repository_name_conflicts_and_loses_nothing(db):
             crud.get_repo(session, namespace="acme", name="code")
 
 
+def test_a_name_conflict_rolls_back_only_its_own_insert(db):
+    """The conflict is caught in a savepoint: the same transaction goes on and commits its other work."""
+    with db.write() as session:
+        add_base(session)
+        add_repo(session, "acme/math")
+    with db.write() as session:
+        with pytest.raises(ConflictError, match=r"^repository acme/math already exists$"):
+            add_repo(session, "acme/math")
+        assert add_repo(session, "acme/code").full_name == "acme/code"
+    with db.read() as session:
+        listed = crud.list_repos(session, cursor=None, limit=10)[0]
+        assert [r.full_name for r in listed] == ["acme/math", "acme/code"]
+
+
 def test_deleting_a_repository_takes_its_versions_and_tags_but_not_its_blobs(db):
     with db.write() as session:
         add_base(session)
