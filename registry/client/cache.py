@@ -43,9 +43,11 @@ def _hex(digest: str) -> str:
 
 
 def registry_dir_name(registry: str) -> str:
-    """`http://127.0.0.1:8000` -> `127.0.0.1-8000`: one directory per registry."""
+    """`http://127.0.0.1:8000` -> `127.0.0.1-8000`: one directory per registry. Credentials in the
+    URL (`user:token@`) never reach the name."""
     parts = urlsplit(registry)
-    return re.sub(r"[^A-Za-z0-9._]+", "-", parts.netloc + parts.path).strip("-") or "registry"
+    host = parts.netloc.rpartition("@")[2]
+    return re.sub(r"[^A-Za-z0-9._]+", "-", host + parts.path).strip("-") or "registry"
 
 
 def _write_json(path: Path, data: dict) -> None:

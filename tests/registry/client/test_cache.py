@@ -83,7 +83,8 @@ def test_a_name_that_is_not_a_sha256_digest_never_becomes_a_path(cache, digest):
     [
         ("http://127.0.0.1:8000", "127.0.0.1-8000"),
         ("https://registry.example.com/team/a/", "registry.example.com-team-a"),
-        ("https://user@host:443", "user-host-443"),
+        ("https://user@host:443", "host-443"),  # credentials never reach the file system
+        ("https://user:s3cret@host/r", "host-r"),
         ("", "registry"),
     ],
 )
