@@ -27,7 +27,9 @@ def test_greedy_tokens_equal_generate_with_three_deltas_and_base_in_flight(world
     for i in range(8):
         short = [None, "d1", "d2", "d3"][i % 4]
         model = BASE_NAME if short is None else REPOS[short]
-        jobs.append((short, model, prompt_ids(100 + i, 5 + 7 * i % 30), 20 + (i % 3) * 6, 0.15 * i))
+        # Starts 30 ms apart, each 40+ tokens long: the first four (base, d1, d2, d3) overlap however
+        # fast a step is, and the last four join a running batch.
+        jobs.append((short, model, prompt_ids(100 + i, 5 + 7 * i % 30), 40 + (i % 3) * 10, 0.03 * i))
     results: dict[int, object] = {}
     peak = {"tenants": 0}
     stop = threading.Event()
