@@ -1,8 +1,14 @@
 """deltastore codec: the format-v1 delta file (1-bit signs + scales), compress / apply / inspect.
 
-from codec import compress, apply_delta, DeltaFile
-compress("base/", "finetuned/", "math.bdelta")
-apply_delta("base/", "math.bdelta", "math-model/")
+    from codec.compress import CompressOptions, compress
+    from codec.apply import apply_delta
+    from codec import DeltaFile
+
+    compress("base/", "finetuned/", "math.bdelta", CompressOptions(base_name="org/base"))
+    apply_delta("base/", "math.bdelta", "math-model/")
+    delta = DeltaFile.open("math.bdelta")
+
+Importing `codec` (and reading a delta with DeltaFile) needs no torch; compress and apply do.
 """
 
 __version__ = "0.1.0"
