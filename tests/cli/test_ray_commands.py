@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
@@ -16,7 +15,14 @@ from typer.testing import CliRunner
 
 from cli.errors import EXIT_BASE_MISMATCH
 from cli.main import app
-from tests.gpu_loader.serving.conftest import BASE_NAME, REPOS, registry, world  # noqa: F401
+from tests.gpu_loader.serving.conftest import (  # noqa: F401  (fixtures)
+    BASE_NAME,
+    REPOS,
+    registry,
+    serve_model_argv,
+    wait_until_ready,
+    world,
+)
 from tests.support.harness import free_port
 
 pytest.importorskip("ray")
@@ -40,44 +46,13 @@ def test_serves_on_ray_and_stops_on_ctrl_c(world, registry, tmp_path):  # noqa: 
     port = free_port()
     env = {**os.environ, "DELTACTL_HOME": str(tmp_path / "home")}
     env.pop("RAY_ADDRESS", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "cli.main",
-        "serve-model",
-        str(world.base),
-        "--ray",
-        "--replicas",
-        "1",
-        "--registry",
-        registry.url,
-        "--device",
-        "cpu",
-        "--memory-budget",
-        "64MiB",
-        "--max-slots",
-        "4",
-        "--port",
-        str(port),
-        "--api-key",
-        "k",
-        "--schedule",
-        "mixed",
-    ]
+    cmd = serve_model_argv(world.base, registry.url, port, "--ray", "--replicas", "1")
     log = tmp_path / "server.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+        wait_until_ready(proc, url, log, timeout=240)
         headers = {"Authorization": "Bearer k"}
         models = httpx.get(url + "/v1/models", headers=headers, timeout=30).json()
         assert models["data"][0]["id"] == BASE_NAME  # the registry's name for this base

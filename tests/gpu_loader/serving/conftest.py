@@ -4,6 +4,9 @@ template, three fine-tunes compressed to deltas and pushed to a live registry, t
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,3 +170,26 @@ def http(server) -> Iterator[httpx.Client]:
 def prompt_ids(seed: int, n: int) -> list[int]:
     """`n` byte-token ids (0..255: printable for the byte tokenizer)."""
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def serve_model_argv(base: Path, registry_url: str, port: int, *options: str) -> list[str]:
+    """`deltactl serve-model BASE` as a child process: CPU, a small pool, API key `k`, on `port`."""
+    return [
+        sys.executable, "-m", "cli.main", "serve-model", str(base), *options,
+        "--registry", registry_url, "--device", "cpu", "--memory-budget", "64MiB", "--max-slots", "4",
+        "--port", str(port), "--api-key", "k", "--schedule", "mixed",
+    ]  # fmt: skip
+
+
+def wait_until_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
+    """Poll `url`/readyz until it answers 200; fail with the log's tail if the process exits or the
+    time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)

@@ -4,25 +4,17 @@ loopback port, and start-up refusals as one `error: <kind>: <message>` line with
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
-import time
 
 import httpx
 from typer.testing import CliRunner
 
 from cli.errors import EXIT_BASE_MISMATCH, EXIT_NETWORK
 from cli.main import app
-from tests.gpu_loader.serving.conftest import BASE_NAME, REPOS
+from tests.gpu_loader.serving.conftest import BASE_NAME, REPOS, serve_model_argv, wait_until_ready
+from tests.support.harness import free_port
 
 runner = CliRunner()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_refuses_a_registry_that_does_not_know_the_base(world, registry, tmp_path, monkeypatch):
@@ -50,41 +42,13 @@ def test_refuses_an_unreachable_registry(world, tmp_path, monkeypatch):
 def test_serves_the_registry_deltas_over_http(world, registry, tmp_path):
     port = free_port()
     env = {**os.environ, "DELTACTL_HOME": str(tmp_path / "home")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "cli.main",
-        "serve-model",
-        str(world.base),
-        "--registry",
-        registry.url,
-        "--device",
-        "cpu",
-        "--memory-budget",
-        "64MiB",
-        "--max-slots",
-        "4",
-        "--port",
-        str(port),
-        "--api-key",
-        "k",
-        "--schedule",
-        "mixed",
-    ]
+    cmd = serve_model_argv(world.base, registry.url, port)
     log = tmp_path / "server.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+        wait_until_ready(proc, url, log, timeout=120)
         headers = {"Authorization": "Bearer k"}
         models = httpx.get(url + "/v1/models", headers=headers, timeout=30).json()
         assert models["data"][0]["id"] == BASE_NAME  # the registry's name for this base
