@@ -43,38 +43,54 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def background_registry(data_dir: Path, log_path: Path) -> Iterator[str]:
-    """`deltactl serve` on the embedded default (SQLite + local blobs under `data_dir`) in a
-    child process on a free loopback port; yields its URL once it is ready, stops it after."""
+def _child_server(
+    what: str, args: list[str], env: dict, log_path: Path, *, ready_within: float, stop_within: float
+) -> Iterator[str]:
+    """`deltactl ARGS --port P` in a child process on a free loopback port (its output in
+    `log_path`); yields its URL once /readyz answers 200, and stops it after."""
     import httpx
 
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DELTASTORE_")}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--data-dir", str(data_dir)],
+            [sys.executable, "-m", "cli.main", *args, "--port", str(port)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + ready_within
         while True:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url + "/readyz", timeout=1).status_code == 200:
                     break
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the registry did not start; see {log_path}")
+                raise RuntimeError(f"the {what} did not start; see {log_path}")
             time.sleep(0.1)
         yield url
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=stop_within)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _server_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("DELTASTORE_")}
+
+
+@contextlib.contextmanager
+def background_registry(data_dir: Path, log_path: Path) -> Iterator[str]:
+    """`deltactl serve` on the embedded default (SQLite + local blobs under `data_dir`) in a
+    child process on a free loopback port; yields its URL once it is ready, stops it after."""
+    with _child_server(
+        "registry", ["serve", "--data-dir", str(data_dir)], _server_env(), log_path,
+        ready_within=60, stop_within=20,
+    ) as url:  # fmt: skip
+        yield url
 
 
 def registry_round_trip(
@@ -197,52 +213,14 @@ SERVE_PROMPTS = (
 def background_inference_server(base_dir: Path, registry: str, home: Path, log_path: Path) -> Iterator[str]:
     """`deltactl serve-model` on the demo's base in a child process on a free loopback port;
     yields its URL once /readyz answers, stops it after."""
-    import httpx
-
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DELTASTORE_")}
-    env["DELTACTL_HOME"] = str(home)
-    cmd = [
-        sys.executable,
-        "-m",
-        "cli.main",
-        "serve-model",
-        str(base_dir),
-        "--registry",
-        registry,
-        "--device",
-        "cpu",
-        "--dtype",
-        "float32",
-        "--threads",
-        "1",
-        "--max-slots",
-        "4",
-        "--memory-budget",
-        "1GiB",
-        "--port",
-        str(port),
-    ]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 900  # loading and timing the base: slow on a shared CPU
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the inference server did not start; see {log_path}")
-            time.sleep(0.2)
+    args = [
+        "serve-model", str(base_dir), "--registry", registry, "--device", "cpu", "--dtype", "float32",
+        "--threads", "1", "--max-slots", "4", "--memory-budget", "1GiB",
+    ]  # fmt: skip
+    env = {**_server_env(), "DELTACTL_HOME": str(home)}
+    # loading and timing the base is slow on a shared CPU
+    with _child_server("inference server", args, env, log_path, ready_within=900, stop_within=30) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def serving_round_trip(
