@@ -40,6 +40,16 @@ def compress_cmd(
             ),
         ),
     ] = False,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype",
+            help=(
+                "dtype of the reconstructed model, e.g. float16 or bfloat16 (default: the fine-tune's); "
+                "changed dense tensors are stored in it."
+            ),
+        ),
+    ] = None,
     bits: Annotated[
         int, typer.Option("--bits", min=1, max=8, help="Sign planes per weight (residual binarization).")
     ] = 1,
@@ -201,6 +211,7 @@ def compress_cmd(
         exclude=tuple(exclude or ()),
         base_name=base_name,  # type: ignore[arg-type]
         allow_dense=allow_dense,
+        dtype=dtype,
     )
     options = dataclasses.replace(options, base_name=_registry_base_name(base, base_name))
     # Calibration text distills the scales of a codec that has them (BitDelta); for the others

@@ -21,13 +21,20 @@ import torch
 from . import __version__, codecs
 from .activations import InputMoments
 from .background import OrderedWorker
-from .checkpoint import FINGERPRINT_PREFIX, TORCH_TO_ST, Checkpoint, _fingerprint_record, tensor_bytes
+from .checkpoint import (
+    FINGERPRINT_PREFIX,
+    ST_TO_TORCH,
+    TORCH_TO_ST,
+    Checkpoint,
+    _fingerprint_record,
+    tensor_bytes,
+)
 from .codecs.base import CodecOptions, EncodeContext
 from .codecs.bitdelta import MAX_PLANES, BitDeltaOptions, ScaleMode
 from .codecs.deltadq import DeltaDQOptions
 from .container import SpooledSafetensorsWriter, TensorSpec
 from .errors import CodecError, IncompatibleDeltaError, NothingToCompressError
-from .format import DTYPE_CODE, FLOAT_CODES, FORMAT, FORMAT_VERSION, is_registry_base_name
+from .format import DTYPE_CODE, DTYPE_NAMES, FLOAT_CODES, FORMAT, FORMAT_VERSION, is_registry_base_name
 
 Progress = Callable[[str, int, int], None]
 
@@ -59,11 +66,16 @@ class CompressOptions:
     #: Write a delta even when no tensor can be compressed because every shape differs from the
     #: base's (the delta is then the fine-tune stored dense).
     allow_dense: bool = False
+    #: The dtype of the reconstructed model (format `dtype`): compressed tensors decode to it and
+    #: changed dense tensors are stored cast to it. None: the fine-tune's own (by bytes).
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.codec, CodecOptions):
             raise CodecError(f"codec options must be a codec's options object, got {self.codec!r}")
         codecs.for_options(self.codec)  # a registered codec
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise CodecError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
 
     @property
     def codec_name(self) -> str:
@@ -161,8 +173,9 @@ def compress(
     _check_names(base, ft)
     if not options.allow_dense:
         _check_some_tensor_compresses(base, ft, options)
-    dtype_name = _model_dtype(ft, options)
+    dtype_name = options.dtype or _model_dtype(ft, options)
     model_code = DTYPE_CODE[dtype_name]
+    cast = options.dtype is not None
     codec = codecs.for_options(options.codec)
     context = EncodeContext(input_moments)
     out_path = Path(out_path)
@@ -186,10 +199,13 @@ def compress(
                 continue
             f = ft.get(name)
             fe = ft.entry(name)
-            same_layout = fe.shape == be.shape and fe.dtype == be.dtype
+            # With a target dtype every floating tensor is rebuilt in it; else each keeps its own.
+            stored_code = model_code if cast and fe.dtype in FLOAT_CODES else fe.dtype
+            # A tensor the delta leaves out is the base's: only right when that has the stored layout.
+            same_layout = fe.shape == be.shape and stored_code == be.dtype
             if (
                 fe.shape == be.shape
-                and fe.dtype == model_code
+                and (cast or fe.dtype == model_code)
                 and options.binarizes(name, fe.shape, fe.dtype)
             ):
                 encoding = codec.encode(f, b, name, options.codec, context)
@@ -206,14 +222,17 @@ def compress(
                         )
                     )
                 report.binarized.append(name)
-            elif same_layout and torch.equal(f, b):
+                continue
+            # Codecs encode from the fine-tune's own values; only dense tensors are stored cast.
+            dense = f if stored_code == fe.dtype else f.to(ST_TO_TORCH[stored_code])
+            if same_layout and torch.equal(dense, b):
                 report.unchanged.append(name)
             else:
                 io.submit(
                     functools.partial(
                         writer.add,
-                        TensorSpec(name + ".full", TORCH_TO_ST[f.dtype], tuple(f.shape)),
-                        tensor_bytes(f),
+                        TensorSpec(name + ".full", TORCH_TO_ST[dense.dtype], tuple(dense.shape)),
+                        tensor_bytes(dense),
                     )
                 )
                 report.dense.append(name)
