@@ -284,6 +284,7 @@ def compress_cmd(
         "delta_bytes": report.delta_bytes,
         "ratio": report.ratio,
         "calibration": calibration,
+        "fallbacks": report.fallbacks,
     }
     if as_json:
         emit_json(result)
@@ -294,6 +295,8 @@ def compress_cmd(
         f"{len(report.binarized)} binarized, {len(report.dense)} "
         f"dense, {len(report.unchanged)} unchanged tensors"
     )
+    for name, reason in sorted(report.fallbacks.items()):
+        out.print(f"  {name}: {reason}")
     if calibration:
         out.print(
             f"distilled scales: calibration loss {calibration['initial_loss']:.4g} -> "

@@ -29,7 +29,7 @@ from .checkpoint import (
     _fingerprint_record,
     tensor_bytes,
 )
-from .codecs.base import CodecOptions, EncodeContext
+from .codecs.base import CodecOptions, EncodeContext, Encoding
 from .codecs.bitdelta import MAX_PLANES, BitDeltaOptions, ScaleMode
 from .codecs.deltadq import DeltaDQOptions
 from .container import SpooledSafetensorsWriter, TensorSpec
@@ -101,6 +101,8 @@ class CompressReport:
     binarized: list[str] = field(default_factory=list)
     dense: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    #: Tensors stored in a cheaper form than the codec's encoding, and why (`x-fallbacks`).
+    fallbacks: dict[str, str] = field(default_factory=dict)
     finetuned_bytes: int = 0
     delta_bytes: int = 0
 
@@ -209,8 +211,18 @@ def compress(
                 and options.binarizes(name, fe.shape, fe.dtype)
             ):
                 encoding = codec.encode(f, b, name, options.codec, context)
-                zero = encoding.zero
-                if same_layout and zero:
+                reason = _worse_than_base(codec, encoding)
+                if reason is not None:
+                    # Leave the tensor at base: store nothing, or (when the base's layout is not
+                    # the one rebuilt) the codec's encoding of a zero delta.
+                    report.fallbacks[name] = reason
+                    if same_layout:
+                        report.unchanged.append(name)
+                        continue
+                    encoding = codec.encode(b, b, name, options.codec, context)
+                elif encoding.fallback is not None:  # the codec chose its own cheaper form
+                    report.fallbacks[name] = encoding.fallback
+                if same_layout and encoding.zero:
                     report.unchanged.append(name)
                     continue
                 for piece in encoding.pieces:
@@ -249,6 +261,8 @@ def compress(
             "x-finetuned-bytes": str(ft.total_bytes),
         }
         metadata.update(codec.metadata(options.codec, context))
+        if report.fallbacks:
+            metadata["x-fallbacks"] = json.dumps(report.fallbacks, sort_keys=True)
         if base.source is not None:
             metadata["x-base-source"] = base.source.to_json()
         if ft.source is not None:
@@ -263,6 +277,20 @@ def compress(
         raise
     report.delta_bytes = out_path.stat().st_size
     return report
+
+
+def _worse_than_base(codec: codecs.Codec, encoding: Encoding) -> str | None:
+    """Why `encoding` is worse, by the codec's own error proxy, than leaving the tensor at base
+    (Δ̂ = 0, error ‖Δ‖²), or None when it is not (or the codec does not measure it)."""
+    stats = encoding.stats
+    if stats is None or encoding.zero or stats.target_sq <= 0:
+        return None
+    error = codec.error(stats)
+    if error <= stats.target_sq:
+        return None
+    return (
+        f"left at base: the {codec.name} encoding's error is {error / stats.target_sq:.4g}x that of no delta"
+    )
 
 
 def _hash_tensor(fp, name: str, dtype: str, shape, tensor: torch.Tensor) -> None:
