@@ -66,17 +66,19 @@ class ErrorStats:
         cls, blocks: Iterable[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tensor | None
     ) -> ErrorStats:
         """Accumulate over row blocks of (Δ, Δ̂), fp32 [rows, in], weighted per input column by
-        `weight` [in] (E[x_i²] of the layer's inputs) when given; sums in fp64."""
+        `weight` [in] (E[x_i²] of the layer's inputs) when given; products in fp32, sums in fp64."""
         import torch
 
         dot = decoded_sq = target_sq = 0.0
-        w = None if weight is None else weight.to(torch.float64)
         for target, decoded in blocks:
-            t, d = target.to(torch.float64), decoded.to(torch.float64)
-            wt = t if w is None else t * w
-            dot += float((wt * d).sum())
-            target_sq += float((wt * t).sum())
-            decoded_sq += float((d * d).sum() if w is None else (d * d * w).sum())
+            weighted = target if weight is None else target * weight
+            dot += float(torch.sum(weighted * decoded, dtype=torch.float64))
+            target_sq += float(torch.sum(weighted * target, dtype=torch.float64))
+            decoded_sq += float(
+                torch.sum(
+                    decoded * decoded if weight is None else decoded * decoded * weight, dtype=torch.float64
+                )
+            )
         return cls(dot, decoded_sq, target_sq)
 
 

@@ -59,6 +59,13 @@ class BitDelta(Codec):
         from ..bitdelta import binarize, decode
 
         sign, scale = binarize(finetuned, base, options.planes, options.scale_mode)
+        pieces = [Piece("sign", "U8", sign), Piece("scale", "F32", scale)]
+        zero = not bool(scale.any())  # all scales 0: Δ̂ = 0
+        weight = context.channel_weight(name, finetuned.shape[1])
+        if weight is None:
+            # Unweighted, each plane's mean-|residual| scale is the least-squares one for its
+            # signs, so the encoding is never worse than no delta: nothing to measure.
+            return Encoding(pieces, zero=zero)
         per_row = scale.shape[1] != 1
 
         def blocks():
@@ -67,9 +74,7 @@ class BitDelta(Codec):
                 target = finetuned[r:e].to(torch.float32) - base[r:e].to(torch.float32)
                 yield target, decode(sign[:, r:e], scale[:, r:e] if per_row else scale, finetuned.shape[1])
 
-        stats = ErrorStats.of_blocks(blocks(), context.channel_weight(name, finetuned.shape[1]))
-        pieces = [Piece("sign", "U8", sign), Piece("scale", "F32", scale)]
-        return Encoding(pieces, zero=not bool(scale.any()), stats=stats)  # all scales 0: Δ̂ = 0
+        return Encoding(pieces, zero=zero, stats=ErrorStats.of_blocks(blocks(), weight))
 
     def metadata(self, options: BitDeltaOptions, context: EncodeContext) -> dict[str, str]:
         return {"x-planes": str(options.planes), "x-scale": options.scale_mode}

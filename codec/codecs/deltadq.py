@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 #: The dropout-mask algorithm this reader knows (docs/deltadq.md).
 DQ_MASK = "splitmix64-v1"
-_STATS_ROWS = 256  # rows per block when measuring the encoding's error
 
 
 def _show(value: object) -> str:
@@ -112,16 +111,9 @@ class DeltaDQ(Codec):
             parts=options.parts,
             channel_weight=context.channel_weight(name, finetuned.shape[-1]),
         )
-        codes, step = deltadq.encode(finetuned, base, name, options.seed, params)
-        out, inn = finetuned.shape
-
-        def blocks():
-            for r in range(0, out, _STATS_ROWS):
-                e = min(out, r + _STATS_ROWS)
-                target = finetuned[r:e].to(torch.float32) - base[r:e].to(torch.float32)
-                yield target, deltadq.decode(codes, step, name, options.seed, params, inn, slice(r, e))
-
-        stats = ErrorStats.of_blocks(blocks(), context.channel_weight(name, inn))
+        weight = context.channel_weight(name, finetuned.shape[-1])
+        codes, step, measured = deltadq.encode_measured(finetuned, base, name, options.seed, params, weight)
+        stats = ErrorStats(*measured)
         stored = torch.tensor([params.group_size, params.keep, params.bits], dtype=torch.int32)
         pieces = [
             Piece("dq_codes", "U8", codes),

@@ -15,7 +15,8 @@ from codec.activations import InputMoments
 from codec.apply import apply_delta
 from codec.bitdelta import binarize, decode, reconstruct
 from codec.checkpoint import Checkpoint
-from codec.compress import CompressOptions, DeltaDQOptions, compress
+from codec.codecs.base import ErrorStats
+from codec.compress import BitDeltaOptions, CompressOptions, DeltaDQOptions, compress
 from codec.format import DeltaFile
 from codec.summary import summarize
 
@@ -78,12 +79,20 @@ def test_a_bitdelta_tensor_worse_than_no_delta_on_its_inputs_is_left_at_base(tmp
     )
 
 
-def test_without_calibration_bitdelta_never_falls_back(tmp_path):
-    """Its mean-|Δ| scale is the least-squares one for the signs: never worse than no delta."""
+@pytest.mark.parametrize(("planes", "scale_mode"), [(1, "per-matrix"), (1, "per-row"), (3, "per-matrix")])
+def test_without_calibration_bitdelta_is_never_worse_than_no_delta(tmp_path, planes, scale_mode):
+    """The premise of skipping the measurement unweighted: each plane's mean-|residual| scale is
+    the least-squares one for its signs, so even the adversarial tensor beats no delta."""
     gen = torch.Generator().manual_seed(2)
     adversarial = torch.cat([_signs(gen, (16, 32)), 1e-3 * _signs(gen, (16, 32))], dim=1)
     base_path, ft_path = _pair(tmp_path, {ADVERSARIAL: adversarial})
-    report = compress(base_path, ft_path, tmp_path / "d.bdelta", CompressOptions(base_name="org/tiny"))
+    base, ft = _state(base_path)[ADVERSARIAL], _state(ft_path)[ADVERSARIAL]
+    sign, scale = binarize(ft, base, planes, scale_mode)
+    assert ((ft - base - decode(sign, scale, 64)) ** 2).sum() < ((ft - base) ** 2).sum()
+    options = CompressOptions(
+        codec=BitDeltaOptions(planes=planes, scale_mode=scale_mode), base_name="org/tiny"
+    )
+    report = compress(base_path, ft_path, tmp_path / "d.bdelta", options)
     assert report.fallbacks == {} and report.binarized == [ADVERSARIAL]
 
 
@@ -138,3 +147,18 @@ def test_a_normal_pair_has_no_fallbacks(llama_pair, tmp_path, options):
     assert report.fallbacks == {} and "x-fallbacks" not in delta.metadata
     assert summarize(report.path)["fallbacks"] == {}
     assert set(report.binarized) == {n for n, e in delta.entries.items() if e.kind != "full"}
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_deltadq_measures_its_error_from_what_decode_returns(weighted):
+    """The statistics DeltaDQ takes from its survivors equal those of Δ̂ decoded from the codes."""
+    gen = torch.Generator().manual_seed(3)
+    base, ft = torch.randn(300, 70, generator=gen), torch.randn(300, 70, generator=gen)
+    weight = torch.rand(70, generator=gen) if weighted else None
+    params = deltadq.params_for(70, 3, 0.25, 16, 1)  # a partial last group of 6 columns too
+    codes, step, measured = deltadq.encode_measured(ft, base, "t", 5, params, weight)
+    plain_codes, plain_step = deltadq.encode(ft, base, "t", 5, params)
+    assert torch.equal(codes, plain_codes) and torch.equal(step, plain_step)
+    decoded = deltadq.decode(codes, step, "t", 5, params, 70)
+    want = ErrorStats.of_blocks([(ft - base, decoded)], weight)
+    assert measured == pytest.approx((want.dot, want.decoded_sq, want.target_sq), rel=1e-6)
