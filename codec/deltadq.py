@@ -165,11 +165,28 @@ def encode(
     finetuned: torch.Tensor, base: torch.Tensor, name: str, seed: int, params: DQParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compress one 2-D delta: returns (parts uint8 [parts, out, packed_width], step f32 [out])."""
+    parts, steps, _ = encode_measured(finetuned, base, name, seed, params)
+    return parts, steps
+
+
+def encode_measured(
+    finetuned: torch.Tensor,
+    base: torch.Tensor,
+    name: str,
+    seed: int,
+    params: DQParams,
+    channel_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float, float]]:
+    """`encode`, plus (⟨Δ̂, Δ⟩, ‖Δ̂‖², ‖Δ‖²) weighted per input column by `channel_weight`, from
+    the survivors' decoded values as `decode` computes them (no second pass over the mask)."""
     out, inn = finetuned.shape
     width = params.packed_width(inn)
     parts = np.zeros((params.parts, out, width), dtype=np.uint8)
     steps = np.zeros(out, dtype=np.float32)
     b = params.part_bits
+    centre = np.float32((2**params.bits - 1) / 2)
+    weight = np.ones(inn, np.float32) if channel_weight is None else channel_weight.to(torch.float32).numpy()
+    dot = decoded_sq = target_sq = 0.0
     # Survivors are rescaled by group size / kept (L / k_L in a partial last group), as dropout does.
     full, last = divmod(inn, params.group_size)
     rescale = np.full(params.kept_per_row(inn), params.group_size / params.keep, dtype=np.float32)
@@ -179,11 +196,16 @@ def encode(
         e = min(out, r + _ROW_CHUNK)
         delta = (finetuned[r:e].to(torch.float32) - base[r:e].to(torch.float32)).numpy()
         full_pos, last_pos = kept_positions(seed, name, (out, inn), params, slice(r, e))
-        kept = _gather(delta, full_pos, last_pos, params.group_size) * rescale
-        codes, steps[r:e] = _quantize_rows(kept, params.bits)
+        survivors = _gather(delta, full_pos, last_pos, params.group_size)
+        codes, steps[r:e] = _quantize_rows(survivors * rescale, params.bits)
         for j in range(params.parts):
             parts[j, r:e] = pack_codes((codes >> (j * b)) & ((1 << b) - 1), b)
-    return torch.from_numpy(parts), torch.from_numpy(steps)
+        decoded = steps[r:e, None] * (codes.astype(np.float32) - centre)
+        w = _gather(np.broadcast_to(weight, delta.shape), full_pos, last_pos, params.group_size)
+        dot += float(np.sum(decoded * survivors * w, dtype=np.float64))
+        decoded_sq += float(np.sum(decoded * decoded * w, dtype=np.float64))
+        target_sq += float(np.sum(delta * delta * weight, dtype=np.float64))
+    return torch.from_numpy(parts), torch.from_numpy(steps), (dot, decoded_sq, target_sq)
 
 
 def decode(
