@@ -51,6 +51,15 @@ class Svd:
         u, s, vh = torch.linalg.svd(delta.to(torch.float32), full_matrices=False)
         return cls(u, s, vh)
 
+    @classmethod
+    def weighted(cls, delta: torch.Tensor, weight: torch.Tensor) -> Svd:
+        """The factorization that is optimal for the weighted error Σ w_i (Δ − Δ̂)²: the SVD of
+        Δ·√W, with √W divided back out of vh (so u·diag(s)·vh is still Δ). Channels with no
+        energy are floored at 1e-6 of the mean weight so the division stays finite."""
+        root = weight.to(torch.float32).clamp_min(1e-6 * float(weight.mean()) + 1e-30).sqrt()
+        u, s, vh = torch.linalg.svd(delta.to(torch.float32) * root[None, :], full_matrices=False)
+        return cls(u, s, vh / root[None, :])
+
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(a [rank, in], b [out, rank]) with the singular values folded in as √S on each side."""
         root = self.s[:rank].sqrt()
@@ -152,6 +161,7 @@ class Encoded:
     steps: torch.Tensor  # BF16 [total groups]
     a: torch.Tensor  # fp32 [rank, in]
     b: torch.Tensor  # fp32 [out, rank]
+    factorization: str = "svd"  # or "weighted-svd" (calibrated: the SVD of Δ·√W)
 
     @property
     def bands(self) -> torch.Tensor:
@@ -173,6 +183,7 @@ def encode(
     svd: Svd,
     layout: Layout,
     weight: torch.Tensor | None = None,
+    factorization: str = "svd",
 ) -> Encoded:
     """Quantize the SVD factors of `delta` to `layout`: every band's `a` rows first, then `b`
     refitted against the quantized `a` (least squares, weighted by `weight` when given) and
@@ -201,7 +212,7 @@ def encode(
     b = torch.cat(b_cols).T.contiguous()
     packed = torch.from_numpy(np.concatenate(byte_chunks))
     steps = torch.cat(step_chunks).to(torch.bfloat16)
-    return Encoded(layout, packed, steps, a, b)
+    return Encoded(layout, packed, steps, a, b, factorization)
 
 
 def check_sizes(codes_len: int, steps_len: int, layout: Layout, out: int, inn: int, name: str = "") -> None:
@@ -345,11 +356,23 @@ def choose(
             f"{name}: ratio {ratio:g} leaves {budget} bits for a {out}x{inn} tensor, less than one "
             f"singular vector pair at 1 bit ({rank_cost_bits(out, inn, 1, g) + 128} bits)"
         )
-    svd = Svd.of(delta)
+    # With calibration the weighted SVD competes with the plain one: it is the better rank-r
+    # approximation under the weighted error, but its `a` rows carry 1/√w_i, which quantizes worse.
+    sources = {"svd": Svd.of(delta)}
+    if weight is not None:
+        sources["weighted-svd"] = Svd.weighted(delta, weight)
+    scored = sorted(
+        (
+            (err, layout, key)
+            for key, svd in sources.items()
+            for err, layout in _screen(delta, svd, layouts, weight)
+        ),
+        key=lambda t: t[0],
+    )
     best: Encoded | None = None
     best_err = math.inf
-    for _, layout in _screen(delta, svd, layouts, weight)[:FINALISTS]:
-        enc = encode(delta, svd, layout, weight)
+    for _, layout, key in scored[:FINALISTS]:
+        enc = encode(delta, sources[key], layout, weight, key)
         err = _product_error(delta, enc.a, enc.b, weight)
         if err < best_err:
             best, best_err = enc, err

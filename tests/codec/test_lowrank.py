@@ -245,6 +245,18 @@ def test_calibration_weight_is_the_error_that_is_minimised():
     assert head_error(weighted) < head_error(plain)
 
 
+def test_weighted_svd_factors_the_delta_and_is_best_at_its_rank_under_the_weight():
+    ft, base = _low_rank_delta(64, 96, 20, 5e-5)
+    delta = lowrank.delta_of(ft, base)
+    weight = torch.linspace(0.01, 10.0, 96)
+    svd = lowrank.Svd.weighted(delta, weight)
+    assert torch.allclose((svd.u * svd.s) @ svd.vh, delta, atol=1e-7)
+    a_w, b_w = svd.factors(6)
+    a, b = lowrank.Svd.of(delta).factors(6)
+    assert lowrank.weighted_error(delta, b_w @ a_w, weight) < lowrank.weighted_error(delta, b @ a, weight)
+    assert lowrank.weighted_error(delta, b @ a, None) < lowrank.weighted_error(delta, b_w @ a_w, None)
+
+
 # --- hybrid -----------------------------------------------------------------------------------
 
 
