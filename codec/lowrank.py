@@ -17,7 +17,7 @@ import torch
 
 from .deltadq import pack_codes, unpack_codes
 from .errors import CodecError
-from .lowrank_params import Band, Layout, budget_bits, packed_bytes, rank_cost_bits
+from .lowrank_params import BAND_ROW_BITS, SHAPE_BITS, Band, Layout, budget_bits, packed_bytes, rank_cost_bits
 
 #: Rows of Δ̂ = b @ a computed per torch.matmul call: part of the reconstruction spec, so every
 #: consumer that must equal `apply` bit for bit computes the product in the same blocks.
@@ -165,7 +165,13 @@ class Encoded:
 
     @property
     def bands(self) -> torch.Tensor:
+        """`N.lr_bands`: I32 [B, 4] rows (rank_start, rank_end, bits, group_size)."""
         return torch.tensor(self.layout.rows(), dtype=torch.int32).reshape(-1, 4)
+
+    @property
+    def shape(self) -> torch.Tensor:
+        """`N.lr_shape`: I32 [2] = (out, in) of the tensor, so the factors decode from the file alone."""
+        return torch.tensor([self.b.shape[0], self.a.shape[1]], dtype=torch.int32)
 
 
 def _refit_b(delta: torch.Tensor, a_hat: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -271,7 +277,7 @@ def layouts_for_budget(out: int, inn: int, budget: int, group_size: int) -> list
         counts, used, spent = [], 0, 0
         for bits, count in plan:
             cost = rank_cost_bits(out, inn, bits, group_size)
-            overhead = 128 * len(plan)
+            overhead = BAND_ROW_BITS * len(plan) + SHAPE_BITS
             if count is None:
                 count = max(0, (budget - spent - overhead) // cost)
             count = min(count, full_rank - used)
@@ -351,10 +357,10 @@ def choose(
     budget = budget_bits(out, inn, ratio)
     layouts = [lay for g in group_sizes for lay in layouts_for_budget(out, inn, budget, g)]
     if not layouts:
-        g = max(group_sizes)
+        least = rank_cost_bits(out, inn, 1, max(group_sizes)) + BAND_ROW_BITS + SHAPE_BITS
         raise CodecError(
             f"{name}: ratio {ratio:g} leaves {budget} bits for a {out}x{inn} tensor, less than one "
-            f"singular vector pair at 1 bit ({rank_cost_bits(out, inn, 1, g) + 128} bits)"
+            f"singular vector pair at 1 bit ({least} bits)"
         )
     # With calibration the weighted SVD competes with the plain one: it is the better rank-r
     # approximation under the weighted error, but its `a` rows carry 1/√w_i, which quantizes worse.
@@ -386,16 +392,25 @@ def choose(
     return Choice("lowrank", best_err, encoded=best, alternatives=tuple(alternatives))
 
 
-def _product_error(delta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weight) -> float:
-    """weighted_error(Δ, b @ a) without forming b @ a: ‖Δ‖²_w − 2⟨Δ·w, b·a⟩ + ⟨bᵀb, a·w·aᵀ⟩
-    (skinny products, summed in fp64)."""
+def product_stats(
+    delta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None
+) -> tuple[float, float, float]:
+    """(⟨Δ, b·a⟩_w, ‖b·a‖²_w, ‖Δ‖²_w) without forming b·a: ⟨Δ·w·aᵀ, b⟩ and ⟨bᵀb, a·w·aᵀ⟩ are
+    skinny products (summed in fp64); w = the calibration weight per input column, or 1."""
+    a, b = a.to(torch.float32), b.to(torch.float32)
     aw = a if weight is None else a * weight.to(torch.float32)[None, :]
     dw = delta if weight is None else delta * weight.to(torch.float32)[None, :]
-    norm = float((dw * delta).sum(dtype=torch.float64))
-    cross = float(((delta @ aw.T).to(torch.float64) * b.to(torch.float64)).sum())
+    target_sq = float((dw * delta).sum(dtype=torch.float64))
+    dot = float(((delta @ aw.T).to(torch.float64) * b.to(torch.float64)).sum())
     gram_b = b.to(torch.float64).T @ b.to(torch.float64)
     gram_a = aw.to(torch.float64) @ a.to(torch.float64).T
-    return max(0.0, norm - 2 * cross + float((gram_b * gram_a).sum()))
+    return dot, float((gram_b * gram_a).sum()), target_sq
+
+
+def _product_error(delta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weight) -> float:
+    """weighted_error(Δ, b @ a) from `product_stats`."""
+    dot, decoded_sq, target_sq = product_stats(delta, a, b, weight)
+    return max(0.0, target_sq - 2 * dot + decoded_sq)
 
 
 __all__ = [
@@ -409,6 +424,7 @@ __all__ = [
     "delta_rows",
     "encode",
     "layouts_for_budget",
+    "product_stats",
     "quantize",
     "reconstruct_blocks",
 ]

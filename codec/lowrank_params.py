@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from .errors import CodecError
 
 MAX_BITS = 8
-#: Bits of one group step (`N.lr_scales` is BF16) and of one band-table row (I32 × 4).
+#: Bits of one group step (`N.lr_scales` is BF16), of one band-table row (I32 × 4) and of the
+#: stored shape (`N.lr_shape`, I32 × 2).
 STEP_BITS = 16
 BAND_ROW_BITS = 4 * 32
+SHAPE_BITS = 2 * 32
 
 
 def packed_bytes(count: int, bits: int) -> int:
@@ -62,8 +64,11 @@ class Layout:
         return cls(tuple(bands))
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Sequence[int]], out_features: int, in_features: int) -> Layout:
-        """Parse and check `N.lr_bands` rows `(rank_start, rank_end, bits, group_size)`."""
+    def from_rows(
+        cls, rows: Sequence[Sequence[int]], out_features: int | None = None, in_features: int | None = None
+    ) -> Layout:
+        """Parse and check `N.lr_bands` rows `(rank_start, rank_end, bits, group_size)` (the rank
+        against the full rank only when the tensor's shape is given)."""
         layout = cls(tuple(Band(*(int(v) for v in row)) for row in rows))
         layout.check(out_features, in_features)
         return layout
@@ -75,12 +80,11 @@ class Layout:
     def rank(self) -> int:
         return self.bands[-1].end if self.bands else 0
 
-    def check(self, out_features: int, in_features: int) -> None:
-        """Raise CodecError unless the bands are contiguous from 0, non-empty, within the
-        tensor's full rank, with 1–8 bits and a group size between 1 and 2^31 − 1."""
+    def check(self, out_features: int | None = None, in_features: int | None = None) -> None:
+        """Raise CodecError unless the bands are contiguous from 0, non-empty, with 1–8 bits and a
+        group size between 1 and 2^31 − 1, and (given the tensor's shape) within its full rank."""
         if not self.bands:
             raise CodecError("band table is empty (a low-rank tensor needs at least one band)")
-        full_rank = min(out_features, in_features)
         expected_start = 0
         for i, b in enumerate(self.bands):
             if b.start != expected_start:
@@ -95,6 +99,9 @@ class Layout:
             if not 1 <= b.group_size < 2**31:
                 raise CodecError(f"band {i} has group size {b.group_size}, expected >= 1")
             expected_start = b.end
+        if out_features is None or in_features is None:
+            return
+        full_rank = min(out_features, in_features)
         if self.rank > full_rank:
             raise CodecError(
                 f"rank {self.rank} exceeds the tensor's full rank {full_rank} ({out_features}x{in_features})"
@@ -107,11 +114,12 @@ class Layout:
         return sum(b.step_count(out_features, in_features) for b in self.bands)
 
     def stored_bits(self, out_features: int, in_features: int) -> int:
-        """Every stored bit of the tensor: codes, group steps and the band table itself."""
+        """Every stored bit of the tensor: codes, group steps, the band table and the shape."""
         return (
             8 * self.code_bytes(out_features, in_features)
             + STEP_BITS * self.step_count(out_features, in_features)
             + BAND_ROW_BITS * len(self.bands)
+            + SHAPE_BITS
         )
 
     def describe(self) -> str:

@@ -53,7 +53,7 @@ def test_stored_bits_counts_codes_steps_and_table():
     assert layout.code_bytes(out, inn) == 2 * 110 + 3 * 42
     # Groups: ceil(100/64) + ceil(10/64) = 3 at g 64; ceil(100/32) + 1 = 5 at g 32.
     assert layout.step_count(out, inn) == 2 * 3 + 3 * 5
-    assert layout.stored_bits(out, inn) == 8 * 346 + 16 * 21 + 128 * 2
+    assert layout.stored_bits(out, inn) == 8 * 346 + 16 * 21 + 128 * 2 + 64
     assert layout.rank == 5
     assert layout.describe() == "8b×2 + 3b×3 (g32/64)"
 
