@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from codec import sizes
+from codec import codecs, sizes
 from codec.errors import BaseMismatchError, BaseNameError, NothingToCompressError
 from codec.format import is_registry_base_name
 from codec.summary import summarize
@@ -56,7 +56,9 @@ def compress_cmd(
     codec: Annotated[
         str,
         typer.Option(
-            "--codec", help="bitdelta (1-bit signs) or deltadq (group-wise dropout + quantization)."
+            "--codec",
+            help="bitdelta (1-bit signs), deltadq (group-wise dropout + quantization), or another "
+            "registered codec (docs/codecs.md).",
         ),
     ] = "bitdelta",
     ratio: Annotated[
@@ -180,24 +182,30 @@ def compress_cmd(
 
     if group_size != "auto" and not group_size.isdigit():
         raise typer.BadParameter(f"--group-size must be a positive integer or 'auto', got {group_size!r}")
+    chosen = codecs.get(codec)
+    # Each codec reads the flags of its own option panel; the others' stay at their defaults.
+    flags = {
+        "bitdelta": {"planes": bits, "scale_mode": scale},
+        "deltadq": {
+            "ratio": ratio,
+            "bits": dq_bits,
+            "keep": keep,
+            "group_size": None if group_size == "auto" else int(group_size),
+            "parts": parts,
+            "seed": dq_seed,
+        },
+    }
     options = CompressOptions(
-        planes=bits,
-        scale_mode=scale,
+        codec=chosen.options_type(**flags.get(codec, {})),
         include=tuple(include or ()),
         exclude=tuple(exclude or ()),
         base_name=base_name,  # type: ignore[arg-type]
-        codec=codec,
-        dq_ratio=ratio,
-        dq_bits=dq_bits,
-        dq_keep=keep,  # type: ignore[arg-type]
-        dq_group_size=None if group_size == "auto" else int(group_size),
-        dq_parts=parts,
-        dq_seed=dq_seed,
         allow_dense=allow_dense,
     )
     options = dataclasses.replace(options, base_name=_registry_base_name(base, base_name))
-    # Calibration text steers DeltaDQ's per-tensor search; for BitDelta it distills the scales.
-    distill = calibrate is not None and codec != "deltadq"
+    # Calibration text distills the scales of a codec that has them (BitDelta); for the others
+    # (DeltaDQ) the layer-input moments it yields steer the per-tensor search.
+    distill = calibrate is not None and chosen.calibration == "distill"
     distill_options = moments = None
     if calibrate is not None and not distill:
         from codec.activations import input_moments
@@ -367,7 +375,7 @@ def inspect_cmd(
         ("dtype", info["dtype"]),
         (
             "tensors",
-            f"{info['counts']['bitdelta'] + info['counts']['deltadq']} "
+            f"{sum(n for k, n in info['counts'].items() if k != 'full')} "
             f"compressed, {info['counts']['full']} dense",
         ),
         ("size", human_bytes(info["file_bytes"])),
@@ -384,26 +392,13 @@ def inspect_cmd(
             grid.add_row(f"[dim]{key}", str(value))
     out.print(grid)
     if tensors:
-        table = Table("tensor", "kind", "shape / planes", "scale", "bytes")
+        table = Table("tensor", "kind", "shape / parameters", "bytes")
         for t in info["tensors"]:
             if t["kind"] == "full":
-                table.add_row(t["name"], "full", f"{t['dtype']}{t['shape']}", "", human_bytes(t["bytes"]))
-            elif t["kind"] == "deltadq":
-                table.add_row(
-                    t["name"],
-                    "deltadq",
-                    f"g={t['group_size']} keep={t['keep']} bits={t['bits']}×{t['parts']}",
-                    "per-row",
-                    human_bytes(t["bytes"]),
-                )
+                shown = f"{t['dtype']}{t['shape']}"
             else:
-                table.add_row(
-                    t["name"],
-                    "bitdelta",
-                    f"P={t['planes']} rows={t['rows']}",
-                    t["scale"],
-                    human_bytes(t["bytes"]),
-                )
+                shown = " ".join(f"{k}={v}" for k, v in t.items() if k not in ("name", "kind", "bytes"))
+            table.add_row(t["name"], t["kind"], shown, human_bytes(t["bytes"]))
         out.print(table)
 
 
