@@ -17,7 +17,16 @@ import torch
 
 from .deltadq import pack_codes, unpack_codes
 from .errors import CodecError
-from .lowrank_params import BAND_ROW_BITS, SHAPE_BITS, Band, Layout, budget_bits, packed_bytes, rank_cost_bits
+from .lowrank_params import (
+    BAND_ROW_BITS,
+    SHAPE_BITS,
+    Band,
+    Layout,
+    budget_bits,
+    check_sizes,
+    packed_bytes,
+    rank_cost_bits,
+)
 
 #: Rows of Δ̂ = b @ a computed per torch.matmul call: part of the reconstruction spec, so every
 #: consumer that must equal `apply` bit for bit computes the product in the same blocks.
@@ -219,16 +228,6 @@ def encode(
     packed = torch.from_numpy(np.concatenate(byte_chunks))
     steps = torch.cat(step_chunks).to(torch.bfloat16)
     return Encoded(layout, packed, steps, a, b, factorization)
-
-
-def check_sizes(codes_len: int, steps_len: int, layout: Layout, out: int, inn: int, name: str = "") -> None:
-    """The exact lengths `N.lr_codes` and `N.lr_scales` must have for `layout` on [out, in]."""
-    want_codes, want_steps = layout.code_bytes(out, inn), layout.step_count(out, inn)
-    label = f"{name}: " if name else ""
-    if codes_len != want_codes:
-        raise CodecError(f"{label}lr_codes has {codes_len} bytes, the band table needs {want_codes}")
-    if steps_len != want_steps:
-        raise CodecError(f"{label}lr_scales has {steps_len} steps, the band table needs {want_steps}")
 
 
 def decode_factors(

@@ -139,3 +139,12 @@ def rank_cost_bits(out_features: int, in_features: int, bits: int, group_size: i
 def budget_bits(out_features: int, in_features: int, ratio: float) -> int:
     """The tensor's budget at `ratio` vs fp16: floor(16·out·in / ratio) bits."""
     return int(16 * out_features * in_features // ratio)
+
+
+def check_sizes(codes_len: int, steps_len: int, layout: Layout, out: int, inn: int) -> None:
+    """The exact lengths `N.lr_codes` and `N.lr_scales` must have for `layout` on [out, in]."""
+    want_codes, want_steps = layout.code_bytes(out, inn), layout.step_count(out, inn)
+    if codes_len != want_codes:
+        raise CodecError(f"lr_codes has {codes_len} bytes, the band table needs {want_codes}")
+    if steps_len != want_steps:
+        raise CodecError(f"lr_scales has {steps_len} steps, the band table needs {want_steps}")
