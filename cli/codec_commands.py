@@ -67,15 +67,17 @@ def compress_cmd(
         str,
         typer.Option(
             "--codec",
-            help="bitdelta (1-bit signs), deltadq (group-wise dropout + quantization), or another "
-            "registered codec (docs/codecs.md).",
+            help="bitdelta (1-bit signs), deltadq (group-wise dropout + quantization), lowrank-mp "
+            "(mixed-precision SVD factors), hybrid (fp16 low rank + signs of the residual), or another "
+            "registered codec (docs/codecs.md, docs/lowrank.md).",
         ),
     ] = "bitdelta",
     ratio: Annotated[
         float | None,
         typer.Option(
             "--ratio",
-            help="deltadq: target ratio vs fp16 for the compressed tensors (16-16384).",
+            help="deltadq (16-16384), lowrank-mp (2-16384), hybrid (below 16/planes): size ratio vs "
+            "fp16 that every compressed tensor keeps.",
             rich_help_panel="DeltaDQ",
         ),
     ] = None,
@@ -97,7 +99,8 @@ def compress_cmd(
         str,
         typer.Option(
             "--group-size",
-            help="deltadq: dropout group size, or 'auto' to search per tensor.",
+            help="deltadq: dropout group size, or 'auto' to search per tensor; lowrank-mp: quantization "
+            "group size ('auto' = 128).",
             rich_help_panel="DeltaDQ",
         ),
     ] = "auto",
@@ -110,6 +113,15 @@ def compress_cmd(
             rich_help_panel="DeltaDQ",
         ),
     ] = 1,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            "--rank",
+            min=1,
+            help="hybrid: rank of the fp16 low-rank part (capped at each tensor's full rank); or --ratio.",
+            rich_help_panel="Low rank",
+        ),
+    ] = None,
     dq_seed: Annotated[
         int,
         typer.Option(
@@ -122,8 +134,8 @@ def compress_cmd(
             "--calibrate",
             help=(
                 "Calibration text (a file, a directory of text files, or JSONL with a 'text' field): "
-                "bitdelta distills the scales on it; deltadq chooses each tensor's group size and bits "
-                "by the output error on its activations."
+                "bitdelta and hybrid distill the scales on it; deltadq chooses each tensor's group size "
+                "and bits, lowrank-mp its bands and factors, by the output error on its activations."
             ),
             rich_help_panel="Scale distillation",
         ),
@@ -187,6 +199,10 @@ def compress_cmd(
     Example: deltactl compress ./base ./math -o math.bdelta --calibrate data.jsonl --steps 200
 
     Example: deltactl compress ./base ./math -o math.bdelta --codec deltadq --ratio 64
+
+    Example: deltactl compress ./base ./math -o math.bdelta --codec lowrank-mp --ratio 16
+
+    Example: deltactl compress ./base ./math -o math.bdelta --codec hybrid --rank 16
     """
     from codec.compress import CompressOptions, compress  # torch: imported only when compressing
 
@@ -204,6 +220,8 @@ def compress_cmd(
             "parts": parts,
             "seed": dq_seed,
         },
+        "lowrank-mp": {"ratio": ratio} | ({} if group_size == "auto" else {"group_size": int(group_size)}),
+        "hybrid": {"rank": rank, "ratio": ratio, "planes": bits, "scale_mode": scale},
     }
     options = CompressOptions(
         codec=chosen.options_type(**flags.get(codec, {})),

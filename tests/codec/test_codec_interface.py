@@ -240,7 +240,10 @@ def test_registry_refuses_a_second_codec_of_a_name_or_one_that_claims_full(rowin
 
     with pytest.raises(CodecError, match="not .full"):
         codecs.register(Full())
-    with pytest.raises(CodecError, match="codec must be one of 'bitdelta', 'deltadq', 'rowint8', got 'zip'"):
+    with pytest.raises(
+        CodecError,
+        match="codec must be one of 'bitdelta', 'deltadq', 'hybrid', 'lowrank-mp', 'rowint8', got 'zip'",
+    ):
         codecs.get("zip")
 
 

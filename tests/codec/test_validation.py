@@ -130,7 +130,8 @@ def test_non_finite_scale(valid, tmp_path, value):
         (
             W + ".bias",
             torch.zeros(3),
-            "must end in one of .sign, .scale, .dq_codes, .dq_step, .dq_params, .full",
+            "must end in one of .sign, .scale, .dq_codes, .dq_step, .dq_params, .lr_a, .lr_b, "
+            ".lr_codes, .lr_scales, .lr_bands, .lr_shape, .full",
         ),
         (W + ".full", torch.zeros(184, 64), "both .full and other parts"),
     ],
