@@ -5,19 +5,22 @@ Restoring keeps no copy of the weight: `(W_merged.float() − Δ̂).to(dtype)` g
 except where rounding lost information (mostly where `W + Δ̂` crossed into a coarser binade: about
 2% of fp16/bf16 weights for typical fine-tunes); those positions, found at merge time by doing the
 restore and comparing bit patterns, are recorded with their original values (6 bytes each).
-Δ̂ comes from a `DeltaRows` callable, so sign planes and DeltaDQ payloads merge alike.
+Δ̂ comes from a `DeltaRows` callable built from the tensor's terms (`codec.terms`): sign planes,
+low-rank factors and DeltaDQ payloads merge alike, and a tensor of several terms merges their sum.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from codec.bitdelta import decode
+from codec.format import DeltaFile
+from codec.terms import DeltaDQTerm, LowRankTerm, SignTerm, Term
 
-from .deltadq import DQWeight
+from .deltadq import DQSource, DQWeight
 
 #: `(r0, r1) -> Δ̂[r0:r1]` in fp32 on the weight's device; called once at merge, once at restore.
 DeltaRows = Callable[[int, int], torch.Tensor]
@@ -67,6 +70,40 @@ def sign_rows(sign: torch.Tensor, scale: torch.Tensor, in_features: int, device:
 def dq_rows(weight: DQWeight) -> DeltaRows:
     """Δ̂ rows of a resident DeltaDQ tensor (on the device it lives on)."""
     return lambda r0, r1: weight.decode(slice(r0, r1))
+
+
+def lowrank_rows(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> DeltaRows:
+    """Δ̂ rows `b[r0:r1] @ a` of low-rank factors (a [rank, in], b [out, rank]), in fp32."""
+    a, b = a.to(device, torch.float32), b.to(device, torch.float32)
+    return lambda r0, r1: torch.matmul(b[r0:r1], a)
+
+
+def term_rows(
+    delta: DeltaFile, terms: Sequence[Term], shape: tuple[int, int], device: torch.device
+) -> DeltaRows:
+    """Δ̂ rows of a tensor of `delta` as the sum of its terms, added in their order in fp32 (the
+    low-rank product first, then the sign planes of the residual, as the codecs reconstruct)."""
+    parts: list[DeltaRows] = []
+    for t in terms:
+        match t:
+            case SignTerm():
+                parts.append(sign_rows(delta.tensor(t.sign_key), delta.tensor(t.scale_key), shape[1], device))
+            case LowRankTerm():
+                parts.append(lowrank_rows(*t.factors(), device))
+            case DeltaDQTerm():
+                parts.append(dq_rows(DQSource(delta, t.name, shape).build().to(device)))
+            case _:
+                raise TypeError(f"cannot merge a {type(t).__name__} term")
+    if len(parts) == 1:
+        return parts[0]
+
+    def rows(r0: int, r1: int) -> torch.Tensor:
+        out = parts[0](r0, r1)
+        for part in parts[1:]:
+            out = out + part(r0, r1)
+        return out
+
+    return rows
 
 
 @torch.no_grad()

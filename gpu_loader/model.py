@@ -16,14 +16,14 @@ from torch import nn
 from codec.checkpoint import TORCH_TO_ST, Checkpoint, fingerprint_tensors
 from codec.format import DeltaFile
 
-from .deltadq import DQSource
 from .errors import DeltaDoesNotFitError, MergedModeError, StaleSlotError
-from .merge import MergeRecord, dq_rows, merge_, sign_rows, unmerge_
+from .merge import MergeRecord, merge_, term_rows, unmerge_
 from .modules import PatchPlan, patch_model
 from .resolver import DeltaRef, RefResolver, resolve_ref
 from .segments import SlotBatch, use_batch
 from .sgmv import triton_available, triton_interpreting
 from .slot_pool import SlotHandle, SlotPool
+from .staging import delta_terms
 
 DeltaId = "int | SlotHandle | str | os.PathLike[str] | None"
 BACKENDS = ("auto", "triton", "torch")
@@ -361,17 +361,15 @@ class DeltaModel:
             undo: list[tuple[nn.Parameter, MergeRecord | torch.Tensor]] = []
             try:
                 with torch.no_grad():
-                    for name, e in delta.entries.items():
+                    split = delta_terms(delta)
+                    for name, terms in split.terms.items():
                         p = params[name]
-                        if e.kind == "bitdelta":
-                            rows = sign_rows(delta.sign(name), delta.scale(name), p.shape[1], p.device)
-                            undo.append((p, merge_(p.data, rows)))
-                        elif e.kind == "deltadq":
-                            weight = DQSource(delta, name, tuple(p.shape)).build().to(p.device)
-                            undo.append((p, merge_(p.data, dq_rows(weight))))
-                        else:
-                            undo.append((p, p.data.clone()))
-                            p.data.copy_(delta.full(name))
+                        rows = term_rows(delta, terms, tuple(p.shape), p.device)
+                        undo.append((p, merge_(p.data, rows)))
+                    for name in split.full:
+                        p = params[name]
+                        undo.append((p, p.data.clone()))
+                        p.data.copy_(delta.full(name))
                 yield self
             finally:
                 with torch.no_grad():

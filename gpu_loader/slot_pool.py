@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from codec.format import DeltaFile
+from codec.terms import DeltaDQTerm, LowRankTerm, SignTerm
 
 from .deltadq import DQSource, DQWeight
 from .errors import BudgetError, DeltaDoesNotFitError, NotLoadedError, SlotPoolFullError, StaleSlotError
@@ -27,7 +28,9 @@ from .layout import words_per_row
 from .pool_layout import PoolLayout, slot_counts
 from .segments import SlotView
 from .sizes import format_size, parse_size
-from .staging import StagedDelta, stage_file, stage_tensors
+from .staging import StagedDelta, delta_terms, sign_planes, stage_file, stage_tensors
+
+_FORM_NAMES = {SignTerm: "sign", DeltaDQTerm: "DeltaDQ", LowRankTerm: "low-rank"}
 
 
 class SlotHandle(int):
@@ -193,28 +196,28 @@ class SlotPool:
         """Refuse (before any copy) a delta for another base or one the slots cannot hold."""
         delta.check_base(self.base_specs, self.base_fingerprint)
         lay = self.layout
-        for name, e in delta.entries.items():
-            if e.kind in ("bitdelta", "deltadq"):
-                if name not in lay.sign:
-                    raise DeltaDoesNotFitError(
-                        f"{name}: a {'sign' if e.kind == 'bitdelta' else 'DeltaDQ'} "
-                        "delta on a tensor of a module "
-                        "the loader does not patch (only nn.Linear and "
-                        "nn.Embedding weights carry compressed deltas)"
-                    )
-                if e.kind == "deltadq":
-                    continue
-                if self.num_sign_slots == 0:
-                    raise DeltaDoesNotFitError(
-                        f"{delta.path.name}: {name} is a sign delta but no slot of this pool has sign space "
-                        "(sign_slots=0); create the DeltaModel with sign_slots >= 1"
-                    )
-                if e.planes > lay.planes:
-                    raise DeltaDoesNotFitError(
-                        f"{delta.path.name}: {name} has {e.planes} bit-planes but the slot pool holds "
-                        f"{lay.planes}; create the DeltaModel with max_planes={e.planes}"
-                    )
-                continue
+        split = delta_terms(delta)
+        for name, terms in split.terms.items():
+            if name not in lay.sign:
+                forms = " + ".join(_FORM_NAMES[type(t)] for t in terms)
+                raise DeltaDoesNotFitError(
+                    f"{name}: a {forms} delta on a tensor of a module the loader does not patch (only "
+                    "nn.Linear and nn.Embedding weights carry compressed deltas)"
+                )
+        for name, t in split.sign.items():
+            if self.num_sign_slots == 0:
+                raise DeltaDoesNotFitError(
+                    f"{delta.path.name}: {name} is a sign delta but no slot of this pool has sign space "
+                    "(sign_slots=0); create the DeltaModel with sign_slots >= 1"
+                )
+            planes = sign_planes(delta, t)
+            if planes > lay.planes:
+                raise DeltaDoesNotFitError(
+                    f"{delta.path.name}: {name} has {planes} bit-planes but the slot pool holds "
+                    f"{lay.planes}; create the DeltaModel with max_planes={planes}"
+                )
+        for name in split.full:
+            e = delta.entries[name]
             spec = lay.table.get(name) or lay.dense.get(name)
             if spec is None:
                 raise DeltaDoesNotFitError(

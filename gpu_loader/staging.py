@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 
 from codec.format import DeltaFile
+from codec.terms import DeltaDQTerm, LowRankTerm, SignTerm, Term, entry_terms
 
 from .deltadq import DQSource, DQWeight
+from .errors import DeltaDoesNotFitError
 from .layout import words_per_row
 from .pool_layout import PoolLayout, dtype_itemsize, shape_numel
 
@@ -158,30 +160,73 @@ def stage_tensors(
 # loading
 
 
+@dataclass(frozen=True)
+class DeltaTerms:
+    """A delta file's tensors by the form the loader serves them in: the compressed ones by term
+    (`codec.terms.entry_terms`: Δ̂ of a tensor is the sum of its terms, in `terms[name]`'s order)
+    and the `.full` ones, which replace the base tensor."""
+
+    terms: dict[str, tuple[Term, ...]]
+    sign: dict[str, SignTerm]
+    dq: dict[str, DeltaDQTerm]
+    lowrank: dict[str, LowRankTerm]
+    full: tuple[str, ...]
+
+
+def delta_terms(delta: DeltaFile) -> DeltaTerms:
+    """Split every tensor of `delta` into its terms; a tensor may combine forms (low-rank factors
+    plus sign planes of the residual) but holds at most one term of each form, since a slot has
+    one place per form and tensor."""
+    terms, sign, dq, lowrank, full = {}, {}, {}, {}, []
+    for name in delta.entries:
+        ts = entry_terms(delta, name)
+        if not ts:
+            full.append(name)
+            continue
+        terms[name] = ts
+        for t in ts:
+            into = {SignTerm: sign, DeltaDQTerm: dq, LowRankTerm: lowrank}.get(type(t))
+            if into is None:
+                raise DeltaDoesNotFitError(f"{name}: the loader does not serve a {type(t).__name__} term")
+            if name in into:
+                raise DeltaDoesNotFitError(
+                    f"{name}: {sum(isinstance(u, type(t)) for u in ts)} {type(t).__name__} terms; a slot "
+                    "holds at most one term of each form per tensor"
+                )
+            into[name] = t
+    return DeltaTerms(terms, sign, dq, lowrank, tuple(full))
+
+
+def sign_planes(delta: DeltaFile, term: SignTerm) -> int:
+    """Bit-planes of a sign term, from the file's header (nothing read)."""
+    return int(delta.header.tensors[term.sign_key].shape[0])
+
+
 def stage_file(
     layout: PoolLayout, delta: DeltaFile, path: str | Path, *, key: str, pin: bool = False
 ) -> StagedDelta:
     """Read an opened, validated delta file (opened from `path`) into host memory in slot layout
     (`stage_tensors`); sign, scale and full tensors are read from the file only as the stager
     reaches them."""
-    signs = {n: e for n, e in delta.entries.items() if e.kind == "bitdelta"}
-    fulls = {n: e for n, e in delta.entries.items() if e.kind == "full"}
-    dqs = {n: DQSource(delta, n, layout.sign[n]) for n, e in delta.entries.items() if e.kind == "deltadq"}
+    split = delta_terms(delta)
+    signs = split.sign
+    dqs = {n: DQSource(delta, t.name, layout.sign[n]) for n, t in split.dq.items()}
+    headers = delta.header.tensors
     info = {
         "path": str(path),
         "base_model": delta.base_model,
         "dtype": delta.dtype_name,
         "codec": delta.codec,
-        "planes": max((e.planes for e in signs.values()), default=0),
-        "per_row": any(e.per_row for e in signs.values()),
+        "planes": max((sign_planes(delta, t) for t in signs.values()), default=0),
+        "per_row": any(headers[t.scale_key].shape[1] != 1 for t in signs.values()),
         "file_bytes": Path(path).stat().st_size,
     }
     return stage_tensors(
         layout,
         key,
-        sign=_Lazy(delta.sign, signs),
-        scale=_Lazy(delta.scale, signs),
-        full=_Lazy(delta.full, fulls),
+        sign=_Lazy(lambda n: delta.tensor(signs[n].sign_key), signs),
+        scale=_Lazy(lambda n: delta.tensor(signs[n].scale_key), signs),
+        full=_Lazy(delta.full, dict.fromkeys(split.full)),
         dq=dqs,
         info=info,
         pin=pin,
