@@ -32,6 +32,10 @@ _BITS = {
     torch.float64: torch.int64,
 }
 _CHUNK_BYTES = 64 << 20  # fp32 temporaries per step
+#: Rows per block of a low-rank product: docs/lowrank.md fixes Δ̂ = b @ a as one fp32 torch.matmul per
+#: 256 output rows on the CPU (the BLAS's summation order is part of the result), so merged mode
+#: computes exactly those blocks to equal `deltactl apply` bit for bit.
+LOWRANK_ROW_BLOCK = 256
 
 
 @dataclass
@@ -49,6 +53,8 @@ class MergeRecord:
 
 def _chunks(rows: int, cols: int):
     step = max(1, _CHUNK_BYTES // max(cols * 4, 1))
+    if step >= LOWRANK_ROW_BLOCK:  # whole low-rank product blocks per step: none computed twice
+        step -= step % LOWRANK_ROW_BLOCK
     for r0 in range(0, rows, step):
         yield r0, min(rows, r0 + step)
 
@@ -73,9 +79,19 @@ def dq_rows(weight: DQWeight) -> DeltaRows:
 
 
 def lowrank_rows(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> DeltaRows:
-    """Δ̂ rows `b[r0:r1] @ a` of low-rank factors (a [rank, in], b [out, rank]), in fp32."""
-    a, b = a.to(device, torch.float32), b.to(device, torch.float32)
-    return lambda r0, r1: torch.matmul(b[r0:r1], a)
+    """Δ̂ rows of low-rank factors (a [rank, in], b [out, rank]): `torch.matmul(b[blk], a)` in fp32
+    on the CPU per block of LOWRANK_ROW_BLOCK rows (the reconstruction's own blocks, whichever
+    rows are asked for), moved to `device`."""
+    a, b = a.to("cpu", torch.float32), b.to("cpu", torch.float32)
+    block = LOWRANK_ROW_BLOCK
+
+    def rows(r0: int, r1: int) -> torch.Tensor:
+        k0 = r0 // block
+        parts = [torch.matmul(b[k : k + block], a) for k in range(k0 * block, r1, block)]
+        product = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return product[r0 - k0 * block : r1 - k0 * block].to(device)
+
+    return rows
 
 
 def term_rows(
@@ -94,6 +110,11 @@ def term_rows(
                 parts.append(dq_rows(DQSource(delta, t.name, shape).build().to(device)))
             case _:
                 raise TypeError(f"cannot merge a {type(t).__name__} term")
+    return sum_rows(parts)
+
+
+def sum_rows(parts: Sequence[DeltaRows]) -> DeltaRows:
+    """Δ̂ rows of a sum of terms: each term's rows in fp32, added left to right."""
     if len(parts) == 1:
         return parts[0]
 
