@@ -190,8 +190,13 @@ def sgmv_lowrank_triton(
     b: torch.Tensor,
     ranks: torch.Tensor,
     segments: Segments,
+    *,
+    split_k: int | None = None,
 ) -> torch.Tensor:
-    """Launch shrink then expand: `y += (x·aᵀ)·bᵀ` in place for every tile of `segments`. Returns `y`."""
+    """Launch shrink then expand: `y += (x·aᵀ)·bᵀ` in place for every tile of `segments`. Returns `y`.
+
+    `split_k` (default: up to 8 on GPU, 1 under the interpreter) splits shrink's input axis over
+    that many programs per tile, which add their partial sums atomically."""
     if triton is None:
         raise RuntimeError("triton is not installed; use the torch path (backend='torch')")
     _check_args(x, y, a, b, ranks)
@@ -206,7 +211,8 @@ def sgmv_lowrank_triton(
     block_k = INTERPRETER_BLOCKS["SHRINK_BLOCK_K"] if interpret else SHRINK_BLOCK_K
     block_n = INTERPRETER_BLOCKS["EXPAND_BLOCK_N"] if interpret else EXPAND_BLOCK_N
     # Decode has few tiles: split the input axis over programs (fp32 atomics) to fill the GPU.
-    split_k = 1 if interpret else max(1, min(8, triton.cdiv(K, block_k), 128 // segments.n_tiles))
+    if split_k is None:
+        split_k = 1 if interpret else max(1, min(8, triton.cdiv(K, block_k), 128 // segments.n_tiles))
     xa = (torch.zeros if split_k > 1 else torch.empty)((T, R), dtype=torch.float32, device=x.device)
     block_r, block_m = rank_block(R), segments.block_m
     seg = (segments.perm, segments.tile_slot, segments.tile_start, segments.tile_len)

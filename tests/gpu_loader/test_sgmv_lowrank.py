@@ -68,6 +68,26 @@ def test_kernels_prefill_segments_longer_than_a_tile(rank):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_shrink_split_over_the_input_axis_adds_its_partial_sums(split_k):
+    """The GPU default splits shrink's input axis (atomic adds into a zeroed buffer)."""
+    dev = kernel_device()
+    a, b, rk = make_factors(3, 40, 1100, [4, 13, 0], max_rank=16, dtype=torch.float32, seed=split_k)
+    x, y0 = torch.randn(5, 1100), torch.randn(5, 40)
+    rows = [1, 0, -1, 2, 1]
+    got = sgmv_lowrank_triton(
+        x.to(dev),
+        y0.clone().to(dev),
+        a.to(dev),
+        b.to(dev),
+        rk.to(dev),
+        build_segments(rows, 1, dev),
+        split_k=split_k,
+    )
+    assert_close(got.cpu(), sgmv_lowrank_reference(x, y0.clone(), a, b, rk, build_segments(rows, 1, "cpu")))
+
+
+@pytest.mark.triton
 def test_kernels_read_bf16_and_ranks_from_a_strided_column():
     dev = kernel_device()
     a, b, rk = make_factors(2, 24, 40, [5, 9], max_rank=16, dtype=torch.bfloat16)
