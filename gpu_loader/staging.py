@@ -238,8 +238,9 @@ def delta_terms(delta: DeltaFile) -> DeltaTerms:
     for name in delta.entries:
         ts = entry_terms(delta, name)
         if not ts:
-            full.append(name)
-            continue
+            if delta.entries[name].full is not None:
+                full.append(name)
+            continue  # no terms and no replacement: Δ̂ = 0, nothing to serve
         terms[name] = ts
         for t in ts:
             into = {SignTerm: sign, DeltaDQTerm: dq, LowRankTerm: lowrank}.get(type(t))

@@ -307,3 +307,29 @@ def test_a_file_of_higher_rank_than_the_pool_is_refused_before_any_copy(family, 
     ):
         dm.load(path)
     assert dm.stats()["slots_used"] == 0 and dm.stats()["loads"] == 0
+
+
+def test_a_tensor_whose_codec_gives_no_terms_stays_at_base(family, ids, monkeypatch):
+    """A codec may describe a compressed tensor by no term at all (Δ̂ = 0: its safety rule kept the
+    base): the loader serves the rest of the delta and leaves that tensor at base."""
+    import codec.terms
+    import gpu_loader.staging
+
+    zero = "model.layers.0.self_attn.q_proj.weight"
+    real = codec.terms.entry_terms
+    monkeypatch.setattr(gpu_loader.staging, "entry_terms", lambda d, n: () if n == zero else real(d, n))
+    dm = make_dm(family)
+    b = dm.load(family.deltas["b"])
+    assert zero not in dm.pool.view(int(b)).sign
+    ref = family.model("b")
+    with torch.no_grad():
+        ref.get_parameter(zero).copy_(family.model("base").get_parameter(zero))
+    assert_rows_match(
+        dm(ids, delta_ids=[b, -1, b]),
+        [
+            logits_of(ref, ids[0:1])[0],
+            *family.reference_logits(["base"], ids[1:2]),
+            logits_of(ref, ids[2:3])[0],
+        ],
+        torch.float32,
+    )
