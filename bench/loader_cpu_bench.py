@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codec.apply import apply_delta  # noqa: E402
-from codec.compress import CompressOptions, compress  # noqa: E402
+from codec.compress import CompressOptions, DeltaDQOptions, compress  # noqa: E402
 from gpu_loader import DeltaModel, format_size  # noqa: E402
 from tests.support.model_pairs import make_llama_pair  # noqa: E402
 
@@ -94,7 +94,9 @@ def main() -> None:
         base, ft0 = make_llama_pair(root, seed=0, hidden=args.hidden, layers=args.layers)
         fts = [ft0] + [perturb(base, root / f"ft{i}", seed=100 + i) for i in range(1, n)]
         deltas, applied = [], []
-        opts = CompressOptions(codec="deltadq", dq_ratio=32) if args.codec == "deltadq" else CompressOptions()
+        opts = (
+            CompressOptions(codec=DeltaDQOptions(ratio=32)) if args.codec == "deltadq" else CompressOptions()
+        )
         for i, ft in enumerate(fts):
             deltas.append(compress(base, ft, root / f"d{i}.bdelta", opts).path)
             applied.append(apply_delta(base, deltas[-1], root / f"m{i}").out_dir)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from codec import sizes
+from codec import codecs, sizes
 from codec.errors import BaseMismatchError, BaseNameError, NothingToCompressError
 from codec.format import is_registry_base_name
 from codec.summary import summarize
@@ -56,14 +56,18 @@ def compress_cmd(
     codec: Annotated[
         str,
         typer.Option(
-            "--codec", help="bitdelta (1-bit signs) or deltadq (group-wise dropout + quantization)."
+            "--codec",
+            help="bitdelta (1-bit signs), deltadq (group-wise dropout + quantization), lowrank-mp "
+            "(mixed-precision SVD factors), hybrid (fp16 low rank + signs of the residual), or another "
+            "registered codec (docs/codecs.md, docs/lowrank.md).",
         ),
     ] = "bitdelta",
     ratio: Annotated[
         float | None,
         typer.Option(
             "--ratio",
-            help="deltadq: target ratio vs fp16 for the compressed tensors (16-16384).",
+            help="deltadq (16-16384), lowrank-mp (2-16384), hybrid (below 16/planes): size ratio vs "
+            "fp16 that every compressed tensor keeps.",
             rich_help_panel="DeltaDQ",
         ),
     ] = None,
@@ -85,7 +89,8 @@ def compress_cmd(
         str,
         typer.Option(
             "--group-size",
-            help="deltadq: dropout group size, or 'auto' to search per tensor.",
+            help="deltadq: dropout group size, or 'auto' to search per tensor; lowrank-mp: quantization "
+            "group size ('auto' = 128).",
             rich_help_panel="DeltaDQ",
         ),
     ] = "auto",
@@ -98,6 +103,15 @@ def compress_cmd(
             rich_help_panel="DeltaDQ",
         ),
     ] = 1,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            "--rank",
+            min=1,
+            help="hybrid: rank of the fp16 low-rank part (capped at each tensor's full rank); or --ratio.",
+            rich_help_panel="Low rank",
+        ),
+    ] = None,
     dq_seed: Annotated[
         int,
         typer.Option(
@@ -110,8 +124,8 @@ def compress_cmd(
             "--calibrate",
             help=(
                 "Calibration text (a file, a directory of text files, or JSONL with a 'text' field): "
-                "bitdelta distills the scales on it; deltadq chooses each tensor's group size and bits "
-                "by the output error on its activations."
+                "bitdelta and hybrid distill the scales on it; deltadq chooses each tensor's group size "
+                "and bits, lowrank-mp its bands and factors, by the output error on its activations."
             ),
             rich_help_panel="Scale distillation",
         ),
@@ -175,29 +189,41 @@ def compress_cmd(
     Example: deltactl compress ./base ./math -o math.bdelta --calibrate data.jsonl --steps 200
 
     Example: deltactl compress ./base ./math -o math.bdelta --codec deltadq --ratio 64
+
+    Example: deltactl compress ./base ./math -o math.bdelta --codec lowrank-mp --ratio 16
+
+    Example: deltactl compress ./base ./math -o math.bdelta --codec hybrid --rank 16
     """
     from codec.compress import CompressOptions, compress  # torch: imported only when compressing
 
     if group_size != "auto" and not group_size.isdigit():
         raise typer.BadParameter(f"--group-size must be a positive integer or 'auto', got {group_size!r}")
+    chosen = codecs.get(codec)
+    # Each codec reads the flags of its own option panel; the others' stay at their defaults.
+    flags = {
+        "bitdelta": {"planes": bits, "scale_mode": scale},
+        "deltadq": {
+            "ratio": ratio,
+            "bits": dq_bits,
+            "keep": keep,
+            "group_size": None if group_size == "auto" else int(group_size),
+            "parts": parts,
+            "seed": dq_seed,
+        },
+        "lowrank-mp": {"ratio": ratio} | ({} if group_size == "auto" else {"group_size": int(group_size)}),
+        "hybrid": {"rank": rank, "ratio": ratio, "planes": bits, "scale_mode": scale},
+    }
     options = CompressOptions(
-        planes=bits,
-        scale_mode=scale,
+        codec=chosen.options_type(**flags.get(codec, {})),
         include=tuple(include or ()),
         exclude=tuple(exclude or ()),
         base_name=base_name,  # type: ignore[arg-type]
-        codec=codec,
-        dq_ratio=ratio,
-        dq_bits=dq_bits,
-        dq_keep=keep,  # type: ignore[arg-type]
-        dq_group_size=None if group_size == "auto" else int(group_size),
-        dq_parts=parts,
-        dq_seed=dq_seed,
         allow_dense=allow_dense,
     )
     options = dataclasses.replace(options, base_name=_registry_base_name(base, base_name))
-    # Calibration text steers DeltaDQ's per-tensor search; for BitDelta it distills the scales.
-    distill = calibrate is not None and codec != "deltadq"
+    # Calibration text distills the scales of a codec that has them (BitDelta); for the others
+    # (DeltaDQ) the layer-input moments it yields steer the per-tensor search.
+    distill = calibrate is not None and chosen.calibration == "distill"
     distill_options = moments = None
     if calibrate is not None and not distill:
         from codec.activations import input_moments
@@ -367,7 +393,7 @@ def inspect_cmd(
         ("dtype", info["dtype"]),
         (
             "tensors",
-            f"{info['counts']['bitdelta'] + info['counts']['deltadq']} "
+            f"{sum(n for k, n in info['counts'].items() if k != 'full')} "
             f"compressed, {info['counts']['full']} dense",
         ),
         ("size", human_bytes(info["file_bytes"])),
@@ -384,26 +410,13 @@ def inspect_cmd(
             grid.add_row(f"[dim]{key}", str(value))
     out.print(grid)
     if tensors:
-        table = Table("tensor", "kind", "shape / planes", "scale", "bytes")
+        table = Table("tensor", "kind", "shape / parameters", "bytes")
         for t in info["tensors"]:
             if t["kind"] == "full":
-                table.add_row(t["name"], "full", f"{t['dtype']}{t['shape']}", "", human_bytes(t["bytes"]))
-            elif t["kind"] == "deltadq":
-                table.add_row(
-                    t["name"],
-                    "deltadq",
-                    f"g={t['group_size']} keep={t['keep']} bits={t['bits']}×{t['parts']}",
-                    "per-row",
-                    human_bytes(t["bytes"]),
-                )
+                shown = f"{t['dtype']}{t['shape']}"
             else:
-                table.add_row(
-                    t["name"],
-                    "bitdelta",
-                    f"P={t['planes']} rows={t['rows']}",
-                    t["scale"],
-                    human_bytes(t["bytes"]),
-                )
+                shown = " ".join(f"{k}={v}" for k, v in t.items() if k not in ("name", "kind", "bytes"))
+            table.add_row(t["name"], t["kind"], shown, human_bytes(t["bytes"]))
         out.print(table)
 
 

@@ -13,9 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import deltadq
+from . import codecs
 from .background import OrderedWorker
-from .bitdelta import reconstruct_blocks
 from .checkpoint import FINGERPRINT_PREFIX, ST_TO_TORCH, Checkpoint, _fingerprint_record, tensor_bytes
 from .container import SafetensorsWriter, TensorSpec
 from .errors import BaseMismatchError, CodecError
@@ -113,20 +112,7 @@ def apply_delta(
                     elif e.full is not None:
                         writer.write(spec.name, tensor_bytes(delta.full(spec.name)))
                     else:
-                        if e.dq_codes is not None:
-                            blocks = deltadq.reconstruct_blocks(
-                                b,
-                                delta.dq_codes(spec.name),
-                                delta.dq_step(spec.name),
-                                spec.name,
-                                delta.dq_seed,
-                                delta.dq_params(spec.name),
-                                model_dtype,
-                            )
-                        else:
-                            blocks = reconstruct_blocks(
-                                b, delta.sign(spec.name), delta.scale(spec.name), model_dtype
-                            )
+                        blocks = codecs.get(e.kind).reconstruct_blocks(delta, spec.name, b, model_dtype)
                         writer.write_parts(spec.name, (tensor_bytes(block) for block in blocks))
                     written += spec.nbytes
         fingerprint = "sha256:" + fp.hexdigest()
@@ -200,10 +186,9 @@ def _write_model_card(delta: DeltaFile, delta_path: Path, dest: Path) -> None:
     ]
     if source:
         lines.append(f"- base revision: `{source['revision']}` (commit `{source['commit']}`)")
-    if delta.codec == "bitdelta":
-        lines.append(
-            f"- sign planes: {meta.get('x-planes', '1')}, scales {meta.get('x-scale', 'per-matrix')}"
-        )
+    facts = codecs.get(delta.codec).describe(meta)
+    if facts:
+        lines.append(f"- {delta.codec}: {', '.join(facts)}")
     if "calibration" in meta:
         lines.append(f"- scales distilled on calibration text: `{meta['calibration']}`")
     if "fidelity" in meta:

@@ -1,4 +1,5 @@
-"""Compress a fine-tuned checkpoint against its base into a format-v1 BitDelta file.
+"""Compress a fine-tuned checkpoint against its base into a format-v1 delta file, with any codec
+of codec/codecs/ (BitDelta by default).
 
 Streams tensor by tensor (memory-mapped inputs), so peak memory is a few tensors, not a model.
 """
@@ -14,20 +15,20 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from . import __version__, deltadq
+from . import __version__, codecs
 from .activations import InputMoments
 from .background import OrderedWorker
-from .bitdelta import binarize
 from .checkpoint import FINGERPRINT_PREFIX, TORCH_TO_ST, Checkpoint, _fingerprint_record, tensor_bytes
+from .codecs.base import CodecOptions, EncodeContext
+from .codecs.bitdelta import MAX_PLANES, BitDeltaOptions, ScaleMode
+from .codecs.deltadq import DeltaDQOptions
 from .container import SpooledSafetensorsWriter, TensorSpec
 from .errors import CodecError, IncompatibleDeltaError, NothingToCompressError
-from .format import DQ_MASK, DTYPE_CODE, FLOAT_CODES, FORMAT, FORMAT_VERSION, is_registry_base_name
+from .format import DTYPE_CODE, FLOAT_CODES, FORMAT, FORMAT_VERSION, is_registry_base_name
 
-ScaleMode = Literal["per-matrix", "per-row"]
 Progress = Callable[[str, int, int], None]
 
 #: Tensors kept dense by default, as in BitDelta: embeddings and the LM head (and any 1-D tensor).
@@ -42,67 +43,31 @@ DEFAULT_DENSE_PATTERNS = (
     "*position_embeddings*",
     "*output.weight",
 )
-MAX_PLANES = 8
 
 
 @dataclass(frozen=True)
 class CompressOptions:
-    """How to compress. `include` patterns force binarization (e.g. `*embed_tokens*`), `exclude`
-    patterns keep tensors dense; both are fnmatch globs over tensor names."""
+    """How to compress: `codec` is the codec's options (its type names the codec, e.g.
+    BitDeltaOptions(planes=2) or DeltaDQOptions(ratio=32)); the rest applies to every codec.
+    `include` patterns force compression (e.g. `*embed_tokens*`), `exclude` patterns keep
+    tensors dense; both are fnmatch globs over tensor names."""
 
-    planes: int = 1
-    scale_mode: ScaleMode = "per-matrix"
+    codec: CodecOptions = BitDeltaOptions()
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     base_name: str | None = None
-    codec: Literal["bitdelta", "deltadq"] = "bitdelta"
-    # deltadq only (docs/deltadq.md): a target ratio vs fp16, or explicit bits + keep ratio;
-    # group_size None = "auto" (searched per tensor).
-    dq_ratio: float | None = None
-    dq_bits: int | None = None
-    dq_keep: float | None = None
-    dq_group_size: int | None = None
-    dq_parts: int = 1
-    dq_seed: int = 0
     #: Write a delta even when no tensor can be compressed because every shape differs from the
     #: base's (the delta is then the fine-tune stored dense).
     allow_dense: bool = False
 
     def __post_init__(self) -> None:
-        if self.codec not in ("bitdelta", "deltadq"):
-            raise CodecError(f"codec must be 'bitdelta' or 'deltadq', got {self.codec!r}")
-        if self.codec == "deltadq":
-            self._check_deltadq()
-        if not 1 <= self.planes <= MAX_PLANES:
-            raise CodecError(f"bits/planes must be between 1 and {MAX_PLANES}, got {self.planes}")
-        if self.scale_mode not in ("per-matrix", "per-row"):
-            raise CodecError(f"scale mode must be 'per-matrix' or 'per-row', got {self.scale_mode!r}")
+        if not isinstance(self.codec, CodecOptions):
+            raise CodecError(f"codec options must be a codec's options object, got {self.codec!r}")
+        codecs.for_options(self.codec)  # a registered codec
 
-    def _check_deltadq(self) -> None:
-        if self.dq_ratio is None and (self.dq_bits is None or self.dq_keep is None):
-            raise CodecError("deltadq needs --ratio, or both --dq-bits and --keep")
-        if self.dq_ratio is not None and (self.dq_bits is not None or self.dq_keep is not None):
-            raise CodecError("give either --ratio or --dq-bits/--keep, not both")
-        if self.dq_ratio is not None and not 16 <= self.dq_ratio <= 16384:
-            raise CodecError(f"ratio must be between 16 and 16384, got {self.dq_ratio}")
-        if self.dq_keep is not None and not 0 < self.dq_keep <= 1:
-            raise CodecError(f"keep ratio must be in (0, 1], got {self.dq_keep}")
-        if self.dq_bits is not None and not 1 <= self.dq_bits <= 8:
-            raise CodecError(f"deltadq bits must be between 1 and 8, got {self.dq_bits}")
-        if self.dq_group_size is not None and self.dq_group_size < 1:
-            raise CodecError(f"group size must be >= 1 (or auto), got {self.dq_group_size}")
-        if (
-            self.dq_group_size is not None
-            and self.dq_keep is not None
-            and self.dq_group_size * self.dq_keep < 1
-        ):
-            raise CodecError(
-                f"group size {self.dq_group_size} × keep {self.dq_keep} keeps nothing: use a larger group"
-            )
-        if self.dq_parts < 1 or (self.dq_bits is not None and self.dq_bits % self.dq_parts):
-            raise CodecError(f"parts must be >= 1 and divide the bits, got {self.dq_parts}")
-        if not 0 <= self.dq_seed < 2**64:
-            raise CodecError("seed must be in [0, 2^64)")
+    @property
+    def codec_name(self) -> str:
+        return self.codec.codec
 
     def binarizes(self, name: str, shape: Sequence[int], dtype: str) -> bool:
         """Whether tensor `name` is stored as sign planes (vs. dense) when it changed."""
@@ -189,7 +154,8 @@ def compress(
     extra_metadata: dict[str, str] | None = None,
     input_moments: InputMoments | None = None,
 ) -> CompressReport:
-    """Write the BitDelta of `finetuned_path` against `base_path` to `out_path` (atomically)."""
+    """Write the delta of `finetuned_path` against `base_path` to `out_path` (atomically), each
+    compressible tensor encoded by the codec `options.codec` names."""
     base = Checkpoint.open(base_path)
     ft = Checkpoint.open(finetuned_path)
     _check_names(base, ft)
@@ -197,6 +163,8 @@ def compress(
         _check_some_tensor_compresses(base, ft, options)
     dtype_name = _model_dtype(ft, options)
     model_code = DTYPE_CODE[dtype_name]
+    codec = codecs.for_options(options.codec)
+    context = EncodeContext(input_moments)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -224,45 +192,17 @@ def compress(
                 and fe.dtype == model_code
                 and options.binarizes(name, fe.shape, fe.dtype)
             ):
-                if options.codec == "deltadq":
-                    params = deltadq.choose(
-                        f,
-                        b,
-                        name,
-                        options.dq_seed,
-                        ratio=options.dq_ratio,
-                        bits=options.dq_bits,
-                        keep_ratio=options.dq_keep,
-                        group_size=options.dq_group_size,
-                        parts=options.dq_parts,
-                        channel_weight=input_moments.weight_for(name, fe.shape[-1])
-                        if input_moments
-                        else None,
-                    )
-                    codes, step = deltadq.encode(f, b, name, options.dq_seed, params)
-                    pieces = [
-                        (".dq_codes", "U8", codes),
-                        (".dq_step", "F32", step),
-                        (
-                            ".dq_params",
-                            "I32",
-                            torch.tensor([params.group_size, params.keep, params.bits], dtype=torch.int32),
-                        ),
-                    ]
-                    zero = not bool(step.any())
-                else:
-                    sign, scale = binarize(f, b, options.planes, options.scale_mode)
-                    pieces = [(".sign", "U8", sign), (".scale", "F32", scale)]
-                    zero = not bool(scale.any())  # every plane's scale is 0: the delta is all zeros
+                encoding = codec.encode(f, b, name, options.codec, context)
+                zero = encoding.zero
                 if same_layout and zero:
                     report.unchanged.append(name)
                     continue
-                for suffix, code, tensor in pieces:
+                for piece in encoding.pieces:
                     io.submit(
                         functools.partial(
                             writer.add,
-                            TensorSpec(name + suffix, code, tuple(tensor.shape)),
-                            tensor_bytes(tensor),
+                            TensorSpec(f"{name}.{piece.kind}", piece.dtype, tuple(piece.tensor.shape)),
+                            tensor_bytes(piece.tensor),
                         )
                     )
                 report.binarized.append(name)
@@ -282,37 +222,14 @@ def compress(
         metadata = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "codec": options.codec,
+            "codec": codec.name,
             "base_model": options.base_name or _default_base_name(base),
             "base_fingerprint": report.base_fingerprint,
             "dtype": dtype_name,
             "created_with": f"deltastore {__version__}",
             "x-finetuned-bytes": str(ft.total_bytes),
         }
-        if options.codec == "bitdelta":
-            metadata.update({"x-planes": str(options.planes), "x-scale": options.scale_mode})
-        else:
-            metadata["deltadq"] = json.dumps(
-                {
-                    "seed": options.dq_seed,
-                    "mask": DQ_MASK,
-                    "ratio": options.dq_ratio,
-                    "bits": options.dq_bits,
-                    "keep": options.dq_keep,
-                    "group_size": options.dq_group_size or "auto",
-                    "parts": options.dq_parts,
-                    "search": (
-                        {
-                            "error": "output, weighted by calibration E[x^2]",
-                            "tokens": input_moments.tokens,
-                            "data_fingerprint": input_moments.data_fingerprint,
-                        }
-                        if input_moments
-                        else {"error": "weights (isotropic inputs)"}
-                    ),
-                },
-                sort_keys=True,
-            )
+        metadata.update(codec.metadata(options.codec, context))
         if base.source is not None:
             metadata["x-base-source"] = base.source.to_json()
         if ft.source is not None:
@@ -347,3 +264,15 @@ def _default_base_name(base: Checkpoint) -> str:
     # Callers that need a registry name check `registry_base_name` first (the CLI refuses
     # without one); the directory name only labels a delta made for local use.
     return registry_base_name(base) or base.root.name.removesuffix(".safetensors")
+
+
+__all__ = [
+    "MAX_PLANES",
+    "BitDeltaOptions",
+    "CompressOptions",
+    "CompressReport",
+    "DeltaDQOptions",
+    "ScaleMode",
+    "compress",
+    "registry_base_name",
+]

@@ -2,8 +2,9 @@
 so the compressed model's logits match the fine-tuned model's on calibration text.
 
 Teacher = the fine-tuned model; student = base weights + Σ_p scale_p ⊙ sign_p on every
-binarized tensor, with the delta's dense tensors (norms, embeddings, …) loaded from the delta
-and frozen. Loss = MSE (default) or KL between teacher and student logits; AdamW, cosine.
+binarized tensor (plus a hybrid delta's low-rank part b·a, frozen), with the delta's dense
+tensors (norms, embeddings, …) loaded from the delta and frozen. Loss = MSE (default) or KL
+between teacher and student logits; AdamW, cosine.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .checkpoint import TORCH_TO_ST, tensor_bytes
 from .container import SpooledSafetensorsWriter, TensorSpec
 from .errors import CodecError
 from .format import DeltaFile
+from .terms import LowRankTerm, entry_terms
 
 LossKind = Literal["mse", "kl"]
 Progress = Callable[[int, int, float], None]  # (step, total, loss)
@@ -119,6 +121,12 @@ def _student(base_dir: Path, delta: DeltaFile, device: str) -> tuple[nn.Module, 
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         weight = getattr(module, attr)
+        # A low-rank term beside the signs (hybrid) is frozen: it joins the base weight.
+        for term in entry_terms(delta, name):
+            if isinstance(term, LowRankTerm):
+                a, b = term.factors()
+                with torch.no_grad():
+                    weight.add_(torch.matmul(b, a).to(device=weight.device, dtype=weight.dtype))
         signs = unpack_signs(delta.sign(name), weight.shape[-1]).to(torch.int8) * 2 - 1
         scales[name] = SignScale(signs.to(device), delta.scale(name).to(device))
         parametrize.register_parametrization(module, attr, scales[name])

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import codecs
 from .container import Header, TensorEntry, parse_header_bytes, read_header, strict_json_loads
-from .deltadq_params import DQParams
 from .errors import (
     BaseMismatchError,
     CorruptFileError,
@@ -36,14 +36,13 @@ if TYPE_CHECKING:
 
 FORMAT = "deltastore.delta"
 FORMAT_VERSION = "1"
-KNOWN_CODECS = frozenset({"bitdelta", "deltadq"})
+#: The codecs built in (codec/codecs/); a file may name any registered one (`codecs.names()`).
+KNOWN_CODECS = frozenset(codecs.names())
 FILE_SUFFIX = ".bdelta"
 REQUIRED_KEYS = ("format", "format_version", "codec", "base_model", "base_fingerprint", "dtype")
 DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 DTYPE_CODE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}
 FLOAT_CODES = frozenset(DTYPE_CODE.values())
-KINDS = ("sign", "scale", "full", "dq_codes", "dq_step", "dq_params")
-DQ_MASK = "splitmix64-v1"
 FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 #: One segment of a registry base-model name `org/model` (the upstream spelling, `meta-llama/Llama-3.1-8B`).
 BASE_SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -62,21 +61,40 @@ _MAX_SCALE_BYTES = 1 << 30  # scales are F32 [P, out]: a GiB of them is a forged
 
 @dataclass(frozen=True)
 class DeltaEntry:
-    """What the delta stores for one base tensor: packed signs + scales, or the full tensor."""
+    """What the delta stores for one base tensor: the full tensor (`kind` "full"), or the parts
+    of its codec's encoding (`kind` the codec's name), by tensor kind (`N.<kind>` suffix)."""
 
     name: str
-    sign: TensorEntry | None = None
-    scale: TensorEntry | None = None
-    full: TensorEntry | None = None
-    dq_codes: TensorEntry | None = None  # deltadq: U8 [parts, out, packed]
-    dq_step: TensorEntry | None = None  # deltadq: F32 [out]
-    dq_params: TensorEntry | None = None  # deltadq: I32 [3] = group_size, keep, bits
+    kind: str
+    parts: Mapping[str, TensorEntry]
+
+    def part(self, kind: str) -> TensorEntry | None:
+        return self.parts.get(kind)
+
+    # Named parts of the built-in codecs, as the loader reads them.
+    @property
+    def full(self) -> TensorEntry | None:
+        return self.parts.get("full")
 
     @property
-    def kind(self) -> str:
-        if self.full is not None:
-            return "full"
-        return "deltadq" if self.dq_codes is not None else "bitdelta"
+    def sign(self) -> TensorEntry | None:
+        return self.parts.get("sign")
+
+    @property
+    def scale(self) -> TensorEntry | None:
+        return self.parts.get("scale")
+
+    @property
+    def dq_codes(self) -> TensorEntry | None:  # deltadq: U8 [parts, out, packed]
+        return self.parts.get("dq_codes")
+
+    @property
+    def dq_step(self) -> TensorEntry | None:  # deltadq: F32 [out]
+        return self.parts.get("dq_step")
+
+    @property
+    def dq_params(self) -> TensorEntry | None:  # deltadq: I32 [3] = group_size, keep, bits
+        return self.parts.get("dq_params")
 
     @property
     def planes(self) -> int:
@@ -88,20 +106,17 @@ class DeltaEntry:
 
     @property
     def nbytes(self) -> int:
-        return sum(
-            e.nbytes
-            for e in (self.sign, self.scale, self.full, self.dq_codes, self.dq_step, self.dq_params)
-            if e is not None
-        )
+        return sum(e.nbytes for e in self.parts.values())
 
 
 def split_name(tensor_name: str) -> tuple[str, str]:
     """`model.x.weight.sign` -> (`model.x.weight`, `sign`)."""
     base, dot, kind = tensor_name.rpartition(".")
-    if not dot or kind not in KINDS or not base:
+    kinds = codecs.kinds()
+    if not dot or kind not in kinds or not base:
         raise InvalidDeltaError(
             f"tensor {tensor_name!r}: name must end in one of "
-            f".{', .'.join(KINDS)} (format version {FORMAT_VERSION})"
+            f".{', .'.join(kinds)} (format version {FORMAT_VERSION})"
         )
     return base, kind
 
@@ -127,9 +142,9 @@ def validate_metadata(metadata: Mapping[str, str]) -> None:
             f"not supported (this reader knows {FORMAT_VERSION!r}); "
             "upgrade deltastore"
         )
-    if metadata["codec"] not in KNOWN_CODECS:
+    if metadata["codec"] not in codecs.CODECS:
         raise UnsupportedFormatError(
-            f"unknown codec {_show(metadata['codec'])} (known: {', '.join(sorted(KNOWN_CODECS))})"
+            f"unknown codec {_show(metadata['codec'])} (known: {', '.join(codecs.names())})"
         )
     if not metadata["base_model"].strip():
         raise InvalidDeltaError("metadata 'base_model' is empty")
@@ -141,18 +156,7 @@ def validate_metadata(metadata: Mapping[str, str]) -> None:
         raise InvalidDeltaError(
             f"metadata 'dtype' {_show(metadata['dtype'])} is not one of {', '.join(DTYPE_NAMES)}"
         )
-    if metadata["codec"] == "deltadq":
-        try:
-            dq = strict_json_loads(metadata.get("deltadq", ""))
-        except ValueError:
-            raise InvalidDeltaError("codec 'deltadq' needs a 'deltadq' metadata key holding JSON") from None
-        seed = dq.get("seed") if isinstance(dq, dict) else None
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-            raise InvalidDeltaError("deltadq metadata needs an integer 'seed' in [0, 2^64)")
-        if dq.get("mask") != DQ_MASK:
-            raise UnsupportedFormatError(
-                f"deltadq mask algorithm {_show(dq.get('mask'))} is not supported (known: {DQ_MASK!r})"
-            )
+    codecs.get(metadata["codec"]).validate_metadata(metadata)
     for key in ("calibration", "fidelity", "x-hf-config"):
         if key in metadata:
             try:
@@ -162,114 +166,67 @@ def validate_metadata(metadata: Mapping[str, str]) -> None:
 
 
 def group_entries(header: Header) -> dict[str, DeltaEntry]:
-    """Group tensors by base name and check each group's kinds, dtypes and ranks."""
-    codec = header.metadata.get("codec", "bitdelta")
+    """Group tensors by base name and check each group's kinds, dtypes and ranks (the file's
+    codec checks its own parts)."""
+    codec = codecs.get(header.metadata.get("codec", "bitdelta"))
     parts: dict[str, dict[str, TensorEntry]] = {}
     for tname, entry in header.tensors.items():
         base, kind = split_name(tname)
         parts.setdefault(base, {})[kind] = entry
     out: dict[str, DeltaEntry] = {}
     for name, p in parts.items():
-        full = p.get("full")
-        if full is not None:
+        if "full" in p:
             if len(p) > 1:
                 raise InvalidDeltaError(
                     f"{name}: has both .full and other parts ({', '.join(sorted(set(p) - {'full'}))})"
                 )
-            out[name] = DeltaEntry(name, full=full)
-        elif any(k.startswith("dq_") for k in p):
-            out[name] = _dq_entry(name, p, codec)
-        else:
-            out[name] = _sign_entry(name, p, codec)
+            out[name] = DeltaEntry(name, "full", p)
+            continue
+        stray = [k for k in codecs.kinds() if k in p and k not in codec.kinds]
+        if stray:
+            raise InvalidDeltaError(f"{name}: .{'/.'.join(stray)} tensors in a {codec.name!r} delta")
+        codec.check_parts(name, p)
+        out[name] = DeltaEntry(name, codec.name, p)
     return out
 
 
-def _sign_entry(name: str, p: dict[str, TensorEntry], codec: str) -> DeltaEntry:
-    sign, scale = p.get("sign"), p.get("scale")
-    if codec != "bitdelta":
-        raise InvalidDeltaError(f"{name}: .sign/.scale tensors in a {codec!r} delta")
-    if sign is None:
-        raise InvalidDeltaError(f"{name}: .scale without .sign")
-    if scale is None:
-        raise InvalidDeltaError(f"{name}: .sign has no matching .scale")
-    if sign.dtype != "U8" or len(sign.shape) != 3 or sign.shape[0] < 1:
-        raise InvalidDeltaError(
-            f"{name}.sign must be U8 [P>=1, out, ceil(in/8)], got {sign.dtype}{list(sign.shape)}"
-        )
-    if scale.dtype != "F32" or len(scale.shape) != 2:
-        raise InvalidDeltaError(
-            f"{name}.scale must be F32 [P, 1] or [P, out], got {scale.dtype}{list(scale.shape)}"
-        )
-    planes, rows = sign.shape[0], sign.shape[1]
-    if scale.shape[0] != planes or scale.shape[1] not in (1, rows):
-        raise InvalidDeltaError(
-            f"{name}.scale shape {list(scale.shape)} does not fit .sign {list(sign.shape)} "
-            f"(expected [{planes}, 1] or [{planes}, {rows}])"
-        )
-    return DeltaEntry(name, sign=sign, scale=scale)
+_NUMPY_DTYPES = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+}
+_NUMPY_DTYPES |= {"U8": "u1", "BOOL": "?"}
 
 
-def _dq_entry(name: str, p: dict[str, TensorEntry], codec: str) -> DeltaEntry:
-    if codec != "deltadq":
-        raise InvalidDeltaError(f"{name}: .dq_* tensors in a {codec!r} delta")
-    required = {"dq_codes", "dq_step", "dq_params"}
-    if set(p) - required:
-        raise InvalidDeltaError(
-            f"{name}: deltadq tensor has unexpected part(s) .{', .'.join(sorted(set(p) - required))}"
-        )
-    if required - set(p):
-        raise InvalidDeltaError(
-            f"{name}: deltadq tensor needs .dq_codes, .dq_step and "
-            f".dq_params (missing {', '.join(sorted(required - set(p)))})"
-        )
-    codes, step, params = p["dq_codes"], p["dq_step"], p["dq_params"]
-    if codes.dtype != "U8" or len(codes.shape) != 3 or codes.shape[0] < 1:
-        raise InvalidDeltaError(
-            f"{name}.dq_codes must be U8 [parts>=1, out, packed], got {codes.dtype}{list(codes.shape)}"
-        )
-    if step.dtype != "F32" or list(step.shape) != [codes.shape[1]]:
-        raise InvalidDeltaError(
-            f"{name}.dq_step must be F32 [{codes.shape[1]}], got {step.dtype}{list(step.shape)}"
-        )
-    if params.dtype != "I32" or list(params.shape) != [3]:
-        raise InvalidDeltaError(
-            f"{name}.dq_params must be I32 [3] (group_size, "
-            f"keep, bits), got {params.dtype}{list(params.shape)}"
-        )
-    return DeltaEntry(name, dq_codes=codes, dq_step=step, dq_params=params)
+def _check_tensor_values(fh, entries: Mapping[str, DeltaEntry]) -> dict[str, object]:
+    """Side values (scales, steps) must be finite, and each codec reads and validates its
+    per-tensor parameters. Returns those parameters by tensor (absent where a codec has none)."""
 
-
-def _read_f32(fh, entry: TensorEntry) -> np.ndarray:
-    fh.seek(entry.start)
-    return np.frombuffer(fh.read(entry.nbytes), dtype="<f4")
-
-
-def _check_tensor_values(fh, entries: Mapping[str, DeltaEntry]) -> dict[str, tuple[int, int, int, int]]:
-    """Scales and steps must be finite; deltadq parameters must be valid. Returns the deltadq
-    parameters (group_size, keep, bits, parts) per tensor."""
-    from .errors import CodecError
+    def read(entry: TensorEntry) -> np.ndarray:
+        fh.seek(entry.start)
+        return np.frombuffer(fh.read(entry.nbytes), dtype=_NUMPY_DTYPES.get(entry.dtype, "u1"))
 
     total = 0
-    dq: dict[str, tuple[int, int, int, int]] = {}
+    info: dict[str, object] = {}
     for e in entries.values():
-        for part, label in ((e.scale, "scale"), (e.dq_step, "dq_step")):
-            if part is None:
-                continue
+        if e.kind == "full":
+            continue
+        codec = codecs.get(e.kind)
+        for label in codec.finite_kinds:
+            part = e.part(label)
             total += part.nbytes
             if total > _MAX_SCALE_BYTES:
                 raise InvalidDeltaError("scale tensors are implausibly large")
-            if not np.isfinite(_read_f32(fh, part)).all():
+            if not np.isfinite(read(part)).all():
                 raise InvalidDeltaError(f"{e.name}.{label} contains NaN or Inf")
-        if e.dq_params is not None:
-            fh.seek(e.dq_params.start)
-            group_size, keep, bits = (int(v) for v in np.frombuffer(fh.read(12), dtype="<i4"))
-            parts = e.dq_codes.shape[0]
-            try:
-                DQParams(group_size, keep, bits, parts)
-            except CodecError as exc:
-                raise InvalidDeltaError(f"{e.name}.dq_params: {exc}") from None
-            dq[e.name] = (group_size, keep, bits, parts)
-    return dq
+        value = codec.read_info(e, read)
+        if value is not None:
+            info[e.name] = value
+    return info
 
 
 def _check_digest(fh, path: Path, expected: str) -> None:
@@ -290,11 +247,11 @@ class DeltaFile:
     sign, scale = delta.sign(name), delta.scale(name)
     """
 
-    def __init__(self, path: Path, header: Header, entries: dict[str, DeltaEntry], dq: dict | None = None):
+    def __init__(self, path: Path, header: Header, entries: dict[str, DeltaEntry], info: dict | None = None):
         self.path = path
         self.header = header
         self.entries = entries
-        self._dq = dq or {}
+        self._info = info or {}
         self._handle = None
 
     @classmethod
@@ -321,8 +278,8 @@ class DeltaFile:
                     ) from None
                 raise
             entries = group_entries(header)
-            dq = _check_tensor_values(fh, entries)
-        return cls(path, header, entries, dq)
+            info = _check_tensor_values(fh, entries)
+        return cls(path, header, entries, info)
 
     def close(self) -> None:
         """Release the memory map (tensors already returned stay valid)."""
@@ -354,14 +311,17 @@ class DeltaFile:
     def codec(self) -> str:
         return self.metadata["codec"]
 
+    def tensor_info(self, name: str):
+        """The per-tensor parameters the codec read from the file (`Codec.read_info`), or None."""
+        return self._info.get(name)
+
     @property
     def dq_seed(self) -> int:
         return int(json.loads(self.metadata["deltadq"])["seed"])
 
     def dq_params(self, name: str):
         """The `codec.deltadq.DQParams` of a deltadq tensor."""
-
-        return DQParams(*self._dq[name])
+        return self._info[name]
 
     # --- compatibility with a base ---------------------------------------------------------
     def check_base(
@@ -394,23 +354,19 @@ class DeltaFile:
                         f"{name}.full has dtype {e.full.dtype} but the base tensor is {base_dtype}"
                     )
                 continue
-            part = "sign" if e.sign is not None else "dq_codes"
+            codec = codecs.get(e.kind)
             if base_dtype not in FLOAT_CODES:
                 raise IncompatibleDeltaError(f"{name}: cannot add a {e.kind} delta to a {base_dtype} tensor")
             if len(shape) != 2:
                 raise IncompatibleDeltaError(
-                    f"{name}: .{part} needs a 2-D base tensor, base has shape {list(shape)}"
+                    f"{name}: .{codec.primary_kind} needs a 2-D base tensor, base has shape {list(shape)}"
                 )
-            out, inn = shape
-            if e.sign is not None:
-                got, expected = list(e.sign.shape), [e.planes, out, (inn + 7) // 8]
-            else:
-                params = self.dq_params(name)
-                got, expected = list(e.dq_codes.shape), [params.parts, out, params.packed_width(inn)]
-            if got != expected:
-                raise IncompatibleDeltaError(
-                    f"{name}.{part} has shape {got} but base shape {list(shape)} needs {expected}"
-                )
+            for part, expected in codec.expected_shapes(e, self.tensor_info(name), tuple(shape)).items():
+                got = list(e.part(part).shape)
+                if got != expected:
+                    raise IncompatibleDeltaError(
+                        f"{name}.{part} has shape {got} but base shape {list(shape)} needs {expected}"
+                    )
 
     # --- tensors ---------------------------------------------------------------------------
     def tensor(self, key: str) -> torch.Tensor:

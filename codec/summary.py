@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from . import codecs
 from .format import DeltaFile
 
 
@@ -17,7 +18,7 @@ def summarize(path: str | os.PathLike[str]) -> dict:
     sign_bytes = scale_bytes = full_bytes = binarized_weights = 0
     for name in sorted(delta.entries):
         e = delta.entries[name]
-        if e.full is not None:
+        if e.kind == "full":
             full_bytes += e.full.nbytes
             tensors.append(
                 {
@@ -28,46 +29,15 @@ def summarize(path: str | os.PathLike[str]) -> dict:
                     "bytes": e.nbytes,
                 }
             )
-        elif e.dq_codes is not None:
-            p = delta.dq_params(name)
-            sign_bytes += e.dq_codes.nbytes
-            scale_bytes += e.dq_step.nbytes + e.dq_params.nbytes
-            rows = e.dq_codes.shape[1]
-            # Columns follow from the kept count: in ≈ kept / keep ratio (exact for whole groups).
-            kept = e.dq_codes.shape[2] * 8 // p.part_bits
-            binarized_weights += rows * round(kept / p.keep_ratio)
-            tensors.append(
-                {
-                    "name": name,
-                    "kind": "deltadq",
-                    "rows": rows,
-                    "group_size": p.group_size,
-                    "keep": p.keep,
-                    "keep_ratio": p.keep_ratio,
-                    "bits": p.bits,
-                    "parts": p.parts,
-                    "bytes": e.nbytes,
-                }
-            )
-        else:
-            planes, out, packed = e.sign.shape
-            sign_bytes += e.sign.nbytes
-            scale_bytes += e.scale.nbytes
-            binarized_weights += out * packed * 8  # upper bound: the last byte may hold padding
-            tensors.append(
-                {
-                    "name": name,
-                    "kind": "bitdelta",
-                    "planes": planes,
-                    "rows": out,
-                    "packed_cols": packed,
-                    "scale": "per-row" if e.per_row else "per-matrix",
-                    "bytes": e.nbytes,
-                }
-            )
+            continue
+        described = codecs.get(e.kind).describe_tensor(e, delta.tensor_info(name))
+        sign_bytes += described.payload_bytes
+        scale_bytes += described.side_bytes
+        binarized_weights += described.weights
+        tensors.append({"name": name, "kind": e.kind, **described.fields, "bytes": e.nbytes})
     meta = dict(delta.metadata)
     hf_config = meta.pop("x-hf-config", None)
-    for key in ("calibration", "fidelity", "deltadq"):
+    for key in ("calibration", "fidelity", *codecs.json_metadata_keys()):
         if key in meta:
             meta[key] = json.loads(meta[key])
     ft_bytes = int(meta["x-finetuned-bytes"]) if meta.get("x-finetuned-bytes", "").isdigit() else None
@@ -82,11 +52,7 @@ def summarize(path: str | os.PathLike[str]) -> dict:
         "file_bytes": file_bytes,
         "finetuned_bytes": ft_bytes,
         "ratio": (ft_bytes / file_bytes) if ft_bytes else None,
-        "counts": {
-            "bitdelta": sum(1 for t in tensors if t["kind"] == "bitdelta"),
-            "deltadq": sum(1 for t in tensors if t["kind"] == "deltadq"),
-            "full": sum(1 for t in tensors if t["kind"] == "full"),
-        },
+        "counts": {kind: sum(1 for t in tensors if t["kind"] == kind) for kind in (*codecs.names(), "full")},
         "bytes": {"sign": sign_bytes, "scale": scale_bytes, "full": full_bytes},
         "bits_per_binarized_weight": ((sign_bytes + scale_bytes) * 8 / binarized_weights)
         if binarized_weights

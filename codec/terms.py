@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from . import codecs
+
 if TYPE_CHECKING:
     import torch
 
@@ -55,9 +57,7 @@ def entry_terms(delta: DeltaFile, name: str) -> tuple[Term, ...]:
     entry = delta.entries[name]
     if entry.kind == "full":
         return ()
-    if entry.kind == "deltadq":
-        return (DeltaDQTerm(name),)
-    return (SignTerm(name + ".sign", name + ".scale"),)
+    return codecs.get(entry.kind).terms(delta, name)
 
 
 __all__ = ["DeltaDQTerm", "LowRankTerm", "SignTerm", "Term", "entry_terms"]

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import torch
 
-from codec import deltadq
+from codec import codecs
 from codec.activations import input_moments
-from codec.bitdelta import reconstruct
 from codec.checkpoint import ST_TO_TORCH, TORCH_TO_ST, Checkpoint, tensor_bytes
-from codec.compress import CompressOptions, compress
+from codec.compress import BitDeltaOptions, CompressOptions, DeltaDQOptions, compress
 from codec.container import SpooledSafetensorsWriter, TensorSpec
 from codec.distill import DistillOptions, distill_scales
 from codec.format import DTYPE_CODE, DeltaFile
@@ -65,24 +64,10 @@ def model_with_delta(base_dir: Path, delta_path: Path):
     state = model.state_dict()
     with torch.no_grad():
         for name, e in delta.entries.items():
-            if e.full is not None:
+            if e.kind == "full":
                 value = delta.full(name)
-            elif e.kind == "deltadq":
-                value = torch.cat(
-                    list(
-                        deltadq.reconstruct_blocks(
-                            base.get(name),
-                            delta.dq_codes(name),
-                            delta.dq_step(name),
-                            name,
-                            delta.dq_seed,
-                            delta.dq_params(name),
-                            dtype,
-                        )
-                    )
-                )
             else:
-                value = reconstruct(base.get(name), delta.sign(name), delta.scale(name), dtype)
+                value = codecs.get(e.kind).reconstruct(delta, name, base.get(name), dtype)
             state[name].copy_(value.to(torch.float32))
     return model
 
@@ -205,17 +190,18 @@ def variants_for(settings: Settings) -> list[tuple[str, CompressOptions, bool | 
     per-tensor search weighted by the fine-tune's activations on the calibration text)."""
     bitdelta = [
         ("1-bit, per-matrix (mean-abs init)", CompressOptions(), False),
-        ("1-bit, per-row", CompressOptions(scale_mode="per-row"), False),
+        ("1-bit, per-row", CompressOptions(codec=BitDeltaOptions(scale_mode="per-row")), False),
         ("1-bit, per-matrix, distilled", CompressOptions(), True),
-        ("2 planes, per-matrix", CompressOptions(planes=2), False),
-        ("2 planes, per-matrix, distilled", CompressOptions(planes=2), True),
+        ("2 planes, per-matrix", CompressOptions(codec=BitDeltaOptions(planes=2)), False),
+        ("2 planes, per-matrix, distilled", CompressOptions(codec=BitDeltaOptions(planes=2)), True),
         ("1-bit, embeddings binarized too", CompressOptions(include=("*embed_tokens*",)), False),
     ]
     dq = [
-        (f"DeltaDQ {r}x (auto)", CompressOptions(codec="deltadq", dq_ratio=r), False) for r in settings.ratios
+        (f"DeltaDQ {r}x (auto)", CompressOptions(codec=DeltaDQOptions(ratio=r)), False)
+        for r in settings.ratios
     ]
     dq += [
-        (f"DeltaDQ {r}x (calibrated search)", CompressOptions(codec="deltadq", dq_ratio=r), "search")
+        (f"DeltaDQ {r}x (calibrated search)", CompressOptions(codec=DeltaDQOptions(ratio=r)), "search")
         for r in settings.ratios
     ]
     return {"all": bitdelta + dq, "bitdelta": bitdelta, "deltadq": [bitdelta[0]] + dq}[settings.only]

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from codec.compress import CompressOptions, compress
+from codec.compress import BitDeltaOptions, CompressOptions, DeltaDQOptions, compress
 from registry.server.settings import Settings
 from tests.support.live_registry import (  # importing it sets the AWS and moto test environment
     LiveServer,
@@ -58,7 +58,12 @@ def deltas(llama_pair, llama_pair_fp16_tied, tmp_path_factory) -> Deltas:
     out = tmp_path_factory.mktemp("cli-deltas")
     opts = CompressOptions(base_name=BASE)
     compress(base_dir, ft_dir, out / "plain.bdelta", opts)
-    compress(base_dir, ft_dir, out / "other.bdelta", CompressOptions(base_name=BASE, scale_mode="per-row"))
+    compress(
+        base_dir,
+        ft_dir,
+        out / "other.bdelta",
+        CompressOptions(codec=BitDeltaOptions(scale_mode="per-row"), base_name=BASE),
+    )
     compress(
         base_dir,
         ft_dir,
@@ -70,7 +75,7 @@ def deltas(llama_pair, llama_pair_fp16_tied, tmp_path_factory) -> Deltas:
         base_dir,
         ft_dir,
         out / "dq.bdelta",
-        CompressOptions(base_name=BASE, codec="deltadq", dq_bits=1, dq_keep=0.5),
+        CompressOptions(codec=DeltaDQOptions(bits=1, keep=0.5), base_name=BASE),
     )
     compress(*llama_pair_fp16_tied, out / "foreign.bdelta", CompressOptions(base_name=BASE))
     return Deltas(

@@ -11,7 +11,7 @@ import torch
 
 from codec import deltadq
 from codec.activations import InputMoments, input_moments
-from codec.compress import CompressOptions, compress
+from codec.compress import CompressOptions, DeltaDQOptions, compress
 from codec.errors import CalibrationDataError, CodecError
 from codec.format import DeltaFile
 from tests.support.model_pairs import make_llama_pair, save_byte_tokenizer
@@ -79,11 +79,11 @@ def test_compress_records_the_calibrated_search_and_cli_runs_it(pair, tmp_path):
     root, base, ft = pair
     m = input_moments(ft, root / "cal.txt", samples=4, seq_len=32)
     path = tmp_path / "d.bdelta"
-    compress(base, ft, path, CompressOptions(codec="deltadq", dq_ratio=16), input_moments=m)
+    compress(base, ft, path, CompressOptions(codec=DeltaDQOptions(ratio=16)), input_moments=m)
     search = json.loads(DeltaFile.open(path).metadata["deltadq"])["search"]
     assert search["tokens"] == 128 and search["data_fingerprint"] == m.data_fingerprint
     plain = tmp_path / "p.bdelta"
-    compress(base, ft, plain, CompressOptions(codec="deltadq", dq_ratio=16))
+    compress(base, ft, plain, CompressOptions(codec=DeltaDQOptions(ratio=16)))
     assert json.loads(DeltaFile.open(plain).metadata["deltadq"])["search"] == {
         "error": "weights (isotropic inputs)"
     }

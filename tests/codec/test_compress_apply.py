@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from codec.apply import apply_delta
 from codec.bitdelta import reconstruct
 from codec.checkpoint import Checkpoint, fingerprint_tensors
-from codec.compress import CompressOptions, compress
+from codec.compress import BitDeltaOptions, CompressOptions, compress
 from codec.errors import BaseMismatchError, CodecError, IncompatibleDeltaError
 from codec.format import DeltaFile
 from codec.summary import summarize
@@ -27,7 +27,10 @@ def _state(dir_):
 def test_round_trip_reproduces_base_plus_sign_scale(llama_pair, tmp_path, planes, scale):
     base_dir, ft_dir = llama_pair
     report = compress(
-        base_dir, ft_dir, tmp_path / "d.bdelta", CompressOptions(planes=planes, scale_mode=scale)
+        base_dir,
+        ft_dir,
+        tmp_path / "d.bdelta",
+        CompressOptions(codec=BitDeltaOptions(planes=planes, scale_mode=scale)),
     )
     delta = DeltaFile.open(tmp_path / "d.bdelta")
     base, ft = _state(base_dir), _state(ft_dir)
@@ -55,7 +58,12 @@ def test_two_planes_beat_one(llama_pair, tmp_path):
     ft = _state(ft_dir)
     errors = {}
     for planes in (1, 2):
-        compress(base_dir, ft_dir, tmp_path / f"{planes}.bdelta", CompressOptions(planes=planes))
+        compress(
+            base_dir,
+            ft_dir,
+            tmp_path / f"{planes}.bdelta",
+            CompressOptions(codec=BitDeltaOptions(planes=planes)),
+        )
         got = _state(apply_delta(base_dir, tmp_path / f"{planes}.bdelta", tmp_path / f"out{planes}").out_dir)
         errors[planes] = sum(float((got[n] - ft[n]).norm() ** 2) for n in ft if ".layers." in n)
     assert errors[2] < errors[1]
@@ -220,6 +228,6 @@ def test_summary_reports_sizes_and_ratio(llama_pair, tmp_path):
 
 def test_compress_options_are_validated():
     with pytest.raises(CodecError, match="between 1 and 8"):
-        CompressOptions(planes=0)
+        CompressOptions(codec=BitDeltaOptions(planes=0))
     with pytest.raises(CodecError, match="per-matrix"):
-        CompressOptions(scale_mode="per-column")  # type: ignore[arg-type]
+        CompressOptions(codec=BitDeltaOptions(scale_mode="per-column"))  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ import torch
 from codec import deltadq
 from codec.apply import apply_delta
 from codec.checkpoint import Checkpoint
-from codec.compress import CompressOptions, compress
+from codec.compress import CompressOptions, DeltaDQOptions, compress
 from codec.deltadq import DQParams, decode, encode, keep_mask, splitmix64
 from codec.errors import CodecError, InvalidDeltaError, UnsupportedFormatError
 from codec.format import DeltaFile
@@ -138,7 +138,7 @@ def wide_pair(tmp_path_factory):
 def test_compress_apply_round_trip_at_each_ratio(wide_pair, tmp_path, ratio):
     base_dir, ft_dir = wide_pair
     path = tmp_path / "d.bdelta"
-    report = compress(base_dir, ft_dir, path, CompressOptions(codec="deltadq", dq_ratio=ratio, dq_seed=9))
+    report = compress(base_dir, ft_dir, path, CompressOptions(codec=DeltaDQOptions(ratio=ratio, seed=9)))
     delta = DeltaFile.open(path)
     assert delta.codec == "deltadq" and json.loads(delta.metadata["deltadq"])["seed"] == 9
     info = summarize(path)
@@ -169,7 +169,7 @@ def test_ratio_choice_and_explicit_parameters(llama_pair, tmp_path):
         base_dir,
         ft_dir,
         path,
-        CompressOptions(codec="deltadq", dq_bits=4, dq_keep=0.25, dq_group_size=32, dq_parts=2),
+        CompressOptions(codec=DeltaDQOptions(bits=4, keep=0.25, group_size=32, parts=2)),
     )
     delta = DeltaFile.open(path)
     for name, e in delta.entries.items():
@@ -182,25 +182,25 @@ def test_ratio_choice_and_explicit_parameters(llama_pair, tmp_path):
     ("kwargs", "message"),
     [
         ({}, "needs --ratio"),
-        ({"dq_ratio": 8}, "between 16 and 16384"),
-        ({"dq_ratio": 32, "dq_bits": 2}, "not both"),
-        ({"dq_bits": 9, "dq_keep": 0.5}, "bits must be between 1 and 8"),
-        ({"dq_bits": 2, "dq_keep": 0.0}, "keep ratio must be in"),
-        ({"dq_bits": 2, "dq_keep": 0.01, "dq_group_size": 16}, "keeps nothing"),
-        ({"dq_bits": 3, "dq_keep": 0.5, "dq_parts": 2}, "divide the bits"),
-        ({"dq_ratio": 32, "dq_group_size": 0}, "group size must be >= 1"),
+        ({"ratio": 8}, "between 16 and 16384"),
+        ({"ratio": 32, "bits": 2}, "not both"),
+        ({"bits": 9, "keep": 0.5}, "bits must be between 1 and 8"),
+        ({"bits": 2, "keep": 0.0}, "keep ratio must be in"),
+        ({"bits": 2, "keep": 0.01, "group_size": 16}, "keeps nothing"),
+        ({"bits": 3, "keep": 0.5, "parts": 2}, "divide the bits"),
+        ({"ratio": 32, "group_size": 0}, "group size must be >= 1"),
     ],
 )
 def test_bad_options(kwargs, message):
     with pytest.raises(CodecError, match=message):
-        CompressOptions(codec="deltadq", **kwargs)
+        DeltaDQOptions(**kwargs)
 
 
 @pytest.fixture(scope="module")
 def dq_file(llama_pair, tmp_path_factory):
     base_dir, ft_dir = llama_pair
     path = tmp_path_factory.mktemp("dq") / "d.bdelta"
-    compress(base_dir, ft_dir, path, CompressOptions(codec="deltadq", dq_bits=1, dq_keep=0.5))
+    compress(base_dir, ft_dir, path, CompressOptions(codec=DeltaDQOptions(bits=1, keep=0.5)))
     delta = DeltaFile.open(path)
     tensors = {k: delta.tensor(k).clone() for k in delta.header.tensors}
     return dict(delta.metadata), tensors
@@ -261,9 +261,14 @@ W = "model.layers.0.mlp.up_proj.weight"
             {},
             {W + ".sign": torch.zeros(1, 184, 8, dtype=torch.uint8)},
             InvalidDeltaError,
-            "unexpected part\\(s\\) .sign",
+            "weight: .sign tensors in a 'deltadq' delta",
         ),
-        ({"codec": "bitdelta"}, {}, InvalidDeltaError, "dq_\\* tensors in a 'bitdelta' delta"),
+        (
+            {"codec": "bitdelta"},
+            {},
+            InvalidDeltaError,
+            "weight: .dq_codes/.dq_step/.dq_params tensors in a 'bitdelta' delta",
+        ),
     ],
 )
 def test_bad_deltadq_files(dq_file, tmp_path, meta_change, tensor_change, error, message):
@@ -376,5 +381,5 @@ def test_a_ratio_out_of_reach_for_a_narrow_tensor_is_refused(llama_pair, tmp_pat
         deltadq.candidates_for_ratio(64, 64)
     base_dir, ft_dir = llama_pair  # 64 wide
     with pytest.raises(CodecError, match="out of reach"):
-        compress(base_dir, ft_dir, tmp_path / "d.bdelta", CompressOptions(codec="deltadq", dq_ratio=32))
+        compress(base_dir, ft_dir, tmp_path / "d.bdelta", CompressOptions(codec=DeltaDQOptions(ratio=32)))
     assert not list(tmp_path.iterdir())

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from codec.compress import CompressOptions, compress
+from codec.compress import BitDeltaOptions, CompressOptions, compress
 from codec.distill import DistillOptions, distill_scales
 from codec.errors import CalibrationDataError, CodecError
 from codec.format import DeltaFile
@@ -30,7 +30,7 @@ def pair(tmp_path_factory):
 def test_distillation_lowers_loss_and_changes_only_scales(pair, tmp_path, planes, scale, loss):
     root, base, ft = pair
     init = tmp_path / "init.bdelta"
-    compress(base, ft, init, CompressOptions(planes=planes, scale_mode=scale))
+    compress(base, ft, init, CompressOptions(codec=BitDeltaOptions(planes=planes, scale_mode=scale)))
     out = tmp_path / "distilled.bdelta"
     options = DistillOptions(**{**FAST.__dict__, "loss": loss})
     report = distill_scales(base, ft, init, out, root / "cal.txt", options)

@@ -127,7 +127,12 @@ def test_non_finite_scale(valid, tmp_path, value):
         (W + ".scale", torch.zeros(1, 1, dtype=torch.float16), "must be F32"),
         (W + ".scale", torch.zeros(1, 5), "does not fit .sign"),
         (W + ".scale", torch.zeros(2, 1), "does not fit .sign"),
-        (W + ".bias", torch.zeros(3), "must end in one of .sign, .scale, .full"),
+        (
+            W + ".bias",
+            torch.zeros(3),
+            "must end in one of .sign, .scale, .dq_codes, .dq_step, .dq_params, .lr_a, .lr_b, "
+            ".lr_codes, .lr_scales, .lr_bands, .lr_shape, .full",
+        ),
         (W + ".full", torch.zeros(184, 64), "both .full and other parts"),
     ],
 )

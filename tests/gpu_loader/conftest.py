@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from codec.apply import apply_delta
-from codec.compress import CompressOptions, compress
+from codec.compress import BitDeltaOptions, CompressOptions, DeltaDQOptions, compress
 from gpu_loader import DeltaModel
 from gpu_loader.sgmv import triton_available
 from tests.support.model_pairs import make_llama_pair
@@ -85,9 +85,19 @@ def family(tmp_path_factory) -> Family:
         root,
         base,
         {
-            "a": (ft1, CompressOptions(planes=2, scale_mode="per-row", include=("*embed_tokens*",))),
+            "a": (
+                ft1,
+                CompressOptions(
+                    codec=BitDeltaOptions(planes=2, scale_mode="per-row"), include=("*embed_tokens*",)
+                ),
+            ),
             "b": (ft2, CompressOptions()),
-            "c": (ft2, CompressOptions(scale_mode="per-row", include=("*embed_tokens*", "*lm_head*"))),
+            "c": (
+                ft2,
+                CompressOptions(
+                    codec=BitDeltaOptions(scale_mode="per-row"), include=("*embed_tokens*", "*lm_head*")
+                ),
+            ),
             "d": (ft3, CompressOptions()),
         },
     )
@@ -95,16 +105,11 @@ def family(tmp_path_factory) -> Family:
 
 #: DeltaDQ with 1-bit codes, half of each group kept (the 32x budget of a wide model; these
 #: 64-wide tensors are too narrow for --ratio 32 once the per-row step is counted), group size searched.
-DQ_1BIT_HALF = CompressOptions(codec="deltadq", dq_bits=1, dq_keep=0.5)
+DQ_1BIT_HALF = CompressOptions(codec=DeltaDQOptions(bits=1, keep=0.5))
 #: DeltaDQ with 3-bit codes in 3 parts (codes straddle bytes), groups of 32 (a partial last group
 #: in the 184-wide down_proj), embeddings and lm_head compressed too.
 DQ_3BIT = CompressOptions(
-    codec="deltadq",
-    dq_bits=3,
-    dq_keep=0.25,
-    dq_group_size=32,
-    dq_parts=3,
-    dq_seed=2**63 + 12345,
+    codec=DeltaDQOptions(bits=3, keep=0.25, group_size=32, parts=3, seed=2**63 + 12345),
     include=("*embed_tokens*", "*lm_head*"),
 )
 
@@ -131,7 +136,12 @@ def tied_family(llama_pair_fp16_tied, tmp_path_factory) -> Family:
         root,
         base,
         {
-            "a": (ft, CompressOptions(planes=2, scale_mode="per-row", include=("*embed_tokens*",))),
+            "a": (
+                ft,
+                CompressOptions(
+                    codec=BitDeltaOptions(planes=2, scale_mode="per-row"), include=("*embed_tokens*",)
+                ),
+            ),
             "b": (ft2, CompressOptions()),
         },
     )
@@ -143,7 +153,7 @@ def tied_dq_family(tied_family, llama_pair_fp16_tied) -> Family:
     embedding compressed, so the DeltaDQ embedding delta reaches the logits through lm_head."""
     root = tied_family.root
     opts = CompressOptions(
-        codec="deltadq", dq_bits=2, dq_keep=0.25, dq_group_size=16, include=("*embed_tokens*",)
+        codec=DeltaDQOptions(bits=2, keep=0.25, group_size=16), include=("*embed_tokens*",)
     )
     fam = _family(root, tied_family.base, {"q": (llama_pair_fp16_tied[1], opts)})
     fam.deltas = {**tied_family.deltas, **fam.deltas}
@@ -178,7 +188,9 @@ def qwen_family(tmp_path_factory) -> Family:
     )
     Qwen2ForCausalLM(cfg).save_pretrained(root / "base")
     ft = perturb(root / "base", root / "ft", seed=31)
-    return _family(root, root / "base", {"a": (ft, CompressOptions(scale_mode="per-row"))})
+    return _family(
+        root, root / "base", {"a": (ft, CompressOptions(codec=BitDeltaOptions(scale_mode="per-row")))}
+    )
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import torch
 
 from codec import deltadq as codec_dq
 from codec.apply import apply_delta
-from codec.compress import CompressOptions, compress
+from codec.compress import CompressOptions, DeltaDQOptions, compress
 from codec.deltadq import DQParams
 from codec.format import DeltaFile
 from gpu_loader import BudgetError, DeltaDoesNotFitError, DeltaModel, SlotPoolFullError
@@ -187,7 +187,7 @@ def qwen_dq_family(qwen_family) -> Family:
     root = qwen_family.root
     fam = Family(root, qwen_family.base, dict(qwen_family.deltas), dict(qwen_family.applied))
     fam.deltas["q"] = compress(
-        fam.base, root / "ft", root / "q.bdelta", CompressOptions(codec="deltadq", dq_ratio=16)
+        fam.base, root / "ft", root / "q.bdelta", CompressOptions(codec=DeltaDQOptions(ratio=16))
     ).path
     fam.applied["q"] = apply_delta(fam.base, fam.deltas["q"], root / "q-model").out_dir
     return fam

@@ -13,6 +13,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+from codec import codecs
 from registry.common import names
 from registry.common.errors import AuthenticationError, RegistryError
 from registry.server import crud
@@ -199,7 +200,7 @@ def _version_page(request: Request, state, principal, repo_name: RepoName, ref: 
     metadata = dict(out.metadata or {})
     hf_config = metadata.pop("x-hf-config", None)
     sections = []
-    for key in ("calibration", "deltadq", "fidelity"):
+    for key in ("calibration", *codecs.json_metadata_keys(), "fidelity"):
         if key in metadata:
             sections.append((key, present.rows(present.parse_json(metadata.pop(key)))))
     if out.fidelity and not any(key == "fidelity" for key, _ in sections):

@@ -8,6 +8,8 @@ import json
 import math
 from typing import Any
 
+from codec import codecs
+
 #: The fidelity figures a table shows, in `deltactl show`'s order: (key, column label, percent?).
 FIDELITY_FIGURES = (
     ("gain_recovered", "gain kept", True),
@@ -15,7 +17,7 @@ FIDELITY_FIGURES = (
     ("top1_agreement", "top-1", True),
 )
 #: Header metadata keys that hold JSON text (docs/format.md).
-JSON_METADATA = ("calibration", "fidelity", "deltadq", "x-hf-config")
+JSON_METADATA = ("calibration", "fidelity", *codecs.json_metadata_keys(), "x-hf-config")
 
 
 def human_bytes(n: int | float | None) -> str:
@@ -91,17 +93,8 @@ def codec_line(codec: str | None, bits: int | None, metadata: dict | None) -> st
     if not codec:
         return "–"
     parts = [codec]
-    if codec == "bitdelta":
-        if bits:
-            parts.append(f"{bits} plane" + ("s" if bits != 1 else ""))
-        if metadata.get("x-scale"):
-            parts.append(str(metadata["x-scale"]))
-    elif codec == "deltadq":
-        params = parse_json(metadata.get("deltadq"))
-        if isinstance(params, dict) and params.get("bits") is not None:
-            parts.append(f"{params['bits']}-bit")
-        if isinstance(params, dict) and params.get("ratio") is not None:
-            parts.append(f"ratio {params['ratio']}")
+    if codec in codecs.CODECS:  # an unknown codec (a newer writer's) is shown by name alone
+        parts += codecs.get(codec).describe(metadata, bits)
     return " · ".join(parts)
 
 

@@ -1,5 +1,5 @@
-"""A version's per-tensor summary for its page: how many tensors are binarized, DeltaDQ-coded or
-kept dense and their bytes, read from the stored blob's header (only its first bytes are
+"""A version's per-tensor summary for its page: how many tensors each codec encodes or are kept
+dense and their bytes, read from the stored blob's header (only its first bytes are
 decompressed) and remembered per digest, since stored bytes never change."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from codec import codecs
 from registry.server.blobstores import BlobStore
 from registry.server.models import Blob
 from registry.server.verify import read_header
@@ -19,11 +20,11 @@ log = logging.getLogger("deltastore.registry.web")
 
 @dataclass(frozen=True)
 class KindSummary:
-    kind: str  # "bitdelta", "deltadq" or "full"
+    kind: str  # a codec's name (codec/codecs/) or "full"
     label: str
     tensors: int
     bytes: int
-    elements: int  # weights covered (bitdelta: upper bound, rows may end in padding; deltadq: 0, unknown)
+    elements: int | None  # weights covered (an upper bound: rows may end in padding); None: not in the header
 
 
 @dataclass(frozen=True)
@@ -35,33 +36,33 @@ class TensorSummary:
     largest: list[tuple[str, str, int]]  # (name, kind, bytes) of the biggest tensors
 
     def covered(self) -> int | None:
-        """Weights of the base the delta replaces (upper bound); None when DeltaDQ tensors make it unknown."""
-        if any(k.kind == "deltadq" for k in self.kinds):
+        """Weights of the base the delta replaces (upper bound); None when some codec's tensors
+        (DeltaDQ's) hold their width in the tensor bytes, not the header."""
+        if any(k.elements is None for k in self.kinds):
             return None
         return sum(k.elements for k in self.kinds)
 
 
-_LABELS = {"bitdelta": "binarized (sign + scale)", "deltadq": "DeltaDQ codes", "full": "kept dense (.full)"}
+def _label(kind: str) -> str:
+    return "kept dense (.full)" if kind == "full" else codecs.get(kind).label
 
 
 def summarize_entries(entries: dict) -> TensorSummary:
-    counts: dict[str, list[int]] = {kind: [0, 0, 0] for kind in _LABELS}
+    counts: dict[str, list] = {}
     planes, modes = set(), set()
     for entry in entries.values():
         kind = entry.kind
-        stats = counts[kind]
+        stats = counts.setdefault(kind, [0, 0, 0])
         stats[0] += 1
         stats[1] += entry.nbytes
-        if kind == "full":
-            stats[2] += _prod(entry.full.shape)
-        elif kind == "bitdelta":
-            _, out, packed = entry.sign.shape
-            stats[2] += out * packed * 8
+        covered = _prod(entry.full.shape) if kind == "full" else codecs.get(kind).covered_weights(entry)
+        stats[2] = None if covered is None or stats[2] is None else stats[2] + covered
+        if entry.sign is not None:  # sign planes (BitDelta's, or another codec's that stores them)
             planes.add(entry.planes)
             modes.add("per-row" if entry.per_row else "per-matrix")
-        # DeltaDQ: how many weights a row holds is in the tensor bytes (dq_params), not the header
     largest = sorted(((e.name, e.kind, e.nbytes) for e in entries.values()), key=lambda t: (-t[2], t[0]))[:5]
-    kinds = [KindSummary(kind, _LABELS[kind], *counts[kind]) for kind in _LABELS if counts[kind][0]]
+    order = [*codecs.names(), "full"]
+    kinds = [KindSummary(kind, _label(kind), *counts[kind]) for kind in order if kind in counts]
     return TensorSummary(
         kinds=kinds, tensors=len(entries), planes=sorted(planes), scale_modes=sorted(modes), largest=largest
     )
