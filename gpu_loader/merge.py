@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from codec import lowrank
 from codec.bitdelta import decode
 from codec.format import DeltaFile
 from codec.terms import DeltaDQTerm, LowRankTerm, SignTerm, Term
@@ -33,9 +34,9 @@ _BITS = {
 }
 _CHUNK_BYTES = 64 << 20  # fp32 temporaries per step
 #: Rows per block of a low-rank product: docs/lowrank.md fixes Δ̂ = b @ a as one fp32 torch.matmul per
-#: 256 output rows on the CPU (the BLAS's summation order is part of the result), so merged mode
-#: computes exactly those blocks to equal `deltactl apply` bit for bit.
-LOWRANK_ROW_BLOCK = 256
+#: ROW_BLOCK output rows on the CPU (the BLAS's summation order is part of the result), so merged
+#: mode computes exactly those blocks to equal `deltactl apply` bit for bit.
+LOWRANK_ROW_BLOCK = lowrank.ROW_BLOCK
 
 
 @dataclass
@@ -79,15 +80,16 @@ def dq_rows(weight: DQWeight) -> DeltaRows:
 
 
 def lowrank_rows(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> DeltaRows:
-    """Δ̂ rows of low-rank factors (a [rank, in], b [out, rank]): `torch.matmul(b[blk], a)` in fp32
-    on the CPU per block of LOWRANK_ROW_BLOCK rows (the reconstruction's own blocks, whichever
-    rows are asked for), moved to `device`."""
+    """Δ̂ rows of low-rank factors (a [rank, in], b [out, rank]): `codec.lowrank.delta_rows` on the
+    CPU per block of LOWRANK_ROW_BLOCK rows (the reconstruction's own blocks, whichever rows are
+    asked for), moved to `device`."""
     a, b = a.to("cpu", torch.float32), b.to("cpu", torch.float32)
-    block = LOWRANK_ROW_BLOCK
+    block, out = LOWRANK_ROW_BLOCK, b.shape[0]
 
     def rows(r0: int, r1: int) -> torch.Tensor:
         k0 = r0 // block
-        parts = [torch.matmul(b[k : k + block], a) for k in range(k0 * block, r1, block)]
+        starts = range(k0 * block, r1, block)
+        parts = [lowrank.delta_rows(a, b, slice(k, min(out, k + block))) for k in starts]
         product = parts[0] if len(parts) == 1 else torch.cat(parts)
         return product[r0 - k0 * block : r1 - k0 * block].to(device)
 

@@ -13,7 +13,7 @@ import torch
 
 from codec.bitdelta import binarize, decode
 from codec.errors import InvalidDeltaError
-from codec.terms import LowRankTerm
+from codec.terms import LowRankTerm, SignTerm
 from gpu_loader import BudgetError, DeltaDoesNotFitError, PoolLayout
 from gpu_loader.merge import lowrank_rows, merge_, sign_rows, sum_rows, unmerge_
 
@@ -333,3 +333,88 @@ def test_a_tensor_whose_codec_gives_no_terms_stays_at_base(family, ids, monkeypa
         ],
         torch.float32,
     )
+
+
+# ------------------------------------------------------------------------------------------
+# end to end with the codecs: files compressed with --codec hybrid / lowrank-mp, applied by `apply`
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lowrank_family(family):
+    """`family` plus h: fine-tune 1 as hybrid (rank 6 + 1-bit signs, per-row scales), and
+    m: fine-tune 3 as lowrank-mp at ratio 4 with the signs fallback off (every tensor low-rank)."""
+    from codec.codecs.hybrid import HybridOptions
+    from codec.codecs.lowrank_mp import LowRankMPOptions
+    from codec.compress import CompressOptions
+
+    from .conftest import _family
+
+    root = family.root
+    fam = _family(
+        root,
+        family.base,
+        {
+            "h": (root / "finetuned", CompressOptions(codec=HybridOptions(rank=6, scale_mode="per-row"))),
+            "m": (root / "ft3", CompressOptions(codec=LowRankMPOptions(ratio=4, signs=False))),
+        },
+    )
+    fam.deltas = {**family.deltas, **fam.deltas}
+    fam.applied = {**family.applied, **fam.applied}
+    return fam
+
+
+def file_terms(path) -> dict:
+    from codec.format import DeltaFile
+    from gpu_loader.staging import delta_terms
+
+    with DeltaFile.open(path) as delta:
+        return delta_terms(delta).terms
+
+
+def test_codec_files_describe_their_tensors_by_the_expected_terms(lowrank_family):
+    hybrid, mp = file_terms(lowrank_family.deltas["h"]), file_terms(lowrank_family.deltas["m"])
+    assert hybrid and all(tuple(map(type, t)) == (LowRankTerm, SignTerm) for t in hybrid.values())
+    assert mp and all(tuple(map(type, t)) == (LowRankTerm,) for t in mp.values())
+    assert {t[0].rank for t in hybrid.values()} == {6}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hybrid_and_lowrank_mp_files_serve_in_one_batch_like_the_applied_models(lowrank_family, ids, backend):
+    fam = lowrank_family
+    ranks = {t[0].rank for n in ("h", "m") for t in file_terms(fam.deltas[n]).values()}
+    dm = make_dm(fam, backend=backend, max_rank=max(ranks))  # lowrank-mp spends ratio 4 on ranks up to 64
+    assert len(ranks) > 2  # ranks differ per tensor and per delta
+    h, m, a = dm.load(fam.deltas["h"]), dm.load(fam.deltas["m"]), dm.load(fam.deltas["a"])
+    batch = torch.cat([ids, ids[:1]])
+    logits = dm(batch, delta_ids=[h, m, -1, a])
+    assert_rows_match(logits, fam.reference_logits(["h", "m", "base", "a"], batch), torch.float32)
+    for name in ("h", "m"):  # the check above could not pass on the base's logits
+        row = fam.reference_logits([name], ids[:1])[0] - fam.reference_logits(["base"], ids[:1])[0]
+        assert row.abs().max() > 100 * LOGIT_ATOL[torch.float32]
+
+
+@pytest.mark.parametrize("name", ["h", "m"])
+def test_merged_codec_file_is_the_applied_model_exactly_and_restores_the_base(lowrank_family, ids, name):
+    fam = lowrank_family
+    dm = make_dm(fam, max_rank=MAX_RANK)
+    before = {n: p.detach().clone() for n, p in dm.model.named_parameters()}
+    applied = fam.model(name).state_dict()
+    with dm.merged(fam.deltas[name]):
+        for n, p in dm.model.named_parameters():
+            assert torch.equal(p.detach().view(torch.int32), applied[n].view(torch.int32)), n
+        logits = dm(ids)
+    with torch.no_grad():
+        assert torch.equal(logits, fam.model(name)(ids).logits)
+    assert all(
+        torch.equal(p.view(torch.int32), before[n].view(torch.int32)) for n, p in dm.model.named_parameters()
+    )
+
+
+def test_greedy_tokens_of_hybrid_slots_equal_the_applied_model(lowrank_family, ids):
+    fam = lowrank_family
+    dm = make_dm(fam, max_rank=MAX_RANK)
+    h = dm.load(fam.deltas["h"])
+    out = dm.generate(ids, delta_ids=[h, -1, h], max_new_tokens=6, do_sample=False)
+    for row, name in enumerate(["h", "base", "h"]):
+        with torch.no_grad():
+            want = fam.model(name).generate(ids[row : row + 1], max_new_tokens=6, do_sample=False)
+        assert torch.equal(out[row], want[0]), row
