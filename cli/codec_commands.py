@@ -40,6 +40,16 @@ def compress_cmd(
             ),
         ),
     ] = False,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype",
+            help=(
+                "dtype of the reconstructed model, e.g. float16 or bfloat16 (default: the fine-tune's); "
+                "changed dense tensors are stored in it."
+            ),
+        ),
+    ] = None,
     bits: Annotated[
         int, typer.Option("--bits", min=1, max=8, help="Sign planes per weight (residual binarization).")
     ] = 1,
@@ -219,6 +229,7 @@ def compress_cmd(
         exclude=tuple(exclude or ()),
         base_name=base_name,  # type: ignore[arg-type]
         allow_dense=allow_dense,
+        dtype=dtype,
     )
     options = dataclasses.replace(options, base_name=_registry_base_name(base, base_name))
     # Calibration text distills the scales of a codec that has them (BitDelta); for the others
@@ -291,6 +302,7 @@ def compress_cmd(
         "delta_bytes": report.delta_bytes,
         "ratio": report.ratio,
         "calibration": calibration,
+        "fallbacks": report.fallbacks,
     }
     if as_json:
         emit_json(result)
@@ -301,6 +313,8 @@ def compress_cmd(
         f"{len(report.binarized)} binarized, {len(report.dense)} "
         f"dense, {len(report.unchanged)} unchanged tensors"
     )
+    for name, reason in sorted(report.fallbacks.items()):
+        out.print(f"  {name}: {reason}")
     if calibration:
         out.print(
             f"distilled scales: calibration loss {calibration['initial_loss']:.4g} -> "

@@ -21,13 +21,20 @@ import torch
 from . import __version__, codecs
 from .activations import InputMoments
 from .background import OrderedWorker
-from .checkpoint import FINGERPRINT_PREFIX, TORCH_TO_ST, Checkpoint, _fingerprint_record, tensor_bytes
-from .codecs.base import CodecOptions, EncodeContext
+from .checkpoint import (
+    FINGERPRINT_PREFIX,
+    ST_TO_TORCH,
+    TORCH_TO_ST,
+    Checkpoint,
+    _fingerprint_record,
+    tensor_bytes,
+)
+from .codecs.base import CodecOptions, EncodeContext, Encoding
 from .codecs.bitdelta import MAX_PLANES, BitDeltaOptions, ScaleMode
 from .codecs.deltadq import DeltaDQOptions
 from .container import SpooledSafetensorsWriter, TensorSpec
 from .errors import CodecError, IncompatibleDeltaError, NothingToCompressError
-from .format import DTYPE_CODE, FLOAT_CODES, FORMAT, FORMAT_VERSION, is_registry_base_name
+from .format import DTYPE_CODE, DTYPE_NAMES, FLOAT_CODES, FORMAT, FORMAT_VERSION, is_registry_base_name
 
 Progress = Callable[[str, int, int], None]
 
@@ -59,11 +66,16 @@ class CompressOptions:
     #: Write a delta even when no tensor can be compressed because every shape differs from the
     #: base's (the delta is then the fine-tune stored dense).
     allow_dense: bool = False
+    #: The dtype of the reconstructed model (format `dtype`): compressed tensors decode to it and
+    #: changed dense tensors are stored cast to it. None: the fine-tune's own (by bytes).
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.codec, CodecOptions):
             raise CodecError(f"codec options must be a codec's options object, got {self.codec!r}")
         codecs.for_options(self.codec)  # a registered codec
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise CodecError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
 
     @property
     def codec_name(self) -> str:
@@ -89,6 +101,8 @@ class CompressReport:
     binarized: list[str] = field(default_factory=list)
     dense: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    #: Tensors stored in a cheaper form than the codec's encoding, and why (`x-fallbacks`).
+    fallbacks: dict[str, str] = field(default_factory=dict)
     finetuned_bytes: int = 0
     delta_bytes: int = 0
 
@@ -161,8 +175,9 @@ def compress(
     _check_names(base, ft)
     if not options.allow_dense:
         _check_some_tensor_compresses(base, ft, options)
-    dtype_name = _model_dtype(ft, options)
+    dtype_name = options.dtype or _model_dtype(ft, options)
     model_code = DTYPE_CODE[dtype_name]
+    cast = options.dtype is not None
     codec = codecs.for_options(options.codec)
     context = EncodeContext(input_moments)
     out_path = Path(out_path)
@@ -186,15 +201,28 @@ def compress(
                 continue
             f = ft.get(name)
             fe = ft.entry(name)
-            same_layout = fe.shape == be.shape and fe.dtype == be.dtype
+            # With a target dtype every floating tensor is rebuilt in it; else each keeps its own.
+            stored_code = model_code if cast and fe.dtype in FLOAT_CODES else fe.dtype
+            # A tensor the delta leaves out is the base's: only right when that has the stored layout.
+            same_layout = fe.shape == be.shape and stored_code == be.dtype
             if (
                 fe.shape == be.shape
-                and fe.dtype == model_code
+                and (cast or fe.dtype == model_code)
                 and options.binarizes(name, fe.shape, fe.dtype)
             ):
                 encoding = codec.encode(f, b, name, options.codec, context)
-                zero = encoding.zero
-                if same_layout and zero:
+                reason = _worse_than_base(codec, encoding)
+                if reason is not None:
+                    # Leave the tensor at base: store nothing, or (when the base's layout is not
+                    # the one rebuilt) the codec's encoding of a zero delta.
+                    report.fallbacks[name] = reason
+                    if same_layout:
+                        report.unchanged.append(name)
+                        continue
+                    encoding = codec.encode(b, b, name, options.codec, context)
+                elif encoding.fallback is not None:  # the codec chose its own cheaper form
+                    report.fallbacks[name] = encoding.fallback
+                if same_layout and encoding.zero:
                     report.unchanged.append(name)
                     continue
                 for piece in encoding.pieces:
@@ -206,14 +234,17 @@ def compress(
                         )
                     )
                 report.binarized.append(name)
-            elif same_layout and torch.equal(f, b):
+                continue
+            # Codecs encode from the fine-tune's own values; only dense tensors are stored cast.
+            dense = f if stored_code == fe.dtype else f.to(ST_TO_TORCH[stored_code])
+            if same_layout and torch.equal(dense, b):
                 report.unchanged.append(name)
             else:
                 io.submit(
                     functools.partial(
                         writer.add,
-                        TensorSpec(name + ".full", TORCH_TO_ST[f.dtype], tuple(f.shape)),
-                        tensor_bytes(f),
+                        TensorSpec(name + ".full", TORCH_TO_ST[dense.dtype], tuple(dense.shape)),
+                        tensor_bytes(dense),
                     )
                 )
                 report.dense.append(name)
@@ -230,6 +261,8 @@ def compress(
             "x-finetuned-bytes": str(ft.total_bytes),
         }
         metadata.update(codec.metadata(options.codec, context))
+        if report.fallbacks:
+            metadata["x-fallbacks"] = json.dumps(report.fallbacks, sort_keys=True)
         if base.source is not None:
             metadata["x-base-source"] = base.source.to_json()
         if ft.source is not None:
@@ -244,6 +277,20 @@ def compress(
         raise
     report.delta_bytes = out_path.stat().st_size
     return report
+
+
+def _worse_than_base(codec: codecs.Codec, encoding: Encoding) -> str | None:
+    """Why `encoding` is worse, by the codec's own error proxy, than leaving the tensor at base
+    (Δ̂ = 0, error ‖Δ‖²), or None when it is not (or the codec does not measure it)."""
+    stats = encoding.stats
+    if stats is None or encoding.zero or stats.target_sq <= 0:
+        return None
+    error = codec.error(stats)
+    if error <= stats.target_sq:
+        return None
+    return (
+        f"left at base: the {codec.name} encoding's error is {error / stats.target_sq:.4g}x that of no delta"
+    )
 
 
 def _hash_tensor(fp, name: str, dtype: str, shape, tensor: torch.Tensor) -> None:

@@ -37,7 +37,7 @@ def summarize(path: str | os.PathLike[str]) -> dict:
         tensors.append({"name": name, "kind": e.kind, **described.fields, "bytes": e.nbytes})
     meta = dict(delta.metadata)
     hf_config = meta.pop("x-hf-config", None)
-    for key in ("calibration", "fidelity", *codecs.json_metadata_keys()):
+    for key in ("calibration", "fidelity", "x-fallbacks", *codecs.json_metadata_keys()):
         if key in meta:
             meta[key] = json.loads(meta[key])
     ft_bytes = int(meta["x-finetuned-bytes"]) if meta.get("x-finetuned-bytes", "").isdigit() else None
@@ -58,4 +58,6 @@ def summarize(path: str | os.PathLike[str]) -> dict:
         if binarized_weights
         else None,
         "tensors": tensors,
+        # Tensors compress stored in a cheaper form than the codec's (e.g. left at base), and why.
+        "fallbacks": meta.get("x-fallbacks", {}),
     }

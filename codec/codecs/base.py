@@ -8,7 +8,7 @@ encoding and decoding import torch inside the methods that need it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -54,6 +54,30 @@ class ErrorStats:
     def squared_error(self) -> float:
         """‖Δ − Δ̂‖² (weighted alike)."""
         return self.target_sq - 2 * self.dot + self.decoded_sq
+
+    @property
+    def along_delta_error(self) -> float:
+        """‖Δ − cΔ‖² for c = ⟨Δ̂, Δ⟩ / ‖Δ‖²: the error of Δ̂'s component along Δ, blind to noise
+        orthogonal to Δ. It exceeds ‖Δ‖² (leaving the tensor at base) iff c < 0 or c > 2."""
+        return self.target_sq - 2 * self.dot + self.dot**2 / self.target_sq if self.target_sq else 0.0
+
+    @classmethod
+    def of_blocks(
+        cls, blocks: Iterable[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tensor | None
+    ) -> ErrorStats:
+        """Accumulate over row blocks of (Δ, Δ̂), fp32 [rows, in], weighted per input column by
+        `weight` [in] (E[x_i²] of the layer's inputs) when given; sums in fp64."""
+        import torch
+
+        dot = decoded_sq = target_sq = 0.0
+        w = None if weight is None else weight.to(torch.float64)
+        for target, decoded in blocks:
+            t, d = target.to(torch.float64), decoded.to(torch.float64)
+            wt = t if w is None else t * w
+            dot += float((wt * d).sum())
+            target_sq += float((wt * t).sum())
+            decoded_sq += float((d * d).sum() if w is None else (d * d * w).sum())
+        return cls(dot, decoded_sq, target_sq)
 
 
 @dataclass(frozen=True)
@@ -139,8 +163,9 @@ class Codec(ABC):
         """The file-level metadata keys this codec writes (beside the format's own)."""
 
     def error(self, stats: ErrorStats) -> float:
-        """Its error proxy of an encoding, comparable with `error` of Δ̂ = 0 (‖Δ‖²): by default
-        the squared reconstruction error ‖Δ − Δ̂‖²."""
+        """Its error proxy of an encoding, comparable with that of leaving the tensor at base
+        (Δ̂ = 0: ‖Δ‖², `stats.target_sq`); compress keeps the encoding only when it is not worse.
+        By default the squared reconstruction error ‖Δ − Δ̂‖² (weighted when calibrating)."""
         return stats.squared_error
 
     # --- reading (numpy only) ---------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..container import TensorEntry
 from ..errors import CodecError, InvalidDeltaError
-from .base import Codec, CodecOptions, EncodeContext, Encoding, Piece, TensorDescription
+from .base import Codec, CodecOptions, EncodeContext, Encoding, ErrorStats, Piece, TensorDescription
 
 if TYPE_CHECKING:
     import torch
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 ScaleMode = Literal["per-matrix", "per-row"]
 MAX_PLANES = 8
+_STATS_ROWS = 256  # rows per block when measuring the encoding's error
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,22 @@ class BitDelta(Codec):
         options: BitDeltaOptions,
         context: EncodeContext,
     ) -> Encoding:
-        from ..bitdelta import binarize
+        import torch
+
+        from ..bitdelta import binarize, decode
 
         sign, scale = binarize(finetuned, base, options.planes, options.scale_mode)
-        # Every plane's scale is 0: the delta is all zeros.
-        return Encoding([Piece("sign", "U8", sign), Piece("scale", "F32", scale)], zero=not bool(scale.any()))
+        per_row = scale.shape[1] != 1
+
+        def blocks():
+            for r in range(0, sign.shape[1], _STATS_ROWS):
+                e = min(sign.shape[1], r + _STATS_ROWS)
+                target = finetuned[r:e].to(torch.float32) - base[r:e].to(torch.float32)
+                yield target, decode(sign[:, r:e], scale[:, r:e] if per_row else scale, finetuned.shape[1])
+
+        stats = ErrorStats.of_blocks(blocks(), context.channel_weight(name, finetuned.shape[1]))
+        pieces = [Piece("sign", "U8", sign), Piece("scale", "F32", scale)]
+        return Encoding(pieces, zero=not bool(scale.any()), stats=stats)  # all scales 0: Δ̂ = 0
 
     def metadata(self, options: BitDeltaOptions, context: EncodeContext) -> dict[str, str]:
         return {"x-planes": str(options.planes), "x-scale": options.scale_mode}

@@ -16,6 +16,7 @@ from .base import (
     CodecOptions,
     EncodeContext,
     Encoding,
+    ErrorStats,
     Piece,
     ReadArray,
     TensorDescription,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 #: The dropout-mask algorithm this reader knows (docs/deltadq.md).
 DQ_MASK = "splitmix64-v1"
+_STATS_ROWS = 256  # rows per block when measuring the encoding's error
 
 
 def _show(value: object) -> str:
@@ -111,13 +113,30 @@ class DeltaDQ(Codec):
             channel_weight=context.channel_weight(name, finetuned.shape[-1]),
         )
         codes, step = deltadq.encode(finetuned, base, name, options.seed, params)
+        out, inn = finetuned.shape
+
+        def blocks():
+            for r in range(0, out, _STATS_ROWS):
+                e = min(out, r + _STATS_ROWS)
+                target = finetuned[r:e].to(torch.float32) - base[r:e].to(torch.float32)
+                yield target, deltadq.decode(codes, step, name, options.seed, params, inn, slice(r, e))
+
+        stats = ErrorStats.of_blocks(blocks(), context.channel_weight(name, inn))
         stored = torch.tensor([params.group_size, params.keep, params.bits], dtype=torch.int32)
         pieces = [
             Piece("dq_codes", "U8", codes),
             Piece("dq_step", "F32", step),
             Piece("dq_params", "I32", stored),
         ]
-        return Encoding(pieces, zero=not bool(step.any()))
+        return Encoding(pieces, zero=not bool(step.any()), stats=stats)
+
+    def error(self, stats: ErrorStats) -> float:
+        """The error of Δ̂'s component along Δ. Dropout's rescaled survivors are unbiased but
+        noisy: on SmolLM2's fine-tune ‖Δ − Δ̂‖² is 1.05-1.21x ‖Δ‖² on every tensor measured at
+        ratios 16 and 32, yet such files keep 98 % of the fine-tune's gain, so the full squared
+        error would leave every tensor at base (docs/codecs.md). Along Δ, only a Δ̂ that points
+        against Δ or overshoots it more than 2x is worse than none."""
+        return stats.along_delta_error
 
     def metadata(self, options: DeltaDQOptions, context: EncodeContext) -> dict[str, str]:
         moments = context.input_moments

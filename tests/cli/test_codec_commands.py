@@ -58,6 +58,18 @@ def test_compress_inspect_apply(llama_pair, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_compress_dtype_sets_the_reconstructed_models_dtype(llama_pair, tmp_path):
+    base_dir, ft_dir = llama_pair  # fp32
+    out = tmp_path / "d.bdelta"
+    res = run(
+        "compress", base_dir, ft_dir, "-o", out, "--base-name", "org/tiny", "--dtype", "bfloat16", "--json"
+    )
+    assert res.exit_code == 0, res.output
+    info = json.loads(run("inspect", out, "--json").stdout)
+    assert info["dtype"] == "bfloat16"
+    assert {t["dtype"] for t in info["tensors"] if t["kind"] == "full"} == {"BF16"}
+
+
 def test_human_output(llama_pair, tmp_path):
     base_dir, ft_dir = llama_pair
     res = run("compress", base_dir, ft_dir, "-o", tmp_path / "d.bdelta", "--base-name", "org/tiny")
@@ -78,6 +90,11 @@ def test_human_output(llama_pair, tmp_path):
             ["compress", "{base}", "{ft}", "-o", "{tmp}/x.bdelta", "--scale", "diagonal"],
             exit_codes.EXIT_INVALID,
             "scale mode",
+        ),
+        (
+            ["compress", "{base}", "{ft}", "-o", "{tmp}/x.bdelta", "--dtype", "int8"],
+            exit_codes.EXIT_INVALID,
+            "dtype must be one of float16, bfloat16, float32, float64, got 'int8'",
         ),
         (
             ["apply", "{other}", "{tmp}/good.bdelta", "-o", "{tmp}/o"],

@@ -54,10 +54,16 @@ class RowInt8(Codec):
     label = "int8 rows"
 
     def encode(self, finetuned, base, name, options, context) -> Encoding:
+        # Its own cheaper alternative: a grid clipped below a fifth of the range is never used.
+        clip = options.clip if options.clip >= 0.2 else 1.0
         delta = finetuned.to(torch.float32) - base.to(torch.float32)
-        step = (delta.abs().amax(dim=1) * options.clip / 127).clamp_min(1e-30)
+        step = (delta.abs().amax(dim=1) * clip / 127).clamp_min(1e-30)
         codes = (delta / step[:, None]).round().clamp(-127, 127).add(128).to(torch.uint8)
-        return Encoding([Piece("q8", "U8", codes), Piece("q8_step", "F32", step)], zero=not bool(delta.any()))
+        return Encoding(
+            [Piece("q8", "U8", codes), Piece("q8_step", "F32", step)],
+            zero=not bool(delta.any()),
+            fallback=None if clip == options.clip else f"clip {options.clip} too tight: clip 1 used",
+        )
 
     def metadata(self, options, context) -> dict[str, str]:
         return {"x-rowint8": json.dumps({"clip": options.clip})}
@@ -246,3 +252,17 @@ def test_compress_options_name_their_codec():
     assert CompressOptions(codec=BitDeltaOptions(planes=2)).codec.planes == 2
     with pytest.raises(CodecError, match="codec options must be a codec's options object"):
         CompressOptions(codec="deltadq")  # type: ignore[arg-type]
+
+
+def test_a_codecs_own_cheaper_form_is_recorded_as_a_fallback(rowint8, llama_pair, tmp_path):
+    base_dir, ft_dir = llama_pair
+    tight = compress(base_dir, ft_dir, tmp_path / "t.bdelta", CompressOptions(codec=RowInt8Options(clip=0.1)))
+    loose = compress(base_dir, ft_dir, tmp_path / "l.bdelta", CompressOptions(codec=RowInt8Options(clip=1.0)))
+    assert tight.fallbacks == {n: "clip 0.1 too tight: clip 1 used" for n in tight.binarized}
+    assert json.loads(DeltaFile.open(tight.path).metadata["x-fallbacks"]) == tight.fallbacks
+    assert summarize(tight.path)["fallbacks"] == tight.fallbacks
+    assert loose.fallbacks == {} and "x-fallbacks" not in DeltaFile.open(loose.path).metadata
+    for name in tight.binarized:
+        assert torch.equal(
+            DeltaFile.open(tight.path).tensor(name + ".q8"), DeltaFile.open(loose.path).tensor(name + ".q8")
+        )

@@ -59,7 +59,7 @@ def test_stored_bits_counts_codes_steps_and_table():
 
 
 @pytest.mark.parametrize("shape", [(576, 576), (576, 1536), (192, 576), (64, 40)])
-@pytest.mark.parametrize("ratio", [4, 16, 32, 100])
+@pytest.mark.parametrize("ratio", [4, 16, 32, 64])
 def test_every_candidate_layout_keeps_the_ratio_and_fills_the_budget(shape, ratio):
     out, inn = shape
     budget = budget_bits(out, inn, ratio)
@@ -76,7 +76,11 @@ def test_every_candidate_layout_keeps_the_ratio_and_fills_the_budget(shape, rati
 
 def test_a_ratio_leaving_no_room_for_one_vector_is_refused():
     ft, base = _low_rank_delta(8, 16, 2, 0.0)
-    with pytest.raises(CodecError, match=r"w: ratio 1000 leaves 2 bits for a 8x16 tensor, less than one"):
+    with pytest.raises(
+        CodecError,
+        match=r"w: ratio 1000 leaves 2 bits for a 8x16 tensor, less than one singular vector pair at 2 bits "
+        r"\(272 bits\)",
+    ):
         lowrank.choose(ft, base, "w", ratio=1000)
 
 

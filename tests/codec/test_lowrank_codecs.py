@@ -4,6 +4,7 @@ low-rank tensor refused with its exact error."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -186,6 +187,11 @@ def test_a_fallback_tensor_round_trips_as_signs(llama_pair, tmp_path):
     delta = DeltaFile.open(path)
     kinds = {tuple(sorted(delta.entries[n].parts)) for n in report.binarized}
     assert ("scale", "sign") in kinds
+    # Every tensor stored as signs is recorded, with both errors, in x-fallbacks.
+    as_signs = {n for n in report.binarized if delta.entries[n].part("sign") is not None}
+    recorded = json.loads(delta.metadata["x-fallbacks"])
+    assert set(recorded) == as_signs == set(report.fallbacks)
+    assert all(r.startswith("1-bit signs: error ") and "at ratio 16" in r for r in recorded.values())
     applied = Checkpoint.open(apply_delta(base_dir, path, tmp_path / "out").out_dir)
     base = Checkpoint.open(base_dir)
     name = next(n for n in report.binarized if delta.entries[n].part("sign") is not None)

@@ -200,7 +200,7 @@ def _version_page(request: Request, state, principal, repo_name: RepoName, ref: 
     metadata = dict(out.metadata or {})
     hf_config = metadata.pop("x-hf-config", None)
     sections = []
-    for key in ("calibration", *codecs.json_metadata_keys(), "fidelity"):
+    for key in ("calibration", *codecs.json_metadata_keys(), "x-fallbacks", "fidelity"):
         if key in metadata:
             sections.append((key, present.rows(present.parse_json(metadata.pop(key)))))
     if out.fidelity and not any(key == "fidelity" for key, _ in sections):

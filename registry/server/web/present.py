@@ -17,7 +17,7 @@ FIDELITY_FIGURES = (
     ("top1_agreement", "top-1", True),
 )
 #: Header metadata keys that hold JSON text (docs/format.md).
-JSON_METADATA = ("calibration", "fidelity", *codecs.json_metadata_keys(), "x-hf-config")
+JSON_METADATA = ("calibration", "fidelity", *codecs.json_metadata_keys(), "x-fallbacks", "x-hf-config")
 
 
 def human_bytes(n: int | float | None) -> str:

@@ -30,6 +30,19 @@ def test_fidelity_figures_follow_deltactl_show():
         ("bitdelta", 2, {"x-scale": "per-row"}, "bitdelta · 2 planes · per-row"),
         ("deltadq", None, {"deltadq": '{"bits": 4, "ratio": 64}'}, "deltadq · 4-bit · ratio 64"),
         ("deltadq", None, {"deltadq": "not json"}, "deltadq"),
+        (
+            "lowrank-mp",
+            None,
+            {"lowrank": '{"ratio": 16, "group_size": 128}'},
+            "lowrank-mp · ratio 16 · group 128",
+        ),
+        ("lowrank-mp", None, {"lowrank": "[]"}, "lowrank-mp"),
+        (
+            "hybrid",
+            None,
+            {"hybrid": '{"rank": null, "ratio": 8, "planes": 2, "scale": "per-row"}'},
+            "hybrid · ratio 8 · 2 planes · per-row",
+        ),
         (None, None, None, "–"),
     ],
 )
