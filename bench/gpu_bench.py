@@ -5,7 +5,8 @@
    11008, random fp16 weights): batch 1/8/32 rows over 1/8/32 distinct deltas, against the
    base alone and against naive per-tenant dense weights; effective bandwidth (bytes of base +
    distinct deltas read per step / time) as a fraction of HBM peak; the same step with DeltaDQ
-   deltas (ratio 32: 1-bit codes, half the weights kept) served by decode-then-GEMM;
+   deltas (ratio 32: 1-bit codes, half the weights kept) served by decode-then-GEMM, and with
+   rank-64 low-rank deltas served by the shrink/expand kernel pair;
 3. hot-swap of one 7B delta from pinned host memory into a slot vs a plain pinned copy_ of the
    same bytes;
 4. how many 7B deltas fit beside the base: computed from the slot size, verified by allocation;
@@ -44,6 +45,7 @@ from gpu_loader.modules import add_dq_matmul_  # noqa: E402
 from gpu_loader.pool_layout import PoolLayout  # noqa: E402
 from gpu_loader.segments import build_segments  # noqa: E402
 from gpu_loader.sgmv import sgmv_sign, triton_available  # noqa: E402
+from gpu_loader.sgmv_lowrank import sgmv_lowrank  # noqa: E402
 from gpu_loader.sizes import format_size  # noqa: E402
 from gpu_loader.slot_pool import SlotPool  # noqa: E402
 
@@ -235,6 +237,26 @@ def synthetic_dq(out: int, inn: int, gen: torch.Generator, device: torch.device)
     return DQWeight(mask, codes, step, bits=1, kept=kept, in_features=inn)
 
 
+#: Rank of the low-rank deltas in the decode step (the pool's max_rank: every slot padded to it).
+LOWRANK_RANK = 64
+
+
+def build_lowrank_layers(cfg: Config, deltas: int, gen: torch.Generator) -> list[list[tuple]]:
+    """[layer][matrix] -> (a [S, R, in], b [S, out, R], ranks [S]) in the activation dtype."""
+    r, dev = LOWRANK_RANK, cfg.device
+    return [
+        [
+            (
+                (torch.randn(deltas, r, inn, generator=gen, device=dev) / inn**0.5).to(cfg.dtype),
+                (torch.randn(deltas, out, r, generator=gen, device=dev) * 1e-3).to(cfg.dtype),
+                torch.full((deltas,), r, dtype=torch.int32, device=dev),
+            )
+            for _, out, inn in cfg.shapes()
+        ]
+        for _ in range(cfg.timed_layers)
+    ]
+
+
 def build_dq_layers(cfg: Config, deltas: int, gen: torch.Generator) -> list[list[list[DQWeight]]]:
     """[layer][matrix][delta]"""
     return [
@@ -266,6 +288,22 @@ def slots_step(
             sgmv_sign(x, y, m.words, m.scales, m.active, seg, backend=backend)
 
 
+def lowrank_step(
+    layers: list[list[Matrix]],
+    lr_layers: list[list[tuple]],
+    xs: dict[int, torch.Tensor],
+    row_slots: list[int],
+    device: torch.device,
+    backend: str,
+) -> None:
+    seg = build_segments(row_slots, 1, device)
+    for mats, lr_mats in zip(layers, lr_layers, strict=True):
+        for m, (a, b, ranks) in zip(mats, lr_mats, strict=True):
+            x = xs[m.weight.shape[1]]
+            y = F.linear(x, m.weight)
+            sgmv_lowrank(x, y, a, b, ranks, seg, backend=backend)
+
+
 def dq_step(
     layers: list[list[Matrix]],
     dq_layers: list[list[list[DQWeight]]],
@@ -285,6 +323,7 @@ def bench_decode(cfg: Config, backend: str) -> list[dict]:
     max_d = max(cfg.distinct)
     layers = build_layers(cfg, max_d, gen)
     dq_layers = build_dq_layers(cfg, max_d, gen)
+    lr_layers = build_lowrank_layers(cfg, max_d, gen)
     itemsize = torch.empty((), dtype=cfg.dtype).element_size()
     shapes = cfg.shapes()
     base_bytes = sum(o * i * itemsize for _, o, i in shapes)
@@ -314,6 +353,9 @@ def bench_decode(cfg: Config, backend: str) -> list[dict]:
                 functools.partial(slots_step, layers, xs, row_slots, cfg.device, backend), cfg
             )
             t_dq = time_step(functools.partial(dq_step, layers, dq_layers, xs, tenant_rows), cfg)
+            t_lr = time_step(
+                functools.partial(lowrank_step, layers, lr_layers, xs, row_slots, cfg.device, backend), cfg
+            )
             t_naive = bench_naive(cfg, batch, d, xs, gen)
             per_layer = lambda t: t / cfg.timed_layers  # noqa: E731
             read = base_bytes + d * delta_bytes + act_bytes
@@ -325,6 +367,7 @@ def bench_decode(cfg: Config, backend: str) -> list[dict]:
                     "base_ms_per_layer": per_layer(t_base) * 1e3,
                     "deltas_ms_per_layer": per_layer(t_delta) * 1e3,
                     "deltadq_ms_per_layer": per_layer(t_dq) * 1e3,
+                    "lowrank_ms_per_layer": per_layer(t_lr) * 1e3,
                     "naive_ms_per_layer": per_layer(t_naive) * 1e3 if t_naive else None,
                     "projected_step_ms": per_layer(t_delta) * cfg.model_layers * 1e3,
                     "bytes_per_layer": read,
@@ -340,12 +383,13 @@ def bench_decode(cfg: Config, backend: str) -> list[dict]:
             naive = r["naive_ms_per_layer"]
             print(
                 f"[decode] batch {batch:>2} deltas {d:>2}: base {r['base_ms_per_layer']:.3f} ms/layer, "
-                f"slots {r['deltas_ms_per_layer']:.3f}, deltadq {r['deltadq_ms_per_layer']:.3f}, naive "
+                f"slots {r['deltas_ms_per_layer']:.3f}, deltadq {r['deltadq_ms_per_layer']:.3f}, "
+                f"low-rank r{LOWRANK_RANK} {r['lowrank_ms_per_layer']:.3f}, naive "
                 f"{naive if naive is None else round(naive, 3)}, "
                 f"{r['effective_GBps']:.0f} GB/s"
                 + (f" ({r['fraction_of_peak']:.0%} of peak)" if peak else "")
             )
-    del layers, dq_layers
+    del layers, dq_layers, lr_layers
     gc.collect()
     return rows
 
@@ -391,7 +435,7 @@ def bench_naive(cfg: Config, batch: int, d: int, xs: dict, gen: torch.Generator)
 # ------------------------------------------------------------------------------------------
 # 3. hot-swap and 4. capacity
 # ------------------------------------------------------------------------------------------
-def model_layout(cfg: Config, planes: int = 1) -> PoolLayout:
+def model_layout(cfg: Config, planes: int = 1, max_rank: int = 0) -> PoolLayout:
     def block(n: str) -> str:
         return "self_attn" if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
 
@@ -409,7 +453,9 @@ def model_layout(cfg: Config, planes: int = 1) -> PoolLayout:
     }
     table["model.norm.weight"] = ((cfg.hidden,), cfg.dtype)
     dense = {n: ((cfg.vocab, cfg.hidden), cfg.dtype) for n in ("model.embed_tokens.weight", "lm_head.weight")}
-    return PoolLayout(sign=sign, table=table, dense=dense, planes=planes)
+    return PoolLayout(
+        sign=sign, table=table, dense=dense, planes=planes, max_rank=max_rank, factor_dtype=cfg.dtype
+    )
 
 
 def base_param_count(cfg: Config) -> int:
@@ -496,6 +542,9 @@ def bench_capacity(cfg: Config) -> dict:
     )
     fits_dq = room // dq_bytes
     fits_dq_dense = room // (dq_bytes + dense_bytes)
+    # Slots with rank-64 factor space too (hybrid: factors + residual signs; every slot pays both).
+    lr_slot_bytes = model_layout(cfg, max_rank=LOWRANK_RANK).slot_bytes
+    fits_lr = room // lr_slot_bytes
     verified, error = False, None
     try:
         pool = SlotPool(
@@ -517,6 +566,8 @@ def bench_capacity(cfg: Config) -> dict:
         "reserve": cfg.reserve,
         "slot_bytes": layout.slot_bytes,
         "deltas_fit": int(fits),
+        "lowrank_slot_bytes": lr_slot_bytes,
+        "lowrank_fit": int(fits_lr),
         "verified_by_allocation": verified,
         "error": error,
         "deltas_fit_with_dense_embed_lm_head": int(fits_dense),
@@ -535,6 +586,10 @@ def bench_capacity(cfg: Config) -> dict:
     print(
         f"[capacity] DeltaDQ (ratio 32) in table-only slots: {format_size(dq_bytes)} each, {fits_dq} fit "
         f"(computed), {fits_dq_dense} if each keeps embed/lm_head dense"
+    )
+    print(
+        f"[capacity] slots with rank-{LOWRANK_RANK} factor space (low-rank / hybrid): "
+        f"{format_size(lr_slot_bytes)} each, {fits_lr} fit (computed)"
     )
     return out
 
@@ -562,8 +617,8 @@ def write_report(out_dir: Path, results: dict) -> None:
         "",
         "| batch | distinct deltas | base alone | base + delta slots | naive dense per tenant | "
         "slots, whole step | effective GB/s | of HBM peak | base alone, of HBM peak | "
-        "DeltaDQ decode-then-GEMM |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"DeltaDQ decode-then-GEMM | low-rank r{LOWRANK_RANK} (shrink + expand) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results.get("decode", []):
         naive = f"{r['naive_ms_per_layer']:.3f}" if r["naive_ms_per_layer"] is not None else "OOM"
@@ -572,7 +627,8 @@ def write_report(out_dir: Path, results: dict) -> None:
         lines.append(
             f"| {r['batch']} | {r['distinct_deltas']} | {r['base_ms_per_layer']:.3f} | "
             f"{r['deltas_ms_per_layer']:.3f} | {naive} | {r['projected_step_ms']:.2f} ms | "
-            f"{r['effective_GBps']:.0f} | {frac} | {base_frac} | {r['deltadq_ms_per_layer']:.3f} |"
+            f"{r['effective_GBps']:.0f} | {frac} | {base_frac} | {r['deltadq_ms_per_layer']:.3f} | "
+            f"{r['lowrank_ms_per_layer']:.3f} |"
         )
     h = results.get("hot_swap")
     if h:
@@ -601,6 +657,8 @@ def write_report(out_dir: Path, results: dict) -> None:
             f"{format_size(c['deltadq_slot_bytes'])} each, **{c['deltadq_fit']} fit** (computed); "
             f"{c['deltadq_fit_with_dense_embed_lm_head']} if each "
             "keeps embeddings + lm_head dense",
+            f"- slots with rank-{LOWRANK_RANK} factor space too (`max_rank`, low-rank and hybrid deltas): "
+            f"{format_size(c['lowrank_slot_bytes'])} each, **{c['lowrank_fit']} fit** (computed)",
         ]
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -16,14 +16,14 @@ from torch import nn
 from codec.checkpoint import TORCH_TO_ST, Checkpoint, fingerprint_tensors
 from codec.format import DeltaFile
 
-from .deltadq import DQSource
 from .errors import DeltaDoesNotFitError, MergedModeError, StaleSlotError
-from .merge import MergeRecord, dq_rows, merge_, sign_rows, unmerge_
+from .merge import MergeRecord, merge_, term_rows, unmerge_
 from .modules import PatchPlan, patch_model
 from .resolver import DeltaRef, RefResolver, resolve_ref
 from .segments import SlotBatch, use_batch
 from .sgmv import triton_available, triton_interpreting
 from .slot_pool import SlotHandle, SlotPool
+from .staging import delta_terms
 
 DeltaId = "int | SlotHandle | str | os.PathLike[str] | None"
 BACKENDS = ("auto", "triton", "torch")
@@ -46,8 +46,8 @@ def _default_device() -> torch.device:
 
 
 class DeltaModel:
-    """A causal LM serving many compressed deltas of its weights at once (BitDelta sign planes,
-    DeltaDQ).
+    """A causal LM serving many compressed deltas of its weights at once (every term form of
+    `codec.terms`: BitDelta sign planes, low-rank factors, DeltaDQ codes, and their sums).
 
         dm = DeltaModel.from_pretrained("llama-base/", device="cuda", dtype=torch.float16,
                                         max_slots=64, memory_budget="8GiB")
@@ -66,6 +66,7 @@ class DeltaModel:
         max_slots: int = 64,
         memory_budget: int | str = "8GiB",
         max_planes: int = 1,
+        max_rank: int = 0,
         resolver: RefResolver | None = None,
         backend: str = "auto",
         target_modules: Sequence[str] | None = None,
@@ -97,7 +98,7 @@ class DeltaModel:
         )
         self.plan: PatchPlan = patch_model(model, target_modules=target_modules)
         self.pool = SlotPool(
-            self.plan.layout(max_planes),
+            self.plan.layout(max_planes, max_rank),
             device=self.device,
             max_slots=max_slots,
             memory_budget=memory_budget,
@@ -125,6 +126,7 @@ class DeltaModel:
         max_slots: int = 64,
         memory_budget: int | str = "8GiB",
         max_planes: int = 1,
+        max_rank: int = 0,
         resolver: RefResolver | None = None,
         backend: str = "auto",
         base_fingerprint: str | None = None,
@@ -138,7 +140,9 @@ class DeltaModel:
         `base` is a HF model directory or Hub id (its fingerprint is hashed from the checkpoint files,
         so deltas made against it are accepted even if `dtype` casts the resident copy) or an
         in-memory causal LM (fingerprinted from its tensors before any cast). `max_planes` is the
-        most bit-planes a delta may have (each plane costs one bit per weight per slot).
+        most bit-planes a delta may have (each plane costs one bit per weight per slot);
+        `max_rank` the highest rank of a delta's low-rank factors (`lowrank-mp`, `hybrid`): with
+        R > 0 every slot holds R·(in + out) factor values per patched weight in the model's dtype.
         `target_modules` (fnmatch patterns over module names) limits which linears are patched;
         `wait_timeout` is how long a load waits for a slot that forwards are still using.
         `sign_slots` (default: every slot) is how many of the `max_slots` slots reserve sign space;
@@ -169,6 +173,7 @@ class DeltaModel:
             max_slots=max_slots,
             memory_budget=memory_budget,
             max_planes=max_planes,
+            max_rank=max_rank,
             resolver=resolver,
             backend=backend,
             target_modules=target_modules,
@@ -361,17 +366,15 @@ class DeltaModel:
             undo: list[tuple[nn.Parameter, MergeRecord | torch.Tensor]] = []
             try:
                 with torch.no_grad():
-                    for name, e in delta.entries.items():
+                    split = delta_terms(delta)
+                    for name, terms in split.terms.items():
                         p = params[name]
-                        if e.kind == "bitdelta":
-                            rows = sign_rows(delta.sign(name), delta.scale(name), p.shape[1], p.device)
-                            undo.append((p, merge_(p.data, rows)))
-                        elif e.kind == "deltadq":
-                            weight = DQSource(delta, name, tuple(p.shape)).build().to(p.device)
-                            undo.append((p, merge_(p.data, dq_rows(weight))))
-                        else:
-                            undo.append((p, p.data.clone()))
-                            p.data.copy_(delta.full(name))
+                        rows = term_rows(delta, terms, tuple(p.shape), p.device)
+                        undo.append((p, merge_(p.data, rows)))
+                    for name in split.full:
+                        p = params[name]
+                        undo.append((p, p.data.clone()))
+                        p.data.copy_(delta.full(name))
                 yield self
             finally:
                 with torch.no_grad():

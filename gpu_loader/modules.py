@@ -21,6 +21,8 @@ from .layout import unpack_words_pm1
 from .pool_layout import PoolLayout
 from .segments import SlotBatch, active_batch
 from .sgmv import sgmv_sign
+from .sgmv_lowrank import sgmv_lowrank
+from .sgmv_reference import lowrank_add_
 from .sign_cpu import reconstruct_words, sign_delta_add_
 from .slot_pool import SlotPool
 
@@ -72,6 +74,9 @@ class DeltaLinear(nn.Module):
     `(W_base.float() + Δ̂).to(dtype)`, and its tokens run one GEMM with it, so the GEMM work
     equals that of separate models.
     DeltaDQ slots, either backend: decode-then-GEMM on top of the base GEMM (`add_dq_matmul_`).
+    Low-rank terms (alone, or beside sign planes of the residual), added last: the shrink/expand
+    kernel pair for every such slot of the layer at once (Triton), or two skinny GEMMs per slot
+    (torch, `sgmv_reference.lowrank_add_`).
     """
 
     def __init__(self, linear: nn.Linear, weight_key: str, bias_key: str | None):
@@ -88,6 +93,10 @@ class DeltaLinear(nn.Module):
         self.register_buffer("slot_active", pool.active[self.weight_key], persistent=False)
         if self.bias_key is not None:
             self.register_buffer("slot_bias", pool.tables[self.bias_key], persistent=False)
+        if self.weight_key in pool.lowrank_a:
+            self.register_buffer("lowrank_a", pool.lowrank_a[self.weight_key], persistent=False)
+            self.register_buffer("lowrank_b", pool.lowrank_b[self.weight_key], persistent=False)
+            self.register_buffer("lowrank_ranks", pool.lowrank_ranks[self.weight_key], persistent=False)
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,6 +133,18 @@ class DeltaLinear(nn.Module):
             y[tok] = F.linear(x2[tok], batch.views[s].dense[self.weight_key], bias)
         for s in batch.with_dq(self.weight_key):
             add_dq_matmul_(y, x2, seg.slot_tokens[s], batch.views[s].dq[self.weight_key])
+        lowrank_slots = batch.with_lowrank(self.weight_key)
+        if lowrank_slots:
+            sgmv_lowrank(
+                x2,
+                y,
+                self.lowrank_a,
+                self.lowrank_b,
+                self.lowrank_ranks,
+                seg,
+                backend=self.backend,
+                slots=lowrank_slots,
+            )
         return y.view(*x.shape[:-1], self.out_features)
 
     def _grouped(self, x2: torch.Tensor, batch: SlotBatch, seg) -> torch.Tensor:
@@ -163,6 +184,8 @@ class DeltaLinear(nn.Module):
         )
         for s in batch.with_dq(self.weight_key):
             add_dq_matmul_(y, x2, seg.slot_tokens[s], batch.views[s].dq[self.weight_key])
+        for s in batch.with_lowrank(self.weight_key):
+            lowrank_add_(y, x2, seg.slot_tokens[s], *batch.views[s].lowrank[self.weight_key])
         return y
 
     def slot_weight(self, slot: int, planes: int | None = None) -> torch.Tensor:
@@ -187,9 +210,9 @@ class DeltaLinear(nn.Module):
 
 class DeltaEmbedding(nn.Module):
     """Embedding lookup from the base table; rows of a slot whose delta compressed the table (sign
-    planes or DeltaDQ) get `(base_row.float() + Δ̂_row).to(dtype)` decoded on the fly for the
-    looked-up ids only (bit-exact with the reconstructed model), rows of a slot that keeps it dense
-    read the slot's own table."""
+    planes, DeltaDQ, low-rank factors, or low-rank + signs) get `(base_row.float() + Δ̂_row).to(dtype)`
+    decoded on the fly for the looked-up ids only (bit-exact with the reconstructed model), rows of a
+    slot that keeps it dense read the slot's own table."""
 
     def __init__(self, emb: nn.Embedding, weight_key: str):
         super().__init__()
@@ -216,12 +239,19 @@ class DeltaEmbedding(nn.Module):
         sign_slots = batch.with_sign(self.weight_key)
         dense_slots = batch.with_dense(self.weight_key)
         dq_slots = batch.with_dq(self.weight_key)
-        if not sign_slots and not dense_slots and not dq_slots:
+        lowrank_slots = batch.with_lowrank(self.weight_key)
+        if not sign_slots and not dense_slots and not dq_slots and not lowrank_slots:
             return out
         _check_rows(batch, ids, f"DeltaEmbedding({self.weight_key})")
         flat_ids = ids.reshape(-1)
         flat = out.view(-1, self.embedding_dim)
         seg = batch.segments(flat_ids.numel() // batch.rows)
+        # Δ̂ rows of the sign and low-rank slots, in fp32, summed as the codecs do (low-rank product,
+        # then the sign planes) before the one rounding onto the base row.
+        lowrank_delta = {}
+        for s in lowrank_slots:
+            a, b = batch.views[s].lowrank[self.weight_key]
+            lowrank_delta[s] = torch.matmul(b[flat_ids[seg.slot_tokens[s]]].float(), a.float())
         if sign_slots:
             tok = torch.cat([seg.slot_tokens[s] for s in sign_slots])
             slots, vocab_rows = seg.token_slots[tok], flat_ids[tok]
@@ -230,6 +260,15 @@ class DeltaEmbedding(nn.Module):
             delta = torch.zeros(tok.numel(), self.embedding_dim, dtype=torch.float32, device=out.device)
             for p in range(words.shape[1]):  # planes in order, as codec.bitdelta.decode sums them
                 delta.add_(unpack_words_pm1(words[:, p], self.embedding_dim) * scales[:, p : p + 1])
+            start = 0
+            for s in sign_slots:  # hybrid slots: the low-rank product first, then the signs
+                n = seg.slot_tokens[s].numel()
+                if s in lowrank_delta:
+                    delta[start : start + n] = lowrank_delta.pop(s) + delta[start : start + n]
+                start += n
+            flat[tok] = (flat[tok].float() + delta).to(flat.dtype)
+        for s, delta in lowrank_delta.items():  # low-rank slots without signs here
+            tok = seg.slot_tokens[s]
             flat[tok] = (flat[tok].float() + delta).to(flat.dtype)
         for s in dense_slots:
             tok = seg.slot_tokens[s]
@@ -353,8 +392,18 @@ class PatchPlan:
     table: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
     dense: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
 
-    def layout(self, planes: int) -> PoolLayout:
-        return PoolLayout(sign=dict(self.sign), table=dict(self.table), dense=dict(self.dense), planes=planes)
+    def layout(self, planes: int, max_rank: int = 0, factor_dtype: torch.dtype | None = None) -> PoolLayout:
+        """The pool layout for these modules; low-rank factors default to the weights' dtype."""
+        if factor_dtype is None:
+            factor_dtype = next((dtype for _, dtype in self.dense.values()), torch.float32)
+        return PoolLayout(
+            sign=dict(self.sign),
+            table=dict(self.table),
+            dense=dict(self.dense),
+            planes=planes,
+            max_rank=max_rank,
+            factor_dtype=factor_dtype,
+        )
 
     def base_tables(self) -> dict[str, torch.Tensor]:
         """Immutable device copies of the small tensors, to initialise table rows (not the live

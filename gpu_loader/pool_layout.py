@@ -25,20 +25,34 @@ class PoolLayout:
     table: small tensors copied per slot (norm weights, biases) -> (shape, dtype).
     dense: 2-D weights whose `.full` replacement (kept-dense embeddings, lm_head) is allocated
            on demand from the budget left over by the fixed slots -> (shape, dtype).
+    max_rank: with `max_rank` R > 0 every slot (with sign space or not) also holds low-rank factor
+           space for each `sign` tensor: a [R, in] and b [out, R] in `factor_dtype`, and its rank
+           (int32); a delta of rank r < R leaves the rest unused.
     """
 
     sign: Mapping[str, tuple[int, int]]
     table: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
     dense: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
     planes: int = 1
+    max_rank: int = 0
+    factor_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         if self.planes < 1:
             raise ValueError("planes must be >= 1")
+        if self.max_rank < 0:
+            raise ValueError("max_rank must be >= 0")
 
     def sign_bytes(self, name: str) -> int:
         out, inn = self.sign[name]
         return self.planes * out * (words_per_row(inn) * 4 + 4)
+
+    def factor_bytes(self, name: str) -> int:
+        """Low-rank factor space of one tensor in one slot: R·(in + out) factor values and its rank."""
+        if not self.max_rank:
+            return 0
+        out, inn = self.sign[name]
+        return self.max_rank * (inn + out) * dtype_itemsize(self.factor_dtype) + 4
 
     @property
     def slot_bytes(self) -> int:
@@ -47,9 +61,9 @@ class PoolLayout:
 
     @property
     def table_slot_bytes(self) -> int:
-        """Device bytes of a table-only slot (tables and active flags, no sign space): what a
-        slot holding a DeltaDQ delta needs beside its payload."""
-        total = 4 * len(self.sign)
+        """Device bytes of a table-only slot (tables, active flags and low-rank factor space, no
+        sign space): what a slot holding a DeltaDQ or low-rank delta needs beside its payload."""
+        total = 4 * len(self.sign) + sum(self.factor_bytes(n) for n in self.sign)
         for shape, dtype in self.table.values():
             total += shape_numel(shape) * dtype_itemsize(dtype)
         return total
@@ -97,7 +111,10 @@ def slot_counts(layout: PoolLayout, budget: int, max_slots: int, sign_slots: int
         if n < 1:
             raise BudgetError(
                 f"memory budget {format_size(budget)} holds no delta slot: one slot needs "
-                f"{format_size(slot_bytes)} ({layout.planes} plane(s)); raise memory_budget"
+                f"{format_size(slot_bytes)} ({layout.planes} plane(s)"
+                + (f", low-rank factors up to rank {layout.max_rank}" if layout.max_rank else "")
+                + "); raise memory_budget"
+                + (" or lower max_rank" if layout.max_rank else "")
             )
     else:
         n, n_sign = max_slots, sign_slots

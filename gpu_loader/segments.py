@@ -116,6 +116,8 @@ class SlotView:
     dense: Mapping[str, torch.Tensor]  # large dense replacements (embeddings, lm_head), on device
     planes: int = 1  # bit-planes of this delta (pool planes beyond it hold zeros)
     dq: Mapping[str, DQWeight] = field(default_factory=dict)  # DeltaDQ tensors, on device
+    # low-rank factors (a [rank, in], b [out, rank]): views of the pool's factor space
+    lowrank: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -152,6 +154,9 @@ class SlotBatch:
 
     def with_dq(self, name: str) -> list[int]:
         return [s for s, v in sorted(self.views.items()) if name in v.dq]
+
+    def with_lowrank(self, name: str) -> list[int]:
+        return [s for s, v in sorted(self.views.items()) if name in v.lowrank]
 
 
 def active_batch() -> SlotBatch | None:

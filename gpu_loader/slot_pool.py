@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from codec.format import DeltaFile
+from codec.terms import DeltaDQTerm, LowRankTerm, SignTerm
 
 from .deltadq import DQSource, DQWeight
 from .errors import BudgetError, DeltaDoesNotFitError, NotLoadedError, SlotPoolFullError, StaleSlotError
@@ -27,7 +28,9 @@ from .layout import words_per_row
 from .pool_layout import PoolLayout, slot_counts
 from .segments import SlotView
 from .sizes import format_size, parse_size
-from .staging import StagedDelta, stage_file, stage_tensors
+from .staging import StagedDelta, check_ranks, delta_terms, sign_planes, stage_file, stage_tensors
+
+_FORM_NAMES = {SignTerm: "sign", DeltaDQTerm: "DeltaDQ", LowRankTerm: "low-rank"}
 
 
 class SlotHandle(int):
@@ -70,6 +73,7 @@ class _Slot:
     dense_bytes: int = 0
     dq: dict[str, DQWeight] = field(default_factory=dict)
     dq_bytes: int = 0
+    lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # views (a, b)
     info: dict = field(default_factory=dict)
     loaded_at: float = 0.0
     hits: int = 0
@@ -89,6 +93,7 @@ class _Slot:
             dict(self.dense),
             max(self.info.get("planes", 1), 1),
             dict(self.dq),
+            dict(self.lowrank),
         )
 
 
@@ -178,6 +183,14 @@ class SlotPool:
                 name: torch.zeros(n, *shape, dtype=dtype, device=dev)
                 for name, (shape, dtype) in lay.table.items()
             }
+            # Low-rank factor space in every slot (padded to max_rank), and each slot's rank per tensor.
+            self.lowrank_a, self.lowrank_b = {}, {}
+            r, fdt = lay.max_rank, lay.factor_dtype
+            if r:
+                for name, (out, inn) in lay.sign.items():
+                    self.lowrank_a[name] = torch.zeros(n, r, inn, dtype=fdt, device=dev)
+                    self.lowrank_b[name] = torch.zeros(n, out, r, dtype=fdt, device=dev)
+            self._ranks = torch.zeros(n, len(lay.sign) if lay.max_rank else 0, dtype=torch.int32, device=dev)
         except torch.OutOfMemoryError as exc:
             raise BudgetError(
                 f"allocating {n} slots ({n_sign} with sign space of {format_size(lay.slot_bytes)}) on {dev} "
@@ -185,6 +198,7 @@ class SlotPool:
             ) from None
         self._sign_index = {name: i for i, name in enumerate(lay.sign)}
         self.active = {name: self._active[:, i] for name, i in self._sign_index.items()}
+        self.lowrank_ranks = {name: self._ranks[:, i] for name, i in self._sign_index.items() if lay.max_rank}
 
     # ---------------------------------------------------------------------------------------
     # validation and staging (no lock: the slow part, done by the loading thread)
@@ -193,28 +207,29 @@ class SlotPool:
         """Refuse (before any copy) a delta for another base or one the slots cannot hold."""
         delta.check_base(self.base_specs, self.base_fingerprint)
         lay = self.layout
-        for name, e in delta.entries.items():
-            if e.kind in ("bitdelta", "deltadq"):
-                if name not in lay.sign:
-                    raise DeltaDoesNotFitError(
-                        f"{name}: a {'sign' if e.kind == 'bitdelta' else 'DeltaDQ'} "
-                        "delta on a tensor of a module "
-                        "the loader does not patch (only nn.Linear and "
-                        "nn.Embedding weights carry compressed deltas)"
-                    )
-                if e.kind == "deltadq":
-                    continue
-                if self.num_sign_slots == 0:
-                    raise DeltaDoesNotFitError(
-                        f"{delta.path.name}: {name} is a sign delta but no slot of this pool has sign space "
-                        "(sign_slots=0); create the DeltaModel with sign_slots >= 1"
-                    )
-                if e.planes > lay.planes:
-                    raise DeltaDoesNotFitError(
-                        f"{delta.path.name}: {name} has {e.planes} bit-planes but the slot pool holds "
-                        f"{lay.planes}; create the DeltaModel with max_planes={e.planes}"
-                    )
-                continue
+        split = delta_terms(delta)
+        for name, terms in split.terms.items():
+            if name not in lay.sign:
+                forms = " + ".join(_FORM_NAMES[type(t)] for t in terms)
+                raise DeltaDoesNotFitError(
+                    f"{name}: a {forms} delta on a tensor of a module the loader does not patch (only "
+                    "nn.Linear and nn.Embedding weights carry compressed deltas)"
+                )
+        check_ranks(lay, split.lowrank)
+        for name, t in split.sign.items():
+            if self.num_sign_slots == 0:
+                raise DeltaDoesNotFitError(
+                    f"{delta.path.name}: {name} is a sign delta but no slot of this pool has sign space "
+                    "(sign_slots=0); create the DeltaModel with sign_slots >= 1"
+                )
+            planes = sign_planes(delta, t)
+            if planes > lay.planes:
+                raise DeltaDoesNotFitError(
+                    f"{delta.path.name}: {name} has {planes} bit-planes but the slot pool holds "
+                    f"{lay.planes}; create the DeltaModel with max_planes={planes}"
+                )
+        for name in split.full:
+            e = delta.entries[name]
             spec = lay.table.get(name) or lay.dense.get(name)
             if spec is None:
                 raise DeltaDoesNotFitError(
@@ -248,12 +263,21 @@ class SlotPool:
         scale: Mapping[str, torch.Tensor],
         full: Mapping[str, torch.Tensor] | None = None,
         dq: Mapping[str, DQSource | DQWeight] | None = None,
+        lowrank: Mapping[str, LowRankTerm] | None = None,
         info: dict | None = None,
     ) -> StagedDelta:
         """Stage in-memory tensors in the file's layout (`staging.stage_tensors`), pinned when
         this pool is on CUDA."""
         return stage_tensors(
-            self.layout, key, sign=sign, scale=scale, full=full, dq=dq, info=info, pin=self._pin
+            self.layout,
+            key,
+            sign=sign,
+            scale=scale,
+            full=full,
+            dq=dq,
+            lowrank=lowrank,
+            info=info,
+            pin=self._pin,
         )
 
     @property
@@ -334,6 +358,7 @@ class SlotPool:
                 self._dense_used -= need_dense
                 self._dq_used -= need_dq
                 slot.dense, slot.dense_bytes, slot.dq, slot.dq_bytes = {}, 0, {}, 0
+                slot.lowrank = {}
                 self._release_slot_to_free(slot)
                 self._freed.notify_all()
             raise
@@ -385,6 +410,17 @@ class SlotPool:
                 d.copy_(t, non_blocking=nb)
                 slot.dense[name] = d
             slot.dq = {name: w.to(self.device, non_blocking=nb) for name, w in staged.dq.items()}
+            slot.lowrank = {}
+            if self.layout.max_rank:
+                ranks = torch.zeros(self._ranks.shape[1], dtype=torch.int32, pin_memory=nb)
+                for name, (a, b) in staged.lowrank.items():
+                    r = a.shape[0]
+                    da, db = self.lowrank_a[name][i, :r], self.lowrank_b[name][i, :, :r]
+                    da.copy_(a, non_blocking=nb)
+                    db.copy_(b, non_blocking=nb)
+                    ranks[self._sign_index[name]] = r
+                    slot.lowrank[name] = (da, db)
+                self._ranks[i].copy_(ranks, non_blocking=nb)
             if stream is not None:
                 ev = torch.cuda.Event()
                 ev.record(stream)
@@ -429,6 +465,7 @@ class SlotPool:
         self._dq_used -= slot.dq_bytes
         # freed after in-flight reads (record_stream in acquire)
         slot.dense, slot.dense_bytes, slot.dq, slot.dq_bytes = {}, 0, {}, 0
+        slot.lowrank = {}
         slot.key, slot.refs, slot.pinned, slot.unload_on_release = None, set(), False, False
         slot.sign, slot.tables, slot.info = frozenset(), frozenset(), {}
         slot.generation = next(self._generation)
@@ -600,6 +637,7 @@ class SlotPool:
                 "slots_used": used,
                 "slots_pinned": sum(s.pinned for s in self._slots),
                 "planes": self.layout.planes,
+                "max_rank": self.layout.max_rank,
                 "slot_bytes": self.layout.slot_bytes,
                 "table_slot_bytes": self.layout.table_slot_bytes,
                 "fixed_bytes": self.fixed_bytes,
