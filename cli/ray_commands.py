@@ -41,6 +41,8 @@ def serve_args(params: dict):
         dtype=DTYPES[params["dtype"]],
         max_slots=params["max_slots"],
         memory_budget=params["memory_budget"],
+        max_planes=params["max_planes"],
+        max_rank=params["max_rank"],
         max_batch_size=params["max_batch_size"],
         max_batch_tokens=params["max_batch_tokens"],
         max_queue=params["max_queue"],

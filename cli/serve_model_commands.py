@@ -56,6 +56,17 @@ def serve_model_cmd(
     memory_budget: Annotated[
         str, typer.Option("--memory-budget", help="Device memory for delta slots.")
     ] = "4GiB",
+    max_planes: Annotated[
+        int, typer.Option("--max-planes", min=1, help="Most sign planes a served delta may have.")
+    ] = 1,
+    max_rank: Annotated[
+        int,
+        typer.Option(
+            "--max-rank",
+            min=0,
+            help="Highest low-rank factor rank a served delta may have (lowrank-mp, hybrid).",
+        ),
+    ] = 0,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1, help="Sequences per step.")] = 16,
     max_batch_tokens: Annotated[
         int, typer.Option("--max-batch-tokens", min=1, help="Tokens per step (decode + prefill chunks).")
@@ -154,6 +165,8 @@ def serve_model_cmd(
         dtype=torch_dtype,
         max_slots=max_slots,
         memory_budget=memory_budget,
+        max_planes=max_planes,
+        max_rank=max_rank,
         engine_config=config,
         registry_api=api,
         api_key=api_key,

@@ -60,6 +60,8 @@ class ServeArgs(BaseModel):
     base_fingerprint: str | None = Field(None, description="skips hashing the base in every replica")
     max_slots: int = Field(16, ge=1, description="slot pool size; also Ray's max_num_models_per_replica")
     memory_budget: str = "4GiB"
+    max_planes: int = Field(1, ge=1, description="most sign planes a served delta may have")
+    max_rank: int = Field(0, ge=0, description="highest low-rank factor rank a served delta may have")
     max_batch_size: int = Field(16, ge=1)
     max_batch_tokens: int = Field(512, ge=1)
     max_queue: int = Field(256, ge=0)
@@ -328,6 +330,8 @@ def _build_serving(args: ServeArgs):
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         max_slots=args.max_slots,
         memory_budget=args.memory_budget,
+        max_planes=args.max_planes,
+        max_rank=args.max_rank,
         engine_config=EngineConfig(
             max_batch_size=args.max_batch_size,
             max_batch_tokens=args.max_batch_tokens,

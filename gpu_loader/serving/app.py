@@ -561,6 +561,8 @@ def build_serving(
     dtype=None,
     max_slots: int = 16,
     memory_budget: str | int = "4GiB",
+    max_planes: int = 1,
+    max_rank: int = 0,
     engine_config: EngineConfig | None = None,
     registry_api=None,
     api_key: str | None = None,
@@ -569,7 +571,8 @@ def build_serving(
     base_fingerprint: str | None = None,
 ) -> Serving:
     """Load the base into a `DeltaModel`, measure the step planner's costs (unless `calibrate` is
-    False or the schedule is fixed) and wire engine, tokenizer and resolver together."""
+    False or the schedule is fixed) and wire engine, tokenizer and resolver together. `max_planes`
+    and `max_rank` size every slot's sign and low-rank factor space (`DeltaModel.from_pretrained`)."""
     from transformers import AutoTokenizer
 
     from ..model import DeltaModel
@@ -582,6 +585,8 @@ def build_serving(
         dtype=dtype,
         max_slots=max_slots,
         memory_budget=memory_budget,
+        max_planes=max_planes,
+        max_rank=max_rank,
         base_fingerprint=base_fingerprint,
     )
     config = engine_config or EngineConfig()
