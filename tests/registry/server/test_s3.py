@@ -1,5 +1,5 @@
-"""The S3 blob store against a real S3 endpoint (moto's server on loopback): bytes go client <-> S3
-through presigned URLs, the server verifies and promotes them."""
+"""The S3 blob store against real S3 endpoints (moto's server and s3rver on loopback): bytes go
+client <-> S3 through presigned URLs, the server verifies and promotes them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from registry.server.blobstores import open_blob_store
 from registry.server.db import Database
 from registry.server.gc import collect_garbage
 from registry.server.models import utcnow
-from tests.registry.conftest import BACKENDS
+from tests.registry.conftest import BACKENDS, S3_SERVERS
 from tests.registry.helpers import error_of, push, setup_repo
 
 
@@ -26,6 +26,7 @@ def _keys(s3_client, bucket) -> list[str]:
     return sorted(o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket).get("Contents", []))
 
 
+@pytest.mark.parametrize("s3_endpoint", S3_SERVERS, indirect=True)
 @pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 def test_presigned_single_put_then_presigned_get(
     make_client, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint
@@ -83,6 +84,28 @@ def test_multipart_upload_with_tiny_parts(
     assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
 
 
+@pytest.mark.parametrize("s3_endpoint", ["s3rver"], indirect=True)
+def test_multipart_complete_on_an_endpoint_without_list_parts_fails_clearly(
+    make_client, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint
+):
+    """s3rver takes multipart parts but has no ListParts, which `complete` reads the parts with:
+    the registry answers 502 naming the operation, publishes nothing, and the parts stay put."""
+    a = delta_blobs[3]
+    client = make_client(**s3_settings, multipart_threshold=1024, multipart_part_size=a.size // 2 + 1)
+    setup_repo(client, base_fingerprint)
+    upload = client.post("/v1/repos/acme/math/uploads", json=a.declaration()).json()
+    assert upload["method"] == "s3-multipart"
+    for p in upload["parts"]:
+        assert httpx.put(p["url"], content=a.data[p["offset"] : p["offset"] + p["size"]]).status_code == 200
+    r = client.post(upload["complete_url"])
+    assert r.status_code == 502
+    assert error_of(r)["code"] == "blob_store_error"
+    assert error_of(r)["message"] == "S3 ListParts failed: MethodNotAllowed"
+    assert client.get("/v1/repos/acme/math/versions").json()["items"] == []
+    assert _keys(s3_client, s3_bucket) == []  # no object was assembled
+
+
+@pytest.mark.parametrize("s3_endpoint", S3_SERVERS, indirect=True)
 def test_s3_mismatch_and_dedup(make_client, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint):
     client = make_client(**s3_settings)
     setup_repo(client, base_fingerprint)
@@ -121,6 +144,7 @@ def test_gc_aborts_interrupted_multipart_uploads(
     assert client.post(upload["complete_url"]).status_code == 404
 
 
+@pytest.mark.parametrize("s3_endpoint", S3_SERVERS, indirect=True)
 def test_readyz_reports_an_unreachable_bucket(make_client, s3_settings, s3_client, s3_bucket):
     client = make_client(**s3_settings)
     assert client.get("/readyz").status_code == 200
