@@ -294,10 +294,19 @@ def bench_case(server: str, endpoint: str, size_mb: int, repeat: int, code: Path
 @contextlib.contextmanager
 def s3_server(name: str) -> Iterator[str]:
     if name == "moto":
-        from registry_bench import moto_server
+        from registry_bench import free_port, process
 
-        with moto_server() as endpoint:  # its own process, so it does not share the client's GIL
-            yield endpoint
+        port = free_port()
+        env = {
+            "S3_UPLOAD_PART_MIN_SIZE": str(5 << 20),  # S3's, not the 1 KiB the tests give moto
+            # objects past 16 MiB spool to disk (a buffer size of 0, what the tests' part size
+            # implies, keeps every object in moto's memory: 2 GB deltas would not fit)
+            "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(16 << 20),
+        }
+        args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        # its own process, so it does not share the client's GIL
+        with process(args, env=env, ready_url=f"http://127.0.0.1:{port}/moto-api/"):
+            yield f"http://127.0.0.1:{port}"
     else:
         with s3rver_s3() as endpoint:
             yield endpoint
