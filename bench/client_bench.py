@@ -104,8 +104,13 @@ def run_cli(code: Path, *args: str, home: Path, url: str) -> tuple[float, int]:
             "DS_BENCH_PEAK_FILE": peak.name,
         }
         t0 = time.perf_counter()
+        # cwd too: `python -c` puts the working directory ahead of PYTHONPATH
         proc = subprocess.run(
-            [sys.executable, "-c", DELTACTL_PEAK, *args], env=env, stdout=subprocess.DEVNULL, stderr=err
+            [sys.executable, "-c", DELTACTL_PEAK, *args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=code,
         )
         elapsed = time.perf_counter() - t0
         if proc.returncode != 0:
@@ -124,9 +129,9 @@ def vary(path: Path, n: int) -> None:
 
 
 @contextlib.contextmanager
-def registry_process(env: dict[str, str], code: Path) -> Iterator[str]:
-    """The registry of `code` under uvicorn in its own process; yields its URL."""
-    from registry_bench import free_port, process
+def registry_process(env: dict[str, str], code: Path, log: Path) -> Iterator[str]:
+    """The registry of `code` under uvicorn in its own process (output to `log`); yields its URL."""
+    from registry_bench import free_port
 
     from registry.server.db import create_db_engine
     from registry.server.migrate import upgrade
@@ -138,10 +143,27 @@ def registry_process(env: dict[str, str], code: Path) -> Iterator[str]:
     upgrade(engine)
     engine.dispose()
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     args = [sys.executable, "-m", "uvicorn", "--factory", "registry.server.app:create_app"]
     args += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"]
-    with process(args, env={**env, "PYTHONPATH": str(code)}, ready_url=f"http://127.0.0.1:{port}/healthz"):
-        yield f"http://127.0.0.1:{port}"
+    with open(log, "ab") as out:
+        # cwd too: `python -m` puts the working directory ahead of PYTHONPATH
+        proc = subprocess.Popen(
+            args, env={**os.environ, **env, "PYTHONPATH": str(code)}, stdout=out, stderr=out, cwd=code
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the registry did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def s3_client(endpoint: str):
@@ -216,7 +238,7 @@ def bench_case(server: str, endpoint: str, size_mb: int, repeat: int, code: Path
         hexd = digest.removeprefix("sha256:")
         return next(o["Key"] for page in pages for o in page.get("Contents", []) if hexd in o["Key"])
 
-    with registry_process(env, code) as url:
+    with registry_process(env, code, work / f"registry-{server}-{size_mb}.log") as url:
         httpx.post(f"{url}/v1/bases", json={"name": BASE, "fingerprint": FINGERPRINT}).raise_for_status()
         for i in range(repeat):
             homes = [case / f"hp{i}", case / f"ha{i}", case / f"fresh-p{i}", case / f"fresh-a{i}"]
@@ -421,6 +443,7 @@ def main() -> None:
         capture_output=True,
         check=True,
         env={**os.environ, "PYTHONPATH": str(code), "DS_BENCH_PEAK_FILE": os.devnull},
+        cwd=code,
     )
     startup = time.perf_counter() - t0
     cases = []
