@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,10 +234,14 @@ def bench_case(server: str, endpoint: str, size_mb: int, repeat: int, code: Path
         variant += 1
         vary(delta, variant)
 
-    def blob_key(digest: str) -> str:
-        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="registry/blobs/")
-        hexd = digest.removeprefix("sha256:")
-        return next(o["Key"] for page in pages for o in page.get("Contents", []) if hexd in o["Key"])
+    def blob_key(url: str, repo: str) -> str:
+        """The S3 key of a version's blob, from the presigned URL its download redirects to
+        (path-style: /<bucket>/<key>), whatever key layout the registry uses."""
+        r = httpx.get(f"{url}/v1/repos/{repo}/versions/latest/download", follow_redirects=False)
+        assert r.status_code == 307, r.text
+        return urllib.parse.unquote(urllib.parse.urlsplit(r.headers["location"]).path).removeprefix(
+            f"/{bucket}/"
+        )
 
     with registry_process(env, code, work / f"registry-{server}-{size_mb}.log") as url:
         httpx.post(f"{url}/v1/bases", json={"name": BASE, "fingerprint": FINGERPRINT}).raise_for_status()
@@ -271,7 +276,7 @@ def bench_case(server: str, endpoint: str, size_mb: int, repeat: int, code: Path
                 t0 = time.perf_counter()
                 assert api.pull(f"bench/a{i}").cache_hit
                 rows["hit api"].append(time.perf_counter() - t0)
-            key = blob_key(pulled.version.digest)
+            key = blob_key(url, f"bench/a{i}")
             if ranged_peer:
                 t0 = time.perf_counter()
                 s3.download_file(bucket, key, str(case / "peer-download"), Config=transfer)
@@ -284,8 +289,7 @@ def bench_case(server: str, endpoint: str, size_mb: int, repeat: int, code: Path
             for home in homes:
                 shutil.rmtree(home)  # keep the disk use to one round's worth
             for repo in (f"bench/p{i}", f"bench/a{i}"):
-                with RegistryApi(url, home=case / "meta") as api:
-                    s3.delete_object(Bucket=bucket, Key=blob_key(api.version(repo).digest))
+                s3.delete_object(Bucket=bucket, Key=blob_key(url, repo))
 
         # peak Python heap of one push and one pull, untimed (tracemalloc slows allocation)
         next_variant()
