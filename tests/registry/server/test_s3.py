@@ -9,6 +9,8 @@ import hashlib
 import httpx
 import pytest
 
+from registry.client.api import RegistryApi
+from registry.common.errors import BlobStoreError
 from registry.server.blobstores import open_blob_store
 from registry.server.db import Database
 from registry.server.gc import collect_garbage
@@ -85,23 +87,20 @@ def test_multipart_upload_with_tiny_parts(
 
 
 @pytest.mark.parametrize("s3_endpoint", ["s3rver"], indirect=True)
-def test_multipart_complete_on_an_endpoint_without_list_parts_fails_clearly(
-    make_client, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint
+def test_multipart_push_to_an_endpoint_without_list_parts_fails_clearly(
+    live_server, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint, tmp_path
 ):
     """s3rver takes multipart parts but has no ListParts, which `complete` reads the parts with:
-    the registry answers 502 naming the operation, publishes nothing, and the parts stay put."""
+    the push fails with the registry's 502 naming the operation, and nothing is published."""
     a = delta_blobs[3]
-    client = make_client(**s3_settings, multipart_threshold=1024, multipart_part_size=a.size // 2 + 1)
-    setup_repo(client, base_fingerprint)
-    upload = client.post("/v1/repos/acme/math/uploads", json=a.declaration()).json()
-    assert upload["method"] == "s3-multipart"
-    for p in upload["parts"]:
-        assert httpx.put(p["url"], content=a.data[p["offset"] : p["offset"] + p["size"]]).status_code == 200
-    r = client.post(upload["complete_url"])
-    assert r.status_code == 502
-    assert error_of(r)["code"] == "blob_store_error"
-    assert error_of(r)["message"] == "S3 ListParts failed: MethodNotAllowed"
-    assert client.get("/v1/repos/acme/math/versions").json()["items"] == []
+    server = live_server(**s3_settings, multipart_threshold=1024, multipart_part_size=a.size // 2 + 1)
+    with server.client() as http:
+        setup_repo(http, base_fingerprint)
+        with RegistryApi(server.url, home=tmp_path / "client") as api:
+            with pytest.raises(BlobStoreError) as failed:
+                api.push(a.raw_path, "acme/math")
+        assert str(failed.value) == "S3 ListParts failed: MethodNotAllowed"
+        assert http.get("/v1/repos/acme/math/versions").json()["items"] == []
     assert _keys(s3_client, s3_bucket) == []  # no object was assembled
 
 
