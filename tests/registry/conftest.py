@@ -1,5 +1,6 @@
 """Registry test fixtures: real deltas, real SQLite and PostgreSQL databases, a real S3 endpoint
-(moto's HTTP server on loopback), the real app over HTTP."""
+(moto's HTTP server on loopback, or s3rver where a test is parametrized over S3_SERVERS), the real
+app over HTTP."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from tests.support.live_registry import (  # importing it sets the AWS and moto 
     migrate,
     moto_s3,
     new_bucket,
+    s3rver_executable,
+    s3rver_s3,
     start_live_registry,
     xdist_worker,
 )
@@ -27,6 +30,10 @@ from tests.support.live_registry import s3_client as _s3_client
 from .helpers import DeltaBlob, make_delta_blobs
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+#: Two independently written S3 servers, for `@pytest.mark.parametrize("s3_endpoint", S3_SERVERS,
+#: indirect=True)`; s3rver lacks ListParts, AbortMultipartUpload and ListMultipartUploads
+#: (bench/s3_features.py), so multipart uploads and gc are tested on moto alone.
+S3_SERVERS = ["moto", "s3rver"]
 
 
 # --- deltas ----------------------------------------------------------------------------------
@@ -65,9 +72,17 @@ def migrated_url(database_url) -> str:
 
 # --- S3 --------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    with moto_s3() as endpoint:
-        yield endpoint
+def s3_endpoint(request) -> Iterator[str]:
+    """The endpoint URL of an S3 server on loopback: moto's, or s3rver's when parametrized so."""
+    server = getattr(request, "param", "moto")
+    if server == "s3rver":
+        if s3rver_executable() is None:
+            pytest.skip("s3rver is not installed (bash .ci/s3rver.sh installs it with npm)")
+        with s3rver_s3() as endpoint:
+            yield endpoint
+    else:
+        with moto_s3() as endpoint:
+            yield endpoint
 
 
 @pytest.fixture

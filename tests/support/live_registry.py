@@ -1,21 +1,26 @@
 """Starting a real registry for tests and benchmarks, in one place: a fresh database (a SQLite
 file, or a uniquely named PostgreSQL database dropped afterwards), migrated to the schema head;
-moto's S3 server on loopback; the app under uvicorn in a background thread.
+moto's S3 server or s3rver (a second, independently written S3 server: npm's `s3rver`, installed
+by .ci/s3rver.sh) on loopback; the app under uvicorn in a background thread.
 
     with fresh_database("postgres", admin_url=pg, sqlite_dir=tmp) as url:
         server = start_live_registry(Settings(data_dir=tmp / "data", database_url=url))
         ...
         server.stop()
 
-Importing this module sets the test defaults of the AWS and moto environment (fake credentials,
-moto's 1 KiB minimum multipart part size, which moto reads at import), unless already set.
+Importing this module sets the test defaults of the AWS and moto environment (fake credentials that
+both servers accept, moto's 1 KiB minimum multipart part size, which moto reads at import), unless
+already set.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
+import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -25,8 +30,10 @@ from typing import TYPE_CHECKING
 
 # moto reads its minimum multipart part size at import: tests use tiny parts to get several.
 os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", "1024")
-os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+# s3rver knows one key pair (S3RVER/S3RVER) and refuses any other access key; moto takes any.
+S3RVER_KEY = "S3RVER"
+os.environ.setdefault("AWS_ACCESS_KEY_ID", S3RVER_KEY)
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", S3RVER_KEY)
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 import httpx  # noqa: E402
@@ -34,6 +41,11 @@ import uvicorn  # noqa: E402
 
 if TYPE_CHECKING:
     from registry.server.settings import Settings
+
+#: The s3rver executable (npm package `s3rver`); by default the one .ci/s3rver.sh installs under
+#: S3RVER_PREFIX, else `s3rver` on PATH.
+S3RVER_ENV = "DELTASTORE_S3RVER"
+S3RVER_PREFIX = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deltastore" / "s3rver"
 
 #: Where the PostgreSQL tests find a server to create their databases on (set by
 #: .ci/with-postgres.sh, which `make test` runs under).
@@ -95,6 +107,56 @@ def moto_s3() -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+def s3rver_executable() -> str | None:
+    """The s3rver to run ($DELTASTORE_S3RVER, the .ci/s3rver.sh install, or PATH), None if none."""
+    if explicit := os.environ.get(S3RVER_ENV):
+        return explicit
+    installed = S3RVER_PREFIX / "node_modules" / ".bin" / "s3rver"
+    return str(installed) if installed.exists() else shutil.which("s3rver")
+
+
+@contextlib.contextmanager
+def s3rver_s3() -> Iterator[str]:
+    """s3rver on a free loopback port, storing into a temporary directory removed afterwards;
+    yields its endpoint URL. Raises RuntimeError when s3rver is not installed or will not start."""
+    executable = s3rver_executable()
+    if executable is None:
+        raise RuntimeError(f"s3rver is not installed (bash .ci/s3rver.sh, or set {S3RVER_ENV})")
+    if os.environ.get("AWS_ACCESS_KEY_ID") != S3RVER_KEY:
+        raise RuntimeError(f"s3rver accepts only the access key {S3RVER_KEY}; AWS_ACCESS_KEY_ID is another")
+    with tempfile.TemporaryDirectory(prefix="ds-s3rver-") as directory, tempfile.TemporaryFile() as log:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen(
+            [executable, "--directory", directory, "--address", "127.0.0.1", "--port", str(port), "--silent"],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        endpoint = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    httpx.get(endpoint, timeout=1)
+                    break
+                except httpx.HTTPError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        proc.kill()
+                        proc.wait()
+                        log.seek(0)
+                        raise RuntimeError(f"s3rver did not start: {log.read().decode()[-500:]}") from None
+                    time.sleep(0.05)
+            yield endpoint
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def s3_client(endpoint: str):

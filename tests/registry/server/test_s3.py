@@ -1,5 +1,5 @@
-"""The S3 blob store against a real S3 endpoint (moto's server on loopback): bytes go client <-> S3
-through presigned URLs, the server verifies and promotes them."""
+"""The S3 blob store against real S3 endpoints (moto's server and s3rver on loopback): bytes go
+client <-> S3 through presigned URLs, the server verifies and promotes them."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import hashlib
 import httpx
 import pytest
 
+from registry.client.api import RegistryApi
+from registry.common.errors import BlobStoreError
 from registry.server.blobstores import open_blob_store
 from registry.server.db import Database
 from registry.server.gc import collect_garbage
 from registry.server.models import utcnow
-from tests.registry.conftest import BACKENDS
+from tests.registry.conftest import BACKENDS, S3_SERVERS
 from tests.registry.helpers import error_of, push, setup_repo
 
 
@@ -26,6 +28,7 @@ def _keys(s3_client, bucket) -> list[str]:
     return sorted(o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket).get("Contents", []))
 
 
+@pytest.mark.parametrize("s3_endpoint", S3_SERVERS, indirect=True)
 @pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 def test_presigned_single_put_then_presigned_get(
     make_client, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint
@@ -83,6 +86,25 @@ def test_multipart_upload_with_tiny_parts(
     assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
 
 
+@pytest.mark.parametrize("s3_endpoint", ["s3rver"], indirect=True)
+def test_multipart_push_to_an_endpoint_without_list_parts_fails_clearly(
+    live_server, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint, tmp_path
+):
+    """s3rver takes multipart parts but has no ListParts, which `complete` reads the parts with:
+    the push fails with the registry's 502 naming the operation, and nothing is published."""
+    a = delta_blobs[3]
+    server = live_server(**s3_settings, multipart_threshold=1024, multipart_part_size=a.size // 2 + 1)
+    with server.client() as http:
+        setup_repo(http, base_fingerprint)
+        with RegistryApi(server.url, home=tmp_path / "client") as api:
+            with pytest.raises(BlobStoreError) as failed:
+                api.push(a.raw_path, "acme/math")
+        assert str(failed.value) == "S3 ListParts failed: MethodNotAllowed"
+        assert http.get("/v1/repos/acme/math/versions").json()["items"] == []
+    assert _keys(s3_client, s3_bucket) == []  # no object was assembled
+
+
+@pytest.mark.parametrize("s3_endpoint", S3_SERVERS, indirect=True)
 def test_s3_mismatch_and_dedup(make_client, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint):
     client = make_client(**s3_settings)
     setup_repo(client, base_fingerprint)
@@ -121,6 +143,7 @@ def test_gc_aborts_interrupted_multipart_uploads(
     assert client.post(upload["complete_url"]).status_code == 404
 
 
+@pytest.mark.parametrize("s3_endpoint", S3_SERVERS, indirect=True)
 def test_readyz_reports_an_unreachable_bucket(make_client, s3_settings, s3_client, s3_bucket):
     client = make_client(**s3_settings)
     assert client.get("/readyz").status_code == 200
