@@ -222,7 +222,13 @@ def test_summary_reports_sizes_and_ratio(llama_pair, tmp_path):
     assert info["file_bytes"] == report.delta_bytes
     assert info["finetuned_bytes"] == Checkpoint.open(ft_dir).total_bytes
     assert info["ratio"] == pytest.approx(report.ratio)
-    assert info["counts"] == {"bitdelta": len(report.binarized), "deltadq": 0, "full": len(report.dense)}
+    assert info["counts"] == {
+        "bitdelta": len(report.binarized),
+        "deltadq": 0,
+        "hybrid": 0,
+        "lowrank-mp": 0,
+        "full": len(report.dense),
+    }
     assert 1.0 < info["bits_per_binarized_weight"] < 1.1
 
 

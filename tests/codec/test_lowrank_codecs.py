@@ -257,7 +257,7 @@ def lr_files(low_rank_pair, tmp_path_factory):
 
 def _rewritten(lr_files, codec, tmp_path, change):
     metadata, tensors = lr_files[codec]
-    metadata, tensors = dict(metadata), dict(tensors)
+    metadata, tensors = dict(metadata), {k: t.clone() for k, t in tensors.items()}  # changes stay local
     change(metadata, tensors)
     path = tmp_path / "bad.bdelta"
     save_file(tensors, str(path), metadata=metadata)
