@@ -98,10 +98,10 @@ def push(
         version = version[0] if version is not None else None
         sent = skipped = 0
         if version is None:
-            info = known
+            info, parts = known, None
             if not upload["exists"]:
                 try:
-                    info, sent, skipped = _send(api, upload, path, progress)
+                    info, sent, skipped, parts = _send(api, upload, path, progress)
                 except _REFUSED:
                     state.forget_upload(target)  # refused as they arrived: the registry dropped it
                     raise
@@ -112,10 +112,10 @@ def push(
                     _abort_upload(api, upload["id"])
                     state.forget_upload(target)
                     upload, resumed, _ = _open_upload(api, state, target, full_name, path, None, declared)
-                    info, sent, skipped = _send(api, upload, path, progress)
+                    info, sent, skipped, parts = _send(api, upload, path, progress)
             progress.start("verifying (registry)", None)
             try:
-                version = _complete(api, upload, state, target, info)
+                version = _complete(api, upload, state, target, info, parts)
             finally:
                 progress.stop()
         state.finish(target)
@@ -240,9 +240,12 @@ def _abort_upload(api: RegistryApi, upload_id: str) -> None:
         api.http.request("DELETE", f"/v1/uploads/{upload_id}")
 
 
-def _send(api: RegistryApi, upload: dict, path: Path, progress: Progress) -> tuple[BlobInfo, int, int]:
+def _send(
+    api: RegistryApi, upload: dict, path: Path, progress: Progress
+) -> tuple[BlobInfo, int, int, list[dict] | None]:
     """Make the storage form of `path` and send it where the registry said, as it is made;
-    returns its digests and sizes, the bytes sent and the parts skipped (held already)."""
+    returns its digests and sizes, the bytes sent, the parts skipped (held already) and, for a
+    multipart upload, each part's number and ETag."""
     http = api.http
     method = upload["method"]
     raw_size = os.stat(path).st_size
@@ -276,17 +279,17 @@ def _send(api: RegistryApi, upload: dict, path: Path, progress: Progress) -> tup
                 raise NetworkError(
                     f"the blob store at {netloc(url)} refused the upload: HTTP {r.status_code} {s3_error(r)}"
                 )
-        return form.info, form.info.size, 0
+        return form.info, form.info.size, 0, None
     form = StorageForm(path, part_size=upload["part_size"])
     held = {p["number"]: (p["size"], p["etag"]) for p in upload.get("received_parts", [])}
     urls = _PartUrls(api, upload, batch=max(16, 2 * api.upload_concurrency))
     finished: list[int] = []
     try:
-        sent, skipped = transfer.upload_parts(
+        sent, skipped, etags = transfer.upload_parts(
             http.blobs,
             form.parts(),
             url_for=urls.get,
-            held=lambda number, data: held.get(number) == (len(data), part_etag(data)),
+            held=lambda number, data: _held_etag(held.get(number), data),
             concurrency=api.upload_concurrency,
             advance=progress.advance,
             on_part=finished.append,
@@ -299,7 +302,14 @@ def _send(api: RegistryApi, upload: dict, path: Path, progress: Progress) -> tup
             f"push interrupted with {stored} parts stored ({exc}); "
             "run the same command again to send only the missing parts"
         ) from None
-    return form.info, sent, skipped
+    parts = [{"number": n, "etag": etags[n]} for n in sorted(etags)]
+    # Reported at `complete`, the store checks them (and the registry needs no ListParts).
+    return form.info, sent, skipped, parts if all(p["etag"] for p in parts) else None
+
+
+def _held_etag(held: tuple[int, str] | None, data: bytes) -> str | None:
+    """The ETag of a part the store holds already with exactly these bytes (size and MD5)."""
+    return held[1] if held is not None and held == (len(data), part_etag(data)) else None
 
 
 class _PartUrls:
@@ -320,9 +330,12 @@ class _PartUrls:
         return self.last
 
 
-def _complete(api: RegistryApi, upload: dict, state, target: str, info: BlobInfo) -> VersionInfo:
+def _complete(
+    api: RegistryApi, upload: dict, state, target: str, info: BlobInfo, parts: list[dict] | None
+) -> VersionInfo:
+    body = {**asdict(info), **({"parts": parts} if parts else {})}
     try:
-        answer, _ = api.http.post_once_more_if_lost(upload["complete_url"], json=asdict(info))
+        answer, _ = api.http.post_once_more_if_lost(upload["complete_url"], json=body)
         return build(VersionInfo, answer.json())
     except (DigestMismatchError, InvalidUploadError, BaseMismatchUploadError):
         state.forget_upload(target)  # the registry dropped the upload and its bytes

@@ -153,21 +153,22 @@ def upload_parts(
     parts: Iterable[bytes],
     *,
     url_for: Callable[[int], str],
-    held: Callable[[int, bytes], bool] = lambda number, data: False,
+    held: Callable[[int, bytes], str | None] = lambda number, data: None,
     concurrency: int,
     advance: Advance = _no_progress,
     on_part: Callable[[int], None] = lambda number: None,
-) -> tuple[int, int]:
+) -> tuple[int, int, dict[int, str]]:
     """PUT each part `parts` yields (numbered from 1) to `url_for(number)`, `concurrency` at a time,
     while the next ones are made: at most `concurrency` + 1 parts are in memory, whatever the
-    file's size. A part for which `held(number, data)` is true (a resumed upload: the store has
-    those bytes) is skipped. The first part that fails for good stops the rest and is raised (a
-    refusal as NetworkError, a connection failure as its httpx error). Returns (bytes sent,
-    parts skipped)."""
+    file's size. A part for which `held(number, data)` gives an ETag (a resumed upload: the store
+    has those bytes) is skipped. The first part that fails for good stops the rest and is raised
+    (a refusal as NetworkError, a connection failure as its httpx error). Returns (bytes sent,
+    parts skipped, the ETag of every part by number: as the store answered its PUT, or held)."""
     lock = threading.Lock()
     stop = threading.Event()  # set by the first failure: no part starts after it
     room = threading.BoundedSemaphore(concurrency + 1)
     sent = [0, 0]
+    etags: dict[int, str] = {}
 
     def locked(n: int) -> None:
         with lock:
@@ -185,6 +186,7 @@ def upload_parts(
                 )
             with lock:
                 sent[0] += len(data)
+                etags[number] = r.headers.get("etag", "")
             on_part(number)
         except BaseException:
             stop.set()
@@ -196,8 +198,10 @@ def upload_parts(
     futures: list[Future] = []
     try:
         for number, data in enumerate(parts, start=1):
-            if held(number, data):
+            etag = held(number, data)
+            if etag:
                 sent[1] += 1
+                etags[number] = etag
                 locked(len(data))
                 continue
             url = url_for(number)
@@ -215,7 +219,7 @@ def upload_parts(
     for future in futures:
         if not future.cancelled() and future.exception() is not None:
             raise future.exception()
-    return sent[0], sent[1]
+    return sent[0], sent[1], etags
 
 
 class _Received(ReadAhead):

@@ -216,14 +216,26 @@ class UploadCreate(RequestBody):
     fidelity: JsonObject | None = None
 
 
+class ReportedPart(RequestBody):
+    number: json_int(ge=1, le=10_000)
+    etag: str = Field(min_length=1, max_length=1024)
+
+
 class UploadComplete(RequestBody):
     """What the client's bytes are (a streamed push learns it only as it sends them); each must
-    match the bytes the registry received, and any value declared up front."""
+    match the bytes the registry received, and any value declared up front. The body may be
+    left out when the upload was declared with all of them."""
 
-    digest: str | None = Field(None, pattern=DIGEST_PATTERN, description="sha256 of the stored blob.")
-    size: json_int(ge=0, le=MAX_COUNT) | None = None
-    raw_digest: str | None = Field(None, pattern=DIGEST_PATTERN, description="sha256 of the .bdelta.")
-    raw_size: json_int(ge=0, le=MAX_COUNT) | None = None
+    digest: str = Field(pattern=DIGEST_PATTERN, description="sha256 of the stored blob.")
+    size: json_int(ge=0, le=MAX_COUNT) = Field(description="Bytes of the stored (zstd) blob.")
+    raw_digest: str = Field(pattern=DIGEST_PATTERN, description="sha256 of the .bdelta.")
+    raw_size: json_int(ge=0, le=MAX_COUNT) = Field(description="Bytes of the decompressed .bdelta.")
+    parts: list[ReportedPart] | None = Field(
+        None,
+        max_length=10_000,
+        description="s3-multipart: each part's number and the ETag the store answered its PUT with, "
+        "in order; the store refuses a part it does not hold so (else the registry lists the parts).",
+    )
 
 
 class UploadPartOut(Schema):

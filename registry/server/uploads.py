@@ -152,7 +152,7 @@ class PushService:
         client cannot grow an upload beyond the registry's limit one part at a time."""
         upload = self.get(upload_id=upload_id, principal=principal)
         if upload.method != "s3-multipart":
-            raise ConflictError(f"upload {upload_id} has no parts (method {upload.method})")
+            return []  # its bytes go elsewhere (`upload_url`), or nowhere (`exists`)
         if not 1 <= count <= MAX_PART_BATCH:
             raise InvalidRequestError(f"ask for 1 to {MAX_PART_BATCH} part URLs at a time, not {count}")
         max_size = self._max_size(upload.size, upload.raw_size)
@@ -174,11 +174,18 @@ class PushService:
 
     # --- phase 2: complete -----------------------------------------------------------------
     def complete(
-        self, *, upload_id: str, principal: Principal, named: Declared | None = None
+        self,
+        *,
+        upload_id: str,
+        principal: Principal,
+        named: Declared | None = None,
+        parts: list[tuple[int, str]] | None = None,
     ) -> tuple[Version, bool]:
         """Verify the upload's bytes and publish them as the repository's next version. `named`:
         the digests and sizes the client names now (those it could not declare up front; any it
-        declared must be the same). Returns the version and whether this call published it:
+        declared must be the same). `parts`: (number, ETag) of a multipart upload's parts as the
+        client sent them (else the store lists them). Returns the version and whether this call
+        published it:
         completing an upload that was already published (a retry whose first answer was lost)
         returns that same version."""
         try:
@@ -193,7 +200,7 @@ class PushService:
                 f"{self.settings.max_upload_bytes} bytes"
             )
         try:
-            header, store_key = self._verify(upload, repo, declared)
+            header, store_key = self._verify(upload, repo, declared, parts)
         except (DigestMismatchError, InvalidUploadError, BaseMismatchUploadError) as exc:
             self._abandon(upload)
             self.metrics.pushes.labels(exc.code).inc()
@@ -259,7 +266,9 @@ class PushService:
         principal.require("write", version.repository.namespace)
         return version
 
-    def _verify(self, upload: Upload, repo: Repository, declared: Declared) -> tuple[Header, str | None]:
+    def _verify(
+        self, upload: Upload, repo: Repository, declared: Declared, parts: list[tuple[int, str]] | None
+    ) -> tuple[Header, str | None]:
         """Check the upload's bytes and their base; returns their header and, for new bytes
         (promoted to a blob only once they passed), their blob key."""
         if upload.method == "exists":
@@ -297,8 +306,8 @@ class PushService:
             check_named(received, declared)
         else:
             if upload.method == "s3-multipart":
-                parts = max(1, math.ceil(declared.size / upload.part_size))
-                self.store.finish_parts(ref, expected_parts=parts)
+                expected = max(1, math.ceil(declared.size / upload.part_size))
+                self.store.finish_parts(ref, expected_parts=expected, reported=parts)
             with self.store.open_staged(ref) as staged:
                 if staged.size != declared.size:
                     raise SizeMismatchError(

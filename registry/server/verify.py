@@ -169,7 +169,10 @@ def verify_stream(
         _raise_stream_failure(failure, declared)
     reader.drain()  # a stored-digest mismatch explains a corrupt stream better than the stream error does
     if reader.overflow and declared.size is None:
-        raise UploadTooLargeError(f"upload exceeds this registry's limit of {max_size} bytes")
+        raise UploadTooLargeError(
+            f"received more than the {max_size} bytes this upload may bring (what its raw size can "
+            "compress to, within this registry's limit)"
+        )
     if reader.overflow:
         raise SizeMismatchError(f"received more than the {declared.size} bytes the upload declared")
     if declared.size is not None and reader.n != declared.size:

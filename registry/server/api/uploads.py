@@ -99,7 +99,8 @@ def part_urls(
     """Presigned URLs for parts `first` .. `first + count - 1` of an `s3-multipart` upload, asked
     for in batches as the client makes the parts, as far as the most bytes the upload may bring
     reach (what its raw size can compress to, within the registry's limit): fewer than `count`
-    near the end, and a `first` past them is refused (413)."""
+    near the end, and a `first` past them is refused (413). An upload of another method has
+    none (an empty list)."""
     parts = state.pushes.part_urls(upload_id=upload_id, first=first, count=count, principal=principal)
     return UploadPartsOut(parts=[UploadPartOut(number=p.number, url=p.url) for p in parts])
 
@@ -268,12 +269,11 @@ def complete_upload(
     the registry were verified as they arrived; only what they were is compared. Completing an
     upload that was published already answers 200 with that same version, so a client that lost
     the first answer may simply call `complete` again."""
-    named = None
-    if body is not None and body.raw_size is not None:
-        named = Declared(body.digest, body.size, body.raw_digest, body.raw_size)
-    elif body is not None and (body.digest, body.size, body.raw_digest) != (None, None, None):
-        raise InvalidRequestError("`complete` names raw_size with the digests and sizes")
-    version, published = state.pushes.complete(upload_id=upload_id, principal=principal, named=named)
+    named = None if body is None else Declared(body.digest, body.size, body.raw_digest, body.raw_size)
+    parts = None if body is None or body.parts is None else [(p.number, p.etag) for p in body.parts]
+    version, published = state.pushes.complete(
+        upload_id=upload_id, principal=principal, named=named, parts=parts
+    )
     if not published:
         response.status_code = status.HTTP_200_OK
     with state.db.read() as session:

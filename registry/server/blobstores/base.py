@@ -119,8 +119,11 @@ class BlobStore(ABC):
         multipart uploads, which parts already arrived. Bytes through the server start over."""
         return UploadTarget(method=method)
 
-    def finish_parts(self, ref: UploadRef, *, expected_parts: int) -> None:
-        """Assemble the parts of a multipart upload (stores that have them)."""
+    def finish_parts(
+        self, ref: UploadRef, *, expected_parts: int, reported: list[tuple[int, str]] | None = None
+    ) -> None:
+        """Assemble the parts of a multipart upload (stores that have them): those `reported`
+        as (number, ETag) by the client, which the store checks, else those it lists."""
         return None  # a store without multipart uploads has nothing to assemble
 
     @abstractmethod

@@ -209,3 +209,36 @@ def test_a_push_the_registry_refuses_as_the_bytes_arrive_forgets_its_upload(
         monkeypatch.setattr(StorageForm, "parts", real_parts)
         pushed = api.push(a.raw_path, "acme/math")
         assert not pushed.resumed and pushed.version.number == 1
+
+
+def test_parts_reported_at_complete_are_checked_by_the_store(
+    live_server, s3_store, s3_client, s3_bucket, delta_blobs, base_fingerprint
+):
+    """`complete` may report each part's ETag (no ListParts then): S3 refuses a part it does not
+    hold with that ETag, and the upload stays pending for a correct report."""
+    server = live_server(**s3_store)
+    a = delta_blobs[0]
+    with server.client() as client:
+        setup_repo(client, base_fingerprint)
+        upload = _streamed_upload(client, a.raw_size)
+        etags = []
+        for url, offset, size in part_targets(client, upload, a.size):
+            r = httpx.put(url, content=a.data[offset : offset + size])
+            assert r.status_code == 200
+            etags.append(r.headers["etag"])
+        reported = [{"number": n, "etag": etag} for n, etag in enumerate(etags, start=1)]
+        wrong = [*reported[:1], {"number": 2, "etag": '"' + "0" * 32 + '"'}, *reported[2:]]
+        r = client.post(upload["complete_url"], json={**a.declaration(), "parts": wrong})
+        assert r.status_code == 409 and error_of(r)["code"] == "conflict"
+        assert error_of(r)["message"].startswith(
+            f"the blob store does not hold the parts of upload {upload['id']} as reported (InvalidPart"
+        )
+        r = client.post(upload["complete_url"], json={**a.declaration(), "parts": reported[1:]})
+        assert r.status_code == 409 and error_of(r)["message"] == (
+            f"upload {upload['id']} has {len(etags)} part(s) for the size `complete` names; it reports "
+            f"parts {', '.join(str(n) for n in range(2, len(etags) + 1))}"
+        )
+        assert client.get("/v1/repos/acme/math/versions").json()["items"] == []
+        r = client.post(upload["complete_url"], json={**a.declaration(), "parts": reported})
+        assert r.status_code == 201 and r.json()["digest"] == a.digest
+    assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
