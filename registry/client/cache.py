@@ -5,7 +5,7 @@ memory-mapped, and the state of pushes in progress.
     blobs/<raw sha256>-<stored sha256>.zst.incomplete   a partial download (resumed with Range)
     repos/<registry>/<namespace>/<name>/<n>.json        what the registry said of version n
     repos/<registry>/<namespace>/<name>/<n>.bdelta      symlink to its blob
-    uploads/<file key>.json, <file key>.zst             a push: digests, pending upload ids, storage form
+    uploads/<file key>.json                             a push: digests, pending upload ids
 
 Every file is written to a fresh temp file and renamed (codec.files.AtomicWriter); a file lock
 per blob (and per pushed file) keeps concurrent commands from writing the same thing twice.
@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from filelock import FileLock, Timeout
 
 from codec.files import sha256_file, write_atomic
-from codec.storage import BlobInfo, compress_blob
+from codec.storage import BlobInfo
 from registry.client.errors import CacheError
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -311,7 +311,7 @@ class DeltaCache:
         for state in self.upload_dir.glob("*.json"):
             lock = FileLock(self.upload_dir / f"{state.stem}.lock")
             if not self._locked(lock):
-                remove("push state", self.upload_dir / f"{state.stem}.zst")
+                remove("push state", self.upload_dir / f"{state.stem}.zst")  # staged by older clients
                 remove("push state", state)
         return report
 
@@ -344,15 +344,16 @@ class DeltaCache:
 
 
 class PushState:
-    """What a push of one file keeps between runs: the storage form (`<key>.zst`, until the push
-    completes), its digests (kept afterwards, so pushing the same bytes again needs no
-    compression), and the pending upload per registry repository (so a re-run resumes it)."""
+    """What a push of one file keeps between runs: the digests of its storage form (kept after
+    the push, so pushing the same bytes again can ask the registry whether it holds them before
+    sending anything), and the pending upload per registry repository with the digests it was
+    declared with, if any (so a re-run resumes it; zstd at fixed parameters makes the same parts
+    again, so only those the store lacks are sent)."""
 
     def __init__(self, folder: Path, key: str, identity: list):
         self.state_path = folder / f"{key}.json"
-        self.staged_path = folder / f"{key}.zst"
         data = _read_json(self.state_path) or {}
-        if data.get("identity") != identity:
+        if data.get("identity") != identity or not isinstance(data.get("uploads"), dict):
             data = {"identity": identity, "uploads": {}}
         self._data = data
 
@@ -361,30 +362,23 @@ class PushState:
         b = self._data.get("blob")
         return BlobInfo(b["digest"], b["size"], b["raw_digest"], b["raw_size"]) if b else None
 
-    def prepare(self, source: Path) -> BlobInfo:
-        """The storage form's digests, compressing only if they are not known yet."""
-        return self.blob or self.stage(source)
-
-    def stage(self, source: Path) -> BlobInfo:
-        """Make sure the storage form is on disk (zstd, one frame) and return its digests."""
-        if (
-            self.staged_path.exists()
-            and self.blob is not None
-            and self.staged_path.stat().st_size == self.blob.size
-        ):
-            return self.blob
-        info = compress_blob(source, self.staged_path)
-        if self.blob is not None and info != self.blob:
-            self._data["uploads"] = {}  # declared with other digests: those uploads cannot be completed
-        self._data["blob"] = asdict(info)
-        self._save()
-        return info
+    def remember_blob(self, info: BlobInfo) -> None:
+        if self.blob != info:
+            self._data["blob"] = asdict(info)
+            self._save()
 
     def upload_id(self, target: str) -> str | None:
-        return self._data["uploads"].get(target)
+        entry = self._data["uploads"].get(target)
+        return entry["id"] if isinstance(entry, dict) else None
 
-    def remember_upload(self, target: str, upload_id: str) -> None:
-        self._data["uploads"][target] = upload_id
+    def upload_declared(self, target: str) -> BlobInfo | None:
+        """The digests the pending upload to `target` was declared with (None: streamed)."""
+        entry = self._data["uploads"].get(target)
+        b = entry.get("declared") if isinstance(entry, dict) else None
+        return BlobInfo(b["digest"], b["size"], b["raw_digest"], b["raw_size"]) if b else None
+
+    def remember_upload(self, target: str, upload_id: str, declared: BlobInfo | None) -> None:
+        self._data["uploads"][target] = {"id": upload_id, "declared": asdict(declared) if declared else None}
         self._save()
 
     def forget_upload(self, target: str) -> None:
@@ -392,13 +386,8 @@ class PushState:
             self._save()
 
     def finish(self, target: str) -> None:
-        """The push is complete: drop its upload and, once no other push needs it, the staged bytes."""
+        """The push is complete: drop its upload."""
         self.forget_upload(target)
-        if not self._data["uploads"]:
-            self.staged_path.unlink(missing_ok=True)
-
-    def discard_staged(self) -> None:
-        self.staged_path.unlink(missing_ok=True)
 
     def _save(self) -> None:
         _write_json(self.state_path, self._data)

@@ -274,15 +274,16 @@ class RegistryHttp:
             response = self.waiting_out_503(method, lambda: self.api.request(method, path, **kwargs))
         return raise_for_status(response)
 
-    def post_once_more_if_lost(self, path: str) -> tuple[httpx.Response, bool]:
-        """`POST path`, sent a second time if the connection failed before an answer came (for
-        requests the registry answers the same way when repeated, like an upload's `complete`).
-        Returns the answer and whether it answers a repeat (the first may have been acted on)."""
+    def post_once_more_if_lost(self, path: str, *, json: dict | None = None) -> tuple[httpx.Response, bool]:
+        """`POST path` (with the body `json`), sent a second time if the connection failed before
+        an answer came (for requests the registry answers the same way when repeated, like an
+        upload's `complete`). Returns the answer and whether it answers a repeat (the first may
+        have been acted on)."""
         sent = []
 
         def post() -> httpx.Response:
             sent.append(path)
-            return self.api.post(path)
+            return self.api.post(path, json=json)
 
         with self.network(f"POST {path}"):
             response = retrying(

@@ -397,9 +397,9 @@ def create_upload(
     *,
     upload_id: str,
     repo: Repository,
-    digest: str,
-    size: int,
-    raw_digest: str,
+    digest: str | None,
+    size: int | None,
+    raw_digest: str | None,
     raw_size: int,
     method: str,
     multipart_id: str | None,
@@ -450,9 +450,21 @@ def published_version(session: Session, *, upload_id: str) -> Version | None:
     return session.scalar(select(Version).where(Version.upload_id == upload_id, Version.state == READY))
 
 
-def record_received(session: Session, *, upload_id: str, size: int, digest: str) -> None:
+def record_received(
+    session: Session, *, upload_id: str, size: int, digest: str, raw_size: int, raw_digest: str, token: str
+) -> None:
+    """What bytes sent through the server turned out to be, verified as they arrived, and the
+    staged file (`token`) that holds them."""
     session.execute(
-        update(Upload).where(Upload.id == upload_id).values(received_size=size, received_digest=digest)
+        update(Upload)
+        .where(Upload.id == upload_id)
+        .values(
+            received_size=size,
+            received_digest=digest,
+            received_raw_size=raw_size,
+            received_raw_digest=raw_digest,
+            received_token=token,
+        )
     )
 
 

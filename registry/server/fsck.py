@@ -121,7 +121,7 @@ def check_consistency(
                 with store.open_blob(key) as fh:
                     # stored blobs were accepted under the format's header limit, not an upload's
                     declared = Declared(digest, size, raw_digest, raw_size)
-                    verify_stream(fh, declared, max_header_bytes=MAX_HEADER_SIZE)
+                    verify_stream(fh, declared, max_size=size, max_header_bytes=MAX_HEADER_SIZE)
                 report.bytes_verified += size
             except RegistryError as exc:
                 report.digest_mismatches += 1

@@ -182,7 +182,9 @@ class Tag(Base):
 
 
 class Upload(Base):
-    """The protocol state of a pending version: what the client declared and where the bytes go."""
+    """The protocol state of a pending version: what the client declared (a streamed push declares
+    only the raw size; the stored digest and sizes come with `complete`), where the bytes go, and
+    what the server found in bytes it received itself (`received_*`)."""
 
     __tablename__ = "uploads"
     __table_args__ = (
@@ -192,15 +194,19 @@ class Upload(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"), unique=True)
-    digest: Mapped[str] = mapped_column(String(DIGEST_LEN))
-    size: Mapped[int] = mapped_column(BigInteger)
-    raw_digest: Mapped[str] = mapped_column(String(DIGEST_LEN))
+    digest: Mapped[str | None] = mapped_column(String(DIGEST_LEN))
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    raw_digest: Mapped[str | None] = mapped_column(String(DIGEST_LEN))
     raw_size: Mapped[int] = mapped_column(BigInteger)
     method: Mapped[str] = mapped_column(String(16))
     multipart_id: Mapped[str | None] = mapped_column(String(1024))
     part_size: Mapped[int | None] = mapped_column(BigInteger)
     received_size: Mapped[int | None] = mapped_column(BigInteger)
     received_digest: Mapped[str | None] = mapped_column(String(DIGEST_LEN))
+    received_raw_digest: Mapped[str | None] = mapped_column(String(DIGEST_LEN))
+    received_raw_size: Mapped[int | None] = mapped_column(BigInteger)
+    #: The staged file the received_* values describe (bytes through the server).
+    received_token: Mapped[str | None] = mapped_column(String(64))
     created_by: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
     expires_at: Mapped[dt.datetime]

@@ -203,22 +203,54 @@ class TagOut(Schema):
 
 # --- uploads ---------------------------------------------------------------------------------
 class UploadCreate(RequestBody):
-    digest: str = Digest
-    size: json_int(ge=0, le=MAX_COUNT) = Field(description="Bytes of the stored (zstd) blob.")
-    raw_digest: str = Digest
     raw_size: json_int(ge=0, le=MAX_COUNT) = Field(description="Bytes of the decompressed .bdelta.")
+    digest: str | None = Field(
+        None,
+        pattern=DIGEST_PATTERN,
+        description="sha256 of the stored (zstd) blob, when the client knows it already (an earlier "
+        "push): bytes the registry holds come back as `exists`. A streamed push names it at `complete`.",
+    )
+    size: json_int(ge=0, le=MAX_COUNT) | None = Field(None, description="Bytes of the stored (zstd) blob.")
+    raw_digest: str | None = Field(None, pattern=DIGEST_PATTERN, description="sha256 of the .bdelta.")
     description: Text = Field("", max_length=10_000)
     fidelity: JsonObject | None = None
 
 
+class ReportedPart(RequestBody):
+    number: json_int(ge=1, le=10_000)
+    etag: str = Field(min_length=1, max_length=1024)
+
+
+class UploadComplete(RequestBody):
+    """What the client's bytes are (a streamed push learns it only as it sends them); each must
+    match the bytes the registry received, and any value declared up front. The body may be
+    left out when the upload was declared with all of them."""
+
+    digest: str = Field(pattern=DIGEST_PATTERN, description="sha256 of the stored blob.")
+    size: json_int(ge=0, le=MAX_COUNT) = Field(description="Bytes of the stored (zstd) blob.")
+    raw_digest: str = Field(pattern=DIGEST_PATTERN, description="sha256 of the .bdelta.")
+    raw_size: json_int(ge=0, le=MAX_COUNT) = Field(description="Bytes of the decompressed .bdelta.")
+    parts: list[ReportedPart] | None = Field(
+        None,
+        max_length=10_000,
+        description="s3-multipart: each part's number and the ETag the store answered its PUT with, "
+        "in order; the store refuses a part it does not hold so (else the registry lists the parts).",
+    )
+
+
 class UploadPartOut(Schema):
     number: int
-    url: str
-    offset: int
+    url: str = Field(description="PUT the part's bytes here (presigned; no credentials needed).")
+
+
+class ReceivedPartOut(Schema):
+    number: int
     size: int
-    received: bool = Field(
-        False, description="The store already holds this part (GET of a pending upload): skip it."
-    )
+    etag: str = Field(description="As the blob store reports it (S3: the quoted MD5 of the part).")
+
+
+class UploadPartsOut(Schema):
+    parts: list[UploadPartOut]
 
 
 class UploadOut(Schema):
@@ -230,10 +262,17 @@ class UploadOut(Schema):
         description="The registry already holds these bytes: skip sending them and complete."
     )
     upload_url: str | None = Field(None, description="PUT the whole blob here (methods stream and s3-put).")
-    parts: list[UploadPartOut] = Field(
-        default_factory=list, description="PUT each byte range to its URL (s3-multipart)."
+    parts_url: str | None = Field(
+        None,
+        description="s3-multipart: GET it with `first` and `count` for the URLs of those parts, "
+        "asked for as the client makes them; every part is `part_size` bytes but the last.",
     )
     part_size: int | None = None
+    received_parts: list[ReceivedPartOut] = Field(
+        default_factory=list,
+        description="s3-multipart, GET of a pending upload: the parts the store already holds (a "
+        "resumed push sends only the others).",
+    )
     complete_url: str
     expires_at: dt.datetime
 
@@ -242,6 +281,8 @@ class UploadReceived(Schema):
     id: str
     received: int
     digest: str
+    raw_size: int
+    raw_digest: str
 
 
 # --- tokens ----------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""The two-phase push protocol: an upload is declared (digest, sizes), its bytes land in the blob
-store's staging area, and `complete` verifies them and publishes the version in one transaction.
+"""The two-phase push protocol: an upload is declared (its raw size, and its digests when the
+client knows them already), its bytes land in the blob store's staging area as the client makes
+them, and `complete` (naming the digests and sizes) verifies them and publishes the version in
+one transaction.
 
-    upload, target = pushes.create(namespace="acme", name="math", declared=..., principal=p)
-    ... client sends the bytes to `target` ...
-    version, published = pushes.complete(upload_id=upload.id, principal=p)
+    upload, target = pushes.create(namespace="acme", name="math", request=..., principal=p)
+    ... client sends the bytes to `target` (multipart: `pushes.part_urls` in batches) ...
+    version, published = pushes.complete(upload_id=upload.id, principal=p, named=...)
     # completing it again: the same version, published False
 """
 
@@ -14,6 +16,7 @@ import json
 import math
 import uuid
 from dataclasses import dataclass
+from typing import NoReturn
 
 from sqlalchemy.exc import IntegrityError
 
@@ -22,6 +25,7 @@ from registry.common.errors import (
     BaseMismatchUploadError,
     ConflictError,
     DigestMismatchError,
+    InvalidRequestError,
     InvalidUploadError,
     NotFoundError,
     RegistryError,
@@ -30,20 +34,30 @@ from registry.common.errors import (
 )
 from registry.server import crud
 from registry.server.auth import Principal
-from registry.server.blobstores import BlobStore, UploadRef, UploadTarget
+from registry.server.blobstores import BlobStore, UploadPart, UploadRef, UploadTarget
 from registry.server.db import Database
 from registry.server.metrics import RegistryMetrics
 from registry.server.models import Repository, Upload, Version, utcnow
 from registry.server.settings import Settings
-from registry.server.verify import Declared, read_header, verify_stream
+from registry.server.verify import Declared, Verified, check_named, read_header, verify_stream
+
+#: The most part URLs one request gets.
+MAX_PART_BATCH = 100
+
+
+def stored_size_bound(raw_size: int) -> int:
+    """The most bytes one zstd frame of `raw_size` bytes takes (ZSTD_COMPRESSBOUND, plus the
+    largest frame header and checksum): a streamed upload's parts never need to hold more."""
+    small = (128 << 10) - raw_size >> 11 if raw_size < 128 << 10 else 0
+    return raw_size + (raw_size >> 8) + small + 18 + 4
 
 
 @dataclass(frozen=True)
 class UploadRequest:
-    digest: str
-    size: int
-    raw_digest: str
     raw_size: int
+    digest: str | None = None
+    size: int | None = None
+    raw_digest: str | None = None
     description: str = ""
     fidelity: dict | None = None
 
@@ -61,7 +75,7 @@ class PushService:
     ) -> tuple[Upload, UploadTarget]:
         principal.require("write", namespace)
         limit = self.settings.max_upload_bytes
-        if request.size > limit:
+        if request.size is not None and request.size > limit:
             raise UploadTooLargeError(
                 f"upload of {request.size} bytes exceeds this registry's limit of {limit} bytes"
             )
@@ -72,13 +86,16 @@ class PushService:
             )
         with self.db.read() as session:
             crud.get_repo(session, namespace=namespace, name=name)
-            blob = crud.get_blob(session, digest=request.digest)
+            blob = crud.get_blob(session, digest=request.digest) if request.digest else None
         upload_id = uuid.uuid4().hex
         if blob is not None:
-            if (blob.size, blob.raw_digest, blob.raw_size) != (
-                request.size,
-                request.raw_digest,
-                request.raw_size,
+            if any(
+                claimed is not None and claimed != held
+                for claimed, held in (
+                    (request.size, blob.size),
+                    (request.raw_digest, blob.raw_digest),
+                    (request.raw_size, blob.raw_size),
+                )
             ):
                 raise DigestMismatchError(
                     f"blob {request.digest} is stored with size {blob.size}, "
@@ -88,7 +105,7 @@ class PushService:
                 )
             target = UploadTarget(method="exists")  # dedup: the client skips sending the bytes
         else:
-            target = self.store.begin_upload(upload_id, request.size, request.digest)
+            target = self.store.begin_upload(upload_id, self._max_size(request.size, request.raw_size))
         try:
             with self.db.write() as session:
                 repo = crud.get_repo(session, namespace=namespace, name=name)
@@ -114,14 +131,40 @@ class PushService:
             raise
         return upload, target
 
+    def _max_size(self, size: int | None, raw_size: int) -> int:
+        """The most stored bytes an upload may bring: its declared size, else what its raw size
+        can compress to, within the registry's limit."""
+        return size if size is not None else min(stored_size_bound(raw_size), self.settings.max_upload_bytes)
+
     def resume(self, *, upload_id: str, principal: Principal) -> tuple[Upload, UploadTarget]:
-        """A pending upload with fresh URLs for its bytes and the parts the store already holds."""
+        """A pending upload with a fresh URL for its bytes, or the parts the store already holds."""
         upload = self.get(upload_id=upload_id, principal=principal)
         if upload.method == "exists":
             return upload, UploadTarget(method="exists")
-        return upload, self.store.resume_upload(
-            _ref(upload), method=upload.method, size=upload.size, part_size=upload.part_size
+        target = self.store.resume_upload(_ref(upload), method=upload.method)
+        return upload, UploadTarget(
+            method=target.method, url=target.url, received=target.received, part_size=upload.part_size
         )
+
+    def part_urls(self, *, upload_id: str, first: int, count: int, principal: Principal) -> list[UploadPart]:
+        """Presigned URLs for parts `first` .. `first + count - 1` of a multipart upload, as far as
+        the most bytes the upload may bring reach; a first part past them is refused (413), so a
+        client cannot grow an upload beyond the registry's limit one part at a time."""
+        upload = self.get(upload_id=upload_id, principal=principal)
+        if upload.method != "s3-multipart":
+            return []  # its bytes go elsewhere (`upload_url`), or nowhere (`exists`)
+        if not 1 <= count <= MAX_PART_BATCH:
+            raise InvalidRequestError(f"ask for 1 to {MAX_PART_BATCH} part URLs at a time, not {count}")
+        max_size = self._max_size(upload.size, upload.raw_size)
+        most = max(1, math.ceil(max_size / upload.part_size))
+        if first > most:
+            raise UploadTooLargeError(
+                f"part {first} would begin past byte {max_size}, the most this upload may bring "
+                f"(a delta of {upload.raw_size} bytes, within this registry's limit of "
+                f"{self.settings.max_upload_bytes} bytes)"
+            )
+        last = min(first + count - 1, most)
+        return self.store.part_urls(_ref(upload), range(first, last + 1))
 
     def get(self, *, upload_id: str, principal: Principal) -> Upload:
         with self.db.read() as session:
@@ -130,17 +173,34 @@ class PushService:
         return upload
 
     # --- phase 2: complete -----------------------------------------------------------------
-    def complete(self, *, upload_id: str, principal: Principal) -> tuple[Version, bool]:
-        """Verify the upload's bytes and publish them as the repository's next version. Returns the
-        version and whether this call published it: completing an upload that was already
-        published (a retry whose first answer was lost) returns that same version."""
+    def complete(
+        self,
+        *,
+        upload_id: str,
+        principal: Principal,
+        named: Declared | None = None,
+        parts: list[tuple[int, str]] | None = None,
+    ) -> tuple[Version, bool]:
+        """Verify the upload's bytes and publish them as the repository's next version. `named`:
+        the digests and sizes the client names now (those it could not declare up front; any it
+        declared must be the same). `parts`: (number, ETag) of a multipart upload's parts as the
+        client sent them (else the store lists them). Returns the version and whether this call
+        published it:
+        completing an upload that was already published (a retry whose first answer was lost)
+        returns that same version."""
         try:
             upload = self.get(upload_id=upload_id, principal=principal)
         except NotFoundError:
             return self._published(upload_id, principal), False
         repo = upload.version.repository
+        declared = _merge(upload, named)
+        if declared.size is not None and declared.size > self.settings.max_upload_bytes:
+            raise UploadTooLargeError(
+                f"upload of {declared.size} bytes exceeds this registry's limit of "
+                f"{self.settings.max_upload_bytes} bytes"
+            )
         try:
-            header, store_key = self._verify(upload, repo)
+            header, store_key = self._verify(upload, repo, declared, parts)
         except (DigestMismatchError, InvalidUploadError, BaseMismatchUploadError) as exc:
             self._abandon(upload)
             self.metrics.pushes.labels(exc.code).inc()
@@ -153,6 +213,8 @@ class PushService:
         try:
             with self.db.write() as session:
                 locked = crud.get_upload(session, upload_id=upload_id, for_update=True)
+                locked.digest, locked.size = declared.digest, declared.size
+                locked.raw_digest = declared.raw_digest
                 version = crud.publish_version(
                     session,
                     upload=locked,
@@ -173,9 +235,23 @@ class PushService:
             raise ConflictError(
                 f"blob {upload.digest} was garbage-collected during the push; push again"
             ) from None
+        if store_key is not None:
+            self._drop_duplicate(declared.digest, store_key)
         self.metrics.pushes.labels("ready").inc()
-        self.metrics.upload_bytes.inc(upload.size)
+        self.metrics.upload_bytes.inc(declared.size)
         return version, True
+
+    def _drop_duplicate(self, digest: str, store_key: str) -> None:
+        """A streamed push of bytes the registry held already (or a concurrent push of the same
+        bytes) stored a second copy: the blob row names the first, so the copy goes now rather
+        than at the next GC."""
+        with self.db.read() as session:
+            blob = crud.get_blob(session, digest=digest)
+        if blob is not None and blob.store_key != store_key:
+            try:
+                self.store.delete(store_key)
+            except RegistryError:
+                pass  # an object without a row: GC removes it after the grace period
 
     def _published(
         self, upload_id: str, principal: Principal, otherwise: RegistryError | None = None
@@ -190,10 +266,11 @@ class PushService:
         principal.require("write", version.repository.namespace)
         return version
 
-    def _verify(self, upload: Upload, repo: Repository) -> tuple[Header, str | None]:
+    def _verify(
+        self, upload: Upload, repo: Repository, declared: Declared, parts: list[tuple[int, str]] | None
+    ) -> tuple[Header, str | None]:
         """Check the upload's bytes and their base; returns their header and, for new bytes
         (promoted to a blob only once they passed), their blob key."""
-        declared = Declared(upload.digest, upload.size, upload.raw_digest, upload.raw_size)
         if upload.method == "exists":
             with self.db.read() as session:
                 blob = crud.get_blob(session, digest=upload.digest)
@@ -204,16 +281,81 @@ class PushService:
                 header, _ = read_header(fh, blob.raw_size)
             _check_base(header, repo)
             return header, None
-        ref = _ref(upload)
-        if upload.method == "s3-multipart":
-            self.store.finish_parts(ref, expected_parts=max(1, math.ceil(upload.size / upload.part_size)))
-        with self.store.open_staged(ref) as staged:
-            if staged.size != upload.size:
-                raise SizeMismatchError(f"received {staged.size} bytes but the upload declared {upload.size}")
-            limit = self.settings.max_header_bytes
-            header, _ = verify_stream(staged.stream, declared, max_header_bytes=limit)
+        if None in (declared.digest, declared.size, declared.raw_digest):
+            raise InvalidRequestError(
+                f"upload {upload.id} was declared without its digests and sizes; "
+                "`complete` must name digest, size, raw_digest and raw_size"
+            )
+        ref = _ref(upload, declared.digest)
+        if upload.method == "stream":
+            # Verified as the bytes arrived (the PUT): only what they were is compared here.
+            if upload.received_token is None:
+                raise ConflictError(
+                    f"no bytes were received for upload {upload.id}; send them before completing"
+                )
+            with self.store.open_staged(ref) as staged:
+                header, entries = read_header(staged.stream, upload.received_raw_size)
+            received = Verified(
+                upload.received_digest,
+                upload.received_size,
+                upload.received_raw_digest,
+                upload.received_raw_size,
+                header,
+                entries,
+            )
+            check_named(received, declared)
+        else:
+            if upload.method == "s3-multipart":
+                expected = max(1, math.ceil(declared.size / upload.part_size))
+                self.store.finish_parts(ref, expected_parts=expected, reported=parts)
+            with self.store.open_staged(ref) as staged:
+                if staged.size != declared.size:
+                    raise SizeMismatchError(
+                        f"received {staged.size} bytes but the upload declared {declared.size}"
+                    )
+                header = verify_stream(
+                    staged.stream,
+                    declared,
+                    max_size=declared.size,
+                    max_header_bytes=self.settings.max_header_bytes,
+                ).header
         _check_base(header, repo)
         return header, self.store.promote(ref, staged.token)
+
+    def receive(self, *, upload: Upload, src) -> Verified:
+        """Verify the bytes of a `stream` upload as they arrive from `src` (the caller writes
+        them to a staged file on the way); a verdict against them drops the upload."""
+        declared = Declared(upload.digest, upload.size, upload.raw_digest, upload.raw_size)
+        try:
+            received = verify_stream(
+                src,
+                declared,
+                max_size=self._max_size(upload.size, upload.raw_size),
+                max_header_bytes=self.settings.max_header_bytes,
+            )
+            _check_base(received.header, upload.version.repository)
+        except (DigestMismatchError, InvalidUploadError, BaseMismatchUploadError, UploadTooLargeError) as exc:
+            self.refuse(upload=upload, error=exc)
+        return received
+
+    def refuse(self, *, upload: Upload, error: RegistryError) -> NoReturn:
+        """Drop an upload whose bytes are refused, and raise `error`."""
+        self._abandon(upload)
+        self.metrics.pushes.labels(error.code).inc()
+        raise error
+
+    def record_received(self, *, upload: Upload, received: Verified, token: str) -> None:
+        """Note what the staged file `token` (written and synced) holds, for `complete`."""
+        with self.db.write() as session:
+            crud.record_received(
+                session,
+                upload_id=upload.id,
+                size=received.size,
+                digest=received.digest,
+                raw_size=received.raw_size,
+                raw_digest=received.raw_digest,
+                token=token,
+            )
 
     def abort(self, *, upload_id: str, principal: Principal) -> None:
         self._abandon(self.get(upload_id=upload_id, principal=principal))
@@ -243,8 +385,36 @@ def _check_base(header: Header, repo: Repository) -> None:
         )
 
 
-def _ref(upload: Upload) -> UploadRef:
-    return UploadRef(upload_id=upload.id, digest=upload.digest, multipart_id=upload.multipart_id)
+def _ref(upload: Upload, digest: str | None = None) -> UploadRef:
+    return UploadRef(
+        upload_id=upload.id,
+        digest=digest or upload.digest,
+        multipart_id=upload.multipart_id,
+        token=upload.received_token,
+    )
+
+
+def _merge(upload: Upload, named: Declared | None) -> Declared:
+    """What the bytes must be: what the upload declared, completed by what `complete` names; a
+    value named twice must be the same both times."""
+    declared = Declared(upload.digest, upload.size, upload.raw_digest, upload.raw_size)
+    if named is None:
+        return declared
+    for field, before, now in (
+        ("digest", declared.digest, named.digest),
+        ("size", declared.size, named.size),
+        ("raw_digest", declared.raw_digest, named.raw_digest),
+        ("raw_size", declared.raw_size, named.raw_size),
+    ):
+        if before is not None and now is not None and before != now:
+            error = SizeMismatchError if field.endswith("size") else DigestMismatchError
+            raise error(f"`complete` names {field} {now}, but the upload declared {before}")
+    return Declared(
+        named.digest or declared.digest,
+        named.size if named.size is not None else declared.size,
+        named.raw_digest or declared.raw_digest,
+        declared.raw_size,
+    )
 
 
 def _int(value: str | None) -> int | None:

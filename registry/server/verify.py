@@ -1,6 +1,6 @@
 """Verification of an upload's bytes in one streaming pass: sha256 and size of the stored (zstd)
-bytes, one frame decompressing to exactly the declared size and raw sha256, and a valid format-v1
-header (read from the first decompressed bytes; no torch)."""
+bytes, one frame decompressing to exactly the declared raw size (and raw sha256, where declared),
+and a valid format-v1 header (read from the first decompressed bytes; no torch)."""
 
 from __future__ import annotations
 
@@ -16,17 +16,37 @@ from codec.container import MAX_HEADER_SIZE, Header
 from codec.errors import InvalidDeltaError
 from codec.format import DeltaEntry, validate_delta_header
 from codec.storage import BlobCorruptError, BlobTooLargeError, decompress_stream
-from registry.common.errors import DigestMismatchError, InvalidUploadError, SizeMismatchError
+from registry.common.errors import (
+    DigestMismatchError,
+    InvalidUploadError,
+    SizeMismatchError,
+    UploadTooLargeError,
+)
 from registry.common.readahead import CHUNK, ReadAhead
 from registry.server.settings import DEFAULT_MAX_HEADER_BYTES
 
 
 @dataclass(frozen=True)
 class Declared:
+    """What the bytes must be. A streamed push declares only `raw_size` before its bytes arrive;
+    the rest is checked against what the bytes turn out to be once the client names it."""
+
+    digest: str | None
+    size: int | None
+    raw_digest: str | None
+    raw_size: int
+
+
+@dataclass(frozen=True)
+class Verified:
+    """What verified bytes are: their digests and sizes, and their parsed header."""
+
     digest: str
     size: int
     raw_digest: str
     raw_size: int
+    header: Header
+    entries: dict[str, DeltaEntry]
 
 
 class _HashingReader(ReadAhead):
@@ -121,51 +141,91 @@ class _HeaderSink:
 
 
 def verify_stream(
-    src: IO[bytes], declared: Declared, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
-) -> tuple[Header, dict[str, DeltaEntry]]:
-    """Read the whole stored blob from `src` and check it against `declared`; return its parsed
-    header. A header over `max_header_bytes`, or first bytes that cannot begin a delta, stop the
-    decompression at once (the stored bytes are still read to check their size and digest)."""
-    reader = _HashingReader(src, declared.size)
+    src: IO[bytes],
+    declared: Declared,
+    *,
+    max_size: int,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+) -> Verified:
+    """Read the whole stored blob from `src` and check it against `declared`; return what it is.
+    At most `max_size` stored bytes are read (the declared size, else the registry's limit). A
+    header over `max_header_bytes`, or first bytes that cannot begin a delta, stop the
+    decompression at once; the stored bytes are then still read to check their declared size
+    and digest, when there are any to check (else the refusal is immediate)."""
+    limit = declared.size if declared.size is not None else max_size
+    reader = _HashingReader(src, limit)
     sink = _HeaderSink(declared.raw_size, max_header_bytes)
     failure: Exception | None = None
     written = -1
+    raw_digest = ""
     try:
-        written, _ = decompress_stream(
+        written, raw_digest = decompress_stream(
             reader, sink, max_output_size=declared.raw_size, expected_raw_digest=declared.raw_digest
         )
     except (BlobCorruptError, BlobTooLargeError, InvalidUploadError) as exc:
         failure = exc
+    if declared.digest is None and failure is not None and not reader.overflow:
+        reader.close()  # nothing declared to explain the failure better: refuse now
+        _raise_stream_failure(failure, declared)
     reader.drain()  # a stored-digest mismatch explains a corrupt stream better than the stream error does
-    if reader.overflow or reader.n != declared.size:
-        raise SizeMismatchError(
-            f"received {'more than ' if reader.overflow else ''}{reader.n} "
-            f"bytes but the upload declared {declared.size}"
+    if reader.overflow and declared.size is None:
+        raise UploadTooLargeError(
+            f"received more than the {max_size} bytes this upload may bring (what its raw size can "
+            "compress to, within this registry's limit)"
         )
-    if reader.digest != declared.digest:
+    if reader.overflow:
+        raise SizeMismatchError(f"received more than the {declared.size} bytes the upload declared")
+    if declared.size is not None and reader.n != declared.size:
+        raise SizeMismatchError(f"received {reader.n} bytes but the upload declared {declared.size}")
+    if declared.digest is not None and reader.digest != declared.digest:
         raise DigestMismatchError(
             f"received bytes have digest {reader.digest}, but the upload declared {declared.digest}"
         )
-    if isinstance(failure, InvalidUploadError):
-        raise failure
     if failure is not None:
-        if isinstance(failure, BlobTooLargeError):
-            raise SizeMismatchError(
-                f"the blob decompresses to more than the declared {declared.raw_size} bytes: {failure}"
-            ) from None
-        if "does not match the expected" in str(failure):
-            raise DigestMismatchError(
-                f"the blob does not decompress to the declared {declared.raw_size} "
-                f"bytes with digest {declared.raw_digest}: {failure}"
-            ) from None
-        raise InvalidUploadError(f"upload is not a zstd-compressed delta: {failure}") from None
+        _raise_stream_failure(failure, declared)
     if written != declared.raw_size:
         raise SizeMismatchError(
             f"the blob decompresses to {written} bytes, but the upload declared {declared.raw_size}"
         )
     if sink.parsed is None:  # fewer bytes than its header needs: decompress_stream refuses that first
         raise InvalidUploadError("upload is not a valid format-v1 delta: it ends inside its header")
-    return sink.parsed
+    header, entries = sink.parsed
+    return Verified(reader.digest, reader.n, raw_digest, written, header, entries)
+
+
+def _raise_stream_failure(failure: Exception, declared: Declared) -> None:
+    if isinstance(failure, InvalidUploadError):
+        raise failure
+    if isinstance(failure, BlobTooLargeError):
+        raise SizeMismatchError(
+            f"the blob decompresses to more than the declared {declared.raw_size} bytes: {failure}"
+        ) from None
+    if "does not match the expected" in str(failure):
+        raise DigestMismatchError(
+            f"the blob does not decompress to the declared {declared.raw_size} "
+            f"bytes with digest {declared.raw_digest}: {failure}"
+        ) from None
+    raise InvalidUploadError(f"upload is not a zstd-compressed delta: {failure}") from None
+
+
+def check_named(received: Verified, named: Declared) -> None:
+    """The digests and sizes a client names at `complete` must be those of the bytes received
+    (a mismatch is a corruption on the way, or a client that lost track of its bytes)."""
+    if named.size is not None and named.size != received.size:
+        raise SizeMismatchError(f"received {received.size} bytes but the upload declared {named.size}")
+    if named.digest is not None and named.digest != received.digest:
+        raise DigestMismatchError(
+            f"received bytes have digest {received.digest}, but the upload declared {named.digest}"
+        )
+    if named.raw_size != received.raw_size:
+        raise SizeMismatchError(
+            f"the blob decompresses to {received.raw_size} bytes, but the upload declared {named.raw_size}"
+        )
+    if named.raw_digest is not None and named.raw_digest != received.raw_digest:
+        raise DigestMismatchError(
+            f"the blob does not decompress to the declared {named.raw_size} bytes with digest "
+            f"{named.raw_digest} (it decompresses to {received.raw_digest})"
+        )
 
 
 def read_header(src: IO[bytes], raw_size: int) -> tuple[Header, dict[str, DeltaEntry]]:

@@ -16,6 +16,7 @@ from cli import errors as exit_codes
 from codec.format import DeltaFile
 from registry.client import pull as pulling
 from registry.client.api import RegistryApi
+from registry.client.transfer import StorageForm
 
 from .registry_fixtures import (  # noqa: F401  (fixtures)
     BASE,
@@ -130,7 +131,7 @@ def test_pushing_identical_bytes_again_is_deduplicated_without_recompressing(del
     def no_compression(*args, **kwargs):
         raise AssertionError("the digests of an unchanged file are known")
 
-    monkeypatch.setattr("registry.client.cache.compress_blob", no_compression)
+    monkeypatch.setattr(StorageForm, "parts", no_compression)
     again = deltactl("push", deltas.plain, "acme/math")
     assert again.exit_code == 0, again.output
     assert "acme/math@2: identical bytes already in the registry, nothing uploaded (dedup)" in " ".join(

@@ -48,14 +48,14 @@ def _blob_objects(s3_client, bucket) -> list[dict]:
 def sent_parts(monkeypatch) -> list[str]:
     """The URLs every part PUT went to (those that reached the store)."""
     urls: list[str] = []
-    real = transfer.put_range
+    real = transfer.put_bytes
 
     def recording(http, url, *args, **kwargs):
         response = real(http, url, *args, **kwargs)
         urls.append(url)
         return response
 
-    monkeypatch.setattr(transfer, "put_range", recording)
+    monkeypatch.setattr(transfer, "put_bytes", recording)
     return urls
 
 
@@ -81,7 +81,7 @@ def test_an_interrupted_push_resumes_with_the_missing_parts(
 ):
     monkeypatch.setattr("registry.client.settings.TRANSFER_ATTEMPTS", 2)
     monkeypatch.setenv("DELTACTL_UPLOAD_CONCURRENCY", "1")  # parts in order: exactly four get through
-    real = transfer.put_range  # the recording wrapper
+    real = transfer.put_bytes  # the recording wrapper
 
     class Unreachable:
         def put(self, url, **kwargs):
@@ -92,17 +92,17 @@ def test_an_interrupted_push_resumes_with_the_missing_parts(
     def dropping_after_four(http, url, *args, **kwargs):
         return real(http if len(sent_parts) < 4 else Unreachable(), url, *args, **kwargs)
 
-    monkeypatch.setattr(transfer, "put_range", dropping_after_four)
+    monkeypatch.setattr(transfer, "put_bytes", dropping_after_four)
     r = deltactl("push", deltas.plain, "acme/math")
     assert r.exit_code == exit_codes.EXIT_NETWORK, r.output
     parts = math.ceil(deltas.plain.stat().st_size / PART)  # at least as many as the stored form has
-    assert "push interrupted with 4 of" in r.stderr and "run the same command again" in r.stderr
+    assert "push interrupted with 4 parts stored" in r.stderr and "run the same command again" in r.stderr
     [upload] = s3_client.list_multipart_uploads(Bucket=s3_bucket)["Uploads"]
     stored = s3_client.list_parts(Bucket=s3_bucket, Key=upload["Key"], UploadId=upload["UploadId"])["Parts"]
     assert [p["PartNumber"] for p in stored] == [1, 2, 3, 4]
     assert deltactl_json("show", "acme/math")["versions"] == []
 
-    monkeypatch.setattr(transfer, "put_range", real)
+    monkeypatch.setattr(transfer, "put_bytes", real)
     monkeypatch.setenv("DELTACTL_UPLOAD_CONCURRENCY", "4")
     sent_parts.clear()
     resumed = deltactl("push", deltas.plain, "acme/math")

@@ -10,6 +10,7 @@ import httpx
 
 from codec.compress import CompressOptions, compress
 from codec.storage import compress_blob
+from tests.support import harness
 
 BASE_NAME = "org/base"
 
@@ -80,20 +81,10 @@ def setup_repo(
 
 
 def send_bytes(client, upload: dict, data: bytes, *, headers=None) -> None:
-    """Send an upload's bytes wherever the registry said: through it, one presigned PUT, or parts."""
-    method = upload["method"]
-    if method == "exists":
-        return
-    if method == "stream":
-        r = client.put(upload["upload_url"], content=data, headers=headers)
-        assert r.status_code == 200, r.text
-    elif method == "s3-put":
-        r = httpx.put(upload["upload_url"], content=data)
-        assert r.status_code == 200, r.text
-    else:
-        for part in upload["parts"]:
-            r = httpx.put(part["url"], content=data[part["offset"] : part["offset"] + part["size"]])
-            assert r.status_code == 200, r.text
+    """Send an upload's bytes wherever the registry said: through it, one presigned PUT, or parts
+    (their URLs asked for in batches); every request must succeed."""
+    failed = harness.send_bytes(client, upload, data, headers=headers)
+    assert failed is None, failed.text
 
 
 def push(
@@ -104,5 +95,7 @@ def push(
     if r.status_code != 201:
         return r
     upload = r.json()
-    send_bytes(client, upload, blob.data if data is None else data, headers=headers)
+    failed = harness.send_bytes(client, upload, blob.data if data is None else data, headers=headers)
+    if failed is not None:  # refused as the bytes arrived (through the registry)
+        return failed
     return client.post(upload["complete_url"], headers=headers)

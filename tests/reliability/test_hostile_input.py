@@ -97,7 +97,7 @@ def _tree(root: Path) -> set[str]:
 
 
 BLOB_LAYOUT = re.compile(
-    r"blobs(/sha256(/[0-9a-f]{2}(/[0-9a-f]{64})?)?|/staging(/[0-9a-f]{32}(\.claimed|\.[0-9a-f]{32}\.part)?)?)?"
+    r"blobs(/sha256(/[0-9a-f]{2}(/[0-9a-f]{64})?)?|/staging(/[0-9a-f]{32}(\.[0-9a-f]{32})?)?)?"
 )
 
 
@@ -300,7 +300,9 @@ def test_s3_keys_stay_under_the_prefix(make_client, s3_endpoint, s3_bucket, s3_c
         assert client.post(upload["complete_url"]).status_code == 201
     keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
     assert keys and all(
-        re.fullmatch(r"tenant/deltas/(blobs/sha256/[0-9a-f]{64}(\.[0-9a-f]{32})?|uploads/[0-9a-f]{32})", k)
+        re.fullmatch(
+            r"tenant/deltas/(blobs/sha256/[0-9a-f]{64}|blobs/uploads/[0-9a-f]{32}|uploads/[0-9a-f]{32})", k
+        )
         for k in keys
     ), keys
     # a hostile digest never reaches the store as a key

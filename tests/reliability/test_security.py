@@ -20,7 +20,7 @@ from sqlalchemy import update
 from registry.server.db import Database
 from registry.server.models import ApiToken, utcnow
 from tests.support.corpus import delta_bytes, storage_form
-from tests.support.harness import RegistryProcess, http_push, migrate, send_bytes, setup_repo
+from tests.support.harness import RegistryProcess, http_push, migrate, part_targets, send_bytes, setup_repo
 
 from .conftest import BACKENDS
 
@@ -128,6 +128,7 @@ ENDPOINTS = {
         ),
     ),
     "resume upload": (WRITE, lambda w, h: w.client.get(f"/v1/uploads/{w.declared['id']}", headers=h)),
+    "part urls": (WRITE, lambda w, h: w.client.get(f"/v1/uploads/{w.declared['id']}/parts", headers=h)),
     "send upload bytes": (
         WRITE,
         lambda w, h: w.client.put(w.declared["upload_url"], content=w.blob.data, headers=h),
@@ -165,6 +166,7 @@ COVERED = {
     ("DELETE", "/v1/repos/{namespace}/{name}"),
     ("POST", "/v1/repos/{namespace}/{name}/uploads"),
     ("GET", "/v1/uploads/{upload_id}"),
+    ("GET", "/v1/uploads/{upload_id}/parts"),
     ("PUT", "/v1/uploads/{upload_id}"),
     ("POST", "/v1/uploads/{upload_id}/complete"),
     ("DELETE", "/v1/uploads/{upload_id}"),
@@ -312,7 +314,11 @@ def test_presigned_urls_are_short_lived_and_scoped_to_one_object(
         r = client.post("/v1/repos/acme/math/uploads", json=blob.declaration())
         bodies.append(r.text)
         upload = r.json()
-        urls += [upload["upload_url"]] if upload["upload_url"] else [p["url"] for p in upload["parts"]]
+        urls += (
+            [upload["upload_url"]]
+            if upload["upload_url"]
+            else [u for u, _, _ in part_targets(client, upload, blob.size)]
+        )
         assert send_bytes(client, upload, blob.data) is None
         assert client.post(upload["complete_url"]).status_code == 201
     r = client.get("/v1/repos/acme/math/versions/1/download", follow_redirects=False)
@@ -325,7 +331,7 @@ def test_presigned_urls_are_short_lived_and_scoped_to_one_object(
         assert query["X-Amz-SignedHeaders"] == ["host"]
         # exactly one object key under the prefix: no wildcard, no bucket-level operation
         assert re.fullmatch(
-            rf"/{s3_bucket}/reg/(uploads/[0-9a-f]{{32}}|blobs/sha256/[0-9a-f]{{64}}(\.[0-9a-f]{{32}})?)",
+            rf"/{s3_bucket}/reg/(uploads/[0-9a-f]{{32}}|blobs/(uploads/[0-9a-f]{{32}}|sha256/[0-9a-f]{{64}}))",
             parsed.path,
         ), url
         assert "X-Amz-Security-Token" not in query
@@ -436,15 +442,26 @@ def test_upload_limits_apply_before_anything_is_stored(registry_process, tmp_pat
         # a Content-Length other than the declared size is refused before the body is read
         r = c.put(upload["upload_url"], content=blob.data + b"x")
         assert r.status_code == 422 and list(staging.iterdir()) == []
+        assert c.put(upload["upload_url"], content=blob.data).status_code == 404  # refused: dropped
 
         def endless():  # chunked: no length up front, cut off once past the declared size
             yield blob.data
             for _ in range(10_000):
                 yield b"x" * 65536
 
+        upload = c.post("/v1/repos/acme/math/uploads", json=blob.declaration()).json()
         r = c.put(upload["upload_url"], content=endless())
-        assert r.status_code == 422 and "more than" in r.json()["error"]["message"]
+        assert r.status_code == 422 and r.json()["error"] == {
+            "code": "size_mismatch",
+            "message": f"received more than the {blob.size} bytes the upload declared",
+        }
         assert list(staging.iterdir()) == []  # the partial file was removed
+        # streamed (no size declared): cut off past what the raw size can compress to
+        upload = c.post("/v1/repos/acme/math/uploads", json={"raw_size": blob.raw_size}).json()
+        r = c.put(upload["upload_url"], content=endless())
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+        assert r.json()["error"]["message"].startswith("received more than the ")
+        assert list(staging.iterdir()) == []
         assert c.get("/v1/repos/acme/math/versions").json()["items"] == []
 
 

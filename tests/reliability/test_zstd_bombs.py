@@ -126,9 +126,8 @@ def test_registry_refuses_a_bomb_upload_without_growing(registry_process, tmp_pa
             "raw_size": 1 << 20,
         }
         upload = c.post("/v1/repos/acme/math/uploads", json=declaration).json()
-        assert c.put(upload["upload_url"], content=data).status_code == 200
-        with PeakRss(server.pid) as rss:
-            r = c.post(upload["complete_url"])
+        with PeakRss(server.pid) as rss:  # verified as it arrives: refused by the PUT
+            r = c.put(upload["upload_url"], content=data)
         assert r.status_code == 422, r.text
         if declared > 1 << 20:  # refused from the frame header alone, naming the record's size
             assert r.json()["error"] == {
@@ -141,6 +140,7 @@ def test_registry_refuses_a_bomb_upload_without_growing(registry_process, tmp_pa
         else:  # the frame lies about its size: corrupt
             assert r.json()["error"]["code"] == "invalid_delta", r.text
         assert rss.grew_mib < 64, f"the server grew by {rss.grew_mib:.0f} MiB refusing a 4 GiB bomb"
+        assert c.post(upload["complete_url"]).status_code == 404  # the refused upload was dropped
         assert c.get("/v1/repos/acme/math/versions").json()["items"] == []
         assert list((tmp_path / "data" / "blobs" / "staging").iterdir()) == []
 
@@ -175,7 +175,7 @@ def _verify_cpu_seconds(blob: StoredDelta) -> tuple[Exception | None, float]:
     declared = Declared(blob.digest, blob.size, blob.raw_digest, blob.raw_size)
     started = time.process_time()
     try:
-        verify_stream(io.BytesIO(blob.data), declared)
+        verify_stream(io.BytesIO(blob.data), declared, max_size=blob.size)
         failure = None
     except InvalidUploadError as exc:
         failure = exc
@@ -250,9 +250,10 @@ def test_registry_refuses_a_padded_giant_header_without_holding_it(registry_proc
         rss = {}
         for name, blob in (("giant", giant), ("near", near)):
             upload = c.post("/v1/repos/acme/math/uploads", json=blob.declaration()).json()
-            assert c.put(upload["upload_url"], content=blob.data).status_code == 200
-            with PeakRss(server.pid) as peak:
-                r = c.post(upload["complete_url"])
+            with PeakRss(server.pid) as peak:  # verified as it arrives: the PUT refuses
+                r = c.put(upload["upload_url"], content=blob.data)
+                if r.status_code == 200:
+                    r = c.post(upload["complete_url"])
             rss[name] = (r, peak.grew_mib)
         r, grew = rss["giant"]
         assert r.status_code == 422 and r.json()["error"] == {

@@ -459,6 +459,23 @@ def setup_repo(
     assert r.status_code in (201, 409), r.text
 
 
+def part_targets(client: httpx.Client, upload: dict, size: int, *, headers: dict | None = None) -> list:
+    """(url, offset, size) of each part of an `s3-multipart` upload of `size` stored bytes, the URLs
+    asked for in batches as a client does."""
+    part_size = upload["part_size"]
+    count = max(1, -(-size // part_size))
+    urls: list[str] = []
+    while len(urls) < count:
+        r = client.get(
+            upload["parts_url"],
+            params={"first": len(urls) + 1, "count": min(100, count - len(urls))},
+            headers=headers,
+        )
+        assert r.status_code == 200, r.text
+        urls += [p["url"] for p in r.json()["parts"]]
+    return [(url, i * part_size, min(part_size, size - i * part_size)) for i, url in enumerate(urls)]
+
+
 def send_bytes(
     client: httpx.Client, upload: dict, data: bytes, *, headers: dict | None = None
 ) -> httpx.Response | None:
@@ -472,7 +489,7 @@ def send_bytes(
     targets = (
         [(upload["upload_url"], 0, len(data))]
         if method == "s3-put"
-        else [(p["url"], p["offset"], p["size"]) for p in upload["parts"]]
+        else part_targets(client, upload, len(data), headers=headers)
     )
     with httpx.Client(timeout=60) as s3:
         for url, offset, size in targets:
@@ -485,7 +502,8 @@ def send_bytes(
 def http_push(
     client: httpx.Client, repo: str, blob: StoredDelta, *, headers: dict | None = None
 ) -> httpx.Response:
-    """The whole two-phase push; returns the response of `complete` or of the step that failed."""
+    """The whole two-phase push, declared with the blob's digests (as a client that knows them
+    does); returns the response of `complete` or of the step that failed."""
     r = client.post(f"/v1/repos/{repo}/uploads", json=blob.declaration(), headers=headers)
     if r.status_code != 201:
         return r
@@ -494,3 +512,17 @@ def http_push(
     if failed is not None:
         return failed
     return client.post(upload["complete_url"], headers=headers)
+
+
+def streamed_http_push(
+    client: httpx.Client, repo: str, blob: StoredDelta, *, headers: dict | None = None
+) -> httpx.Response:
+    """The streamed push: declared with the raw size alone, the digests named at `complete`."""
+    r = client.post(f"/v1/repos/{repo}/uploads", json={"raw_size": blob.raw_size}, headers=headers)
+    if r.status_code != 201:
+        return r
+    upload = r.json()
+    failed = send_bytes(client, upload, blob.data, headers=headers)
+    if failed is not None:
+        return failed
+    return client.post(upload["complete_url"], json=blob.declaration(), headers=headers)

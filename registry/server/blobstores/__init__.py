@@ -11,6 +11,7 @@ from registry.common.errors import InvalidRequestError
 from registry.server.blobstores.base import (
     BlobStore,
     Download,
+    ReceivedPart,
     StagedBlob,
     StoredObject,
     UploadPart,
@@ -51,6 +52,7 @@ __all__ = [
     "Download",
     "StagedBlob",
     "StoredObject",
+    "ReceivedPart",
     "UploadPart",
     "UploadRef",
     "UploadTarget",

@@ -30,31 +30,45 @@ def check_upload_id(upload_id: str) -> str:
 
 @dataclass(frozen=True)
 class UploadRef:
-    """What a store needs to find an upload's bytes: its id, declared digest and, for S3
-    multipart uploads, the store's own upload id."""
+    """What a store needs to find an upload's bytes: its id, its digest (None until `complete`
+    names it: blobs are promoted to a key derived from it) and, for S3 multipart uploads, the
+    store's own upload id. `token` names the verified staged file of bytes that came through
+    the server."""
 
     upload_id: str
-    digest: str
+    digest: str | None
     multipart_id: str | None = None
+    token: str | None = None
 
 
 @dataclass(frozen=True)
 class UploadPart:
+    """Where to PUT part `number` (1-based) of a multipart upload."""
+
     number: int
     url: str
-    offset: int
+
+
+@dataclass(frozen=True)
+class ReceivedPart:
+    """A part the store already holds (a resumed upload); `etag` as the store reports it (for S3,
+    the quoted MD5 of the part's bytes)."""
+
+    number: int
     size: int
-    received: bool = False  # the store already holds this part (a resumed upload)
+    etag: str
 
 
 @dataclass(frozen=True)
 class UploadTarget:
     """Where the client sends the bytes: through the server (`stream`), one presigned PUT
-    (`s3-put`), or presigned part PUTs of a multipart upload (`s3-multipart`)."""
+    (`s3-put`), or presigned part PUTs of a multipart upload (`s3-multipart`, parts of
+    `part_size` bytes but the last, whose URLs are asked for in batches as the client makes
+    them; `received` lists those a resumed upload already holds)."""
 
     method: str
     url: str | None = None
-    parts: list[UploadPart] = field(default_factory=list)
+    received: list[ReceivedPart] = field(default_factory=list)
     part_size: int | None = None
     multipart_id: str | None = None
 
@@ -88,19 +102,28 @@ class BlobStore(ABC):
 
     # --- uploads ---------------------------------------------------------------------------
     @abstractmethod
-    def begin_upload(self, upload_id: str, size: int, digest: str) -> UploadTarget: ...
+    def begin_upload(self, upload_id: str, max_size: int) -> UploadTarget:
+        """Prepare to receive at most `max_size` stored bytes (their exact size may be unknown)."""
 
-    def staging_writer(self, upload_id: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-        """A file to stream the upload's bytes into (stores whose bytes pass through the server)."""
+    def staging_writer(self, upload_id: str) -> contextlib.AbstractContextManager[tuple[IO[bytes], str]]:
+        """A file to stream the upload's bytes into (stores whose bytes pass through the server),
+        and the token that names it once it is kept (`UploadRef.token`)."""
         raise NotImplementedError(f"the {self.kind} store takes uploads directly, not through the server")
 
-    def resume_upload(self, ref: UploadRef, *, method: str, size: int, part_size: int | None) -> UploadTarget:
-        """Where to send the bytes of a pending upload again: fresh presigned URLs and, for
+    def part_urls(self, ref: UploadRef, numbers: range) -> list[UploadPart]:
+        """Presigned URLs for the given parts of a multipart upload (stores that have them)."""
+        raise NotImplementedError(f"the {self.kind} store has no multipart uploads")
+
+    def resume_upload(self, ref: UploadRef, *, method: str) -> UploadTarget:
+        """Where to send the bytes of a pending upload again: a fresh presigned URL and, for
         multipart uploads, which parts already arrived. Bytes through the server start over."""
         return UploadTarget(method=method)
 
-    def finish_parts(self, ref: UploadRef, *, expected_parts: int) -> None:
-        """Assemble the parts of a multipart upload (stores that have them)."""
+    def finish_parts(
+        self, ref: UploadRef, *, expected_parts: int, reported: list[tuple[int, str]] | None = None
+    ) -> None:
+        """Assemble the parts of a multipart upload (stores that have them): those `reported`
+        as (number, ETag) by the client, which the store checks, else those it lists."""
         return None  # a store without multipart uploads has nothing to assemble
 
     @abstractmethod

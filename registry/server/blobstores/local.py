@@ -1,6 +1,7 @@
-"""Local filesystem blob store: blobs at `sha256/ab/<hex>` and uploads at `staging/<upload id>`
-under a root. Every file is written to a temporary name, fsynced and renamed, so readers never
-see a partial blob."""
+"""Local filesystem blob store: blobs at `sha256/ab/<hex>` and uploads at
+`staging/<upload id>.<token>` under a root (one file per PUT, verified as it is written; the
+upload's row names the token of the one that passed). Blobs are fsynced files renamed into
+place, so readers never see a partial blob."""
 
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ from registry.server.blobstores.base import (
 )
 
 log = logging.getLogger("deltastore.registry")
-_CLAIMED = ".claimed"
 _PROMOTED = "promoted"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -74,21 +74,27 @@ class LocalBlobStore(BlobStore):
         return self.staging_dir / check_upload_id(upload_id)
 
     # --- uploads ---------------------------------------------------------------------------
-    def begin_upload(self, upload_id: str, size: int, digest: str) -> UploadTarget:
+    def begin_upload(self, upload_id: str, max_size: int) -> UploadTarget:
         return UploadTarget(method="stream")
 
+    def _token_path(self, upload_id: str, token: str) -> Path:
+        if not (token.isascii() and token.isalnum()):
+            raise ValueError(f"bad staging token {token!r}")
+        return self.staging_dir / f"{check_upload_id(upload_id)}.{token}"
+
     @contextlib.contextmanager
-    def staging_writer(self, upload_id: str) -> Iterator[IO[bytes]]:
-        final = self._staged_path(upload_id)
-        tmp = final.with_name(f"{upload_id}.{uuid.uuid4().hex}.part")
+    def staging_writer(self, upload_id: str) -> Iterator[tuple[IO[bytes], str]]:
+        token = uuid.uuid4().hex
+        path = self._token_path(upload_id, token)
         try:
-            with open(tmp, "wb") as fh:
-                yield fh
+            # A fresh file per PUT: a concurrent or repeated PUT of the same upload never changes
+            # the bytes another one verified.
+            with open(path, "xb") as fh:
+                yield fh, token
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, final)  # a second PUT of the same upload replaces the first whole
         except OSError as exc:
-            tmp.unlink(missing_ok=True)  # no partial bytes stay behind, and their space is freed
+            path.unlink(missing_ok=True)  # no partial bytes stay behind, and their space is freed
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 log.error("blob store %s is full (upload %s refused)", self.root, upload_id)
                 raise StorageFullError(
@@ -96,24 +102,19 @@ class LocalBlobStore(BlobStore):
                 ) from None
             raise
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
             raise
 
     @contextlib.contextmanager
     def open_staged(self, ref: UploadRef) -> Iterator[StagedBlob]:
-        path = self._staged_path(ref.upload_id)
-        claimed = path.with_name(ref.upload_id + _CLAIMED)
+        token = ref.token
         try:
-            # Claiming by rename means a concurrent PUT can no longer change what is verified.
-            os.replace(path, claimed)
-        except FileNotFoundError:
-            pass  # claimed by an earlier `complete` whose verification is being retried
-        token = claimed.name
-        try:
-            fh = open(claimed, "rb")
+            if token is None:
+                raise FileNotFoundError
+            fh = open(self._token_path(ref.upload_id, token), "rb")
         except FileNotFoundError:
             # Promoted by a `complete` that died before its commit (or that a concurrent one won):
-            # the bytes are at their blob key, and are verified again there before anything is published.
+            # the bytes, verified when they arrived, are at their blob key.
             token = _PROMOTED
             try:
                 fh = open(self.root / self.blob_key(ref.digest), "rb")
@@ -123,18 +124,17 @@ class LocalBlobStore(BlobStore):
             yield StagedBlob(stream=fh, size=os.fstat(fh.fileno()).st_size, token=token)
 
     def promote(self, ref: UploadRef, token: str) -> str:
-        claimed = self._staged_path(ref.upload_id).with_name(ref.upload_id + _CLAIMED)
+        key = self.blob_key(ref.digest)
         if token == _PROMOTED:
-            key = self.blob_key(ref.digest)
             os.utime(self.root / key)  # GC's grace period counts from (re)promotion
             return key
-        if token != claimed.name:
+        if token != ref.token:
             raise ValueError("staging token does not belong to this upload")
-        key = self.blob_key(ref.digest)
         dst = self.root / key
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.replace(claimed, dst)  # fsynced when written; identical bytes if dst already exists
+            # fsynced when written; identical bytes if dst exists already
+            os.replace(self._token_path(ref.upload_id, token), dst)
         except FileNotFoundError:
             raise ConflictError(f"upload {ref.upload_id} was completed or aborted concurrently") from None
         os.utime(dst)  # GC's grace period counts from promotion, not from when the bytes arrived

@@ -5,9 +5,11 @@ Keys under the store's prefix, all derived from digests and server-chosen upload
 - `uploads/<upload id>`: target of a single presigned PUT; once verified it is copied to
   `blobs/sha256/<hex>` (a PUT URL stays valid until it expires, so the verified bytes must not
   stay where it points).
-- `blobs/sha256/<hex>.<upload id>`: target of a multipart upload, which becomes the blob itself
-  when verified. Once the multipart upload is completed no URL can write to that key again, so
-  large blobs are never copied.
+- `blobs/uploads/<upload id>`: target of a multipart upload, which becomes the blob itself when
+  verified. Once the multipart upload is completed no URL can write to that key again, so large
+  blobs are never copied. (Its key cannot name the digest: a streamed push sends its parts
+  before the digest is known. Blobs from before streamed pushes are at
+  `blobs/sha256/<hex>.<upload id>`; the blob row records each key.)
 
 Request checksums are computed only when an operation requires them, because several
 S3-compatible services reject the newer default checksum headers.
@@ -31,6 +33,7 @@ from registry.common.errors import BlobStoreError, ConflictError
 from registry.server.blobstores.base import (
     BlobStore,
     Download,
+    ReceivedPart,
     StagedBlob,
     StoredObject,
     UploadPart,
@@ -44,6 +47,13 @@ MAX_PARTS = 10_000
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
 _PROMOTED = "promoted:"
 _BLOB_NAME = re.compile(r"[0-9a-f]{64}(\.[0-9a-zA-Z]+)?")
+_UPLOAD_NAME = re.compile(r"[0-9a-f]{32}")
+
+
+def _multipart_upload_id(key: str) -> str:
+    """The upload id in a multipart upload's key: `.../blobs/uploads/<id>` (or the older
+    `.../blobs/sha256/<hex>.<id>`)."""
+    return key.rsplit("/", 1)[-1].rsplit(".", 1)[-1]
 
 
 def _code(exc: ClientError) -> str:
@@ -127,10 +137,12 @@ class S3BlobStore(BlobStore):
     def staging_key(upload_id: str) -> str:
         return f"uploads/{check_upload_id(upload_id)}"
 
+    @staticmethod
+    def multipart_key(upload_id: str) -> str:
+        return f"blobs/uploads/{check_upload_id(upload_id)}"
+
     def _upload_key(self, ref: UploadRef) -> str:
-        if ref.multipart_id:
-            return f"{self.blob_key(ref.digest)}.{check_upload_id(ref.upload_id)}"
-        return self.staging_key(ref.upload_id)
+        return self.multipart_key(ref.upload_id) if ref.multipart_id else self.staging_key(ref.upload_id)
 
     def _object(self, key: str) -> dict:
         return {"Bucket": self.bucket, "Key": self.prefix + key}
@@ -141,39 +153,40 @@ class S3BlobStore(BlobStore):
         )
 
     # --- uploads ---------------------------------------------------------------------------
-    def begin_upload(self, upload_id: str, size: int, digest: str) -> UploadTarget:
-        if size <= self.multipart_threshold:
+    def begin_upload(self, upload_id: str, max_size: int) -> UploadTarget:
+        if max_size <= self.multipart_threshold:
             return UploadTarget(method="s3-put", url=self._presign("put_object", self.staging_key(upload_id)))
-        part_size = max(self.part_size, math.ceil(size / MAX_PARTS))
-        key = f"{self.blob_key(digest)}.{check_upload_id(upload_id)}"
+        part_size = max(self.part_size, math.ceil(max_size / MAX_PARTS))
         with _store_errors("CreateMultipartUpload"):
-            mpu_id = self.client.create_multipart_upload(**self._object(key))["UploadId"]
-        return self._multipart_target(key, mpu_id, size, part_size, received={})
+            mpu_id = self.client.create_multipart_upload(**self._object(self.multipart_key(upload_id)))[
+                "UploadId"
+            ]
+        return UploadTarget(method="s3-multipart", part_size=part_size, multipart_id=mpu_id)
 
-    def _multipart_target(
-        self, key: str, mpu_id: str, size: int, part_size: int, *, received: dict[int, int]
-    ) -> UploadTarget:
-        parts = []
-        for i, offset in enumerate(range(0, size, part_size)):
-            url = self._presign("upload_part", key, UploadId=mpu_id, PartNumber=i + 1)
-            n = min(part_size, size - offset)
-            parts.append(
-                UploadPart(number=i + 1, url=url, offset=offset, size=n, received=received.get(i + 1) == n)
+    def part_urls(self, ref: UploadRef, numbers: range) -> list[UploadPart]:
+        key = self._upload_key(ref)
+        return [
+            UploadPart(
+                number=n, url=self._presign("upload_part", key, UploadId=ref.multipart_id, PartNumber=n)
             )
-        return UploadTarget(method="s3-multipart", parts=parts, part_size=part_size, multipart_id=mpu_id)
+            for n in numbers
+        ]
 
-    def resume_upload(self, ref: UploadRef, *, method: str, size: int, part_size: int | None) -> UploadTarget:
+    def resume_upload(self, ref: UploadRef, *, method: str) -> UploadTarget:
         if method == "s3-put":
             return UploadTarget(
                 method=method, url=self._presign("put_object", self.staging_key(ref.upload_id))
             )
         key = self._upload_key(ref)
-        received: dict[int, int] = {}
+        received: list[ReceivedPart] = []
         try:
             for page in self.client.get_paginator("list_parts").paginate(
                 **self._object(key), UploadId=ref.multipart_id
             ):
-                received.update((p["PartNumber"], p["Size"]) for p in page.get("Parts", []))
+                received.extend(
+                    ReceivedPart(number=p["PartNumber"], size=p["Size"], etag=p["ETag"])
+                    for p in page.get("Parts", [])
+                )
         except ClientError as exc:
             if _code(exc) in _NOT_FOUND:
                 raise ConflictError(
@@ -183,10 +196,15 @@ class S3BlobStore(BlobStore):
             raise BlobStoreError(f"S3 ListParts failed: {_code(exc)}") from None
         except BotoCoreError as exc:
             raise BlobStoreError(f"S3 ListParts failed: {exc}") from None
-        return self._multipart_target(key, ref.multipart_id, size, part_size, received=received)
+        return UploadTarget(method=method, received=received, multipart_id=ref.multipart_id)
 
-    def finish_parts(self, ref: UploadRef, *, expected_parts: int) -> None:
+    def finish_parts(
+        self, ref: UploadRef, *, expected_parts: int, reported: list[tuple[int, str]] | None = None
+    ) -> None:
         obj = self._object(self._upload_key(ref))
+        if reported is not None:
+            self._complete_reported(ref, obj, expected_parts, reported)
+            return
         parts: list[dict] = []
         try:
             for page in self.client.get_paginator("list_parts").paginate(**obj, UploadId=ref.multipart_id):
@@ -199,6 +217,9 @@ class S3BlobStore(BlobStore):
             raise BlobStoreError(f"S3 ListParts failed: {_code(exc)}") from None
         except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
             raise BlobStoreError(f"S3 ListParts failed: {exc}") from None
+        # Parts past the last one `complete` names (a client's stray PUT) are left out of the
+        # object; S3 drops them with the upload.
+        parts = [p for p in parts if p["PartNumber"] <= expected_parts]
         numbers = sorted(p["PartNumber"] for p in parts)
         if numbers != list(range(1, expected_parts + 1)):
             missing = sorted(set(range(1, expected_parts + 1)) - set(numbers))
@@ -213,6 +234,37 @@ class S3BlobStore(BlobStore):
                 UploadId=ref.multipart_id,
                 MultipartUpload={"Parts": sorted(parts, key=lambda p: p["PartNumber"])},
             )
+
+    def _complete_reported(
+        self, ref: UploadRef, obj: dict, expected_parts: int, reported: list[tuple[int, str]]
+    ) -> None:
+        """CompleteMultipartUpload of the parts the client reports (no ListParts, which some
+        S3-compatible servers lack): S3 refuses a part it does not hold with that ETag."""
+        numbers = [number for number, _ in reported]
+        if numbers != list(range(1, expected_parts + 1)):
+            raise ConflictError(
+                f"upload {ref.upload_id} has {expected_parts} part(s) for the size `complete` names; "
+                f"it reports parts {', '.join(map(str, numbers[:10]))}{'…' if len(numbers) > 10 else ''}"
+            )
+        try:
+            self.client.complete_multipart_upload(
+                **obj,
+                UploadId=ref.multipart_id,
+                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etag} for n, etag in reported]},
+            )
+        except ClientError as exc:
+            code = _code(exc)
+            if code in _NOT_FOUND:
+                return  # completed by an earlier call whose verification is being retried
+            if code in ("InvalidPart", "InvalidPartOrder", "EntityTooSmall"):
+                message = exc.response.get("Error", {}).get("Message", "")
+                raise ConflictError(
+                    f"the blob store does not hold the parts of upload {ref.upload_id} as reported "
+                    f"({code}: {message}); upload them again"
+                ) from None
+            raise BlobStoreError(f"S3 CompleteMultipartUpload failed: {code}") from None
+        except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BlobStoreError(f"S3 CompleteMultipartUpload failed: {exc}") from None
 
     @contextlib.contextmanager
     def open_staged(self, ref: UploadRef) -> Iterator[StagedBlob]:
@@ -274,7 +326,7 @@ class S3BlobStore(BlobStore):
             )
             for page in pages:
                 for up in page.get("Uploads", []):
-                    yield StoredObject(key=up["Key"].rsplit(".", 1)[-1], modified=up["Initiated"])
+                    yield StoredObject(key=_multipart_upload_id(up["Key"]), modified=up["Initiated"])
 
     def sweep_staging(self, *, live_upload_ids: set[str], older_than: dt.datetime) -> int:
         removed = 0
@@ -289,7 +341,7 @@ class S3BlobStore(BlobStore):
             )
             for page in pages:
                 for up in page.get("Uploads", []):
-                    upload_id = up["Key"].rsplit(".", 1)[-1]
+                    upload_id = _multipart_upload_id(up["Key"])
                     if upload_id not in live_upload_ids and up["Initiated"] < older_than:
                         self.client.abort_multipart_upload(
                             Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"]
@@ -325,6 +377,9 @@ class S3BlobStore(BlobStore):
     def list_blobs(self) -> Iterator[StoredObject]:
         for key, modified in self._list("blobs/sha256/"):
             if _BLOB_NAME.fullmatch(key.rsplit("/", 1)[-1]):
+                yield StoredObject(key=key, modified=modified)
+        for key, modified in self._list("blobs/uploads/"):
+            if _UPLOAD_NAME.fullmatch(key.rsplit("/", 1)[-1]):
                 yield StoredObject(key=key, modified=modified)
 
     def check(self) -> None:

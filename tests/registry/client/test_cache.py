@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from codec.storage import decompress_blob
+from codec.storage import BlobInfo
 from registry.client.cache import DeltaCache, registry_dir_name
 from registry.client.errors import CacheError
+from registry.client.transfer import StorageForm
 
 REGISTRY = "http://127.0.0.1:8000"
 
@@ -357,29 +358,30 @@ def source(tmp_path) -> Path:
     return path
 
 
+def _info(source: Path) -> BlobInfo:
+    form = StorageForm(source, part_size=1 << 20)
+    b"".join(form.parts())
+    return form.info
+
+
 def test_push_state_survives_between_runs_of_the_same_file(cache, source):
+    info = _info(source)
     with cache.push_state(source) as state:
         assert state.blob is None and state.upload_id("reg/acme/math") is None
-        info = state.stage(source)
-        state.remember_upload("reg/acme/math", "u-1")
-    assert info.raw_digest == _digest(source.read_bytes()) and info.raw_size == source.stat().st_size
-    assert info.size == state.staged_path.stat().st_size < info.raw_size
-    assert info.digest == _digest(state.staged_path.read_bytes())
-    out = source.parent / "round-trip"
-    decompress_blob(
-        state.staged_path, out, max_output_size=info.raw_size, expected_raw_digest=info.raw_digest
-    )
-    assert out.read_bytes() == source.read_bytes()
-
+        state.remember_upload("reg/acme/math", "u-1", None)  # streamed: declared without digests
+        state.remember_upload("reg/acme/other", "u-2", info)
+        state.remember_blob(info)
     with cache.push_state(source) as again:
         assert again.state_path == state.state_path
-        assert again.blob == info and again.upload_id("reg/acme/math") == "u-1"
+        assert again.blob == info
+        assert again.upload_id("reg/acme/math") == "u-1" and again.upload_declared("reg/acme/math") is None
+        assert again.upload_id("reg/acme/other") == "u-2" and again.upload_declared("reg/acme/other") == info
 
 
 def test_a_changed_file_is_a_new_push(cache, source):
     with cache.push_state(source) as state:
-        state.stage(source)
-        state.remember_upload("reg/acme/math", "u-1")
+        state.remember_blob(_info(source))
+        state.remember_upload("reg/acme/math", "u-1", None)
     source.write_bytes(source.read_bytes()[:-1] + b"\1")
     with cache.push_state(source) as changed:
         assert changed.state_path != state.state_path
@@ -388,8 +390,8 @@ def test_a_changed_file_is_a_new_push(cache, source):
 
 def test_a_state_file_for_another_identity_is_not_trusted(cache, source):
     with cache.push_state(source) as state:
-        state.stage(source)
-        state.remember_upload("reg/acme/math", "u-1")
+        state.remember_blob(_info(source))
+        state.remember_upload("reg/acme/math", "u-1", None)
     saved = json.loads(state.state_path.read_text())
     saved["identity"][0] = "/elsewhere"
     state.state_path.write_text(json.dumps(saved))
@@ -397,39 +399,25 @@ def test_a_state_file_for_another_identity_is_not_trusted(cache, source):
         assert again.blob is None and again.upload_id("reg/acme/math") is None
 
 
-def test_known_digests_need_no_compression_and_a_lost_staged_file_is_remade(cache, source):
+def test_a_state_file_of_an_older_client_is_read_as_no_pending_upload(cache, source):
+    """Older clients saved an upload as its bare id (their uploads were declared with digests
+    and staged bytes that are no longer kept): such an entry is no upload to resume."""
     with cache.push_state(source) as state:
-        info = state.stage(source)
-        state.discard_staged()
-        assert state.prepare(source) == info and not state.staged_path.exists()  # digests only
-        assert state.stage(source) == info and state.staged_path.stat().st_size == info.size
-
-
-def test_a_restaged_file_with_other_digests_drops_uploads_declared_with_the_old_ones(cache, source):
-    with cache.push_state(source) as state:
-        state.stage(source)
-        state.remember_upload("reg/acme/math", "u-1")
+        state.remember_blob(_info(source))
     saved = json.loads(state.state_path.read_text())
-    saved["blob"]["digest"] = "sha256:" + "0" * 64  # as if an earlier run's zstd made other bytes
+    saved["uploads"] = {"reg/acme/math": "u-old"}
     state.state_path.write_text(json.dumps(saved))
-    state.staged_path.unlink()
     with cache.push_state(source) as again:
-        assert again.upload_id("reg/acme/math") == "u-1"
-        info = again.stage(source)
-        assert info.digest == _digest(again.staged_path.read_bytes())
-        assert again.upload_id("reg/acme/math") is None
-    assert json.loads(state.state_path.read_text())["uploads"] == {}
+        assert again.upload_id("reg/acme/math") is None and again.blob == _info(source)
 
 
-def test_finish_keeps_the_staged_bytes_while_another_push_still_needs_them(cache, source):
+def test_finish_drops_the_upload_and_keeps_the_digests(cache, source):
     with cache.push_state(source) as state:
-        state.stage(source)
-        state.remember_upload("a/acme/math", "u-1")
-        state.remember_upload("b/acme/math", "u-2")
+        state.remember_blob(_info(source))
+        state.remember_upload("a/acme/math", "u-1", None)
+        state.remember_upload("b/acme/math", "u-2", None)
         state.finish("a/acme/math")
-        assert state.staged_path.exists() and state.upload_id("b/acme/math") == "u-2"
-        state.finish("b/acme/math")
-        assert not state.staged_path.exists()
+        assert state.upload_id("a/acme/math") is None and state.upload_id("b/acme/math") == "u-2"
     with cache.push_state(source) as done:
-        assert done.blob is not None  # kept: pushing the same bytes again needs no compression
-        assert json.loads(done.state_path.read_text())["uploads"] == {}
+        assert done.blob == _info(source)  # kept: a push of the same bytes asks the registry first
+        assert set(json.loads(done.state_path.read_text())["uploads"]) == {"b/acme/math"}

@@ -11,7 +11,7 @@ import pytest
 
 from registry.client.errors import RegistryUnavailableError
 from registry.client.http import RegistryHttp
-from registry.client.transfer import put_range
+from registry.client.transfer import put_bytes
 from registry.common.errors import DatabaseUnavailableError, NotFoundError
 
 
@@ -115,20 +115,17 @@ def test_a_lost_answer_of_a_repeatable_post_is_asked_for_once_more(scripted):
     assert [method for method, _, _ in server.seen] == ["POST", "POST"]
 
 
-def test_put_range_retries_transient_answers_and_takes_back_their_progress(scripted, tmp_path):
-    path = tmp_path / "blob"
-    path.write_bytes(bytes(range(256)) * 40)
+def test_put_bytes_retries_transient_answers_and_takes_back_their_progress(scripted):
+    data = (bytes(range(256)) * 40)[100:5100]
     server = scripted((500, {}, None), (503, {}, None), OK)
     moved = []
     http = _http(server.url)
-    response = put_range(http.blobs, server.url + "/part", path, 100, 5000, advance=moved.append, attempts=3)
+    response = put_bytes(http.blobs, server.url + "/part", data, advance=moved.append, attempts=3)
     assert response.status_code == 200 and [size for _, _, size in server.seen] == [5000] * 3
     assert sum(moved) == 5000  # two failed attempts taken back
 
 
-def test_put_range_returns_the_last_answer_when_attempts_run_out(scripted, tmp_path):
-    path = tmp_path / "blob"
-    path.write_bytes(b"x" * 10)
+def test_put_bytes_returns_the_last_answer_when_attempts_run_out(scripted):
     server = scripted((500, {}, None))
-    response = put_range(_http(server.url).blobs, server.url + "/part", path, 0, 10, attempts=2)
+    response = put_bytes(_http(server.url).blobs, server.url + "/part", b"x" * 10, attempts=2)
     assert response.status_code == 500 and len(server.seen) == 2

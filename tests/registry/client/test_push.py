@@ -86,7 +86,8 @@ def test_a_resumed_push_says_who_published_the_saved_upload(delta, tmp_path, sta
     try:
         with RegistryApi(url, home=tmp_path / "home") as api:
             with api.cache.push_state(delta) as state:
-                state.remember_upload(f"{api.endpoint} acme/math", "u-1")  # what the interrupted run saved
+                # what the interrupted run saved
+                state.remember_upload(f"{api.endpoint} acme/math", "u-1", None)
             result = api.push(delta, "acme/math")
     finally:
         server.shutdown()

@@ -1,13 +1,16 @@
-"""registry.client.transfer: part uploads and downloads against a real blob server on 127.0.0.1:
-every byte lands where it belongs, a cut download keeps its bytes and resumes with Range, and
-bytes that are not the recorded blob are refused and leave nothing behind."""
+"""registry.client.transfer: the storage form made as the file is read, part uploads and
+downloads against a real blob server on 127.0.0.1: every byte lands where it belongs, parts are
+made as they are sent in bounded memory, a cut download keeps its bytes and resumes with Range,
+and bytes that are not the recorded blob are refused and leave nothing behind."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
 import time
+import tracemalloc
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import pytest
 
 from codec.storage import BlobInfo, compress_blob
 from registry.client.errors import CorruptDownloadError, NetworkError, TransferInterruptedError
-from registry.client.transfer import receive_blob, upload_parts
+from registry.client.transfer import StorageForm, part_etag, receive_blob, upload_parts
 
 
 class BlobServer:
@@ -31,6 +34,7 @@ class BlobServer:
         self.parts: dict[int, bytes] = {}
         self.delay: dict[int, float] = {}
         self.arrived: list[int] = []
+        self.keep = True  # False: keep only each part's size and sha256 (a memory measurement)
         self.ranges: list[str | None] = []
         outer = self
 
@@ -60,9 +64,11 @@ class BlobServer:
                 time.sleep(outer.delay.get(number, 0))
                 status, answer = outer.refuse.get(number, (200, b""))
                 if status == 200 and len(body) == int(self.headers["Content-Length"]):
-                    outer.parts[number] = body
+                    outer.parts[number] = body if outer.keep else (len(body), hashlib.sha256(body).digest())
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(answer)))
+                if status == 200:  # as S3 answers a part PUT
+                    self.send_header("ETag", part_etag(body))
                 self.end_headers()
                 self.wfile.write(answer)
 
@@ -207,73 +213,156 @@ def test_bytes_after_the_frame_are_refused(server, stored, tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+# --- the storage form ------------------------------------------------------------------------
+
+
+def test_the_storage_form_is_the_bytes_compress_blob_writes_cut_into_parts(stored, tmp_path):
+    raw, blob, info = stored
+    (tmp_path / "raw").write_bytes(raw)
+    form = StorageForm(tmp_path / "raw", part_size=100_000)
+    parts = list(form.parts())
+    assert b"".join(parts) == blob and form.info == info
+    assert {len(p) for p in parts[:-1]} == {100_000} and 0 < len(parts[-1]) <= 100_000
+    again = StorageForm(tmp_path / "raw", part_size=100_000)
+    assert list(again.parts()) == parts  # deterministic: a resume recognises the parts already sent
+
+
+def test_the_digests_are_known_only_once_every_part_was_read(tmp_path):
+    (tmp_path / "raw").write_bytes(os.urandom(5000))
+    form = StorageForm(tmp_path / "raw", part_size=1000)
+    parts = form.parts()
+    next(parts)
+    with pytest.raises(RuntimeError, match="once every part was read"):
+        form.info  # noqa: B018
+    list(parts)
+    assert form.info.raw_size == 5000
+
+
+def test_a_file_that_changes_size_while_read_is_an_error(tmp_path):
+    path = tmp_path / "raw"
+    path.write_bytes(os.urandom(3 << 20))
+    parts = StorageForm(path, part_size=1 << 20).parts()
+    next(parts)
+    with open(path, "r+b") as fh:
+        fh.truncate(2 << 20)
+    with pytest.raises(OSError, match="changed size while being pushed"):
+        list(parts)
+
+
+def test_an_empty_file_still_makes_one_part(tmp_path):
+    (tmp_path / "empty").write_bytes(b"")
+    form = StorageForm(tmp_path / "empty", part_size=1 << 20)
+    (part,) = list(form.parts())
+    assert form.info.size == len(part) > 0 and form.info.raw_size == 0
+
+
 # --- part uploads ----------------------------------------------------------------------------
 
 
-def _parts(url: str, size: int, part_size: int) -> list[dict]:
-    return [
-        {
-            "number": n + 1,
-            "url": f"{url}/part/{n + 1}?X-Amz-Signature=s",
-            "offset": off,
-            "size": min(part_size, size - off),
-        }
-        for n, off in enumerate(range(0, size, part_size))
-    ]
+def _url(server: BlobServer):
+    return lambda number: f"{server.url}/part/{number}?X-Amz-Signature=s"
 
 
-def test_each_part_gets_exactly_its_slice_of_the_file(server, tmp_path):
+def _slices(data: bytes, part_size: int) -> list[bytes]:
+    return [data[i : i + part_size] for i in range(0, len(data), part_size)]
+
+
+def test_each_part_gets_exactly_its_bytes(server):
     data = os.urandom(3 * (1 << 20) + 12345)
-    path = tmp_path / "staged.zst"
-    path.write_bytes(data)
-    parts = _parts(server.url, len(data), 1 << 20)
     moved, done = [], []
     with httpx.Client() as http:
-        upload_parts(
-            http, path, parts, concurrency=3, advance=moved.append, on_part=lambda p: done.append(p["number"])
+        sent, skipped, etags = upload_parts(
+            http,
+            iter(_slices(data, 1 << 20)),
+            url_for=_url(server),
+            concurrency=3,
+            advance=moved.append,
+            on_part=done.append,
         )
     assert sorted(server.parts) == [1, 2, 3, 4] and b"".join(server.parts[n] for n in (1, 2, 3, 4)) == data
-    assert sum(moved) == len(data) and sorted(done) == [1, 2, 3, 4]
+    assert (sent, skipped) == (len(data), 0) and sum(moved) == len(data) and sorted(done) == [1, 2, 3, 4]
+    assert etags == {n: part_etag(part) for n, part in enumerate(_slices(data, 1 << 20), start=1)}
 
 
-def test_only_the_parts_given_are_sent(server, tmp_path):
+def test_parts_the_store_holds_are_not_sent(server):
     data = os.urandom(4000)
-    path = tmp_path / "staged.zst"
-    path.write_bytes(data)
-    missing = [p for p in _parts(server.url, len(data), 1000) if p["number"] in (2, 4)]
+    held = {1: part_etag(data[:1000]), 3: part_etag(data[2000:3000])}
+    asked: list[int] = []
+
+    def url_for(number: int) -> str:
+        asked.append(number)
+        return _url(server)(number)
+
     with httpx.Client() as http:
-        upload_parts(http, path, missing, concurrency=4)
-        upload_parts(http, path, [], concurrency=4)  # nothing left to send: no request
-    assert server.parts == {2: data[1000:2000], 4: data[3000:]}
+        sent, skipped, etags = upload_parts(
+            http,
+            iter(_slices(data, 1000)),
+            url_for=url_for,
+            held=lambda number, part: held[number] if held.get(number) == part_etag(part) else None,
+            concurrency=4,
+        )
+    assert server.parts == {2: data[1000:2000], 4: data[3000:]} and asked == [2, 4]
+    assert (sent, skipped) == (2000, 2)
+    assert etags == {n: part_etag(part) for n, part in enumerate(_slices(data, 1000), start=1)}
 
 
-def test_a_refused_part_is_raised_with_the_store_and_its_message(server, tmp_path):
-    path = tmp_path / "staged.zst"
-    path.write_bytes(os.urandom(10_000))
+def test_a_refused_part_is_raised_with_the_store_and_its_message(server):
     server.refuse[2] = (
         403,
         b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
     )
-    server.delay[3] = 0.3  # a part the failing worker may already have taken is still in flight
     done = []
     with httpx.Client() as http, pytest.raises(NetworkError) as err:
-        upload_parts(
-            http,
-            path,
-            _parts(server.url, 10_000, 1000),
-            concurrency=1,
-            on_part=lambda p: done.append(p["number"]),
-        )
+        parts = iter(_slices(os.urandom(10_000), 1000))
+        upload_parts(http, parts, url_for=_url(server), concurrency=1, on_part=done.append)
     host = server.url.removeprefix("http://")
     assert str(err.value) == f"the blob store at {host} refused part 2: HTTP 403 Request has expired"
     assert "X-Amz-Signature" not in str(err.value)  # the signature is never shown
-    # The first failure stops the queue: no part starts after it.
+    # The first failure stops the rest: no part is sent after it.
     assert done == [1] and set(server.arrived) == {1, 2}
 
 
-def test_a_file_shorter_than_its_parts_is_an_error_not_a_short_part(server, tmp_path):
-    path = tmp_path / "staged.zst"
-    path.write_bytes(os.urandom(1500))
-    with httpx.Client() as http, pytest.raises(OSError, match="shorter than expected"):
-        upload_parts(http, path, _parts(server.url, 2000, 1000), concurrency=1)
-    assert 2 not in server.parts
+def test_parts_are_made_while_others_are_sent_and_few_wait_in_memory(server):
+    """The producer runs ahead of the uploads by at most concurrency + 1 parts, whatever the
+    number of parts."""
+    concurrency, ahead = 2, []
+    done: list[int] = []
+    for n in range(1, 13):
+        server.delay[n] = 0.02
+
+    def parts():
+        for n in range(1, 13):
+            ahead.append(n - len(done))
+            yield bytes(1000)
+
+    with httpx.Client() as http:
+        upload_parts(http, parts(), url_for=_url(server), concurrency=concurrency, on_part=done.append)
+    assert sorted(done) == list(range(1, 13))
+    assert max(ahead) <= concurrency + 2 and max(ahead) >= 2  # bounded, and overlapped
+
+
+def _peak_pushing(server: BlobServer, path: Path, part_size: int) -> int:
+    tracemalloc.start()
+    try:
+        form = StorageForm(path, part_size=part_size)
+        with httpx.Client() as http:
+            upload_parts(http, form.parts(), url_for=_url(server), concurrency=2)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_peak_memory_does_not_grow_with_the_file(server, tmp_path):
+    server.keep = False
+    part_size = 256 << 10
+    peaks = {}
+    for mib in (2, 48):
+        path = tmp_path / f"{mib}.raw"
+        path.write_bytes(os.urandom(mib << 20))
+        peaks[mib] = _peak_pushing(server, path, part_size)
+        assert sum(size for size, _ in server.parts.values()) > mib << 20  # every byte went
+        server.parts.clear()
+    # Parts in flight and fixed buffers (1 MiB file reads and zstd output, the test server's
+    # threads), not the file: 24x the bytes, the same peak within those buffers' timing.
+    assert peaks[48] < 8 << 20, peaks
+    assert peaks[48] - peaks[2] < 2 << 20, peaks

@@ -532,13 +532,26 @@ def test_stale_uploads_are_those_created_before_the_cutoff_and_deleting_one_drop
         session.execute(
             update(Upload).where(Upload.id == "o" * 32).values(created_at=utcnow() - dt.timedelta(days=2))
         )
-        crud.record_received(session, upload_id="n" * 32, size=7, digest=digest_of("partial"))
+        crud.record_received(
+            session,
+            upload_id="n" * 32,
+            size=7,
+            digest=digest_of("partial"),
+            raw_size=9,
+            raw_digest=digest_of("raw"),
+            token="t" * 32,
+        )
     with db.write() as session:
         cutoff = utcnow() - dt.timedelta(days=1)
         assert [u.id for u in crud.stale_uploads(session, older_than=cutoff)] == ["o" * 32]
         assert crud.live_upload_ids(session) == {"o" * 32, "n" * 32}
         fresh = crud.get_upload(session, upload_id="n" * 32)
         assert (fresh.received_size, fresh.received_digest) == (7, digest_of("partial"))
+        assert (fresh.received_raw_size, fresh.received_raw_digest, fresh.received_token) == (
+            9,
+            digest_of("raw"),
+            "t" * 32,
+        )
         for upload in crud.stale_uploads(session, older_than=cutoff):
             crud.delete_upload(session, upload=upload)
     with db.read() as session:

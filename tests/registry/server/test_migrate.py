@@ -389,9 +389,11 @@ def test_downgrades_and_upgrades_keep_every_row(database_url):
     }
     head_columns = {t: set(rows[0]) for t, rows in full.items()}
     cfg = alembic_config(db.engine)
+    received = {"received_raw_digest", "received_raw_size", "received_token"}
     for revision, gone in (
-        ("0002", {"versions": {"upload_id"}}),
-        ("0001", {"versions": {"upload_id"}, "api_tokens": {"expires_at"}}),
+        ("0003", {"uploads": received}),
+        ("0002", {"uploads": received, "versions": {"upload_id"}}),
+        ("0001", {"uploads": received, "versions": {"upload_id"}, "api_tokens": {"expires_at"}}),
     ):
         command.downgrade(cfg, revision)
         assert current_revision(db.engine) == revision

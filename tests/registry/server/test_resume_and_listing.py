@@ -3,6 +3,7 @@ the latest version's summary in repository listings, and fidelity recorded on th
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import httpx
@@ -12,6 +13,7 @@ from codec.compress import CompressOptions, compress
 from codec.storage import compress_blob
 from tests.registry.conftest import BACKENDS
 from tests.registry.helpers import BASE_NAME, error_of, push, setup_repo
+from tests.support.harness import part_targets
 
 
 @pytest.fixture
@@ -27,10 +29,11 @@ def test_resumed_multipart_upload_lists_received_parts_with_fresh_urls(
     client = make_client(**s3_settings, multipart_threshold=1024, multipart_part_size=part_size)
     setup_repo(client, base_fingerprint)
     upload = client.post("/v1/repos/acme/math/uploads", json=a.declaration()).json()
-    parts = upload["parts"]
-    assert len(parts) == 4 and not any(p["received"] for p in parts)
-    for p in (parts[0], parts[2]):
-        assert httpx.put(p["url"], content=a.data[p["offset"] : p["offset"] + p["size"]]).status_code == 200
+    assert upload["received_parts"] == [] and upload["part_size"] == part_size
+    parts = part_targets(client, upload, a.size)
+    assert len(parts) == 4
+    for url, offset, size in (parts[0], parts[2]):
+        assert httpx.put(url, content=a.data[offset : offset + size]).status_code == 200
 
     r = client.get(f"/v1/uploads/{upload['id']}")
     assert r.status_code == 200, r.text
@@ -39,14 +42,15 @@ def test_resumed_multipart_upload_lists_received_parts_with_fresh_urls(
         resumed["id"] == upload["id"]
         and resumed["method"] == "s3-multipart"
         and resumed["repository"] == "acme/math"
+        and resumed["part_size"] == part_size
     )
-    assert [p["received"] for p in resumed["parts"]] == [True, False, True, False]
-    assert [(p["offset"], p["size"]) for p in resumed["parts"]] == [(p["offset"], p["size"]) for p in parts]
-    for p in resumed["parts"]:
-        if not p["received"]:
-            assert (
-                httpx.put(p["url"], content=a.data[p["offset"] : p["offset"] + p["size"]]).status_code == 200
-            )
+    md5 = [hashlib.md5(a.data[offset : offset + size]).hexdigest() for _, offset, size in parts]
+    assert resumed["received_parts"] == [
+        {"number": 1, "size": part_size, "etag": f'"{md5[0]}"'},
+        {"number": 3, "size": part_size, "etag": f'"{md5[2]}"'},
+    ]
+    for url, offset, size in (part_targets(client, resumed, a.size)[i] for i in (1, 3)):  # fresh URLs
+        assert httpx.put(url, content=a.data[offset : offset + size]).status_code == 200
     r = client.post(resumed["complete_url"])
     assert r.status_code == 201 and r.json()["digest"] == a.digest
 

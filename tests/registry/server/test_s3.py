@@ -17,6 +17,7 @@ from registry.server.gc import collect_garbage
 from registry.server.models import utcnow
 from tests.registry.conftest import BACKENDS, S3_SERVERS
 from tests.registry.helpers import error_of, push, setup_repo
+from tests.support.harness import part_targets
 
 
 @pytest.fixture
@@ -62,23 +63,25 @@ def test_multipart_upload_with_tiny_parts(
     setup_repo(client, base_fingerprint)
     upload = client.post("/v1/repos/acme/math/uploads", json=a.declaration()).json()
     assert upload["method"] == "s3-multipart" and upload["part_size"] == part_size
-    parts = upload["parts"]
-    assert [p["number"] for p in parts] == [1, 2, 3]
-    assert sum(p["size"] for p in parts) == a.size and parts[1]["offset"] == part_size
+    assert upload["parts_url"] == f"/v1/uploads/{upload['id']}/parts"
+    parts = part_targets(client, upload, a.size)
+    assert [(offset, size) for _, offset, size in parts] == [
+        (0, part_size),
+        (part_size, part_size),
+        (2 * part_size, a.size - 2 * part_size),
+    ]
 
     # completing with a part missing is refused and can be retried
-    for p in parts[:2]:
-        assert httpx.put(p["url"], content=a.data[p["offset"] : p["offset"] + p["size"]]).status_code == 200
+    for url, offset, size in parts[:2]:
+        assert httpx.put(url, content=a.data[offset : offset + size]).status_code == 200
     r = client.post(upload["complete_url"])
     assert r.status_code == 409 and "3" in error_of(r)["message"]
-    p = parts[2]
-    assert httpx.put(p["url"], content=a.data[p["offset"] : p["offset"] + p["size"]]).status_code == 200
+    url, offset, size = parts[2]
+    assert httpx.put(url, content=a.data[offset : offset + size]).status_code == 200
     r = client.post(upload["complete_url"])
     assert r.status_code == 201, r.text
-    # the multipart object is the blob itself (no copy); its key derives from digest and upload id
-    assert _keys(s3_client, s3_bucket) == [
-        f"registry/blobs/sha256/{a.digest.removeprefix('sha256:')}.{upload['id']}"
-    ]
+    # the multipart object is the blob itself (no copy); its key derives from the upload id
+    assert _keys(s3_client, s3_bucket) == [f"registry/blobs/uploads/{upload['id']}"]
     body = httpx.get(
         client.get("/v1/repos/acme/math/versions/latest/download", follow_redirects=False).headers["location"]
     ).content
@@ -127,8 +130,8 @@ def test_gc_aborts_interrupted_multipart_uploads(
     client = make_client(**s3_settings, multipart_threshold=1024, multipart_part_size=a.size // 3 + 1)
     setup_repo(client, base_fingerprint)
     upload = client.post("/v1/repos/acme/math/uploads", json=a.declaration()).json()
-    p = upload["parts"][0]
-    assert httpx.put(p["url"], content=a.data[: p["size"]]).status_code == 200  # then the client dies
+    url, _, size = part_targets(client, upload, a.size)[0]
+    assert httpx.put(url, content=a.data[:size]).status_code == 200  # then the client dies
     assert len(s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])) == 1
     assert client.get("/v1/repos/acme/math/versions").json()["items"] == []
 

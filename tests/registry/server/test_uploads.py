@@ -146,30 +146,55 @@ def test_declared_digest_or_size_mismatch_is_refused_and_leaves_nothing(
     assert r.status_code == 422 and error_of(r)["code"] == f"{lie}_mismatch"
     if lie == "size":
         assert error_of(r)["message"] == f"request has {a.size} bytes but the upload declared {a.size + 10}"
-    r = client.post(upload["complete_url"])
-    assert r.status_code in (409, 422)
+    else:
+        assert error_of(r)["message"] == (
+            f"received bytes have digest {a.digest}, but the upload declared {b.digest}"
+        )
+    r = client.post(upload["complete_url"])  # refused bytes dropped the upload with its pending version
+    assert r.status_code == 404 and error_of(r)["code"] == "not_found"
     assert client.get("/v1/repos/acme/math/versions").json()["items"] == []
     assert client.get("/v1/repos/acme/math/versions/latest").status_code == 404
     settings = make_settings()
-    assert _rows(settings, Version) == (0 if r.status_code == 422 else 1)
+    assert _rows(settings, Version) == 0 and _rows(settings, Upload) == 0
     assert _rows(settings, Blob) == 0
+    assert _staging_files(settings) == []
 
 
-def test_complete_reverifies_the_stored_bytes(client, delta_blobs, base_fingerprint, make_settings):
-    """Even if the stored bytes change after the PUT, complete checks them again."""
+@pytest.mark.parametrize("named", ["digest", "size", "raw_digest", "raw_size"])
+def test_complete_must_name_what_the_registry_received(
+    client, delta_blobs, base_fingerprint, make_settings, named
+):
+    """Bytes through the registry are verified as they arrive (a streamed declaration: nothing to
+    check them against yet); `complete` must then name exactly what they turned out to be."""
     setup_repo(client, base_fingerprint)
-    a = delta_blobs[0]
-    upload = client.post("/v1/repos/acme/math/uploads", json=a.declaration()).json()
-    send_bytes(client, upload, a.data)
-    staged = make_settings().resolved_blob_url.removeprefix("file://") + f"/staging/{upload['id']}"
-    tampered = bytearray(a.data)
-    tampered[-5] ^= 0xFF
-    with open(staged, "wb") as fh:
-        fh.write(tampered)
-    r = client.post(upload["complete_url"])
-    assert r.status_code == 422 and error_of(r)["code"] == "digest_mismatch"
+    a, b = delta_blobs[:2]
+    upload = client.post("/v1/repos/acme/math/uploads", json={"raw_size": a.raw_size}).json()
+    r = client.put(upload["upload_url"], content=iter([a.data]))  # chunked, as a streamed push sends it
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "id": upload["id"],
+        "received": a.size,
+        "digest": a.digest,
+        "raw_size": a.raw_size,
+        "raw_digest": a.raw_digest,
+    }
+    wrong = {"digest": b.digest, "size": a.size + 1, "raw_digest": b.raw_digest, "raw_size": a.raw_size + 1}
+    r = client.post(upload["complete_url"], json=a.declaration(**{named: wrong[named]}))
+    expected = {
+        "digest": f"received bytes have digest {a.digest}, but the upload declared {b.digest}",
+        "size": f"received {a.size} bytes but the upload declared {a.size + 1}",
+        "raw_digest": (
+            f"the blob does not decompress to the declared {a.raw_size} bytes with digest "
+            f"{b.raw_digest} (it decompresses to {a.raw_digest})"
+        ),
+        "raw_size": f"`complete` names raw_size {a.raw_size + 1}, but the upload declared {a.raw_size}",
+    }[named]
+    code = "size_mismatch" if named.endswith("size") else "digest_mismatch"
+    assert r.status_code == 422 and error_of(r)["code"] == code
+    assert error_of(r)["message"] == expected
     assert client.get("/v1/repos/acme/math/versions").json()["items"] == []
-    assert _staging_files(make_settings()) == []
+    if named != "raw_size":  # named against the declaration: the received bytes stay, the upload too
+        assert _staging_files(make_settings()) == []
 
 
 def test_bytes_that_are_not_a_delta_are_refused(client, base_fingerprint):
@@ -183,9 +208,10 @@ def test_bytes_that_are_not_a_delta_are_refused(client, base_fingerprint):
         "raw_size": len(raw),
     }
     upload = client.post("/v1/repos/acme/math/uploads", json=decl).json()
-    send_bytes(client, upload, data)
-    r = client.post(upload["complete_url"])
+    r = client.put(upload["upload_url"], content=data)  # refused as it arrives, not at `complete`
     assert r.status_code == 422 and error_of(r)["code"] == "invalid_delta"
+    assert error_of(r)["message"].startswith("upload is not a valid format-v1 delta: its header would be ")
+    assert client.post(upload["complete_url"]).status_code == 404
     assert client.get("/v1/repos/acme/math/versions").json()["items"] == []
 
 
