@@ -38,7 +38,6 @@ FINGERPRINT = "sha256:" + "5a" * 32
 BASE = "bench/base"
 
 
-
 def _part_targets(api: httpx.Client, upload: dict, size: int) -> list[dict]:
     """Where each byte range of an upload goes: its one presigned PUT, or its parts' URLs (asked
     for in batches, as a client does)."""
@@ -52,6 +51,7 @@ def _part_targets(api: httpx.Client, upload: dict, size: int) -> list[dict]:
         {"url": url, "offset": i * part_size, "size": min(part_size, size - i * part_size)}
         for i, url in enumerate(urls)
     ]
+
 
 def free_port() -> int:
     with socket.socket() as s:
