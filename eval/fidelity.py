@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -265,15 +266,19 @@ class Score:
 
 @torch.inference_mode()
 def score(model, windows: torch.Tensor, reference: Reference, batch: int) -> Score:
-    """Teacher-forced scores of `model` on `windows` against the reference, every position."""
+    """Teacher-forced scores of `model` on `windows` against the reference, every position
+    (`model` None: the reference's own, from its cached hidden states)."""
     loss = kl = top1 = 0.0
-    head = model.get_output_embeddings()
     for i in range(0, len(windows), batch):
         ids = windows[i : i + batch]
-        got = torch.log_softmax(head(model.base_model(ids).last_hidden_state).float(), -1)
         ref = torch.log_softmax(
             torch.nn.functional.linear(reference.hidden[i : i + batch], reference.head), -1
         )
+        if model is None:
+            got = ref
+        else:
+            hidden = model.base_model(ids).last_hidden_state
+            got = torch.log_softmax(model.get_output_embeddings()(hidden).float(), -1)
         loss -= float(got[:, :-1].gather(-1, ids[:, 1:, None]).sum())
         kl += float((ref.exp() * (ref - got)).sum())
         top1 += float((ref.argmax(-1) == got.argmax(-1)).sum())
@@ -311,7 +316,7 @@ class Settings:
     prompts: int = 16
     prompt_len: int = 32
     new_tokens: int = 32
-    cached_only: bool = False  # report the rows already scored, build and score nothing
+    cached_only: bool = False  # report the rows already scored (their files get their summaries)
 
 
 @dataclass
@@ -396,11 +401,15 @@ def evaluate(
     windows = torch.tensor(corpus.heldout_windows(tok, settings.windows, settings.seq_len))
     prompts = windows[: settings.prompts, : settings.prompt_len]
     wid = _windows_id(windows)
-    scores_path = work / f"scores-{settings.windows}x{settings.seq_len}-{wid}.json"
-    cache = json.loads(scores_path.read_text()) if scores_path.exists() else {}
+    scores = work / f"scores-{settings.windows}x{settings.seq_len}-{wid}"  # one file a row, so
+    scores.mkdir(exist_ok=True)  # runs scoring different rows side by side never clobber each other
     distill = settings.distill
     variants = REFERENCE_ROWS + tuple(settings.variants)
-    todo = [v for v in variants if v.key(distill) not in cache]
+    # The fine-tune's own row first: it is read off the reference while the model still holds it.
+    todo = sorted(
+        (v for v in variants if not (scores / f"{v.key(distill)}.json").exists()),
+        key=lambda v: v.codec != "finetuned",
+    )
     if settings.cached_only:
         todo = []
 
@@ -430,7 +439,7 @@ def evaluate(
         if v.codec == "base":
             state, nbytes = {}, 0
         elif v.codec == "finetuned":
-            state, nbytes = {n: ft_ckpt.get(n) for n in ft_ckpt.names}, ft_ckpt.total_bytes
+            state, nbytes = None, ft_ckpt.total_bytes
         elif v.codec == "svd":
             names = names or compressed_names(base_dir, ft_dir)
             state, nbytes, factors = lowrank_state(base_dir, ft_dir, names, v.ratio)
@@ -474,11 +483,12 @@ def evaluate(
                 linear_ratio(path, ft_ckpt),
             )
         start = time.perf_counter()
-        load_state(model, base_ckpt, state)
-        del state
-        s = score(model, windows, reference, settings.batch)
+        if state is not None:
+            load_state(model, base_ckpt, state)
+            del state
+        s = score(model if v.codec != "finetuned" else None, windows, reference, settings.batch)
         agreement = greedy_agreement(model, reference.greedy, prompts, settings.new_tokens)
-        cache[key] = {
+        row = {
             "label": v.label,
             "bytes": nbytes,
             "loss": s.loss,
@@ -489,11 +499,13 @@ def evaluate(
             "seconds": time.perf_counter() - start,
             "notes": notes,
         }
-        scores_path.write_text(json.dumps(cache, indent=1, sort_keys=True))  # each row kept as it lands
-        log(f"# scored {v.label}: KL {s.kl:.5f}, top-1 {s.top1:.4f} in {cache[key]['seconds']:.0f} s")
-        if path is not None:
-            _write_summary(path, cache, key, distill)
+        tmp = scores / f".{key}.json.tmp"
+        tmp.write_text(json.dumps(row, indent=1, sort_keys=True))
+        os.replace(tmp, scores / f"{key}.json")  # each row kept as it lands
+        log(f"# scored {v.label}: KL {s.kl:.5f}, top-1 {s.top1:.4f} in {row['seconds']:.0f} s")
 
+    cache = {p.stem: json.loads(p.read_text()) for p in scores.glob("*.json")}
+    refs = [cache.get(r.key(distill)) for r in REFERENCE_ROWS]
     rows, missing = [], []
     for v in variants:
         key = v.key(distill)
@@ -504,6 +516,8 @@ def evaluate(
             missing.append(v.label)
             continue
         c = cache[key]
+        if all(refs) and (work / f"{key}.bdelta").exists():
+            _write_summary(work / f"{key}.bdelta", refs[0], refs[1], c)
         rows.append(
             Row(
                 v.label,
@@ -540,21 +554,21 @@ def _distilled(base_dir, ft_dir, source: Path, out: Path, calibration: Path, opt
     return out
 
 
-def _write_summary(path: Path, cache: dict, key: str, distill: DistillOptions) -> None:
-    base, ft, row = cache[REFERENCE_ROWS[0].key(distill)], cache[REFERENCE_ROWS[1].key(distill)], cache[key]
-    write_fidelity(
-        path,
-        {
-            "eval": "python stdlib held-out split, next-token loss",
-            "loss_base": base["loss"],
-            "loss_finetuned": ft["loss"],
-            "loss": row["loss"],
-            "gain_recovered": (base["loss"] - row["loss"]) / (base["loss"] - ft["loss"]),
-            "greedy_agreement": row["agreement"],
-            "kl_to_finetuned": row["kl"],
-            "top1_agreement": row["top1"],
-        },
-    )
+def _write_summary(path: Path, base: dict, ft: dict, row: dict) -> None:
+    """Write the row's fidelity summary into its file, unless it already holds this one."""
+    summary = {
+        "eval": "python stdlib held-out split, next-token loss",
+        "loss_base": base["loss"],
+        "loss_finetuned": ft["loss"],
+        "loss": row["loss"],
+        "gain_recovered": (base["loss"] - row["loss"]) / (base["loss"] - ft["loss"]),
+        "greedy_agreement": row["agreement"],
+        "kl_to_finetuned": row["kl"],
+        "top1_agreement": row["top1"],
+    }
+    stored = DeltaFile.open(path).metadata.get("fidelity")
+    if stored is None or json.loads(stored) != summary:
+        write_fidelity(path, summary)
 
 
 def main() -> None:
