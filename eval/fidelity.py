@@ -317,6 +317,10 @@ class Settings:
     prompt_len: int = 32
     new_tokens: int = 32
     cached_only: bool = False  # report the rows already scored (their files get their summaries)
+    #: (i, n): score only the i-th of n equal slices of the windows, so n processes can share one
+    #: row on a crowded machine; the row lands when its n slices have.
+    shard: tuple[int, int] = (0, 1)
+    score_reference: bool = True  # False: leave the base and fine-tune rows to another run
 
 
 @dataclass
@@ -406,8 +410,18 @@ def evaluate(
     distill = settings.distill
     variants = REFERENCE_ROWS + tuple(settings.variants)
     # The fine-tune's own row first: it is read off the reference while the model still holds it.
+    part, parts = settings.shard
+    if not 0 <= part < parts:
+        raise ValueError(f"shard must be i/n with 0 <= i < n, got {part}/{parts}")
+    suffix = f".part{part}of{parts}" if parts > 1 else ""
     todo = sorted(
-        (v for v in variants if not (scores / f"{v.key(distill)}.json").exists()),
+        (
+            v
+            for v in variants
+            if not (scores / f"{v.key(distill)}.json").exists()
+            and not (scores / f"{v.key(distill)}{suffix}.json").exists()
+            and (settings.score_reference or v not in REFERENCE_ROWS)
+        ),
         key=lambda v: v.codec != "finetuned",
     )
     if settings.cached_only:
@@ -486,8 +500,16 @@ def evaluate(
         if state is not None:
             load_state(model, base_ckpt, state)
             del state
-        s = score(model if v.codec != "finetuned" else None, windows, reference, settings.batch)
-        agreement = greedy_agreement(model, reference.greedy, prompts, settings.new_tokens)
+        lo, hi = part * len(windows) // parts, (part + 1) * len(windows) // parts
+        s = score(
+            model if v.codec != "finetuned" else None,
+            windows[lo:hi],
+            replace(reference, hidden=reference.hidden[lo:hi]),
+            settings.batch,
+        )
+        agreement = (
+            greedy_agreement(model, reference.greedy, prompts, settings.new_tokens) if part == 0 else None
+        )
         row = {
             "label": v.label,
             "bytes": nbytes,
@@ -498,13 +520,15 @@ def evaluate(
             "linear_ratio": linear,
             "seconds": time.perf_counter() - start,
             "notes": notes,
+            "windows": hi - lo,
         }
-        tmp = scores / f".{key}.json.tmp"
-        tmp.write_text(json.dumps(row, indent=1, sort_keys=True))
-        os.replace(tmp, scores / f"{key}.json")  # each row kept as it lands
-        log(f"# scored {v.label}: KL {s.kl:.5f}, top-1 {s.top1:.4f} in {row['seconds']:.0f} s")
+        _write_json(scores / f"{key}{suffix}.json", row)  # each row kept as it lands
+        log(f"# scored {v.label}{suffix}: KL {s.kl:.5f}, top-1 {s.top1:.4f} in {row['seconds']:.0f} s")
+        slices = [scores / f"{key}.part{i}of{parts}.json" for i in range(parts)]
+        if parts > 1 and all(p.exists() for p in slices):
+            _write_json(scores / f"{key}.json", _merge([json.loads(p.read_text()) for p in slices]))
 
-    cache = {p.stem: json.loads(p.read_text()) for p in scores.glob("*.json")}
+    cache = {p.stem: json.loads(p.read_text()) for p in scores.glob("*.json") if ".part" not in p.name}
     refs = [cache.get(r.key(distill)) for r in REFERENCE_ROWS]
     rows, missing = [], []
     for v in variants:
@@ -533,6 +557,22 @@ def evaluate(
             )
         )
     return Report(rows, distill_figures, len(windows), settings, missing)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _merge(slices: list[dict]) -> dict:
+    """One row from its slices' scores: means weighted by windows (all windows are the same
+    length); greedy agreement and the row's facts from the first slice, the time summed."""
+    n = sum(p["windows"] for p in slices)
+    row = dict(slices[0], windows=n, seconds=sum(p["seconds"] for p in slices))
+    for k in ("loss", "kl", "top1"):
+        row[k] = sum(p[k] * p["windows"] for p in slices) / n
+    return row
 
 
 def _distilled(base_dir, ft_dir, source: Path, out: Path, calibration: Path, options: DistillOptions) -> Path:
@@ -591,6 +631,10 @@ def main() -> None:
         "the reference rows always",
     )
     ap.add_argument("--cached-only", action="store_true", help="print the rows already scored")
+    ap.add_argument("--shard", default="0/1", help="i/n: score the i-th of n slices of the windows")
+    ap.add_argument(
+        "--skip-reference", action="store_true", help="leave the base/fine-tune rows to another run"
+    )
     args = ap.parse_args()
 
     root = args.data_dir / "pair"
@@ -617,6 +661,8 @@ def main() -> None:
         prompts=args.prompts,
         new_tokens=args.new_tokens,
         cached_only=args.cached_only,
+        shard=tuple(int(x) for x in args.shard.split("/")),
+        score_reference=not args.skip_reference,
     )
     report = evaluate(base_dir, ft_dir, root / f"variants-{ft_dir.name}", calibration, settings)
     print()

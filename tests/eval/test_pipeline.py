@@ -248,3 +248,24 @@ def test_unknown_codec_or_ratio_is_a_clear_error(tiny, tmp_path):
         )
         with pytest.raises(ValueError, match=message):
             fidelity.evaluate(base, ft, tmp_path / "v", tmp_path / "cal.txt", settings)
+
+
+def test_a_row_scored_in_slices_by_separate_runs_equals_the_row_scored_at_once(tiny, tmp_path):
+    root, base, ft = tiny
+    (tmp_path / "cal.txt").write_text("\n\n".join(corpus.texts("train")[:5]))
+    one_bit = fidelity.Variant("1-bit", "bitdelta", 16)
+    settings = fidelity.Settings(
+        variants=(one_bit,), windows=6, seq_len=32, prompts=2, prompt_len=8, new_tokens=4, threads=None
+    )
+    whole = fidelity.evaluate(base, ft, tmp_path / "a", tmp_path / "cal.txt", settings)
+    first = fidelity.evaluate(base, ft, tmp_path / "b", tmp_path / "cal.txt", replace(settings, shard=(0, 2)))
+    assert [r.variant for r in first.rows] == [] and first.missing == ["base", "fine-tuned (fp16)", "1-bit"]
+    second = fidelity.evaluate(
+        base, ft, tmp_path / "b", tmp_path / "cal.txt", replace(settings, shard=(1, 2))
+    )
+    assert not second.missing
+    for a, b in zip(whole.rows, second.rows, strict=True):
+        assert (a.variant, a.agreement, a.bytes) == (b.variant, b.agreement, b.bytes)
+        assert (b.loss, b.kl, b.top1) == pytest.approx((a.loss, a.kl, a.top1), rel=1e-6, abs=1e-9)
+    with pytest.raises(ValueError, match="shard must be i/n with 0 <= i < n, got 2/2"):
+        fidelity.evaluate(base, ft, tmp_path / "b", tmp_path / "cal.txt", replace(settings, shard=(2, 2)))
