@@ -1,5 +1,6 @@
 """A real text corpus every machine has: the Python standard library's own sources, split
-deterministically into train and held-out by a hash of each file's relative path."""
+deterministically into train and held-out by a hash of each file's relative path, and the
+held-out windows the fidelity evaluation scores."""
 
 from __future__ import annotations
 
@@ -75,3 +76,17 @@ def token_blocks(tokenizer, docs: list[str], seq_len: int, limit: int | None = N
             if limit is not None and len(blocks) >= limit:
                 return blocks
     return blocks
+
+
+def heldout_windows(tokenizer, count: int, seq_len: int) -> list[list[int]]:
+    """`count` windows of `seq_len` tokens from the held-out split, spread evenly over all of its
+    windows (so every held-out file is represented, not only the first in path order)."""
+    if count < 1 or seq_len < 2:
+        raise ValueError(f"need at least 1 window of at least 2 tokens, got {count} × {seq_len}")
+    blocks = token_blocks(tokenizer, texts("heldout"), seq_len)
+    if len(blocks) < count:
+        raise ValueError(
+            f"the held-out split has {len(blocks)} windows of {seq_len} tokens, fewer than the "
+            f"{count} asked for (raise HELDOUT_PERCENT in eval/corpus.py, or ask for fewer)"
+        )
+    return [blocks[i * len(blocks) // count] for i in range(count)]
