@@ -100,8 +100,9 @@ COMPRESS_OPTIONS: dict[str, Callable[[int, dict], CompressOptions]] = {
 
 REFERENCE_ROWS = (Variant("base", "base"), Variant("fine-tuned (fp16)", "finetuned"))
 
-#: The table: at 16x, 1-bit BitDelta (its native size), DeltaDQ, SVD and the two low-rank codecs
-#: at the same bytes; at 32x, where BitDelta has no variant, the others.
+#: The table: at 16x, 1-bit BitDelta (its native size), DeltaDQ, SVD and lowrank-mp at the same
+#: bytes; at 32x, where BitDelta has no variant, the others; at 8x, where hybrid lives (its sign
+#: plane alone is 16x), 2-plane BitDelta, lowrank-mp and hybrid.
 VARIANTS = (
     Variant("1-bit, per-matrix (mean-abs init)", "bitdelta", 16),
     Variant("1-bit, per-row", "bitdelta", 16, (("scale_mode", "per-row"),)),
@@ -111,12 +112,13 @@ VARIANTS = (
     Variant("SVD low rank 16x", "svd", 16),
     Variant("lowrank-mp 16x", "lowrank-mp", 16),
     Variant("lowrank-mp 16x, calibrated", "lowrank-mp", 16, calibration="activations"),
-    Variant("hybrid 16x", "hybrid", 16),
     Variant("DeltaDQ 32x", "deltadq", 32),
     Variant("SVD low rank 32x", "svd", 32),
     Variant("lowrank-mp 32x", "lowrank-mp", 32),
     Variant("lowrank-mp 32x, calibrated", "lowrank-mp", 32, calibration="activations"),
-    Variant("hybrid 32x", "hybrid", 32),
+    Variant("2 planes, per-matrix 8x", "bitdelta", 8),
+    Variant("lowrank-mp 8x", "lowrank-mp", 8),
+    Variant("hybrid 8x", "hybrid", 8),
 )
 
 
