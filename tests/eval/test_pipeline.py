@@ -242,8 +242,8 @@ def test_unknown_codec_or_ratio_is_a_clear_error(tiny, tmp_path):
     (tmp_path / "cal.txt").write_text("\n\n".join(corpus.texts("train")[:5]))
     for variant, message in (
         (
-            fidelity.Variant("x", "lowrank-mp", 16),
-            r"x: unknown codec 'lowrank-mp' \(known: bitdelta, deltadq\)",
+            fidelity.Variant("x", "nocodec", 16),
+            r"x: unknown codec 'nocodec' \(known: bitdelta, deltadq, lowrank-mp, hybrid\)",
         ),
         (fidelity.Variant("y", "bitdelta", 32), "there is no 32x"),
     ):
