@@ -105,6 +105,17 @@ class EncodeContext:
         """E[x_i²] of the layer's inputs (codec/activations.py), or None without calibration."""
         return self.input_moments.weight_for(name, in_features) if self.input_moments else None
 
+    def search_record(self) -> dict:
+        """What a codec's per-tensor search measured its error by, for the file's metadata."""
+        moments = self.input_moments
+        if moments is None:
+            return {"error": "weights (isotropic inputs)"}
+        return {
+            "error": "output, weighted by calibration E[x^2]",
+            "tokens": moments.tokens,
+            "data_fingerprint": moments.data_fingerprint,
+        }
+
 
 @dataclass(frozen=True)
 class TensorDescription:

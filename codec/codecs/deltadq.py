@@ -131,7 +131,6 @@ class DeltaDQ(Codec):
         return stats.along_delta_error
 
     def metadata(self, options: DeltaDQOptions, context: EncodeContext) -> dict[str, str]:
-        moments = context.input_moments
         return {
             "deltadq": json.dumps(
                 {
@@ -142,15 +141,7 @@ class DeltaDQ(Codec):
                     "keep": options.keep,
                     "group_size": options.group_size or "auto",
                     "parts": options.parts,
-                    "search": (
-                        {
-                            "error": "output, weighted by calibration E[x^2]",
-                            "tokens": moments.tokens,
-                            "data_fingerprint": moments.data_fingerprint,
-                        }
-                        if moments
-                        else {"error": "weights (isotropic inputs)"}
-                    ),
+                    "search": context.search_record(),
                 },
                 sort_keys=True,
             )

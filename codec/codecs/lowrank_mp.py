@@ -129,22 +129,13 @@ class LowRankMP(Codec):
         )
 
     def metadata(self, options: LowRankMPOptions, context: EncodeContext) -> dict[str, str]:
-        moments = context.input_moments
         return {
             "lowrank": json.dumps(
                 {
                     "ratio": options.ratio,
                     "group_size": options.group_size,
                     "signs_allowed": options.signs,
-                    "search": (
-                        {
-                            "error": "output, weighted by calibration E[x^2]",
-                            "tokens": moments.tokens,
-                            "data_fingerprint": moments.data_fingerprint,
-                        }
-                        if moments
-                        else {"error": "weights (isotropic inputs)"}
-                    ),
+                    "search": context.search_record(),
                 },
                 sort_keys=True,
             )
