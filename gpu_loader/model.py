@@ -21,7 +21,7 @@ from .merge import MergeRecord, merge_, term_rows, unmerge_
 from .modules import PatchPlan, patch_model
 from .resolver import DeltaRef, RefResolver, resolve_ref
 from .segments import SlotBatch, use_batch
-from .sgmv import triton_available, triton_interpreting
+from .sgmv import auto_backend, triton_available, triton_interpreting
 from .slot_pool import SlotHandle, SlotPool
 from .staging import delta_terms
 
@@ -78,7 +78,7 @@ class DeltaModel:
         first = next(model.parameters(), None)
         self.device = first.device if first is not None else torch.device("cpu")
         if backend == "auto":
-            backend = "triton" if self.device.type == "cuda" and triton_available(self.device) else "torch"
+            backend = auto_backend(self.device)
         elif backend == "triton" and not triton_available(self.device):
             raise RuntimeError(
                 f"the Triton kernel cannot run on {self.device}"

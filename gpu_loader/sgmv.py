@@ -268,6 +268,12 @@ def sgmv_sign_triton(
     return y
 
 
+def auto_backend(device: torch.device) -> str:
+    """What `backend="auto"` means on `device`: the Triton kernels on CUDA when Triton can run
+    there, the torch path otherwise."""
+    return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+
+
 def sgmv_sign(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -284,7 +290,7 @@ def sgmv_sign(
     `slots` (torch path only) restricts the work to those slots; the kernel reads `active`.
     """
     if backend == "auto":
-        backend = "triton" if x.device.type == "cuda" and triton_available(x.device) else "torch"
+        backend = auto_backend(x.device)
     if backend == "triton":
         return sgmv_sign_triton(x, y, words, scales, active, segments)
     if backend == "torch":

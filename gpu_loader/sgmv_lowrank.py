@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .segments import Segments
-from .sgmv import ACTIVATION_DTYPES, triton, triton_available, triton_interpreting
+from .sgmv import ACTIVATION_DTYPES, auto_backend, triton, triton_interpreting
 from .sgmv_reference import sgmv_lowrank_reference
 
 if triton is not None:
@@ -278,7 +278,7 @@ def sgmv_lowrank(
     `slots` (torch path only) restricts the work to those slots; the kernels read `ranks`.
     """
     if backend == "auto":
-        backend = "triton" if x.device.type == "cuda" and triton_available(x.device) else "torch"
+        backend = auto_backend(x.device)
     if backend == "triton":
         return sgmv_lowrank_triton(x, y, a, b, ranks, segments)
     if backend == "torch":
