@@ -189,6 +189,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             yield
         finally:
+            registry = getattr(app.state, "registry", None)
+            if registry is not None:
+                registry.pushes.close()
             db.dispose()
 
     app = FastAPI(

@@ -89,6 +89,12 @@ class Settings(BaseSettings):
         gt=0,
         description="S3 multipart part size (S3 needs >= 5 MiB; raised to stay within 10,000 parts).",
     )
+    part_checks: int = Field(
+        8,
+        ge=0,
+        description="Multipart S3 uploads whose parts one server process verifies as they arrive, at "
+        "once (each holds a few parts in memory); others are verified whole at `complete`.",
+    )
     page_size: int = Field(50, gt=0)
     max_page_size: int = Field(500, gt=0)
 

@@ -11,6 +11,7 @@ one transaction.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
@@ -38,6 +39,7 @@ from registry.server.blobstores import BlobStore, UploadPart, UploadRef, UploadT
 from registry.server.db import Database
 from registry.server.metrics import RegistryMetrics
 from registry.server.models import Repository, Upload, Version, utcnow
+from registry.server.parts import PartChecks
 from registry.server.settings import Settings
 from registry.server.verify import Declared, Verified, check_named, read_header, verify_stream
 
@@ -68,6 +70,18 @@ class PushService:
     ):
         self.db, self.store, self.settings = db, store, settings
         self.metrics = metrics or RegistryMetrics()
+        # Parts of S3 multipart uploads are verified as they arrive (registry.server.parts).
+        self.part_checks = PartChecks(
+            store,
+            capacity=settings.part_checks,
+            max_header_bytes=settings.max_header_bytes,
+            idle_timeout=max(settings.upload_ttl_seconds, 60),
+            still_pending=self._still_pending,
+        )
+
+    def close(self) -> None:
+        """Stop the part checks of uploads in flight (their `complete` verifies them whole)."""
+        self.part_checks.close()
 
     # --- phase 1: declare ------------------------------------------------------------------
     def create(
@@ -129,7 +143,29 @@ class PushService:
             if target.method != "exists":
                 self.store.discard(UploadRef(upload_id, request.digest, target.multipart_id))
             raise
+        self._check_parts(upload)
         return upload, target
+
+    def _check_parts(self, upload: Upload) -> None:
+        """Verify a multipart upload's parts as they arrive, in a background pass of this process."""
+        if upload.method == "s3-multipart":
+            self.part_checks.start(
+                _ref(upload),
+                raw_size=upload.raw_size,
+                part_size=upload.part_size,
+                limit=self._max_size(upload.size, upload.raw_size),
+                expected_raw_digest=upload.raw_digest,
+            )
+
+    def _still_pending(self, upload_id: str) -> bool:
+        try:
+            with self.db.read() as session:
+                crud.get_upload(session, upload_id=upload_id)
+        except NotFoundError:
+            return False
+        except RegistryError:
+            return True  # the database unreachable for now: the pass keeps waiting
+        return True
 
     def _max_size(self, size: int | None, raw_size: int) -> int:
         """The most stored bytes an upload may bring: its declared size, else what its raw size
@@ -142,6 +178,7 @@ class PushService:
         if upload.method == "exists":
             return upload, UploadTarget(method="exists")
         target = self.store.resume_upload(_ref(upload), method=upload.method)
+        self._check_parts(upload)  # a pass lost with a restart starts again from the first part
         return upload, UploadTarget(
             method=target.method, url=target.url, received=target.received, part_size=upload.part_size
         )
@@ -237,6 +274,9 @@ class PushService:
             ) from None
         if store_key is not None:
             self._drop_duplicate(declared.digest, store_key)
+        if upload.method == "s3-multipart":
+            with contextlib.suppress(RegistryError):  # left over, GC removes them after the grace period
+                self.store.drop_parts(_ref(upload))
         self.metrics.pushes.labels("ready").inc()
         self.metrics.upload_bytes.inc(declared.size)
         return version, True
@@ -295,6 +335,7 @@ class PushService:
                 )
             with self.store.open_staged(ref) as staged:
                 header, entries = read_header(staged.stream, upload.received_raw_size)
+            token = staged.token
             received = Verified(
                 upload.received_digest,
                 upload.received_size,
@@ -304,23 +345,79 @@ class PushService:
                 entries,
             )
             check_named(received, declared)
+        elif upload.method == "s3-multipart":
+            return self._verify_parts(upload, repo, ref, declared, parts)
         else:
-            if upload.method == "s3-multipart":
-                expected = max(1, math.ceil(declared.size / upload.part_size))
-                self.store.finish_parts(ref, expected_parts=expected, reported=parts)
-            with self.store.open_staged(ref) as staged:
-                if staged.size != declared.size:
-                    raise SizeMismatchError(
-                        f"received {staged.size} bytes but the upload declared {declared.size}"
-                    )
-                header = verify_stream(
-                    staged.stream,
-                    declared,
-                    max_size=declared.size,
-                    max_header_bytes=self.settings.max_header_bytes,
-                ).header
+            header, token = self._verify_whole(ref, declared)
         _check_base(header, repo)
-        return header, self.store.promote(ref, staged.token)
+        return header, self.store.promote(ref, token)
+
+    def _verify_whole(self, ref: UploadRef, declared: Declared) -> tuple[Header, str]:
+        """Read the upload's stored object in one pass and check it against `declared`."""
+        with self.store.open_staged(ref) as staged:
+            if staged.size != declared.size:
+                raise SizeMismatchError(
+                    f"received {staged.size} bytes but the upload declared {declared.size}"
+                )
+            header = verify_stream(
+                staged.stream,
+                declared,
+                max_size=declared.size,
+                max_header_bytes=self.settings.max_header_bytes,
+            ).header
+        return header, staged.token
+
+    def _verify_parts(
+        self,
+        upload: Upload,
+        repo: Repository,
+        ref: UploadRef,
+        declared: Declared,
+        reported: list[tuple[int, str]] | None,
+    ) -> tuple[Header, str]:
+        """A multipart upload's parts, verified by the pass that read them as they arrived (or
+        by one run now), assembled into the blob."""
+        expected = max(1, math.ceil(declared.size / upload.part_size))
+        numbers = [number for number, _ in reported or []]
+        if reported is not None and numbers != list(range(1, expected + 1)):
+            raise ConflictError(
+                f"upload {upload.id} has {expected} part(s) for the size `complete` names; it reports "
+                f"parts {', '.join(map(str, numbers[:10]))}{'…' if len(numbers) > 10 else ''}"
+            )
+        live = self.part_checks.take(upload.id)
+        outcome = live.finish(expected) if live is not None else None
+        if outcome is None:  # no pass ran here (another replica, a restart, none free) or it stopped
+            if self.store.assembled(ref):  # assembled by a `complete` that died before its commit
+                return self._verify_assembled(repo, ref, declared)
+            outcome = self.part_checks.new_pass(
+                ref,
+                raw_size=upload.raw_size,
+                part_size=upload.part_size,
+                limit=declared.size,
+                expected_raw_digest=declared.raw_digest,
+                expected_parts=expected,
+            ).run()
+        header = outcome.scan.judge(declared, max_size=declared.size).header
+        for (number, etag), (_, held) in zip(reported or [], outcome.parts, strict=False):
+            if etag != held:
+                raise ConflictError(
+                    f"the blob store does not hold the parts of upload {upload.id} as reported (part "
+                    f"{number}: reported ETag {etag}, the store holds {held}); upload them again"
+                )
+        _check_base(header, repo)
+        error = outcome.assembly_error
+        if error is not None and not isinstance(error, ConflictError):
+            raise error
+        if error is None and self.store.complete_assembly(ref, outcome.assembled):
+            return header, self.store.promote(ref, "")
+        # A concurrent `complete` (another replica) completed the blob's multipart upload first:
+        # verify what it assembled.
+        return self._verify_assembled(repo, ref, declared)
+
+    def _verify_assembled(self, repo: Repository, ref: UploadRef, declared: Declared) -> tuple[Header, str]:
+        header, token = self._verify_whole(ref, declared)
+        _check_base(header, repo)
+        return header, self.store.promote(ref, token)
 
     def receive(self, *, upload: Upload, src) -> Verified:
         """Verify the bytes of a `stream` upload as they arrive from `src` (the caller writes
@@ -362,6 +459,7 @@ class PushService:
 
     def _abandon(self, upload: Upload) -> None:
         """Forget a failed upload: its staged bytes and its invisible pending version."""
+        self.part_checks.stop(upload.id)
         if upload.method != "exists":
             try:
                 self.store.discard(_ref(upload))

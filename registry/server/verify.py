@@ -140,6 +140,84 @@ class _HeaderSink:
             self.opened = True
 
 
+@dataclass
+class Scan:
+    """What one pass over stored bytes found, before it is judged against what they must be: the
+    stored bytes' sha256 and count (`overflow`: more than the pass's limit came), the bytes they
+    decompress to and their sha256, the parsed header, and the failure that stopped the
+    decompression, if one did."""
+
+    digest: str
+    size: int
+    overflow: bool
+    written: int
+    raw_digest: str
+    parsed: tuple[Header, dict[str, DeltaEntry]] | None
+    failure: Exception | None
+
+    def judge(self, declared: Declared, *, max_size: int) -> Verified:
+        """The verified bytes, or the error that best explains why they are not what `declared`
+        says (a stored-digest mismatch before a corrupt stream, as a corrupt stream follows
+        from it)."""
+        if self.overflow and declared.size is None:
+            raise UploadTooLargeError(
+                f"received more than the {max_size} bytes this upload may bring (what its raw size "
+                "can compress to, within this registry's limit)"
+            )
+        if self.overflow:
+            raise SizeMismatchError(f"received more than the {declared.size} bytes the upload declared")
+        if declared.size is not None and self.size != declared.size:
+            raise SizeMismatchError(f"received {self.size} bytes but the upload declared {declared.size}")
+        if declared.digest is not None and self.digest != declared.digest:
+            raise DigestMismatchError(
+                f"received bytes have digest {self.digest}, but the upload declared {declared.digest}"
+            )
+        if self.failure is not None:
+            _raise_stream_failure(self.failure, declared)
+        if self.written != declared.raw_size:
+            raise SizeMismatchError(
+                f"the blob decompresses to {self.written} bytes, but the upload declared {declared.raw_size}"
+            )
+        if self.parsed is None:  # fewer bytes than its header needs: decompress_stream refuses that first
+            raise InvalidUploadError("upload is not a valid format-v1 delta: it ends inside its header")
+        header, entries = self.parsed
+        verified = Verified(self.digest, self.size, self.raw_digest, self.written, header, entries)
+        check_named(verified, declared)  # a raw digest named only now
+        return verified
+
+
+def scan_stream(
+    src: IO[bytes],
+    raw_size: int,
+    *,
+    limit: int,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    expected_raw_digest: str | None = None,
+    read_all: bool = True,
+) -> Scan:
+    """Read the stored bytes from `src` in one pass (at most `limit`, plus one byte to see an
+    overflow): hash them while decompressing them as one zstd frame of at most `raw_size` bytes,
+    whose first bytes must begin a delta's header (a header over `max_header_bytes`, or first
+    bytes that cannot begin a delta, stop the decompression at once). After a failure the rest
+    is still read and hashed when `read_all` (so that a digest named later can explain it),
+    else the pass stops there."""
+    reader = _HashingReader(src, limit)
+    sink = _HeaderSink(raw_size, max_header_bytes)
+    failure: Exception | None = None
+    written, raw_digest = -1, ""
+    try:
+        written, raw_digest = decompress_stream(
+            reader, sink, max_output_size=raw_size, expected_raw_digest=expected_raw_digest
+        )
+    except (BlobCorruptError, BlobTooLargeError, InvalidUploadError) as exc:
+        failure = exc
+    if failure is not None and not read_all:
+        reader.close()
+    else:
+        reader.drain()
+    return Scan(reader.digest, reader.n, reader.overflow, written, raw_digest, sink.parsed, failure)
+
+
 def verify_stream(
     src: IO[bytes],
     declared: Declared,
@@ -152,45 +230,17 @@ def verify_stream(
     header over `max_header_bytes`, or first bytes that cannot begin a delta, stop the
     decompression at once; the stored bytes are then still read to check their declared size
     and digest, when there are any to check (else the refusal is immediate)."""
-    limit = declared.size if declared.size is not None else max_size
-    reader = _HashingReader(src, limit)
-    sink = _HeaderSink(declared.raw_size, max_header_bytes)
-    failure: Exception | None = None
-    written = -1
-    raw_digest = ""
-    try:
-        written, raw_digest = decompress_stream(
-            reader, sink, max_output_size=declared.raw_size, expected_raw_digest=declared.raw_digest
-        )
-    except (BlobCorruptError, BlobTooLargeError, InvalidUploadError) as exc:
-        failure = exc
-    if declared.digest is None and failure is not None and not reader.overflow:
-        reader.close()  # nothing declared to explain the failure better: refuse now
-        _raise_stream_failure(failure, declared)
-    reader.drain()  # a stored-digest mismatch explains a corrupt stream better than the stream error does
-    if reader.overflow and declared.size is None:
-        raise UploadTooLargeError(
-            f"received more than the {max_size} bytes this upload may bring (what its raw size can "
-            "compress to, within this registry's limit)"
-        )
-    if reader.overflow:
-        raise SizeMismatchError(f"received more than the {declared.size} bytes the upload declared")
-    if declared.size is not None and reader.n != declared.size:
-        raise SizeMismatchError(f"received {reader.n} bytes but the upload declared {declared.size}")
-    if declared.digest is not None and reader.digest != declared.digest:
-        raise DigestMismatchError(
-            f"received bytes have digest {reader.digest}, but the upload declared {declared.digest}"
-        )
-    if failure is not None:
-        _raise_stream_failure(failure, declared)
-    if written != declared.raw_size:
-        raise SizeMismatchError(
-            f"the blob decompresses to {written} bytes, but the upload declared {declared.raw_size}"
-        )
-    if sink.parsed is None:  # fewer bytes than its header needs: decompress_stream refuses that first
-        raise InvalidUploadError("upload is not a valid format-v1 delta: it ends inside its header")
-    header, entries = sink.parsed
-    return Verified(reader.digest, reader.n, raw_digest, written, header, entries)
+    scan = scan_stream(
+        src,
+        declared.raw_size,
+        limit=declared.size if declared.size is not None else max_size,
+        max_header_bytes=max_header_bytes,
+        expected_raw_digest=declared.raw_digest,
+        read_all=declared.digest is not None,
+    )
+    if scan.failure is not None and declared.digest is None and not scan.overflow:
+        _raise_stream_failure(scan.failure, declared)  # nothing declared explains it better: refuse now
+    return scan.judge(declared, max_size=max_size)
 
 
 def _raise_stream_failure(failure: Exception, declared: Declared) -> None:

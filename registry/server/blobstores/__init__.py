@@ -11,6 +11,7 @@ from registry.common.errors import InvalidRequestError
 from registry.server.blobstores.base import (
     BlobStore,
     Download,
+    FetchedPart,
     ReceivedPart,
     StagedBlob,
     StoredObject,
@@ -50,6 +51,7 @@ def open_blob_store(settings: Settings) -> BlobStore:
 __all__ = [
     "BlobStore",
     "Download",
+    "FetchedPart",
     "StagedBlob",
     "StoredObject",
     "ReceivedPart",

@@ -60,6 +60,16 @@ class ReceivedPart:
 
 
 @dataclass(frozen=True)
+class FetchedPart:
+    """One part of an upload as the registry read it: its bytes and the ETag of the object they
+    came from (so that exactly that object is what gets assembled)."""
+
+    number: int
+    data: bytes
+    etag: str
+
+
+@dataclass(frozen=True)
 class UploadTarget:
     """Where the client sends the bytes: through the server (`stream`), one presigned PUT
     (`s3-put`), or presigned part PUTs of a multipart upload (`s3-multipart`, parts of
@@ -119,12 +129,30 @@ class BlobStore(ABC):
         multipart uploads, which parts already arrived. Bytes through the server start over."""
         return UploadTarget(method=method)
 
-    def finish_parts(
-        self, ref: UploadRef, *, expected_parts: int, reported: list[tuple[int, str]] | None = None
-    ) -> None:
-        """Assemble the parts of a multipart upload (stores that have them): those `reported`
-        as (number, ETag) by the client, which the store checks, else those it lists."""
-        return None  # a store without multipart uploads has nothing to assemble
+    # Stores with multipart uploads (S3) keep each part as an object of its own, which the
+    # registry reads as soon as it exists (registry.server.parts) and assembles into the blob.
+    def fetch_part(self, ref: UploadRef, number: int, *, max_bytes: int) -> FetchedPart | None:
+        """Part `number`'s bytes (at most `max_bytes` of them), or None while it has not arrived."""
+        raise NotImplementedError(f"the {self.kind} store has no multipart uploads")
+
+    def assemble_part(self, ref: UploadRef, part: FetchedPart) -> str:
+        """Add a verified part to the upload's blob (invisible until `complete_assembly`);
+        returns the ETag the blob's multipart upload knows it by."""
+        raise NotImplementedError(f"the {self.kind} store has no multipart uploads")
+
+    def assembled(self, ref: UploadRef) -> bool:
+        """Whether the upload's blob was assembled already (by a `complete` whose commit did not
+        follow)."""
+        return False
+
+    def complete_assembly(self, ref: UploadRef, etags: list[tuple[int, str]]) -> bool:
+        """Make the assembled parts, (number, ETag) in order, the blob at its key; False when an
+        earlier call did so already."""
+        raise NotImplementedError(f"the {self.kind} store has no multipart uploads")
+
+    def drop_parts(self, ref: UploadRef) -> None:
+        """Remove the upload's part objects (once its blob is assembled, or it is abandoned)."""
+        raise NotImplementedError(f"the {self.kind} store has no multipart uploads")
 
     @abstractmethod
     def open_staged(self, ref: UploadRef) -> contextlib.AbstractContextManager[StagedBlob]:

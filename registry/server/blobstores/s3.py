@@ -5,10 +5,13 @@ Keys under the store's prefix, all derived from digests and server-chosen upload
 - `uploads/<upload id>`: target of a single presigned PUT; once verified it is copied to
   `blobs/sha256/<hex>` (a PUT URL stays valid until it expires, so the verified bytes must not
   stay where it points).
-- `blobs/uploads/<upload id>`: target of a multipart upload, which becomes the blob itself when
-  verified. Once the multipart upload is completed no URL can write to that key again, so large
-  blobs are never copied. (Its key cannot name the digest: a streamed push sends its parts
-  before the digest is known. Blobs from before streamed pushes are at
+- `parts/<upload id>/<n>`: part n of a larger upload, an object of its own (presigned PUT), so
+  that the registry can read and verify it while the client sends the next ones (no byte of an
+  unfinished multipart upload can be read). The registry sends the bytes it read and verified
+  as the same part of a multipart upload at `blobs/uploads/<upload id>`, which becomes the blob
+  itself at `complete`. No presigned URL points at the blob's key, so large blobs are never
+  copied again. (Its key cannot name the digest: a streamed push
+  sends its parts before the digest is known. Blobs from before streamed pushes are at
   `blobs/sha256/<hex>.<upload id>`; the blob row records each key.)
 
 Request checksums are computed only when an operation requires them, because several
@@ -33,6 +36,7 @@ from registry.common.errors import BlobStoreError, ConflictError
 from registry.server.blobstores.base import (
     BlobStore,
     Download,
+    FetchedPart,
     ReceivedPart,
     StagedBlob,
     StoredObject,
@@ -141,6 +145,10 @@ class S3BlobStore(BlobStore):
     def multipart_key(upload_id: str) -> str:
         return f"blobs/uploads/{check_upload_id(upload_id)}"
 
+    @staticmethod
+    def part_key(upload_id: str, number: int) -> str:
+        return f"parts/{check_upload_id(upload_id)}/{number}"
+
     def _upload_key(self, ref: UploadRef) -> str:
         return self.multipart_key(ref.upload_id) if ref.multipart_id else self.staging_key(ref.upload_id)
 
@@ -164,11 +172,8 @@ class S3BlobStore(BlobStore):
         return UploadTarget(method="s3-multipart", part_size=part_size, multipart_id=mpu_id)
 
     def part_urls(self, ref: UploadRef, numbers: range) -> list[UploadPart]:
-        key = self._upload_key(ref)
         return [
-            UploadPart(
-                number=n, url=self._presign("upload_part", key, UploadId=ref.multipart_id, PartNumber=n)
-            )
+            UploadPart(number=n, url=self._presign("put_object", self.part_key(ref.upload_id, n)))
             for n in numbers
         ]
 
@@ -177,94 +182,102 @@ class S3BlobStore(BlobStore):
             return UploadTarget(
                 method=method, url=self._presign("put_object", self.staging_key(ref.upload_id))
             )
-        key = self._upload_key(ref)
-        received: list[ReceivedPart] = []
-        try:
-            for page in self.client.get_paginator("list_parts").paginate(
-                **self._object(key), UploadId=ref.multipart_id
-            ):
-                received.extend(
-                    ReceivedPart(number=p["PartNumber"], size=p["Size"], etag=p["ETag"])
-                    for p in page.get("Parts", [])
-                )
-        except ClientError as exc:
-            if _code(exc) in _NOT_FOUND:
-                raise ConflictError(
-                    f"upload {ref.upload_id} can no longer take parts "
-                    "(its multipart upload was completed or aborted)"
-                ) from None
-            raise BlobStoreError(f"S3 ListParts failed: {_code(exc)}") from None
-        except BotoCoreError as exc:
-            raise BlobStoreError(f"S3 ListParts failed: {exc}") from None
+        received = [
+            ReceivedPart(number=number, size=size, etag=etag) for number, size, etag in self._parts(ref)
+        ]
         return UploadTarget(method=method, received=received, multipart_id=ref.multipart_id)
 
-    def finish_parts(
-        self, ref: UploadRef, *, expected_parts: int, reported: list[tuple[int, str]] | None = None
-    ) -> None:
-        obj = self._object(self._upload_key(ref))
-        if reported is not None:
-            self._complete_reported(ref, obj, expected_parts, reported)
-            return
-        parts: list[dict] = []
+    def _parts(self, ref: UploadRef) -> Iterator[tuple[int, int, str]]:
+        """(number, size, ETag) of each part object the upload has, in part order."""
+        prefix = f"parts/{check_upload_id(ref.upload_id)}/"
+        found = []
+        with _store_errors("ListObjectsV2"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix
+            ):
+                for obj in page.get("Contents", []):
+                    name = obj["Key"].rsplit("/", 1)[-1]
+                    if name.isdigit():
+                        found.append((int(name), int(obj["Size"]), obj["ETag"]))
+        return iter(sorted(found))
+
+    def fetch_part(self, ref: UploadRef, number: int, *, max_bytes: int) -> FetchedPart | None:
+        obj = self._get_if_exists(self.part_key(ref.upload_id, number))
+        if obj is None:
+            return None
+        body = _GuardedBody(obj["Body"], "GetObject")
         try:
-            for page in self.client.get_paginator("list_parts").paginate(**obj, UploadId=ref.multipart_id):
-                parts.extend(
-                    {"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in page.get("Parts", [])
-                )
+            data = bytearray()
+            while len(data) < max_bytes and (buf := body.read(min(8 << 20, max_bytes - len(data)))):
+                data += buf
+        finally:
+            body.close()
+        if len(data) < min(int(obj.get("ContentLength", 0)), max_bytes):
+            # Fewer bytes than the object has: a store that lists an object before its bytes are
+            # all on disk (s3rver) was read too early. Not arrived yet, as far as the pass goes.
+            return None
+        return FetchedPart(number=number, data=bytes(data), etag=obj["ETag"])
+
+    def assemble_part(self, ref: UploadRef, part: FetchedPart) -> str:
+        # The bytes that were read and verified are sent, not copied inside the store: an
+        # UploadPartCopy would copy whatever the part's key holds by then, and the only guard
+        # against a PUT in between (CopySourceIfMatch) compares MD5 ETags, is ignored by moto and
+        # s3rver, and s3rver has no UploadPartCopy at all.
+        target = {**self._object(self.multipart_key(ref.upload_id)), "UploadId": ref.multipart_id}
+        try:
+            return self.client.upload_part(**target, PartNumber=part.number, Body=part.data)["ETag"]
+        except ClientError as exc:
+            raise self._assembly_error("UploadPart", ref, exc) from None
+        except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BlobStoreError(f"S3 UploadPart failed: {exc}") from None
+
+    @staticmethod
+    def _assembly_error(what: str, ref: UploadRef, exc: ClientError) -> Exception:
+        if _code(exc) in _NOT_FOUND:
+            return ConflictError(
+                f"the blob of upload {ref.upload_id} was assembled or dropped meanwhile "
+                f"({what}: {_code(exc)})"
+            )
+        message = exc.response.get("Error", {}).get("Message", "")
+        return BlobStoreError(f"S3 {what} failed: {_code(exc)} {message}".strip())
+
+    def assembled(self, ref: UploadRef) -> bool:
+        try:
+            self.client.head_object(**self._object(self.multipart_key(ref.upload_id)))
         except ClientError as exc:
             if _code(exc) in _NOT_FOUND:
-                return  # completed by an earlier call whose verification is being retried
-            raise BlobStoreError(f"S3 ListParts failed: {_code(exc)}") from None
+                return False
+            raise BlobStoreError(f"S3 HeadObject failed: {_code(exc)}") from None
         except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise BlobStoreError(f"S3 ListParts failed: {exc}") from None
-        # Parts past the last one `complete` names (a client's stray PUT) are left out of the
-        # object; S3 drops them with the upload.
-        parts = [p for p in parts if p["PartNumber"] <= expected_parts]
-        numbers = sorted(p["PartNumber"] for p in parts)
-        if numbers != list(range(1, expected_parts + 1)):
-            missing = sorted(set(range(1, expected_parts + 1)) - set(numbers))
-            raise ConflictError(
-                f"upload {ref.upload_id} is missing part(s) "
-                f"{', '.join(map(str, missing[:10]))} of {expected_parts}; "
-                "upload every part before completing"
-            )
-        with _store_errors("CompleteMultipartUpload"):
-            self.client.complete_multipart_upload(
-                **obj,
-                UploadId=ref.multipart_id,
-                MultipartUpload={"Parts": sorted(parts, key=lambda p: p["PartNumber"])},
-            )
+            raise BlobStoreError(f"S3 HeadObject failed: {exc}") from None
+        return True
 
-    def _complete_reported(
-        self, ref: UploadRef, obj: dict, expected_parts: int, reported: list[tuple[int, str]]
-    ) -> None:
-        """CompleteMultipartUpload of the parts the client reports (no ListParts, which some
-        S3-compatible servers lack): S3 refuses a part it does not hold with that ETag."""
-        numbers = [number for number, _ in reported]
-        if numbers != list(range(1, expected_parts + 1)):
-            raise ConflictError(
-                f"upload {ref.upload_id} has {expected_parts} part(s) for the size `complete` names; "
-                f"it reports parts {', '.join(map(str, numbers[:10]))}{'…' if len(numbers) > 10 else ''}"
-            )
+    def complete_assembly(self, ref: UploadRef, etags: list[tuple[int, str]]) -> bool:
         try:
             self.client.complete_multipart_upload(
-                **obj,
+                **self._object(self.multipart_key(ref.upload_id)),
                 UploadId=ref.multipart_id,
-                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etag} for n, etag in reported]},
+                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etag} for n, etag in etags]},
             )
         except ClientError as exc:
-            code = _code(exc)
-            if code in _NOT_FOUND:
-                return  # completed by an earlier call whose verification is being retried
-            if code in ("InvalidPart", "InvalidPartOrder", "EntityTooSmall"):
-                message = exc.response.get("Error", {}).get("Message", "")
-                raise ConflictError(
-                    f"the blob store does not hold the parts of upload {ref.upload_id} as reported "
-                    f"({code}: {message}); upload them again"
-                ) from None
-            raise BlobStoreError(f"S3 CompleteMultipartUpload failed: {code}") from None
+            if _code(exc) in _NOT_FOUND:
+                return False  # completed by an earlier call whose publication is being retried
+            message = exc.response.get("Error", {}).get("Message", "")
+            raise BlobStoreError(
+                f"S3 CompleteMultipartUpload failed: {_code(exc)} {message}".strip()
+            ) from None
         except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
             raise BlobStoreError(f"S3 CompleteMultipartUpload failed: {exc}") from None
+        return True
+
+    def drop_parts(self, ref: UploadRef) -> None:
+        keys = [self.prefix + self.part_key(ref.upload_id, number) for number, _, _ in self._parts(ref)]
+        with _store_errors("DeleteObjects"):
+            for i in range(0, len(keys), 1000):
+                self.client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": key} for key in keys[i : i + 1000]], "Quiet": True},
+                )
 
     @contextlib.contextmanager
     def open_staged(self, ref: UploadRef) -> Iterator[StagedBlob]:
@@ -308,6 +321,8 @@ class S3BlobStore(BlobStore):
 
     def discard(self, ref: UploadRef) -> None:
         obj = self._object(self._upload_key(ref))
+        if ref.multipart_id:
+            self.drop_parts(ref)
         with _store_errors("cleanup of an upload"):
             if ref.multipart_id:
                 try:
@@ -317,9 +332,19 @@ class S3BlobStore(BlobStore):
                         raise
             self.client.delete_object(**obj)
 
-    def list_staging(self) -> Iterator[StoredObject]:
+    def _staged_objects(self) -> Iterator[tuple[str, str, dt.datetime]]:
+        """(key, upload id, modified) of each single-PUT staging object and each part object."""
         for key, modified in self._list("uploads/"):
-            yield StoredObject(key=key.rsplit("/", 1)[-1], modified=modified)
+            yield key, key.rsplit("/", 1)[-1], modified
+        for key, modified in self._list("parts/"):
+            yield key, key.split("/")[1], modified
+
+    def list_staging(self) -> Iterator[StoredObject]:
+        seen = set()
+        for _, upload_id, modified in self._staged_objects():
+            if upload_id not in seen:
+                seen.add(upload_id)
+                yield StoredObject(key=upload_id, modified=modified)
         with _store_errors("ListMultipartUploads"):
             pages = self.client.get_paginator("list_multipart_uploads").paginate(
                 Bucket=self.bucket, Prefix=self.prefix + "blobs/"
@@ -330,8 +355,8 @@ class S3BlobStore(BlobStore):
 
     def sweep_staging(self, *, live_upload_ids: set[str], older_than: dt.datetime) -> int:
         removed = 0
-        for key, modified in self._list("uploads/"):
-            if key.rsplit("/", 1)[-1] not in live_upload_ids and modified < older_than:
+        for key, upload_id, modified in list(self._staged_objects()):
+            if upload_id not in live_upload_ids and modified < older_than:
                 self.delete(key)
                 removed += 1
         # multipart uploads never completed hold parts that no object listing shows

@@ -214,8 +214,9 @@ def test_a_push_the_registry_refuses_as_the_bytes_arrive_forgets_its_upload(
 def test_parts_reported_at_complete_are_checked_by_the_store(
     live_server, s3_store, s3_client, s3_bucket, delta_blobs, base_fingerprint
 ):
-    """`complete` may report each part's ETag (no ListParts then): S3 refuses a part it does not
-    hold with that ETag, and the upload stays pending for a correct report."""
+    """`complete` may report each part's ETag: the registry compares them with the part objects
+    it read and verified, refuses a part it did not read so, and the upload stays pending for a
+    correct report (verified again by a pass run at that `complete`)."""
     server = live_server(**s3_store)
     a = delta_blobs[0]
     with server.client() as client:
@@ -230,8 +231,9 @@ def test_parts_reported_at_complete_are_checked_by_the_store(
         wrong = [*reported[:1], {"number": 2, "etag": '"' + "0" * 32 + '"'}, *reported[2:]]
         r = client.post(upload["complete_url"], json={**a.declaration(), "parts": wrong})
         assert r.status_code == 409 and error_of(r)["code"] == "conflict"
-        assert error_of(r)["message"].startswith(
-            f"the blob store does not hold the parts of upload {upload['id']} as reported (InvalidPart"
+        assert error_of(r)["message"] == (
+            f"the blob store does not hold the parts of upload {upload['id']} as reported (part 2: "
+            f"reported ETag {wrong[1]['etag']}, the store holds {etags[1]}); upload them again"
         )
         r = client.post(upload["complete_url"], json={**a.declaration(), "parts": reported[1:]})
         assert r.status_code == 409 and error_of(r)["message"] == (

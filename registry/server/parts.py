@@ -1,0 +1,283 @@
+"""Verification of a multipart push while its parts arrive: each part is an object of its own,
+which a background pass reads once, in part order, as soon as it exists — hashing and
+decompressing all of them as one stream (`verify.scan_stream`) and handing each to the store to
+assemble into the blob — so that `complete` only waits for the pass to take the last part.
+
+    checks = PartChecks(store, settings, still_pending=...)
+    checks.start(ref, raw_size=..., part_size=..., limit=...)   # as the upload is created
+    outcome = checks.take(ref.upload_id).finish(expected_parts=n)  # at `complete`; None: run one now
+
+A pass lives in the memory of the process that started it (hash and decompressor state cannot
+be stored); `complete` on another replica, after a restart, or when the pass stopped, runs the
+same pass itself over the parts the store holds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from registry.common.errors import BlobStoreError, ConflictError, InvalidUploadError
+from registry.server.blobstores import BlobStore, FetchedPart, UploadRef
+from registry.server.verify import Scan, scan_stream
+
+#: Parts held in memory, read but not yet assembled, per pass.
+ASSEMBLY_DEPTH = 2
+
+
+@dataclass(frozen=True)
+class PartsOutcome:
+    """What a pass found: the scan of all parts' bytes, the (number, ETag) of each part object it
+    read, and the (number, ETag) each has in the blob's multipart upload, or the error that
+    stopped the assembly."""
+
+    scan: Scan
+    parts: list[tuple[int, str]]
+    assembled: list[tuple[int, str]]
+    assembly_error: BaseException | None
+
+
+class _Stopped(Exception):
+    """The pass was stopped: its upload is gone, it waited too long for a part, or the server
+    is shutting down."""
+
+
+class PartPass:
+    """One pass over an upload's parts, readable as one stream (`read`) by the scan. A pass with
+    `expected_parts` runs over what the store holds; one without waits for each next part until
+    `finish` names how many there are (the last part may also show itself by being short)."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        ref: UploadRef,
+        *,
+        raw_size: int,
+        part_size: int,
+        limit: int,
+        max_header_bytes: int,
+        expected_raw_digest: str | None = None,
+        expected_parts: int | None = None,
+        idle_timeout: float = 3600.0,
+        still_pending: Callable[[], bool] = lambda: True,
+        poll: tuple[float, float] = (0.02, 0.5),
+    ):
+        self.store, self.ref = store, ref
+        self.raw_size, self.part_size, self.limit = raw_size, part_size, limit
+        self.max_header_bytes, self.expected_raw_digest = max_header_bytes, expected_raw_digest
+        self.idle_timeout, self.still_pending, self.poll = idle_timeout, still_pending, poll
+        self._expected = expected_parts
+        self._read: list[tuple[int, str]] = []
+        self._buf = memoryview(b"")
+        self._eof = False
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._done = threading.Event()
+        self._slots = threading.Semaphore(ASSEMBLY_DEPTH)
+        self._assembly = ThreadPoolExecutor(
+            max_workers=ASSEMBLY_DEPTH, thread_name_prefix="deltastore-assemble"
+        )
+        self._assembled: dict[int, Future] = {}
+        self._thread: threading.Thread | None = None
+        self.outcome: PartsOutcome | None = None
+        self.error: BaseException | None = None
+
+    # --- the stream the scan reads -----------------------------------------------------------
+    def read(self, n: int = -1) -> bytes:
+        while not self._buf:
+            if self._eof:
+                return b""
+            self._next_part()
+        want = len(self._buf) if n is None or n < 0 else n
+        out = bytes(self._buf[:want])
+        self._buf = self._buf[want:]
+        return out
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def _next_part(self) -> None:
+        number = len(self._read) + 1
+        part = self._wait_for(number)
+        if part is None:
+            self._eof = True
+            return
+        if len(part.data) > self.part_size:
+            raise InvalidUploadError(
+                f"part {number} of upload {self.ref.upload_id} has more than the upload's part size "
+                f"of {self.part_size} bytes"
+            )
+        self._read.append((number, part.etag))
+        self._buf = memoryview(part.data)
+        self._eof = len(part.data) < self.part_size  # only the last part is short
+        while not self._slots.acquire(timeout=0.1):
+            if self._stop.is_set():
+                raise _Stopped()
+        self._assembled[number] = self._assembly.submit(self._assemble, part)
+
+    def _assemble(self, part: FetchedPart) -> str:
+        try:
+            return self.store.assemble_part(self.ref, part)
+        finally:
+            self._slots.release()
+
+    def _wait_for(self, number: int) -> FetchedPart | None:
+        """Part `number` once the store holds it; None past the last part."""
+        delay, since, checked = self.poll[0], time.monotonic(), time.monotonic()
+        while True:
+            if self._stop.is_set():
+                raise _Stopped()
+            if self._expected is not None and number > self._expected:
+                return None
+            try:
+                part = self.store.fetch_part(self.ref, number, max_bytes=self.part_size + 1)
+            except BlobStoreError:
+                if self._expected is not None:
+                    raise  # `complete` is waiting: it answers 502, and a retry runs a new pass
+                part = None  # the store unreachable for now: wait for it as for the part
+            if part is not None:
+                return part
+            if self._expected is not None:
+                raise ConflictError(
+                    f"upload {self.ref.upload_id} is missing part {number} of {self._expected}; "
+                    "upload every part before completing"
+                )
+            now = time.monotonic()
+            if now - since > self.idle_timeout:
+                raise _Stopped()
+            if now - checked > 10:
+                checked = now
+                if not self.still_pending():
+                    raise _Stopped()
+            self._wake.wait(delay)
+            self._wake.clear()
+            delay = min(2 * delay, self.poll[1])
+
+    # --- running it ----------------------------------------------------------------------------
+    def run(self) -> PartsOutcome:
+        """The whole pass in the calling thread."""
+        try:
+            scan = scan_stream(
+                self,
+                self.raw_size,
+                limit=self.limit,
+                max_header_bytes=self.max_header_bytes,
+                expected_raw_digest=self.expected_raw_digest,
+            )
+            assembled, error = [], None
+            try:
+                assembled = [(n, future.result()) for n, future in sorted(self._assembled.items())]
+            except Exception as exc:  # reported only if the bytes pass: a verdict on them comes first
+                error = exc
+            return PartsOutcome(scan, list(self._read), assembled, error)
+        finally:
+            self._assembly.shutdown(wait=False, cancel_futures=True)
+
+    def start(self) -> None:
+        """Run the pass in a background thread, waiting for each part as it comes."""
+        self._thread = threading.Thread(target=self._background, name="deltastore-parts", daemon=True)
+        self._thread.start()
+
+    def _background(self) -> None:
+        try:
+            self.outcome = self.run()
+        except BaseException as exc:  # handed to `finish`
+            self.error = exc
+        finally:
+            self._done.set()
+
+    def finish(self, expected_parts: int) -> PartsOutcome | None:
+        """The pass's outcome once it has taken `expected_parts` parts; None if it did not get
+        there (stopped, or failed on something other than the bytes: the caller runs a pass of
+        its own)."""
+        self._expected = expected_parts
+        self._wake.set()
+        self._done.wait()
+        if isinstance(self.error, InvalidUploadError):
+            raise self.error  # a verdict on the bytes
+        return self.outcome if self.error is None else None
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    @property
+    def failed(self) -> bool:
+        """Stopped, or ended without an outcome: a new pass must start over."""
+        return self._stop.is_set() or self.error is not None
+
+
+class PartChecks:
+    """The passes this process runs for uploads in flight, at most `capacity` at once (each holds
+    a few parts and a zstd decompressor in memory); an upload beyond them is verified whole at
+    `complete`, as on another replica."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        *,
+        capacity: int,
+        max_header_bytes: int,
+        idle_timeout: float,
+        still_pending: Callable[[str], bool],
+    ):
+        self.store, self.capacity = store, capacity
+        self.max_header_bytes, self.idle_timeout = max_header_bytes, idle_timeout
+        self.still_pending = still_pending
+        self._passes: dict[str, PartPass] = {}
+        self._lock = threading.Lock()
+
+    def new_pass(
+        self,
+        ref: UploadRef,
+        *,
+        raw_size: int,
+        part_size: int,
+        limit: int,
+        expected_raw_digest: str | None,
+        expected_parts: int | None = None,
+    ) -> PartPass:
+        return PartPass(
+            self.store,
+            ref,
+            raw_size=raw_size,
+            part_size=part_size,
+            limit=limit,
+            max_header_bytes=self.max_header_bytes,
+            expected_raw_digest=expected_raw_digest,
+            expected_parts=expected_parts,
+            idle_timeout=self.idle_timeout,
+            still_pending=lambda: self.still_pending(ref.upload_id),
+        )
+
+    def start(self, ref: UploadRef, **kwargs) -> None:
+        """Start a background pass for the upload, unless one runs or none is free."""
+        with self._lock:
+            for upload_id in [u for u, p in self._passes.items() if p.failed]:
+                del self._passes[upload_id]
+            if ref.upload_id in self._passes or len(self._passes) >= self.capacity:
+                return
+            self._passes[ref.upload_id] = part_pass = self.new_pass(ref, **kwargs)
+        part_pass.start()
+
+    def take(self, upload_id: str) -> PartPass | None:
+        """The upload's background pass, no longer listed (its outcome is the caller's)."""
+        with self._lock:
+            return self._passes.pop(upload_id, None)
+
+    def stop(self, upload_id: str) -> None:
+        part_pass = self.take(upload_id)
+        if part_pass is not None:
+            part_pass.stop()
+
+    def close(self) -> None:
+        with self._lock:
+            passes, self._passes = list(self._passes.values()), {}
+        for part_pass in passes:
+            part_pass.stop()
