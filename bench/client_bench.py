@@ -16,9 +16,8 @@ decompress + sha256 into the cache.
     python bench/client_bench.py --servers moto --sizes-mb 50 --repeat 5 --json out.json
 
 Synthetic deltas are streamed to disk (never built in memory); each push sends distinct bytes (one
-float of the delta changed) into a fresh DELTACTL_HOME, so nothing deduplicates. s3rver implements
-no ListParts, which the registry's multipart `complete` needs (bench/s3_features.py), so against it
-the registry takes every upload as one presigned PUT (multipart threshold raised to S3's 5 GiB).
+float of the delta changed) into a fresh DELTACTL_HOME, so nothing deduplicates. Both servers take
+the registry's multipart push (part objects the registry reads and assembles as they arrive).
 The pull is compared with boto3's `download_file` twice: its default (8 MiB ranged GETs, 10 threads;
 not run on moto above 512 MB, where every ranged GET copies the whole object in moto's memory) and
 one GET, our pull's request pattern. moto holds whole objects in memory (multipart assembly, every
@@ -204,8 +203,6 @@ def bench_case(server: str, endpoint: str, size_mb: int, repeat: int, code: Path
         "DELTASTORE_BLOB_URL": f"s3://{bucket}/registry",
         "DELTASTORE_S3_ENDPOINT_URL": endpoint,
     }
-    if server == "s3rver":
-        env["DELTASTORE_MULTIPART_THRESHOLD"] = str(SINGLE_PUT_MAX)
     delta = make_delta(case / "delta.bdelta", size_mb, seed=size_mb)
     peer = case / "peer.zst"
     stored = compress_blob(delta, peer)  # the peer moves the same (stored) bytes
@@ -312,7 +309,7 @@ def bench_case(server: str, endpoint: str, size_mb: int, repeat: int, code: Path
         "size_mb": size_mb,
         "stored_mb": stored.size / 1e6,
         "repeat": repeat,
-        "registry_upload": "presigned PUT" if server == "s3rver" else "presigned multipart",
+        "registry_upload": "presigned parts",
         "times": rows,
         "rss": rss,
         "heap": {"push": push_heap, "pull": pull_heap},

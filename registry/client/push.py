@@ -303,7 +303,7 @@ def _send(
             "run the same command again to send only the missing parts"
         ) from None
     parts = [{"number": n, "etag": etags[n]} for n in sorted(etags)]
-    # Reported at `complete`, the store checks them (and the registry needs no ListParts).
+    # Reported at `complete`: the registry checks them against the part objects it read.
     return form.info, sent, skipped, parts if all(p["etag"] for p in parts) else None
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from registry.common.errors import BlobStoreError, ConflictError, InvalidUploadError
+from registry.common.errors import BlobStoreError, ConflictError, DigestMismatchError, SizeMismatchError
 from registry.server.blobstores import BlobStore, FetchedPart, UploadRef
 from registry.server.verify import Scan, scan_stream
 
@@ -109,9 +109,9 @@ class PartPass:
             self._eof = True
             return
         if len(part.data) > self.part_size:
-            raise InvalidUploadError(
+            raise SizeMismatchError(
                 f"part {number} of upload {self.ref.upload_id} has more than the upload's part size "
-                f"of {self.part_size} bytes"
+                f"of {self.part_size} bytes (every part but the last has exactly that size)"
             )
         self._read.append((number, part.etag))
         self._buf = memoryview(part.data)
@@ -199,8 +199,8 @@ class PartPass:
         self._expected = expected_parts
         self._wake.set()
         self._done.wait()
-        if isinstance(self.error, InvalidUploadError):
-            raise self.error  # a verdict on the bytes
+        if isinstance(self.error, DigestMismatchError):
+            raise self.error  # a verdict on the bytes (a part larger than the part size)
         return self.outcome if self.error is None else None
 
     def stop(self) -> None:

@@ -234,7 +234,7 @@ class UploadComplete(RequestBody):
         None,
         max_length=10_000,
         description="s3-multipart: each part's number and the ETag the store answered its PUT with, "
-        "in order; the store refuses a part it does not hold so (else the registry lists the parts).",
+        "in order; they must be those of the parts the registry read and verified (else 409).",
     )
 
 
@@ -265,7 +265,8 @@ class UploadOut(Schema):
     parts_url: str | None = Field(
         None,
         description="s3-multipart: GET it with `first` and `count` for the URLs of those parts, "
-        "asked for as the client makes them; every part is `part_size` bytes but the last.",
+        "asked for as the client makes them; every part is `part_size` bytes but the last. The "
+        "registry reads and verifies each part as soon as it is stored.",
     )
     part_size: int | None = None
     received_parts: list[ReceivedPartOut] = Field(

@@ -42,7 +42,8 @@ def s3_registry(start_registry, s3_endpoint, s3_bucket, deltas):
 
 
 def _blob_objects(s3_client, bucket, kind: str = "blobs") -> list[dict]:
-    return [o for o in s3_client.list_objects_v2(Bucket=bucket).get("Contents", []) if f"/{kind}/" in o["Key"]]
+    objects = s3_client.list_objects_v2(Bucket=bucket).get("Contents", [])
+    return [o for o in objects if f"/{kind}/" in o["Key"]]
 
 
 def _part_number(url: str) -> int:

@@ -31,8 +31,8 @@ from .helpers import DeltaBlob, make_delta_blobs
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 #: Two independently written S3 servers, for `@pytest.mark.parametrize("s3_endpoint", S3_SERVERS,
-#: indirect=True)`; s3rver lacks ListParts, AbortMultipartUpload and ListMultipartUploads
-#: (bench/s3_features.py), so multipart uploads and gc are tested on moto alone.
+#: indirect=True)`; s3rver lacks AbortMultipartUpload and ListMultipartUploads (bench/s3_features.py),
+#: so gc's cleanup of abandoned multipart uploads is tested on moto alone.
 S3_SERVERS = ["moto", "s3rver"]
 
 

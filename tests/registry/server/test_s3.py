@@ -92,8 +92,8 @@ def test_multipart_upload_with_tiny_parts(
 def test_multipart_push_to_an_endpoint_without_list_parts_round_trips(
     live_server, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint, tmp_path
 ):
-    """s3rver has no ListParts: `complete` takes the part ETags the client reports, so a
-    multipart push through the real client still publishes the exact bytes."""
+    """s3rver has no ListParts: parts are objects of their own, which the registry reads and
+    assembles itself, so a multipart push through the real client publishes the exact bytes."""
     a = delta_blobs[3]
     server = live_server(**s3_settings, multipart_threshold=1024, multipart_part_size=a.size // 2 + 1)
     with server.client() as http:
