@@ -26,6 +26,9 @@ from registry.server.verify import Scan, scan_stream
 
 #: Parts held in memory, read but not yet assembled, per pass.
 ASSEMBLY_DEPTH = 2
+#: A background pass that sees no new part for this long stops (a client gone without aborting);
+#: `complete` then runs a pass of its own, and a resumed push starts a new one.
+IDLE_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class PartPass:
         max_header_bytes: int,
         expected_raw_digest: str | None = None,
         expected_parts: int | None = None,
-        idle_timeout: float = 3600.0,
+        idle_timeout: float = IDLE_SECONDS,
         still_pending: Callable[[], bool] = lambda: True,
         poll: tuple[float, float] = (0.02, 0.5),
     ):
@@ -224,8 +227,8 @@ class PartChecks:
         *,
         capacity: int,
         max_header_bytes: int,
-        idle_timeout: float,
         still_pending: Callable[[str], bool],
+        idle_timeout: float = IDLE_SECONDS,
     ):
         self.store, self.capacity = store, capacity
         self.max_header_bytes, self.idle_timeout = max_header_bytes, idle_timeout

@@ -75,7 +75,6 @@ class PushService:
             store,
             capacity=settings.part_checks,
             max_header_bytes=settings.max_header_bytes,
-            idle_timeout=max(settings.upload_ttl_seconds, 60),
             still_pending=self._still_pending,
         )
 

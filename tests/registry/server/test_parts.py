@@ -175,3 +175,35 @@ def test_complete_before_every_part_arrived_is_a_conflict_and_the_upload_stays(
         assert httpx.put(url, content=a.data[offset : offset + size]).status_code == 200
         r = client.post(upload["complete_url"], json=a.declaration())
         assert r.status_code == 201 and r.json()["digest"] == a.digest, r.text
+
+
+def test_with_no_pass_free_the_parts_are_verified_at_complete(
+    live_server, s3_store, s3_client, s3_bucket, delta_blobs, base_fingerprint
+):
+    """`part_checks=0`: nothing reads the parts as they arrive; `complete` reads them itself."""
+    server = live_server(**s3_store, part_checks=0)
+    a = delta_blobs[6]
+    with server.client() as client:
+        setup_repo(client, base_fingerprint)
+        upload = _upload(client, a.raw_size)
+        _send_parts(client, upload, a.data)
+        time.sleep(1)
+        assert _assembled_parts(s3_client, s3_bucket) == []
+        r = client.post(upload["complete_url"], json=a.declaration())
+        assert r.status_code == 201 and r.json()["digest"] == a.digest, r.text
+        assert _download(client) == a.data
+
+
+def test_an_aborted_upload_leaves_no_part_behind(
+    live_server, s3_store, s3_client, s3_bucket, delta_blobs, base_fingerprint
+):
+    server = live_server(**s3_store)
+    a = delta_blobs[7]
+    with server.client() as client:
+        setup_repo(client, base_fingerprint)
+        upload = _upload(client, a.raw_size)
+        etags = _send_parts(client, upload, a.data)
+        _wait_for_assembly(s3_client, s3_bucket, len(etags))
+        assert client.delete(f"/v1/uploads/{upload['id']}").status_code == 204
+    assert s3_client.list_objects_v2(Bucket=s3_bucket).get("Contents", []) == []
+    assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
