@@ -26,6 +26,9 @@ from registry.server.verify import Scan, scan_stream
 
 #: Parts held in memory, read but not yet assembled, per pass.
 ASSEMBLY_DEPTH = 2
+#: After `complete`, how long a part may stay shorter than it must be (its PUT still being
+#: written) before it is judged as it is.
+SHORT_GRACE = 2.0
 #: A background pass that sees no new part for this long stops (a client gone without aborting);
 #: `complete` then runs a pass of its own, and a resumed push starts a new one.
 IDLE_SECONDS = 600.0
@@ -64,6 +67,7 @@ class PartPass:
         max_header_bytes: int,
         expected_raw_digest: str | None = None,
         expected_parts: int | None = None,
+        expected_size: int = 0,
         idle_timeout: float = IDLE_SECONDS,
         still_pending: Callable[[], bool] = lambda: True,
         poll: tuple[float, float] = (0.02, 0.5),
@@ -72,7 +76,7 @@ class PartPass:
         self.raw_size, self.part_size, self.limit = raw_size, part_size, limit
         self.max_header_bytes, self.expected_raw_digest = max_header_bytes, expected_raw_digest
         self.idle_timeout, self.still_pending, self.poll = idle_timeout, still_pending, poll
-        self._expected = expected_parts
+        self._expected, self._size = expected_parts, expected_size
         self._read: list[tuple[int, str]] = []
         self._buf = memoryview(b"")
         self._eof = False
@@ -118,7 +122,8 @@ class PartPass:
             )
         self._read.append((number, part.etag))
         self._buf = memoryview(part.data)
-        self._eof = len(part.data) < self.part_size  # only the last part is short
+        # only the last part is short (one that is not: its size shows in the verdict)
+        self._eof = number == self._expected or len(part.data) < self.part_size
         while not self._slots.acquire(timeout=0.1):
             if self._stop.is_set():
                 raise _Stopped()
@@ -130,27 +135,48 @@ class PartPass:
         finally:
             self._slots.release()
 
+    def _wanted(self, number: int) -> int:
+        """The bytes part `number` must have: the part size, but for the last part, whose size
+        is known only once `finish` names the upload's."""
+        if self._expected is None or number < self._expected:
+            return self.part_size
+        return self._size - (self._expected - 1) * self.part_size
+
     def _wait_for(self, number: int) -> FetchedPart | None:
-        """Part `number` once the store holds it; None past the last part."""
+        """Part `number` once the store holds all of its bytes; None past the last part.
+
+        A part is read only once it has the size it must have (its HEAD says so, then its GET
+        brings that much): a store may show an object while its PUT is still writing it
+        (s3rver does), and a short part is the last one only when `finish` says so. After
+        `finish`, a part still short after SHORT_GRACE seconds is taken as it is, and the
+        verdict names the sizes."""
         delay, since, checked = self.poll[0], time.monotonic(), time.monotonic()
+        short_since: float | None = None
         while True:
             if self._stop.is_set():
                 raise _Stopped()
             if self._expected is not None and number > self._expected:
                 return None
+            want = self._wanted(number)
+            part = None
             try:
-                part = self.store.fetch_part(self.ref, number, max_bytes=self.part_size + 1)
+                stored = self.store.stored_part_size(self.ref, number)
+                whole = stored is not None and (stored >= want or self._grace_over(short_since))
+                if whole:
+                    part = self.store.fetch_part(self.ref, number, max_bytes=self.part_size + 1)
             except BlobStoreError:
                 if self._expected is not None:
                     raise  # `complete` is waiting: it answers 502, and a retry runs a new pass
-                part = None  # the store unreachable for now: wait for it as for the part
-            if part is not None:
+                stored = None  # the store unreachable for now: wait for it as for the part
+            if part is not None and (len(part.data) >= want or self._grace_over(short_since)):
                 return part
-            if self._expected is not None:
+            if stored is None and self._expected is not None:
                 raise ConflictError(
                     f"upload {self.ref.upload_id} is missing part {number} of {self._expected}; "
                     "upload every part before completing"
                 )
+            if stored is not None and self._expected is not None and short_since is None:
+                short_since, delay = time.monotonic(), self.poll[0]
             now = time.monotonic()
             if now - since > self.idle_timeout:
                 raise _Stopped()
@@ -161,6 +187,10 @@ class PartPass:
             self._wake.wait(delay)
             self._wake.clear()
             delay = min(2 * delay, self.poll[1])
+
+    @staticmethod
+    def _grace_over(short_since: float | None) -> bool:
+        return short_since is not None and time.monotonic() - short_since > SHORT_GRACE
 
     # --- running it ----------------------------------------------------------------------------
     def run(self) -> PartsOutcome:
@@ -195,11 +225,11 @@ class PartPass:
         finally:
             self._done.set()
 
-    def finish(self, expected_parts: int) -> PartsOutcome | None:
+    def finish(self, expected_parts: int, size: int) -> PartsOutcome | None:
         """The pass's outcome once it has taken `expected_parts` parts; None if it did not get
         there (stopped, or failed on something other than the bytes: the caller runs a pass of
-        its own)."""
-        self._expected = expected_parts
+        its own). `size`: the stored bytes `complete` names, which fix the last part's size."""
+        self._size, self._expected = size, expected_parts
         self._wake.set()
         self._done.wait()
         if isinstance(self.error, DigestMismatchError):
@@ -245,6 +275,7 @@ class PartChecks:
         limit: int,
         expected_raw_digest: str | None,
         expected_parts: int | None = None,
+        expected_size: int = 0,
     ) -> PartPass:
         return PartPass(
             self.store,
@@ -255,6 +286,7 @@ class PartChecks:
             max_header_bytes=self.max_header_bytes,
             expected_raw_digest=expected_raw_digest,
             expected_parts=expected_parts,
+            expected_size=expected_size,
             idle_timeout=self.idle_timeout,
             still_pending=lambda: self.still_pending(ref.upload_id),
         )

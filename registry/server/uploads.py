@@ -384,7 +384,7 @@ class PushService:
                 f"parts {', '.join(map(str, numbers[:10]))}{'…' if len(numbers) > 10 else ''}"
             )
         live = self.part_checks.take(upload.id)
-        outcome = live.finish(expected) if live is not None else None
+        outcome = live.finish(expected, declared.size) if live is not None else None
         if outcome is None:  # no pass ran here (another replica, a restart, none free) or it stopped
             if self.store.assembled(ref):  # assembled by a `complete` that died before its commit
                 return self._verify_assembled(repo, ref, declared)
@@ -395,6 +395,7 @@ class PushService:
                 limit=declared.size,
                 expected_raw_digest=declared.raw_digest,
                 expected_parts=expected,
+                expected_size=declared.size,
             ).run()
         header = outcome.scan.judge(declared, max_size=declared.size).header
         for (number, etag), (_, held) in zip(reported or [], outcome.parts, strict=False):

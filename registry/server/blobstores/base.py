@@ -131,6 +131,10 @@ class BlobStore(ABC):
 
     # Stores with multipart uploads (S3) keep each part as an object of its own, which the
     # registry reads as soon as it exists (registry.server.parts) and assembles into the blob.
+    def stored_part_size(self, ref: UploadRef, number: int) -> int | None:
+        """The bytes the store shows for part `number` (None: not there), without reading them."""
+        raise NotImplementedError(f"the {self.kind} store has no multipart uploads")
+
     def fetch_part(self, ref: UploadRef, number: int, *, max_bytes: int) -> FetchedPart | None:
         """Part `number`'s bytes (at most `max_bytes` of them), or None while it has not arrived."""
         raise NotImplementedError(f"the {self.kind} store has no multipart uploads")

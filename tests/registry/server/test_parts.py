@@ -66,9 +66,9 @@ def _download(client: httpx.Client) -> bytes:
 def test_parts_are_verified_and_assembled_before_complete(
     live_server, s3_store, s3_client, s3_bucket, delta_blobs, base_fingerprint
 ):
-    """Before `complete` is sent, the registry has read every part and added it to the blob's
-    multipart upload: `complete` finishes what is left (the last part's check), and leaves no
-    part object behind."""
+    """Before `complete` is sent, the registry has read every part but the last (whose size only
+    `complete` fixes) and added it to the blob's multipart upload: `complete` finishes what is
+    left, and leaves no part object behind."""
     server = live_server(**s3_store)
     a = delta_blobs[0]
     with server.client() as client:
@@ -76,7 +76,9 @@ def test_parts_are_verified_and_assembled_before_complete(
         upload = _upload(client, a.raw_size)
         etags = _send_parts(client, upload, a.data)
         assert len(etags) >= 3
-        _wait_for_assembly(s3_client, s3_bucket, len(etags))
+        _wait_for_assembly(s3_client, s3_bucket, len(etags) - 1)
+        time.sleep(0.5)
+        assert _assembled_parts(s3_client, s3_bucket) == list(range(1, len(etags)))  # not the last
         assert client.get("/v1/repos/acme/math/versions").json()["items"] == []  # nothing visible yet
         r = client.post(upload["complete_url"], json=a.declaration())
         assert r.status_code == 201 and r.json()["digest"] == a.digest, r.text
@@ -96,7 +98,7 @@ def test_what_is_stored_is_the_bytes_verified_not_a_later_put(
         setup_repo(client, base_fingerprint)
         upload = _upload(client, a.raw_size)
         etags = _send_parts(client, upload, a.data)
-        _wait_for_assembly(s3_client, s3_bucket, len(etags))
+        _wait_for_assembly(s3_client, s3_bucket, len(etags) - 1)
         [(url, offset, size), *_] = part_targets(client, upload, a.size)
         assert httpx.put(url, content=b"\xff" * size).status_code == 200  # part 1 replaced
         r = client.post(upload["complete_url"], json=a.declaration())
@@ -203,7 +205,36 @@ def test_an_aborted_upload_leaves_no_part_behind(
         setup_repo(client, base_fingerprint)
         upload = _upload(client, a.raw_size)
         etags = _send_parts(client, upload, a.data)
-        _wait_for_assembly(s3_client, s3_bucket, len(etags))
+        _wait_for_assembly(s3_client, s3_bucket, len(etags) - 1)
         assert client.delete(f"/v1/uploads/{upload['id']}").status_code == 204
     assert s3_client.list_objects_v2(Bucket=s3_bucket).get("Contents", []) == []
     assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
+@pytest.mark.parametrize("s3_endpoint", ["s3rver"], indirect=True)
+def test_a_part_still_being_written_is_not_read_before_it_is_whole(
+    live_server, s3_store, delta_blobs, base_fingerprint
+):
+    """s3rver shows an object while its PUT is still writing it (its size so far, even the final
+    ETag): the pass waits until a part has the size it must have, so a slow PUT of part 1 is read
+    whole and the push publishes."""
+    server = live_server(**s3_store)
+    a = delta_blobs[0]
+    with server.client() as client:
+        setup_repo(client, base_fingerprint)
+        upload = _upload(client, a.raw_size)
+        (url, offset, size), *rest = part_targets(client, upload, a.size)
+        body = a.data[offset : offset + size]
+
+        def slowly():
+            yield body[: size // 2]
+            time.sleep(1.5)  # the pass polls meanwhile and sees half a part
+            yield body[size // 2 :]
+
+        r = httpx.put(url, content=slowly(), headers={"Content-Length": str(size)}, timeout=30)
+        assert r.status_code == 200, r.text
+        for url, offset, size in rest:
+            assert httpx.put(url, content=a.data[offset : offset + size]).status_code == 200
+        r = client.post(upload["complete_url"], json=a.declaration())
+        assert r.status_code == 201 and r.json()["digest"] == a.digest, r.text
+        assert _download(client) == a.data
