@@ -24,7 +24,9 @@ from registry.common.errors import BlobStoreError, ConflictError, DigestMismatch
 from registry.server.blobstores import BlobStore, FetchedPart, UploadRef
 from registry.server.verify import Scan, scan_stream
 
-#: Parts held in memory, read but not yet assembled, per pass.
+#: Parts fetched at once, ahead of the one being verified (one GET stream is far below what an
+#: S3 endpoint serves), and parts held read but not yet assembled, per pass.
+PREFETCH = 4
 ASSEMBLY_DEPTH = 2
 #: After `complete`, how long a part may stay shorter than it must be (its PUT still being
 #: written) before it is judged as it is.
@@ -81,13 +83,16 @@ class PartPass:
         self._buf = memoryview(b"")
         self._eof = False
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._finishing = threading.Event()  # set by `finish` and `stop`: waits end at once
+        self._closed = threading.Event()  # the scan is over: fetches still waiting end
         self._done = threading.Event()
         self._slots = threading.Semaphore(ASSEMBLY_DEPTH)
         self._assembly = ThreadPoolExecutor(
             max_workers=ASSEMBLY_DEPTH, thread_name_prefix="deltastore-assemble"
         )
         self._assembled: dict[int, Future] = {}
+        self._prefetch = ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="deltastore-fetch")
+        self._fetched: dict[int, Future] = {}
         self._thread: threading.Thread | None = None
         self.outcome: PartsOutcome | None = None
         self.error: BaseException | None = None
@@ -111,7 +116,10 @@ class PartPass:
 
     def _next_part(self) -> None:
         number = len(self._read) + 1
-        part = self._wait_for(number)
+        for ahead in range(number, number + PREFETCH):
+            if ahead not in self._fetched:
+                self._fetched[ahead] = self._prefetch.submit(self._wait_for, ahead)
+        part = self._fetched.pop(number).result()
         if part is None:
             self._eof = True
             return
@@ -153,7 +161,7 @@ class PartPass:
         delay, since, checked = self.poll[0], time.monotonic(), time.monotonic()
         short_since: float | None = None
         while True:
-            if self._stop.is_set():
+            if self._stop.is_set() or self._closed.is_set():
                 raise _Stopped()
             if self._expected is not None and number > self._expected:
                 return None
@@ -184,8 +192,10 @@ class PartPass:
                 checked = now
                 if not self.still_pending():
                     raise _Stopped()
-            self._wake.wait(delay)
-            self._wake.clear()
+            if self._finishing.is_set():
+                time.sleep(delay)
+            else:
+                self._finishing.wait(delay)
             delay = min(2 * delay, self.poll[1])
 
     @staticmethod
@@ -210,6 +220,7 @@ class PartPass:
                 error = exc
             return PartsOutcome(scan, list(self._read), assembled, error)
         finally:
+            self._stop_fetching()
             self._assembly.shutdown(wait=False, cancel_futures=True)
 
     def start(self) -> None:
@@ -230,7 +241,7 @@ class PartPass:
         there (stopped, or failed on something other than the bytes: the caller runs a pass of
         its own). `size`: the stored bytes `complete` names, which fix the last part's size."""
         self._size, self._expected = size, expected_parts
-        self._wake.set()
+        self._finishing.set()
         self._done.wait()
         if isinstance(self.error, DigestMismatchError):
             raise self.error  # a verdict on the bytes (a part larger than the part size)
@@ -238,7 +249,13 @@ class PartPass:
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
+        self._finishing.set()
+
+    def _stop_fetching(self) -> None:
+        """End the fetches still waiting for parts past the end (or for a pass that failed)."""
+        self._closed.set()
+        self._finishing.set()
+        self._prefetch.shutdown(wait=False, cancel_futures=True)
 
     @property
     def failed(self) -> bool:

@@ -7,12 +7,14 @@ Keys under the store's prefix, all derived from digests and server-chosen upload
   stay where it points).
 - `parts/<upload id>/<n>`: part n of a larger upload, an object of its own (presigned PUT), so
   that the registry can read and verify it while the client sends the next ones (no byte of an
-  unfinished multipart upload can be read). The registry sends the bytes it read and verified
-  as the same part of a multipart upload at `blobs/uploads/<upload id>`, which becomes the blob
-  itself at `complete`. No presigned URL points at the blob's key, so large blobs are never
-  copied again. (Its key cannot name the digest: a streamed push
-  sends its parts before the digest is known. Blobs from before streamed pushes are at
-  `blobs/sha256/<hex>.<upload id>`; the blob row records each key.)
+  unfinished multipart upload can be read). Each part the registry read and verified becomes the
+  same part of a multipart upload at `blobs/uploads/<upload id>` — copied inside the store
+  (UploadPartCopy) when the copy's MD5 is that of the bytes verified, else sent from those
+  bytes (s3rver has no UploadPartCopy) — which becomes the blob itself at `complete`. No
+  presigned URL points at the blob's key, so large blobs are never copied again. (Its key
+  cannot name the digest: a streamed push sends its parts before the digest is known. Blobs
+  from before streamed pushes are at `blobs/sha256/<hex>.<upload id>`; the blob row records
+  each key.)
 
 Request checksums are computed only when an operation requires them, because several
 S3-compatible services reject the newer default checksum headers.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import math
 import re
 from collections.abc import Iterator
@@ -52,6 +55,8 @@ _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
 _PROMOTED = "promoted:"
 _BLOB_NAME = re.compile(r"[0-9a-f]{64}(\.[0-9a-zA-Z]+)?")
 _UPLOAD_NAME = re.compile(r"[0-9a-f]{32}")
+#: Answers of a store that lacks an operation (s3rver has no UploadPartCopy).
+_UNSUPPORTED = {"NotImplemented", "MethodNotAllowed", "501", "405"}
 
 
 def _multipart_upload_id(key: str) -> str:
@@ -118,6 +123,7 @@ class S3BlobStore(BlobStore):
         self.bucket = bucket
         self.prefix = f"{prefix}/" if prefix else ""
         self.presign_ttl = presign_ttl
+        self.part_copy = True  # UploadPartCopy, until the store answers that it has none
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
         config = Config(
@@ -227,17 +233,41 @@ class S3BlobStore(BlobStore):
         return FetchedPart(number=number, data=bytes(data), etag=obj["ETag"])
 
     def assemble_part(self, ref: UploadRef, part: FetchedPart) -> str:
-        # The bytes that were read and verified are sent, not copied inside the store: an
-        # UploadPartCopy would copy whatever the part's key holds by then, and the only guard
-        # against a PUT in between (CopySourceIfMatch) compares MD5 ETags, is ignored by moto and
-        # s3rver, and s3rver has no UploadPartCopy at all.
         target = {**self._object(self.multipart_key(ref.upload_id)), "UploadId": ref.multipart_id}
+        if self.part_copy:
+            etag = self._copy_part(ref, part, target)
+            # The copy must be the bytes that were verified: a PUT to the part's key after they
+            # were read (CopySourceIfMatch, which moto and s3rver ignore, would refuse it) shows
+            # as another MD5; then the verified bytes are sent instead.
+            if (
+                etag is not None
+                and etag.strip('"') == hashlib.md5(part.data, usedforsecurity=False).hexdigest()
+            ):
+                return etag
         try:
             return self.client.upload_part(**target, PartNumber=part.number, Body=part.data)["ETag"]
         except ClientError as exc:
             raise self._assembly_error("UploadPart", ref, exc) from None
         except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
             raise BlobStoreError(f"S3 UploadPart failed: {exc}") from None
+
+    def _copy_part(self, ref: UploadRef, part: FetchedPart, target: dict) -> str | None:
+        """UploadPartCopy of the part object inside the store; None where the store has none."""
+        source = self._object(self.part_key(ref.upload_id, part.number))
+        try:
+            answer = self.client.upload_part_copy(
+                **target, PartNumber=part.number, CopySource=source, CopySourceIfMatch=part.etag
+            )
+        except ClientError as exc:
+            if _code(exc) in _UNSUPPORTED:
+                self.part_copy = False  # s3rver: every part is sent from the verified bytes
+                return None
+            if _code(exc) in ("PreconditionFailed", "412"):
+                return None  # the part's key holds another PUT by now
+            raise self._assembly_error("UploadPartCopy", ref, exc) from None
+        except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BlobStoreError(f"S3 UploadPartCopy failed: {exc}") from None
+        return answer["CopyPartResult"]["ETag"]
 
     @staticmethod
     def _assembly_error(what: str, ref: UploadRef, exc: ClientError) -> Exception:
