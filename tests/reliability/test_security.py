@@ -331,7 +331,8 @@ def test_presigned_urls_are_short_lived_and_scoped_to_one_object(
         assert query["X-Amz-SignedHeaders"] == ["host"]
         # exactly one object key under the prefix: no wildcard, no bucket-level operation
         assert re.fullmatch(
-            rf"/{s3_bucket}/reg/(uploads/[0-9a-f]{{32}}|blobs/(uploads/[0-9a-f]{{32}}|sha256/[0-9a-f]{{64}}))",
+            rf"/{s3_bucket}/reg/(uploads/[0-9a-f]{{32}}|parts/[0-9a-f]{{32}}/[0-9]+"
+            rf"|blobs/(uploads/[0-9a-f]{{32}}|sha256/[0-9a-f]{{64}}))",
             parsed.path,
         ), url
         assert "X-Amz-Security-Token" not in query
