@@ -34,6 +34,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import struct
@@ -122,6 +123,13 @@ def run_cli(code: Path, *args: str, home: Path, url: str) -> tuple[float, int]:
             err.seek(0)
             raise RuntimeError(f"deltactl {' '.join(args)} failed: {err.read().decode()[-2000:]}")
         return elapsed, int(Path(peak.name).read_text()) * 1024  # kB
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (the S3 server and the registry run in
+    their own processes, so an in-process call's CPU is the client's alone)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def vary(path: Path, n: int) -> None:
@@ -231,6 +239,8 @@ def bench_case(
             "pull raw 1GET",
             "hit proc",
             "hit api",
+            "pull api cpu",
+            "pull raw 1GET cpu",
         )
     }
     rss: dict[str, list[int]] = {"push": [], "pull": []}
@@ -283,9 +293,10 @@ def bench_case(
             rss["pull"].append(peak)
             rows["hit proc"].append(run_cli(code, "pull", cli_repo, home=homes[2], url=url)[0])
             with RegistryApi(url, home=homes[3]) as api:
-                t0 = time.perf_counter()
+                c0, t0 = cpu_seconds(), time.perf_counter()
                 pulled = api.pull(f"bench/a{i}")
                 rows["pull api"].append(time.perf_counter() - t0)
+                rows["pull api cpu"].append(cpu_seconds() - c0)
                 assert not pulled.cache_hit
                 t0 = time.perf_counter()
                 assert api.pull(f"bench/a{i}").cache_hit
@@ -296,9 +307,10 @@ def bench_case(
                 s3.download_file(bucket, key, str(case / "peer-download"), Config=transfer)
                 rows["pull raw"].append(time.perf_counter() - t0)
                 (case / "peer-download").unlink()
-            t0 = time.perf_counter()
+            c0, t0 = cpu_seconds(), time.perf_counter()
             s3.download_file(bucket, key, str(case / "peer-download"), Config=one_get)
             rows["pull raw 1GET"].append(time.perf_counter() - t0)
+            rows["pull raw 1GET cpu"].append(cpu_seconds() - c0)
             (case / "peer-download").unlink()
             for home in homes:
                 shutil.rmtree(home, ignore_errors=True)  # keep the disk use to one round's worth
@@ -394,6 +406,12 @@ def print_results(cases: list[dict], startup: float) -> None:
             f"| {c['server']} | {c['size_mb']} MB | pull, cache hit | {med['hit proc']:.2f} | "
             f"{med['hit api'] * 1000:.1f} ms | - | - | - | - |"
         )
+        if "pull api cpu" in med:
+            print(
+                f"| {c['server']} | {c['size_mb']} MB | pull CPU s (client process) vs one GET's | - | "
+                f"{med['pull api cpu']:.2f} | {med['pull raw 1GET cpu']:.2f} | "
+                f"{med['pull raw 1GET cpu'] / med['pull api cpu']:.2f} | - | - |"
+            )
     if any(c["phases"] for c in cases):
         print("\nPush phases, in-process (median s):")
     for c in cases:
