@@ -9,8 +9,8 @@ its blob store (`RegistryHttp`), whose failures name the server that failed.
 httpx carries every request but one: the blob store's presigned GET of a download goes through
 urllib3 (`BlobGets`), whose 1 MiB body reads (http.client filling one buffer) cost far less CPU
 than httpx's 64 KiB h11 events. In the pull's pipeline (network, hashing, two file writes and
-zstd on two threads sharing the GIL) a 200 MB download from s3rver took 1.15 s and 0.56 s of CPU
-through urllib3 against 1.96 s and 1.35 s through httpx (bench/RESULTS-client.md).
+zstd on two threads sharing the GIL) a 200 MB download from s3rver took 1.05 s and 0.52 s of CPU
+through urllib3 against 1.85 s and 1.26 s through httpx (bench/pull_stages.py, RESULTS-client.md).
 """
 
 from __future__ import annotations
