@@ -14,6 +14,7 @@ decompress + sha256 into the cache.
     python bench/client_bench.py --quick                # 200 MB only, 1 round
     python bench/client_bench.py --code /work/wt/other  # measure another checkout's client and server
     python bench/client_bench.py --servers moto --sizes-mb 50 --repeat 5 --json out.json
+    python bench/client_bench.py --servers s3rver --sizes-mb 200 --repeat 3 --ops pull  # pulls only
 
 Synthetic deltas are streamed to disk (never built in memory); each push sends distinct bytes (one
 float of the delta changed) into a fresh DELTACTL_HOME, so nothing deduplicates. Both servers take
@@ -32,6 +33,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import struct
@@ -122,6 +124,13 @@ def run_cli(code: Path, *args: str, home: Path, url: str) -> tuple[float, int]:
         return elapsed, int(Path(peak.name).read_text()) * 1024  # kB
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (the S3 server and the registry run in
+    their own processes, so an in-process call's CPU is the client's alone)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def vary(path: Path, n: int) -> None:
     """Make the delta at `path` distinct from every earlier variant: its first stored float (the
     scale, right after the safetensors header) becomes a function of `n`."""
@@ -184,9 +193,13 @@ def s3_client(endpoint: str):
     return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", config=config)
 
 
-def bench_case(server: str, endpoint: str, size_mb: int, repeat: int, code: Path, work: Path) -> dict:
+def bench_case(
+    server: str, endpoint: str, size_mb: int, repeat: int, code: Path, work: Path, ops: frozenset[str]
+) -> dict:
     """`repeat` interleaved rounds of ours vs raw boto3 on one server at one size, then one
-    untimed tracemalloc push and pull. Returns the raw figures."""
+    untimed tracemalloc push and pull. Returns the raw figures. With `ops` = {"pull"} each round's
+    version is pushed untimed (in-process, with the registry's default multipart threshold, so
+    the push's memory stays bounded at any size) and only the pulls are measured."""
     from boto3.s3.transfer import TransferConfig
     from registry_bench import BASE, FINGERPRINT, make_delta
 
@@ -223,6 +236,8 @@ def bench_case(server: str, endpoint: str, size_mb: int, repeat: int, code: Path
             "pull raw 1GET",
             "hit proc",
             "hit api",
+            "pull api cpu",
+            "pull raw 1GET cpu",
         )
     }
     rss: dict[str, list[int]] = {"push": [], "pull": []}
@@ -247,31 +262,38 @@ def bench_case(server: str, endpoint: str, size_mb: int, repeat: int, code: Path
         httpx.post(f"{url}/v1/bases", json={"name": BASE, "fingerprint": FINGERPRINT}).raise_for_status()
         for i in range(repeat):
             homes = [case / f"hp{i}", case / f"ha{i}", case / f"fresh-p{i}", case / f"fresh-a{i}"]
-            next_variant()
-            t, peak = run_cli(code, "push", str(delta), f"bench/p{i}", home=homes[0], url=url)
-            rows["push proc"].append(t)
-            rss["push"].append(peak)
-            next_variant()
-            clock = PhaseClock()
-            with RegistryApi(url, home=homes[1]) as api:
+            if "push" in ops:
+                next_variant()
+                t, peak = run_cli(code, "push", str(delta), f"bench/p{i}", home=homes[0], url=url)
+                rows["push proc"].append(t)
+                rss["push"].append(peak)
+                next_variant()
+                clock = PhaseClock()
+                with RegistryApi(url, home=homes[1]) as api:
+                    t0 = time.perf_counter()
+                    api.push(delta, f"bench/a{i}", progress=clock)
+                    rows["push api"].append(time.perf_counter() - t0)
+                phases.append(clock.durations())
+                raw_key = f"raw/{uuid.uuid4().hex}"
                 t0 = time.perf_counter()
-                api.push(delta, f"bench/a{i}", progress=clock)
-                rows["push api"].append(time.perf_counter() - t0)
-            phases.append(clock.durations())
-            raw_key = f"raw/{uuid.uuid4().hex}"
-            t0 = time.perf_counter()
-            s3.upload_file(str(peer), bucket, raw_key, Config=transfer)
-            rows["push raw"].append(time.perf_counter() - t0)
-            s3.delete_object(Bucket=bucket, Key=raw_key)
+                s3.upload_file(str(peer), bucket, raw_key, Config=transfer)
+                rows["push raw"].append(time.perf_counter() - t0)
+                s3.delete_object(Bucket=bucket, Key=raw_key)
+            else:  # one version, pulled by both the command and the in-process call (fresh caches)
+                next_variant()
+                with RegistryApi(url, home=homes[1]) as api:
+                    api.push(delta, f"bench/a{i}")
+            cli_repo = f"bench/p{i}" if "push" in ops else f"bench/a{i}"
 
-            t, peak = run_cli(code, "pull", f"bench/p{i}", home=homes[2], url=url)
+            t, peak = run_cli(code, "pull", cli_repo, home=homes[2], url=url)
             rows["pull proc"].append(t)
             rss["pull"].append(peak)
-            rows["hit proc"].append(run_cli(code, "pull", f"bench/p{i}", home=homes[2], url=url)[0])
+            rows["hit proc"].append(run_cli(code, "pull", cli_repo, home=homes[2], url=url)[0])
             with RegistryApi(url, home=homes[3]) as api:
-                t0 = time.perf_counter()
+                c0, t0 = cpu_seconds(), time.perf_counter()
                 pulled = api.pull(f"bench/a{i}")
                 rows["pull api"].append(time.perf_counter() - t0)
+                rows["pull api cpu"].append(cpu_seconds() - c0)
                 assert not pulled.cache_hit
                 t0 = time.perf_counter()
                 assert api.pull(f"bench/a{i}").cache_hit
@@ -282,22 +304,26 @@ def bench_case(server: str, endpoint: str, size_mb: int, repeat: int, code: Path
                 s3.download_file(bucket, key, str(case / "peer-download"), Config=transfer)
                 rows["pull raw"].append(time.perf_counter() - t0)
                 (case / "peer-download").unlink()
-            t0 = time.perf_counter()
+            c0, t0 = cpu_seconds(), time.perf_counter()
             s3.download_file(bucket, key, str(case / "peer-download"), Config=one_get)
             rows["pull raw 1GET"].append(time.perf_counter() - t0)
+            rows["pull raw 1GET cpu"].append(cpu_seconds() - c0)
             (case / "peer-download").unlink()
             for home in homes:
-                shutil.rmtree(home)  # keep the disk use to one round's worth
-            for repo in (f"bench/p{i}", f"bench/a{i}"):
+                shutil.rmtree(home, ignore_errors=True)  # keep the disk use to one round's worth
+            for repo in {cli_repo, f"bench/a{i}"}:
                 s3.delete_object(Bucket=bucket, Key=blob_key(url, repo))
 
         # peak Python heap of one push and one pull, untimed (tracemalloc slows allocation)
         next_variant()
+        push_heap = 0
         with RegistryApi(url, home=case / "hm") as api:
-            tracemalloc.start()
+            if "push" in ops:
+                tracemalloc.start()
             api.push(delta, "bench/mem")
-            push_heap = tracemalloc.get_traced_memory()[1]
-            tracemalloc.stop()
+            if "push" in ops:
+                push_heap = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
         with RegistryApi(url, home=case / "hm-pull") as api:
             tracemalloc.start()
             api.pull("bench/mem")
@@ -310,10 +336,13 @@ def bench_case(server: str, endpoint: str, size_mb: int, repeat: int, code: Path
         "stored_mb": stored.size / 1e6,
         "repeat": repeat,
         "registry_upload": "presigned parts",
+        "ops": sorted(ops),
         "times": rows,
         "rss": rss,
         "heap": {"push": push_heap, "pull": pull_heap},
-        "phases": {name: statistics.median(p.get(name, 0.0) for p in phases) for name in phases[0]},
+        "phases": {name: statistics.median(p.get(name, 0.0) for p in phases) for name in phases[0]}
+        if phases
+        else {},
     }
 
 
@@ -359,6 +388,8 @@ def print_results(cases: list[dict], startup: float) -> None:
         peers = [("push", "push raw", "boto3 upload_file"), ("pull", "pull raw", "boto3 download_file")]
         peers.append(("pull", "pull raw 1GET", "boto3 one GET"))
         for op, peer, how in peers:
+            if op not in c.get("ops", ("push", "pull")):
+                continue
             if peer not in med:
                 print(f"| {c['server']} | {c['size_mb']} MB | {op} vs {how} | not run (see notes) |")
                 continue
@@ -372,8 +403,17 @@ def print_results(cases: list[dict], startup: float) -> None:
             f"| {c['server']} | {c['size_mb']} MB | pull, cache hit | {med['hit proc']:.2f} | "
             f"{med['hit api'] * 1000:.1f} ms | - | - | - | - |"
         )
-    print("\nPush phases, in-process (median s):")
+        if "pull api cpu" in med:
+            print(
+                f"| {c['server']} | {c['size_mb']} MB | pull CPU s (client process) vs one GET's | - | "
+                f"{med['pull api cpu']:.2f} | {med['pull raw 1GET cpu']:.2f} | "
+                f"{med['pull raw 1GET cpu'] / med['pull api cpu']:.2f} | - | - |"
+            )
+    if any(c["phases"] for c in cases):
+        print("\nPush phases, in-process (median s):")
     for c in cases:
+        if not c["phases"]:
+            continue
         print(
             f"- {c['server']} {c['size_mb']} MB ({c['registry_upload']}): "
             + ", ".join(f"{name} {t:.2f}" for name, t in c["phases"].items())
@@ -384,9 +424,12 @@ def print_results(cases: list[dict], startup: float) -> None:
     )
     print("| --- | --- | --- | --- | --- | --- |")
     for c in cases:
+        pushed = bool(c["rss"]["push"])
+        push_rss = f"{max(c['rss']['push']) / 1e6:.0f}" if pushed else "-"
+        push_heap = f"{c['heap']['push'] / 1e6:.1f}" if pushed else "-"
         print(
-            f"| {c['server']} | {c['size_mb']} MB | {max(c['rss']['push']) / 1e6:.0f} | "
-            f"{max(c['rss']['pull']) / 1e6:.0f} | {c['heap']['push'] / 1e6:.1f} | "
+            f"| {c['server']} | {c['size_mb']} MB | {push_rss} | "
+            f"{max(c['rss']['pull']) / 1e6:.0f} | {push_heap} | "
             f"{c['heap']['pull'] / 1e6:.1f} |"
         )
     by_server: dict[str, list[dict]] = {}
@@ -399,11 +442,12 @@ def print_results(cases: list[dict], startup: float) -> None:
         ratios = [
             f"{what} {large_v / small_v:.2f}"
             for what, small_v, large_v in (
-                ("push RSS", max(small["rss"]["push"]), max(large["rss"]["push"])),
+                ("push RSS", max(small["rss"]["push"] or [0]), max(large["rss"]["push"] or [0])),
                 ("pull RSS", max(small["rss"]["pull"]), max(large["rss"]["pull"])),
                 ("push heap", small["heap"]["push"], large["heap"]["push"]),
                 ("pull heap", small["heap"]["pull"], large["heap"]["pull"]),
             )
+            if small_v
         ]
         print(
             f"- {server}: peak memory at {large['size_mb']} MB / at {small['size_mb']} MB: "
@@ -431,10 +475,18 @@ def main() -> None:
     parser.add_argument(
         "--moto-max-mb", type=int, default=MOTO_RANGED_MAX_MB, help="largest size run on moto (memory)"
     )
+    parser.add_argument(
+        "--ops",
+        default="push,pull",
+        help="comma-separated: push, pull (pull alone: each round's version is pushed untimed)",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     args = parser.parse_args()
     sizes = [200] if args.quick else [int(s) for s in args.sizes_mb.split(",")]
     repeat = 1 if args.quick else args.repeat
+    ops = frozenset(args.ops.split(","))
+    if not ops or not ops <= {"push", "pull"}:
+        raise SystemExit(f"--ops takes push, pull or both, not {args.ops!r}")
     code = args.code.resolve()
     sys.path.insert(0, str(code))  # the measured client (and the server's migrations) come from there
 
@@ -465,7 +517,7 @@ def main() -> None:
             with s3_server(server) as endpoint:
                 for size in run_sizes:
                     t0 = time.perf_counter()
-                    cases.append(bench_case(server, endpoint, size, repeat, code, work))
+                    cases.append(bench_case(server, endpoint, size, repeat, code, work, ops))
                     if args.json:  # after every case, so a run cut short keeps what it measured
                         record = {"machine": machine_state(code), "startup": startup, "cases": cases}
                         args.json.write_text(json.dumps(record, indent=1))

@@ -19,7 +19,15 @@ from codec.files import CHUNK, AtomicWriter, output_file
 from registry.client import settings
 from registry.client.cache import DeltaCache
 from registry.client.errors import CorruptDownloadError, OfflineError, TransferInterruptedError
-from registry.client.http import REDIRECTS, RegistryHttp, api_error, backoff, reason, retrying
+from registry.client.http import (
+    BLOB_STORE_FAILURES,
+    REDIRECTS,
+    RegistryHttp,
+    api_error,
+    backoff,
+    reason,
+    retrying,
+)
 from registry.client.transfer import receive_blob
 from registry.client.types import Progress, PullResult, VersionInfo
 from registry.common.errors import BlobStoreError
@@ -126,7 +134,6 @@ def open_download(
         yield iter(()), offset
         return
     headers = {"Range": f"bytes={offset}-"} if offset else {}
-    redirected = False
     with http.network("the download"):
         response = http.waiting_out_503(
             "GET", lambda: http.api.send(http.api.build_request("GET", url, headers=headers), stream=True)
@@ -134,20 +141,13 @@ def open_download(
     if response.status_code in REDIRECTS:
         location = response.headers.get("location", "")
         response.close()
-        redirected = True
-        with http.blob_store_network(location, "the download"):
-            response = http.waiting_out_503(
-                "GET",
-                lambda: http.blobs.send(
-                    http.blobs.build_request("GET", location, headers=headers), stream=True
-                ),
-            )
+        with open_blob_store_download(http, location, headers) as (chunks, status):
+            yield chunks, offset if status == 206 else 0
+        return
     try:
         if response.is_error:
             response.read()
-            if not redirected:
-                raise api_error(response)
-            raise BlobStoreError(f"the blob store answered HTTP {response.status_code} to the download")
+            raise api_error(response)
         start = offset if response.status_code == 206 else 0
 
         def chunks() -> Iterator[bytes]:
@@ -159,6 +159,46 @@ def open_download(
         yield chunks(), start
     finally:
         response.close()
+
+
+@contextlib.contextmanager
+def open_blob_store_download(
+    http: RegistryHttp, url: str, headers: dict[str, str]
+) -> Iterator[tuple[Iterator[bytes], int]]:
+    """The body of the blob store's answer to the presigned `GET url` in CHUNK reads (through
+    urllib3: `RegistryHttp.blob_gets`), and its status. The connection goes back to the pool
+    when the body was read to its end, and is closed when it was abandoned part-way."""
+    with http.blob_store_network(url, "the download"):
+        response = http.waiting_out_503(
+            "GET", lambda: http.blob_gets.get(url, headers), status=lambda r: r.status
+        )
+    complete = False
+    try:
+        if response.status >= 400:
+            with contextlib.suppress(*BLOB_STORE_FAILURES):
+                response.read()
+            raise BlobStoreError(f"the blob store answered HTTP {response.status} to the download")
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):  # what is hashed and kept must be the stored bytes
+            raise BlobStoreError(
+                f"the blob store sent the download with Content-Encoding {encoding!r}; the registry "
+                "stores blobs without one"
+            )
+
+        def chunks() -> Iterator[bytes]:
+            nonlocal complete
+            try:
+                while buf := response.read(CHUNK):
+                    yield buf
+            except BLOB_STORE_FAILURES as exc:
+                raise TransferInterruptedError(f"connection lost: {reason(exc)}") from None
+            complete = True
+
+        yield chunks(), response.status
+    finally:
+        if not complete:
+            response.close()
+        response.release_conn()
 
 
 def copy_out(blob: Path, output: str | os.PathLike[str], version: VersionInfo) -> Path:
