@@ -119,6 +119,7 @@ VARIANTS = (
     Variant("2 planes, per-matrix 8x", "bitdelta", 8),
     Variant("lowrank-mp 8x", "lowrank-mp", 8),
     Variant("hybrid 8x", "hybrid", 8),
+    Variant("hybrid 8x, distilled residual scales", "hybrid", 8, calibration="distill"),
 )
 
 
