@@ -145,6 +145,30 @@ def test_gc_aborts_interrupted_multipart_uploads(
     assert client.post(upload["complete_url"]).status_code == 404
 
 
+@pytest.mark.parametrize("s3_endpoint", ["s3rver"], indirect=True)
+def test_gc_removes_an_abandoned_uploads_parts_on_a_store_without_multipart_listing(
+    make_client, make_settings, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint
+):
+    """s3rver has no ListMultipartUploads or AbortMultipartUpload: gc still removes an abandoned
+    upload's part objects and its pending version, and the listing it lacks is skipped."""
+    a = delta_blobs[2]
+    client = make_client(**s3_settings, multipart_threshold=1024, multipart_part_size=a.size // 3 + 1)
+    setup_repo(client, base_fingerprint)
+    upload = client.post("/v1/repos/acme/math/uploads", json={"raw_size": a.raw_size}).json()
+    for url, offset, size in part_targets(client, upload, a.size)[:2]:  # then the client dies
+        assert httpx.put(url, content=a.data[offset : offset + size]).status_code == 200
+    assert any("/parts/" in key for key in _keys(s3_client, s3_bucket))
+
+    settings = make_settings(**s3_settings)
+    db = Database.from_url(settings.resolved_database_url)
+    later = utcnow() + dt.timedelta(seconds=settings.upload_ttl_seconds + 60)
+    report = collect_garbage(db=db, store=open_blob_store(settings), settings=settings, now=later)
+    db.dispose()
+    assert report.stale_uploads == 1
+    assert _keys(s3_client, s3_bucket) == []
+    assert client.post(upload["complete_url"], json=a.declaration()).status_code == 404
+
+
 @pytest.mark.parametrize("s3_endpoint", S3_SERVERS, indirect=True)
 def test_readyz_reports_an_unreachable_bucket(make_client, s3_settings, s3_client, s3_bucket):
     client = make_client(**s3_settings)
