@@ -95,6 +95,21 @@ def s3_client(s3_endpoint):
     return _s3_client(s3_endpoint)
 
 
+#: The part size of the multipart push tests: tiny, so each test delta takes several parts.
+TEST_PART = 64 << 10
+
+
+@pytest.fixture
+def s3_store(s3_endpoint, s3_bucket) -> dict:
+    """Registry settings for an S3 store that takes every push but the tiniest in TEST_PART parts."""
+    return {
+        "blob_url": f"s3://{s3_bucket}/registry",
+        "s3_endpoint_url": s3_endpoint,
+        "multipart_threshold": 1024,
+        "multipart_part_size": TEST_PART,
+    }
+
+
 # --- the app ---------------------------------------------------------------------------------
 @pytest.fixture
 def make_settings(tmp_path, migrated_url) -> Callable[..., Settings]:

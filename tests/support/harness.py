@@ -459,6 +459,14 @@ def setup_repo(
     assert r.status_code in (201, 409), r.text
 
 
+def streamed_upload(client: httpx.Client, raw_size: int, part_size: int, repo: str = "acme/math") -> dict:
+    """A multipart upload declared with its raw size alone (as a streamed push declares it)."""
+    r = client.post(f"/v1/repos/{repo}/uploads", json={"raw_size": raw_size})
+    assert r.status_code == 201, r.text
+    assert r.json()["method"] == "s3-multipart" and r.json()["part_size"] == part_size, r.text
+    return r.json()
+
+
 def part_targets(client: httpx.Client, upload: dict, size: int, *, headers: dict | None = None) -> list:
     """(url, offset, size) of each part of an `s3-multipart` upload of `size` stored bytes, the URLs
     asked for in batches as a client does."""

@@ -13,32 +13,14 @@ import pytest
 from registry.client.api import RegistryApi
 from registry.client.transfer import StorageForm
 from registry.common.errors import InvalidUploadError
+from tests.registry.conftest import TEST_PART
 from tests.registry.helpers import error_of, setup_repo
-from tests.support.harness import part_targets
-
-PART = 64 << 10  # tiny parts: several per test delta
+from tests.support.harness import part_targets, streamed_upload
 
 
 @pytest.fixture(params=["local", "s3"])
-def store(request, s3_endpoint, s3_bucket) -> dict:
-    if request.param == "local":
-        return {}
-    return {
-        "blob_url": f"s3://{s3_bucket}/registry",
-        "s3_endpoint_url": s3_endpoint,
-        "multipart_threshold": 1024,
-        "multipart_part_size": PART,
-    }
-
-
-@pytest.fixture
-def s3_store(s3_endpoint, s3_bucket) -> dict:
-    return {
-        "blob_url": f"s3://{s3_bucket}/registry",
-        "s3_endpoint_url": s3_endpoint,
-        "multipart_threshold": 1024,
-        "multipart_part_size": PART,
-    }
+def store(request, s3_store) -> dict:
+    return {} if request.param == "local" else s3_store
 
 
 def _blob_keys(s3_client, bucket: str) -> list[str]:
@@ -100,13 +82,6 @@ def test_bytes_the_registry_holds_pushed_from_a_fresh_cache_are_stored_once(
     assert _blob_keys(s3_client, s3_bucket) == keys and len(keys) == 1
 
 
-def _streamed_upload(client: httpx.Client, raw_size: int) -> dict:
-    r = client.post("/v1/repos/acme/math/uploads", json={"raw_size": raw_size})
-    assert r.status_code == 201, r.text
-    assert r.json()["method"] == "s3-multipart" and r.json()["part_size"] == PART
-    return r.json()
-
-
 def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -119,7 +94,7 @@ def test_parts_that_are_not_the_named_bytes_are_refused_at_complete(
     a = delta_blobs[0]
     with server.client() as client:
         setup_repo(client, base_fingerprint)
-        upload = _streamed_upload(client, a.raw_size)
+        upload = streamed_upload(client, a.raw_size, TEST_PART)
         parts = [a.data[offset : offset + size] for _, offset, size in part_targets(client, upload, a.size)]
         assert len(parts) >= 3
         if fault == "corrupted":
@@ -174,8 +149,9 @@ def test_part_urls_end_where_the_raw_size_can_compress_to(
     a = delta_blobs[0]
     with server.client() as client:
         setup_repo(client, base_fingerprint)
-        upload = _streamed_upload(client, a.raw_size)
-        most = -(-(a.raw_size + (a.raw_size >> 8) + 22) // PART)  # stored_size_bound(raw_size) / PART
+        upload = streamed_upload(client, a.raw_size, TEST_PART)
+        # stored_size_bound(raw_size) / TEST_PART, rounded up
+        most = -(-(a.raw_size + (a.raw_size >> 8) + 22) // TEST_PART)
         r = client.get(upload["parts_url"], params={"first": 1, "count": 100})
         assert r.status_code == 200 and [p["number"] for p in r.json()["parts"]] == list(range(1, most + 1))
         r = client.get(upload["parts_url"], params={"first": most + 1, "count": 1})
@@ -221,7 +197,7 @@ def test_parts_reported_at_complete_are_checked_by_the_store(
     a = delta_blobs[0]
     with server.client() as client:
         setup_repo(client, base_fingerprint)
-        upload = _streamed_upload(client, a.raw_size)
+        upload = streamed_upload(client, a.raw_size, TEST_PART)
         etags = []
         for url, offset, size in part_targets(client, upload, a.size):
             r = httpx.put(url, content=a.data[offset : offset + size])

@@ -11,27 +11,9 @@ import time
 import httpx
 import pytest
 
-from tests.registry.conftest import S3_SERVERS
+from tests.registry.conftest import S3_SERVERS, TEST_PART
 from tests.registry.helpers import error_of, setup_repo
-from tests.support.harness import part_targets
-
-PART = 64 << 10
-
-
-@pytest.fixture
-def s3_store(s3_endpoint, s3_bucket) -> dict:
-    return {
-        "blob_url": f"s3://{s3_bucket}/registry",
-        "s3_endpoint_url": s3_endpoint,
-        "multipart_threshold": 1024,
-        "multipart_part_size": PART,
-    }
-
-
-def _upload(client: httpx.Client, raw_size: int) -> dict:
-    r = client.post("/v1/repos/acme/math/uploads", json={"raw_size": raw_size})
-    assert r.status_code == 201 and r.json()["method"] == "s3-multipart", r.text
-    return r.json()
+from tests.support.harness import part_targets, streamed_upload
 
 
 def _send_parts(client: httpx.Client, upload: dict, data: bytes) -> list[str]:
@@ -73,7 +55,7 @@ def test_parts_are_verified_and_assembled_before_complete(
     a = delta_blobs[0]
     with server.client() as client:
         setup_repo(client, base_fingerprint)
-        upload = _upload(client, a.raw_size)
+        upload = streamed_upload(client, a.raw_size, TEST_PART)
         etags = _send_parts(client, upload, a.data)
         assert len(etags) >= 3
         _wait_for_assembly(s3_client, s3_bucket, len(etags) - 1)
@@ -96,7 +78,7 @@ def test_what_is_stored_is_the_bytes_verified_not_a_later_put(
     a = delta_blobs[1]
     with server.client() as client:
         setup_repo(client, base_fingerprint)
-        upload = _upload(client, a.raw_size)
+        upload = streamed_upload(client, a.raw_size, TEST_PART)
         etags = _send_parts(client, upload, a.data)
         _wait_for_assembly(s3_client, s3_bucket, len(etags) - 1)
         [(url, offset, size), *_] = part_targets(client, upload, a.size)
@@ -114,13 +96,13 @@ def test_a_part_larger_than_the_part_size_is_refused(
     a = delta_blobs[2]
     with server.client() as client:
         setup_repo(client, base_fingerprint)
-        upload = _upload(client, a.raw_size)
+        upload = streamed_upload(client, a.raw_size, TEST_PART)
         [(url, _, _), *_] = part_targets(client, upload, a.size)
-        assert httpx.put(url, content=a.data[: PART + 1]).status_code == 200
+        assert httpx.put(url, content=a.data[: TEST_PART + 1]).status_code == 200
         r = client.post(upload["complete_url"], json=a.declaration())
         assert r.status_code == 422 and error_of(r)["code"] == "size_mismatch", r.text
         assert error_of(r)["message"] == (
-            f"part 1 of upload {upload['id']} has more than the upload's part size of {PART} bytes "
+            f"part 1 of upload {upload['id']} has more than the upload's part size of {TEST_PART} bytes "
             "(every part but the last has exactly that size)"
         )
         assert client.get(f"/v1/uploads/{upload['id']}").status_code == 404  # dropped with its bytes
@@ -141,13 +123,13 @@ def test_a_replica_that_did_not_see_the_parts_arrive_verifies_them_itself(
     good, bad = delta_blobs[3], delta_blobs[4]
     with first.client() as one, second.client() as two:
         setup_repo(one, base_fingerprint)
-        upload = _upload(one, good.raw_size)
+        upload = streamed_upload(one, good.raw_size, TEST_PART)
         _send_parts(one, upload, good.data)
         r = two.post(upload["complete_url"], json=good.declaration())
         assert r.status_code == 201 and r.json()["digest"] == good.digest, r.text
         assert _download(two) == good.data
 
-        upload = _upload(one, bad.raw_size)
+        upload = streamed_upload(one, bad.raw_size, TEST_PART)
         data = bytearray(bad.data)
         data[len(data) // 2] ^= 0xFF
         _send_parts(one, upload, bytes(data))
@@ -164,7 +146,7 @@ def test_complete_before_every_part_arrived_is_a_conflict_and_the_upload_stays(
     a = delta_blobs[5]
     with server.client() as client:
         setup_repo(client, base_fingerprint)
-        upload = _upload(client, a.raw_size)
+        upload = streamed_upload(client, a.raw_size, TEST_PART)
         targets = part_targets(client, upload, a.size)
         for url, offset, size in targets[:-1]:
             assert httpx.put(url, content=a.data[offset : offset + size]).status_code == 200
@@ -187,7 +169,7 @@ def test_with_no_pass_free_the_parts_are_verified_at_complete(
     a = delta_blobs[6]
     with server.client() as client:
         setup_repo(client, base_fingerprint)
-        upload = _upload(client, a.raw_size)
+        upload = streamed_upload(client, a.raw_size, TEST_PART)
         _send_parts(client, upload, a.data)
         time.sleep(1)
         assert _assembled_parts(s3_client, s3_bucket) == []
@@ -203,7 +185,7 @@ def test_an_aborted_upload_leaves_no_part_behind(
     a = delta_blobs[7]
     with server.client() as client:
         setup_repo(client, base_fingerprint)
-        upload = _upload(client, a.raw_size)
+        upload = streamed_upload(client, a.raw_size, TEST_PART)
         etags = _send_parts(client, upload, a.data)
         _wait_for_assembly(s3_client, s3_bucket, len(etags) - 1)
         assert client.delete(f"/v1/uploads/{upload['id']}").status_code == 204
@@ -222,7 +204,7 @@ def test_a_part_still_being_written_is_not_read_before_it_is_whole(
     a = delta_blobs[0]
     with server.client() as client:
         setup_repo(client, base_fingerprint)
-        upload = _upload(client, a.raw_size)
+        upload = streamed_upload(client, a.raw_size, TEST_PART)
         (url, offset, size), *rest = part_targets(client, upload, a.size)
         body = a.data[offset : offset + size]
 
