@@ -193,18 +193,10 @@ def s3_client(endpoint: str):
     return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", config=config)
 
 
-def bench_case(
-    server: str, endpoint: str, size_mb: int, repeat: int, code: Path, work: Path, ops: frozenset[str]
-) -> dict:
-    """`repeat` interleaved rounds of ours vs raw boto3 on one server at one size, then one
-    untimed tracemalloc push and pull. Returns the raw figures. With `ops` = {"pull"} each round's
-    version is pushed untimed (in-process, with the registry's default multipart threshold, so
-    the push's memory stays bounded at any size) and only the pulls are measured."""
-    from boto3.s3.transfer import TransferConfig
-    from registry_bench import BASE, FINGERPRINT, make_delta
-
-    from codec.storage import compress_blob
-    from registry.client.api import RegistryApi
+def new_case(server: str, endpoint: str, size_mb: int, work: Path) -> tuple:
+    """A fresh bucket on `endpoint`, a case directory under `work`, the registry's environment for
+    them, and a synthetic delta of `size_mb`: (s3 client, bucket, directory, env, delta path)."""
+    from registry_bench import make_delta
 
     s3 = s3_client(endpoint)
     bucket = f"bench-{uuid.uuid4().hex[:8]}"
@@ -216,7 +208,23 @@ def bench_case(
         "DELTASTORE_BLOB_URL": f"s3://{bucket}/registry",
         "DELTASTORE_S3_ENDPOINT_URL": endpoint,
     }
-    delta = make_delta(case / "delta.bdelta", size_mb, seed=size_mb)
+    return s3, bucket, case, env, make_delta(case / "delta.bdelta", size_mb, seed=size_mb)
+
+
+def bench_case(
+    server: str, endpoint: str, size_mb: int, repeat: int, code: Path, work: Path, ops: frozenset[str]
+) -> dict:
+    """`repeat` interleaved rounds of ours vs raw boto3 on one server at one size, then one
+    untimed tracemalloc push and pull. Returns the raw figures. With `ops` = {"pull"} each round's
+    version is pushed untimed (in-process, with the registry's default multipart threshold, so
+    the push's memory stays bounded at any size) and only the pulls are measured."""
+    from boto3.s3.transfer import TransferConfig
+    from registry_bench import BASE, FINGERPRINT
+
+    from codec.storage import compress_blob
+    from registry.client.api import RegistryApi
+
+    s3, bucket, case, env, delta = new_case(server, endpoint, size_mb, work)
     peer = case / "peer.zst"
     stored = compress_blob(delta, peer)  # the peer moves the same (stored) bytes
     transfer = TransferConfig()  # boto3's defaults: 8 MiB parts, 10 threads

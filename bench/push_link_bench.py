@@ -21,7 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,24 +54,14 @@ def paced_chunks(link: Link, real):
 def run(
     server: str, endpoint: str, size_mb: int, repeat: int, link_mbps: float, code: Path, work: Path
 ) -> dict:
-    from client_bench import PhaseClock, registry_process, s3_client, vary
-    from registry_bench import BASE, FINGERPRINT, make_delta
+    from client_bench import PhaseClock, new_case, registry_process, vary
+    from registry_bench import BASE, FINGERPRINT
 
     from codec.storage import compress_blob
     from registry.client import transfer
     from registry.client.api import RegistryApi
 
-    s3 = s3_client(endpoint)
-    bucket = f"link-{uuid.uuid4().hex[:8]}"
-    s3.create_bucket(Bucket=bucket)
-    case = work / f"{server}-{size_mb}"
-    case.mkdir()
-    env = {
-        "DELTASTORE_DATA_DIR": str(case / "data"),
-        "DELTASTORE_BLOB_URL": f"s3://{bucket}/registry",
-        "DELTASTORE_S3_ENDPOINT_URL": endpoint,
-    }
-    delta = make_delta(case / "delta.bdelta", size_mb, seed=size_mb)
+    _, _, case, env, delta = new_case(server, endpoint, size_mb, work)
     stored = compress_blob(delta, case / "stored.zst").size
     floor = stored / (link_mbps * 1e6)
     link = Link(link_mbps * 1e6)
