@@ -208,16 +208,8 @@ class S3BlobStore(BlobStore):
         return iter(sorted(found))
 
     def stored_part_size(self, ref: UploadRef, number: int) -> int | None:
-        try:
-            return int(
-                self.client.head_object(**self._object(self.part_key(ref.upload_id, number)))["ContentLength"]
-            )
-        except ClientError as exc:
-            if _code(exc) in _NOT_FOUND:
-                return None
-            raise BlobStoreError(f"S3 HeadObject failed: {_code(exc)}") from None
-        except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise BlobStoreError(f"S3 HeadObject failed: {exc}") from None
+        head = self._head_if_exists(self.part_key(ref.upload_id, number))
+        return None if head is None else int(head["ContentLength"])
 
     def fetch_part(self, ref: UploadRef, number: int, *, max_bytes: int) -> FetchedPart | None:
         obj = self._get_if_exists(self.part_key(ref.upload_id, number))
@@ -280,15 +272,7 @@ class S3BlobStore(BlobStore):
         return BlobStoreError(f"S3 {what} failed: {_code(exc)} {message}".strip())
 
     def assembled(self, ref: UploadRef) -> bool:
-        try:
-            self.client.head_object(**self._object(self.multipart_key(ref.upload_id)))
-        except ClientError as exc:
-            if _code(exc) in _NOT_FOUND:
-                return False
-            raise BlobStoreError(f"S3 HeadObject failed: {_code(exc)}") from None
-        except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise BlobStoreError(f"S3 HeadObject failed: {exc}") from None
-        return True
+        return self._head_if_exists(self.multipart_key(ref.upload_id)) is not None
 
     def complete_assembly(self, ref: UploadRef, etags: list[tuple[int, str]]) -> bool:
         try:
@@ -335,14 +319,21 @@ class S3BlobStore(BlobStore):
             body.close()
 
     def _get_if_exists(self, key: str) -> dict | None:
+        return self._if_exists(self.client.get_object, "GetObject", key)
+
+    def _head_if_exists(self, key: str) -> dict | None:
+        return self._if_exists(self.client.head_object, "HeadObject", key)
+
+    def _if_exists(self, call, what: str, key: str) -> dict | None:
+        """The answer of `call` (GetObject, HeadObject) for `key`, or None where it has no object."""
         try:
-            return self.client.get_object(**self._object(key))
+            return call(**self._object(key))
         except ClientError as exc:
             if _code(exc) in _NOT_FOUND:
                 return None
-            raise BlobStoreError(f"S3 GetObject failed: {_code(exc)}") from None
+            raise BlobStoreError(f"S3 {what} failed: {_code(exc)}") from None
         except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise BlobStoreError(f"S3 GetObject failed: {exc}") from None
+            raise BlobStoreError(f"S3 {what} failed: {exc}") from None
 
     def promote(self, ref: UploadRef, token: str) -> str:
         if ref.multipart_id:
