@@ -185,6 +185,9 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--rate", type=float, default=None, help="mean arrivals per second")
+    ap.add_argument(
+        "--max-ongoing", type=int, default=None, help="max_ongoing_requests per replica (default: the app's)"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -247,6 +250,7 @@ def main() -> None:
             schedule="mixed",
             calibrate=False,
             num_cpus_per_replica=opts.cpus / opts.replicas,
+            max_ongoing_requests=opts.max_ongoing,
         )
         url, metrics_url = f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics"
         for name, by_model in (("multiplexed (delta ref)", True), ("Ray default (no model id)", False)):

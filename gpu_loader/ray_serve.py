@@ -167,9 +167,10 @@ async def asgi_stream(app, scope: dict, body: bytes) -> AsyncIterator[ResponseSt
             await asyncio.wait_for(task, timeout=10)
 
 
-class ResidentDelta:
-    """What Ray's multiplexing caches for one delta ref on a replica: the delta held in the replica's
-    slot pool. Ray calls `__del__` when it evicts the ref (its LRU), which frees the slot."""
+class HeldDelta:
+    """What Ray's multiplexing caches for one delta ref on a replica: the replica's claim on the
+    delta, which its engine loads into the slot pool when it admits the ref's first request. Ray
+    calls `__del__` when it evicts the ref (its LRU), which frees the slot."""
 
     def __init__(self, replica: "DeltaReplica", ref: str, path: str) -> None:
         self.replica, self.ref, self.path = replica, ref, path
@@ -184,7 +185,8 @@ class ResidentDelta:
 
 class DeltaReplica:
     """One replica: a single-node serving app (DeltaModel + Engine + resolver) in this process.
-    Deltas are loaded through `self.load_delta`, Ray's multiplexed loader, sized to the slot pool."""
+    Ray's multiplexed loader `self.load_delta`, sized to the slot pool, records which refs this
+    replica holds (what Ray routes by); the engine loads them as it admits their requests."""
 
     async def __init__(self, args: ServeArgs) -> None:
         self.args = args
@@ -201,8 +203,8 @@ class DeltaReplica:
         self._in_flight: dict[str, int] = {}  # delta path -> requests for it running here
         self._loads_seen = 0
 
-        async def load_delta(ref: str) -> ResidentDelta:
-            return await self._load(ref)
+        async def load_delta(ref: str) -> HeldDelta:
+            return await self._hold(ref)
 
         self.load_delta = serve.multiplexed(max_num_models_per_replica=self.dm.pool.num_slots)(load_delta)
         self.requests_metric = serve_metrics.Counter(
@@ -223,16 +225,19 @@ class DeltaReplica:
         )
         self._update_pool_metrics()
 
-    async def _load(self, ref: str) -> ResidentDelta:
-        resolved = await asyncio.to_thread(self.serving.resolver.resolve, ref)
+    async def _hold(self, ref: str) -> HeldDelta:
+        """Ray's loader: no read here. Ray runs one loader at a time per replica (its model cache
+        lock), so a load awaited here would stall every other new ref behind a full pool whose
+        slots running sequences lease; the engine instead starts the load when a slot can be had
+        and keeps decoding meanwhile (its admission), like any single-node request."""
+        resolved = await asyncio.to_thread(self.serving.resolver.resolve, ref)  # cached by now
         if resolved.path is None:
             raise ValueError(f"{ref!r} is the base model, not a delta")
         path = str(resolved.path)
-        await asyncio.wrap_future(self.dm.prefetch(path))  # the pool's one loader thread
         self._holders.setdefault(path, set()).add(ref)
         self.delta_metric.set(1, tags={"delta": ref})
         self._update_pool_metrics()
-        return ResidentDelta(self, ref, path)
+        return HeldDelta(self, ref, path)
 
     def release(self, ref: str, path: str) -> None:
         """Ray evicted `ref`: free its slot unless another cached ref needs the same file or an
