@@ -122,6 +122,16 @@ def test_s3_mismatch_and_dedup(make_client, s3_settings, s3_client, s3_bucket, d
     assert len(_keys(s3_client, s3_bucket)) == 1
 
 
+def _gc_after_upload_ttl(settings):
+    """One gc run as if a minute past the uploads' time to live."""
+    db = Database.from_url(settings.resolved_database_url)
+    later = utcnow() + dt.timedelta(seconds=settings.upload_ttl_seconds + 60)
+    try:
+        return collect_garbage(db=db, store=open_blob_store(settings), settings=settings, now=later)
+    finally:
+        db.dispose()
+
+
 def test_gc_aborts_interrupted_multipart_uploads(
     make_client, make_settings, s3_settings, s3_client, s3_bucket, delta_blobs, base_fingerprint
 ):
@@ -134,11 +144,7 @@ def test_gc_aborts_interrupted_multipart_uploads(
     assert len(s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])) == 1
     assert client.get("/v1/repos/acme/math/versions").json()["items"] == []
 
-    settings = make_settings(**s3_settings)
-    db = Database.from_url(settings.resolved_database_url)
-    later = utcnow() + dt.timedelta(seconds=settings.upload_ttl_seconds + 60)
-    report = collect_garbage(db=db, store=open_blob_store(settings), settings=settings, now=later)
-    db.dispose()
+    report = _gc_after_upload_ttl(make_settings(**s3_settings))
     assert report.stale_uploads == 1
     assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
     assert _keys(s3_client, s3_bucket) == []
@@ -159,11 +165,7 @@ def test_gc_removes_an_abandoned_uploads_parts_on_a_store_without_multipart_list
         assert httpx.put(url, content=a.data[offset : offset + size]).status_code == 200
     assert any("/parts/" in key for key in _keys(s3_client, s3_bucket))
 
-    settings = make_settings(**s3_settings)
-    db = Database.from_url(settings.resolved_database_url)
-    later = utcnow() + dt.timedelta(seconds=settings.upload_ttl_seconds + 60)
-    report = collect_garbage(db=db, store=open_blob_store(settings), settings=settings, now=later)
-    db.dispose()
+    report = _gc_after_upload_ttl(make_settings(**s3_settings))
     assert report.stale_uploads == 1
     assert _keys(s3_client, s3_bucket) == []
     assert client.post(upload["complete_url"], json=a.declaration()).status_code == 404
