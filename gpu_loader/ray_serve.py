@@ -236,7 +236,6 @@ class DeltaReplica:
         path = str(resolved.path)
         self._holders.setdefault(path, set()).add(ref)
         self.delta_metric.set(1, tags={"delta": ref})
-        self._update_pool_metrics()
         return HeldDelta(self, ref, path)
 
     def release(self, ref: str, path: str) -> None:
