@@ -210,9 +210,10 @@ class DeltaModel:
     def unpin(self, ref: DeltaRef | int) -> None:
         self.pool.pin(self._slot_of(ref), False)
 
-    def unload(self, ref: DeltaRef | int) -> None:
-        """Free a delta's slot (after the forwards using it, if any, finish)."""
-        self.pool.unload(self._slot_of(ref))
+    def unload(self, ref: DeltaRef | int, *, keep_pinned: bool = False) -> bool:
+        """Free a delta's slot (after the forwards using it, if any, finish); with `keep_pinned`
+        a pinned delta stays. True when the slot is (or will be) freed."""
+        return self.pool.unload(self._slot_of(ref), keep_pinned=keep_pinned)
 
     def _slot_of(self, ref: DeltaRef | int) -> int:
         if isinstance(ref, int):

@@ -17,6 +17,7 @@ its own process (an in-process ASGI call), so wire format, errors and SSE stream
 import asyncio
 import contextlib
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from ray.serve import metrics as serve_metrics
 from ray.serve.exceptions import BackPressureError
 
 from .errors import NotLoadedError
+
+logger = logging.getLogger("ray.serve")
 
 REPLICA_HEADER = "x-deltastore-replica"  # the replica's Ray actor name (SERVE_REPLICA::app#deployment#id)
 # "hit": the replica held the delta (or was loading it for another request) when the request came;
@@ -180,7 +183,10 @@ class HeldDelta:
         # Ray calls this on eviction and the garbage collector may call it again: release once.
         if not getattr(self, "_released", True):
             self._released = True
-            self.replica.release(self.ref, self.path)
+            try:
+                self.replica.release(self.ref, self.path)
+            except Exception:  # Python drops what __del__ raises: put it in the replica's log
+                logger.exception("releasing %s failed", self.ref)
 
 
 class DeltaReplica:
@@ -239,17 +245,26 @@ class DeltaReplica:
         return HeldDelta(self, ref, path)
 
     def release(self, ref: str, path: str) -> None:
-        """Ray evicted `ref`: free its slot unless another cached ref needs the same file or an
-        admin pinned it (a running sequence keeps its slot until it finishes)."""
+        """Ray evicted `ref`: free its slot unless another cached ref needs the same file, an admin
+        pinned it, or requests for it still run or wait here. Ray's LRU goes by when a ref was last
+        routed here, so it can drop a delta whose sequences still decode; unloading it then would
+        hide it from the pool and make a request already waiting for it load it a second time.
+        Such a delta is freed when its last request here ends (`_drop_unheld`)."""
         refs = self._holders.get(path, set())
         refs.discard(ref)
         self.delta_metric.set(0, tags={"delta": ref})
         if not refs:
             self._holders.pop(path, None)
-            with contextlib.suppress(NotLoadedError, LookupError):
-                if not self.dm.pool.find(path).pinned:
-                    self.dm.unload(path)
+            self._drop_unheld(path)
         self._update_pool_metrics()
+
+    def _drop_unheld(self, path: str) -> None:
+        """Unload the delta at `path` if Ray holds no ref to it here, no request for it runs or
+        waits here, and no admin pinned it."""
+        if path in self._holders or self._in_flight.get(path):
+            return
+        with contextlib.suppress(NotLoadedError, LookupError):
+            self.dm.unload(path, keep_pinned=True)
 
     def _resident(self, path: str) -> bool:
         try:
@@ -291,6 +306,10 @@ class DeltaReplica:
         finally:
             if path is not None:
                 self._in_flight[path] -= 1
+                if not self._in_flight[path]:
+                    del self._in_flight[path]
+                    if serve.get_multiplexed_model_id():
+                        self._drop_unheld(path)  # Ray dropped its ref while this request ran
             self._update_pool_metrics()
 
     def _update_pool_metrics(self) -> None:

@@ -593,19 +593,23 @@ class SlotPool:
             self._find(key_or_ref).pinned = pinned
             self._freed.notify_all()
 
-    def unload(self, key_or_ref: str | int) -> None:
-        """Free the delta's slot now, or when the forwards using it finish."""
+    def unload(self, key_or_ref: str | int, *, keep_pinned: bool = False) -> bool:
+        """Free the delta's slot now, or when the forwards using it finish. With `keep_pinned`, a
+        pinned delta stays resident. True when the slot is (or will be) freed."""
         with self._lock:
             slot = self._find(key_or_ref)
+            if keep_pinned and slot.pinned:
+                return False
             if slot.leases:
                 if slot.key is not None:
                     self._by_key.pop(slot.key, None)
                 slot.unload_on_release = True
                 slot.refs = set()
-                return
+                return True
             self._evict(slot)
             slot.state = _FREE
             self._freed.notify_all()
+            return True
 
     def resident(self) -> list[dict]:
         with self._lock:

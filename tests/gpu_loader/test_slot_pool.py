@@ -119,6 +119,19 @@ def test_load_waits_for_a_slot_in_use_then_takes_it(family):
     timer.join()
 
 
+def test_unload_keep_pinned_leaves_a_pinned_delta_and_frees_the_rest(family, ids):
+    dm = make_dm(family)
+    a, b = dm.pin(family.deltas["a"]), dm.load(family.deltas["b"])
+    assert dm.unload(family.deltas["a"], keep_pinned=True) is False
+    assert dm.unload(family.deltas["b"], keep_pinned=True) is True
+    assert [r["slot"] for r in dm.stats()["resident"]] == [int(a)]
+    dm(ids, delta_ids=[a, -1, -1])  # still usable
+    with pytest.raises(StaleSlotError):
+        dm(ids, delta_ids=[b, -1, -1])
+    assert dm.unload(family.deltas["a"]) is True  # without keep_pinned a pin does not hold it
+    assert dm.stats()["slots_used"] == 0
+
+
 def test_unload_frees_the_slot(family, ids):
     dm = make_dm(family)
     a = dm.load(family.deltas["a"])

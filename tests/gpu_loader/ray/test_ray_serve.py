@@ -252,3 +252,90 @@ def test_a_full_wait_queue_is_429_behind_ray(world, registry, ray_app, tmp_path)
         assert "wait queue is full" in refused.json()["error"]["message"]
     finally:
         serve.delete("small")
+
+
+def test_rays_evictions_free_idle_deltas_and_keep_the_ones_requests_wait_for(
+    world,
+    registry,  # noqa: F811
+    ray_app,
+    tmp_path,
+):
+    """One replica with two slots (so Ray's cache holds two refs) decoding one row at a time, kept
+    busy by base requests while delta requests queue behind them (FCFS; the engine loads a queued
+    request's delta ahead while a slot can be had). Ray's LRU drops the ref routed here longest
+    ago: an idle delta gives up its slot; a delta a queued request waits for stays resident (it is
+    not read again) until that request ends."""
+    from ray import serve
+
+    from gpu_loader.ray_serve import ServeArgs, build_app
+
+    args = ServeArgs(
+        base=str(world.base),
+        base_name=BASE_NAME,
+        replicas=1,
+        registry=registry.url,
+        cache_dir=str(tmp_path / "cache"),
+        device="cpu",
+        max_slots=2,
+        memory_budget="64MiB",
+        max_batch_size=1,
+        max_queue=48,
+        max_ongoing_requests=48,
+        api_key=API_KEY,
+        calibrate=False,
+        num_cpus_per_replica=0,
+    )
+    serve.run(build_app(args), name="evict", route_prefix="/evict")
+    url = ray_app.url + "/evict"
+    x, y, z = REPOS["d1"], REPOS["d2"], REPOS["d3"]
+    loads = "ray_deltastore_replica_delta_loads_total"
+    answers: dict[str, tuple] = {}
+
+    def resident() -> set[str]:
+        cards = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+        return {c["id"] for c in cards.json()["data"] if c.get("source") == "resident"}
+
+    def settle(want: set[str]) -> set[str]:
+        deadline = time.monotonic() + 5
+        while (now := resident()) != want and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return now
+
+    try:
+        with openai_client(url) as client:
+
+            def send(key: str, model: str, max_tokens: int) -> None:
+                answers[key] = complete(client, model, prompt_ids(41, 8), max_tokens)
+
+            send("x", x, 2)
+            send("y", y, 2)  # Ray holds X, Y here; so does the pool
+            replica = answers["x"][1]
+            tag = _replica_tag(replica)
+            before = _settled(ray_app.metrics_url, loads).get((tag, ""), 0)
+            with ThreadPoolExecutor(36) as pool:
+                # 30 x 110 tokens of base decoding ahead of the delta requests below (several seconds)
+                busy = [pool.submit(send, f"base{i}", BASE_NAME, 110) for i in range(30)]
+                time.sleep(0.3)
+                queued = [pool.submit(send, "x again", x, 4)]  # waits; Ray now holds Y, X
+                time.sleep(0.3)
+                queued.append(pool.submit(send, "z", z, 4))  # Ray drops Y, which is idle
+                after_z = settle({x, z})  # Z is loaded into Y's slot while it waits
+                queued.append(pool.submit(send, "y again", y, 4))  # Ray drops X, which a request waits for
+                time.sleep(0.5)
+                after_y = resident()
+                waited = "x again" not in answers
+                for f in [*busy, *queued]:
+                    f.result()
+        assert waited, "the base requests ended before the checks: the test did not see X waiting"
+        assert after_z == {x, z}
+        assert after_y == {x, z}  # X stayed for the request waiting for it; Y waits for a slot
+        assert {a[1] for a in answers.values()} == {replica}
+        assert answers["x again"][2] == "hit"
+        assert settle({z, y}) == {z, y}  # X left once its request ended
+        deadline = time.monotonic() + 20
+        while (got := _settled(ray_app.metrics_url, loads).get((tag, ""), 0) - before) < 2:
+            if time.monotonic() > deadline:
+                break
+        assert got == 2  # Z and Y again; X was not read a second time
+    finally:
+        serve.delete("evict")
