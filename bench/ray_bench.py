@@ -9,8 +9,9 @@ popularity, mixed prompt and output lengths, one seed), replayed in real time ov
 Prints, for each routing: the share of delta requests that reached a replica already holding their
 delta (or already loading it for another request there), overall, after the warm-up (the first
 quarter of the trace) and among repeats (requests for a delta the trace asked for before: a first
-request can only miss), tokens/s, p50/p99 request latency, and the delta loads into the replicas'
-slot pools (Ray's metrics). Deltas are served as local paths (`allow_paths`): the registry pull is
+request can only miss), tokens/s, p50/p99 request latency, the delta loads into the replicas'
+slot pools, and per decode step the rows, the distinct deltas among them and the time (Ray's
+metrics). Deltas are served as local paths (`allow_paths`): the registry pull is
 the same one-time cost in both routings and is left out.
 """
 
@@ -121,16 +122,34 @@ def scrape(url: str, metric: str) -> dict[str, float]:
     return out
 
 
-def pool_loads(metrics_url: str, replicas: set[str], expected_min: int) -> dict[str, int]:
-    """Delta loads per replica; waits for Ray's metrics agent to catch up (reports are periodic)."""
+REPLICA_TOTALS = {  # what run_routing reads from each replica's Ray counters
+    "loads": "delta_loads",
+    "steps": "decode_steps",
+    "rows": "decode_rows",
+    "deltas": "decode_step_deltas",
+    "seconds": "decode_seconds",
+}
+
+
+def replica_totals(metrics_url: str, replicas: set[str], expected_loads: int) -> dict[str, dict[str, float]]:
+    """Counter -> replica tag -> total, for the counters in REPLICA_TOTALS; waits until the loads
+    reach `expected_loads` and two scrapes agree (Ray's metrics agent reports periodically)."""
     tags = {r.rsplit("#", 1)[-1] for r in replicas}
-    deadline = time.monotonic() + 20
+    deadline, last = time.monotonic() + 20, None
     while True:
-        got = scrape(metrics_url, "ray_deltastore_replica_delta_loads_total")
-        loads = {t: int(got.get(t, 0)) for t in tags}
-        if sum(loads.values()) >= expected_min or time.monotonic() > deadline:
-            return loads
-        time.sleep(0.5)
+        got = {
+            key: {
+                t: v
+                for t, v in scrape(metrics_url, f"ray_deltastore_replica_{name}_total").items()
+                if t in tags
+            }
+            for key, name in REPLICA_TOTALS.items()
+        }
+        settled = got == last and sum(got["loads"].values()) >= expected_loads
+        if settled or time.monotonic() > deadline:
+            return {key: {t: got[key].get(t, 0.0) for t in tags} for key in got}
+        last = got
+        time.sleep(1.0)
 
 
 def run_routing(
@@ -148,7 +167,7 @@ def run_routing(
     try:
         answers, wall = asyncio.run(replay(url, trace, models))
         misses = sum(a.cache == "miss" for a in answers)
-        loads = pool_loads(metrics_url, {a.replica for a in answers}, misses and 1)
+        totals = replica_totals(metrics_url, {a.replica for a in answers}, misses and 1)
     finally:
         serve.delete("bench")
     ok = [a for a in answers if a.status == 200]
@@ -160,6 +179,8 @@ def run_routing(
             repeats.append(a)
         seen.add(a.model)
     lat = sorted(a.seconds for a in ok)
+    loads = {t: int(v) for t, v in totals["loads"].items()}
+    steps = max(1.0, sum(totals["steps"].values()))
     return {
         "routing": name,
         "requests": len(answers),
@@ -172,6 +193,9 @@ def run_routing(
         "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan"),
         "loads": sum(loads.values()),
         "per_replica": sorted(loads.values()),
+        "rows_step": sum(totals["rows"].values()) / steps,
+        "deltas_step": sum(totals["deltas"].values()) / steps,
+        "ms_step": 1e3 * sum(totals["seconds"].values()) / steps,
         "wall": wall,
     }
 
@@ -276,6 +300,9 @@ def main() -> None:
         "p99 s",
         "loads",
         "per replica",
+        "rows/step",
+        "deltas/step",
+        "ms/step",
         "failed",
     )
     print(f"{head[0]:28} " + " ".join(f"{h:>11}" for h in head[1:]))
@@ -289,6 +316,9 @@ def main() -> None:
             f"{r['p99']:.2f}",
             str(r["loads"]),
             str(r["per_replica"]),
+            f"{r['rows_step']:.2f}",
+            f"{r['deltas_step']:.2f}",
+            f"{r['ms_step']:.1f}",
             str(r["failed"]),
         )
         print(f"{r['routing']:28} " + " ".join(f"{c:>11}" for c in cells))

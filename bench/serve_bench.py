@@ -294,7 +294,7 @@ def main() -> None:
     engine = Engine(dm, config, planner=planner)
 
     class Plans:
-        def observe_step(self, seconds, rows, plan):
+        def observe_step(self, seconds, rows, deltas, plan):
             plans[plan] = plans.get(plan, 0) + 1
 
         def observe_load(self, seconds):

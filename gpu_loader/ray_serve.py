@@ -207,7 +207,7 @@ class DeltaReplica:
         self.name = context.replica_id.to_full_id_str()
         self._holders: dict[str, set[str]] = {}  # delta path -> refs Ray holds for it here
         self._in_flight: dict[str, int] = {}  # delta path -> requests for it running here
-        self._loads_seen = 0
+        self._seen: dict[str, float] = {}  # counter -> the total already exported
 
         async def load_delta(ref: str) -> HeldDelta:
             return await self._hold(ref)
@@ -218,9 +218,17 @@ class DeltaReplica:
             description="Delta requests: hit (the replica held or was loading the delta) or miss.",
             tag_keys=("outcome",),
         )
-        self.loads_metric = serve_metrics.Counter(
-            "deltastore_replica_delta_loads", description="Deltas read into this replica's slot pool."
-        )
+        counter = serve_metrics.Counter
+        self.total_metrics = {  # engine/pool total -> the Ray counter it feeds
+            "loads": counter("deltastore_replica_delta_loads", "Deltas read into this replica's slot pool."),
+            "steps": counter("deltastore_replica_decode_steps", "Decode steps of this replica's engine."),
+            "rows": counter("deltastore_replica_decode_rows", "Sequences decoded, summed over the steps."),
+            "deltas": counter(
+                "deltastore_replica_decode_step_deltas",
+                "Distinct deltas among each decode step's rows, summed over the steps.",
+            ),
+            "seconds": counter("deltastore_replica_decode_seconds", "Seconds spent in decode steps."),
+        }
         self.resident_metric = serve_metrics.Gauge(
             "deltastore_replica_resident_deltas", description="Deltas resident in this replica's slot pool."
         )
@@ -229,7 +237,7 @@ class DeltaReplica:
             description="1 while the delta ref is held by this replica (Ray's multiplexed cache), else 0.",
             tag_keys=("delta",),
         )
-        self._update_pool_metrics()
+        self._update_metrics()
 
     async def _hold(self, ref: str) -> HeldDelta:
         """Ray's loader: no read here. Ray runs one loader at a time per replica (its model cache
@@ -256,7 +264,7 @@ class DeltaReplica:
         if not refs:
             self._holders.pop(path, None)
             self._drop_unheld(path)
-        self._update_pool_metrics()
+        self._update_metrics()
 
     def _drop_unheld(self, path: str) -> None:
         """Unload the delta at `path` if Ray holds no ref to it here, no request for it runs or
@@ -310,15 +318,17 @@ class DeltaReplica:
                     del self._in_flight[path]
                     if serve.get_multiplexed_model_id():
                         self._drop_unheld(path)  # Ray dropped its ref while this request ran
-            self._update_pool_metrics()
+            self._update_metrics()
 
-    def _update_pool_metrics(self) -> None:
+    def _update_metrics(self) -> None:
         stats = self.dm.pool.stats()
         self.resident_metric.set(len(stats["resident"]))
-        loads = int(stats.get("loads", 0))
-        if loads > self._loads_seen:
-            self.loads_metric.inc(loads - self._loads_seen)
-            self._loads_seen = loads
+        totals = {"loads": stats.get("loads", 0), **self.serving.engine.decode}
+        for key, counter in self.total_metrics.items():
+            grown = totals[key] - self._seen.get(key, 0)
+            if grown > 0:
+                counter.inc(grown)
+                self._seen[key] = totals[key]
 
     def check_health(self) -> None:
         if not self.serving.engine.alive:

@@ -163,6 +163,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+        # decode steps and their totals: rows, distinct deltas among the rows, seconds
+        self.decode = {"steps": 0, "rows": 0, "deltas": 0, "seconds": 0.0}
         self.joined_mid_batch = 0  # admissions while other sequences were decoding
         self.finished: dict[str, int] = {}  # finish reason -> requests
         self.last_plan = ""
@@ -209,6 +211,7 @@ class Engine:
                 "free_kv_rows": len(self._free_rows),
                 "kv_bytes": self.kv.bytes,
                 "steps": self.steps,
+                "decode": dict(self.decode),
                 "joined_mid_batch": self.joined_mid_batch,
                 "finished": dict(self.finished),
                 "last_plan": self.last_plan,
@@ -282,8 +285,13 @@ class Engine:
             else:
                 self._unmerge()
                 logits = self._decode_mixed(decode)
+            seconds, deltas = time.perf_counter() - t0, len({s.req.delta for s in decode} - {None})
+            self.decode["steps"] += 1
+            self.decode["rows"] += len(decode)
+            self.decode["deltas"] += deltas
+            self.decode["seconds"] += seconds
             if self.metrics is not None:
-                self.metrics.observe_step(time.perf_counter() - t0, len(decode), plan.kind)
+                self.metrics.observe_step(seconds, len(decode), deltas, plan.kind)
             for i, seq in enumerate(decode):
                 seq.pos += 1
                 self._emit(seq, self._sample(seq, logits[i]))

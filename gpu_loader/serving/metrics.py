@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+COUNT_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ServingMetrics:
@@ -43,6 +44,18 @@ class ServingMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.step_rows = Histogram(
+            "deltastore_decode_step_rows",
+            "Sequences decoded in one step.",
+            buckets=COUNT_BUCKETS,
+            registry=r,
+        )
+        self.step_deltas = Histogram(
+            "deltastore_decode_step_deltas",
+            "Distinct deltas among the rows of one decode step (the base's rows not counted).",
+            buckets=COUNT_BUCKETS,
+            registry=r,
+        )
         self.delta_load = Histogram(
             "deltastore_delta_load_seconds",
             "Loading a delta into a slot (prefetch).",
@@ -51,8 +64,10 @@ class ServingMetrics:
         )
 
     # the engine's hooks
-    def observe_step(self, seconds: float, rows: int, plan: str) -> None:
+    def observe_step(self, seconds: float, rows: int, deltas: int, plan: str) -> None:
         self.step_seconds.labels(plan=plan).observe(seconds)
+        self.step_rows.observe(rows)
+        self.step_deltas.observe(deltas)
 
     def observe_load(self, seconds: float) -> None:
         self.delta_load.observe(seconds)

@@ -166,6 +166,14 @@ def test_per_replica_hits_and_misses_reach_rays_metrics(ray_app):
     resident = _scrape(ray_app.metrics_url, "ray_deltastore_replica_resident_deltas")
     assert {r for r, _ in sent} <= {r for r, _ in resident}
     assert all(v >= 1 for (r, _), v in resident.items() if r in {r for r, _ in sent})
+    decode = {
+        key: _scrape(ray_app.metrics_url, f"ray_deltastore_replica_decode_{key}_total")
+        for key in ("steps", "rows", "step_deltas", "seconds")
+    }
+    for replica in {r for r, _ in sent}:  # each served >= 2 generated tokens: >= 1 decode step
+        steps, rows, deltas = (decode[k].get((replica, ""), 0) for k in ("steps", "rows", "step_deltas"))
+        assert steps >= 1 and rows >= steps and 1 <= deltas <= rows
+        assert decode["seconds"].get((replica, ""), 0) > 0
 
 
 def test_replica_killed_mid_request_fails_cleanly_and_later_requests_succeed(ray_app, single_node):

@@ -243,6 +243,8 @@ def test_health_ready_and_metrics(server, http, client):
         "deltastore_slot_misses_total",
         "deltastore_slot_evictions_total",
         "deltastore_delta_load_seconds_bucket",
+        "deltastore_decode_step_rows_bucket",
+        "deltastore_decode_step_deltas_bucket",
     ):
         assert name in text, name
     assert 'deltastore_requests_total{endpoint="/v1/completions",status="200"}' in text

@@ -10,6 +10,7 @@ import pytest
 from codec.errors import BaseMismatchError
 from gpu_loader import DeltaModel
 from gpu_loader.serving.engine import (
+    DECODE,
     Engine,
     EngineConfig,
     EngineRequest,
@@ -177,3 +178,36 @@ def test_planner_measures_positive_costs(dm):
     costs = StepPlanner.measure(dm, rows=4, context=8, reps=1).costs
     assert costs.merge > 0 and costs.base(4) > 0
     assert dm.stats()["slots_used"] == 0 or all("calib" not in r["key"] for r in dm.stats()["resident"])
+
+
+def test_decode_totals_count_each_steps_rows_and_distinct_deltas(world, dm):
+    engine = Engine(dm, EngineConfig(max_batch_size=8))
+    sinks = [Collect() for _ in range(5)]
+    for i, (tenant, delta) in enumerate(
+        [
+            ("a", world.deltas["d1"]),
+            ("a", world.deltas["d1"]),
+            ("b", world.deltas["d2"]),
+            ("c", None),
+            ("d", None),
+        ]
+    ):
+        engine.submit(request(f"r{i}", tenant, prompt_ids(30 + i, 3 + i), 4 + 2 * i, delta), sinks[i])
+    steps_with_deltas = 0
+    for _ in range(200):
+        if all(s.finish is not None for s in sinks):
+            break
+        decoding = [s for s in engine._running if s.state == DECODE]  # what this step decodes
+        before = dict(engine.decode)
+        engine.step()
+        deltas = len({s.req.delta for s in decoding} - {None})
+        steps_with_deltas += deltas > 1
+        assert engine.decode["steps"] - before["steps"] == (1 if decoding else 0)
+        assert engine.decode["rows"] - before["rows"] == len(decoding)
+        assert engine.decode["deltas"] - before["deltas"] == deltas
+        assert engine.decode["seconds"] >= before["seconds"]
+    assert all(s.finish is not None for s in sinks)
+    assert steps_with_deltas > 0  # some steps mixed both deltas
+    # every generated token but each request's first (its prefill's) came from a decode row
+    assert engine.decode["rows"] == sum(len(s.tokens) - 1 for s in sinks)
+    assert engine.stats()["decode"] == engine.decode
