@@ -212,6 +212,12 @@ def main() -> None:
     ap.add_argument(
         "--max-ongoing", type=int, default=None, help="max_ongoing_requests per replica (default: the app's)"
     )
+    ap.add_argument(
+        "--max-running-per-tenant",
+        type=int,
+        default=None,
+        help="the engine's per-tenant cap on running sequences, per replica (default: half the batch)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -275,6 +281,7 @@ def main() -> None:
             calibrate=False,
             num_cpus_per_replica=opts.cpus / opts.replicas,
             max_ongoing_requests=opts.max_ongoing,
+            max_running_per_tenant=opts.max_running_per_tenant,
         )
         url, metrics_url = f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics"
         for name, by_model in (("multiplexed (delta ref)", True), ("Ray default (no model id)", False)):
