@@ -32,7 +32,13 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.serve_bench import TraceRequest, make_trace  # noqa: E402  (the serving benchmark's trace)
-from gpu_loader.ray_serve import DELTA_CACHE_HEADER, REPLICA_HEADER, ServeArgs, build_app  # noqa: E402
+from gpu_loader.ray_serve import (  # noqa: E402
+    DELTA_CACHE_HEADER,
+    REPLICA_COUNTERS,
+    REPLICA_HEADER,
+    ServeArgs,
+    build_app,
+)
 from tests.support.harness import free_port  # noqa: E402
 from tests.support.model_pairs import make_llama_pair, save_byte_tokenizer  # noqa: E402
 
@@ -112,42 +118,29 @@ async def replay(url: str, trace: list[TraceRequest], models: list[str]) -> tupl
         return list(answers), time.perf_counter() - start
 
 
-def scrape(url: str, metric: str) -> dict[str, float]:
-    """replica tag -> value of one of Ray's metrics."""
-    out: dict[str, float] = {}
+def scrape(url: str, metrics: list[str]) -> dict[str, dict[str, float]]:
+    """metric -> replica tag -> value, for some of Ray's metrics, from one scrape."""
+    out: dict[str, dict[str, float]] = {m: {} for m in metrics}
     for line in httpx.get(url, timeout=10).text.splitlines():
-        if line.startswith(metric + "{"):
+        metric = line.split("{", 1)[0]
+        if metric in out:
             replica = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0])).get("replica", "")
-            out[replica] = out.get(replica, 0.0) + float(line.rsplit(" ", 1)[-1])
+            out[metric][replica] = out[metric].get(replica, 0.0) + float(line.rsplit(" ", 1)[-1])
     return out
 
 
-REPLICA_TOTALS = {  # what run_routing reads from each replica's Ray counters
-    "loads": "delta_loads",
-    "steps": "decode_steps",
-    "rows": "decode_rows",
-    "deltas": "decode_step_deltas",
-    "seconds": "decode_seconds",
-}
-
-
 def replica_totals(metrics_url: str, replicas: set[str], expected_loads: int) -> dict[str, dict[str, float]]:
-    """Counter -> replica tag -> total, for the counters in REPLICA_TOTALS; waits until the loads
-    reach `expected_loads` and two scrapes agree (Ray's metrics agent reports periodically)."""
+    """REPLICA_COUNTERS key -> replica tag -> total; waits until the loads reach `expected_loads`
+    and two scrapes agree (Ray's metrics agent reports periodically)."""
     tags = {r.rsplit("#", 1)[-1] for r in replicas}
+    names = {key: f"ray_{name}_total" for key, (name, _) in REPLICA_COUNTERS.items()}
     deadline, last = time.monotonic() + 20, None
     while True:
-        got = {
-            key: {
-                t: v
-                for t, v in scrape(metrics_url, f"ray_deltastore_replica_{name}_total").items()
-                if t in tags
-            }
-            for key, name in REPLICA_TOTALS.items()
-        }
+        scraped = scrape(metrics_url, list(names.values()))
+        got = {key: {t: scraped[name].get(t, 0.0) for t in tags} for key, name in names.items()}
         settled = got == last and sum(got["loads"].values()) >= expected_loads
         if settled or time.monotonic() > deadline:
-            return {key: {t: got[key].get(t, 0.0) for t in tags} for key in got}
+            return got
         last = got
         time.sleep(1.0)
 

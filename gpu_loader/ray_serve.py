@@ -35,6 +35,18 @@ from .errors import NotLoadedError
 
 logger = logging.getLogger("ray.serve")
 
+# the pool's and engine's totals each replica exports as a Ray counter: key -> (name, description)
+REPLICA_COUNTERS = {
+    "loads": ("deltastore_replica_delta_loads", "Deltas read into this replica's slot pool."),
+    "steps": ("deltastore_replica_decode_steps", "Decode steps of this replica's engine."),
+    "rows": ("deltastore_replica_decode_rows", "Sequences decoded, summed over the steps."),
+    "deltas": (
+        "deltastore_replica_decode_step_deltas",
+        "Distinct deltas among each decode step's rows, summed over the steps.",
+    ),
+    "seconds": ("deltastore_replica_decode_seconds", "Seconds spent in decode steps."),
+}
+
 REPLICA_HEADER = "x-deltastore-replica"  # the replica's Ray actor name (SERVE_REPLICA::app#deployment#id)
 # "hit": the replica held the delta (or was loading it for another request) when the request came;
 # "miss": this request had it load the delta.
@@ -218,16 +230,9 @@ class DeltaReplica:
             description="Delta requests: hit (the replica held or was loading the delta) or miss.",
             tag_keys=("outcome",),
         )
-        counter = serve_metrics.Counter
-        self.total_metrics = {  # engine/pool total -> the Ray counter it feeds
-            "loads": counter("deltastore_replica_delta_loads", "Deltas read into this replica's slot pool."),
-            "steps": counter("deltastore_replica_decode_steps", "Decode steps of this replica's engine."),
-            "rows": counter("deltastore_replica_decode_rows", "Sequences decoded, summed over the steps."),
-            "deltas": counter(
-                "deltastore_replica_decode_step_deltas",
-                "Distinct deltas among each decode step's rows, summed over the steps.",
-            ),
-            "seconds": counter("deltastore_replica_decode_seconds", "Seconds spent in decode steps."),
+        self.total_metrics = {
+            key: serve_metrics.Counter(name, description)
+            for key, (name, description) in REPLICA_COUNTERS.items()
         }
         self.resident_metric = serve_metrics.Gauge(
             "deltastore_replica_resident_deltas", description="Deltas resident in this replica's slot pool."

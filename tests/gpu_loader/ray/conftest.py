@@ -5,11 +5,20 @@ registry, and the single-node server on the same registry as the oracle."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from tests.gpu_loader.serving.conftest import API_KEY, BASE_NAME, registry, start_server, world  # noqa: F401
+from tests.gpu_loader.serving.conftest import (  # noqa: F401
+    API_KEY,
+    BASE_NAME,
+    World,
+    registry,
+    start_server,
+    world,
+)
 from tests.support.harness import free_port
 
 ray = pytest.importorskip("ray")
@@ -41,26 +50,53 @@ def ray_cluster() -> Iterator[RayCluster]:
         ray.shutdown()
 
 
+def serve_args(world: World, registry_url: str, cache_dir: Path, **options):
+    """The app's arguments over the tiny Llama and the live registry, on CPU with the test API key;
+    `options` give the rest (replicas, slots, batch, queue...)."""
+    from gpu_loader.ray_serve import ServeArgs
+
+    return ServeArgs(
+        base=str(world.base),
+        base_name=BASE_NAME,
+        registry=registry_url,
+        cache_dir=str(cache_dir),
+        device="cpu",
+        memory_budget="64MiB",
+        api_key=API_KEY,
+        calibrate=False,
+        **options,
+    )
+
+
+@contextmanager
+def deployed(args, name: str) -> Iterator[None]:
+    """The app of `args` under the route prefix /`name` for the block, deleted after it."""
+    from ray import serve
+
+    from gpu_loader.ray_serve import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+    try:
+        yield
+    finally:
+        serve.delete(name)
+
+
 @pytest.fixture(scope="module")
 def ray_app(world, registry, ray_cluster, tmp_path_factory) -> RayCluster:  # noqa: F811
     from ray import serve
 
-    from gpu_loader.ray_serve import ServeArgs, build_app
+    from gpu_loader.ray_serve import build_app
 
-    args = ServeArgs(
-        base=str(world.base),
-        base_name=BASE_NAME,
+    args = serve_args(
+        world,
+        registry.url,
+        tmp_path_factory.mktemp("ray-cache"),
         replicas=2,
-        registry=registry.url,
-        cache_dir=str(tmp_path_factory.mktemp("ray-cache")),
-        device="cpu",
         max_slots=4,
-        memory_budget="64MiB",
         max_batch_size=8,
         max_batch_tokens=24,
         max_queue=32,
-        api_key=API_KEY,
-        calibrate=False,
         num_cpus_per_replica=1,
     )
     serve.run(build_app(args), name="deltastore", route_prefix="/")

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from gpu_loader.ray_serve import DELTA_CACHE_HEADER, REPLICA_HEADER
-from tests.gpu_loader.ray.conftest import openai_client
+from tests.gpu_loader.ray.conftest import deployed, openai_client, serve_args
 from tests.gpu_loader.serving.conftest import API_KEY, BASE_NAME, REPOS, prompt_ids
 
 ray = pytest.importorskip("ray")
@@ -219,28 +219,18 @@ def test_an_admin_load_lands_where_the_deltas_requests_then_go(ray_app):
 def test_a_full_wait_queue_is_429_behind_ray(world, registry, ray_app, tmp_path):  # noqa: F811
     """One replica taking one request at a time with room for one waiting: a burst of four gets the
     engine's 429 shape from the ingress (this app lives under a route prefix, too)."""
-    from ray import serve
-
-    from gpu_loader.ray_serve import ServeArgs, build_app
-
-    args = ServeArgs(
-        base=str(world.base),
-        base_name=BASE_NAME,
+    args = serve_args(
+        world,
+        registry.url,
+        tmp_path / "cache",
         replicas=1,
-        registry=registry.url,
-        cache_dir=str(tmp_path / "cache"),
-        device="cpu",
         max_slots=2,
-        memory_budget="64MiB",
         max_batch_size=1,
         max_queue=1,
         max_ongoing_requests=1,
-        api_key=API_KEY,
-        calibrate=False,
         num_cpus_per_replica=0,
     )
-    serve.run(build_app(args), name="small", route_prefix="/small")
-    try:
+    with deployed(args, "small"):
         body = {"model": BASE_NAME, "prompt": prompt_ids(9, 8), "max_tokens": 60, "temperature": 0}
         headers = {"Authorization": f"Bearer {API_KEY}"}
         with ThreadPoolExecutor(4) as pool:
@@ -258,8 +248,6 @@ def test_a_full_wait_queue_is_429_behind_ray(world, registry, ray_app, tmp_path)
         assert refused.headers["Retry-After"] == "1"
         assert refused.json()["error"]["code"] == "queue_full"
         assert "wait queue is full" in refused.json()["error"]["message"]
-    finally:
-        serve.delete("small")
 
 
 def test_rays_evictions_free_idle_deltas_and_keep_the_ones_requests_wait_for(
@@ -273,27 +261,17 @@ def test_rays_evictions_free_idle_deltas_and_keep_the_ones_requests_wait_for(
     request's delta ahead while a slot can be had). Ray's LRU drops the ref routed here longest
     ago: an idle delta gives up its slot; a delta a queued request waits for stays resident (it is
     not read again) until that request ends."""
-    from ray import serve
-
-    from gpu_loader.ray_serve import ServeArgs, build_app
-
-    args = ServeArgs(
-        base=str(world.base),
-        base_name=BASE_NAME,
+    args = serve_args(
+        world,
+        registry.url,
+        tmp_path / "cache",
         replicas=1,
-        registry=registry.url,
-        cache_dir=str(tmp_path / "cache"),
-        device="cpu",
         max_slots=2,
-        memory_budget="64MiB",
         max_batch_size=1,
         max_queue=48,
         max_ongoing_requests=48,
-        api_key=API_KEY,
-        calibrate=False,
         num_cpus_per_replica=0,
     )
-    serve.run(build_app(args), name="evict", route_prefix="/evict")
     url = ray_app.url + "/evict"
     x, y, z = REPOS["d1"], REPOS["d2"], REPOS["d3"]
     loads = "ray_deltastore_replica_delta_loads_total"
@@ -309,7 +287,7 @@ def test_rays_evictions_free_idle_deltas_and_keep_the_ones_requests_wait_for(
             time.sleep(0.05)
         return now
 
-    try:
+    with deployed(args, "evict"):
         with openai_client(url) as client:
 
             def send(key: str, model: str, max_tokens: int) -> None:
@@ -345,5 +323,3 @@ def test_rays_evictions_free_idle_deltas_and_keep_the_ones_requests_wait_for(
             if time.monotonic() > deadline:
                 break
         assert got == 2  # Z and Y again; X was not read a second time
-    finally:
-        serve.delete("evict")
